@@ -1,0 +1,5 @@
+//! Live leaderboards: pure ranking logic, its durable store, and the service that
+//! publishes rankings to the hub.
+
+pub mod ranking;
+pub mod store;

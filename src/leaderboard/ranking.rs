@@ -1,0 +1,1 @@
+//! Order-statistic ranking of one board (pure, no IO). Placeholder.

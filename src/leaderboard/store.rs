@@ -1,0 +1,1 @@
+//! Durable leaderboard store on redb. Placeholder.

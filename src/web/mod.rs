@@ -1,0 +1,1 @@
+//! The embedded leaderboard web page. Placeholder.
