@@ -1,8 +1,26 @@
 //! crier: a real-time broadcast server.
 //!
-//! The path of one publication: `api` -> `hub` -> `client::queue` -> `ws::connection` /
-//! `sse` -> socket. Leaderboards (`leaderboard`) sit on top of the hub as retained,
-//! conflated topics.
+//! The path of one publication: `api::publish` -> `hub` (offset, fan-out) -> `client`
+//! (bounded per-client queue) -> `ws::connection` or `sse` (batched socket writes).
+//! Leaderboards (`leaderboard`) publish into the hub as retained, conflated topics.
 
+pub mod api;
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod close;
+pub mod config;
+pub mod http_client;
+pub mod hub;
 pub mod leaderboard;
+pub mod metrics;
+pub mod net;
+pub mod protocol;
+pub mod publication;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod topic;
 pub mod web;
+pub mod ws;

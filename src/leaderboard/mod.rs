@@ -1,5 +1,8 @@
 //! Live leaderboards: pure ranking logic, its durable store, and the service that
 //! publishes rankings to the hub.
 
+pub mod api;
+pub mod demo;
 pub mod ranking;
+pub mod service;
 pub mod store;

@@ -1,0 +1,7 @@
+//! HTTP endpoints for publishers and operators. Nothing here touches a socket: handlers
+//! validate, then hand work to the hub or the leaderboard service.
+
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod publish;

@@ -1,0 +1,67 @@
+//! `POST /api/publish/{topic}`: validate, hand to the hub, report the offset.
+
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde_json::value::RawValue;
+
+use super::auth::require_publisher;
+use super::error::ApiError;
+use crate::hub::PublishOptions;
+use crate::state::AppState;
+use crate::topic;
+
+pub async fn publish(
+    State(state): State<Arc<AppState>>,
+    Path(topic_name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_publisher(&state.cfg, &headers)?;
+    if !topic::is_valid(&topic_name) {
+        return Err(ApiError::bad_topic());
+    }
+    if topic_name.starts_with("board:") {
+        return Err(ApiError::bad_request(
+            "reserved_topic",
+            "board:* topics are written by the leaderboard API (POST /api/boards/{board}/scores)",
+        ));
+    }
+    let max = state.cfg.max_message_bytes;
+    let bytes = read_body(body, max).await?;
+    let data = parse_json(&bytes)?;
+    let receipt = state.hub.publish(
+        &topic_name,
+        data.get().as_bytes(),
+        PublishOptions::default(),
+    )?;
+    Ok(Json(serde_json::json!({
+        "topic": topic_name,
+        "offset": receipt.offset,
+        "epoch": &*receipt.epoch,
+        "subscribers": receipt.subscribers,
+    })))
+}
+
+/// Reads a body of at most `max` bytes, answering 413 (as JSON) past it.
+pub async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    to_bytes(body, max).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            ApiError::too_large(max)
+        } else {
+            ApiError::bad_request("bad_body", format!("could not read the body: {e}"))
+        }
+    })
+}
+
+/// Validates one JSON value; its text (outer whitespace trimmed) is embedded verbatim.
+pub fn parse_json(bytes: &[u8]) -> Result<&RawValue, ApiError> {
+    serde_json::from_slice::<&RawValue>(bytes).map_err(|e| {
+        ApiError::bad_request("bad_json", format!("the body is not one JSON value: {e}"))
+    })
+}

@@ -1,0 +1,101 @@
+//! Command-line interface: `crier serve`, `crier publish`, `crier bench`, `crier demo`.
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+
+use crate::bench::BenchArgs;
+use crate::config::{Config, ServeArgs};
+use crate::http_client::HttpClient;
+use crate::server::Server;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crier",
+    version,
+    about = "Real-time broadcast server: WebSocket and SSE fan-out with live leaderboards"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run the server with a simulated game posting scores, to watch a live board.
+    Demo(ServeArgs),
+    /// Publish one JSON message to a topic on a running server.
+    Publish(PublishArgs),
+    /// Load-test a running server (loopback only): subscribers, publications, latency.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PublishArgs {
+    /// Topic name.
+    pub topic: String,
+    /// The message: any JSON value.
+    pub json: String,
+    /// Server base URL.
+    #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
+    pub url: String,
+    /// Publisher key, if the server requires one.
+    #[arg(long, env = "CRIER_KEY")]
+    pub key: Option<String>,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(Config::resolve(&args)?, false).await,
+        Command::Demo(args) => serve(Config::resolve(&args)?, true).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+async fn serve(cfg: Config, demo: bool) -> anyhow::Result<()> {
+    let server = Server::start(cfg).await?;
+    if demo {
+        crate::leaderboard::demo::spawn(&server);
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    serde_json::from_str::<serde_json::Value>(&args.json)
+        .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
+    let url = format!(
+        "{}/api/publish/{}",
+        args.url.trim_end_matches('/'),
+        args.topic
+    );
+    let (status, body) = HttpClient::new(args.key)
+        .post(&url, Bytes::from(args.json))
+        .await?;
+    let text = String::from_utf8_lossy(&body);
+    if status.is_success() {
+        println!("{text}");
+        Ok(())
+    } else {
+        anyhow::bail!("{status}: {text}")
+    }
+}

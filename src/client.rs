@@ -1,0 +1,240 @@
+//! One subscriber, as the hub sees it: an id, its transport, the topics it holds and its
+//! bounded outbound queue. The queue is counted in bytes; passing the limit marks the
+//! client a slow consumer instead of growing. Conflatable items (state topics such as
+//! leaderboards) replace their own older, still-unsent version instead of piling up.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::close::DisconnectReason;
+use crate::metrics::{Metrics, Transport};
+use crate::topic::TopicName;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Item {
+    pub bytes: Bytes,
+    /// When the publication was accepted; None for replies and control frames.
+    pub published_at: Option<Instant>,
+    /// Set for state-topic items: a newer item of the same topic replaces this one.
+    pub conflate: Option<TopicName>,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    bytes: usize,
+    closed: Option<DisconnectReason>,
+}
+
+pub struct Client {
+    pub id: u64,
+    pub transport: Transport,
+    queue_max_bytes: usize,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    /// Topics held; guarded separately from the queue so fan-out never waits on it.
+    pub(crate) topics: Mutex<Vec<TopicName>>,
+}
+
+/// What the writer gets from the queue.
+pub enum Batch {
+    Items(Vec<Item>),
+    Empty,
+    Closed(DisconnectReason),
+}
+
+impl Client {
+    pub fn new(transport: Transport, queue_max_bytes: usize) -> Self {
+        Client {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            transport,
+            queue_max_bytes,
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            topics: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Queues an item without waiting. Returns false if the client is closed (now or before).
+    pub fn push(&self, item: Item, metrics: &Metrics) -> bool {
+        let mut q = self.queue.lock();
+        if q.closed.is_some() {
+            return false;
+        }
+        if let Some(topic) = &item.conflate {
+            let queued = q.bytes;
+            if let Some(old) = q
+                .items
+                .iter_mut()
+                .rev()
+                .find(|i| i.conflate.as_ref() == Some(topic))
+            {
+                let (old_len, new_len) = (old.bytes.len(), item.bytes.len());
+                if queued - old_len + new_len <= self.queue_max_bytes {
+                    // Keep the older item's place (and publish time, so latency stays honest).
+                    old.bytes = item.bytes;
+                    q.bytes = queued - old_len + new_len;
+                    metrics.conflated.inc();
+                    return true;
+                }
+            }
+        }
+        if q.bytes + item.bytes.len() > self.queue_max_bytes {
+            let dropped = q.items.len() as u64 + 1;
+            q.items = VecDeque::new();
+            q.bytes = 0;
+            q.closed = Some(DisconnectReason::SlowConsumer);
+            drop(q);
+            metrics.queue_full_drops.inc_by(dropped);
+            self.notify.notify_one();
+            return false;
+        }
+        let was_empty = q.items.is_empty();
+        q.bytes += item.bytes.len();
+        q.items.push_back(item);
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Takes queued items, up to about `max_bytes` (at least one) and `max_items`.
+    pub fn take(&self, max_bytes: usize, max_items: usize) -> Batch {
+        let mut q = self.queue.lock();
+        if let Some(reason) = q.closed {
+            // Shutdown drains what is queued first; other closes drop the backlog.
+            if reason != DisconnectReason::Shutdown || q.items.is_empty() {
+                return Batch::Closed(reason);
+            }
+        }
+        if q.items.is_empty() {
+            return Batch::Empty;
+        }
+        let mut taken = 0;
+        let mut n = 0;
+        for item in &q.items {
+            if n > 0 && (taken + item.bytes.len() > max_bytes || n == max_items) {
+                break;
+            }
+            taken += item.bytes.len();
+            n += 1;
+        }
+        q.bytes -= taken;
+        let items: Vec<Item> = q.items.drain(..n).collect();
+        if q.items.is_empty() && q.items.capacity() > 64 {
+            // Give back a burst's worth of queue once it has drained.
+            q.items = VecDeque::new();
+        }
+        Batch::Items(items)
+    }
+
+    /// Marks the client closed; the writer sends the close and ends. The first reason wins.
+    pub fn close(&self, reason: DisconnectReason) {
+        let mut q = self.queue.lock();
+        if q.closed.is_none() {
+            q.closed = Some(reason);
+            if reason != DisconnectReason::Shutdown {
+                q.items = VecDeque::new();
+                q.bytes = 0;
+            }
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    pub fn closed(&self) -> Option<DisconnectReason> {
+        self.queue.lock().closed
+    }
+
+    /// Resolves after a `push` to an empty queue or a `close` (a stored permit means no
+    /// wake-up is lost between `take` returning Empty and this being awaited).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(n: usize, conflate: Option<&str>) -> Item {
+        Item {
+            bytes: Bytes::from(vec![b'x'; n]),
+            published_at: None,
+            conflate: conflate.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn over_limit_closes_as_slow_consumer() {
+        let m = Metrics::new();
+        let c = Client::new(Transport::Ws, 100);
+        assert!(c.push(item(60, None), &m));
+        assert!(!c.push(item(60, None), &m));
+        assert_eq!(c.closed(), Some(DisconnectReason::SlowConsumer));
+        assert!(matches!(
+            c.take(1000, 10),
+            Batch::Closed(DisconnectReason::SlowConsumer)
+        ));
+        assert_eq!(c.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn conflation_keeps_newest_state_in_place() {
+        let m = Metrics::new();
+        let c = Client::new(Transport::Ws, 100);
+        assert!(c.push(item(10, Some("board:a")), &m));
+        assert!(c.push(item(5, None), &m));
+        for n in 0..50 {
+            assert!(c.push(item(20 + n % 3, Some("board:a")), &m));
+        }
+        let Batch::Items(items) = c.take(1000, 10) else {
+            panic!("expected items")
+        };
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].bytes.len(), 20 + 49 % 3);
+        assert_eq!(c.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn take_respects_byte_and_item_caps() {
+        let m = Metrics::new();
+        let c = Client::new(Transport::Ws, 10_000);
+        for _ in 0..10 {
+            c.push(item(100, None), &m);
+        }
+        let Batch::Items(a) = c.take(250, 100) else {
+            panic!()
+        };
+        assert_eq!(a.len(), 2);
+        let Batch::Items(b) = c.take(10_000, 3) else {
+            panic!()
+        };
+        assert_eq!(b.len(), 3);
+        assert_eq!(c.queued_bytes(), 500);
+        c.close(DisconnectReason::Shutdown);
+        let Batch::Items(rest) = c.take(10_000, 100) else {
+            panic!("shutdown drains first")
+        };
+        assert_eq!(rest.len(), 5);
+        assert!(matches!(
+            c.take(10_000, 100),
+            Batch::Closed(DisconnectReason::Shutdown)
+        ));
+    }
+}

@@ -1,0 +1,60 @@
+//! Why a connection ended. One enum serves the WebSocket close code, the SSE closing
+//! comment and the `reason` label of `crier_disconnects_total`, so the three never disagree.
+
+/// Codes 4000-4499 invite a reconnect, 4500-4999 do not (documented in docs/protocol.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DisconnectReason {
+    /// The client closed, or its socket ended (EOF or reset).
+    Normal,
+    Shutdown,
+    ProtocolError,
+    BadUtf8,
+    MessageTooLarge,
+    SlowConsumer,
+    NoPong,
+    WriteTimeout,
+}
+
+impl DisconnectReason {
+    pub const ALL: [DisconnectReason; 8] = [
+        Self::Normal,
+        Self::Shutdown,
+        Self::ProtocolError,
+        Self::BadUtf8,
+        Self::MessageTooLarge,
+        Self::SlowConsumer,
+        Self::NoPong,
+        Self::WriteTimeout,
+    ];
+
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::Shutdown => 1001,
+            Self::ProtocolError => 1002,
+            Self::BadUtf8 => 1007,
+            Self::MessageTooLarge => 1009,
+            Self::SlowConsumer => 4001,
+            Self::NoPong => 4002,
+            Self::WriteTimeout => 4003,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Shutdown => "shutdown",
+            Self::ProtocolError => "protocol_error",
+            Self::BadUtf8 => "bad_utf8",
+            Self::MessageTooLarge => "message_too_large",
+            Self::SlowConsumer => "slow_consumer",
+            Self::NoPong => "no_pong",
+            Self::WriteTimeout => "write_timeout",
+        }
+    }
+
+    /// Closes after which the peer is probably gone: no point waiting for its close frame.
+    pub fn peer_is_gone(self) -> bool {
+        matches!(self, Self::NoPong | Self::WriteTimeout)
+    }
+}

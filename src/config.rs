@@ -1,0 +1,337 @@
+//! Server settings. Each one has a flag, a `CRIER_*` variable and a key in the optional TOML
+//! file; precedence is flag > variable > file > built-in default. clap reads flags and
+//! variables (so `--help` lists both), serde reads the file, and `Config::resolve` merges.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+/// Options of `crier serve`. Every field is optional here so the merge can tell "not given"
+/// from "given as the default"; the defaults live in `Config::default`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys are the long flag names with `_`).
+    #[arg(long, env = "CRIER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7700].
+    #[arg(long, env = "CRIER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Folder for durable data (leaderboards) [default: ./crier-data].
+    #[arg(long, env = "CRIER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Publisher key; repeat or comma-separate for several. When any is set, publishing and
+    /// score posting need `Authorization: Bearer <key>` [default: none, publishing is open].
+    #[arg(
+        long = "publisher-key",
+        env = "CRIER_PUBLISHER_KEYS",
+        value_delimiter = ','
+    )]
+    pub publisher_keys: Option<Vec<String>>,
+    /// Extra browser Origin allowed to open WebSockets, exact match (e.g.
+    /// https://game.example); repeatable [default: only the same origin as the Host].
+    #[arg(
+        long = "allowed-origin",
+        env = "CRIER_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Most subscriber connections (WebSocket + SSE) held at once [default: 16384].
+    #[arg(long, env = "CRIER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most topics tracked by the node; idle topics are evicted past it [default: 100000].
+    #[arg(long, env = "CRIER_MAX_TOPICS")]
+    pub max_topics: Option<usize>,
+    /// Most topics one connection may subscribe to [default: 64].
+    #[arg(long, env = "CRIER_MAX_TOPICS_PER_CONNECTION")]
+    pub max_topics_per_connection: Option<usize>,
+    /// Largest published body or client message, in bytes [default: 65536].
+    #[arg(long, env = "CRIER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Bytes a client may have queued and unsent before it is disconnected as a slow
+    /// consumer (close 4001) [default: 1048576].
+    #[arg(long, env = "CRIER_QUEUE_MAX_BYTES")]
+    pub queue_max_bytes: Option<usize>,
+    /// How often to ping WebSocket clients and send SSE heartbeats [default: 25s].
+    #[arg(long, env = "CRIER_PING_INTERVAL", value_parser = humantime::parse_duration)]
+    pub ping_interval: Option<Duration>,
+    /// How long a pinged client may stay silent before it is closed (4002) [default: 10s].
+    #[arg(long, env = "CRIER_PONG_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub pong_timeout: Option<Duration>,
+    /// How long a socket write may make no progress before the client is closed (4003)
+    /// [default: 10s].
+    #[arg(long, env = "CRIER_WRITE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub write_timeout: Option<Duration>,
+    /// On shutdown, how long to let clients drain their queues [default: 5s].
+    #[arg(long, env = "CRIER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Leaderboard watchers see at most this many top entries unless a board sets
+    /// fewer [default: 10].
+    #[arg(long, env = "CRIER_BOARD_TOP", hide = true)]
+    pub board_top: Option<usize>,
+    /// Shortest gap between two live updates of one board; bursts within it coalesce
+    /// [default: 50ms].
+    #[arg(long, env = "CRIER_BOARD_UPDATE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub board_update_interval: Option<Duration>,
+}
+
+/// The settings file: same keys as the flags, durations as strings ("25s", "500ms").
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    publisher_keys: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    max_topics: Option<usize>,
+    max_topics_per_connection: Option<usize>,
+    max_message_bytes: Option<usize>,
+    queue_max_bytes: Option<usize>,
+    ping_interval: Option<String>,
+    pong_timeout: Option<String>,
+    write_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    board_top: Option<usize>,
+    board_update_interval: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub publisher_keys: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub max_topics: usize,
+    pub max_topics_per_connection: usize,
+    pub max_message_bytes: usize,
+    pub queue_max_bytes: usize,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub write_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub board_top: usize,
+    pub board_update_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7700".parse().expect("valid default address"),
+            data_dir: PathBuf::from("crier-data"),
+            publisher_keys: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_connections: 16_384,
+            max_topics: 100_000,
+            max_topics_per_connection: 64,
+            max_message_bytes: 64 * 1024,
+            queue_max_bytes: 1024 * 1024,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+            board_top: 10,
+            board_update_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The most top entries a board may show watchers: a snapshot is re-sent whole on every
+/// change, so this bounds the size of each update.
+pub const MAX_BOARD_TOP: usize = 100;
+
+impl Config {
+    /// Merges flags/variables over the file over the defaults, then checks the result.
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let dur = |flag: Option<Duration>, file: &Option<String>, name: &str, def: Duration| {
+            if let Some(v) = flag {
+                return Ok(v);
+            }
+            match file {
+                Some(s) => humantime::parse_duration(s)
+                    .with_context(|| format!("config key {name}: bad duration {s:?}")),
+                None => Ok(def),
+            }
+        };
+        let cfg = Config {
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or(d.data_dir),
+            publisher_keys: args
+                .publisher_keys
+                .clone()
+                .or(file.publisher_keys)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect(),
+            allowed_origins: args
+                .allowed_origins
+                .clone()
+                .or(file.allowed_origins)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_topics: args.max_topics.or(file.max_topics).unwrap_or(d.max_topics),
+            max_topics_per_connection: args
+                .max_topics_per_connection
+                .or(file.max_topics_per_connection)
+                .unwrap_or(d.max_topics_per_connection),
+            max_message_bytes: args
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
+            queue_max_bytes: args
+                .queue_max_bytes
+                .or(file.queue_max_bytes)
+                .unwrap_or(d.queue_max_bytes),
+            ping_interval: dur(
+                args.ping_interval,
+                &file.ping_interval,
+                "ping_interval",
+                d.ping_interval,
+            )?,
+            pong_timeout: dur(
+                args.pong_timeout,
+                &file.pong_timeout,
+                "pong_timeout",
+                d.pong_timeout,
+            )?,
+            write_timeout: dur(
+                args.write_timeout,
+                &file.write_timeout,
+                "write_timeout",
+                d.write_timeout,
+            )?,
+            drain_timeout: dur(
+                args.drain_timeout,
+                &file.drain_timeout,
+                "drain_timeout",
+                d.drain_timeout,
+            )?,
+            board_top: args.board_top.or(file.board_top).unwrap_or(d.board_top),
+            board_update_interval: dur(
+                args.board_update_interval,
+                &file.board_update_interval,
+                "board_update_interval",
+                d.board_update_interval,
+            )?,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_connections >= 1,
+            "max_connections must be at least 1"
+        );
+        anyhow::ensure!(self.max_topics >= 1, "max_topics must be at least 1");
+        anyhow::ensure!(
+            self.max_topics_per_connection >= 1,
+            "max_topics_per_connection must be at least 1"
+        );
+        anyhow::ensure!(
+            (16..=16 * 1024 * 1024).contains(&self.max_message_bytes),
+            "max_message_bytes must be between 16 and 16777216"
+        );
+        anyhow::ensure!(
+            self.queue_max_bytes >= self.max_message_bytes + 64,
+            "queue_max_bytes must exceed max_message_bytes, or one message could never be queued"
+        );
+        for (name, d) in [
+            ("ping_interval", self.ping_interval),
+            ("pong_timeout", self.pong_timeout),
+            ("write_timeout", self.write_timeout),
+        ] {
+            anyhow::ensure!(
+                d >= Duration::from_millis(10),
+                "{name} must be at least 10ms"
+            );
+        }
+        anyhow::ensure!(
+            (1..=MAX_BOARD_TOP).contains(&self.board_top),
+            "board_top must be between 1 and {MAX_BOARD_TOP}"
+        );
+        for o in &self.allowed_origins {
+            anyhow::ensure!(
+                o.starts_with("http://") || o.starts_with("https://"),
+                "allowed origin {o:?} must start with http:// or https://"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nping_interval = \"3s\"\nmax_topics_per_connection = 5\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_topics_per_connection: Some(7),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args).unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.ping_interval, Duration::from_secs(3));
+        assert_eq!(cfg.max_topics_per_connection, 7);
+        assert_eq!(cfg.pong_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_file_key_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::resolve(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        });
+        assert!(format!("{:#}", err.unwrap_err()).contains("lisen"));
+        std::fs::write(&path, "ping_interval = \"soon\"\n").unwrap();
+        assert!(Config::resolve(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .is_err());
+        let bad = ServeArgs {
+            max_message_bytes: Some(1),
+            ..Default::default()
+        };
+        assert!(Config::resolve(&bad).is_err());
+    }
+}

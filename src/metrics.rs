@@ -1,0 +1,213 @@
+//! Prometheus metrics, all prefixed `crier_`. Hot-path updates are single atomic adds; the
+//! delivery-latency histogram is observed once per socket write batch, not per message.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::close::DisconnectReason;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Sse,
+}
+
+impl EncodeLabelValue for Transport {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.name())
+    }
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: Transport,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub transport: Transport,
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<TransportLabel, Gauge>,
+    pub subscriptions: Gauge,
+    pub topics: Gauge,
+    pub publications: Counter,
+    pub deliveries: Family<TransportLabel, Counter>,
+    pub bytes_out: Family<TransportLabel, Counter>,
+    pub disconnects: Family<ReasonLabel, Counter>,
+    pub slow_consumer_disconnects: Counter,
+    pub queue_full_drops: Counter,
+    pub conflated: Counter,
+    pub delivery_latency: Histogram,
+    pub rejected_connections: Counter,
+    pub scores: Counter,
+    pub board_updates: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("crier");
+        let m = Metrics {
+            connections: Family::default(),
+            subscriptions: Gauge::default(),
+            topics: Gauge::default(),
+            publications: Counter::default(),
+            deliveries: Family::default(),
+            bytes_out: Family::default(),
+            disconnects: Family::default(),
+            slow_consumer_disconnects: Counter::default(),
+            queue_full_drops: Counter::default(),
+            conflated: Counter::default(),
+            delivery_latency: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            rejected_connections: Counter::default(),
+            scores: Counter::default(),
+            board_updates: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open subscriber connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Topic subscriptions held by connections",
+            m.subscriptions.clone(),
+        );
+        registry.register("topics", "Topics tracked by this node", m.topics.clone());
+        registry.register(
+            "publications",
+            "Publications accepted",
+            m.publications.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Publications written to subscriber sockets",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "Bytes written to subscriber sockets",
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "Closed subscriber connections by reason",
+            m.disconnects.clone(),
+        );
+        registry.register(
+            "slow_consumer_disconnects",
+            "Clients disconnected because their queue passed queue_max_bytes",
+            m.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "queue_full_drops",
+            "Queued messages dropped with a slow consumer's queue",
+            m.queue_full_drops.clone(),
+        );
+        registry.register(
+            "conflated",
+            "State updates replaced in a queue by a newer one before being sent",
+            m.conflated.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "From publish to socket write, per write batch (its oldest message)",
+            m.delivery_latency.clone(),
+        );
+        registry.register(
+            "rejected_connections",
+            "Subscriber connections refused because max_connections was reached",
+            m.rejected_connections.clone(),
+        );
+        registry.register(
+            "scores",
+            "Leaderboard scores accepted (durable)",
+            m.scores.clone(),
+        );
+        registry.register(
+            "board_updates",
+            "Leaderboard live updates published",
+            m.board_updates.clone(),
+        );
+        // Pre-create label sets so dashboards see zeros rather than missing series.
+        for transport in [Transport::Ws, Transport::Sse] {
+            let _ = m.connections.get_or_create(&TransportLabel { transport });
+            let _ = m.deliveries.get_or_create(&TransportLabel { transport });
+            for reason in DisconnectReason::ALL {
+                let _ = m.disconnects.get_or_create(&ReasonLabel {
+                    transport,
+                    reason: reason.label(),
+                });
+            }
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn connections(&self, transport: Transport) -> Gauge {
+        self.connections
+            .get_or_create(&TransportLabel { transport })
+            .clone()
+    }
+
+    pub fn record_disconnect(&self, transport: Transport, reason: DisconnectReason) {
+        self.disconnects
+            .get_or_create(&ReasonLabel {
+                transport,
+                reason: reason.label(),
+            })
+            .inc();
+        if reason == DisconnectReason::SlowConsumer {
+            self.slow_consumer_disconnects.inc();
+        }
+    }
+
+    pub fn record_write(
+        &self,
+        transport: Transport,
+        messages: u64,
+        bytes: u64,
+        oldest: Option<std::time::Instant>,
+    ) {
+        let label = TransportLabel { transport };
+        if messages > 0 {
+            self.deliveries.get_or_create(&label).inc_by(messages);
+        }
+        self.bytes_out.get_or_create(&label).inc_by(bytes);
+        if let Some(at) = oldest {
+            self.delivery_latency.observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

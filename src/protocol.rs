@@ -1,0 +1,177 @@
+//! Client commands and the server's replies (docs/protocol.md). Replies are small and
+//! rare next to publications, so plain serde is fine here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::hub::Position;
+
+#[derive(Deserialize)]
+pub struct Command<'a> {
+    #[serde(borrow)]
+    pub op: Option<&'a RawValue>,
+    pub topic: Option<String>,
+    #[serde(borrow)]
+    pub id: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RawValue>,
+}
+
+impl<'a> Reply<'a> {
+    fn op(op: &'static str, id: Option<&'a RawValue>) -> Self {
+        Reply {
+            op,
+            topic: None,
+            offset: None,
+            epoch: None,
+            code: None,
+            message: None,
+            id,
+        }
+    }
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("reply serializes")
+    }
+}
+
+pub fn subscribed(topic: &str, pos: &Position, id: Option<&RawValue>) -> Vec<u8> {
+    Reply {
+        topic: Some(topic),
+        offset: Some(pos.offset),
+        epoch: Some(&pos.epoch),
+        ..Reply::op("subscribed", id)
+    }
+    .encode()
+}
+
+pub fn unsubscribed(topic: &str, id: Option<&RawValue>) -> Vec<u8> {
+    Reply {
+        topic: Some(topic),
+        ..Reply::op("unsubscribed", id)
+    }
+    .encode()
+}
+
+pub fn pong(id: Option<&RawValue>) -> Vec<u8> {
+    Reply::op("pong", id).encode()
+}
+
+pub fn error(code: &str, message: &str, id: Option<&RawValue>) -> Vec<u8> {
+    Reply {
+        code: Some(code),
+        message: Some(message),
+        ..Reply::op("error", id)
+    }
+    .encode()
+}
+
+/// What a text frame asks for, or the error reply it earns.
+pub enum Parsed<'a> {
+    Subscribe(String, Option<&'a RawValue>),
+    Unsubscribe(String, Option<&'a RawValue>),
+    Ping(Option<&'a RawValue>),
+    Error(&'static str, String, Option<&'a RawValue>),
+}
+
+pub fn parse(text: &[u8]) -> Parsed<'_> {
+    let cmd: Command = match serde_json::from_slice(text) {
+        Ok(c) => c,
+        Err(e) => {
+            return Parsed::Error(
+                "bad_json",
+                format!("command is not a JSON object: {e}"),
+                None,
+            )
+        }
+    };
+    let id = cmd.id.filter(|v| {
+        let s = v.get();
+        s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit()
+    });
+    let op = cmd
+        .op
+        .and_then(|o| serde_json::from_str::<&str>(o.get()).ok());
+    let topic = || match &cmd.topic {
+        Some(t) if crate::topic::is_valid(t) => Ok(t.clone()),
+        _ => Err(Parsed::Error(
+            "bad_topic",
+            crate::topic::BAD_TOPIC_MESSAGE.to_string(),
+            id,
+        )),
+    };
+    match op {
+        Some("subscribe") => topic()
+            .map(|t| Parsed::Subscribe(t, id))
+            .unwrap_or_else(|e| e),
+        Some("unsubscribe") => topic()
+            .map(|t| Parsed::Unsubscribe(t, id))
+            .unwrap_or_else(|e| e),
+        Some("ping") => Parsed::Ping(id),
+        Some(other) => Parsed::Error(
+            "unknown_op",
+            format!("unknown op {other:?}: use subscribe, unsubscribe or ping"),
+            id,
+        ),
+        None => Parsed::Error(
+            "unknown_op",
+            "missing \"op\": use subscribe, unsubscribe or ping".into(),
+            id,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_errors() {
+        assert!(
+            matches!(parse(br#"{"op":"subscribe","topic":"a","id":1}"#), Parsed::Subscribe(t, Some(_)) if t == "a")
+        );
+        assert!(
+            matches!(parse(br#"{"op":"unsubscribe","topic":"a"}"#), Parsed::Unsubscribe(t, None) if t == "a")
+        );
+        assert!(matches!(
+            parse(br#"{"op":"ping","id":"x"}"#),
+            Parsed::Ping(Some(_))
+        ));
+        assert!(matches!(parse(b"nope"), Parsed::Error("bad_json", _, None)));
+        assert!(matches!(parse(b"[1]"), Parsed::Error("bad_json", _, None)));
+        assert!(matches!(
+            parse(br#"{"op":"bogus","id":7}"#),
+            Parsed::Error("unknown_op", _, Some(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"op":"subscribe","topic":"a b"}"#),
+            Parsed::Error("bad_topic", _, None)
+        ));
+        assert!(matches!(
+            parse(br#"{"op":"subscribe"}"#),
+            Parsed::Error("bad_topic", _, None)
+        ));
+    }
+
+    #[test]
+    fn replies_echo_id() {
+        let id: &RawValue = serde_json::from_str("17").unwrap();
+        assert_eq!(pong(Some(id)), br#"{"op":"pong","id":17}"#);
+        let e = String::from_utf8(error("unknown_op", "m", None)).unwrap();
+        assert_eq!(e, r#"{"op":"error","code":"unknown_op","message":"m"}"#);
+    }
+}

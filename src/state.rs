@@ -1,0 +1,100 @@
+//! What every handler and connection shares: settings, the hub, metrics, the shutdown
+//! signal and the task tracker, plus the connection slot guard that makes cleanup
+//! unconditional.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::error::ApiError;
+use crate::client::Client;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::leaderboard::service::Boards;
+use crate::metrics::{Metrics, Transport};
+
+pub struct AppState {
+    pub cfg: Config,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once on SIGTERM/Ctrl-C: listeners stop, connections drain and close.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them (bounded by drain_timeout).
+    pub tracker: TaskTracker,
+    pub boards: Arc<Boards>,
+    connections: AtomicUsize,
+}
+
+impl AppState {
+    pub fn new(
+        cfg: Config,
+        metrics: Arc<Metrics>,
+        hub: Arc<Hub>,
+        boards: Arc<Boards>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        AppState {
+            cfg,
+            hub,
+            metrics,
+            shutdown,
+            tracker: TaskTracker::new(),
+            boards,
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// A subscriber's slot on this node. Dropping it (on any path: clean close, error, panic,
+/// failed upgrade) removes the client from every topic and frees the slot, so nothing a
+/// client leaves behind depends on the way it left.
+pub struct Registration {
+    pub client: Arc<Client>,
+    state: Arc<AppState>,
+    gauge: Gauge,
+}
+
+impl Registration {
+    pub fn new(state: &Arc<AppState>, transport: Transport) -> Result<Self, ApiError> {
+        if state.shutdown.is_cancelled() {
+            return Err(ApiError::shutting_down());
+        }
+        let max = state.cfg.max_connections;
+        if state
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            state.metrics.rejected_connections.inc();
+            return Err(ApiError::too_many_connections(max));
+        }
+        let gauge = state.metrics.connections(transport);
+        gauge.inc();
+        Ok(Registration {
+            client: Arc::new(Client::new(transport, state.cfg.queue_max_bytes)),
+            state: state.clone(),
+            gauge,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.state.hub.remove_client(&self.client);
+        self.gauge.dec();
+        self.state.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}

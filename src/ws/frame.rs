@@ -1,0 +1,362 @@
+//! RFC 6455 framing, both directions. Hand-written rather than tungstenite because crier
+//! needs two things tungstenite does not offer: a publication's frame is built once and the
+//! same `Bytes` is written to every subscriber, and an idle connection holds no read buffer
+//! at all (tungstenite keeps a 128 KiB one per socket). The load tool reuses the decoder.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Largest header: 2 bytes + 8 bytes of length + 4 bytes of mask.
+const MAX_HEADER: usize = 14;
+
+/// Builds one unmasked (server-to-client) frame: header and payload in a single buffer so a
+/// subscriber's write needs one iovec per message.
+pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER + payload.len());
+    put_header(&mut buf, opcode, payload.len(), None);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Builds one masked (client-to-server) frame, as RFC 6455 requires of clients.
+pub fn encode_masked(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER + payload.len());
+    put_header(&mut buf, opcode, payload.len(), Some(mask));
+    let start = buf.len();
+    buf.put_slice(payload);
+    apply_mask(&mut buf[start..], mask);
+    buf.freeze()
+}
+
+/// A close frame carrying `code` and a short reason.
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(2 + reason.len());
+    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+    p
+}
+
+fn put_header(buf: &mut BytesMut, opcode: u8, len: usize, mask: Option<[u8; 4]>) {
+    buf.put_u8(0x80 | opcode);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    if len < 126 {
+        buf.put_u8(mask_bit | len as u8);
+    } else if len <= u16::MAX as usize {
+        buf.put_u8(mask_bit | 126);
+        buf.put_u16(len as u16);
+    } else {
+        buf.put_u8(mask_bit | 127);
+        buf.put_u64(len as u64);
+    }
+    if let Some(m) = mask {
+        buf.put_slice(&m);
+    }
+}
+
+pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
+    // Word-at-a-time XOR: command frames are small, but the load tool unmasks nothing and
+    // a client flooding large frames should not cost a byte loop.
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = data.chunks_exact_mut(4);
+    for c in &mut chunks {
+        let v = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) ^ word;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    let done = data.len() - data.len() % 4;
+    for (i, b) in data[done..].iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
+/// A complete message (fragments joined) or a control frame.
+#[derive(Debug, PartialEq)]
+pub enum Message {
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
+    /// Close code (if any) and reason.
+    Close(Option<u16>, Bytes),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("message larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("text message is not UTF-8")]
+    BadUtf8,
+}
+
+/// Which side's frames this decoder reads: servers require masked frames, clients forbid them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// Incremental decoder. Feed it bytes with `buffer_mut`, take messages with `next`.
+/// Holds no allocation while idle: `shrink_if_empty` gives the buffer back between bursts.
+pub struct Decoder {
+    role: Role,
+    max_message: usize,
+    buf: BytesMut,
+    /// Opcode and data of a fragmented message in progress.
+    partial: Option<(u8, BytesMut)>,
+}
+
+impl Decoder {
+    pub fn new(role: Role, max_message: usize) -> Self {
+        Decoder {
+            role,
+            max_message,
+            buf: BytesMut::new(),
+            partial: None,
+        }
+    }
+
+    /// The read buffer, with at least `want` bytes of spare capacity.
+    pub fn buffer_mut(&mut self, want: usize) -> &mut BytesMut {
+        if self.buf.capacity() - self.buf.len() < want {
+            self.buf.reserve(want);
+        }
+        &mut self.buf
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Frees the read buffer when nothing is pending, so idle connections cost no buffer.
+    pub fn shrink_if_empty(&mut self) {
+        if self.buf.is_empty() && self.partial.is_none() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        loop {
+            let Some((fin, opcode, payload)) = self.next_frame()? else {
+                return Ok(None);
+            };
+            match opcode {
+                OP_CLOSE => {
+                    if payload.len() == 1 {
+                        return Err(FrameError::Protocol("close payload of one byte"));
+                    }
+                    if payload.len() >= 2 {
+                        let code = u16::from_be_bytes([payload[0], payload[1]]);
+                        let reason = payload.slice(2..);
+                        if std::str::from_utf8(&reason).is_err() {
+                            return Err(FrameError::BadUtf8);
+                        }
+                        return Ok(Some(Message::Close(Some(code), reason)));
+                    }
+                    return Ok(Some(Message::Close(None, Bytes::new())));
+                }
+                OP_PING => return Ok(Some(Message::Ping(payload))),
+                OP_PONG => return Ok(Some(Message::Pong(payload))),
+                OP_TEXT | OP_BINARY => {
+                    if self.partial.is_some() {
+                        return Err(FrameError::Protocol("new message inside a fragmented one"));
+                    }
+                    if fin {
+                        return self.finish(opcode, payload).map(Some);
+                    }
+                    self.partial = Some((opcode, BytesMut::from(&payload[..])));
+                }
+                OP_CONT => {
+                    let Some((op, mut data)) = self.partial.take() else {
+                        return Err(FrameError::Protocol("continuation without a message"));
+                    };
+                    if data.len() + payload.len() > self.max_message {
+                        return Err(FrameError::TooLarge(self.max_message));
+                    }
+                    data.extend_from_slice(&payload);
+                    if fin {
+                        return self.finish(op, data.freeze()).map(Some);
+                    }
+                    self.partial = Some((op, data));
+                }
+                _ => return Err(FrameError::Protocol("unknown opcode")),
+            }
+        }
+    }
+
+    fn finish(&self, opcode: u8, data: Bytes) -> Result<Message, FrameError> {
+        if opcode == OP_TEXT {
+            if std::str::from_utf8(&data).is_err() {
+                return Err(FrameError::BadUtf8);
+            }
+            Ok(Message::Text(data))
+        } else {
+            Ok(Message::Binary(data))
+        }
+    }
+
+    /// One raw frame (unmasked payload), or None when more bytes are needed.
+    fn next_frame(&mut self) -> Result<Option<(bool, u8, Bytes)>, FrameError> {
+        let b = &self.buf[..];
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        let fin = b[0] & 0x80 != 0;
+        if b[0] & 0x70 != 0 {
+            return Err(FrameError::Protocol("reserved bits set"));
+        }
+        let opcode = b[0] & 0x0F;
+        let masked = b[1] & 0x80 != 0;
+        match (self.role, masked) {
+            (Role::Server, false) => return Err(FrameError::Protocol("client frame not masked")),
+            (Role::Client, true) => return Err(FrameError::Protocol("server frame masked")),
+            _ => {}
+        }
+        let (len, mut pos) = match b[1] & 0x7F {
+            126 => {
+                if b.len() < 4 {
+                    return Ok(None);
+                }
+                (u16::from_be_bytes([b[2], b[3]]) as u64, 4)
+            }
+            127 => {
+                if b.len() < 10 {
+                    return Ok(None);
+                }
+                (
+                    u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")),
+                    10,
+                )
+            }
+            n => (n as u64, 2),
+        };
+        let control = opcode & 0x8 != 0;
+        if control && (len > 125 || !fin) {
+            return Err(FrameError::Protocol(
+                "control frame fragmented or over 125 bytes",
+            ));
+        }
+        if len > self.max_message as u64 {
+            return Err(FrameError::TooLarge(self.max_message));
+        }
+        let mask = if masked {
+            if b.len() < pos + 4 {
+                return Ok(None);
+            }
+            let m = [b[pos], b[pos + 1], b[pos + 2], b[pos + 3]];
+            pos += 4;
+            Some(m)
+        } else {
+            None
+        };
+        let len = len as usize;
+        if b.len() < pos + len {
+            // Reserve the whole frame once instead of growing by read-sized steps.
+            self.buf.reserve(pos + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(pos);
+        let mut payload = self.buf.split_to(len);
+        if let Some(m) = mask {
+            apply_mask(&mut payload, m);
+        }
+        Ok(Some((fin, opcode, payload.freeze())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(d: &mut Decoder, bytes: &[u8]) {
+        d.buffer_mut(bytes.len()).extend_from_slice(bytes);
+    }
+
+    #[test]
+    fn round_trip_sizes() {
+        for len in [0usize, 1, 125, 126, 65535, 65536, 100_000] {
+            let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let frame = encode_masked(OP_TEXT, &payload, [1, 2, 3, 4]);
+            let mut d = Decoder::new(Role::Server, 1 << 20);
+            // Byte-by-byte feeding exercises every "need more" branch.
+            if len < 200 {
+                for b in frame.iter() {
+                    assert!(matches!(d.next_message(), Ok(None)));
+                    feed(&mut d, &[*b]);
+                }
+            } else {
+                feed(&mut d, &frame);
+            }
+            assert_eq!(
+                d.next_message().unwrap(),
+                Some(Message::Text(Bytes::from(payload.clone())))
+            );
+            let server = encode(OP_BINARY, &payload);
+            let mut c = Decoder::new(Role::Client, 1 << 20);
+            feed(&mut c, &server);
+            assert_eq!(
+                c.next_message().unwrap(),
+                Some(Message::Binary(Bytes::from(payload)))
+            );
+        }
+    }
+
+    #[test]
+    fn fragments_join_and_controls_interleave() {
+        let mut d = Decoder::new(Role::Server, 1024);
+        let mut first = encode_masked(OP_TEXT, b"hel", [9; 4]).to_vec();
+        first[0] &= 0x7F; // not FIN
+        feed(&mut d, &first);
+        feed(&mut d, &encode_masked(OP_PING, b"p", [7; 4]));
+        feed(&mut d, &encode_masked(OP_CONT, b"lo", [5; 4]));
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Ping(Bytes::from_static(b"p")))
+        );
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Text(Bytes::from_static(b"hello")))
+        );
+        assert_eq!(d.next_message().unwrap(), None);
+    }
+
+    #[test]
+    fn violations() {
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &encode(OP_TEXT, b"x"));
+        assert!(matches!(d.next_message(), Err(FrameError::Protocol(_))));
+        let mut d = Decoder::new(Role::Server, 16);
+        feed(&mut d, &encode_masked(OP_TEXT, &[b'a'; 17], [1; 4]));
+        assert_eq!(d.next_message(), Err(FrameError::TooLarge(16)));
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &encode_masked(OP_TEXT, &[0xff, 0xfe], [1; 4]));
+        assert_eq!(d.next_message(), Err(FrameError::BadUtf8));
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &encode_masked(OP_PING, &[0; 126], [1; 4]));
+        assert!(matches!(d.next_message(), Err(FrameError::Protocol(_))));
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(
+            &mut d,
+            &encode_masked(OP_CLOSE, &close_payload(1000, "bye"), [3; 4]),
+        );
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Close(Some(1000), Bytes::from_static(b"bye")))
+        );
+    }
+
+    #[test]
+    fn mask_matches_bytewise() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut a: Vec<u8> = (0..37).collect();
+        let b: Vec<u8> = a.iter().enumerate().map(|(i, x)| x ^ mask[i % 4]).collect();
+        apply_mask(&mut a, mask);
+        assert_eq!(a, b);
+    }
+}
