@@ -240,7 +240,10 @@
   let retryTimer = null;
 
   function connect() {
+    clearTimeout(retryTimer);
     retryTimer = null;
+    if (conn) conn.close(); // never two connections at once
+    conn = null;
     const gen = ++generation;
     setStatus(everLive ? "reconnecting" : "connecting");
     const handlers = {
@@ -423,8 +426,10 @@
     if (!conn) setStatus("offline", "no network");
   });
   window.addEventListener("pagehide", () => {
+    clearTimeout(retryTimer);
     generation++;
     if (conn) conn.close();
+    conn = null;
   });
   // Coming back from the back/forward cache: the old connection is gone.
   window.addEventListener("pageshow", (ev) => {
@@ -437,6 +442,11 @@
 
   if (!boardName) {
     setStatus("offline", "no board in the address");
+    return;
+  }
+  // The server refuses a bad topic name (400): say so instead of retrying forever.
+  if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(topic)) {
+    setStatus("offline", "invalid board name");
     return;
   }
   connect();
