@@ -1,0 +1,209 @@
+// Browser end-to-end tests of the embedded leaderboard page, against a real crier server.
+//
+//   cargo build && (cd tests/browser && npm ci) && node --test tests/browser/
+//
+// Env: CRIER_BIN (server binary, default target/debug/crier), CHROMIUM (default
+// /usr/bin/chromium), CRIER_E2E_LOG=1 (echo the server's log), CRIER_E2E_SCREENSHOT (where
+// the board screenshot goes, default /tmp/crier-board.png).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { launchBrowser, startServer, postScores } from './server.mjs';
+
+const WAIT = 15_000; // the longest any single wait may take
+const SCREENSHOT = process.env.CRIER_E2E_SCREENSHOT || '/tmp/crier-board.png';
+
+let browser;
+before(async () => {
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+});
+
+/** A fresh page that records its uncaught errors. */
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 800 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT);
+  page.errors = [];
+  page.on('pageerror', (e) => page.errors.push(e));
+  return page;
+}
+
+/** Runs `body(server)` with a fresh server, stopping it whatever happens. */
+async function withServer(body) {
+  const server = await startServer();
+  try {
+    await body(server);
+  } catch (e) {
+    e.message += `\n--- crier log (last lines) ---\n${server.log.slice(-30).join('\n')}`;
+    throw e;
+  } finally {
+    await server.stop();
+  }
+}
+
+const seed = [
+  { player: 'p1', score: 50, meta: { name: 'Ann' } },
+  { player: 'p2', score: 40, meta: { name: 'Bob' } },
+  { player: 'p3', score: 30 },
+  { player: 'p4', score: 20, meta: { name: 'Dee' } },
+  { player: 'p5', score: 10, meta: { name: 'Eve' } },
+];
+
+const waitLive = (page, transport) =>
+  page
+    .locator(`#status[data-state="live"]${transport ? `[data-transport="${transport}"]` : ''}`)
+    .waitFor({ state: 'attached', timeout: WAIT });
+
+const waitRows = (page, n) =>
+  page.waitForFunction((n) => document.querySelectorAll('#rows tr[data-player]').length === n, n, {
+    timeout: WAIT,
+  });
+
+/** The table as [{player, rank, name, score}], in document order. */
+const readTable = (page) =>
+  page.$$eval('#rows tr[data-player]', (trs) =>
+    trs.map((tr) => ({
+      player: tr.dataset.player,
+      rank: Number(tr.querySelector('td.rank').textContent),
+      name: tr.querySelector('td.name').textContent,
+      score: Number(tr.querySelector('td.score').textContent),
+    })),
+  );
+
+function assertRankOrder(rows) {
+  assert.ok(rows.length > 0, 'the table has rows');
+  rows.forEach((r, i) => {
+    assert.equal(r.rank, i + 1, `row ${i} has rank ${i + 1}: ${JSON.stringify(rows)}`);
+    if (i > 0) assert.ok(rows[i - 1].score >= r.score, `scores descend: ${JSON.stringify(rows)}`);
+  });
+}
+
+/** Posts a new top score and checks the page highlights the new leader. */
+async function newLeaderScenario(server, board, query, transport) {
+  await postScores(server.baseURL, board, seed);
+  const page = await newPage();
+  await page.goto(`${server.baseURL}/boards/${board}${query}`);
+  await waitLive(page, transport);
+  await waitRows(page, seed.length); // the snapshot is shown
+  assert.equal(await page.textContent('#board-title'), board);
+  assert.equal(await page.textContent('#leader'), 'Ann');
+  assert.equal(await page.textContent('tr[data-player="p3"] td.name'), 'p3', 'no meta.name: the player id');
+  assertRankOrder(await readTable(page));
+
+  const [res] = (await postScores(server.baseURL, board, { player: 'zed', score: 1000, meta: { name: 'Zed' } }))
+    .results;
+  assert.equal(res.rank, 1);
+  // Leader name and the row's highlight, seen together (the highlight lasts ~1.5 s).
+  await page.waitForFunction(
+    () => {
+      const tr = document.querySelector('tr[data-player="zed"]');
+      return (
+        document.querySelector('#leader')?.textContent === 'Zed' &&
+        tr &&
+        (tr.classList.contains('moved-up') || tr.classList.contains('new-leader'))
+      );
+    },
+    null,
+    { timeout: WAIT },
+  );
+  const rows = await readTable(page);
+  assertRankOrder(rows);
+  assert.deepEqual(rows[0], { player: 'zed', rank: 1, name: 'Zed', score: 1000 });
+  assert.deepEqual(
+    rows.map((r) => r.player),
+    ['zed', 'p1', 'p2', 'p3', 'p4', 'p5'],
+  );
+  await page.waitForFunction(() => document.querySelector('#players').textContent.trim() === '6', null, {
+    timeout: WAIT,
+  });
+  assert.match(await page.textContent('#watchers'), /^\d+$/);
+  assert.equal(await page.getAttribute('#status', 'data-transport'), transport);
+  assert.deepEqual(page.errors, [], 'no uncaught page errors');
+  return page;
+}
+
+test('new leader: the page shows and highlights it (WebSocket)', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    const page = await newLeaderScenario(server, 'e2e-arena', '', 'ws');
+    await page.screenshot({ path: SCREENSHOT, fullPage: true });
+    await page.context().close();
+  });
+});
+
+test('SSE transport: ?transport=sse gets the same updates', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    const page = await newLeaderScenario(server, 'e2e-arena', '?transport=sse', 'sse');
+    await page.context().close();
+  });
+});
+
+test('reconnect: the page recovers by itself after the server restarts', { timeout: 90_000 }, async () => {
+  let server = await startServer();
+  const { port, dataDir } = server;
+  try {
+    await postScores(server.baseURL, 'e2e-reconnect', seed.slice(0, 3));
+    const page = await newPage();
+    await page.goto(`${server.baseURL}/boards/e2e-reconnect`);
+    await waitLive(page, 'ws');
+    await waitRows(page, 3);
+    await page.evaluate(() => {
+      window.__notReloaded = true;
+    });
+
+    await server.kill('SIGKILL');
+    await page.waitForFunction(() => document.querySelector('#status').dataset.state !== 'live', null, {
+      timeout: WAIT,
+    });
+    assert.match(await page.getAttribute('#status', 'data-state'), /^(reconnecting|offline)$/);
+
+    server = await startServer({ port, dataDir });
+    await postScores(server.baseURL, 'e2e-reconnect', { player: 'phoenix', score: 500, meta: { name: 'Phoenix' } });
+    await page.waitForFunction(
+      () =>
+        document.querySelector('#status').dataset.state === 'live' &&
+        document.querySelector('tr[data-player="phoenix"] td.score')?.textContent === '500' &&
+        document.querySelector('#leader').textContent === 'Phoenix',
+      null,
+      { timeout: 30_000 },
+    );
+    assert.equal(await page.evaluate(() => window.__notReloaded), true, 'the page was not reloaded');
+    const rows = await readTable(page);
+    assertRankOrder(rows);
+    assert.deepEqual(
+      rows.map((r) => r.player),
+      ['phoenix', 'p1', 'p2', 'p3'],
+      'the scores from before the restart are still there (same --data-dir)',
+    );
+    assert.deepEqual(page.errors, [], 'no uncaught page errors');
+    await page.context().close();
+  } catch (e) {
+    e.message += `\n--- crier log (last lines) ---\n${server.log.slice(-30).join('\n')}`;
+    throw e;
+  } finally {
+    await server.stop();
+    const { rm } = await import('node:fs/promises');
+    await rm(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('index: / lists the boards and links to them', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    await postScores(server.baseURL, 'e2e-index', seed.slice(0, 2));
+    const page = await newPage();
+    await page.goto(`${server.baseURL}/`);
+    const link = page.locator('#boards a[href="/boards/e2e-index"]');
+    await link.waitFor({ state: 'visible', timeout: WAIT });
+    assert.match(await link.textContent(), /e2e-index/);
+    await link.click();
+    await page.waitForURL(`${server.baseURL}/boards/e2e-index`, { timeout: WAIT });
+    await page.waitForFunction(() => document.querySelector('#board-title').textContent === 'e2e-index', null, {
+      timeout: WAIT,
+    });
+    await waitLive(page);
+    await waitRows(page, 2);
+    assert.deepEqual(page.errors, [], 'no uncaught page errors');
+    await page.context().close();
+  });
+});
