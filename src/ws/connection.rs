@@ -33,6 +33,7 @@ pub async fn run(stream: TcpStream, leftover: Bytes, reg: Registration, state: A
         decoder: Decoder::new(Role::Server, state.cfg.max_message_bytes),
         out: VecDeque::new(),
         batch: BatchStats::default(),
+        front_partial: false,
         closing: None,
         peer_closed: false,
         reg,
@@ -65,6 +66,8 @@ struct Connection {
     /// Whole frames being written; the first may be partly written already.
     out: VecDeque<Bytes>,
     batch: BatchStats,
+    /// The front frame of `out` is partly written: it must finish before anything else.
+    front_partial: bool,
     /// Set once our close frame is queued in `out`.
     closing: Option<DisconnectReason>,
     peer_closed: bool,
@@ -109,11 +112,18 @@ impl Connection {
                     close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
                 }
             }
+            // While closing, a stuck write only delays the inevitable: give it CLOSE_GRACE.
+            let write_deadline = last_progress
+                + if self.closing.is_some() {
+                    write_timeout.min(CLOSE_GRACE)
+                } else {
+                    write_timeout
+                };
             let mut deadline = next_ping;
             for d in [
                 pong_deadline,
                 close_deadline,
-                (!self.out.is_empty()).then(|| last_progress + write_timeout),
+                (!self.out.is_empty()).then_some(write_deadline),
             ]
             .into_iter()
             .flatten()
@@ -149,14 +159,19 @@ impl Connection {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
                 }
-                _ = client.notified(), if self.out.is_empty() && self.closing.is_none() => {}
+                _ = client.notified(), if self.closing.is_none() => {
+                    // A close (slow consumer) must not wait behind a stuck write.
+                    if let Some(reason) = client.closed().filter(|r| *r != DisconnectReason::Shutdown) {
+                        self.begin_close(reason);
+                    }
+                }
                 _ = &mut timer => {
                     let now = Instant::now();
                     if close_deadline.is_some_and(|d| now >= d) {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
-                    if !self.out.is_empty() && now >= last_progress + write_timeout {
-                        return DisconnectReason::WriteTimeout;
+                    if !self.out.is_empty() && now >= write_deadline {
+                        return self.closing.unwrap_or(DisconnectReason::WriteTimeout);
                     }
                     if pong_deadline.is_some_and(|d| now >= d) {
                         self.begin_close(DisconnectReason::NoPong);
@@ -203,6 +218,11 @@ impl Connection {
         }
         self.closing = Some(reason);
         self.reg.client.close(reason);
+        if reason == DisconnectReason::SlowConsumer {
+            // It is not reading: drop the in-flight batch too, keeping only a partly
+            // written frame so the close frame still lands on a frame boundary.
+            self.out.truncate(usize::from(self.front_partial));
+        }
         let payload = frame::close_payload(reason.code(), reason.label());
         self.out.push_back(frame::encode(frame::OP_CLOSE, &payload));
     }
@@ -226,9 +246,11 @@ impl Connection {
                         if written >= front.len() {
                             written -= front.len();
                             self.out.pop_front();
+                            self.front_partial = false;
                         } else {
                             front.advance(written);
                             written = 0;
+                            self.front_partial = true;
                         }
                     }
                 }
