@@ -1,1 +1,870 @@
-//! Durable leaderboard store on redb. Placeholder.
+//! Durable, crash-safe leaderboard store on [redb], with group commit.
+//!
+//! # Layout
+//!
+//! One redb file, `crier.redb`, inside the store directory:
+//!
+//! * `meta`: `&str -> u64`; holds `format` = [`FORMAT_VERSION`] so a later layout change can
+//!   be detected instead of misread.
+//! * `boards`: board name -> `[next_seq: u64 LE][options: UTF-8 JSON text]`.
+//! * `entries/<board>`: one table per board, player -> `[score: f64 LE][achieved: u64 LE]
+//!   [meta tag: 0 = None, 1 = Some][meta: UTF-8 JSON text]`.
+//!
+//! A table per board keeps a board's entries contiguous and makes `ResetBoard` /
+//! `DeleteBoard` a `delete_table`, which frees the board's pages without touching (or
+//! re-balancing on) each key — cheap even for a board with a million entries.
+//!
+//! # Durability
+//!
+//! [`Store::commit`] applies a slice of ops in ONE write transaction with
+//! [`Durability::Immediate`] (fsync before returning): either every op of the call is
+//! durable, or none is applied.
+//!
+//! [`StoreWriter`] is the group-commit front end: one task owns the store, callers send
+//! their ops through a bounded channel and await an acknowledgement. Everything waiting in
+//! the channel (up to [`MAX_GROUP_OPS`] ops) is committed in a single transaction on a
+//! blocking thread, then every caller of that group is acknowledged. Callers' ops are
+//! applied in channel (arrival) order, so one caller's successive commits are applied in
+//! order.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redb::{
+    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// File name of the database inside the store directory.
+pub const DB_FILE: &str = "crier.redb";
+/// On-disk layout version written to the `meta` table.
+pub const FORMAT_VERSION: u64 = 1;
+/// Upper bound on the number of ops the [`StoreWriter`] puts into one transaction. A single
+/// request larger than this is still committed whole (alone).
+pub const MAX_GROUP_OPS: usize = 65_536;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BOARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("boards");
+const ENTRIES_PREFIX: &str = "entries/";
+
+/// One player's best entry on a board, as persisted.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredEntry {
+    pub player: String,
+    pub score: f64,
+    pub achieved: u64,
+    /// Raw JSON text, opaque to the store.
+    pub meta: Option<String>,
+}
+
+/// A whole board as loaded at start-up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredBoard {
+    pub name: String,
+    /// JSON text of the board options; opaque to the store.
+    pub options: String,
+    pub next_seq: u64,
+    /// Sorted by player name (byte order).
+    pub entries: Vec<StoredEntry>,
+}
+
+/// One mutation. Ops of a commit are applied in order.
+#[derive(Clone, Debug)]
+pub enum StoreOp {
+    /// Create the board (with `next_seq` 0 and no entries) or replace its options (keeping
+    /// `next_seq` and entries).
+    PutBoard { board: String, options: String },
+    /// Upsert one player's entry. The board must exist.
+    PutEntry { board: String, entry: StoredEntry },
+    /// Set the board's logical clock. The board must exist.
+    SetSeq { board: String, next_seq: u64 },
+    /// Delete all entries, keep the board, its options and `next_seq`. The board must exist.
+    ResetBoard { board: String },
+    /// Delete the board with its entries. Idempotent: deleting a missing board is a no-op.
+    DeleteBoard { board: String },
+}
+
+impl StoreOp {
+    pub fn board(&self) -> &str {
+        match self {
+            StoreOp::PutBoard { board, .. }
+            | StoreOp::PutEntry { board, .. }
+            | StoreOp::SetSeq { board, .. }
+            | StoreOp::ResetBoard { board }
+            | StoreOp::DeleteBoard { board } => board,
+        }
+    }
+}
+
+/// Store errors. `Clone` (sources are behind `Arc`) because a failed group commit hands the
+/// same error to every caller of the group.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("creating store directory {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    #[error("{context}: {source}")]
+    Db {
+        context: String,
+        #[source]
+        source: Arc<redb::Error>,
+    },
+    /// An op referred to a board that does not exist (no `PutBoard` before it). A logical
+    /// error of the caller: the [`StoreWriter`] isolates it to the offending caller.
+    #[error("unknown board {board:?}")]
+    UnknownBoard { board: String },
+    #[error("corrupt record in table {table:?}, key {key:?}: {detail}")]
+    Corrupt {
+        table: String,
+        key: String,
+        detail: String,
+    },
+    #[error("unsupported store format version {found} (this build reads {FORMAT_VERSION})")]
+    UnsupportedFormat { found: u64 },
+    /// The [`StoreWriter`] task is gone (all work it had was finished or it failed).
+    #[error("store writer is shut down")]
+    Closed,
+    /// The blocking commit panicked; the outcome of the group is unknown.
+    #[error("store writer commit failed: {0}")]
+    WriterFailed(String),
+}
+
+impl StoreError {
+    fn db(context: impl Into<String>, e: impl Into<redb::Error>) -> Self {
+        StoreError::Db {
+            context: context.into(),
+            source: Arc::new(e.into()),
+        }
+    }
+
+    /// A caller's mistake (as opposed to an I/O or database failure).
+    fn is_logical(&self) -> bool {
+        matches!(self, StoreError::UnknownBoard { .. })
+    }
+}
+
+trait Ctx<T> {
+    fn ctx(self, context: &str) -> Result<T, StoreError>;
+    fn with_ctx(self, context: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
+    fn ctx(self, context: &str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::db(context, e))
+    }
+    fn with_ctx(self, context: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::db(context(), e))
+    }
+}
+
+fn entries_table_name(board: &str) -> String {
+    format!("{ENTRIES_PREFIX}{board}")
+}
+
+// ---- record encoding -------------------------------------------------------------------
+
+fn encode_board(next_seq: u64, options: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + options.len());
+    v.extend_from_slice(&next_seq.to_le_bytes());
+    v.extend_from_slice(options.as_bytes());
+    v
+}
+
+fn decode_board(name: &str, bytes: &[u8]) -> Result<(u64, String), StoreError> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        table: "boards".into(),
+        key: name.into(),
+        detail: detail.into(),
+    };
+    if bytes.len() < 8 {
+        return Err(corrupt("record shorter than 8 bytes"));
+    }
+    let next_seq = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let options = std::str::from_utf8(&bytes[8..])
+        .map_err(|_| corrupt("options are not UTF-8"))?
+        .to_owned();
+    Ok((next_seq, options))
+}
+
+fn encode_entry(e: &StoredEntry) -> Vec<u8> {
+    let meta_len = e.meta.as_ref().map_or(0, String::len);
+    let mut v = Vec::with_capacity(17 + meta_len);
+    v.extend_from_slice(&e.score.to_le_bytes());
+    v.extend_from_slice(&e.achieved.to_le_bytes());
+    match &e.meta {
+        None => v.push(0),
+        Some(m) => {
+            v.push(1);
+            v.extend_from_slice(m.as_bytes());
+        }
+    }
+    v
+}
+
+fn decode_entry(board: &str, player: &str, bytes: &[u8]) -> Result<StoredEntry, StoreError> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        table: entries_table_name(board),
+        key: player.into(),
+        detail: detail.into(),
+    };
+    if bytes.len() < 17 {
+        return Err(corrupt("record shorter than 17 bytes"));
+    }
+    let score = f64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let achieved = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let meta = match bytes[16] {
+        0 if bytes.len() == 17 => None,
+        1 => Some(
+            std::str::from_utf8(&bytes[17..])
+                .map_err(|_| corrupt("meta is not UTF-8"))?
+                .to_owned(),
+        ),
+        _ => return Err(corrupt("bad meta tag")),
+    };
+    Ok(StoredEntry {
+        player: player.to_owned(),
+        score,
+        achieved,
+        meta,
+    })
+}
+
+// ---- Store -----------------------------------------------------------------------------
+
+/// The durable store: a redb database in `<dir>/crier.redb`. Synchronous; use it from a
+/// blocking context or through [`StoreWriter`].
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating `dir` and the database file if needed) the store. After an unclean
+    /// shutdown redb repairs the file here, which walks the whole database.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source: Arc::new(e),
+        })?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path).with_ctx(|| format!("opening {}", path.display()))?;
+        let store = Store { db, path };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the fixed tables and checks / stamps the format version.
+    fn init(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().ctx("init: begin write")?;
+        {
+            let mut meta = txn.open_table(META).ctx("init: open meta")?;
+            let found = meta
+                .get("format")
+                .ctx("init: read format")?
+                .map(|v| v.value());
+            match found {
+                Some(FORMAT_VERSION) => {}
+                Some(found) => return Err(StoreError::UnsupportedFormat { found }),
+                None => {
+                    meta.insert("format", FORMAT_VERSION)
+                        .ctx("init: write format")?;
+                }
+            }
+            txn.open_table(BOARDS).ctx("init: open boards")?;
+        }
+        txn.commit().ctx("init: commit")
+    }
+
+    /// Reads every board with its options, clock and entries (for start-up).
+    pub fn load(&self) -> Result<Vec<StoredBoard>, StoreError> {
+        let txn = self.db.begin_read().ctx("load: begin read")?;
+        let boards = txn.open_table(BOARDS).ctx("load: open boards")?;
+        let mut out = Vec::new();
+        for row in boards.iter().ctx("load: iterate boards")? {
+            let (k, v) = row.ctx("load: read board")?;
+            let name = k.value().to_owned();
+            let (next_seq, options) = decode_board(&name, v.value())?;
+            let table_name = entries_table_name(&name);
+            let mut entries = Vec::new();
+            match txn.open_table(TableDefinition::<&str, &[u8]>::new(&table_name)) {
+                Ok(table) => {
+                    entries.reserve(table.len().ctx("load: table length")? as usize);
+                    for row in table
+                        .iter()
+                        .with_ctx(|| format!("load: iterate {table_name}"))?
+                    {
+                        let (k, v) = row.with_ctx(|| format!("load: read {table_name}"))?;
+                        entries.push(decode_entry(&name, k.value(), v.value())?);
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(StoreError::db(format!("load: open {table_name}"), e)),
+            }
+            out.push(StoredBoard {
+                name,
+                options,
+                next_seq,
+                entries,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies `ops` in order in ONE write transaction with [`Durability::Immediate`];
+    /// returns once it is durable. On error nothing of `ops` is applied.
+    pub fn commit(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        self.commit_iter(ops.iter())
+    }
+
+    fn commit_iter<'a>(&self, ops: impl Iterator<Item = &'a StoreOp>) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().ctx("commit: begin write")?;
+        txn.set_durability(Durability::Immediate);
+        // On error `txn` is dropped uncommitted, which aborts it.
+        apply(&txn, ops)?;
+        txn.commit().ctx("commit")
+    }
+
+    /// Commits several callers' op lists in one transaction. If that fails with a logical
+    /// error (a caller's mistake), falls back to one transaction per caller so only the
+    /// offending caller fails. Returns per-caller results and the number of transactions
+    /// committed.
+    fn commit_group(&self, groups: &[Vec<StoreOp>]) -> (Vec<Result<(), StoreError>>, u64) {
+        match self.commit_iter(groups.iter().flatten()) {
+            Ok(()) => (vec![Ok(()); groups.len()], 1),
+            Err(e) if e.is_logical() && groups.len() > 1 => {
+                let mut txns = 0;
+                let results = groups
+                    .iter()
+                    .map(|ops| {
+                        let r = self.commit(ops);
+                        txns += u64::from(r.is_ok());
+                        r
+                    })
+                    .collect();
+                (results, txns)
+            }
+            Err(e) => (vec![Err(e); groups.len()], 0),
+        }
+    }
+}
+
+type EntriesTable<'txn> = redb::Table<'txn, &'static str, &'static [u8]>;
+
+/// Applies ops to an open write transaction. Keeps the most recently used board's entries
+/// table open, so a run of entries for one board opens its table once.
+fn apply<'a>(
+    txn: &WriteTransaction,
+    ops: impl Iterator<Item = &'a StoreOp>,
+) -> Result<(), StoreError> {
+    let mut boards = txn.open_table(BOARDS).ctx("commit: open boards")?;
+    let mut current: Option<(&str, EntriesTable<'_>)> = None;
+
+    fn board_exists(
+        boards: &redb::Table<'_, &'static str, &'static [u8]>,
+        board: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(boards.get(board).ctx("commit: read board")?.is_some())
+    }
+
+    for op in ops {
+        match op {
+            StoreOp::PutBoard { board, options } => {
+                let next_seq = match boards.get(board.as_str()).ctx("commit: read board")? {
+                    Some(v) => decode_board(board, v.value())?.0,
+                    None => 0,
+                };
+                boards
+                    .insert(board.as_str(), encode_board(next_seq, options).as_slice())
+                    .ctx("commit: write board")?;
+            }
+            StoreOp::SetSeq { board, next_seq } => {
+                let options = match boards.get(board.as_str()).ctx("commit: read board")? {
+                    Some(v) => decode_board(board, v.value())?.1,
+                    None => {
+                        return Err(StoreError::UnknownBoard {
+                            board: board.clone(),
+                        })
+                    }
+                };
+                boards
+                    .insert(board.as_str(), encode_board(*next_seq, &options).as_slice())
+                    .ctx("commit: write board")?;
+            }
+            StoreOp::PutEntry { board, entry } => {
+                let table = match &mut current {
+                    Some((name, table)) if *name == board.as_str() => table,
+                    _ => {
+                        // The board row can only disappear through Reset/Delete, which
+                        // close `current`, so checking existence on (re)open suffices.
+                        if !board_exists(&boards, board)? {
+                            return Err(StoreError::UnknownBoard {
+                                board: board.clone(),
+                            });
+                        }
+                        current = None;
+                        let table_name = entries_table_name(board);
+                        let table = txn
+                            .open_table(TableDefinition::<&str, &[u8]>::new(&table_name))
+                            .with_ctx(|| format!("commit: open {table_name}"))?;
+                        &mut current.insert((board.as_str(), table)).1
+                    }
+                };
+                table
+                    .insert(entry.player.as_str(), encode_entry(entry).as_slice())
+                    .ctx("commit: write entry")?;
+            }
+            StoreOp::ResetBoard { board } | StoreOp::DeleteBoard { board } => {
+                let delete = matches!(op, StoreOp::DeleteBoard { .. });
+                if !delete && !board_exists(&boards, board)? {
+                    return Err(StoreError::UnknownBoard {
+                        board: board.clone(),
+                    });
+                }
+                if current.as_ref().is_some_and(|(name, _)| *name == board) {
+                    current = None; // an open table cannot be deleted
+                }
+                let table_name = entries_table_name(board);
+                txn.delete_table(TableDefinition::<&str, &[u8]>::new(&table_name))
+                    .with_ctx(|| format!("commit: delete {table_name}"))?;
+                if delete {
+                    boards.remove(board.as_str()).ctx("commit: delete board")?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- StoreWriter (group commit) ----------------------------------------------------------
+
+struct Request {
+    ops: Vec<StoreOp>,
+    ack: oneshot::Sender<Result<(), StoreError>>,
+}
+
+#[derive(Default, Debug)]
+struct Counters {
+    transactions: AtomicU64,
+    groups: AtomicU64,
+    requests: AtomicU64,
+    ops: AtomicU64,
+    failed_requests: AtomicU64,
+}
+
+/// Snapshot of a [`StoreWriter`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Write transactions committed (durably).
+    pub transactions: u64,
+    /// Groups formed (one commit attempt each, plus per-caller retries after a logical error).
+    pub groups: u64,
+    /// Caller requests processed (acknowledged with Ok or an error).
+    pub requests: u64,
+    /// Ops processed.
+    pub ops: u64,
+    /// Requests acknowledged with an error.
+    pub failed_requests: u64,
+}
+
+/// Group-commit handle: cheap to clone; all clones feed one background task that owns the
+/// [`Store`]. The task ends (after committing everything already sent) once every handle
+/// is dropped.
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for StoreWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreWriter")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl StoreWriter {
+    /// Spawns the writer task on the current tokio runtime. `capacity` bounds the number of
+    /// queued requests (callers wait when it is full); it is raised to at least 1.
+    pub fn spawn(store: Store, capacity: usize) -> (StoreWriter, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let handle = tokio::spawn(run(Arc::new(store), rx, counters.clone()));
+        (StoreWriter { tx, counters }, handle)
+    }
+
+    /// Resolves once `ops` are durable on disk (or with the commit error, in which case none
+    /// of them were applied). `ops` are committed together in one transaction, possibly with
+    /// other callers' ops. An empty `ops` resolves immediately.
+    ///
+    /// Cancel safety: if this future is dropped after the request was queued, the ops are
+    /// still committed; dropped while waiting for channel capacity, nothing is sent.
+    pub async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Request { ops, ack })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Number of write transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.counters.transactions.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.counters;
+        WriterStats {
+            transactions: c.transactions.load(Ordering::Relaxed),
+            groups: c.groups.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            ops: c.ops.load(Ordering::Relaxed),
+            failed_requests: c.failed_requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, counters: Arc<Counters>) {
+    // While a group is being committed, new requests queue up in the channel and form the
+    // next group, so the group size adapts to the load and the fsync latency.
+    while let Some(first) = rx.recv().await {
+        let mut n_ops = first.ops.len();
+        let mut ops = vec![first.ops];
+        let mut acks = vec![first.ack];
+        while n_ops < MAX_GROUP_OPS {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n_ops += r.ops.len();
+                    ops.push(r.ops);
+                    acks.push(r.ack);
+                }
+                Err(_) => break,
+            }
+        }
+        let s = store.clone();
+        let results = match tokio::task::spawn_blocking(move || s.commit_group(&ops)).await {
+            Ok((results, txns)) => {
+                counters.transactions.fetch_add(txns, Ordering::Relaxed);
+                results
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit task failed");
+                let err = StoreError::WriterFailed(e.to_string());
+                vec![Err(err); acks.len()]
+            }
+        };
+        let failed = results.iter().filter(|r| r.is_err()).count() as u64;
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            tracing::warn!(error = %e, failed, group = acks.len(), "store group commit failed");
+        }
+        counters.groups.fetch_add(1, Ordering::Relaxed);
+        counters
+            .requests
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
+        counters
+            .failed_requests
+            .fetch_add(failed, Ordering::Relaxed);
+        for (ack, result) in acks.into_iter().zip(results) {
+            let _ = ack.send(result); // the caller may have gone away
+        }
+    }
+    tracing::debug!("store writer: all handles dropped, shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(player: &str, score: f64, achieved: u64, meta: Option<&str>) -> StoredEntry {
+        StoredEntry {
+            player: player.into(),
+            score,
+            achieved,
+            meta: meta.map(Into::into),
+        }
+    }
+
+    fn put_board(board: &str, options: &str) -> StoreOp {
+        StoreOp::PutBoard {
+            board: board.into(),
+            options: options.into(),
+        }
+    }
+
+    fn put_entry(board: &str, e: StoredEntry) -> StoreOp {
+        StoreOp::PutEntry {
+            board: board.into(),
+            entry: e,
+        }
+    }
+
+    #[test]
+    fn round_trip_reset_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("nested/store");
+        {
+            let store = Store::open(&store_dir).unwrap();
+            assert_eq!(store.load().unwrap(), vec![]);
+            store
+                .commit(&[
+                    put_board("alpha", r#"{"order":"desc"}"#),
+                    put_board("beta", "{}"),
+                    put_board("gamma", "{}"),
+                    put_entry("alpha", entry("zoe", 12.5, 7, None)),
+                    put_entry("alpha", entry("adam", -3.0, 8, Some(r#"{"lvl":3}"#))),
+                    put_entry("beta", entry("bob", 1.0, 1, Some(""))),
+                    put_entry("alpha", entry("zoe", 13.5, 9, Some("{}"))), // upsert
+                    StoreOp::SetSeq {
+                        board: "alpha".into(),
+                        next_seq: 10,
+                    },
+                    put_entry("gamma", entry("g", 1.0, 1, None)),
+                ])
+                .unwrap();
+            // Replace options: keeps seq and entries.
+            store
+                .commit(&[put_board("alpha", r#"{"order":"asc"}"#)])
+                .unwrap();
+        }
+        let store = Store::open(&store_dir).unwrap();
+        let expected = vec![
+            StoredBoard {
+                name: "alpha".into(),
+                options: r#"{"order":"asc"}"#.into(),
+                next_seq: 10,
+                entries: vec![
+                    entry("adam", -3.0, 8, Some(r#"{"lvl":3}"#)),
+                    entry("zoe", 13.5, 9, Some("{}")),
+                ],
+            },
+            StoredBoard {
+                name: "beta".into(),
+                options: "{}".into(),
+                next_seq: 0,
+                entries: vec![entry("bob", 1.0, 1, Some(""))],
+            },
+            StoredBoard {
+                name: "gamma".into(),
+                options: "{}".into(),
+                next_seq: 0,
+                entries: vec![entry("g", 1.0, 1, None)],
+            },
+        ];
+        assert_eq!(store.load().unwrap(), expected);
+
+        // Reset keeps board, options and seq; entries can be added again in the same txn.
+        // Delete removes everything; deleting a missing board is a no-op.
+        store
+            .commit(&[
+                put_entry("alpha", entry("eve", 1.0, 11, None)),
+                StoreOp::ResetBoard {
+                    board: "alpha".into(),
+                },
+                put_entry("alpha", entry("carl", 2.0, 12, None)),
+                StoreOp::DeleteBoard {
+                    board: "beta".into(),
+                },
+                StoreOp::DeleteBoard {
+                    board: "nope".into(),
+                },
+                StoreOp::ResetBoard {
+                    board: "gamma".into(),
+                },
+            ])
+            .unwrap();
+        drop(store);
+        let store = Store::open(&store_dir).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded,
+            vec![
+                StoredBoard {
+                    name: "alpha".into(),
+                    options: r#"{"order":"asc"}"#.into(),
+                    next_seq: 10,
+                    entries: vec![entry("carl", 2.0, 12, None)],
+                },
+                StoredBoard {
+                    name: "gamma".into(),
+                    options: "{}".into(),
+                    next_seq: 0,
+                    entries: vec![],
+                },
+            ]
+        );
+
+        // Re-creating a deleted board starts empty with seq 0.
+        store.commit(&[put_board("beta", "{}")]).unwrap();
+        let beta = store.load().unwrap().into_iter().find(|b| b.name == "beta");
+        assert_eq!(
+            beta,
+            Some(StoredBoard {
+                name: "beta".into(),
+                options: "{}".into(),
+                next_seq: 0,
+                entries: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn commit_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.commit(&[put_board("a", "{}")]).unwrap();
+        let before = store.load().unwrap();
+        for bad in [
+            put_entry("missing", entry("p", 1.0, 1, None)),
+            StoreOp::SetSeq {
+                board: "missing".into(),
+                next_seq: 3,
+            },
+            StoreOp::ResetBoard {
+                board: "missing".into(),
+            },
+        ] {
+            let err = store
+                .commit(&[
+                    put_entry("a", entry("p", 1.0, 1, None)),
+                    put_board("b", "{}"),
+                    bad,
+                ])
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::UnknownBoard { board } if board == "missing"),
+                "{err}"
+            );
+            assert_eq!(store.load().unwrap(), before);
+        }
+        // An entry for a board deleted earlier in the same commit is rejected too.
+        let err = store
+            .commit(&[
+                StoreOp::DeleteBoard { board: "a".into() },
+                put_entry("a", entry("p", 1.0, 1, None)),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::UnknownBoard { .. }));
+        assert_eq!(store.load().unwrap(), before);
+    }
+
+    #[test]
+    fn second_open_of_same_dir_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Db { .. }), "{err}");
+        assert!(err.to_string().contains("crier.redb"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_many_concurrent_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.commit(&[put_board("b", "{}")]).unwrap();
+        let (writer, task) = StoreWriter::spawn(store, 1024);
+
+        const N: u64 = 1000;
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let w = writer.clone();
+            calls.spawn(async move {
+                w.commit(vec![put_entry(
+                    "b",
+                    entry(&format!("p{i:04}"), i as f64, i, None),
+                )])
+                .await
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let stats = writer.stats();
+        assert_eq!(stats.requests, N);
+        assert_eq!(stats.ops, N);
+        assert_eq!(stats.failed_requests, 0);
+        assert_eq!(writer.commits(), stats.transactions);
+        assert!(
+            stats.transactions < N / 10,
+            "expected grouping, got {stats:?}"
+        );
+        eprintln!("group commit: {stats:?}");
+
+        drop(writer);
+        task.await.unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let boards = store.load().unwrap();
+        assert_eq!(boards.len(), 1);
+        let entries = &boards[0].entries;
+        assert_eq!(entries.len() as u64, N);
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e, &entry(&format!("p{i:04}"), i as f64, i as u64, None));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_caller_fails_alone_and_shutdown_commits_queued_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.commit(&[put_board("b", "{}")]).unwrap();
+        let (writer, task) = StoreWriter::spawn(store, 4);
+
+        // Fire many requests (one of them bad) without awaiting in between, so they group.
+        let mut calls = Vec::new();
+        for i in 0..50u64 {
+            let board = if i == 25 { "missing" } else { "b" };
+            let w = writer.clone();
+            let ops = vec![put_entry(board, entry(&format!("p{i:02}"), 1.0, i, None))];
+            calls.push(tokio::spawn(async move { w.commit(ops).await }));
+        }
+        for (i, c) in calls.into_iter().enumerate() {
+            let r = c.await.unwrap();
+            if i == 25 {
+                assert!(matches!(r, Err(StoreError::UnknownBoard { .. })), "{r:?}");
+            } else {
+                r.unwrap();
+            }
+        }
+        assert_eq!(writer.stats().failed_requests, 1);
+        writer.commit(vec![]).await.unwrap();
+
+        // Graceful shutdown: queued requests still commit after the last handle drops.
+        let w2 = writer.clone();
+        let late = tokio::spawn(async move {
+            w2.commit(vec![StoreOp::SetSeq {
+                board: "b".into(),
+                next_seq: 99,
+            }])
+            .await
+        });
+        drop(writer);
+        late.await.unwrap().unwrap();
+        task.await.unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        let b = &store.load().unwrap()[0];
+        assert_eq!(b.next_seq, 99);
+        assert_eq!(b.entries.len(), 49);
+        assert!(b.entries.iter().all(|e| e.player != "p25"));
+    }
+}
