@@ -1,10 +1,194 @@
-//! Leaderboard HTTP API (placeholder).
+//! Leaderboard HTTP API (docs/leaderboards.md). Writes need a publisher key when keys are
+//! configured: game servers write, browsers only read.
+
 use std::sync::Arc;
 
-use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
 
+use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput};
+use crate::api::auth::require_publisher;
+use crate::api::error::ApiError;
+use crate::api::publish::read_body;
 use crate::state::AppState;
+
+/// Score batches may be larger than one publication: up to 1000 entries with metadata.
+const MAX_SCORES_BODY: usize = 1024 * 1024;
+const MAX_PAGE: usize = 1000;
+const MAX_AROUND: usize = 100;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
+        .route("/api/boards", get(list))
+        .route("/api/boards/{board}", get(page).put(put_board))
+        .route("/api/boards/{board}/scores", post(post_scores))
+        .route("/api/boards/{board}/reset", post(reset))
+        .route("/api/boards/{board}/players/{player}", get(player))
+}
+
+impl From<BoardError> for ApiError {
+    fn from(e: BoardError) -> Self {
+        match &e {
+            BoardError::Invalid(_) => ApiError::bad_request("invalid_score", e.to_string()),
+            BoardError::NoBoard(_) => ApiError::not_found("no_board", e.to_string()),
+            BoardError::NoPlayer { .. } => ApiError::not_found("no_player", e.to_string()),
+            BoardError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            BoardError::Store(_) => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+fn bad_name(e: BoardError) -> ApiError {
+    match e {
+        BoardError::Invalid(m) => ApiError::bad_request("bad_board", m),
+        other => other.into(),
+    }
+}
+
+async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({ "boards": state.boards.list() }))
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn page(
+    State(state): State<Arc<AppState>>,
+    Path(board): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    Boards::validate_name(&board).map_err(bad_name)?;
+    let limit = q.limit.unwrap_or(50).min(MAX_PAGE);
+    let offset = q.offset.unwrap_or(0);
+    let body = state.boards.with_board(&board, |b| {
+        let entries = b.ranking.page(offset, limit);
+        json!({
+            "board": b.name,
+            "version": b.version,
+            "players": b.ranking.len(),
+            "watchers": b.watchers,
+            "order": b.options.order,
+            "mode": b.options.mode,
+            "top": b.options.top,
+            "offset": offset,
+            "limit": limit,
+            "entries": ranked(&entries),
+        })
+    })?;
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+struct AroundQuery {
+    around: Option<usize>,
+}
+
+async fn player(
+    State(state): State<Arc<AppState>>,
+    Path((board, player)): Path<(String, String)>,
+    Query(q): Query<AroundQuery>,
+) -> Result<Json<Value>, ApiError> {
+    Boards::validate_name(&board).map_err(bad_name)?;
+    let n = q.around.unwrap_or(0).min(MAX_AROUND);
+    let body = state.boards.with_board(&board, |b| {
+        let around = b.ranking.around(&player, n)?;
+        let me = around.iter().find(|(_, e)| *e.player == *player)?;
+        let mine = ranked(std::slice::from_ref(me));
+        let mine = serde_json::to_value(&mine[0]).expect("entry serializes");
+        Some(json!({
+            "board": b.name,
+            "players": b.ranking.len(),
+            "entry": mine,
+            "around": ranked(&around),
+        }))
+    })?;
+    body.map(Json)
+        .ok_or_else(|| BoardError::NoPlayer { board, player }.into())
+}
+
+async fn post_scores(
+    State(state): State<Arc<AppState>>,
+    Path(board): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    require_publisher(&state.cfg, &headers)?;
+    Boards::validate_name(&board).map_err(bad_name)?;
+    let bytes = read_body(body, MAX_SCORES_BODY).await?;
+    let inputs: Vec<ScoreInput> = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| parse_entry(i, v))
+            .collect::<Result<_, _>>()?,
+        Ok(v @ Value::Object(_)) => vec![parse_entry(0, v)?],
+        Ok(_) => {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                "send one score object or an array of them",
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                format!("the body is not JSON: {e}"),
+            ))
+        }
+    };
+    let results = state.boards.submit(&board, inputs).await?;
+    Ok(Json(json!({ "board": board, "results": results })))
+}
+
+fn parse_entry(i: usize, v: Value) -> Result<ScoreInput, ApiError> {
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::bad_request("invalid_score", format!("entry {i}: {e}")))
+}
+
+async fn put_board(
+    State(state): State<Arc<AppState>>,
+    Path(board): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    require_publisher(&state.cfg, &headers)?;
+    Boards::validate_name(&board).map_err(bad_name)?;
+    let bytes = read_body(body, 4096).await?;
+    let options: BoardOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
+        BoardOptions {
+            top: state.cfg.board_top,
+            ..BoardOptions::default()
+        }
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request("bad_options", format!("board options: {e}")))?
+    };
+    let options = state
+        .boards
+        .put_board(&board, options)
+        .await
+        .map_err(|e| match e {
+            BoardError::Invalid(m) => ApiError::bad_request("bad_options", m),
+            other => other.into(),
+        })?;
+    Ok(Json(json!({ "board": board, "options": options })))
+}
+
+async fn reset(
+    State(state): State<Arc<AppState>>,
+    Path(board): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    require_publisher(&state.cfg, &headers)?;
+    state.boards.reset(&board).await.map_err(bad_name)?;
+    Ok(Json(json!({ "board": board, "reset": true })))
 }

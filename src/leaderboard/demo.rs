@@ -1,2 +1,80 @@
-//! Simulated game for `crier demo` (placeholder).
-pub fn spawn(_server: &crate::server::Server) {}
+//! `crier demo`: a simulated game so a newcomer sees a live board within seconds. Bots post
+//! scores through the same service the HTTP API uses (durable, ranked, published).
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::ranking::{ScoreMode, SortOrder};
+use super::service::{BoardOptions, ScoreInput};
+use crate::server::Server;
+
+const NAMES: [&str; 24] = [
+    "Ada", "Blaze", "Cosmo", "Dune", "Echo", "Fable", "Ghost", "Halo", "Iris", "Jinx", "Kite",
+    "Luna", "Mako", "Nova", "Onyx", "Pixel", "Quill", "Rogue", "Sable", "Tango", "Umbra", "Vega",
+    "Wren", "Zephyr",
+];
+
+pub fn spawn(server: &Server) {
+    let state = server.state.clone();
+    let addr = server.addr;
+    tokio::spawn(async move {
+        let boards = &state.boards;
+        let arena = BoardOptions {
+            order: SortOrder::High,
+            mode: ScoreMode::Best,
+            top: 10,
+        };
+        let speedrun = BoardOptions {
+            order: SortOrder::Low,
+            mode: ScoreMode::Best,
+            top: 10,
+        };
+        for (name, options) in [("arena", arena), ("speedrun", speedrun)] {
+            if let Err(e) = boards.put_board(name, options).await {
+                tracing::warn!("demo: cannot set up board {name}: {e}");
+                return;
+            }
+        }
+        tracing::info!(
+            "demo: bots are playing; watch http://{addr}/boards/arena (all boards: http://{addr}/)"
+        );
+        let mut arena_scores = [0f64; NAMES.len()];
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let (i, gain, lap) = {
+                let mut rng = rand::thread_rng();
+                let i = rng.gen_range(0..NAMES.len());
+                // Mostly small gains, sometimes a big play that shakes up the top.
+                let gain = if rng.gen_bool(0.1) {
+                    rng.gen_range(400.0..1500.0)
+                } else {
+                    rng.gen_range(10.0..200.0)
+                };
+                (i, gain, rng.gen_range(55.0..95.0f64))
+            };
+            arena_scores[i] += f64::round(gain);
+            let post = |player: usize, score: f64| ScoreInput {
+                player: Some(format!("bot-{}", NAMES[player].to_lowercase())),
+                score: serde_json::Number::from_f64(score),
+                meta: serde_json::value::to_raw_value(
+                    &serde_json::json!({ "name": NAMES[player] }),
+                )
+                .ok(),
+            };
+            let lap = (lap * 100.0).round() / 100.0;
+            if boards
+                .submit("arena", vec![post(i, arena_scores[i])])
+                .await
+                .is_err()
+                || boards.submit("speedrun", vec![post(i, lap)]).await.is_err()
+            {
+                return; // shutting down
+            }
+        }
+    });
+}
