@@ -18,8 +18,9 @@
 //!
 //! A treap (randomised balanced binary search tree) whose nodes live in one arena `Vec`
 //! addressed by `u32` indices and carry their subtree size, so rank and select are
-//! `O(log n)` expected. Removal swaps the last arena node into the freed slot, keeping the
-//! arena dense. Players are found by a `hashbrown::HashTable<u32>` holding only arena
+//! `O(log n)` expected; priorities come from a per-board randomly seeded PRNG, so the
+//! expected bounds hold whatever the order of submissions. Removal swaps the last arena
+//! node into the freed slot, keeping the arena dense. Players are found by a `hashbrown::HashTable<u32>` holding only arena
 //! indices (the player id lives once, in the node), which keeps the per-entry overhead to
 //! the 64-byte node, ~5 bytes of table and the player id's own allocation.
 //!
@@ -146,13 +147,17 @@ fn cmp_entries(order: SortOrder, a: &Entry, b: &Entry) -> Ordering {
 
 impl Ranking {
     pub fn new(order: SortOrder) -> Self {
+        let hasher = RandomState::new();
+        // Per-board random priority seed: the tree shape is then unpredictable, so no
+        // submission pattern can force a degenerate (deep) treap. Never zero for xorshift.
+        let rng = hasher.hash_one(0x9E37_79B9_7F4A_7C15u64) | 1;
         Ranking {
             order,
             nodes: Vec::new(),
             index: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher,
             root: NIL,
-            rng: 0x9E37_79B9_7F4A_7C15,
+            rng,
         }
     }
 
