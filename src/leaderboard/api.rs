@@ -25,7 +25,10 @@ const MAX_AROUND: usize = 100;
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/boards", get(list))
-        .route("/api/boards/{board}", get(page).put(put_board))
+        .route(
+            "/api/boards/{board}",
+            get(page).put(put_board).post(put_board),
+        )
         .route("/api/boards/{board}/scores", post(post_scores))
         .route("/api/boards/{board}/reset", post(reset))
         .route("/api/boards/{board}/players/{player}", get(player))

@@ -66,6 +66,7 @@ pub struct ScoreInput {
 pub struct ScoreResult {
     pub player: Arc<str>,
     pub rank: u64,
+    #[serde(serialize_with = "score_json")]
     pub score: f64,
     /// Whether this post changed the player's stored entry (a worse score in `best` mode
     /// does not).
@@ -90,9 +91,19 @@ pub enum BoardError {
 pub struct RankedEntry<'a> {
     pub rank: u64,
     pub player: &'a str,
+    #[serde(serialize_with = "score_json")]
     pub score: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<&'a RawValue>,
+}
+
+/// Whole scores are written as JSON integers (`300`, not `300.0`), as a game posted them.
+fn score_json<S: serde::Serializer>(score: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if score.fract() == 0.0 && score.abs() <= MAX_ABS_SCORE {
+        s.serialize_i64(*score as i64)
+    } else {
+        s.serialize_f64(*score)
+    }
 }
 
 pub fn ranked(list: &[(u64, Entry)]) -> Vec<RankedEntry<'_>> {
