@@ -3,7 +3,7 @@
 //! Plain HTML, CSS and JS compiled into the binary with `include_str!`: no build step, no
 //! framework, no external resource. The pages talk to the server over the same origin:
 //! `GET /api/boards` for the index and `/ws?topic=board:{name}` (falling back to
-//! `/sse?topic=board:{name}`) for one live board. See `docs/web-page.md`.
+//! `/sse?topic=board:{name}`) for one live board. See `docs/leaderboards.md` ("The web page").
 //!
 //! | route | body |
 //! |---|---|
