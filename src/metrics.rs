@@ -59,6 +59,14 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     pub scores: Counter,
     pub board_updates: Counter,
+    /// Handles into the families above, fetched once so the write path does no lookup.
+    per_transport: [PerTransport; 2],
+}
+
+#[derive(Clone, Default)]
+struct PerTransport {
+    deliveries: Counter,
+    bytes_out: Counter,
 }
 
 impl Metrics {
@@ -82,6 +90,7 @@ impl Metrics {
             scores: Counter::default(),
             board_updates: Counter::default(),
             registry: Registry::default(),
+            per_transport: Default::default(),
         };
         registry.register(
             "connections",
@@ -160,7 +169,11 @@ impl Metrics {
                 });
             }
         }
-        Metrics { registry, ..m }
+        let per_transport = [Transport::Ws, Transport::Sse].map(|transport| PerTransport {
+            deliveries: m.deliveries.get_or_create(&TransportLabel { transport }).clone(),
+            bytes_out: m.bytes_out.get_or_create(&TransportLabel { transport }).clone(),
+        });
+        Metrics { registry, per_transport, ..m }
     }
 
     pub fn connections(&self, transport: Transport) -> Gauge {
@@ -188,11 +201,11 @@ impl Metrics {
         bytes: u64,
         oldest: Option<std::time::Instant>,
     ) {
-        let label = TransportLabel { transport };
+        let t = &self.per_transport[transport as usize];
         if messages > 0 {
-            self.deliveries.get_or_create(&label).inc_by(messages);
+            t.deliveries.inc_by(messages);
         }
-        self.bytes_out.get_or_create(&label).inc_by(bytes);
+        t.bytes_out.inc_by(bytes);
         if let Some(at) = oldest {
             self.delivery_latency.observe(at.elapsed().as_secs_f64());
         }
