@@ -1,6 +1,7 @@
 //! Crash safety of the leaderboard store: a child process commits in a loop and prints
 //! every acknowledged entry; the parent SIGKILLs it at a random moment, reopens the store
 //! and checks that every acknowledged entry is there, and that no transaction is torn.
+//! The child checkpoints its entry log often, so kills also hit checkpoints.
 //!
 //! The child is this test binary re-invoked with `CRIER_STORE_CRASH_DIR` set, running only
 //! the `crash_child` test.
@@ -51,7 +52,9 @@ fn crash_child() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let store = Store::open(Path::new(&dir)).unwrap();
+        let mut store = Store::open(Path::new(&dir)).unwrap();
+        // Checkpoint often, so kills also land during checkpoints.
+        store.set_checkpoint_threshold(2_000);
         let (writer, _task) = StoreWriter::spawn(store, 256);
         writer
             .commit(vec![StoreOp::PutBoard {
