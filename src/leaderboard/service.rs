@@ -128,6 +128,9 @@ struct Board {
     version: u64,
     last_published: Option<Instant>,
     shown_watchers: usize,
+    /// Whether the store knows this board yet. Until a commit that creates it succeeds,
+    /// every write to it carries the create op, so concurrent first writes never race it.
+    persisted: bool,
 }
 
 impl Board {
@@ -141,6 +144,7 @@ impl Board {
             version: next_seq,
             last_published: None,
             shown_watchers: 0,
+            persisted: false,
         }
     }
 }
@@ -179,6 +183,7 @@ impl Boards {
             let options: BoardOptions = serde_json::from_str(&sb.options).unwrap_or_default();
             let name: Arc<str> = sb.name.into();
             let mut board = Board::new(name.clone(), options, sb.next_seq);
+            board.persisted = true;
             for e in sb.entries {
                 board.ranking.insert(Entry {
                     player: e.player.into(),
@@ -327,7 +332,7 @@ impl Boards {
         for (i, input) in inputs.into_iter().enumerate() {
             scores.push(validate(i, input)?);
         }
-        let (board, created) = self.get_or_create(name, None);
+        let (board, _) = self.get_or_create(name, None);
         let (ops, results, visible_change) = {
             let mut b = board.lock();
             let mode = b.options.mode;
@@ -336,7 +341,7 @@ impl Boards {
             }
             let top = b.options.top as u64;
             let mut ops = Vec::with_capacity(scores.len() + 2);
-            if created {
+            if !b.persisted {
                 ops.push(StoreOp::PutBoard {
                     board: name.into(),
                     options: serde_json::to_string(&b.options).expect("options serialize"),
@@ -380,6 +385,7 @@ impl Boards {
             (ops, results, visible_change)
         };
         self.commit(ops).await?;
+        board.lock().persisted = true;
         self.metrics.scores.inc_by(results.len() as u64);
         if visible_change {
             self.mark_dirty(name);
