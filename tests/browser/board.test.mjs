@@ -81,9 +81,10 @@ function assertRankOrder(rows) {
 }
 
 /** Posts a new top score and checks the page highlights the new leader. */
-async function newLeaderScenario(server, board, query, transport) {
+async function newLeaderScenario(server, board, query, transport, prepare) {
   await postScores(server.baseURL, board, seed);
   const page = await newPage();
+  if (prepare) await prepare(page);
   await page.goto(`${server.baseURL}/boards/${board}${query}`);
   await waitLive(page, transport);
   await waitRows(page, seed.length); // the snapshot is shown
@@ -135,6 +136,28 @@ test('new leader: the page shows and highlights it (WebSocket)', { timeout: 60_0
 test('SSE transport: ?transport=sse gets the same updates', { timeout: 60_000 }, async () => {
   await withServer(async (server) => {
     const page = await newLeaderScenario(server, 'e2e-arena', '?transport=sse', 'sse');
+    await page.context().close();
+  });
+});
+
+test('WebSocket blocked on the way: the page falls back to SSE by itself', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    // What a proxy that refuses upgrades looks like to a page: the handshake fails (1006)
+    // without ever opening. The real server then serves the page over SSE.
+    const page = await newLeaderScenario(server, 'e2e-blocked', '', 'sse', async (page) => {
+      await page.addInitScript(() => {
+        window.__wsAttempts = 0;
+        const Real = window.WebSocket;
+        window.WebSocket = class extends Real {
+          constructor(url, protocols) {
+            window.__wsAttempts++;
+            // An address nothing listens on: the attempt errors before opening.
+            super(url.replace(/^ws:\/\/[^/]+/, 'ws://127.0.0.1:9'), protocols);
+          }
+        };
+      });
+    });
+    assert.ok((await page.evaluate(() => window.__wsAttempts)) >= 2, 'tried WebSocket first');
     await page.context().close();
   });
 });
