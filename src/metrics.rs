@@ -170,10 +170,20 @@ impl Metrics {
             }
         }
         let per_transport = [Transport::Ws, Transport::Sse].map(|transport| PerTransport {
-            deliveries: m.deliveries.get_or_create(&TransportLabel { transport }).clone(),
-            bytes_out: m.bytes_out.get_or_create(&TransportLabel { transport }).clone(),
+            deliveries: m
+                .deliveries
+                .get_or_create(&TransportLabel { transport })
+                .clone(),
+            bytes_out: m
+                .bytes_out
+                .get_or_create(&TransportLabel { transport })
+                .clone(),
         });
-        Metrics { registry, per_transport, ..m }
+        Metrics {
+            registry,
+            per_transport,
+            ..m
+        }
     }
 
     pub fn connections(&self, transport: Transport) -> Gauge {
