@@ -1,0 +1,622 @@
+//! `crier bench`: a load tool for a running server, loopback only. Opens N WebSocket or
+//! SSE subscribers (optionally some stalled ones that never read), publishes M messages in
+//! a burst or at a steady rate, and reports connect time, deliveries per second, loss,
+//! duplicates, out-of-order deliveries and publish-to-receive latency. `--idle` instead
+//! holds the connections and reports the server's memory per connection.
+//!
+//! The subscriber side is deliberately thin (see `subscriber`): the tool and the server
+//! usually share the machine, and every cycle the tool spends is one the server lacks.
+
+pub mod envelope;
+pub mod offsets;
+pub mod report;
+pub mod subscriber;
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, FromArgMatches};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::http_client::HttpClient;
+use offsets::Tally;
+use report::{IdleReport, Percentiles, Report, StalledReport};
+use subscriber::{Shared, SubResult};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BenchTransport {
+    #[default]
+    Ws,
+    Sse,
+}
+
+impl BenchTransport {
+    fn name(self) -> &'static str {
+        match self {
+            BenchTransport::Ws => "ws",
+            BenchTransport::Sse => "sse",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Server base URL; must be a loopback address (127.0.0.0/8, ::1 or localhost).
+    #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
+    pub url: String,
+    /// Subscriber transport.
+    #[arg(long, value_enum, default_value = "ws")]
+    pub transport: BenchTransport,
+    /// Healthy subscribers to open.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Topic to subscribe and publish to.
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Spread subscriber source addresses over 127.0.0.2 ..= 127.0.0.(K+1), so a large N
+    /// does not run one address out of ephemeral ports. 0 lets the kernel choose.
+    #[arg(long, default_value_t = 4)]
+    pub source_ips: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Publications to send.
+    #[arg(long, default_value_t = 1000)]
+    pub messages: u64,
+    /// Size of each published JSON body, in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Publications per second; 0 publishes a burst, as fast as the publishers can.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Concurrent HTTP publishers (connections) in a burst; in-flight cap at a steady rate.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    /// Publisher key, if the server requires one.
+    #[arg(long, env = "CRIER_KEY")]
+    pub key: Option<String>,
+    /// Longest wait for connections, and for deliveries after the last publication;
+    /// whatever has not arrived by then is reported as lost.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Also open K WebSocket subscribers that never read (small receive buffer), kept out
+    /// of the healthy statistics; report how many the server disconnected.
+    #[arg(long, default_value_t = 0)]
+    pub stalled: usize,
+    /// SO_RCVBUF of the stalled subscribers, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub stalled_rcvbuf: u32,
+    /// Open the subscribers and hold them for --hold without publishing (memory test).
+    #[arg(long)]
+    pub idle: bool,
+    /// How long --idle holds the connections.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+    /// The server's process id: its VmRSS is read before connecting and while holding.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar or progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl BenchArgs {
+    /// Parses `crier bench` flags from a list (for tests and scripts embedding the tool).
+    pub fn from_flags<I, T>(flags: I) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cmd = <BenchArgs as Args>::augment_args(clap::Command::new("bench"));
+        let matches = cmd.try_get_matches_from(
+            std::iter::once(std::ffi::OsString::from("bench"))
+                .chain(flags.into_iter().map(Into::into)),
+        )?;
+        Ok(BenchArgs::from_arg_matches(&matches)?)
+    }
+}
+
+/// `crier bench`: runs, prints the report, and fails (non-zero exit) on connection
+/// failures or, outside a stalled run, on any loss, duplicate or out-of-order delivery.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let report = run_with(args).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    let failures = report.failures();
+    if !failures.is_empty() {
+        bail!("{}", failures.join(", "));
+    }
+    Ok(())
+}
+
+/// The server address of `url`, refused unless it is loopback.
+pub fn loopback_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url}: only http:// URLs are supported"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let with_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+    }) {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {authority}"))?
+        .find(|a| a.ip().is_loopback())
+        .with_context(|| {
+            format!("{authority} is not a loopback address: bench runs on loopback only")
+        })?;
+    Ok(addr)
+}
+
+/// Server RSS in KiB from /proc/PID/status.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn progress(len: u64, msg: &str, hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Source addresses 127.0.0.2 ..= 127.0.0.(k+1) for an IPv4 loopback target.
+fn sources(addr: SocketAddr, k: usize) -> Vec<IpAddr> {
+    if !addr.is_ipv4() {
+        return Vec::new();
+    }
+    (0..k.min(250))
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)))
+        .collect()
+}
+
+/// Runs one benchmark and returns its report (also used by the integration tests).
+pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
+    let addr = loopback_addr(&args.url)?;
+    anyhow::ensure!(
+        args.connect_concurrency >= 1,
+        "--connect-concurrency must be at least 1"
+    );
+    anyhow::ensure!(args.publishers >= 1, "--publishers must be at least 1");
+    anyhow::ensure!(
+        crate::topic::is_valid(&args.topic),
+        "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
+    );
+    let hidden = args.quiet || args.json || !std::io::stderr().is_terminal();
+    let shared = Arc::new(Shared::new(
+        addr,
+        args.topic.clone(),
+        sources(addr, args.source_ips),
+    ));
+    let mut report = Report {
+        url: args.url.clone(),
+        transport: args.transport.name().to_string(),
+        topic: args.topic.clone(),
+        subscribers: args.subscribers,
+        messages: if args.idle { 0 } else { args.messages },
+        payload_bytes: args.payload,
+        rate: args.rate,
+        ..Default::default()
+    };
+    let rss_before = args.server_pid.and_then(rss_kib);
+
+    // SSE has no `subscribed` reply: learn the topic's offset from a WebSocket first
+    // (nothing is published while subscribers connect, so it is everyone's start).
+    let sse_start = if args.transport == BenchTransport::Sse {
+        let (_, _, offset) = subscriber::ws_open(&shared, 0, None)
+            .await
+            .context("probing the topic offset over WebSocket")?;
+        offset
+    } else {
+        0
+    };
+
+    // Connect the healthy subscribers.
+    let sem = Arc::new(Semaphore::new(args.connect_concurrency));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Duration, String>>();
+    let mut subs: JoinSet<SubResult> = JoinSet::new();
+    let connect_start = Instant::now();
+    for i in 0..args.subscribers {
+        let (shared, sem, tx) = (shared.clone(), sem.clone(), tx.clone());
+        let transport = args.transport;
+        subs.spawn(async move {
+            let permit = sem.acquire_owned().await.expect("semaphore open");
+            let t0 = Instant::now();
+            match transport {
+                BenchTransport::Ws => match subscriber::ws_open(&shared, i, None).await {
+                    Ok((stream, decoder, start)) => {
+                        drop(permit);
+                        let _ = tx.send(Ok(t0.elapsed()));
+                        subscriber::ws_run(stream, decoder, start, shared, i).await
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                        SubResult::default()
+                    }
+                },
+                BenchTransport::Sse => match subscriber::sse_open(&shared, i).await {
+                    Ok((stream, chunked, first)) => {
+                        drop(permit);
+                        let _ = tx.send(Ok(t0.elapsed()));
+                        subscriber::sse_run(stream, chunked, first, sse_start, shared, i).await
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                        SubResult::default()
+                    }
+                },
+            }
+        });
+    }
+    drop(tx);
+    let pb = progress(args.subscribers as u64, "connect", hidden);
+    let mut connect_hist = subscriber::new_histogram();
+    let connect_deadline = tokio::time::Instant::now() + args.timeout;
+    let mut outcomes = 0;
+    while outcomes < args.subscribers {
+        match tokio::time::timeout_at(connect_deadline, rx.recv()).await {
+            Ok(Some(Ok(d))) => {
+                report.connected += 1;
+                connect_hist.saturating_record(d.as_micros().max(1) as u64);
+            }
+            Ok(Some(Err(e))) => {
+                report.connect_failed += 1;
+                report.first_connect_error.get_or_insert(e);
+            }
+            Ok(None) => break,
+            Err(_) => {
+                report.first_connect_error.get_or_insert_with(|| {
+                    format!("connect phase timed out after {:?}", args.timeout)
+                });
+                break;
+            }
+        }
+        outcomes += 1;
+        pb.set_position(outcomes as u64);
+    }
+    report.connect_failed = args.subscribers - report.connected;
+    report.connect_total_ms = connect_start.elapsed().as_secs_f64() * 1000.0;
+    report.connect_ms = Percentiles::from_us(&connect_hist);
+    pb.finish_and_clear();
+
+    // Stalled subscribers: WebSocket, tiny receive buffer, never read after `subscribed`.
+    let mut stalled: Vec<TcpStream> = Vec::new();
+    let mut stalled_failed = 0;
+    if args.stalled > 0 {
+        let mut set = JoinSet::new();
+        for i in 0..args.stalled {
+            let (shared, sem, rcvbuf) = (shared.clone(), sem.clone(), args.stalled_rcvbuf);
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("semaphore open");
+                subscriber::ws_open(&shared, args.subscribers + i, Some(rcvbuf)).await
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok((stream, _, _))) => stalled.push(stream),
+                Ok(Err(e)) => {
+                    stalled_failed += 1;
+                    report
+                        .first_connect_error
+                        .get_or_insert(format!("stalled subscriber: {e:#}"));
+                }
+                Err(e) => {
+                    stalled_failed += 1;
+                    report.first_connect_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        report.connect_failed += stalled_failed;
+    }
+
+    if args.idle {
+        report.idle =
+            Some(hold_idle(&args, rss_before, report.connected + stalled.len(), hidden).await);
+        shared.stop.cancel();
+        while subs.join_next().await.is_some() {}
+        return Ok(report);
+    }
+
+    // Publish, and wait for the deliveries.
+    let published_ok = Arc::new(AtomicU64::new(0));
+    let publish_start = Instant::now();
+    let client = HttpClient::new(args.key.clone());
+    let publish_url = format!(
+        "{}/api/publish/{}",
+        args.url.trim_end_matches('/'),
+        args.topic
+    );
+    let pub_task = tokio::spawn(publish(
+        client,
+        publish_url,
+        args.messages,
+        args.payload,
+        args.rate,
+        args.publishers,
+        published_ok.clone(),
+    ));
+    let total_hint = args.messages * report.connected as u64;
+    let pb = progress(total_hint, "deliveries", hidden);
+    let mut pub_task = Some(pub_task);
+    let mut published: Option<PublishOutcome> = None;
+    let mut delivery_deadline: Option<Instant> = None;
+    loop {
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        pb.set_position(delivered);
+        if let Some(p) = &published {
+            if delivered >= p.ok * report.connected as u64 {
+                break;
+            }
+            if delivery_deadline.is_some_and(|d| Instant::now() >= d) {
+                report.timed_out = true;
+                break;
+            }
+        }
+        if let Some(task) = pub_task.as_mut() {
+            if task.is_finished() {
+                let outcome = pub_task.take().expect("task").await?;
+                delivery_deadline = Some(Instant::now() + args.timeout);
+                published = Some(outcome);
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pb.finish_and_clear();
+    let published = published.expect("publishing finished");
+    report.published = published.ok;
+    report.publish_errors = published.failed;
+    report.first_publish_error = published.first_error;
+    report.publish_secs = published.elapsed.as_secs_f64();
+
+    shared.stop.cancel();
+    let mut tally = Tally::default();
+    let mut last_rx: Option<Instant> = None;
+    while let Some(r) = subs.join_next().await {
+        let r = r.context("subscriber task panicked")?;
+        last_rx = last_rx.max(r.last_rx);
+        if r.closed {
+            report.subscribers_closed += 1;
+        }
+        tally += r.tracker.tally(published.ok);
+    }
+    // Subscribers that failed to connect are reported as failed connections, not as loss.
+    let never = (args.subscribers - report.connected) as u64 * published.ok;
+    tally.expected -= never;
+    tally.lost -= never.min(tally.lost);
+    report.apply_tally(&tally);
+    let elapsed = last_rx.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(publish_start)
+    });
+    report.delivery_secs = elapsed.as_secs_f64();
+    report.deliveries_per_sec = report::rate_per_sec(report.received_deliveries, elapsed);
+    let latency: Histogram<u64> = shared.merged_latency();
+    report.latency_ms = Percentiles::from_us(&latency);
+
+    if args.stalled > 0 {
+        let mut st = StalledReport {
+            opened: stalled.len(),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut checks = JoinSet::new();
+        for s in stalled {
+            checks.spawn(subscriber::stalled_check(
+                s,
+                Duration::from_secs(3),
+                deadline,
+            ));
+        }
+        while let Some(r) = checks.join_next().await {
+            if let Ok((closed, code)) = r {
+                if closed {
+                    st.disconnected += 1;
+                }
+                if let Some(c) = code {
+                    if !st.close_codes.contains(&c) {
+                        st.close_codes.push(c);
+                    }
+                }
+            }
+        }
+        report.stalled = Some(st);
+    }
+    Ok(report)
+}
+
+async fn hold_idle(
+    args: &BenchArgs,
+    before: Option<u64>,
+    conns: usize,
+    hidden: bool,
+) -> IdleReport {
+    let start = Instant::now();
+    let mut after = None;
+    while start.elapsed() < args.hold {
+        let step = (args.hold - start.elapsed()).min(Duration::from_secs(2));
+        tokio::time::sleep(step).await;
+        if let Some(pid) = args.server_pid {
+            after = rss_kib(pid).or(after);
+            if !hidden {
+                eprintln!(
+                    "idle {:>4.0} s: {conns} connections, server VmRSS {} KiB",
+                    start.elapsed().as_secs_f64(),
+                    after.map_or("-".to_string(), |v| v.to_string())
+                );
+            }
+        }
+    }
+    IdleReport {
+        hold_secs: args.hold.as_secs_f64(),
+        rss_before_kib: before,
+        rss_after_kib: after,
+        bytes_per_connection: match (before, after) {
+            (Some(b), Some(a)) => report::bytes_per_connection(b, a, conns),
+            _ => None,
+        },
+    }
+}
+
+struct PublishOutcome {
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+/// Publishes `messages` bodies: a burst over `publishers` connections, or one every
+/// 1/rate seconds (at most 4 x `publishers` in flight; beyond that, ticks wait).
+async fn publish(
+    client: HttpClient,
+    url: String,
+    messages: u64,
+    size: usize,
+    rate: f64,
+    publishers: usize,
+    ok_count: Arc<AtomicU64>,
+) -> PublishOutcome {
+    let start = Instant::now();
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(parking_lot::Mutex::new(None::<String>));
+    let one = {
+        let (client, url, failed, first_error, ok_count) = (
+            client.clone(),
+            Arc::new(url),
+            failed.clone(),
+            first_error.clone(),
+            ok_count.clone(),
+        );
+        move |seq: u64| {
+            let (client, url, failed, first_error, ok_count) = (
+                client.clone(),
+                url.clone(),
+                failed.clone(),
+                first_error.clone(),
+                ok_count.clone(),
+            );
+            async move {
+                let body = envelope::payload(seq, subscriber::unix_us(), size);
+                let r =
+                    tokio::time::timeout(Duration::from_secs(10), client.post(&url, body)).await;
+                let err = match r {
+                    Ok(Ok((status, _))) if status.is_success() => None,
+                    Ok(Ok((status, body))) => {
+                        Some(format!("{status}: {}", String::from_utf8_lossy(&body)))
+                    }
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(_) => Some("publish timed out after 10 s".to_string()),
+                };
+                match err {
+                    None => {
+                        ok_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().get_or_insert(e);
+                    }
+                }
+            }
+        }
+    };
+    if rate <= 0.0 {
+        let next = Arc::new(AtomicU64::new(0));
+        let mut set = JoinSet::new();
+        for _ in 0..publishers {
+            let (next, one) = (next.clone(), one.clone());
+            set.spawn(async move {
+                loop {
+                    let seq = next.fetch_add(1, Ordering::Relaxed);
+                    if seq >= messages {
+                        break;
+                    }
+                    one(seq).await;
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    } else {
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let inflight = Arc::new(Semaphore::new(publishers.max(1) * 4));
+        let mut set = JoinSet::new();
+        for seq in 0..messages {
+            tick.tick().await;
+            let permit = inflight.clone().acquire_owned().await.expect("open");
+            let one = one.clone();
+            set.spawn(async move {
+                one(seq).await;
+                drop(permit);
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+    let failed_n = failed.load(Ordering::Relaxed);
+    let first = first_error.lock().take();
+    PublishOutcome {
+        ok: ok_count.load(Ordering::Relaxed),
+        failed: failed_n,
+        first_error: first,
+        elapsed: start.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_only() {
+        assert_eq!(
+            loopback_addr("http://127.0.0.1:7700").unwrap(),
+            "127.0.0.1:7700".parse().unwrap()
+        );
+        assert_eq!(loopback_addr("http://127.0.0.1").unwrap().port(), 80);
+        assert!(loopback_addr("http://localhost:7700/")
+            .unwrap()
+            .ip()
+            .is_loopback());
+        assert!(loopback_addr("http://10.0.0.1:7700").is_err());
+        assert!(loopback_addr("https://127.0.0.1:7700").is_err());
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let a = BenchArgs::from_flags(["--subscribers", "5", "--transport", "sse"]).unwrap();
+        assert_eq!(a.subscribers, 5);
+        assert_eq!(a.transport, BenchTransport::Sse);
+        assert_eq!(a.connect_concurrency, 256);
+        assert_eq!(a.timeout, Duration::from_secs(60));
+        assert_eq!(sources("127.0.0.1:1".parse().unwrap(), 2).len(), 2);
+    }
+}

@@ -1,0 +1,562 @@
+//! The subscribers of the load tool: raw `TcpStream`s, the WebSocket handshake written by
+//! hand, frames read with the server's own `ws::frame::Decoder` (role Client), SSE read
+//! through a small chunked-transfer decoder. One task per subscriber; each waits for
+//! readiness with no buffer, then reads up to 64 KiB at a time, so 10,000 idle subscribers
+//! cost the tool almost nothing and busy ones one syscall per 64 KiB.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{self, Frame};
+use super::offsets::OffsetTracker;
+use crate::ws::frame::{self, Decoder, Message, Role};
+
+/// Bytes per read while messages flow.
+const READ_BUF: usize = 64 * 1024;
+/// Largest message the tool accepts.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// Largest HTTP response head.
+const MAX_HEAD: usize = 16 * 1024;
+/// Latency histograms are sharded so subscriber tasks on different threads rarely meet.
+pub const HIST_SHARDS: usize = 32;
+
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 hour, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// What every subscriber task shares.
+pub struct Shared {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub topic: String,
+    pub sources: Vec<IpAddr>,
+    pub stop: CancellationToken,
+    /// New (non-duplicate) deliveries over all subscribers, for progress and completion.
+    pub delivered: AtomicU64,
+    pub latency: Box<[Mutex<Histogram<u64>>]>,
+}
+
+impl Shared {
+    pub fn new(addr: SocketAddr, topic: String, sources: Vec<IpAddr>) -> Self {
+        Shared {
+            addr,
+            host: addr.to_string(),
+            topic,
+            sources,
+            stop: CancellationToken::new(),
+            delivered: AtomicU64::new(0),
+            latency: (0..HIST_SHARDS)
+                .map(|_| Mutex::new(new_histogram()))
+                .collect(),
+        }
+    }
+
+    pub fn merged_latency(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in self.latency.iter() {
+            let _ = all.add(&*h.lock());
+        }
+        all
+    }
+}
+
+/// How one subscriber ended.
+#[derive(Debug, Default)]
+pub struct SubResult {
+    pub tracker: OffsetTracker,
+    pub last_rx: Option<Instant>,
+    /// The server closed the connection (close frame, SSE close comment, EOF or error).
+    pub closed: bool,
+    pub close_code: Option<u16>,
+}
+
+/// Opens a TCP connection from the `i`-th source address (127.0.0.2, .3, ...).
+pub async fn connect_tcp(shared: &Shared, i: usize, rcvbuf: Option<u32>) -> io::Result<TcpStream> {
+    let socket = if shared.addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(n) = rcvbuf {
+        socket.set_recv_buffer_size(n)?;
+    }
+    if !shared.sources.is_empty() {
+        let src = shared.sources[i % shared.sources.len()];
+        socket.bind(SocketAddr::new(src, 0))?;
+    }
+    let stream = socket.connect(shared.addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads an HTTP response head (up to the blank line). Returns the head and what followed.
+async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if let Some(end) = envelope::find(&buf, b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        if buf.len() > MAX_HEAD {
+            bail!("response head over {MAX_HEAD} bytes");
+        }
+        let mut chunk = [0u8; 2048];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before the response head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn status_line(head: &str) -> &str {
+    head.lines().next().unwrap_or("")
+}
+
+/// Connects, upgrades to WebSocket and waits for the `subscribed` reply. Returns the
+/// stream, the decoder (holding anything read past the reply) and the subscribed offset.
+pub async fn ws_open(
+    shared: &Shared,
+    i: usize,
+    rcvbuf: Option<u32>,
+) -> anyhow::Result<(TcpStream, Decoder, u64)> {
+    let mut stream = connect_tcp(shared, i, rcvbuf).await.context("connect")?;
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let req = format!(
+        "GET /ws?topic={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        shared.topic, shared.host
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let (head, rest) = read_head(&mut stream).await?;
+    let status = status_line(&head);
+    if !status.starts_with("HTTP/1.1 101") {
+        let body = String::from_utf8_lossy(&rest);
+        bail!("upgrade refused: {status} {}", body.trim());
+    }
+    let accept = crate::ws::handshake::accept_key(key.as_bytes());
+    if !head.contains(&accept) {
+        bail!("wrong Sec-WebSocket-Accept");
+    }
+    let mut decoder = Decoder::new(Role::Client, MAX_MESSAGE);
+    decoder.buffer_mut(rest.len()).extend_from_slice(&rest);
+    loop {
+        while let Some(msg) = decoder.next_message()? {
+            match msg {
+                Message::Text(t) => {
+                    if let Frame::Subscribed(offset) = envelope::classify(&t) {
+                        decoder.shrink_if_empty();
+                        return Ok((stream, decoder, offset));
+                    }
+                }
+                Message::Close(code, reason) => bail!(
+                    "closed before subscribing: {code:?} {}",
+                    String::from_utf8_lossy(&reason)
+                ),
+                _ => {}
+            }
+        }
+        let n = stream.read_buf(decoder.buffer_mut(4096)).await?;
+        if n == 0 {
+            bail!("connection closed before the subscribed reply");
+        }
+    }
+}
+
+/// Reads publications until `stop`, the server closing, or an error.
+pub async fn ws_run(
+    mut stream: TcpStream,
+    mut decoder: Decoder,
+    start: u64,
+    shared: Arc<Shared>,
+    i: usize,
+) -> SubResult {
+    let mut r = SubResult {
+        tracker: OffsetTracker::new(start),
+        ..Default::default()
+    };
+    let shard = &shared.latency[i % HIST_SHARDS];
+    let mask = rand::random::<[u8; 4]>();
+    // Anything that arrived with the subscribed reply.
+    let mut pending = decoder.buffered() > 0;
+    'outer: loop {
+        if !pending {
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => break,
+                ready = stream.readable() => if ready.is_err() {
+                    r.closed = true;
+                    break;
+                },
+            }
+        }
+        loop {
+            if !pending {
+                match stream.try_read_buf(decoder.buffer_mut(READ_BUF)) {
+                    Ok(0) => {
+                        r.closed = true;
+                        break 'outer;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        r.closed = true;
+                        break 'outer;
+                    }
+                }
+            }
+            pending = false;
+            let now_us = unix_us();
+            let mut fresh = 0u64;
+            let mut pong = None;
+            {
+                let mut hist = shard.lock();
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(Message::Text(t))) => {
+                            if let Frame::Publication(d) = envelope::classify(&t) {
+                                if r.tracker.record(d.offset) {
+                                    fresh += 1;
+                                }
+                                if let Some(sent) = d.sent_us {
+                                    hist.saturating_record(now_us.saturating_sub(sent).max(1));
+                                }
+                            }
+                        }
+                        Ok(Some(Message::Ping(p))) => pong = Some(p),
+                        Ok(Some(Message::Close(code, _))) => {
+                            r.closed = true;
+                            r.close_code = code;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(_) => {
+                            r.closed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if fresh > 0 {
+                shared.delivered.fetch_add(fresh, Ordering::Relaxed);
+                r.last_rx = Some(Instant::now());
+            }
+            if r.closed {
+                break 'outer;
+            }
+            if let Some(p) = pong {
+                let f = frame::encode_masked(frame::OP_PONG, &p, mask);
+                if stream.write_all(&f).await.is_err() {
+                    r.closed = true;
+                    break 'outer;
+                }
+            }
+        }
+        decoder.shrink_if_empty();
+    }
+    r
+}
+
+/// Decodes `Transfer-Encoding: chunked`.
+#[derive(Debug, Default)]
+pub struct Dechunker {
+    state: ChunkState,
+    size_line: Vec<u8>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(usize),
+    /// The CRLF after a chunk's data: bytes of it still to skip.
+    DataEnd(usize),
+    Done,
+}
+
+impl Dechunker {
+    /// Appends the payload bytes in `input` to `out`. Returns true once the last chunk ended.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> anyhow::Result<bool> {
+        while !input.is_empty() {
+            match self.state {
+                ChunkState::Done => return Ok(true),
+                ChunkState::Size => {
+                    let nl = input.iter().position(|&b| b == b'\n');
+                    let take = nl.map_or(input.len(), |p| p + 1);
+                    self.size_line.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if nl.is_some() {
+                        let line = std::str::from_utf8(&self.size_line)?.trim();
+                        let hex = line.split(';').next().unwrap_or("").trim();
+                        let size = usize::from_str_radix(hex, 16)
+                            .with_context(|| format!("bad chunk size {line:?}"))?;
+                        self.size_line.clear();
+                        self.state = if size == 0 {
+                            ChunkState::Done
+                        } else {
+                            ChunkState::Data(size)
+                        };
+                    } else if self.size_line.len() > 1024 {
+                        bail!("chunk size line too long");
+                    }
+                }
+                ChunkState::Data(left) => {
+                    let n = left.min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    self.state = if n == left {
+                        ChunkState::DataEnd(2)
+                    } else {
+                        ChunkState::Data(left - n)
+                    };
+                }
+                ChunkState::DataEnd(left) => {
+                    let n = left.min(input.len());
+                    input = &input[n..];
+                    self.state = if n == left {
+                        ChunkState::Size
+                    } else {
+                        ChunkState::DataEnd(left - n)
+                    };
+                }
+            }
+        }
+        Ok(self.state == ChunkState::Done)
+    }
+}
+
+/// What one SSE event is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SseEvent<'a> {
+    Data(&'a [u8]),
+    /// `: close <reason>`: the server ended the stream.
+    Close,
+    Other,
+}
+
+/// Splits complete events (ending in a blank line) off the front of `buf`; calls `f` for
+/// each. Only the first `data:` line is used (crier's envelopes are one line).
+pub fn sse_events(buf: &mut Vec<u8>, mut f: impl FnMut(SseEvent<'_>)) {
+    let mut pos = 0;
+    while let Some(end) = envelope::find(&buf[pos..], b"\n\n") {
+        let event = &buf[pos..pos + end];
+        let mut kind = SseEvent::Other;
+        for line in event.split(|&b| b == b'\n') {
+            if let Some(d) = line.strip_prefix(b"data:") {
+                kind = SseEvent::Data(d.strip_prefix(b" ").unwrap_or(d));
+                break;
+            }
+            if line.starts_with(b": close") {
+                kind = SseEvent::Close;
+                break;
+            }
+        }
+        f(kind);
+        pos += end + 2;
+    }
+    buf.drain(..pos);
+}
+
+/// Opens an SSE stream. The server subscribes before it answers, so a 200 means the
+/// subscriber is in place. Returns the stream, whether the body is chunked, and any body
+/// bytes already read.
+pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
+    let mut stream = connect_tcp(shared, i, None).await.context("connect")?;
+    let req = format!(
+        "GET /sse?topic={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        shared.topic, shared.host
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let (head, rest) = read_head(&mut stream).await?;
+    let status = status_line(&head);
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!(
+            "SSE refused: {status} {}",
+            String::from_utf8_lossy(&rest).trim()
+        );
+    }
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((stream, chunked, rest))
+}
+
+pub async fn sse_run(
+    stream: TcpStream,
+    chunked: bool,
+    first: Vec<u8>,
+    start: u64,
+    shared: Arc<Shared>,
+    i: usize,
+) -> SubResult {
+    let mut r = SubResult {
+        tracker: OffsetTracker::new(start),
+        ..Default::default()
+    };
+    let shard = &shared.latency[i % HIST_SHARDS];
+    let mut dechunk = Dechunker::default();
+    let mut events: Vec<u8> = Vec::new();
+    let mut raw = BytesMut::new();
+    raw.extend_from_slice(&first);
+    let mut pending = !raw.is_empty();
+    'outer: loop {
+        if !pending {
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => break,
+                ready = stream.readable() => if ready.is_err() {
+                    r.closed = true;
+                    break;
+                },
+            }
+        }
+        loop {
+            if !pending {
+                raw.reserve(READ_BUF);
+                match stream.try_read_buf(&mut raw) {
+                    Ok(0) => {
+                        r.closed = true;
+                        break 'outer;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        r.closed = true;
+                        break 'outer;
+                    }
+                }
+            }
+            pending = false;
+            let ended = if chunked {
+                dechunk.feed(&raw, &mut events).unwrap_or(true)
+            } else {
+                events.extend_from_slice(&raw);
+                false
+            };
+            raw.clear();
+            let now_us = unix_us();
+            let mut fresh = 0u64;
+            {
+                let mut hist = shard.lock();
+                sse_events(&mut events, |ev| match ev {
+                    SseEvent::Data(env) => {
+                        if let Some(d) = envelope::delivery(env) {
+                            if r.tracker.record(d.offset) {
+                                fresh += 1;
+                            }
+                            if let Some(sent) = d.sent_us {
+                                hist.saturating_record(now_us.saturating_sub(sent).max(1));
+                            }
+                        }
+                    }
+                    SseEvent::Close => r.closed = true,
+                    SseEvent::Other => {}
+                });
+            }
+            if fresh > 0 {
+                shared.delivered.fetch_add(fresh, Ordering::Relaxed);
+                r.last_rx = Some(Instant::now());
+            }
+            if ended || r.closed {
+                r.closed = true;
+                break 'outer;
+            }
+        }
+        if raw.is_empty() && raw.capacity() > 0 {
+            raw = BytesMut::new();
+        }
+        if events.is_empty() && events.capacity() > 4096 {
+            events = Vec::new();
+        }
+    }
+    r
+}
+
+/// After the run: has the server closed this never-read WebSocket? Reads what is queued
+/// (which lets the server finish writing) until a close frame, EOF or error (closed), or
+/// until `quiet` passes with nothing arriving (still open). Returns (closed, close code).
+pub async fn stalled_check(
+    mut stream: TcpStream,
+    quiet: Duration,
+    deadline: Instant,
+) -> (bool, Option<u16>) {
+    let mut decoder = Decoder::new(Role::Client, MAX_MESSAGE);
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(quiet);
+        if left.is_zero() {
+            return (false, None);
+        }
+        match tokio::time::timeout(left, stream.read_buf(decoder.buffer_mut(READ_BUF))).await {
+            Err(_) => return (false, None),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, None),
+            Ok(Ok(_)) => loop {
+                match decoder.next_message() {
+                    Ok(Some(Message::Close(code, _))) => return (true, code),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return (true, None),
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dechunk_in_pieces() {
+        let body = b"d\r\nretry: 2000\n\n\r\n5;ext=1\r\nhello\r\n0\r\n\r\n";
+        for split in 1..body.len() {
+            let mut d = Dechunker::default();
+            let mut out = Vec::new();
+            let mut done = false;
+            for piece in body.chunks(split) {
+                done = d.feed(piece, &mut out).unwrap();
+            }
+            assert!(done);
+            assert_eq!(out, b"retry: 2000\n\nhello", "split {split}");
+        }
+        assert!(Dechunker::default()
+            .feed(b"zz\r\n", &mut Vec::new())
+            .is_err());
+    }
+
+    #[test]
+    fn sse_event_split() {
+        let mut buf = b"retry: 2000\n\nid: 1\ndata: {\"offset\":1}\n\n: heartbeat\n\n: close slow_consumer\n\nid: 2\ndata: {\"off".to_vec();
+        let mut seen = Vec::new();
+        sse_events(&mut buf, |e| {
+            seen.push(match e {
+                SseEvent::Data(d) => String::from_utf8_lossy(d).into_owned(),
+                SseEvent::Close => "CLOSE".into(),
+                SseEvent::Other => "-".into(),
+            })
+        });
+        assert_eq!(seen, vec!["-", "{\"offset\":1}", "-", "CLOSE"]);
+        assert_eq!(buf, b"id: 2\ndata: {\"off");
+    }
+}
