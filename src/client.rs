@@ -42,6 +42,20 @@ pub struct Client {
     pub(crate) topics: Mutex<Vec<TopicName>>,
 }
 
+/// What `enqueue` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued behind other items: the writer is already due to run.
+    Queued,
+    /// Queued into an empty queue: wake the writer.
+    Wake,
+    /// Not queued: the queue passed its limit and the client is now closed as a slow
+    /// consumer. Wake the writer so it closes at once.
+    Overflowed,
+    /// The client was already closed; nothing was queued.
+    Closed,
+}
+
 /// What the writer gets from the queue.
 pub enum Batch {
     Items(Vec<Item>),
@@ -63,9 +77,31 @@ impl Client {
 
     /// Queues an item without waiting. Returns false if the client is closed (now or before).
     pub fn push(&self, item: Item, metrics: &Metrics) -> bool {
+        match self.enqueue(item, metrics) {
+            Pushed::Wake => {
+                self.wake();
+                true
+            }
+            Pushed::Overflowed => {
+                self.wake();
+                false
+            }
+            Pushed::Queued => true,
+            Pushed::Closed => false,
+        }
+    }
+
+    /// Wakes the writer after an `enqueue` that returned `Wake` or `Overflowed`.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Queues an item and says whether the writer must be woken, without waking it, so
+    /// a fan-out can wake writers after releasing its own lock.
+    pub fn enqueue(&self, item: Item, metrics: &Metrics) -> Pushed {
         let mut q = self.queue.lock();
         if q.closed.is_some() {
-            return false;
+            return Pushed::Closed;
         }
         if let Some(topic) = &item.conflate {
             let queued = q.bytes;
@@ -81,7 +117,7 @@ impl Client {
                     old.bytes = item.bytes;
                     q.bytes = queued - old_len + new_len;
                     metrics.conflated.inc();
-                    return true;
+                    return Pushed::Queued;
                 }
             }
         }
@@ -92,17 +128,16 @@ impl Client {
             q.closed = Some(DisconnectReason::SlowConsumer);
             drop(q);
             metrics.queue_full_drops.inc_by(dropped);
-            self.notify.notify_one();
-            return false;
+            return Pushed::Overflowed;
         }
         let was_empty = q.items.is_empty();
         q.bytes += item.bytes.len();
         q.items.push_back(item);
-        drop(q);
         if was_empty {
-            self.notify.notify_one();
+            Pushed::Wake
+        } else {
+            Pushed::Queued
         }
-        true
     }
 
     /// Takes queued items, up to about `max_bytes` (at least one) and `max_items`.

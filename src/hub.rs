@@ -14,7 +14,7 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
-use crate::client::{Client, Item};
+use crate::client::{Client, Item, Pushed};
 use crate::metrics::Metrics;
 #[cfg(test)]
 use crate::metrics::Transport;
@@ -169,24 +169,29 @@ impl Hub {
         data: &[u8],
         opts: PublishOptions,
     ) -> Result<Receipt, HubError> {
-        self.with_topic(name, |topic, st| {
+        let mut to_wake: Vec<Arc<Client>> = Vec::new();
+        let receipt = self.with_topic(name, |topic, st| {
             st.last_offset += 1;
             let publication = Arc::new(Publication::new(topic.name.clone(), st.last_offset, data));
             let conflate = opts.conflate.then(|| topic.name.clone());
             let mut frames: [Option<Bytes>; 2] = [None, None];
+            to_wake.reserve(st.subscribers.len());
             for client in st.subscribers.values() {
                 let slot = &mut frames[client.transport as usize];
                 let bytes = slot
                     .get_or_insert_with(|| publication.wire(client.transport))
                     .clone();
-                client.push(
-                    Item {
-                        bytes,
-                        published_at: Some(publication.published_at),
-                        conflate: conflate.clone(),
-                    },
-                    &self.metrics,
-                );
+                let item = Item {
+                    bytes,
+                    published_at: Some(publication.published_at),
+                    conflate: conflate.clone(),
+                };
+                if matches!(
+                    client.enqueue(item, &self.metrics),
+                    Pushed::Wake | Pushed::Overflowed
+                ) {
+                    to_wake.push(client.clone());
+                }
             }
             st.retained = opts.retain.then(|| (publication.clone(), opts.conflate));
             self.metrics.publications.inc();
@@ -195,7 +200,13 @@ impl Hub {
                 epoch: topic.epoch.clone(),
                 subscribers: st.subscribers.len(),
             }
-        })
+        })?;
+        // Waking schedules each writer task: done after the topic lock is released so the
+        // next publication of this topic does not wait behind 10,000 wake-ups.
+        for client in to_wake {
+            client.wake();
+        }
+        Ok(receipt)
     }
 
     /// Adds the client to the topic. Under the topic lock, `ack` may build a reply that is

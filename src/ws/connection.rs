@@ -44,6 +44,9 @@ pub async fn run(stream: TcpStream, leftover: Bytes, reg: Registration, state: A
             .buffer_mut(leftover.len())
             .extend_from_slice(&leftover);
     }
+    // `leftover` shares hyper's whole read buffer (8 KiB+): holding it for the
+    // connection's life would double an idle connection's memory.
+    drop(leftover);
     let reason = conn.drive().await;
     conn.state.metrics.record_disconnect(Transport::Ws, reason);
     tracing::debug!(
@@ -88,20 +91,32 @@ impl Connection {
         let mut close_deadline: Option<Instant> = None;
         let timer = tokio::time::sleep_until(next_ping.into());
         tokio::pin!(timer);
+        // Re-arming a timer touches the runtime's timer wheel: only do it when the
+        // deadline actually moves, not on every wake-up.
+        let mut armed = next_ping;
 
         // Bytes that arrived with the upgrade request.
         if self.decoder.buffered() > 0 {
             self.process_input();
         }
         loop {
-            if self.out.is_empty() && self.closing.is_none() {
-                self.refill();
-            }
-            if !self.out.is_empty() {
+            // Write what can go now; when a batch drains, look at the queue again before
+            // sleeping (in a burst the next publications are already there). Bounded so a
+            // busy connection still gets to its reads and timers.
+            for _ in 0..8 {
+                if self.out.is_empty() && self.closing.is_none() {
+                    self.refill();
+                }
+                if self.out.is_empty() {
+                    break;
+                }
                 match self.flush() {
                     Ok(true) => last_progress = Instant::now(),
                     Ok(false) => {}
                     Err(_) => return self.closing.unwrap_or(DisconnectReason::Normal),
+                }
+                if !self.out.is_empty() || self.closing.is_some() {
+                    break;
                 }
             }
             if let Some(reason) = self.closing {
@@ -130,7 +145,10 @@ impl Connection {
             {
                 deadline = deadline.min(d);
             }
-            timer.as_mut().reset(deadline.into());
+            if deadline != armed {
+                timer.as_mut().reset(deadline.into());
+                armed = deadline;
+            }
 
             tokio::select! {
                 biased;
