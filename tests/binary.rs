@@ -3,48 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `crier serve` on a free port and returns it with the address it logged.
-fn serve(dir: &std::path::Path, extra: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("crier starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on http://".len()..].trim().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(WAIT).expect("crier logs its address");
-    (Proc(child), addr)
-}
-
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut proc, addr) = serve(dir.path(), &["--publisher-key", "k1"]);
+    let (mut proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &["--publisher-key", "k1"]);
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?topic=news"))
         .await
         .unwrap();

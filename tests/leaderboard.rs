@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -304,42 +302,10 @@ async fn modes_and_low_order() {
     assert_eq!((s, b["error"]["code"].as_str()), (400, Some("bad_options")));
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &std::path::Path, listen: &str) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
-        .args(["serve", "--listen", listen, "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("crier starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on http://".len()..].trim().to_string());
-            }
-        }
-    });
-    (
-        Proc(child),
-        rx.recv_timeout(WAIT).expect("crier logs its address"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_score() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut proc, addr) = serve(dir.path(), "127.0.0.1:0");
+    let (mut proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &[]);
     let acked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<(String, u64)>::new()));
     let mut posters = Vec::new();
     for t in 0..8 {
@@ -365,7 +331,7 @@ async fn sigkill_loses_no_acknowledged_score() {
     }
     let acked = acked.lock().clone();
 
-    let (_proc, addr) = serve(dir.path(), "127.0.0.1:0");
+    let (_proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &[]);
     let http = crier::http_client::HttpClient::new(None);
     let (_, body) = http
         .get(&format!("http://{addr}/api/boards/durable?limit=1000"))

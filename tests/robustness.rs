@@ -341,3 +341,60 @@ async fn graceful_shutdown_flushes_then_closes_1001_and_ends_sse() {
         "no longer accepting"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_sse_reader_is_dropped_and_leaves_nothing_behind() {
+    let srv = TestServer::start(|c| {
+        c.queue_max_bytes = 64 * 1024;
+        c.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut healthy = Sse::connect(srv.addr, "?topic=t").await;
+    // An SSE client that sends its request and then never reads, with a tiny window.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(srv.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stalled,
+        format!("GET /sse?topic=t HTTP/1.1\r\nHost: {}\r\n\r\n", srv.addr).as_bytes(),
+    )
+    .await
+    .unwrap();
+    wait_until("2 subscribers", || {
+        srv.state().hub.subscriber_count("t") == 2
+    })
+    .await;
+    let pad = "x".repeat(4000);
+    let mut published = 0u64;
+    let reader = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some((id, _)) = healthy.next_event().await {
+            n += 1;
+            assert_eq!(id, Some(n), "healthy SSE client gets every event in order");
+        }
+        n
+    });
+    while srv.state().hub.subscriber_count("t") == 2 {
+        assert!(published < 20_000, "stalled SSE client never dropped");
+        for _ in 0..50 {
+            published += 1;
+            assert_eq!(
+                srv.publish("t", &format!("{{\"i\":{published},\"pad\":\"{pad}\"}}"))
+                    .await
+                    .0,
+                200
+            );
+        }
+    }
+    assert_eq!(
+        disconnects(&srv, Transport::Sse, DisconnectReason::SlowConsumer),
+        1
+    );
+    assert_eq!(srv.state().metrics.connections(Transport::Sse).get(), 1);
+    srv.shutdown().await;
+    assert_eq!(
+        reader.await.unwrap(),
+        published,
+        "the healthy one got all {published} before shutdown"
+    );
+}

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crier::config::Config;
@@ -271,4 +273,38 @@ pub async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
     let mut all = Vec::new();
     let _ = within("socket closed by server", stream.read_to_end(&mut all)).await;
     all
+}
+
+/// The real `crier` binary, killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `crier serve --listen LISTEN --data-dir DIR EXTRA...` and returns it with the
+/// address it logged ("listening on http://ADDR").
+pub fn serve_binary(dir: &std::path::Path, listen: &str, extra: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("crier starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on http://") {
+                let _ = tx.send(line[i + "listening on http://".len()..].trim().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("crier logs its address");
+    (Proc(child), addr)
 }
