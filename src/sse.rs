@@ -18,7 +18,7 @@ use crate::client::{Batch, Item};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
 use crate::state::{AppState, Registration};
-use crate::ws::handshake::topics_from_query;
+use crate::topic::topics_from_query;
 
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 1024;
@@ -31,20 +31,11 @@ pub async fn subscribe(State(state): State<Arc<AppState>>, RawQuery(query): RawQ
 }
 
 fn open(state: &Arc<AppState>, query: Option<&str>) -> Result<Response, ApiError> {
-    let topics = topics_from_query(query)?;
+    let topics = topics_from_query(query, state.cfg.max_topics_per_connection)?;
     if topics.is_empty() {
         return Err(ApiError::bad_request(
             "bad_topic",
             "give at least one ?topic=NAME",
-        ));
-    }
-    if topics.len() > state.cfg.max_topics_per_connection {
-        return Err(ApiError::bad_request(
-            "too_many_topics",
-            format!(
-                "a connection may hold at most {} topics",
-                state.cfg.max_topics_per_connection
-            ),
         ));
     }
     let reg = Registration::new(state, Transport::Sse)?;

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::api::error::ApiError;
+
 pub const MAX_TOPIC_LEN: usize = 128;
 
 /// A validated topic name, cheap to clone into many registries.
@@ -16,6 +18,30 @@ pub fn is_valid(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// The `topic` parameters of a `/ws` or `/sse` query string, each validated, at most `max`.
+pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("bad_query", format!("bad query string: {e}")))?;
+    let mut topics: Vec<String> = Vec::new();
+    for (k, v) in pairs {
+        if k == "topic" {
+            if !is_valid(&v) {
+                return Err(ApiError::bad_topic());
+            }
+            if !topics.contains(&v) {
+                topics.push(v);
+            }
+        }
+    }
+    if topics.len() > max {
+        return Err(ApiError::bad_request(
+            "too_many_topics",
+            format!("a connection may hold at most {max} topics"),
+        ));
+    }
+    Ok(topics)
 }
 
 #[cfg(test)]
@@ -33,5 +59,20 @@ mod tests {
         assert!(!is_valid("quote\""));
         assert!(!is_valid("slash/x"));
         assert!(!is_valid("é"));
+    }
+
+    #[test]
+    fn query_topics() {
+        assert_eq!(
+            topics_from_query(Some("topic=a&topic=b&x=1&topic=a"), 8).unwrap(),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            topics_from_query(Some("topic=board%3Aarena"), 8).unwrap(),
+            vec!["board:arena"]
+        );
+        assert!(topics_from_query(Some("topic=bad%20name"), 8).is_err());
+        assert!(topics_from_query(None, 8).unwrap().is_empty());
+        assert!(topics_from_query(Some("topic=a&topic=b"), 1).is_err());
     }
 }

@@ -18,7 +18,7 @@ use crate::metrics::Transport;
 use crate::net::DeadlineStream;
 use crate::protocol;
 use crate::state::{AppState, Registration};
-use crate::topic;
+use crate::topic::topics_from_query;
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -46,16 +46,7 @@ fn prepare(
         ));
     }
     let key = check_headers(req.headers())?;
-    let topics = topics_from_query(query)?;
-    if topics.len() > state.cfg.max_topics_per_connection {
-        return Err(ApiError::bad_request(
-            "too_many_topics",
-            format!(
-                "a connection may hold at most {} topics",
-                state.cfg.max_topics_per_connection
-            ),
-        ));
-    }
+    let topics = topics_from_query(query, state.cfg.max_topics_per_connection)?;
     let reg = Registration::new(state, Transport::Ws)?;
     for t in &topics {
         state.hub.subscribe(&reg.client, t, |pos| {
@@ -139,24 +130,6 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
-/// The `topic` parameters of a query string, each validated.
-pub fn topics_from_query(query: Option<&str>) -> Result<Vec<String>, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("bad_query", format!("bad query string: {e}")))?;
-    let mut topics: Vec<String> = Vec::new();
-    for (k, v) in pairs {
-        if k == "topic" {
-            if !topic::is_valid(&v) {
-                return Err(ApiError::bad_topic());
-            }
-            if !topics.contains(&v) {
-                topics.push(v);
-            }
-        }
-    }
-    Ok(topics)
-}
-
 /// No Origin (not a browser) is fine; a browser's Origin must match the Host it asked for,
 /// or be listed exactly in `allowed`. This stops another site's page from riding a
 /// visitor's browser into the server (cross-site WebSocket hijacking).
@@ -205,19 +178,5 @@ mod tests {
         assert!(origin_allowed(&h, &["http://evil.example".to_string()]));
         h.insert(header::ORIGIN, "null".parse().unwrap());
         assert!(!origin_allowed(&h, &[]));
-    }
-
-    #[test]
-    fn query_topics() {
-        assert_eq!(
-            topics_from_query(Some("topic=a&topic=b&x=1&topic=a")).unwrap(),
-            vec!["a", "b"]
-        );
-        assert_eq!(
-            topics_from_query(Some("topic=board%3Aarena")).unwrap(),
-            vec!["board:arena"]
-        );
-        assert!(topics_from_query(Some("topic=bad%20name")).is_err());
-        assert!(topics_from_query(None).unwrap().is_empty());
     }
 }
