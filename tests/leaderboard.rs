@@ -361,3 +361,83 @@ async fn sigkill_loses_no_acknowledged_score() {
         "every batch's second entry is there too"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_watcher_is_not_cut_off_and_converges_to_the_newest_ranking() {
+    use crier::ws::frame::{Decoder, Message, Role};
+    use tokio::io::AsyncReadExt;
+
+    let srv = TestServer::start(|c| {
+        c.queue_max_bytes = 32 * 1024;
+        c.board_update_interval = Duration::from_millis(1);
+    })
+    .await;
+    srv.post_with_key("/api/boards/conf", r#"{"top":100}"#, None)
+        .await;
+    let seed: Vec<Value> = (0..100)
+        .map(
+            |i| json!({"player": format!("seed{i}"), "score": i, "meta": {"name": "x".repeat(40)}}),
+        )
+        .collect();
+    post_scores(&srv, "conf", Value::Array(seed)).await;
+
+    // A watcher that stops reading right after the handshake, with a tiny window.
+    let mut watcher = raw_ws(srv.addr, "?topic=board:conf", Some(4096)).await;
+    wait_until("watching", || {
+        srv.state().hub.subscriber_count("board:conf") == 1
+    })
+    .await;
+    // Each update carries 100 entries (~8 KB). Post new leaders until the watcher's kernel
+    // buffers are full and its queue starts conflating (bounded), then one final leader.
+    let mut posted = 0;
+    while srv.state().metrics.conflated.get() < 50 {
+        assert!(posted < 5000, "queue never started conflating");
+        for _ in 0..20 {
+            posted += 1;
+            let (s, _) = post_scores(
+                &srv,
+                "conf",
+                json!({"player": format!("lead{posted}"), "score": 1000 + posted}),
+            )
+            .await;
+            assert_eq!(s, 200);
+        }
+    }
+    let (s, _) = post_scores(&srv, "conf", json!({"player": "final", "score": 1_000_000})).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        srv.state().metrics.slow_consumer_disconnects.get(),
+        0,
+        "conflated, not cut off"
+    );
+
+    // Now read: the stream ends with an update whose leader is the last one posted.
+    let mut decoder = Decoder::new(Role::Client, 1 << 20);
+    let mut last_leader = String::new();
+    let mut frames = 0;
+    while last_leader != "final" {
+        let buf = decoder.buffer_mut(64 * 1024);
+        let n = within("watcher catches up", watcher.read_buf(buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "connection closed before converging");
+        while let Some(msg) = decoder.next_message().unwrap() {
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_slice(&t).unwrap();
+                if let Some(p) = v["data"]["top"][0]["player"].as_str() {
+                    last_leader = p.to_string();
+                    frames += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        frames < posted,
+        "stale updates were replaced, not all delivered ({frames} of {posted})"
+    );
+    assert_eq!(
+        srv.state().hub.subscriber_count("board:conf"),
+        1,
+        "still subscribed"
+    );
+}
