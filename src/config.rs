@@ -70,7 +70,7 @@ pub struct ServeArgs {
     pub drain_timeout: Option<Duration>,
     /// Leaderboard watchers see at most this many top entries unless a board sets
     /// fewer [default: 10].
-    #[arg(long, env = "CRIER_BOARD_TOP", hide = true)]
+    #[arg(long, env = "CRIER_BOARD_TOP")]
     pub board_top: Option<usize>,
     /// Shortest gap between two live updates of one board; bursts within it coalesce
     /// [default: 50ms].
