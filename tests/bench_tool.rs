@@ -63,3 +63,117 @@ async fn ws_and_sse_deliver_everything_once_in_order() {
 
     server.shutdown().await;
 }
+
+/// The leaderboard modes: durable score ingest, and a new leader reaching every watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderboard_modes_ingest_and_reach_every_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--mode",
+        "scores",
+        "--board",
+        "lb",
+        "--messages",
+        "2000",
+        "--batch",
+        "100",
+        "--publishers",
+        "4",
+        "--players",
+        "500",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    let sc = r.scores.as_ref().expect("scores report");
+    assert_eq!((sc.requests, sc.requests_failed), (20, 0), "{sc:?}");
+    assert_eq!(sc.scores_acked, 2000, "{sc:?}");
+    assert_eq!(sc.request_ms.count, 20);
+    assert!(sc.scores_per_sec > 0.0);
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+
+    // One score per request, concurrently (group commit).
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--mode",
+        "scores",
+        "--board",
+        "lb",
+        "--messages",
+        "200",
+        "--publishers",
+        "16",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    let sc = r.scores.as_ref().unwrap();
+    assert_eq!((sc.scores_acked, sc.requests_failed), (200, 0), "{sc:?}");
+
+    // 20 watchers x 10 new leaders, on the board that already has 2,200 scores.
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--mode",
+        "board",
+        "--board",
+        "lb",
+        "--subscribers",
+        "20",
+        "--messages",
+        "10",
+        "--rate",
+        "20",
+        "--timeout",
+        "20s",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    assert_eq!((r.connected, r.connect_failed), (20, 0), "{r:?}");
+    let b = r.board.as_ref().expect("board report");
+    assert_eq!((b.posts_ok, b.post_errors), (10, 0), "{b:?}");
+    assert_eq!(b.pairs, 200, "{b:?}");
+    assert_eq!(b.never_seen, 0, "{b:?}");
+    assert_eq!(b.seen_first_hand + b.seen_later, 200, "{b:?}");
+    assert!(
+        b.seen_first_hand > 0 && b.latency_ms.count == b.seen_first_hand,
+        "{b:?}"
+    );
+    assert!(!b.timed_out);
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+
+    // A board that does not exist yet is created first; watchers start from its snapshot.
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--mode",
+        "board",
+        "--board",
+        "fresh",
+        "--subscribers",
+        "5",
+        "--messages",
+        "3",
+        "--rate",
+        "10",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    let b = r.board.as_ref().unwrap();
+    assert_eq!((b.pairs, b.never_seen, b.post_errors), (15, 0, 0), "{b:?}");
+
+    server.shutdown().await;
+}

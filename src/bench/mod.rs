@@ -4,9 +4,13 @@
 //! duplicates, out-of-order deliveries and publish-to-receive latency. `--idle` instead
 //! holds the connections and reports the server's memory per connection.
 //!
+//! `--mode scores` and `--mode board` measure the leaderboards instead (see `board`):
+//! durable score ingest, and post-to-screen latency of a new leader to N board watchers.
+//!
 //! The subscriber side is deliberately thin (see `subscriber`): the tool and the server
 //! usually share the machine, and every cycle the tool spends is one the server lacks.
 
+pub mod board;
 pub mod envelope;
 pub mod offsets;
 pub mod report;
@@ -47,8 +51,37 @@ impl BenchTransport {
     }
 }
 
+/// What `crier bench` measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BenchMode {
+    /// Publish --messages to --topic; N subscribers (deliveries/s, latency, loss).
+    #[default]
+    Fanout,
+    /// Leaderboard ingest: post --messages random scores to --board in batches of --batch
+    /// over --publishers connections (durable scores/s, request latency).
+    Scores,
+    /// Leaderboard post-to-screen: N WebSocket watchers of board:--board; --messages posts,
+    /// at --rate per second (default 5), each making a new player the leader (latency from
+    /// the POST's answer to each watcher seeing that leader).
+    Board,
+}
+
+impl BenchMode {
+    fn name(self) -> &'static str {
+        match self {
+            BenchMode::Fanout => "fanout",
+            BenchMode::Scores => "scores",
+            BenchMode::Board => "board",
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// What to measure: fanout (a topic), scores (leaderboard ingest) or board (new leader
+    /// to board watchers).
+    #[arg(long, value_enum, default_value = "fanout")]
+    pub mode: BenchMode,
     /// Server base URL; must be a loopback address (127.0.0.0/8, ::1 or localhost).
     #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
     pub url: String,
@@ -58,9 +91,18 @@ pub struct BenchArgs {
     /// Healthy subscribers to open.
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
-    /// Topic to subscribe and publish to.
+    /// Topic to subscribe and publish to (--mode fanout).
     #[arg(long, default_value = "bench")]
     pub topic: String,
+    /// Leaderboard for --mode scores and --mode board (created by the first score).
+    #[arg(long, default_value = "bench")]
+    pub board: String,
+    /// Scores per request in --mode scores (1-1000; 1 posts one JSON object per request).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Size of the random player-id pool of --mode scores.
+    #[arg(long, default_value_t = 100_000)]
+    pub players: u64,
     /// Spread subscriber source addresses over 127.0.0.2 ..= 127.0.0.(K+1), so a large N
     /// does not run one address out of ephemeral ports. 0 lets the kernel choose.
     #[arg(long, default_value_t = 4)]
@@ -68,16 +110,18 @@ pub struct BenchArgs {
     /// Connections being opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
-    /// Publications to send.
+    /// Publications to send (fanout); scores to post (scores); new leaders to post (board).
     #[arg(long, default_value_t = 1000)]
     pub messages: u64,
     /// Size of each published JSON body, in bytes.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
     /// Publications per second; 0 publishes a burst, as fast as the publishers can.
+    /// In --mode board: new leaders per second (0 means 5).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Concurrent HTTP publishers (connections) in a burst; in-flight cap at a steady rate.
+    /// In --mode scores: concurrent score posters (connections).
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
     /// Publisher key, if the server requires one.
@@ -208,6 +252,9 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
         "--connect-concurrency must be at least 1"
     );
     anyhow::ensure!(args.publishers >= 1, "--publishers must be at least 1");
+    if args.mode != BenchMode::Fanout {
+        return run_leaderboard(args, addr).await;
+    }
     anyhow::ensure!(
         crate::topic::is_valid(&args.topic),
         "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
@@ -219,6 +266,7 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
         sources(addr, args.source_ips),
     ));
     let mut report = Report {
+        mode: args.mode.name().to_string(),
         url: args.url.clone(),
         transport: args.transport.name().to_string(),
         topic: args.topic.clone(),
@@ -454,6 +502,40 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// `--mode scores` and `--mode board`.
+async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        crate::leaderboard::service::Boards::validate_name(&args.board).is_ok(),
+        "--board must be 1-64 bytes of A-Z a-z 0-9 _ - ."
+    );
+    let mut report = Report {
+        mode: args.mode.name().to_string(),
+        url: args.url.clone(),
+        transport: "ws".to_string(),
+        topic: format!("board:{}", args.board),
+        messages: args.messages,
+        rate: args.rate,
+        ..Default::default()
+    };
+    match args.mode {
+        BenchMode::Scores => {
+            report.transport = "http".to_string();
+            report.scores = Some(board::run_scores(&args).await?);
+        }
+        BenchMode::Board => {
+            report.subscribers = args.subscribers;
+            let shared = Arc::new(Shared::new(
+                addr,
+                report.topic.clone(),
+                sources(addr, args.source_ips),
+            ));
+            report.board = Some(board::run_board(&args, shared, &mut report).await?);
+        }
+        BenchMode::Fanout => unreachable!("handled by run_with"),
+    }
+    Ok(report)
+}
+
 async fn hold_idle(
     args: &BenchArgs,
     before: Option<u64>,
@@ -618,5 +700,14 @@ mod tests {
         assert_eq!(a.connect_concurrency, 256);
         assert_eq!(a.timeout, Duration::from_secs(60));
         assert_eq!(sources("127.0.0.1:1".parse().unwrap(), 2).len(), 2);
+        assert_eq!(a.mode, BenchMode::Fanout);
+        let b = BenchArgs::from_flags(["--mode", "scores", "--batch", "100"]).unwrap();
+        assert_eq!(
+            (b.mode, b.batch, b.players),
+            (BenchMode::Scores, 100, 100_000)
+        );
+        assert_eq!(b.board, "bench");
+        let c = BenchArgs::from_flags(["--mode", "board", "--board", "x"]).unwrap();
+        assert_eq!((c.mode, c.board.as_str()), (BenchMode::Board, "x"));
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::board::{BoardReport, ScoresReport};
 use super::offsets::Tally;
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -55,6 +56,8 @@ pub struct IdleReport {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
+    /// fanout, scores or board.
+    pub mode: String,
     pub url: String,
     pub transport: String,
     pub topic: String,
@@ -92,6 +95,10 @@ pub struct Report {
     pub latency_ms: Percentiles,
     pub stalled: Option<StalledReport>,
     pub idle: Option<IdleReport>,
+    /// --mode scores.
+    pub scores: Option<ScoresReport>,
+    /// --mode board.
+    pub board: Option<BoardReport>,
 }
 
 /// Deliveries per second over `elapsed`; 0 when nothing can be said.
@@ -133,6 +140,24 @@ impl Report {
         if self.publish_errors > 0 {
             f.push(format!("{} publications failed", self.publish_errors));
         }
+        if let Some(sc) = &self.scores {
+            if sc.requests_failed > 0 {
+                f.push(format!("{} score requests failed", sc.requests_failed));
+            }
+            return f;
+        }
+        if let Some(b) = &self.board {
+            if b.post_errors > 0 {
+                f.push(format!("{} leader posts failed", b.post_errors));
+            }
+            if b.never_seen > 0 {
+                f.push(format!(
+                    "{} (watcher, post) pairs never saw the leader",
+                    b.never_seen
+                ));
+            }
+            return f;
+        }
         if self.stalled.as_ref().is_none_or(|s| s.opened == 0) {
             for (n, what) in [
                 (self.lost, "lost"),
@@ -149,6 +174,28 @@ impl Report {
 
     pub fn to_text(&self) -> String {
         let mut s = String::new();
+        if let Some(sc) = &self.scores {
+            let _ = writeln!(
+                s,
+                "crier bench --mode scores: board {:?} on {}, {} scores in batches of {} over {} connections, {} players",
+                sc.board, self.url, sc.scores, sc.batch, sc.publishers, sc.players
+            );
+            let _ = writeln!(
+                s,
+                "  ingest       {} scores acknowledged (durable) in {:.2} s: {:.0} scores/s, {:.0} requests/s; {} of {} requests failed",
+                sc.scores_acked, sc.secs, sc.scores_per_sec, sc.requests_per_sec, sc.requests_failed, sc.requests
+            );
+            if let Some(e) = &sc.first_error {
+                let _ = writeln!(s, "               first error: {e}");
+            }
+            let l = &sc.request_ms;
+            let _ = writeln!(
+                s,
+                "  request      p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests)",
+                l.p50, l.p90, l.p99, l.max, l.count
+            );
+            return s;
+        }
         let _ = writeln!(
             s,
             "crier bench: {} {} subscribers on {} topic {:?}",
@@ -166,6 +213,34 @@ impl Report {
         );
         if let Some(e) = &self.first_connect_error {
             let _ = writeln!(s, "               first error: {e}");
+        }
+        if let Some(b) = &self.board {
+            let _ = writeln!(
+                s,
+                "  posts        {} of {} new leaders at {}/s, {} failed (POST p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms)",
+                b.posts_ok, b.posts, b.rate, b.post_errors, b.post_ms.p50, b.post_ms.p99, b.post_ms.max
+            );
+            if let Some(e) = &b.first_post_error {
+                let _ = writeln!(s, "               first error: {e}");
+            }
+            let _ = writeln!(
+                s,
+                "  seen         {} (watcher, post) pairs: {} first-hand, {} only via a later leader, {} never{}; {} updates, {} watchers closed",
+                b.pairs,
+                b.seen_first_hand,
+                b.seen_later,
+                b.never_seen,
+                if b.timed_out { " (timed out)" } else { "" },
+                b.updates,
+                b.watchers_closed
+            );
+            let l = &b.latency_ms;
+            let _ = writeln!(
+                s,
+                "  latency      POST answered -> watcher sees leader: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples, {} before the answer)",
+                l.p50, l.p90, l.p99, l.max, l.count, b.before_return
+            );
+            return s;
         }
         if let Some(idle) = &self.idle {
             let kib = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} KiB"));
