@@ -519,15 +519,15 @@ impl Boards {
             b.last_published = Some(Instant::now());
             b.shown_watchers = self.hub.subscriber_count(&b.topic);
             let top = b.ranking.top(b.options.top);
-            let json = serde_json::to_vec(&serde_json::json!({
-                "board": &*b.name,
-                "version": b.version,
-                "players": b.ranking.len(),
-                "watchers": b.shown_watchers,
-                "order": b.options.order,
-                "mode": b.options.mode,
-                "top": ranked(&top),
-            }))
+            let json = serde_json::to_vec(&Update {
+                board: &b.name,
+                version: b.version,
+                players: b.ranking.len(),
+                watchers: b.shown_watchers,
+                order: b.options.order,
+                mode: b.options.mode,
+                top: ranked(&top),
+            })
             .expect("snapshot serializes");
             (b.topic.clone(), json)
         };
@@ -545,6 +545,19 @@ impl Boards {
             Err(e) => tracing::warn!("board update for {topic} not published: {e}"),
         }
     }
+}
+
+/// A live update's `data`, fields in the documented order (a struct, not `json!`, which
+/// would sort the keys and build a value tree per update).
+#[derive(Serialize)]
+struct Update<'a> {
+    board: &'a str,
+    version: u64,
+    players: usize,
+    watchers: usize,
+    order: SortOrder,
+    mode: ScoreMode,
+    top: Vec<RankedEntry<'a>>,
 }
 
 pub struct BoardView<'a> {
