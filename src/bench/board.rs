@@ -16,7 +16,6 @@
 //! only for posts seen first-hand.
 
 use std::borrow::Cow;
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::find;
 use super::report::Percentiles;
-use super::subscriber::{self, new_histogram, Shared};
+use super::subscriber::{self, fill, new_histogram, wait_readable, Filled, Shared};
 use super::BenchArgs;
 use crate::http_client::HttpClient;
 use crate::ws::frame::{self, Decoder, Message};
@@ -275,25 +274,21 @@ async fn watch(
     let mut pending = decoder.buffered() > 0;
     'outer: loop {
         if !pending {
-            tokio::select! {
-                biased;
-                _ = w.stop.cancelled() => break,
-                ready = stream.readable() => if ready.is_err() {
+            match wait_readable(&stream, &w.stop).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(()) => {
                     r.closed = true;
                     break;
-                },
+                }
             }
         }
         loop {
             if !pending {
-                match stream.try_read_buf(decoder.buffer_mut(READ_BUF)) {
-                    Ok(0) => {
-                        r.closed = true;
-                        break 'outer;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match fill(&stream, decoder.buffer_mut(READ_BUF)) {
+                    Filled::Data => {}
+                    Filled::Drained => break,
+                    Filled::Closed => {
                         r.closed = true;
                         break 'outer;
                     }

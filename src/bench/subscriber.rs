@@ -201,25 +201,21 @@ pub async fn ws_run(
     let mut pending = decoder.buffered() > 0;
     'outer: loop {
         if !pending {
-            tokio::select! {
-                biased;
-                _ = shared.stop.cancelled() => break,
-                ready = stream.readable() => if ready.is_err() {
+            match wait_readable(&stream, &shared.stop).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(()) => {
                     r.closed = true;
                     break;
-                },
+                }
             }
         }
         loop {
             if !pending {
-                match stream.try_read_buf(decoder.buffer_mut(READ_BUF)) {
-                    Ok(0) => {
-                        r.closed = true;
-                        break 'outer;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match fill(&stream, decoder.buffer_mut(READ_BUF)) {
+                    Filled::Data => {}
+                    Filled::Drained => break,
+                    Filled::Closed => {
                         r.closed = true;
                         break 'outer;
                     }
@@ -275,6 +271,39 @@ pub async fn ws_run(
         decoder.shrink_if_empty();
     }
     r
+}
+
+/// What `fill` got from a subscriber socket.
+pub(crate) enum Filled {
+    /// Bytes were appended to the buffer.
+    Data,
+    /// Nothing more right now: wait for readability again.
+    Drained,
+    /// EOF or an error: the server closed the connection.
+    Closed,
+}
+
+/// Waits until the socket is readable, holding no buffer meanwhile. False when the run is
+/// stopping or the socket failed.
+pub(crate) async fn wait_readable(
+    stream: &TcpStream,
+    stop: &CancellationToken,
+) -> Result<bool, ()> {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => Ok(false),
+        ready = stream.readable() => ready.map(|_| true).map_err(|_| ()),
+    }
+}
+
+/// One non-blocking read into `buf`.
+pub(crate) fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Filled {
+    match stream.try_read_buf(buf) {
+        Ok(0) => Filled::Closed,
+        Ok(_) => Filled::Data,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Filled::Drained,
+        Err(_) => Filled::Closed,
+    }
 }
 
 /// Decodes `Transfer-Encoding: chunked`.
@@ -421,26 +450,22 @@ pub async fn sse_run(
     let mut pending = !raw.is_empty();
     'outer: loop {
         if !pending {
-            tokio::select! {
-                biased;
-                _ = shared.stop.cancelled() => break,
-                ready = stream.readable() => if ready.is_err() {
+            match wait_readable(&stream, &shared.stop).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(()) => {
                     r.closed = true;
                     break;
-                },
+                }
             }
         }
         loop {
             if !pending {
                 raw.reserve(READ_BUF);
-                match stream.try_read_buf(&mut raw) {
-                    Ok(0) => {
-                        r.closed = true;
-                        break 'outer;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match fill(&stream, &mut raw) {
+                    Filled::Data => {}
+                    Filled::Drained => break,
+                    Filled::Closed => {
                         r.closed = true;
                         break 'outer;
                     }
