@@ -94,6 +94,7 @@ impl Connection {
         // Re-arming a timer touches the runtime's timer wheel: only do it when the
         // deadline actually moves, not on every wake-up.
         let mut armed = next_ping;
+        let mut shutdown_seen = false;
 
         // Bytes that arrived with the upgrade request.
         if self.decoder.buffered() > 0 {
@@ -152,8 +153,9 @@ impl Connection {
 
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if self.closing.is_none() && client.closed().is_none() => {
+                _ = shutdown.cancelled(), if !shutdown_seen && self.closing.is_none() => {
                     // The queue drains first, then `refill` sees Closed(Shutdown) and closes.
+                    shutdown_seen = true;
                     client.close(DisconnectReason::Shutdown);
                 }
                 r = self.stream.readable() => {
