@@ -162,6 +162,17 @@ test('WebSocket blocked on the way: the page falls back to SSE by itself', { tim
   });
 });
 
+test('a browser without WebSocket uses SSE from the start', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    const page = await newLeaderScenario(server, 'e2e-nows', '', 'sse', (page) =>
+      page.addInitScript(() => {
+        delete window.WebSocket;
+      }),
+    );
+    await page.context().close();
+  });
+});
+
 test('reconnect: the page recovers by itself after the server restarts', { timeout: 90_000 }, async () => {
   let server = await startServer();
   const { port, dataDir } = server;

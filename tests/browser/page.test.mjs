@@ -1,6 +1,8 @@
-// Tests of the board page's own logic with no crier server: the assets are served from
-// src/web/assets through Playwright's request routing, and /ws and /sse are mocked. They
-// cover what is hard to provoke from a real server: stale versions, WebSocket blocked.
+// Tests of the board page's own logic with a scripted server: the assets are served from
+// src/web/assets through Playwright's request routing and /ws is scripted. Only what a real
+// server cannot be made to send on demand is here (an out-of-order stale version, a
+// reconnect whose snapshot differs); everything else runs against the real binary in
+// board.test.mjs.
 //
 //   node --test tests/browser/page.test.mjs
 import { test, before, after } from 'node:test';
@@ -30,8 +32,8 @@ const update = (version, top, extra = {}) => ({
 });
 const entry = (rank, player, score, name) => ({ rank, player, score, ...(name ? { meta: { name } } : {}) });
 
-/** A page on a fake origin serving the real assets; `sse` answers /sse requests. */
-async function mockPage({ sse } = {}) {
+/** A page on a fake origin serving the real assets (the tests script /ws themselves). */
+async function mockPage() {
   const context = await browser.newContext();
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
@@ -47,7 +49,6 @@ async function mockPage({ sse } = {}) {
       const body = await readFile(join(ASSETS, file)).catch(() => null);
       if (body) return route.fulfill({ status: 200, contentType: TYPES[file.split('.').pop()], body });
     }
-    if (url.pathname === '/sse' && sse) return route.fulfill(sse(url));
     return route.fulfill({ status: 404, body: 'not found' });
   });
   return page;
@@ -120,98 +121,6 @@ test('after a reconnect the fresh snapshot is shown and status goes live again',
     () => document.querySelector('#status').dataset.state === 'live' && document.querySelector('tr[data-player="second"]'),
   );
   assert.equal(connections, 2);
-  assert.deepEqual(page.errors, []);
-  await page.context().close();
-});
-
-test('falls back to SSE when WebSocket never opens', { timeout: 30_000 }, async () => {
-  let sseRequests = 0;
-  const page = await mockPage({
-    sse: () => {
-      sseRequests++;
-      return {
-        status: 200,
-        headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' },
-        body: `retry: 2000\n\nid: 3\ndata: ${JSON.stringify(update(3, [entry(1, 's', 5, 'Sse')]))}\n\n`,
-      };
-    },
-  });
-  // A WebSocket blocked on the way: every attempt errors and closes without opening.
-  await page.addInitScript(() => {
-    window.__wsAttempts = 0;
-    window.WebSocket = class {
-      static OPEN = 1;
-      constructor() {
-        window.__wsAttempts++;
-        this.readyState = 0;
-        setTimeout(() => {
-          this.readyState = 3;
-          this.onerror?.(new Event('error'));
-          this.onclose?.({ code: 1006, reason: '' });
-        }, 10);
-      }
-      send() {}
-      close() {}
-    };
-  });
-  await page.goto(`${ORIGIN}/boards/mock`);
-  await page.waitForFunction(() => document.querySelector('tr[data-player="s"]'));
-  assert.equal(await page.getAttribute('#status', 'data-transport'), 'sse');
-  assert.equal(await page.evaluate(() => window.__wsAttempts), 2, 'two failed WebSocket attempts, then SSE');
-  assert.ok(sseRequests >= 1);
-  assert.equal(await text(page, '#leader'), 'Sse');
-  assert.deepEqual(page.errors, []);
-  await page.context().close();
-});
-
-test('?transport=sse and a missing window.WebSocket both use SSE from the start', { timeout: 30_000 }, async () => {
-  for (const [query, init] of [
-    ['?transport=sse', null],
-    ['', () => delete window.WebSocket],
-  ]) {
-    const page = await mockPage({
-      sse: () => ({
-        status: 200,
-        headers: { 'content-type': 'text/event-stream' },
-        body: `data: ${JSON.stringify(update(1, [entry(1, 'p', 1)]))}\n\n`,
-      }),
-    });
-    let wsUsed = false;
-    await page.routeWebSocket(/.*/, (ws) => {
-      wsUsed = true;
-      ws.close();
-    });
-    if (init) await page.addInitScript(init);
-    await page.goto(`${ORIGIN}/boards/mock${query}`);
-    await page.waitForFunction(() => document.querySelector('tr[data-player="p"]'));
-    assert.equal(await page.getAttribute('#status', 'data-transport'), 'sse', query || 'no WebSocket');
-    assert.equal(wsUsed, false);
-    assert.deepEqual(page.errors, []);
-    await page.context().close();
-  }
-});
-
-test('index lists boards from /api/boards with links', { timeout: 30_000 }, async () => {
-  const page = await mockPage();
-  await page.route(`${ORIGIN}/api/boards`, (route) =>
-    route.fulfill({
-      status: 200,
-      contentType: 'application/json',
-      body: JSON.stringify({
-        boards: [
-          { name: 'arena', players: 3, watchers: 2, order: 'high', mode: 'best', top: 10 },
-          { name: 'golf', players: 1, watchers: 0, order: 'low', mode: 'best', top: 10 },
-        ],
-      }),
-    }),
-  );
-  await page.goto(`${ORIGIN}/`);
-  await page.locator('#boards a[href="/boards/golf"]').waitFor();
-  assert.deepEqual(
-    await page.$$eval('#boards li', (lis) => lis.map((li) => li.dataset.board)),
-    ['arena', 'golf'],
-  );
-  assert.match(await text(page, '#boards li[data-board="golf"]'), /1 player(?!s).*lowest wins/);
   assert.deepEqual(page.errors, []);
   await page.context().close();
 });
