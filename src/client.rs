@@ -197,10 +197,6 @@ impl Client {
     pub fn queued_bytes(&self) -> usize {
         self.queue.lock().bytes
     }
-
-    pub fn topic_count(&self) -> usize {
-        self.topics.lock().len()
-    }
 }
 
 #[cfg(test)]

@@ -310,15 +310,6 @@ impl Hub {
             .unwrap_or(0)
     }
 
-    pub fn position(&self, name: &str) -> Option<Position> {
-        let topic = self.shard(name).lock().get(name).cloned()?;
-        let st = topic.state.lock();
-        Some(Position {
-            offset: st.last_offset,
-            epoch: topic.epoch.clone(),
-        })
-    }
-
     /// Total subscriptions across topics (for leak checks in tests and /healthz).
     pub fn total_subscriptions(&self) -> usize {
         let topics: Vec<Arc<Topic>> = self
