@@ -56,6 +56,13 @@ pub enum Pushed {
     Closed,
 }
 
+/// What `take_each` found.
+pub enum Taken {
+    Some,
+    Empty,
+    Closed(DisconnectReason),
+}
+
 /// What the writer gets from the queue.
 pub enum Batch {
     Items(Vec<Item>),
@@ -142,15 +149,32 @@ impl Client {
 
     /// Takes queued items, up to about `max_bytes` (at least one) and `max_items`.
     pub fn take(&self, max_bytes: usize, max_items: usize) -> Batch {
+        let mut items = Vec::new();
+        match self.take_each(max_bytes, max_items, |item| items.push(item)) {
+            Taken::Some => Batch::Items(items),
+            Taken::Empty => Batch::Empty,
+            Taken::Closed(reason) => Batch::Closed(reason),
+        }
+    }
+
+    /// Like `take`, but hands each item to `each` (called under the queue lock: it must
+    /// only move the item somewhere), so a writer can fill its own reused buffer without
+    /// allocating a batch per wake-up.
+    pub fn take_each(
+        &self,
+        max_bytes: usize,
+        max_items: usize,
+        mut each: impl FnMut(Item),
+    ) -> Taken {
         let mut q = self.queue.lock();
         if let Some(reason) = q.closed {
             // Shutdown drains what is queued first; other closes drop the backlog.
             if reason != DisconnectReason::Shutdown || q.items.is_empty() {
-                return Batch::Closed(reason);
+                return Taken::Closed(reason);
             }
         }
         if q.items.is_empty() {
-            return Batch::Empty;
+            return Taken::Empty;
         }
         let mut taken = 0;
         let mut n = 0;
@@ -162,12 +186,12 @@ impl Client {
             n += 1;
         }
         q.bytes -= taken;
-        let items: Vec<Item> = q.items.drain(..n).collect();
+        q.items.drain(..n).for_each(&mut each);
         if q.items.is_empty() && q.items.capacity() > 64 {
             // Give back a burst's worth of queue once it has drained.
             q.items = VecDeque::new();
         }
-        Batch::Items(items)
+        Taken::Some
     }
 
     /// Marks the client closed; the writer sends the close and ends. The first reason wins.

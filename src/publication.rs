@@ -2,6 +2,7 @@
 //! per transport; every subscriber's queue gets a clone of the same `Bytes` (a refcount
 //! bump), so fan-out cost does not grow with the message size.
 
+use std::fmt::Write;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ impl Publication {
         env.put_slice(b"{\"topic\":\"");
         env.put_slice(topic.as_bytes()); // validated charset: no escaping needed
         env.put_slice(b"\",\"offset\":");
-        env.put_slice(itoa_u64(offset).as_bytes());
+        write!(env, "{offset}").expect("writing to BytesMut");
         env.put_slice(b",\"data\":");
         env.put_slice(data);
         env.put_u8(b'}');
@@ -60,13 +61,13 @@ impl Publication {
     }
 }
 
-/// One SSE event: `id:` is the offset; the envelope is a single line (JSON has no raw
-/// newlines once parsed... but published data is embedded verbatim and may contain them),
-/// so each line of it gets its own `data:` prefix, which EventSource joins back with `\n`.
+/// One SSE event: `id:` is the offset. Published data is embedded verbatim and may hold
+/// newlines, so each line gets its own `data:` prefix, which EventSource joins
+/// back with a newline.
 pub fn sse_event(id: u64, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + 32);
     out.put_slice(b"id: ");
-    out.put_slice(itoa_u64(id).as_bytes());
+    write!(out, "{id}").expect("writing to BytesMut");
     out.put_u8(b'\n');
     for line in payload.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -76,10 +77,6 @@ pub fn sse_event(id: u64, payload: &[u8]) -> Bytes {
     }
     out.put_u8(b'\n');
     out.freeze()
-}
-
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 
 use super::frame::{self, Decoder, FrameError, Message, Role};
-use crate::client::{Batch, Item};
+use crate::client::{Item, Taken};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
@@ -212,23 +212,16 @@ impl Connection {
 
     /// Moves queued frames into `out`; a closed queue turns into our close frame.
     fn refill(&mut self) {
-        match self.reg.client.take(BATCH_BYTES, BATCH_ITEMS) {
-            Batch::Items(items) => {
-                for Item {
-                    bytes,
-                    published_at,
-                    ..
-                } in items
-                {
-                    if let Some(at) = published_at {
-                        self.batch.messages += 1;
-                        self.batch.oldest = Some(self.batch.oldest.map_or(at, |o| o.min(at)));
-                    }
-                    self.out.push_back(bytes);
-                }
+        let (out, batch) = (&mut self.out, &mut self.batch);
+        let taken = self.reg.client.take_each(BATCH_BYTES, BATCH_ITEMS, |item| {
+            if let Some(at) = item.published_at {
+                batch.messages += 1;
+                batch.oldest = Some(batch.oldest.map_or(at, |o| o.min(at)));
             }
-            Batch::Empty => {}
-            Batch::Closed(reason) => self.begin_close(reason),
+            out.push_back(item.bytes);
+        });
+        if let Taken::Closed(reason) = taken {
+            self.begin_close(reason);
         }
     }
 
