@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// Most topics tracked by the node; idle topics are evicted past it [default: 100000].
     #[arg(long, env = "CRIER_MAX_TOPICS")]
     pub max_topics: Option<usize>,
+    /// Most topics that exist only because clients subscribed to them (never published to);
+    /// the rest of max_topics stays free for topics that are published to
+    /// [default: half of max_topics, 50000].
+    #[arg(long, env = "CRIER_MAX_SUBSCRIBER_TOPICS")]
+    pub max_subscriber_topics: Option<usize>,
     /// Most topics one connection may subscribe to [default: 64].
     #[arg(long, env = "CRIER_MAX_TOPICS_PER_CONNECTION")]
     pub max_topics_per_connection: Option<usize>,
@@ -88,6 +93,7 @@ struct FileConfig {
     allowed_origins: Option<Vec<String>>,
     max_connections: Option<usize>,
     max_topics: Option<usize>,
+    max_subscriber_topics: Option<usize>,
     max_topics_per_connection: Option<usize>,
     max_message_bytes: Option<usize>,
     queue_max_bytes: Option<usize>,
@@ -107,6 +113,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
     pub max_topics: usize,
+    pub max_subscriber_topics: usize,
     pub max_topics_per_connection: usize,
     pub max_message_bytes: usize,
     pub queue_max_bytes: usize,
@@ -127,6 +134,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             max_connections: 16_384,
             max_topics: 100_000,
+            max_subscriber_topics: 50_000,
             max_topics_per_connection: 64,
             max_message_bytes: 64 * 1024,
             queue_max_bytes: 1024 * 1024,
@@ -167,6 +175,7 @@ impl Config {
                 None => Ok(def),
             }
         };
+        let max_topics = args.max_topics.or(file.max_topics).unwrap_or(d.max_topics);
         let cfg = Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
             data_dir: args
@@ -196,7 +205,12 @@ impl Config {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
-            max_topics: args.max_topics.or(file.max_topics).unwrap_or(d.max_topics),
+            max_topics,
+            // Follows max_topics unless set, so raising one keeps the split.
+            max_subscriber_topics: args
+                .max_subscriber_topics
+                .or(file.max_subscriber_topics)
+                .unwrap_or(max_topics / 2),
             max_topics_per_connection: args
                 .max_topics_per_connection
                 .or(file.max_topics_per_connection)
@@ -251,6 +265,10 @@ impl Config {
             "max_connections must be at least 1"
         );
         anyhow::ensure!(self.max_topics >= 1, "max_topics must be at least 1");
+        anyhow::ensure!(
+            self.max_subscriber_topics <= self.max_topics,
+            "max_subscriber_topics must not exceed max_topics"
+        );
         anyhow::ensure!(
             self.max_topics_per_connection >= 1,
             "max_topics_per_connection must be at least 1"
@@ -310,6 +328,23 @@ mod tests {
         assert_eq!(cfg.ping_interval, Duration::from_secs(3));
         assert_eq!(cfg.max_topics_per_connection, 7);
         assert_eq!(cfg.pong_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn subscriber_topics_default_to_half_of_max_topics() {
+        assert_eq!(Config::default().max_subscriber_topics, 50_000);
+        let cfg = Config::resolve(&ServeArgs {
+            max_topics: Some(1000),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.max_subscriber_topics, 500);
+        let over = ServeArgs {
+            max_topics: Some(1000),
+            max_subscriber_topics: Some(1001),
+            ..Default::default()
+        };
+        assert!(Config::resolve(&over).is_err());
     }
 
     #[test]

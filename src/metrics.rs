@@ -48,6 +48,8 @@ pub struct Metrics {
     pub connections: Family<TransportLabel, Gauge>,
     pub subscriptions: Gauge,
     pub topics: Gauge,
+    pub topics_evicted: Counter,
+    pub topics_refused: Counter,
     pub publications: Counter,
     pub deliveries: Family<TransportLabel, Counter>,
     pub bytes_out: Family<TransportLabel, Counter>,
@@ -76,6 +78,8 @@ impl Metrics {
             connections: Family::default(),
             subscriptions: Gauge::default(),
             topics: Gauge::default(),
+            topics_evicted: Counter::default(),
+            topics_refused: Counter::default(),
             publications: Counter::default(),
             deliveries: Family::default(),
             bytes_out: Family::default(),
@@ -103,6 +107,16 @@ impl Metrics {
             m.subscriptions.clone(),
         );
         registry.register("topics", "Topics tracked by this node", m.topics.clone());
+        registry.register(
+            "topics_evicted",
+            "Idle topics dropped to make room for a new one (their offsets restart in a new epoch)",
+            m.topics_evicted.clone(),
+        );
+        registry.register(
+            "topics_refused",
+            "New topics refused because max_topics or max_subscriber_topics was reached",
+            m.topics_refused.clone(),
+        );
         registry.register(
             "publications",
             "Publications accepted",

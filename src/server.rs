@@ -37,11 +37,14 @@ impl Server {
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(
-            cfg.max_topics,
-            cfg.max_topics_per_connection,
-            metrics.clone(),
-        ));
+        let hub = Arc::new(
+            Hub::new(
+                cfg.max_topics,
+                cfg.max_topics_per_connection,
+                metrics.clone(),
+            )
+            .with_max_subscriber_topics(cfg.max_subscriber_topics),
+        );
         let shutdown = CancellationToken::new();
         let boards = Boards::open(&cfg, hub.clone(), metrics.clone(), shutdown.clone()).await?;
         let state = Arc::new(AppState::new(cfg, metrics, hub, boards, shutdown));
