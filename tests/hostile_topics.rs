@@ -1,9 +1,13 @@
-//! Clients that ask for topics nobody publishes to: the topic table stays open to
-//! publishers and boards, and a healthy subscriber alongside gets every publication.
+//! Clients that ask for topics nobody publishes to, and publishers whose JSON holds a raw
+//! carriage return: the topic table stays open to publishers and boards, SSE events stay
+//! whole, and a healthy subscriber alongside gets every publication.
 
 mod common;
 
 use common::*;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 const MAX_TOPICS: usize = 200;
@@ -142,5 +146,75 @@ async fn subscribers_filling_the_topic_table_cannot_starve_publishers() {
     drop((healthy, watcher));
     srv.assert_clean().await;
     assert_eq!(hub.subscriber_topic_count(), 0);
+    srv.shutdown().await;
+}
+
+/// Reads an SSE body the way the EventSource spec does (lines end at CR, LF or CRLF; data
+/// lines joined with LF) until one event with data is complete; returns its data.
+async fn next_eventsource_data(body: &mut hyper::body::Incoming, buf: &mut Vec<u8>) -> String {
+    loop {
+        let text = String::from_utf8_lossy(buf).replace("\r\n", "\n");
+        let lines: Vec<&str> = text.split(['\r', '\n']).collect();
+        let mut data: Vec<&str> = Vec::new();
+        // The last element is an unfinished line; blank lines end events.
+        for (i, line) in lines[..lines.len() - 1].iter().enumerate() {
+            if line.is_empty() {
+                if !data.is_empty() {
+                    let out = data.join("\n");
+                    *buf = lines[i + 1..].join("\n").into_bytes();
+                    return out;
+                }
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        let frame = within("sse body frame", body.frame())
+            .await
+            .expect("stream open")
+            .expect("body frame");
+        if let Ok(bytes) = frame.into_data() {
+            buf.extend_from_slice(&bytes);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_carriage_return_in_published_json_keeps_sse_events_whole() {
+    let srv = TestServer::start(|_| {}).await;
+    let mut healthy = srv.ws("?topic=t").await;
+    assert_eq!(next_json(&mut healthy).await["op"], "subscribed");
+
+    let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .get(srv.url("/sse?topic=t").parse().unwrap())
+        .await
+        .expect("sse request");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let hub = srv.state().hub.clone();
+    wait_until("two subscribers", || hub.subscriber_count("t") == 2).await;
+
+    let mut buf = Vec::new();
+    for (i, payload) in [
+        "{\"a\":1,\r\"b\":2}",
+        "{\"a\":1,\r\n\"b\":2}",
+        "{\r\r\"a\"\n:1,\"b\":2\n}",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (s, body_json) = srv.publish("t", payload).await;
+        assert_eq!(s, 200, "{body_json}");
+        let offset = i as u64 + 1;
+        let want = json!({"topic": "t", "offset": offset, "data": {"a": 1, "b": 2}});
+        let data = next_eventsource_data(&mut body, &mut buf).await;
+        let got: Value = serde_json::from_str(&data)
+            .unwrap_or_else(|e| panic!("SSE data is not JSON ({e}): {data:?}"));
+        assert_eq!(got, want);
+        assert_eq!(next_json(&mut healthy).await, want);
+    }
+    drop((body, healthy));
+    srv.assert_clean().await;
     srv.shutdown().await;
 }
