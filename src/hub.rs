@@ -179,15 +179,17 @@ impl Hub {
             return Ok(t.clone());
         }
         self.reserve(by)?;
+        // One allocation of the name, shared by the table key, the topic and its subscribers.
+        let name: TopicName = name.into();
         let mut created = false;
         let t = self
-            .shard(name)
+            .shard(&name)
             .lock()
-            .entry(name.into())
+            .entry(name.clone())
             .or_insert_with(|| {
                 created = true;
                 Arc::new(Topic {
-                    name: name.into(),
+                    name,
                     epoch: new_epoch(),
                     state: Mutex::new(TopicState {
                         last_offset: 0,
@@ -406,7 +408,9 @@ impl Hub {
             }
             already
         };
+        let mut held_name = None;
         let pos = self.with_topic(name, Creator::Subscriber, |topic, st| {
+            held_name = Some(topic.name.clone());
             let pos = Position {
                 offset: st.last_offset,
                 epoch: topic.epoch.clone(),
@@ -436,8 +440,8 @@ impl Hub {
             }
             pos
         })?;
-        if !already {
-            client.topics.lock().push(name.into());
+        if let (false, Some(name)) = (already, held_name) {
+            client.topics.lock().push(name);
             self.metrics.subscriptions.inc();
         }
         if client.closed().is_some() {
