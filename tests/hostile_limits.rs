@@ -114,22 +114,27 @@ fn refused(srv: &TestServer, why: Refusal) -> u64 {
 /// every publication, in order, after each step of an attack.
 struct Healthy {
     ws: Ws,
-    publisher: Option<HttpClient>,
-    url: String,
+    /// Publishes over one kept-alive raw connection from 127.0.0.1 when set (when new
+    /// sockets may be refused), else over a new connection each time (when idle ones are
+    /// cut short).
+    publisher: Option<TcpStream>,
+    addr: SocketAddr,
     sent: u64,
 }
 
 impl Healthy {
-    /// `keep_alive`: publish over one kept-alive connection (when new sockets may be
-    /// refused), or a new connection each time (when idle ones are cut short).
     async fn join(srv: &TestServer, keep_alive: bool) -> Healthy {
         let mut ws = ws_from("127.0.0.2", srv.addr, "?topic=t").await;
         let sub = next_json(&mut ws).await;
         assert_eq!(sub["op"], "subscribed");
+        let publisher = match keep_alive {
+            true => Some(tcp_from("127.0.0.1", srv.addr).await),
+            false => None,
+        };
         Healthy {
             ws,
-            publisher: keep_alive.then(|| HttpClient::new(None)),
-            url: srv.url("/api/publish/t"),
+            publisher,
+            addr: srv.addr,
             sent: 0,
         }
     }
@@ -137,15 +142,27 @@ impl Healthy {
     async fn publish_and_receive(&mut self) {
         self.sent += 1;
         let n = self.sent;
-        let client = self
-            .publisher
-            .clone()
-            .unwrap_or_else(|| HttpClient::new(None));
-        let (status, body) = client
-            .post(&self.url, format!("{{\"i\":{n}}}"))
-            .await
-            .expect("publish");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let body = format!("{{\"i\":{n}}}");
+        let (status, answer) = match &mut self.publisher {
+            Some(tcp) => {
+                let req = format!(
+                    "POST /api/publish/t HTTP/1.1\r\nHost: crier\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                tcp.write_all(req.as_bytes()).await.expect("publish");
+                read_response(tcp).await.expect("publish answer")
+            }
+            None => {
+                let (status, bytes) = HttpClient::new(None)
+                    .post(&format!("http://{}/api/publish/t", self.addr), body)
+                    .await
+                    .expect("publish");
+                let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                (status.as_u16(), v)
+            }
+        };
+        assert_eq!(status, 200, "{answer}");
         let m = next_json(&mut self.ws).await;
         assert_eq!(m["offset"], n, "healthy client missed or reordered: {m}");
         assert_eq!(m["data"]["i"], n);
