@@ -449,10 +449,28 @@ async fn a_slow_body_gets_408_and_publishes_nothing() {
     assert_eq!(status, 408);
     assert_eq!(body["error"]["code"], "body_timeout");
 
+    // Score posts share the deadline: a half-sent batch records nothing.
+    let mut scores = tcp_from("127.0.0.5", srv.addr).await;
+    scores
+        .write_all(
+            b"POST /api/boards/b/scores HTTP/1.1\r\nHost: crier\r\n\
+              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"player\":",
+        )
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut scores).await.expect("an answer");
+    assert_eq!(status, 408);
+    assert_eq!(body["error"]["code"], "body_timeout");
+    assert_eq!(
+        srv.get("/api/boards/b").await.0,
+        404,
+        "no board was created"
+    );
+
     // Nothing was published: the healthy client's next offset follows its last.
     healthy.publish_and_receive().await;
     assert_eq!(srv.state().hub.subscriber_count("t"), 1);
-    drop((silent, healthy));
+    drop((silent, scores, healthy));
     assert_no_leftovers(&srv).await;
     srv.shutdown().await;
 }
