@@ -81,6 +81,31 @@ pub struct ServeArgs {
     /// [default: 50ms].
     #[arg(long, env = "CRIER_BOARD_UPDATE_INTERVAL", value_parser = humantime::parse_duration)]
     pub board_update_interval: Option<Duration>,
+    /// Most open TCP connections (WebSocket, SSE and plain HTTP together) from one client
+    /// address; IPv6 addresses count per /64. High because thousands of users can share
+    /// one NAT address [default: 4096].
+    #[arg(long, env = "CRIER_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New connections per second one client address may open, after its burst is spent
+    /// [default: 256].
+    #[arg(long, env = "CRIER_CONNECT_RATE_PER_IP")]
+    pub connect_rate_per_ip: Option<u32>,
+    /// New connections one client address may open at once before connect_rate_per_ip
+    /// applies [default: 4096].
+    #[arg(long, env = "CRIER_CONNECT_BURST_PER_IP")]
+    pub connect_burst_per_ip: Option<u32>,
+    /// Most open TCP connections of any kind (subscribers and plain HTTP); past it new
+    /// connections are refused. Keep it below the open-file limit [default: 18432].
+    #[arg(long, env = "CRIER_MAX_SOCKETS")]
+    pub max_sockets: Option<usize>,
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection is kept [default: 10s].
+    #[arg(long, env = "CRIER_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// How long a client may take to send a whole request body (answered 408 past it)
+    /// [default: 10s].
+    #[arg(long, env = "CRIER_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Option<Duration>,
 }
 
 /// The settings file: same keys as the flags, durations as strings ("25s", "500ms").
@@ -103,6 +128,12 @@ struct FileConfig {
     drain_timeout: Option<String>,
     board_top: Option<usize>,
     board_update_interval: Option<String>,
+    max_connections_per_ip: Option<usize>,
+    connect_rate_per_ip: Option<u32>,
+    connect_burst_per_ip: Option<u32>,
+    max_sockets: Option<usize>,
+    header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +154,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub board_top: usize,
     pub board_update_interval: Duration,
+    pub max_connections_per_ip: usize,
+    pub connect_rate_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    pub max_sockets: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Config {
@@ -144,6 +181,16 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             board_top: 10,
             board_update_interval: Duration::from_millis(50),
+            // 2,500 benchmark clients per loopback address, or a few thousand users behind
+            // one NAT, fit under both per-IP limits; one address still cannot take every
+            // socket.
+            max_connections_per_ip: 4096,
+            connect_rate_per_ip: 256,
+            connect_burst_per_ip: 4096,
+            // max_connections subscribers plus 2,048 plain HTTP connections.
+            max_sockets: 16_384 + 2048,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -254,6 +301,34 @@ impl Config {
                 "board_update_interval",
                 d.board_update_interval,
             )?,
+            max_connections_per_ip: args
+                .max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(d.max_connections_per_ip),
+            connect_rate_per_ip: args
+                .connect_rate_per_ip
+                .or(file.connect_rate_per_ip)
+                .unwrap_or(d.connect_rate_per_ip),
+            connect_burst_per_ip: args
+                .connect_burst_per_ip
+                .or(file.connect_burst_per_ip)
+                .unwrap_or(d.connect_burst_per_ip),
+            max_sockets: args
+                .max_sockets
+                .or(file.max_sockets)
+                .unwrap_or(d.max_sockets),
+            header_read_timeout: dur(
+                args.header_read_timeout,
+                &file.header_read_timeout,
+                "header_read_timeout",
+                d.header_read_timeout,
+            )?,
+            body_read_timeout: dur(
+                args.body_read_timeout,
+                &file.body_read_timeout,
+                "body_read_timeout",
+                d.body_read_timeout,
+            )?,
         };
         cfg.check()?;
         Ok(cfg)
@@ -285,6 +360,8 @@ impl Config {
             ("ping_interval", self.ping_interval),
             ("pong_timeout", self.pong_timeout),
             ("write_timeout", self.write_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
         ] {
             anyhow::ensure!(
                 d >= Duration::from_millis(10),
@@ -295,6 +372,14 @@ impl Config {
             (1..=MAX_BOARD_TOP).contains(&self.board_top),
             "board_top must be between 1 and {MAX_BOARD_TOP}"
         );
+        for (name, v) in [
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("connect_rate_per_ip", self.connect_rate_per_ip as usize),
+            ("connect_burst_per_ip", self.connect_burst_per_ip as usize),
+            ("max_sockets", self.max_sockets),
+        ] {
+            anyhow::ensure!(v >= 1, "{name} must be at least 1");
+        }
         for o in &self.allowed_origins {
             anyhow::ensure!(
                 o.starts_with("http://") || o.starts_with("https://"),
@@ -345,6 +430,47 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(&over).is_err());
+    }
+
+    #[test]
+    fn connection_limits_come_from_flags_variables_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        std::fs::write(
+            &path,
+            "max_sockets = 300\nmax_connections_per_ip = 20\nconnect_rate_per_ip = 5\n\
+             connect_burst_per_ip = 7\nheader_read_timeout = \"3s\"\n\
+             body_read_timeout = \"4s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_sockets: Some(400),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args).unwrap();
+        assert_eq!(cfg.max_sockets, 400);
+        assert_eq!(cfg.max_connections_per_ip, 20);
+        assert_eq!(cfg.connect_rate_per_ip, 5);
+        assert_eq!(cfg.connect_burst_per_ip, 7);
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.body_read_timeout, Duration::from_secs(4));
+        for bad in [
+            ServeArgs {
+                max_connections_per_ip: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                connect_burst_per_ip: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                body_read_timeout: Some(Duration::ZERO),
+                ..Default::default()
+            },
+        ] {
+            assert!(Config::resolve(&bad).is_err());
+        }
     }
 
     #[test]

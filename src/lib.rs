@@ -11,6 +11,8 @@ pub mod cli;
 pub mod client;
 pub mod close;
 pub mod config;
+pub mod conn_limits;
+pub mod fd_limit;
 pub mod http_client;
 pub mod hub;
 pub mod leaderboard;

@@ -43,6 +43,12 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Why a TCP connection was refused at accept time (see `conn_limits::Refusal`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<TransportLabel, Gauge>,
@@ -61,6 +67,10 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     pub scores: Counter,
     pub board_updates: Counter,
+    pub refused_connections: Family<RefusalLabel, Counter>,
+    pub sockets: Gauge,
+    pub tracked_ips: Gauge,
+    pub accept_errors: Counter,
     /// Handles into the families above, fetched once so the write path does no lookup.
     per_transport: [PerTransport; 2],
 }
@@ -93,6 +103,10 @@ impl Metrics {
             rejected_connections: Counter::default(),
             scores: Counter::default(),
             board_updates: Counter::default(),
+            refused_connections: Family::default(),
+            sockets: Gauge::default(),
+            tracked_ips: Gauge::default(),
+            accept_errors: Counter::default(),
             registry: Registry::default(),
             per_transport: Default::default(),
         };
@@ -172,6 +186,31 @@ impl Metrics {
             "Leaderboard live updates published",
             m.board_updates.clone(),
         );
+        registry.register(
+            "refused_connections",
+            "TCP connections refused at accept, by reason (max_sockets, per_ip, connect_rate)",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "sockets",
+            "Open TCP connections of any kind (subscribers and plain HTTP)",
+            m.sockets.clone(),
+        );
+        registry.register(
+            "tracked_ips",
+            "Client addresses in the per-IP connection table",
+            m.tracked_ips.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accept calls (EMFILE and friends), each followed by a back-off",
+            m.accept_errors.clone(),
+        );
+        for reason in crate::conn_limits::Refusal::ALL {
+            let _ = m.refused_connections.get_or_create(&RefusalLabel {
+                reason: reason.label(),
+            });
+        }
         // Pre-create label sets so dashboards see zeros rather than missing series.
         for transport in [Transport::Ws, Transport::Sse] {
             let _ = m.connections.get_or_create(&TransportLabel { transport });

@@ -1,6 +1,11 @@
+//! Deadlines hyper does not enforce by itself.
+//!
 //! `DeadlineStream`: a TCP stream whose writes fail after `write_timeout` without progress.
 //! hyper has no write deadline of its own, so without this an SSE client that stops
 //! reading would pin its connection (and fd) forever once its kernel buffer filled.
+//!
+//! `TimedBody`: a request body with a total read deadline (hyper's `header_read_timeout`
+//! covers only the head).
 
 use std::io;
 use std::pin::Pin;
@@ -96,5 +101,66 @@ impl AsyncWrite for DeadlineStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A request body that fails once `body_read_timeout` has passed since its request's head
+/// arrived: a client trickling a byte at a time (slowloris on the body) would otherwise hold
+/// its connection, its buffers and a handler for as long as it liked. A total deadline
+/// rather than one per read, or one byte every few seconds would never trip it.
+pub struct TimedBody<B> {
+    inner: B,
+    deadline: tokio::time::Instant,
+    /// Made only once a read has to wait: most bodies arrive whole with their head.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The error a `TimedBody` ends with; `read_body` answers it with 408.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within body_read_timeout")]
+pub struct BodyTimeout;
+
+impl<B> TimedBody<B> {
+    pub fn new(inner: B, timeout: Duration) -> Self {
+        TimedBody {
+            inner,
+            deadline: tokio::time::Instant::now() + timeout,
+            timer: None,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for TimedBody<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Some(Err(Box::new(BodyTimeout))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -3,25 +3,32 @@
 //! is known, so a WebSocket upgrade can take the raw `TcpStream` back and run its
 //! buffer-free loop; every socket gets a write deadline; and shutdown is explicit: stop
 //! accepting, tell every connection to drain, wait at most `drain_timeout`.
+//!
+//! Every accepted socket first takes its share from `conn_limits` (total, per address,
+//! connect rate); a refused one gets a fixed JSON answer and is closed right there, before
+//! any task, buffer or parser is spent on it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::body::Body;
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::app;
 use crate::close::DisconnectReason;
 use crate::config::Config;
+use crate::conn_limits::{Refusal, CONN_SLOT};
 use crate::hub::Hub;
 use crate::leaderboard::service::Boards;
 use crate::metrics::Metrics;
-use crate::net::DeadlineStream;
+use crate::net::{DeadlineStream, TimedBody};
 use crate::state::AppState;
 
 /// A running server. Dropping it without `shutdown` cancels it too.
@@ -34,6 +41,8 @@ pub struct Server {
 impl Server {
     /// Binds, opens the data store and starts serving in the background.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+        let needed = cfg.max_sockets as u64 + crate::conn_limits::FILE_HEADROOM;
+        crate::fd_limit::raise(needed);
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
@@ -98,29 +107,65 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// Back-off after a failed accept: EMFILE stays until some connection closes, and retrying
+/// at once would spin a core while the listener stays readable.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
     let router = app::router(state.clone());
+    let body_timeout = state.cfg.body_read_timeout;
+    let router = tower::ServiceExt::map_request(router, move |req: hyper::Request<Incoming>| {
+        req.map(|b| Body::new(TimedBody::new(b, body_timeout)))
+    });
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                state.limits.sweep();
+                continue;
+            }
             r = listener.accept() => match r {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    conn
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    state.metrics.accept_errors.inc();
+                    // One line per streak of failures, not one per retry.
+                    if backoff == ACCEPT_BACKOFF_MIN {
+                        tracing::warn!("accept failed: {e} (retrying with back-off)");
+                    }
+                    tokio::select! {
+                        _ = state.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
+        };
+        let slot = match state.limits.admit(peer.ip()) {
+            Ok(slot) => Arc::new(slot),
+            Err(why) => {
+                refuse(tcp, why);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let io = TokioIo::new(DeadlineStream::new(tcp, state.cfg.write_timeout));
         let service = TowerToHyperService::new(router.clone());
         let shutdown = state.shutdown.clone();
-        state.tracker.spawn(async move {
+        let header_timeout = state.cfg.header_read_timeout;
+        state.tracker.spawn(CONN_SLOT.scope(slot, async move {
+            // header_read_timeout also runs while a kept-alive connection waits for its
+            // next request, so it bounds idle connections too.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(header_timeout)
                 .serve_connection(io, service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -135,6 +180,25 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
                     let _ = conn.await;
                 }
             }
-        });
+        }));
     }
+}
+
+/// Answers a refused socket without waiting on it: one non-blocking write of a fixed
+/// response into its empty send buffer, then close. What the client already sent is read
+/// and dropped first, so the close is a FIN that lets it read the answer, not a reset.
+fn refuse(tcp: TcpStream, why: Refusal) {
+    use std::io::{Read, Write};
+    let Ok(mut tcp) = tcp.into_std() else {
+        return;
+    };
+    let _ = tcp.write(why.response());
+    let mut sink = [0u8; 1024];
+    for _ in 0..8 {
+        match tcp.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
 }

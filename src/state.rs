@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::error::ApiError;
 use crate::client::Client;
 use crate::config::Config;
+use crate::conn_limits::{ConnLimits, ConnSlot, CONN_SLOT};
 use crate::hub::Hub;
 use crate::leaderboard::service::Boards;
 use crate::metrics::{Metrics, Transport};
@@ -25,6 +26,8 @@ pub struct AppState {
     /// Every connection task, so shutdown can wait for them (bounded by drain_timeout).
     pub tracker: TaskTracker,
     pub boards: Arc<Boards>,
+    /// Per-address and node-wide socket shares, taken at accept.
+    pub limits: Arc<ConnLimits>,
     connections: AtomicUsize,
 }
 
@@ -36,7 +39,9 @@ impl AppState {
         boards: Arc<Boards>,
         shutdown: CancellationToken,
     ) -> Self {
+        let limits = Arc::new(ConnLimits::new(&cfg, &metrics));
         AppState {
+            limits,
             cfg,
             hub,
             metrics,
@@ -59,6 +64,10 @@ pub struct Registration {
     pub client: Arc<Client>,
     state: Arc<AppState>,
     gauge: Gauge,
+    /// The TCP connection's share of the per-IP and socket limits, kept until the
+    /// subscriber ends (after the `Drop` below has unsubscribed it): an upgraded WebSocket
+    /// no longer has an HTTP connection task holding it.
+    _slot: Option<Arc<ConnSlot>>,
 }
 
 impl Registration {
@@ -83,6 +92,7 @@ impl Registration {
             client: Arc::new(Client::new(transport, state.cfg.queue_max_bytes)),
             state: state.clone(),
             gauge,
+            _slot: CONN_SLOT.try_with(Arc::clone).ok(),
         })
     }
 

@@ -49,6 +49,13 @@ impl ApiError {
             format!("the body is larger than max_message_bytes ({max})"),
         )
     }
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive within body_read_timeout",
+        )
+    }
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }

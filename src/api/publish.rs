@@ -46,12 +46,21 @@ pub async fn publish(
     })))
 }
 
-/// Reads a body of at most `max` bytes, answering 413 (as JSON) past it.
+/// Reads a body of at most `max` bytes, answering 413 (as JSON) past it, and 408 when the
+/// server's `TimedBody` deadline (body_read_timeout) passes before the body is complete.
 pub async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
     to_bytes(body, max).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit")
-        {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<crate::net::BodyTimeout>() {
+                return ApiError::body_timeout();
+            }
+            if c.is::<http_body_util::LengthLimitError>() {
+                return ApiError::too_large(max);
+            }
+            cause = c.source();
+        }
+        if e.to_string().contains("length limit") {
             ApiError::too_large(max)
         } else {
             ApiError::bad_request("bad_body", format!("could not read the body: {e}"))
