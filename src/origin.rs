@@ -15,6 +15,10 @@
 //! literal or `localhost` (which browsers resolve to loopback themselves) is safe to trust;
 //! a deployment behind a domain states its public origin instead.
 //!
+//! What it cannot do: a same-origin GET carries no Origin (and over plain http no
+//! `Sec-Fetch-Site`), so a rebinding page's EventSource and API reads pass like the real
+//! page's. WebSocket upgrades and writes always carry Origin, so those are refused.
+//!
 //! Origins and hosts are compared normalised (scheme and host lower case, default ports 80
 //! and 443 filled in), so `Host: example.com:80` matches `Origin: http://example.com`.
 
@@ -105,7 +109,10 @@ pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, ApiError> {
     let cross_site = headers
         .get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+    let host_header = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let Some(origin) = headers.get(header::ORIGIN) else {
+        // Programs send neither header; a same-origin GET (an EventSource on the page
+        // itself) sends no Origin either, and `none` means the user typed the URL.
         return if cross_site {
             Err(cross_site_refused())
         } else {
@@ -115,17 +122,10 @@ pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, ApiError> {
     let Some(origin) = origin.to_str().ok().and_then(Origin::parse) else {
         return Err(origin_refused());
     };
-    let listed = |list: &[String]| {
-        list.iter()
-            .any(|o| Origin::parse(o).as_ref() == Some(&origin))
-    };
-    if listed(&cfg.public_origins) || listed(&cfg.allowed_origins) {
+    if listed(&origin, cfg) {
         return Ok(Access::Listed);
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| Origin::from_host(h, origin.scheme));
+    let host = host_header.and_then(|h| Origin::from_host(h, origin.scheme));
     match host {
         Some(host) if host == origin && host.is_rebinding_safe() => {
             if cross_site {
@@ -136,6 +136,27 @@ pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, ApiError> {
         }
         _ => Err(origin_refused()),
     }
+}
+
+fn listed(origin: &Origin, cfg: &Config) -> bool {
+    cfg.public_origins
+        .iter()
+        .chain(&cfg.allowed_origins)
+        .any(|o| Origin::parse(o).as_ref() == Some(origin))
+}
+
+/// The default trusts only pages opened by IP address or localhost; a node that listens
+/// beyond loopback with no public origin is probably reached by a domain name, whose pages
+/// would all get 403. Say so at start rather than leave the operator to find out.
+pub fn startup_warning(cfg: &Config) -> Option<String> {
+    (!cfg.listen.ip().is_loopback() && cfg.public_origins.is_empty()).then(|| {
+        format!(
+            "listening on {} with no public origin: browser pages reached through a domain \
+             name will get 403 origin_not_allowed on /ws, /sse and writes; set \
+             --public-origin (e.g. https://crier.example)",
+            cfg.listen
+        )
+    })
 }
 
 fn origin_refused() -> ApiError {
@@ -254,6 +275,10 @@ mod tests {
         assert_eq!(
             verdict(&[("sec-fetch-site", "cross-site")], &none),
             Err("cross_site_request")
+        );
+        assert_eq!(
+            verdict(&[("sec-fetch-site", "none")], &none),
+            Ok(Access::NotBrowser)
         );
         assert_eq!(
             verdict(&[("sec-fetch-site", "same-origin")], &none),

@@ -510,6 +510,17 @@ async fn configured_public_origin_is_trusted() {
         let a = upgrade(srv.addr, &headers[..2]).await;
         assert_eq!(a.status, 403, "{origin}");
     }
+    // The bundled page's same-origin EventSource (no Origin) under the public name.
+    let a = send(
+        srv.addr,
+        "GET",
+        "/sse?topic=t",
+        &[("Host", "crier.example"), ("Sec-Fetch-Site", "same-origin")],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("access-control-allow-origin"), None);
     // The bundled page opened by IP address still works.
     let ip_origin = format!("http://{}", srv.addr);
     assert_eq!(
