@@ -250,6 +250,16 @@ mod tests {
         assert!(!safe("http://localhost.evil.example"));
     }
 
+    #[test]
+    fn warns_only_beyond_loopback_without_public_origin() {
+        let mut cfg = Config::default();
+        assert_eq!(startup_warning(&cfg), None);
+        cfg.listen = "0.0.0.0:7700".parse().unwrap();
+        assert!(startup_warning(&cfg).is_some_and(|w| w.contains("--public-origin")));
+        cfg.public_origins = vec!["https://crier.example".into()];
+        assert_eq!(startup_warning(&cfg), None);
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
