@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::error::ApiError;
-use crate::api::{health, publish};
+use crate::api::{health, intent, publish};
 use crate::state::AppState;
 use crate::{leaderboard, sse, web, ws};
 
@@ -19,6 +19,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(health::metrics))
         .merge(leaderboard::api::routes())
         .merge(web::routes())
+        // Every route above: writes need intent (api::intent).
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            intent::require,
+        ))
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
         .with_state(state)
 }

@@ -55,6 +55,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config, demo: bool) -> anyhow::Result<()> {
+    if let Some(note) = crate::origin::startup_warning(&cfg) {
+        tracing::warn!("{note}");
+    }
     let server = Server::start(cfg).await?;
     if demo {
         crate::leaderboard::demo::spawn(&server);

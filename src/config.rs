@@ -31,14 +31,23 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub publisher_keys: Option<Vec<String>>,
-    /// Extra browser Origin allowed to open WebSockets, exact match (e.g.
-    /// https://game.example); repeatable [default: only the same origin as the Host].
+    /// Another site whose pages may open WebSockets and SSE streams and write here (e.g.
+    /// https://game.example); repeatable [default: none].
     #[arg(
         long = "allowed-origin",
         env = "CRIER_ALLOWED_ORIGINS",
         value_delimiter = ','
     )]
     pub allowed_origins: Option<Vec<String>>,
+    /// Origin browsers use to reach this service (e.g. https://crier.example); repeatable.
+    /// Needed behind a domain name: unlisted, only pages served from an IP address or
+    /// localhost count as same-origin, which is what stops DNS rebinding [default: none].
+    #[arg(
+        long = "public-origin",
+        env = "CRIER_PUBLIC_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub public_origins: Option<Vec<String>>,
     /// Most subscriber connections (WebSocket + SSE) held at once [default: 16384].
     #[arg(long, env = "CRIER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -116,6 +125,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     publisher_keys: Option<Vec<String>>,
     allowed_origins: Option<Vec<String>>,
+    public_origins: Option<Vec<String>>,
     max_connections: Option<usize>,
     max_topics: Option<usize>,
     max_subscriber_topics: Option<usize>,
@@ -142,6 +152,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub publisher_keys: Vec<String>,
     pub allowed_origins: Vec<String>,
+    /// The service's own origins (see `origin`); with `allowed_origins`, the only pages
+    /// trusted besides same-origin ones on an IP literal or localhost.
+    pub public_origins: Vec<String>,
     pub max_connections: usize,
     pub max_topics: usize,
     pub max_subscriber_topics: usize,
@@ -169,6 +182,7 @@ impl Default for Config {
             data_dir: PathBuf::from("crier-data"),
             publisher_keys: Vec::new(),
             allowed_origins: Vec::new(),
+            public_origins: Vec::new(),
             max_connections: 16_384,
             max_topics: 100_000,
             max_subscriber_topics: 50_000,
@@ -243,6 +257,15 @@ impl Config {
                 .allowed_origins
                 .clone()
                 .or(file.allowed_origins)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            public_origins: args
+                .public_origins
+                .clone()
+                .or(file.public_origins)
                 .unwrap_or_default()
                 .into_iter()
                 .map(|o| o.trim().trim_end_matches('/').to_string())
@@ -380,11 +403,17 @@ impl Config {
         ] {
             anyhow::ensure!(v >= 1, "{name} must be at least 1");
         }
-        for o in &self.allowed_origins {
-            anyhow::ensure!(
-                o.starts_with("http://") || o.starts_with("https://"),
-                "allowed origin {o:?} must start with http:// or https://"
-            );
+        for (name, list) in [
+            ("allowed origin", &self.allowed_origins),
+            ("public origin", &self.public_origins),
+        ] {
+            for o in list {
+                anyhow::ensure!(
+                    crate::origin::Origin::parse(o).is_some(),
+                    "{name} {o:?} must be scheme://host[:port] with scheme http or https \
+                     and no path"
+                );
+            }
         }
         Ok(())
     }
@@ -494,5 +523,30 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(&bad).is_err());
+    }
+
+    #[test]
+    fn origins_come_from_file_and_must_be_origins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        std::fs::write(
+            &path,
+            "public_origins = [\"https://crier.example/\"]\nallowed_origins = [\"https://game.example\"]\n",
+        )
+        .unwrap();
+        let cfg = Config::resolve(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.public_origins, ["https://crier.example"]);
+        assert_eq!(cfg.allowed_origins, ["https://game.example"]);
+        for bad in ["crier.example", "https://crier.example/app", "null"] {
+            let args = ServeArgs {
+                public_origins: Some(vec![bad.into()]),
+                ..Default::default()
+            };
+            assert!(Config::resolve(&args).is_err(), "{bad}");
+        }
     }
 }

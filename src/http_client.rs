@@ -30,6 +30,8 @@ impl HttpClient {
         body: Option<Bytes>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut req = Request::builder().method(method).uri(url);
+        // Every write carries a body here, and crier refuses writes without this type
+        // (api::intent), so it is sent whenever there is one, even an empty one.
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }

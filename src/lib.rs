@@ -18,6 +18,7 @@ pub mod hub;
 pub mod leaderboard;
 pub mod metrics;
 pub mod net;
+pub mod origin;
 pub mod protocol;
 pub mod publication;
 pub mod server;

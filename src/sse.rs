@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream;
@@ -23,14 +23,26 @@ use crate::topic::topics_from_query;
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 1024;
 
-pub async fn subscribe(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    match open(&state, query.as_deref()) {
+pub async fn subscribe(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    match open(&state, query.as_deref(), &headers) {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-fn open(state: &Arc<AppState>, query: Option<&str>) -> Result<Response, ApiError> {
+fn open(
+    state: &Arc<AppState>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    // The WebSocket origin rule: a stream holds a connection slot, so another site's page
+    // must not open streams through its visitors' browsers, even though without CORS it
+    // could not read them.
+    let access = crate::origin::check(headers, &state.cfg)?;
     let topics = topics_from_query(query, state.cfg.max_topics_per_connection)?;
     if topics.is_empty() {
         return Err(ApiError::bad_request(
@@ -68,6 +80,14 @@ fn open(state: &Arc<AppState>, query: Option<&str>) -> Result<Response, ApiError
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tell nginx-style proxies not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Sites the operator listed may read the stream from their own pages (EventSource is a
+    // CORS request).
+    if access == crate::origin::Access::Listed {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            h.insert(header::VARY, HeaderValue::from_static("origin"));
+        }
+    }
     Ok(resp)
 }
 

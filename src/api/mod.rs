@@ -4,4 +4,5 @@
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod intent;
 pub mod publish;

@@ -1,4 +1,5 @@
-//! `POST /api/publish/{topic}`: validate, hand to the hub, report the offset.
+//! `POST /api/publish/{topic}`: validate, hand to the hub, report the offset. The content
+//! type and origin were already checked by the `api::intent` layer, before the body.
 
 use std::sync::Arc;
 

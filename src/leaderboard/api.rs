@@ -1,5 +1,7 @@
 //! Leaderboard HTTP API (docs/leaderboards.md). Writes need a publisher key when keys are
-//! configured: game servers write, browsers only read.
+//! configured: game servers write, browsers only read. Before any handler here runs, the
+//! `api::intent` layer has refused writes without a JSON content type or from another
+//! site's page, so a reset or a score cannot be forged through a visitor's browser.
 
 use std::sync::Arc;
 

@@ -160,7 +160,8 @@ const delay = (ms) => new Promise((r) => setTimeout(r, ms));
 export async function api(baseURL, method, path, body, timeoutMs = 10_000) {
   const res = await fetch(baseURL + path, {
     method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
+    // Every write needs this content type, a body-less one (reset) too.
+    headers: method === 'GET' ? {} : { 'content-type': 'application/json' },
     body: body === undefined ? undefined : JSON.stringify(body),
     signal: AbortSignal.timeout(timeoutMs),
   });
