@@ -59,6 +59,12 @@ fn put_header(buf: &mut BytesMut, opcode: u8, len: usize, mask: Option<[u8; 4]>)
     }
 }
 
+/// Close codes a peer may send (RFC 6455 7.4): 1004-1006 and 1015 are reserved for
+/// local use, 1016-2999 for future protocol versions, and nothing outside 1000-4999 exists.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     // Word-at-a-time XOR: command frames are small, but the load tool unmasks nothing and
     // a client flooding large frames should not cost a byte loop.
@@ -134,6 +140,12 @@ impl Decoder {
         self.buf.len()
     }
 
+    /// Bytes this decoder holds for its peer (unparsed input and a fragmented message in
+    /// progress): they count against the connection's budget.
+    pub fn held(&self) -> usize {
+        self.buf.len() + self.partial.as_ref().map_or(0, |(_, d)| d.len())
+    }
+
     /// Frees the read buffer when nothing is pending, so idle connections cost no buffer.
     pub fn shrink_if_empty(&mut self) {
         if self.buf.is_empty() && self.partial.is_none() && self.buf.capacity() > 0 {
@@ -153,6 +165,9 @@ impl Decoder {
                     }
                     if payload.len() >= 2 {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
+                        if !close_code_allowed(code) {
+                            return Err(FrameError::Protocol("close code not allowed on the wire"));
+                        }
                         let reason = payload.slice(2..);
                         if std::str::from_utf8(&reason).is_err() {
                             return Err(FrameError::BadUtf8);
@@ -229,10 +244,13 @@ impl Decoder {
                 if b.len() < 10 {
                     return Ok(None);
                 }
-                (
-                    u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")),
-                    10,
-                )
+                let len = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
+                if len >> 63 != 0 {
+                    // RFC 6455 5.2: the most significant bit MUST be 0. A malformed frame,
+                    // not a large one.
+                    return Err(FrameError::Protocol("64-bit length with the top bit set"));
+                }
+                (len, 10)
             }
             n => (n as u64, 2),
         };
@@ -242,7 +260,13 @@ impl Decoder {
                 "control frame fragmented or over 125 bytes",
             ));
         }
-        if len > self.max_message as u64 {
+        // A continuation is judged with what its message already holds, as soon as its
+        // header is in: nothing of a message that cannot fit is ever buffered.
+        let so_far = match (&self.partial, opcode) {
+            (Some((_, data)), OP_CONT) => data.len() as u64,
+            _ => 0,
+        };
+        if len + so_far > self.max_message as u64 {
             return Err(FrameError::TooLarge(self.max_message));
         }
         let mask = if masked {
@@ -257,8 +281,8 @@ impl Decoder {
         };
         let len = len as usize;
         if b.len() < pos + len {
-            // Reserve the whole frame once instead of growing by read-sized steps.
-            self.buf.reserve(pos + len - self.buf.len());
+            // The buffer grows only with bytes that actually arrive: a header declaring a
+            // large frame costs nothing until its payload is sent.
             return Ok(None);
         }
         self.buf.advance(pos);
@@ -349,6 +373,72 @@ mod tests {
             d.next_message().unwrap(),
             Some(Message::Close(Some(1000), Bytes::from_static(b"bye")))
         );
+    }
+
+    #[test]
+    fn close_codes_that_never_appear_on_the_wire_are_protocol_errors() {
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let mut d = Decoder::new(Role::Server, 1024);
+            feed(
+                &mut d,
+                &encode_masked(OP_CLOSE, &close_payload(code, ""), [3; 4]),
+            );
+            assert!(
+                matches!(d.next_message(), Err(FrameError::Protocol(_))),
+                "code {code}"
+            );
+        }
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 3999, 4000, 4999,
+        ] {
+            let mut d = Decoder::new(Role::Server, 1024);
+            feed(
+                &mut d,
+                &encode_masked(OP_CLOSE, &close_payload(code, ""), [3; 4]),
+            );
+            assert_eq!(
+                d.next_message().unwrap(),
+                Some(Message::Close(Some(code), Bytes::new())),
+                "code {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn length_with_top_bit_is_a_protocol_error_not_too_large() {
+        let mut d = Decoder::new(Role::Server, 1024);
+        let mut f = vec![0x82, 0x80 | 127];
+        f.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        feed(&mut d, &f);
+        assert!(matches!(d.next_message(), Err(FrameError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_declared_length_reserves_nothing() {
+        let mut d = Decoder::new(Role::Server, 16 * 1024 * 1024);
+        let mut f = vec![0x82, 0x80 | 127];
+        f.extend_from_slice(&(16u64 * 1024 * 1024).to_be_bytes());
+        f.extend_from_slice(&[1, 2, 3, 4, 0, 0]);
+        feed(&mut d, &f);
+        assert_eq!(d.next_message(), Ok(None));
+        assert!(d.buf.capacity() < 64 * 1024, "{}", d.buf.capacity());
+        assert_eq!(d.held(), f.len());
+    }
+
+    #[test]
+    fn an_oversized_continuation_is_refused_at_its_header() {
+        let mut d = Decoder::new(Role::Server, 100);
+        let mut first = encode_masked(OP_TEXT, &[b'a'; 60], [9; 4]).to_vec();
+        first[0] &= 0x7F;
+        feed(&mut d, &first);
+        assert_eq!(d.next_message(), Ok(None));
+        assert_eq!(d.held(), 60);
+        // Only the header of a 60-byte continuation: 60 + 60 > 100 already.
+        feed(&mut d, &[0x80, 0x80 | 60, 1, 2, 3, 4]);
+        assert_eq!(d.next_message(), Err(FrameError::TooLarge(100)));
     }
 
     #[test]
