@@ -346,3 +346,100 @@ async fn echo_endpoint_echoes_only_when_enabled() {
     assert_eq!(expect_close(&mut ws).await, 1009);
     srv.shutdown().await;
 }
+
+fn disconnects(srv: &TestServer, reason: crier::close::DisconnectReason) -> u64 {
+    srv.state()
+        .metrics
+        .disconnects
+        .get_or_create(&crier::metrics::ReasonLabel {
+            transport: crier::metrics::Transport::Ws,
+            reason: reason.label(),
+        })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_message_counts_against_the_same_budget_as_the_queue() {
+    let srv = TestServer::start(|c| {
+        c.max_message_bytes = 150_000;
+        c.queue_max_bytes = 200_000;
+    })
+    .await;
+    let n = 20;
+    let subscriber = healthy(srv.addr, n).await;
+    let mut s = raw_ws(srv.addr, "?topic=big", None).await;
+    let mut head = [0u8; 2];
+    within("subscribed", s.read_exact(&mut head)).await.unwrap();
+    let mut body = vec![0u8; head[1] as usize];
+    s.read_exact(&mut body).await.unwrap();
+    // The first 140 kB fragment of a text message, then a ping: its pong says the server
+    // has taken the fragment in (and counted it).
+    let mut first = masked(frame::OP_TEXT, &vec![b' '; 140_000]);
+    first[0] &= 0x7F;
+    s.write_all(&first).await.unwrap();
+    s.write_all(&masked(frame::OP_PING, b"p")).await.unwrap();
+    let mut pong = [0u8; 3];
+    within("pong", s.read_exact(&mut pong)).await.unwrap();
+    assert_eq!(pong, [0x8A, 1, b'p']);
+    // 70 kB on its own fits the 200 kB budget; beside the 140 kB held, it does not.
+    let big = format!("\"{}\"", "y".repeat(70_000));
+    let (status, _) = srv.publish("big", &big).await;
+    assert_eq!(status, 200);
+    let frames = server_frames(&mut s).await;
+    assert_eq!(close_code(&frames), Some(4001));
+    assert!(!frames.iter().any(|f| matches!(f, Frame::Text(_))));
+    publish_all(srv.addr, n).await;
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_reading_does_not_extend_the_write_deadline() {
+    let srv = TestServer::start(|c| {
+        c.write_timeout = Duration::from_secs(1);
+        c.queue_max_bytes = 32 * 1024 * 1024;
+    })
+    .await;
+    let n = 20;
+    let subscriber = healthy(srv.addr, n).await;
+    let mut s = raw_ws(srv.addr, "?topic=flood", Some(4096)).await;
+    wait_until("subscribed", || {
+        srv.state().hub.subscriber_count("flood") == 1
+    })
+    .await;
+    // More than the kernel buffers hold, all of it within the queue budget: only the write
+    // deadline can end this client.
+    let pad = format!("\"{}\"", "z".repeat(60_000));
+    for _ in 0..150 {
+        let (status, _) = srv.publish("flood", &pad).await;
+        assert_eq!(status, 200);
+    }
+    // Reads a byte every 20 ms: progress, but nowhere near a batch per write_timeout.
+    let trickle = async {
+        let mut byte = [0u8; 1];
+        loop {
+            match s.read(&mut byte).await {
+                Ok(1) => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => return,
+            }
+        }
+    };
+    let cut_off = wait_until("closed for write_timeout", || {
+        disconnects(&srv, crier::close::DisconnectReason::WriteTimeout) == 1
+    });
+    // (What the kernel already buffered for it takes the trickle minutes to read, so the
+    // server's side is what is watched.)
+    let (_, ()) = tokio::join!(publish_all(srv.addr, n), async {
+        tokio::select! {
+            () = cut_off => {}
+            () = trickle => panic!("the socket ended without a write_timeout close"),
+        }
+    });
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    assert_eq!(srv.state().hub.subscriber_count("flood"), 0);
+    srv.shutdown().await;
+}

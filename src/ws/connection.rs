@@ -256,6 +256,9 @@ impl Connection {
                             if got > 0 {
                                 pong_deadline = None;
                                 self.process_input();
+                                // Before any answer to this input goes out, so a peer that
+                                // sees the answer knows its bytes are counted.
+                                client.set_held(self.held());
                             }
                             if got == READ_CHUNK * READS_PER_WAKE {
                                 // The socket has more: let other tasks on this worker run
@@ -419,6 +422,8 @@ impl Connection {
                         FrameError::BadUtf8 => DisconnectReason::BadUtf8,
                         FrameError::Protocol(_) => DisconnectReason::ProtocolError,
                     };
+                    // Answers to what came before the bad frame go out first (one batch).
+                    self.refill();
                     self.begin_close(reason);
                     // What is buffered is unparseable; a fresh decoder (control-frame
                     // sized) can still read the peer's close reply that follows ours.
