@@ -116,6 +116,9 @@ pub struct Decoder {
     buf: BytesMut,
     /// Opcode and data of a fragmented message in progress.
     partial: Option<(u8, BytesMut)>,
+    /// How much of a fragmented text message is known to be UTF-8 (always on a character
+    /// boundary), so each fragment is checked once and bad text fails at its fragment.
+    utf8_checked: usize,
 }
 
 impl Decoder {
@@ -125,6 +128,7 @@ impl Decoder {
             max_message,
             buf: BytesMut::new(),
             partial: None,
+            utf8_checked: 0,
         }
     }
 
@@ -185,7 +189,12 @@ impl Decoder {
                     if fin {
                         return self.finish(opcode, payload).map(Some);
                     }
-                    self.partial = Some((opcode, BytesMut::from(&payload[..])));
+                    let data = BytesMut::from(&payload[..]);
+                    self.utf8_checked = 0;
+                    if opcode == OP_TEXT {
+                        self.check_utf8_prefix(&data)?;
+                    }
+                    self.partial = Some((opcode, data));
                 }
                 OP_CONT => {
                     let Some((op, mut data)) = self.partial.take() else {
@@ -198,11 +207,25 @@ impl Decoder {
                     if fin {
                         return self.finish(op, data.freeze()).map(Some);
                     }
+                    if op == OP_TEXT {
+                        self.check_utf8_prefix(&data)?;
+                    }
                     self.partial = Some((op, data));
                 }
                 _ => return Err(FrameError::Protocol("unknown opcode")),
             }
         }
+    }
+
+    /// Checks the unchecked part of an unfinished text message; a sequence cut at its end
+    /// may still be completed by the next fragment.
+    fn check_utf8_prefix(&mut self, data: &[u8]) -> Result<(), FrameError> {
+        match std::str::from_utf8(&data[self.utf8_checked..]) {
+            Ok(_) => self.utf8_checked = data.len(),
+            Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+            Err(_) => return Err(FrameError::BadUtf8),
+        }
+        Ok(())
     }
 
     fn finish(&self, opcode: u8, data: Bytes) -> Result<Message, FrameError> {
@@ -439,6 +462,34 @@ mod tests {
         // Only the header of a 60-byte continuation: 60 + 60 > 100 already.
         feed(&mut d, &[0x80, 0x80 | 60, 1, 2, 3, 4]);
         assert_eq!(d.next_message(), Err(FrameError::TooLarge(100)));
+    }
+
+    #[test]
+    fn bad_utf8_fails_at_its_fragment_and_split_characters_pass() {
+        let frag = |op: u8, fin: bool, p: &[u8]| {
+            let mut f = encode_masked(op, p, [5; 4]).to_vec();
+            if !fin {
+                f[0] &= 0x7F;
+            }
+            f
+        };
+        // "é" (C3 A9) split across fragments is fine.
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &frag(OP_TEXT, false, b"caf\xC3"));
+        feed(&mut d, &frag(OP_CONT, true, b"\xA9"));
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Text(Bytes::from("café")))
+        );
+        // Invalid bytes fail before the message is complete.
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &frag(OP_TEXT, false, b"ok"));
+        feed(&mut d, &frag(OP_CONT, false, b"\xFF"));
+        assert_eq!(d.next_message(), Err(FrameError::BadUtf8));
+        // Binary fragments are not text.
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &frag(OP_BINARY, false, b"\xFF"));
+        assert_eq!(d.next_message(), Ok(None));
     }
 
     #[test]
