@@ -341,6 +341,34 @@ mod tests {
     }
 
     #[test]
+    fn command_rate_and_echo_endpoint() {
+        let d = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!((d.max_commands_per_second, d.echo_endpoint), (100, false));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        std::fs::write(&path, "max_commands_per_second = 7\necho_endpoint = true\n").unwrap();
+        let cfg = Config::resolve(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((cfg.max_commands_per_second, cfg.echo_endpoint), (7, true));
+        let cfg = Config::resolve(&ServeArgs {
+            config: Some(path),
+            max_commands_per_second: Some(9),
+            echo_endpoint: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((cfg.max_commands_per_second, cfg.echo_endpoint), (9, false));
+        assert!(Config::resolve(&ServeArgs {
+            max_commands_per_second: Some(0),
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[test]
     fn unknown_file_key_and_bad_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crier.toml");

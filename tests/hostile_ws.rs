@@ -443,3 +443,44 @@ async fn a_trickle_of_reading_does_not_extend_the_write_deadline() {
     assert_eq!(srv.state().hub.subscriber_count("flood"), 0);
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_deadline_fires_while_the_socket_is_always_readable() {
+    let srv = TestServer::start(|c| {
+        c.write_timeout = Duration::from_secs(1);
+        c.queue_max_bytes = 32 * 1024 * 1024;
+        c.max_commands_per_second = 100_000_000;
+    })
+    .await;
+    let n = 20;
+    let subscriber = healthy(srv.addr, n).await;
+    let s = raw_ws(srv.addr, "?topic=flood", Some(4096)).await;
+    wait_until("subscribed", || {
+        srv.state().hub.subscriber_count("flood") == 1
+    })
+    .await;
+    let (_rd, mut wr) = s.into_split();
+    // Pings without end, never reading: the server always has input waiting.
+    let flood = tokio::spawn(async move {
+        let pings = b"\x89\x80\0\0\0\0".repeat(10_000);
+        while wr.write_all(&pings).await.is_ok() {}
+    });
+    // Enough to fill the kernel buffers, so a write batch stalls.
+    let pad = format!("\"{}\"", "z".repeat(60_000));
+    for _ in 0..150 {
+        let (status, _) = srv.publish("flood", &pad).await;
+        assert_eq!(status, 200);
+    }
+    publish_all(srv.addr, n).await;
+    wait_until("closed for write_timeout despite the flood", || {
+        disconnects(&srv, crier::close::DisconnectReason::WriteTimeout) == 1
+    })
+    .await;
+    within("flood ends once the server closed", flood)
+        .await
+        .unwrap();
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    srv.shutdown().await;
+}
