@@ -11,7 +11,12 @@ use crate::state::AppState;
 use crate::{leaderboard, sse, web, ws};
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if state.cfg.echo_endpoint {
+        // Conformance testing only (`--echo-endpoint`, off by default).
+        router = router.route("/echo", get(ws::handshake::echo));
+    }
+    router
         .route("/ws", get(ws::handshake::upgrade))
         .route("/sse", get(sse::subscribe))
         .route("/api/publish/{topic}", post(publish::publish))

@@ -2,9 +2,14 @@
 //! bounded outbound queue. The queue is counted in bytes; passing the limit marks the
 //! client a slow consumer instead of growing. Conflatable items (state topics such as
 //! leaderboards) replace their own older, still-unsent version instead of piling up.
+//!
+//! `queue_max_bytes` is the client's one budget: the writer reports what it holds outside
+//! the queue (the batch being written, a pending pong, a partly received message) with
+//! `set_held`, and the queue only accepts what still fits beside it. One number bounds all
+//! the memory a client, hostile or slow, can make the server keep for it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -37,6 +42,8 @@ pub struct Client {
     pub transport: Transport,
     queue_max_bytes: usize,
     queue: Mutex<Queue>,
+    /// Bytes the writer holds for this client outside the queue (see `set_held`).
+    held: AtomicUsize,
     notify: Notify,
     /// Topics held; guarded separately from the queue so fan-out never waits on it.
     pub(crate) topics: Mutex<Vec<TopicName>>,
@@ -77,6 +84,7 @@ impl Client {
             transport,
             queue_max_bytes,
             queue: Mutex::new(Queue::default()),
+            held: AtomicUsize::new(0),
             notify: Notify::new(),
             topics: Mutex::new(Vec::new()),
         }
@@ -110,6 +118,7 @@ impl Client {
         if q.closed.is_some() {
             return Pushed::Closed;
         }
+        let budget = self.queue_max_bytes.saturating_sub(self.held());
         if let Some(topic) = &item.conflate {
             let queued = q.bytes;
             if let Some(old) = q
@@ -119,7 +128,7 @@ impl Client {
                 .find(|i| i.conflate.as_ref() == Some(topic))
             {
                 let (old_len, new_len) = (old.bytes.len(), item.bytes.len());
-                if queued - old_len + new_len <= self.queue_max_bytes {
+                if queued - old_len + new_len <= budget {
                     // Keep the older item's place (and publish time, so latency stays honest).
                     old.bytes = item.bytes;
                     q.bytes = queued - old_len + new_len;
@@ -128,7 +137,7 @@ impl Client {
                 }
             }
         }
-        if q.bytes + item.bytes.len() > self.queue_max_bytes {
+        if q.bytes + item.bytes.len() > budget {
             let dropped = q.items.len() as u64 + 1;
             q.items = VecDeque::new();
             q.bytes = 0;
@@ -221,6 +230,21 @@ impl Client {
     pub fn queued_bytes(&self) -> usize {
         self.queue.lock().bytes
     }
+
+    /// The writer's report of what it holds for this client outside the queue; the queue
+    /// then accepts only `queue_max_bytes` minus this.
+    pub fn set_held(&self, bytes: usize) {
+        self.held.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The whole budget: `queued_bytes() + held()` may not pass it.
+    pub fn budget(&self) -> usize {
+        self.queue_max_bytes
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +271,16 @@ mod tests {
             Batch::Closed(DisconnectReason::SlowConsumer)
         ));
         assert_eq!(c.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn bytes_held_outside_the_queue_count_against_the_same_budget() {
+        let m = Metrics::new();
+        let c = Client::new(Transport::Ws, 100);
+        c.set_held(50);
+        assert!(c.push(item(40, None), &m));
+        assert!(!c.push(item(20, None), &m));
+        assert_eq!(c.closed(), Some(DisconnectReason::SlowConsumer));
     }
 
     #[test]

@@ -13,10 +13,12 @@ pub enum DisconnectReason {
     SlowConsumer,
     NoPong,
     WriteTimeout,
+    /// More commands than `max_commands_per_second` allows: a buggy or hostile client.
+    TooManyCommands,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 8] = [
+    pub const ALL: [DisconnectReason; 9] = [
         Self::Normal,
         Self::Shutdown,
         Self::ProtocolError,
@@ -25,6 +27,7 @@ impl DisconnectReason {
         Self::SlowConsumer,
         Self::NoPong,
         Self::WriteTimeout,
+        Self::TooManyCommands,
     ];
 
     pub fn code(self) -> u16 {
@@ -37,6 +40,8 @@ impl DisconnectReason {
             Self::SlowConsumer => 4001,
             Self::NoPong => 4002,
             Self::WriteTimeout => 4003,
+            // 45xx: reconnecting unchanged would only hit the limit again.
+            Self::TooManyCommands => 4500,
         }
     }
 
@@ -50,6 +55,7 @@ impl DisconnectReason {
             Self::SlowConsumer => "slow_consumer",
             Self::NoPong => "no_pong",
             Self::WriteTimeout => "write_timeout",
+            Self::TooManyCommands => "too_many_commands",
         }
     }
 

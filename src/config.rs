@@ -82,6 +82,14 @@ pub struct ServeArgs {
     /// On shutdown, how long to let clients drain their queues [default: 5s].
     #[arg(long, env = "CRIER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// Commands (and pings) one WebSocket connection may send per second, with bursts of
+    /// twice as many; past it the client gets an error frame and close 4500 [default: 100].
+    #[arg(long, env = "CRIER_MAX_COMMANDS_PER_SECOND")]
+    pub max_commands_per_second: Option<u32>,
+    /// Serve `/echo`, a WebSocket that echoes every message: for conformance testing
+    /// (Autobahn) only, never in production [default: off].
+    #[arg(long, env = "CRIER_ECHO_ENDPOINT", num_args = 0..=1, default_missing_value = "true")]
+    pub echo_endpoint: Option<bool>,
     /// Leaderboard watchers see at most this many top entries unless a board sets
     /// fewer [default: 10].
     #[arg(long, env = "CRIER_BOARD_TOP")]
@@ -136,6 +144,8 @@ struct FileConfig {
     pong_timeout: Option<String>,
     write_timeout: Option<String>,
     drain_timeout: Option<String>,
+    max_commands_per_second: Option<u32>,
+    echo_endpoint: Option<bool>,
     board_top: Option<usize>,
     board_update_interval: Option<String>,
     max_connections_per_ip: Option<usize>,
@@ -165,6 +175,8 @@ pub struct Config {
     pub pong_timeout: Duration,
     pub write_timeout: Duration,
     pub drain_timeout: Duration,
+    pub max_commands_per_second: u32,
+    pub echo_endpoint: bool,
     pub board_top: usize,
     pub board_update_interval: Duration,
     pub max_connections_per_ip: usize,
@@ -193,6 +205,10 @@ impl Default for Config {
             pong_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            // A page subscribing its 64 topics at once plus an app-level ping a second stays
+            // far below; a flood from one socket is cut off within a fraction of a second.
+            max_commands_per_second: 100,
+            echo_endpoint: false,
             board_top: 10,
             board_update_interval: Duration::from_millis(50),
             // 2,500 benchmark clients per loopback address, or a few thousand users behind
@@ -317,6 +333,14 @@ impl Config {
                 "drain_timeout",
                 d.drain_timeout,
             )?,
+            max_commands_per_second: args
+                .max_commands_per_second
+                .or(file.max_commands_per_second)
+                .unwrap_or(d.max_commands_per_second),
+            echo_endpoint: args
+                .echo_endpoint
+                .or(file.echo_endpoint)
+                .unwrap_or(d.echo_endpoint),
             board_top: args.board_top.or(file.board_top).unwrap_or(d.board_top),
             board_update_interval: dur(
                 args.board_update_interval,
@@ -378,6 +402,10 @@ impl Config {
         anyhow::ensure!(
             self.queue_max_bytes >= self.max_message_bytes + 64,
             "queue_max_bytes must exceed max_message_bytes, or one message could never be queued"
+        );
+        anyhow::ensure!(
+            self.max_commands_per_second >= 1,
+            "max_commands_per_second must be at least 1"
         );
         for (name, d) in [
             ("ping_interval", self.ping_interval),
@@ -500,6 +528,34 @@ mod tests {
         ] {
             assert!(Config::resolve(&bad).is_err());
         }
+    }
+
+    #[test]
+    fn command_rate_and_echo_endpoint() {
+        let d = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!((d.max_commands_per_second, d.echo_endpoint), (100, false));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        std::fs::write(&path, "max_commands_per_second = 7\necho_endpoint = true\n").unwrap();
+        let cfg = Config::resolve(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((cfg.max_commands_per_second, cfg.echo_endpoint), (7, true));
+        let cfg = Config::resolve(&ServeArgs {
+            config: Some(path),
+            max_commands_per_second: Some(9),
+            echo_endpoint: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((cfg.max_commands_per_second, cfg.echo_endpoint), (9, false));
+        assert!(Config::resolve(&ServeArgs {
+            max_commands_per_second: Some(0),
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]

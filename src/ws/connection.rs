@@ -3,39 +3,72 @@
 //! write deadlines. It waits on socket readiness rather than on a read into a buffer, so an
 //! idle connection holds no read or write buffer at all (see docs/BENCHMARKS.md for the
 //! per-connection memory this buys).
+//!
+//! What a hostile client can make this task hold is bounded by one budget,
+//! `queue_max_bytes`: queued publications and replies, the batch being written, one pending
+//! pong (only the newest unanswered ping is answered once the socket backs up, as RFC 6455
+//! 5.5.3 allows) and the decoder's partial frame and message. Reading stops while the
+//! outgoing side is full, so a client that sends without reading pushes back on itself
+//! instead of on the server's memory. Deadlines are checked on every wake-up, so a socket
+//! that is always readable cannot starve them.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use tokio::net::TcpStream;
 
 use super::frame::{self, Decoder, FrameError, Message, Role};
+use super::handshake::Mode;
+use super::rate::TokenBucket;
 use crate::client::{Item, Taken};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
 use crate::state::{AppState, Registration};
 
-/// Most bytes and frames taken from the queue for one batch of writes.
+/// Most bytes and frames taken from the queue for one batch of writes. A batch must be
+/// written whole within `write_timeout`, so this also sets the slowest reader tolerated:
+/// 256 KiB per 10 s by default.
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 1024;
 /// iovecs per `writev` call (Linux allows 1024).
 const IOV: usize = 128;
+/// One read; at most `READS_PER_WAKE` of them per wake-up so one chatty client cannot
+/// monopolise the task (or the budget) before its timers and writes get a turn.
+const READ_CHUNK: usize = 4096;
+const READS_PER_WAKE: usize = 16;
+/// Pongs written as they come (each one answering its own ping) per batch of writes; past
+/// this, only the newest ping gets a pong once the batch has gone out.
+const PONGS_PER_BATCH: usize = 16;
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-pub async fn run(stream: TcpStream, leftover: Bytes, reg: Registration, state: Arc<AppState>) {
+pub async fn run(
+    stream: TcpStream,
+    leftover: Bytes,
+    reg: Registration,
+    state: Arc<AppState>,
+    mode: Mode,
+) {
+    let now = Instant::now();
     let mut conn = Connection {
         stream,
         decoder: Decoder::new(Role::Server, state.cfg.max_message_bytes),
         out: VecDeque::new(),
+        out_bytes: 0,
+        batch_started: None,
+        pending_pong: None,
+        pongs_in_out: 0,
         batch: BatchStats::default(),
         front_partial: false,
         closing: None,
         peer_closed: false,
+        broken: false,
+        mode,
+        commands: TokenBucket::new(state.cfg.max_commands_per_second, now),
         reg,
         state,
     };
@@ -48,6 +81,7 @@ pub async fn run(stream: TcpStream, leftover: Bytes, reg: Registration, state: A
     // connection's life would double an idle connection's memory.
     drop(leftover);
     let reason = conn.drive().await;
+    conn.reg.client.set_held(0);
     conn.state.metrics.record_disconnect(Transport::Ws, reason);
     tracing::debug!(
         client = conn.reg.client.id,
@@ -68,12 +102,25 @@ struct Connection {
     decoder: Decoder,
     /// Whole frames being written; the first may be partly written already.
     out: VecDeque<Bytes>,
+    /// Bytes in `out` not yet written.
+    out_bytes: usize,
+    /// When `out` last went from empty to non-empty: all of it must be written within
+    /// `write_timeout` of this. A trickle of progress does not extend the deadline.
+    batch_started: Option<Instant>,
+    /// The pong for the newest ping that arrived while `out` was busy.
+    pending_pong: Option<Bytes>,
+    /// Pongs in `out` since it last drained.
+    pongs_in_out: usize,
     batch: BatchStats,
     /// The front frame of `out` is partly written: it must finish before anything else.
     front_partial: bool,
     /// Set once our close frame is queued in `out`.
     closing: Option<DisconnectReason>,
     peer_closed: bool,
+    /// A framing error was seen: only the peer's close frame is still of interest.
+    broken: bool,
+    mode: Mode,
+    commands: TokenBucket,
     reg: Registration,
     state: Arc<AppState>,
 }
@@ -85,9 +132,9 @@ impl Connection {
             (cfg.ping_interval, cfg.pong_timeout, cfg.write_timeout);
         let shutdown = self.state.shutdown.clone();
         let client = self.reg.client.clone();
+        let budget = client.budget();
         let mut next_ping = Instant::now() + ping_interval;
         let mut pong_deadline: Option<Instant> = None;
-        let mut last_progress = Instant::now();
         let mut close_deadline: Option<Instant> = None;
         let timer = tokio::time::sleep_until(next_ping.into());
         tokio::pin!(timer);
@@ -111,10 +158,8 @@ impl Connection {
                 if self.out.is_empty() {
                     break;
                 }
-                match self.flush() {
-                    Ok(true) => last_progress = Instant::now(),
-                    Ok(false) => {}
-                    Err(_) => return self.closing.unwrap_or(DisconnectReason::Normal),
+                if self.flush().is_err() {
+                    return self.closing.unwrap_or(DisconnectReason::Normal);
                 }
                 if !self.out.is_empty() || self.closing.is_some() {
                     break;
@@ -128,21 +173,44 @@ impl Connection {
                     close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
                 }
             }
+            let held = self.held();
+            client.set_held(held);
+
+            // Deadlines are checked here, on every wake-up, not only when the timer wins
+            // the select below: a socket that is always readable must not starve them.
+            let now = Instant::now();
             // While closing, a stuck write only delays the inevitable: give it CLOSE_GRACE.
-            let write_deadline = last_progress
-                + if self.closing.is_some() {
+            let write_deadline = self.batch_started.map(|t| {
+                t + if self.closing.is_some() {
                     write_timeout.min(CLOSE_GRACE)
                 } else {
                     write_timeout
-                };
+                }
+            });
+            if close_deadline.is_some_and(|d| now >= d) {
+                return self.closing.unwrap_or(DisconnectReason::Normal);
+            }
+            if write_deadline.is_some_and(|d| now >= d) {
+                return self.closing.unwrap_or(DisconnectReason::WriteTimeout);
+            }
+            if pong_deadline.is_some_and(|d| now >= d) {
+                self.begin_close(DisconnectReason::NoPong);
+                let _ = self.flush();
+                return DisconnectReason::NoPong;
+            }
+            if now >= next_ping {
+                if self.closing.is_none() {
+                    self.push_out(frame::encode(frame::OP_PING, b""), now);
+                    pong_deadline.get_or_insert(now + pong_timeout);
+                }
+                next_ping = now + ping_interval;
+                continue;
+            }
+
             let mut deadline = next_ping;
-            for d in [
-                pong_deadline,
-                close_deadline,
-                (!self.out.is_empty()).then_some(write_deadline),
-            ]
-            .into_iter()
-            .flatten()
+            for d in [pong_deadline, close_deadline, write_deadline]
+                .into_iter()
+                .flatten()
             {
                 deadline = deadline.min(d);
             }
@@ -150,34 +218,23 @@ impl Connection {
                 timer.as_mut().reset(deadline.into());
                 armed = deadline;
             }
+            // Back-pressure: while what waits to go out (plus one more read) would not fit
+            // the budget, stop reading; the client's own commands then pile up in its
+            // socket, not here. Only while something is waiting, or nothing would ever
+            // free the budget.
+            let queued = client.queued_bytes();
+            let outgoing = held - self.decoder.held() + queued;
+            let read_paused =
+                self.closing.is_none() && outgoing > 0 && held + queued + READ_CHUNK > budget;
+            let want_read = !(read_paused || self.closing.is_some() && self.peer_closed);
 
             tokio::select! {
                 biased;
+                _ = &mut timer => {}
                 _ = shutdown.cancelled(), if !shutdown_seen && self.closing.is_none() => {
                     // The queue drains first, then `refill` sees Closed(Shutdown) and closes.
                     shutdown_seen = true;
                     client.close(DisconnectReason::Shutdown);
-                }
-                r = self.stream.readable() => {
-                    if r.is_err() {
-                        return self.closing.unwrap_or(DisconnectReason::Normal);
-                    }
-                    match self.read() {
-                        Ok(true) => {
-                            pong_deadline = None;
-                            self.process_input();
-                        }
-                        Ok(false) => {}
-                        Err(_) => return self.closing.unwrap_or(DisconnectReason::Normal),
-                    }
-                    if self.peer_closed && self.closing.is_some() && self.out.is_empty() {
-                        return self.closing.unwrap_or(DisconnectReason::Normal);
-                    }
-                }
-                r = self.stream.writable(), if !self.out.is_empty() => {
-                    if r.is_err() {
-                        return self.closing.unwrap_or(DisconnectReason::Normal);
-                    }
                 }
                 _ = client.notified(), if self.closing.is_none() => {
                     // A close (slow consumer) must not wait behind a stuck write.
@@ -185,41 +242,75 @@ impl Connection {
                         self.begin_close(reason);
                     }
                 }
-                _ = &mut timer => {
-                    let now = Instant::now();
-                    if close_deadline.is_some_and(|d| now >= d) {
+                r = self.stream.writable(), if !self.out.is_empty() => {
+                    if r.is_err() {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
-                    if !self.out.is_empty() && now >= write_deadline {
-                        return self.closing.unwrap_or(DisconnectReason::WriteTimeout);
+                }
+                r = self.stream.readable(), if want_read => {
+                    if r.is_err() {
+                        return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
-                    if pong_deadline.is_some_and(|d| now >= d) {
-                        self.begin_close(DisconnectReason::NoPong);
-                        let _ = self.flush();
-                        return DisconnectReason::NoPong;
-                    }
-                    if now >= next_ping {
-                        if self.closing.is_none() {
-                            self.out.push_back(frame::encode(frame::OP_PING, b""));
-                            pong_deadline.get_or_insert(now + pong_timeout);
+                    match self.read() {
+                        Ok(got) => {
+                            if got > 0 {
+                                pong_deadline = None;
+                                self.process_input();
+                                // Before any answer to this input goes out, so a peer that
+                                // sees the answer knows its bytes are counted.
+                                client.set_held(self.held());
+                            }
+                            if got == READ_CHUNK * READS_PER_WAKE {
+                                // The socket has more: let other tasks on this worker run
+                                // before the next round, or a flood would hold the thread.
+                                tokio::task::yield_now().await;
+                            }
                         }
-                        next_ping = now + ping_interval;
+                        Err(_) => return self.closing.unwrap_or(DisconnectReason::Normal),
+                    }
+                    if self.peer_closed && self.closing.is_some() && self.out.is_empty() {
+                        return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
                 }
             }
         }
     }
 
-    /// Moves queued frames into `out`; a closed queue turns into our close frame.
+    /// What this task holds for the client outside its queue.
+    fn held(&self) -> usize {
+        self.out_bytes + self.pending_pong.as_ref().map_or(0, Bytes::len) + self.decoder.held()
+    }
+
+    /// Appends a whole frame to `out`, starting the write clock if `out` was idle.
+    fn push_out(&mut self, frame: Bytes, now: Instant) {
+        if self.out.is_empty() {
+            self.batch_started = Some(now);
+        }
+        self.out_bytes += frame.len();
+        self.out.push_back(frame);
+    }
+
+    /// Moves queued frames into `out` (a pending pong first); a closed queue turns into
+    /// our close frame.
     fn refill(&mut self) {
-        let (out, batch) = (&mut self.out, &mut self.batch);
+        let now = Instant::now();
+        if let Some(pong) = self.pending_pong.take() {
+            self.pongs_in_out += 1;
+            self.push_out(pong, now);
+        }
+        let (out, batch, out_bytes) = (&mut self.out, &mut self.batch, &mut self.out_bytes);
+        let was_empty = out.is_empty();
         let taken = self.reg.client.take_each(BATCH_BYTES, BATCH_ITEMS, |item| {
             if let Some(at) = item.published_at {
                 batch.messages += 1;
                 batch.oldest = Some(batch.oldest.map_or(at, |o| o.min(at)));
             }
+            *out_bytes += item.bytes.len();
             out.push_back(item.bytes);
         });
+        if was_empty && !self.out.is_empty() {
+            self.batch_started = Some(now);
+        }
         if let Taken::Closed(reason) = taken {
             self.begin_close(reason);
         }
@@ -231,18 +322,23 @@ impl Connection {
         }
         self.closing = Some(reason);
         self.reg.client.close(reason);
+        self.pending_pong = None;
         if reason == DisconnectReason::SlowConsumer {
             // It is not reading: drop the in-flight batch too, keeping only a partly
             // written frame so the close frame still lands on a frame boundary.
             self.out.truncate(usize::from(self.front_partial));
+            self.out_bytes = self.out.iter().map(Bytes::len).sum();
         }
         let payload = frame::close_payload(reason.code(), reason.label());
-        self.out.push_back(frame::encode(frame::OP_CLOSE, &payload));
+        let close = frame::encode(frame::OP_CLOSE, &payload);
+        // The closing write gets its own (shorter) deadline, counted from now.
+        self.batch_started = Some(Instant::now());
+        self.out_bytes += close.len();
+        self.out.push_back(close);
     }
 
-    /// Writes as much of `out` as the socket takes now. Ok(true) if anything was written.
-    fn flush(&mut self) -> io::Result<bool> {
-        let mut progressed = false;
+    /// Writes as much of `out` as the socket takes now.
+    fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() {
             let mut slices = [IoSlice::new(&[]); IOV];
             let n = self.out.len().min(IOV);
@@ -252,8 +348,8 @@ impl Connection {
             match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
-                    progressed = true;
                     self.batch.bytes += written as u64;
+                    self.out_bytes -= written;
                     while written > 0 {
                         let front = self.out.front_mut().expect("wrote more than queued");
                         if written >= front.len() {
@@ -272,6 +368,8 @@ impl Connection {
             }
         }
         if self.out.is_empty() {
+            self.batch_started = None;
+            self.pongs_in_out = 0;
             let b = std::mem::take(&mut self.batch);
             if b.bytes > 0 {
                 self.state
@@ -282,18 +380,20 @@ impl Connection {
                 self.out = VecDeque::new();
             }
         }
-        Ok(progressed)
+        Ok(())
     }
 
-    /// Reads what the socket has. Ok(true) if bytes arrived; Err on EOF or error.
-    fn read(&mut self) -> io::Result<bool> {
-        let mut got = false;
-        // Bounded per wake-up so one chatty client cannot monopolise the task.
-        for _ in 0..16 {
-            let buf = self.decoder.buffer_mut(4096);
-            match self.stream.try_read_buf(buf) {
+    /// Reads what the socket has, up to `READS_PER_WAKE` chunks. Ok(bytes read); Err on
+    /// EOF or error.
+    fn read(&mut self) -> io::Result<usize> {
+        let mut got = 0;
+        for _ in 0..READS_PER_WAKE {
+            let buf = self.decoder.buffer_mut(READ_CHUNK);
+            // Never more than one chunk per read: the spare capacity may be far larger.
+            let mut limited = (&mut *buf).limit(READ_CHUNK);
+            match self.stream.try_read_buf(&mut limited) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(_) => got = true,
+                Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
@@ -302,33 +402,19 @@ impl Connection {
     }
 
     fn process_input(&mut self) {
+        let now = Instant::now();
         loop {
             if self.closing.is_some() && self.peer_closed {
                 break;
             }
-            match self.decoder.next_message() {
+            let msg = match self.decoder.next_message() {
                 Ok(None) => break,
-                Ok(Some(Message::Text(text))) => {
-                    if self.closing.is_none() {
-                        self.command(&text);
-                    }
-                }
-                Ok(Some(Message::Binary(_))) => {
-                    self.reply(protocol::error(
-                        "unsupported_data",
-                        "commands are JSON text frames",
-                        None,
-                    ));
-                }
-                Ok(Some(Message::Ping(p))) => {
-                    if self.closing.is_none() {
-                        self.out.push_back(frame::encode(frame::OP_PONG, &p));
-                    }
-                }
-                Ok(Some(Message::Pong(_))) => {}
-                Ok(Some(Message::Close(..))) => {
+                Ok(Some(m)) => m,
+                Err(_) if self.broken => {
+                    // Still garbage after a framing error: the peer is not going to send
+                    // a close we can read, so stop waiting for one.
                     self.peer_closed = true;
-                    self.begin_close(DisconnectReason::Normal);
+                    break;
                 }
                 Err(e) => {
                     let reason = match e {
@@ -336,14 +422,81 @@ impl Connection {
                         FrameError::BadUtf8 => DisconnectReason::BadUtf8,
                         FrameError::Protocol(_) => DisconnectReason::ProtocolError,
                     };
+                    // Answers to what came before the bad frame go out first (one batch).
+                    self.refill();
                     self.begin_close(reason);
-                    // The stream is unparseable from here on; ignore the rest.
-                    self.decoder = Decoder::new(Role::Server, 0);
+                    // What is buffered is unparseable; a fresh decoder (control-frame
+                    // sized) can still read the peer's close reply that follows ours.
+                    self.decoder = Decoder::new(Role::Server, 125);
+                    self.broken = true;
                     break;
                 }
+            };
+            if let Message::Close(..) = msg {
+                self.peer_closed = true;
+                self.begin_close(DisconnectReason::Normal);
+                continue;
+            }
+            if self.closing.is_some() || matches!(msg, Message::Pong(_)) {
+                continue;
+            }
+            if !self.commands.take(now) {
+                self.too_many_commands();
+                break;
+            }
+            match (msg, self.mode) {
+                (Message::Ping(p), _) => self.pong(&p, now),
+                (Message::Text(text), Mode::Commands) => self.command(&text),
+                (Message::Binary(_), Mode::Commands) => {
+                    self.reply(protocol::error(
+                        "unsupported_data",
+                        "commands are JSON text frames",
+                        None,
+                    ));
+                }
+                (Message::Text(data), Mode::Echo) => self.echo(frame::OP_TEXT, &data),
+                (Message::Binary(data), Mode::Echo) => self.echo(frame::OP_BINARY, &data),
+                (Message::Pong(_) | Message::Close(..), _) => unreachable!("handled above"),
             }
         }
         self.decoder.shrink_if_empty();
+    }
+
+    /// Answers each ping while a batch has room for a few pongs; past that keeps only the
+    /// newest pong until the batch has been written, so a ping flood against a socket
+    /// that does not read holds at most `PONGS_PER_BATCH + 1` of them.
+    fn pong(&mut self, payload: &[u8], now: Instant) {
+        let pong = frame::encode(frame::OP_PONG, payload);
+        if self.pongs_in_out < PONGS_PER_BATCH {
+            self.pongs_in_out += 1;
+            self.push_out(pong, now);
+        } else {
+            self.pending_pong = Some(pong);
+        }
+    }
+
+    /// Over the command rate: the replies earned so far (one batch), one error frame,
+    /// then close 4500.
+    fn too_many_commands(&mut self) {
+        // Replies to the commands that were within the limit go out first.
+        self.refill();
+        let rate = self.state.cfg.max_commands_per_second;
+        let msg = format!("more than {rate} commands per second (max_commands_per_second)");
+        let err = frame::encode(
+            frame::OP_TEXT,
+            &protocol::error("too_many_commands", &msg, None),
+        );
+        self.push_out(err, Instant::now());
+        self.begin_close(DisconnectReason::TooManyCommands);
+    }
+
+    fn echo(&mut self, opcode: u8, data: &[u8]) {
+        let item = Item {
+            bytes: frame::encode(opcode, data),
+            published_at: None,
+            conflate: None,
+        };
+        self.reg.client.push(item, &self.state.metrics);
     }
 
     fn command(&mut self, text: &[u8]) {

@@ -59,6 +59,12 @@ fn put_header(buf: &mut BytesMut, opcode: u8, len: usize, mask: Option<[u8; 4]>)
     }
 }
 
+/// Close codes a peer may send (RFC 6455 7.4): 1004-1006 and 1015 are reserved for
+/// local use, 1016-2999 for future protocol versions, and nothing outside 1000-4999 exists.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     // Word-at-a-time XOR: command frames are small, but the load tool unmasks nothing and
     // a client flooding large frames should not cost a byte loop.
@@ -110,6 +116,9 @@ pub struct Decoder {
     buf: BytesMut,
     /// Opcode and data of a fragmented message in progress.
     partial: Option<(u8, BytesMut)>,
+    /// How much of a fragmented text message is known to be UTF-8 (always on a character
+    /// boundary), so each fragment is checked once and bad text fails at its fragment.
+    utf8_checked: usize,
 }
 
 impl Decoder {
@@ -119,6 +128,7 @@ impl Decoder {
             max_message,
             buf: BytesMut::new(),
             partial: None,
+            utf8_checked: 0,
         }
     }
 
@@ -132,6 +142,12 @@ impl Decoder {
 
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes this decoder holds for its peer (unparsed input and a fragmented message in
+    /// progress): they count against the connection's budget.
+    pub fn held(&self) -> usize {
+        self.buf.len() + self.partial.as_ref().map_or(0, |(_, d)| d.len())
     }
 
     /// Frees the read buffer when nothing is pending, so idle connections cost no buffer.
@@ -153,6 +169,9 @@ impl Decoder {
                     }
                     if payload.len() >= 2 {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
+                        if !close_code_allowed(code) {
+                            return Err(FrameError::Protocol("close code not allowed on the wire"));
+                        }
                         let reason = payload.slice(2..);
                         if std::str::from_utf8(&reason).is_err() {
                             return Err(FrameError::BadUtf8);
@@ -170,7 +189,12 @@ impl Decoder {
                     if fin {
                         return self.finish(opcode, payload).map(Some);
                     }
-                    self.partial = Some((opcode, BytesMut::from(&payload[..])));
+                    let data = BytesMut::from(&payload[..]);
+                    self.utf8_checked = 0;
+                    if opcode == OP_TEXT {
+                        self.check_utf8_prefix(&data)?;
+                    }
+                    self.partial = Some((opcode, data));
                 }
                 OP_CONT => {
                     let Some((op, mut data)) = self.partial.take() else {
@@ -183,11 +207,25 @@ impl Decoder {
                     if fin {
                         return self.finish(op, data.freeze()).map(Some);
                     }
+                    if op == OP_TEXT {
+                        self.check_utf8_prefix(&data)?;
+                    }
                     self.partial = Some((op, data));
                 }
                 _ => return Err(FrameError::Protocol("unknown opcode")),
             }
         }
+    }
+
+    /// Checks the unchecked part of an unfinished text message; a sequence cut at its end
+    /// may still be completed by the next fragment.
+    fn check_utf8_prefix(&mut self, data: &[u8]) -> Result<(), FrameError> {
+        match std::str::from_utf8(&data[self.utf8_checked..]) {
+            Ok(_) => self.utf8_checked = data.len(),
+            Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+            Err(_) => return Err(FrameError::BadUtf8),
+        }
+        Ok(())
     }
 
     fn finish(&self, opcode: u8, data: Bytes) -> Result<Message, FrameError> {
@@ -229,10 +267,13 @@ impl Decoder {
                 if b.len() < 10 {
                     return Ok(None);
                 }
-                (
-                    u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")),
-                    10,
-                )
+                let len = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
+                if len >> 63 != 0 {
+                    // RFC 6455 5.2: the most significant bit MUST be 0. A malformed frame,
+                    // not a large one.
+                    return Err(FrameError::Protocol("64-bit length with the top bit set"));
+                }
+                (len, 10)
             }
             n => (n as u64, 2),
         };
@@ -242,7 +283,13 @@ impl Decoder {
                 "control frame fragmented or over 125 bytes",
             ));
         }
-        if len > self.max_message as u64 {
+        // A continuation is judged with what its message already holds, as soon as its
+        // header is in: nothing of a message that cannot fit is ever buffered.
+        let so_far = match (&self.partial, opcode) {
+            (Some((_, data)), OP_CONT) => data.len() as u64,
+            _ => 0,
+        };
+        if len + so_far > self.max_message as u64 {
             return Err(FrameError::TooLarge(self.max_message));
         }
         let mask = if masked {
@@ -257,8 +304,8 @@ impl Decoder {
         };
         let len = len as usize;
         if b.len() < pos + len {
-            // Reserve the whole frame once instead of growing by read-sized steps.
-            self.buf.reserve(pos + len - self.buf.len());
+            // The buffer grows only with bytes that actually arrive: a header declaring a
+            // large frame costs nothing until its payload is sent.
             return Ok(None);
         }
         self.buf.advance(pos);
@@ -349,6 +396,100 @@ mod tests {
             d.next_message().unwrap(),
             Some(Message::Close(Some(1000), Bytes::from_static(b"bye")))
         );
+    }
+
+    #[test]
+    fn close_codes_that_never_appear_on_the_wire_are_protocol_errors() {
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let mut d = Decoder::new(Role::Server, 1024);
+            feed(
+                &mut d,
+                &encode_masked(OP_CLOSE, &close_payload(code, ""), [3; 4]),
+            );
+            assert!(
+                matches!(d.next_message(), Err(FrameError::Protocol(_))),
+                "code {code}"
+            );
+        }
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 3999, 4000, 4999,
+        ] {
+            let mut d = Decoder::new(Role::Server, 1024);
+            feed(
+                &mut d,
+                &encode_masked(OP_CLOSE, &close_payload(code, ""), [3; 4]),
+            );
+            assert_eq!(
+                d.next_message().unwrap(),
+                Some(Message::Close(Some(code), Bytes::new())),
+                "code {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn length_with_top_bit_is_a_protocol_error_not_too_large() {
+        let mut d = Decoder::new(Role::Server, 1024);
+        let mut f = vec![0x82, 0x80 | 127];
+        f.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        feed(&mut d, &f);
+        assert!(matches!(d.next_message(), Err(FrameError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_declared_length_reserves_nothing() {
+        let mut d = Decoder::new(Role::Server, 16 * 1024 * 1024);
+        let mut f = vec![0x82, 0x80 | 127];
+        f.extend_from_slice(&(16u64 * 1024 * 1024).to_be_bytes());
+        f.extend_from_slice(&[1, 2, 3, 4, 0, 0]);
+        feed(&mut d, &f);
+        assert_eq!(d.next_message(), Ok(None));
+        assert!(d.buf.capacity() < 64 * 1024, "{}", d.buf.capacity());
+        assert_eq!(d.held(), f.len());
+    }
+
+    #[test]
+    fn an_oversized_continuation_is_refused_at_its_header() {
+        let mut d = Decoder::new(Role::Server, 100);
+        let mut first = encode_masked(OP_TEXT, &[b'a'; 60], [9; 4]).to_vec();
+        first[0] &= 0x7F;
+        feed(&mut d, &first);
+        assert_eq!(d.next_message(), Ok(None));
+        assert_eq!(d.held(), 60);
+        // Only the header of a 60-byte continuation: 60 + 60 > 100 already.
+        feed(&mut d, &[0x80, 0x80 | 60, 1, 2, 3, 4]);
+        assert_eq!(d.next_message(), Err(FrameError::TooLarge(100)));
+    }
+
+    #[test]
+    fn bad_utf8_fails_at_its_fragment_and_split_characters_pass() {
+        let frag = |op: u8, fin: bool, p: &[u8]| {
+            let mut f = encode_masked(op, p, [5; 4]).to_vec();
+            if !fin {
+                f[0] &= 0x7F;
+            }
+            f
+        };
+        // "é" (C3 A9) split across fragments is fine.
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &frag(OP_TEXT, false, b"caf\xC3"));
+        feed(&mut d, &frag(OP_CONT, true, b"\xA9"));
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Text(Bytes::from("café")))
+        );
+        // Invalid bytes fail before the message is complete.
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &frag(OP_TEXT, false, b"ok"));
+        feed(&mut d, &frag(OP_CONT, false, b"\xFF"));
+        assert_eq!(d.next_message(), Err(FrameError::BadUtf8));
+        // Binary fragments are not text.
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &frag(OP_BINARY, false, b"\xFF"));
+        assert_eq!(d.next_message(), Ok(None));
     }
 
     #[test]

@@ -27,9 +27,39 @@ pub async fn upgrade(
     RawQuery(query): RawQuery,
     mut req: Request,
 ) -> Response {
-    match prepare(&state, query.as_deref(), &mut req) {
+    respond(prepare(&state, query.as_deref(), &mut req, Mode::Commands))
+}
+
+/// `GET /echo` (only with `--echo-endpoint`): the same handshake and connection code as
+/// `/ws`, but each message is echoed back, so a conformance suite exercises the real stack.
+pub async fn echo(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    respond(prepare(&state, None, &mut req, Mode::Echo))
+}
+
+/// What the connection does with the client's data messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// JSON commands (docs/protocol.md).
+    Commands,
+    /// Echo every message back (conformance testing).
+    Echo,
+}
+
+fn respond(r: Result<Response, ApiError>) -> Response {
+    match r {
         Ok(resp) => resp,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // RFC 6455 4.4: a refused version names the one this server speaks.
+            let version_refused = e.code == "bad_version";
+            let mut resp = e.into_response();
+            if version_refused {
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            resp
+        }
     }
 }
 
@@ -37,10 +67,14 @@ fn prepare(
     state: &Arc<AppState>,
     query: Option<&str>,
     req: &mut Request,
+    mode: Mode,
 ) -> Result<Response, ApiError> {
     crate::origin::check(req.headers(), &state.cfg)?;
     let key = check_headers(req.headers())?;
-    let topics = topics_from_query(query, state.cfg.max_topics_per_connection)?;
+    let topics = match mode {
+        Mode::Commands => topics_from_query(query, state.cfg.max_topics_per_connection)?,
+        Mode::Echo => Vec::new(),
+    };
     let reg = Registration::new(state, Transport::Ws)?;
     for t in &topics {
         state.hub.subscribe(&reg.client, t, |pos| {
@@ -63,7 +97,7 @@ fn prepare(
         match upgraded.downcast::<TokioIo<DeadlineStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner().into_inner();
-                connection::run(stream, parts.read_buf, reg, task_state).await;
+                connection::run(stream, parts.read_buf, reg, task_state, mode).await;
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
@@ -98,23 +132,34 @@ fn check_headers(h: &HeaderMap) -> Result<String, ApiError> {
     }
     if h.get(header::SEC_WEBSOCKET_VERSION)
         .and_then(|v| v.to_str().ok())
+        .map(str::trim)
         != Some("13")
     {
-        return Err(ApiError::bad_request(
-            "bad_handshake",
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_version",
             "Sec-WebSocket-Version must be 13",
         ));
     }
     match h
         .get(header::SEC_WEBSOCKET_KEY)
         .and_then(|v| v.to_str().ok())
+        .map(str::trim)
     {
-        Some(k) if !k.trim().is_empty() => Ok(k.trim().to_string()),
+        Some(k) if key_is_valid(k) => Ok(k.to_string()),
         _ => Err(ApiError::bad_request(
             "bad_handshake",
-            "Sec-WebSocket-Key is missing",
+            "Sec-WebSocket-Key must be 16 bytes in base64",
         )),
     }
+}
+
+/// RFC 6455 4.1: the key is a random 16-byte value, base64-encoded (24 characters).
+fn key_is_valid(key: &str) -> bool {
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
 }
 
 pub fn accept_key(key: &[u8]) -> String {
@@ -134,5 +179,43 @@ mod tests {
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn handshake_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        let e = check_headers(&h).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::UPGRADE_REQUIRED, "bad_version")
+        );
+        h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().unwrap());
+        assert_eq!(check_headers(&h).unwrap_err().code, "bad_version");
+        let resp = respond(check_headers(&h).map(|_| Response::default()));
+        assert_eq!(resp.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(resp.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+        h.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
+        for bad in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ=!",
+            "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=",
+        ] {
+            h.insert(header::SEC_WEBSOCKET_KEY, bad.parse().unwrap());
+            let e = check_headers(&h).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::BAD_REQUEST, "bad_handshake"),
+                "{bad:?}"
+            );
+        }
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        assert_eq!(check_headers(&h).unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
     }
 }

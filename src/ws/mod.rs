@@ -1,6 +1,7 @@
-//! WebSocket transport: the upgrade (`handshake`), the framing (`frame`) and the
-//! per-connection loop (`connection`).
+//! WebSocket transport: the upgrade (`handshake`), the framing (`frame`), the
+//! per-connection loop (`connection`) and its command rate limit (`rate`).
 
 pub mod connection;
 pub mod frame;
 pub mod handshake;
+pub mod rate;
