@@ -4,4 +4,6 @@
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod json_errors;
+pub mod openapi;
 pub mod publish;
