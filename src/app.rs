@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
+use axum::middleware::map_response;
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::error::ApiError;
-use crate::api::{health, intent, publish};
+use crate::api::{health, intent, json_errors, openapi, publish};
 use crate::state::AppState;
 use crate::{leaderboard, sse, web, ws};
 
@@ -22,6 +23,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/publish/{topic}", post(publish::publish))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
+        .route("/api/openapi.json", get(openapi::document))
         .merge(leaderboard::api::routes())
         .merge(web::routes())
         // Every route above: writes need intent (api::intent).
@@ -30,5 +32,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             intent::require,
         ))
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+        .layer(map_response(json_errors::json_errors))
         .with_state(state)
 }

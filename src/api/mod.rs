@@ -5,4 +5,6 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod intent;
+pub mod json_errors;
+pub mod openapi;
 pub mod publish;
