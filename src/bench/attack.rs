@@ -561,7 +561,7 @@ async fn attacker(ctx: Arc<Ctx>, i: usize, ready: mpsc::Sender<()>) -> AttackerR
         }
         AttackKind::Slowloris => {
             let head = format!(
-                "GET /api/health HTTP/1.1\r\nHost: {}\r\nX-Slowloris: ",
+                "GET /healthz HTTP/1.1\r\nHost: {}\r\nX-Slowloris: ",
                 ctx.host
             );
             // The first byte now, then one a second; a header that never ends.
@@ -999,7 +999,7 @@ async fn conn_flood(ctx: &Ctx, i: usize) -> AttackerResult {
     while r.connections < CONN_FLOOD_MAX && !ctx.stop.is_cancelled() {
         let one = async {
             let mut s = connect(ctx, i, None).await?;
-            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            s.set_zero_linger()?;
             s.write_all(req.as_bytes()).await?;
             let (head, _) = read_head(&mut s)
                 .await
