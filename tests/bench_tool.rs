@@ -177,3 +177,110 @@ async fn leaderboard_modes_ingest_and_reach_every_watcher() {
 
     server.shutdown().await;
 }
+
+/// `--attack`: every kind runs briefly next to 50 healthy subscribers. Checks the tool, not
+/// the server: it completes, reports how each attacker ended, and the healthy side lost
+/// nothing. The server's own RSS guard (`--attack-max-rss-mib`) keeps a server without the
+/// issue-6 fixes (ping flood: GBs) from taking this test process down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attack_kind_runs_next_to_a_healthy_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    // A small queue ends a never-reading flooder sooner, so the server (sharing this
+    // process's two worker threads with the tool) stays responsive on a busy machine.
+    let cfg = Config {
+        queue_max_bytes: 64 * 1024,
+        ..cfg
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let pid = std::process::id().to_string();
+    let kinds = [
+        "ping-flood",
+        "command-flood",
+        "topic-flood",
+        "slowloris",
+        "slow-body",
+        "conn-flood",
+        "big-frame",
+    ];
+    for kind in kinds {
+        let topic = format!("atk-{kind}");
+        let mut flags = vec![
+            "--url",
+            &url,
+            "--topic",
+            &topic,
+            "--subscribers",
+            "50",
+            "--messages",
+            "20",
+            "--rate",
+            "10",
+            "--timeout",
+            "20s",
+            "--attack",
+            kind,
+            "--attackers",
+            "2",
+            "--attack-source-ips",
+            "2",
+            "--server-pid",
+            &pid,
+            "--attack-max-rss-mib",
+            "256",
+            "--quiet",
+        ];
+        let with_baseline = kind == "slowloris";
+        if with_baseline {
+            flags.push("--baseline");
+        }
+        let args = BenchArgs::from_flags(flags).unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(90), run_with(args))
+            .await
+            .unwrap_or_else(|_| panic!("{kind}: the tool did not finish"))
+            .unwrap();
+        assert_eq!((r.connected, r.connect_failed), (50, 0), "{kind}: {r:?}");
+        assert_eq!(r.published, 20, "{kind}: {r:?}");
+        assert_eq!(
+            (r.lost, r.duplicates, r.out_of_order, r.delivered),
+            (0, 0, 0, 50 * 20),
+            "{kind}: {r:?}"
+        );
+        assert!(r.failures().is_empty(), "{kind}: {:?}", r.failures());
+        let a = r.attack.as_ref().expect("attack report");
+        assert_eq!(
+            (a.kind.as_str(), a.attackers, a.started),
+            (kind, 2, 2),
+            "{a:?}"
+        );
+        assert_eq!(a.sources, ["127.0.0.9", "127.0.0.8"], "{a:?}");
+        assert_eq!(a.endings.values().sum::<usize>(), 2, "{kind}: {a:?}");
+        assert!(a.bytes_sent > 0, "{kind}: {a:?}");
+        assert!(
+            a.rss_before_kib.is_some() && a.rss_peak_kib.is_some(),
+            "{a:?}"
+        );
+        match kind {
+            "conn-flood" => assert!(a.connections > 0, "{a:?}"),
+            "topic-flood" => assert!(
+                a.topics_subscribed + a.error_codes.values().sum::<u64>() > 0
+                    || a.ended_by_server > 0,
+                "{a:?}"
+            ),
+            _ => {}
+        }
+        assert_eq!(a.baseline.is_some(), with_baseline, "{kind}");
+        if let Some(b) = &a.baseline {
+            assert_eq!((b.lost, b.delivered), (0, 50 * 20), "{b:?}");
+            assert!(b.p99_ratio.is_some(), "{b:?}");
+        }
+        let text = r.to_text();
+        assert!(text.contains(&format!("attack       {kind} x 2")), "{text}");
+    }
+    server.shutdown().await;
+}

@@ -10,6 +10,7 @@
 //! The subscriber side is deliberately thin (see `subscriber`): the tool and the server
 //! usually share the machine, and every cycle the tool spends is one the server lacks.
 
+pub mod attack;
 pub mod board;
 pub mod envelope;
 pub mod offsets;
@@ -147,6 +148,29 @@ pub struct BenchArgs {
     /// The server's process id: its VmRSS is read before connecting and while holding.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Run hostile clients of this kind next to the healthy steady-rate load (fanout mode)
+    /// and report healthy loss and p99 during the attack, how each attacker ended (close
+    /// code, HTTP status, EOF, still open) and, with --server-pid, server RSS growth per
+    /// attacker. Attackers start once the healthy subscribers are in and stop when their
+    /// deliveries are (so the attack lasts about --messages / --rate). The server refusing
+    /// or closing attackers is success; the run fails only on healthy loss or failures.
+    #[arg(long, value_enum)]
+    pub attack: Option<attack::AttackKind>,
+    /// Attacking sockets (1-5000) for --attack.
+    #[arg(long, default_value_t = 1)]
+    pub attackers: usize,
+    /// Attacker source addresses: 127.0.0.9 down to 127.0.0.(10-K), K of 1-4; they must not
+    /// overlap the healthy 127.0.0.2 ..= 127.0.0.(1 + --source-ips).
+    #[arg(long, default_value_t = 1)]
+    pub attack_source_ips: usize,
+    /// With --server-pid: stop the attackers early once the server's RSS passes this many
+    /// MiB, so an unprotected server cannot exhaust the machine (reported as rss_limit_hit).
+    #[arg(long, default_value_t = 4096)]
+    pub attack_max_rss_mib: u64,
+    /// With --attack: first run the same healthy load without the attack, in this
+    /// invocation, and report its latency next to the attacked run's.
+    #[arg(long)]
+    pub baseline: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -259,6 +283,19 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
         crate::topic::is_valid(&args.topic),
         "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
     );
+    let attack_plan = match args.attack {
+        Some(kind) => Some(attack::plan(&args, kind)?),
+        None => None,
+    };
+    // The healthy load alone first, so the attacked figures compare within one invocation.
+    let baseline = if attack_plan.is_some() && args.baseline {
+        let mut base = args.clone();
+        base.attack = None;
+        base.baseline = false;
+        Some(Box::pin(run_with(base)).await.context("baseline run")?)
+    } else {
+        None
+    };
     let hidden = args.quiet || args.json || !std::io::stderr().is_terminal();
     let shared = Arc::new(Shared::new(
         addr,
@@ -395,6 +432,12 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
         return Ok(report);
     }
 
+    // Attackers go in once the healthy subscribers are in place.
+    let attack = match attack_plan {
+        Some(plan) => Some(attack::start(plan, addr).await?),
+        None => None,
+    };
+
     // Publish, and wait for the deliveries.
     let published_ok = Arc::new(AtomicU64::new(0));
     let publish_start = Instant::now();
@@ -441,6 +484,9 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pb.finish_and_clear();
+    if let Some(a) = attack {
+        report.attack = Some(a.finish().await);
+    }
     let published = published.expect("publishing finished");
     report.published = published.ok;
     report.publish_errors = published.failed;
@@ -470,6 +516,9 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
     report.deliveries_per_sec = report::rate_per_sec(report.received_deliveries, elapsed);
     let latency: Histogram<u64> = shared.merged_latency();
     report.latency_ms = Percentiles::from_us(&latency);
+    if let (Some(a), Some(base)) = (report.attack.as_mut(), baseline.as_ref()) {
+        a.baseline = Some(attack::baseline_of(base, report.latency_ms.p99));
+    }
 
     if args.stalled > 0 {
         let mut st = StalledReport {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::attack::AttackReport;
 use super::board::{BoardReport, ScoresReport};
 use super::offsets::Tally;
 
@@ -99,6 +100,8 @@ pub struct Report {
     pub scores: Option<ScoresReport>,
     /// --mode board.
     pub board: Option<BoardReport>,
+    /// --attack.
+    pub attack: Option<AttackReport>,
 }
 
 /// Deliveries per second over `elapsed`; 0 when nothing can be said.
@@ -157,6 +160,21 @@ impl Report {
                 ));
             }
             return f;
+        }
+        if let Some(a) = &self.attack {
+            // Attackers being refused or closed is the server doing its job; the healthy
+            // subscribers losing anything, or being closed, is the attack succeeding.
+            if self.subscribers_closed > 0 {
+                f.push(format!(
+                    "{} healthy subscribers closed during the attack",
+                    self.subscribers_closed
+                ));
+            }
+            if let Some(b) = &a.baseline {
+                if b.lost > 0 {
+                    f.push(format!("{} deliveries lost in the baseline run", b.lost));
+                }
+            }
         }
         if self.stalled.as_ref().is_none_or(|s| s.opened == 0) {
             for (n, what) in [
@@ -298,6 +316,9 @@ impl Report {
                 "  stalled      {} opened, {} disconnected by the server (close codes {:?})",
                 st.opened, st.disconnected, st.close_codes
             );
+        }
+        if let Some(a) = &self.attack {
+            a.write_text(&mut s);
         }
         s
     }

@@ -110,7 +110,7 @@ pub async fn connect_tcp(shared: &Shared, i: usize, rcvbuf: Option<u32>) -> io::
 }
 
 /// Reads an HTTP response head (up to the blank line). Returns the head and what followed.
-async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(String, Vec<u8>)> {
+pub(crate) async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if let Some(end) = envelope::find(&buf, b"\r\n\r\n") {
