@@ -43,7 +43,12 @@ impl From<BoardError> for ApiError {
             BoardError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            BoardError::Store(_) => ApiError::internal(e.to_string()),
+            // Nothing of the write was applied or shown; retrying later is safe.
+            BoardError::Store(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
         }
     }
 }
