@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +55,13 @@ pub const MAX_PLAYER_LEN: usize = 128;
 pub const MAX_META_BYTES: usize = 512;
 pub const MAX_BATCH: usize = 1000;
 pub const MAX_BOARD_NAME: usize = 64;
+/// Bytes of score data that may wait for the disk at once (in the store writer's queue and
+/// in the boards' pending views). The queue is also bounded in requests, but a request
+/// can carry a 1 MiB batch; past this budget posts wait for commits before being read
+/// into the queue, so a slow disk costs clients latency, not the server memory.
+pub const MAX_QUEUED_SCORE_BYTES: usize = 64 << 20;
+/// Bookkeeping per queued score beyond its player and meta text (entry, op, map slot).
+const QUEUED_SCORE_OVERHEAD: usize = 160;
 /// How often watcher counts are compared with what was last shown.
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
 
@@ -295,6 +302,8 @@ pub struct Boards {
     boards: RwLock<HashMap<Arc<str>, Arc<Mutex<Board>>>>,
     dirty: Arc<Dirty>,
     writer: Mutex<Option<StoreWriter>>,
+    /// [`MAX_QUEUED_SCORE_BYTES`], held by each queued score batch until it is resolved.
+    queued_bytes: Arc<Semaphore>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     interval: Duration,
@@ -343,6 +352,7 @@ impl Boards {
             }),
             boards: RwLock::new(boards),
             writer: Mutex::new(Some(writer)),
+            queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
             hub,
             metrics,
             interval: cfg.board_update_interval,
@@ -461,7 +471,7 @@ impl Boards {
                     next_seq: b.pending.next_seq,
                 },
             ];
-            self.queue(slot, &board, id, guard, ops, Write::Options(options))
+            self.queue(slot, &board, id, guard, ops, Write::Options(options), None)
         };
         done.await?;
         Ok(options)
@@ -487,6 +497,19 @@ impl Boards {
         for (i, input) in inputs.into_iter().enumerate() {
             scores.push(validate(i, input)?);
         }
+        // Both copies of the batch (queued ops and pending view) count; held until resolved.
+        let cost: usize = scores
+            .iter()
+            .map(|(p, _, m)| {
+                2 * (p.len() + m.as_ref().map_or(0, |m| m.len())) + QUEUED_SCORE_OVERHEAD
+            })
+            .sum();
+        let budget = self
+            .queued_bytes
+            .clone()
+            .acquire_many_owned(cost.min(MAX_QUEUED_SCORE_BYTES) as u32)
+            .await
+            .expect("the budget semaphore is never closed");
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = self.get_or_create(name);
@@ -551,7 +574,7 @@ impl Boards {
                 next_seq: seq,
                 posted,
             };
-            self.queue(slot, &board, id, guard, ops, write)
+            self.queue(slot, &board, id, guard, ops, write, Some(budget))
         };
         match done.await? {
             Applied::Scores(results) => Ok(results),
@@ -571,7 +594,7 @@ impl Boards {
             b.pending.reset = Some(id);
             b.pending.entries.clear();
             let ops = vec![StoreOp::ResetBoard { board: name.into() }];
-            self.queue(slot, &board, id, guard, ops, Write::Reset)
+            self.queue(slot, &board, id, guard, ops, Write::Reset, None)
         };
         done.await?;
         Ok(())
@@ -580,7 +603,9 @@ impl Boards {
     /// Queues a write's ops (the caller holds the board's lock, see the module docs) with
     /// its completion, and returns what the caller awaits after releasing the lock. The
     /// completion runs even if the caller has gone away, so memory follows the disk
-    /// whether or not anyone waits for the answer.
+    /// whether or not anyone waits for the answer. `budget` is given back once the write
+    /// is resolved and its data dropped.
+    #[allow(clippy::too_many_arguments)]
     fn queue(
         &self,
         slot: super::store::Slot,
@@ -589,6 +614,7 @@ impl Boards {
         guard: Guard,
         ops: Vec<StoreOp>,
         write: Write,
+        budget: Option<OwnedSemaphorePermit>,
     ) -> impl std::future::Future<Output = Result<Applied, BoardError>> {
         let (tx, rx) = oneshot::channel();
         let board = board.clone();
@@ -611,6 +637,7 @@ impl Boards {
                     Err(store_error(e))
                 }
             };
+            drop(budget);
             let _ = tx.send(outcome); // the caller may have gone away
         });
         async move {
@@ -1030,6 +1057,11 @@ mod tests {
             injector.await.unwrap();
             let total = shown(&boards, "inc").unwrap()[0].1;
             assert_eq!(total, acked as f64, "round {round}: {failed} failed");
+            assert_eq!(
+                boards.queued_bytes.available_permits(),
+                MAX_QUEUED_SCORE_BYTES,
+                "every resolved write gave its queue budget back"
+            );
         }
         assert!(failed >= 5, "every round's failure hit someone");
         boards.close().await;
