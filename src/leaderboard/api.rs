@@ -45,7 +45,13 @@ impl From<BoardError> for ApiError {
             BoardError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            BoardError::Store(_) => ApiError::internal(e.to_string()),
+            // Nothing of the write was applied or shown; retrying later is safe. The cause
+            // (with file paths) is logged by the service, not told to the client.
+            BoardError::Store(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the score store could not commit this write; nothing was applied, retry later",
+            ),
         }
     }
 }

@@ -133,6 +133,55 @@ fn norm(score: f64) -> f64 {
     }
 }
 
+/// What [`Ranking::submit`] would store for `player`, given the entry it has now (`old`),
+/// without touching a ranking: `None` when the submission changes nothing. Lets a caller
+/// compute a score against a state that is not (yet) in the ranking, e.g. one whose earlier
+/// submissions still wait to become durable.
+pub fn combine(
+    order: SortOrder,
+    mode: ScoreMode,
+    old: Option<&Entry>,
+    player: &str,
+    score: f64,
+    seq: u64,
+    meta: Option<Arc<str>>,
+) -> Option<Entry> {
+    let score = norm(score);
+    let Some(old) = old else {
+        return Some(Entry {
+            player: Arc::from(player),
+            score,
+            achieved: seq,
+            meta,
+        });
+    };
+    let (new_score, accepted) = match mode {
+        ScoreMode::Best => {
+            let better = match order {
+                SortOrder::High => score > old.score,
+                SortOrder::Low => score < old.score,
+            };
+            (if better { score } else { old.score }, better)
+        }
+        ScoreMode::Latest => (score, true),
+        ScoreMode::Increment => (norm(old.score + score), true),
+    };
+    let score_changed = new_score.total_cmp(&old.score) != Ordering::Equal;
+    let meta_changed = accepted && meta.is_some() && meta != old.meta;
+    if !score_changed && !meta_changed {
+        return None;
+    }
+    let mut entry = old.clone();
+    if score_changed {
+        entry.score = new_score;
+        entry.achieved = seq;
+    }
+    if meta_changed {
+        entry.meta = meta;
+    }
+    Some(entry)
+}
+
 /// `Less` means `a` ranks before `b`.
 #[inline]
 fn cmp_entries(order: SortOrder, a: &Entry, b: &Entry) -> Ordering {
@@ -612,6 +661,31 @@ impl Ranking {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// `combine` predicts exactly what `submit` stores, for every mode and order.
+        #[test]
+        fn combine_matches_submit(
+            ops in prop::collection::vec((0u8..4, -5i32..5, any::<bool>(), 0u8..3), 1..60),
+            low in any::<bool>(),
+            mode in 0u8..3,
+        ) {
+            let order = if low { SortOrder::Low } else { SortOrder::High };
+            let mode = [ScoreMode::Best, ScoreMode::Latest, ScoreMode::Increment][mode as usize];
+            let mut ranking = Ranking::new(order);
+            for (seq, (p, score, with_meta, m)) in ops.into_iter().enumerate() {
+                let player = format!("p{p}");
+                let meta = with_meta.then(|| Arc::from(format!("{{\"m\":{m}}}")));
+                let before = ranking.get(&player).cloned();
+                let predicted = combine(
+                    order, mode, before.as_ref(), &player, score as f64, seq as u64, meta.clone(),
+                );
+                let s = ranking.submit(&player, score as f64, mode, seq as u64, meta);
+                prop_assert_eq!(s.changed, predicted.is_some());
+                prop_assert_eq!(Some(&s.entry), predicted.as_ref().or(before.as_ref()));
+            }
+        }
+    }
 
     fn meta(s: &str) -> Option<Arc<str>> {
         Some(Arc::from(s))

@@ -1,26 +1,49 @@
 //! The leaderboard service: boards in memory (ranking), made durable by the store's group
 //! commit, and shown live through the hub as retained, conflated `board:{name}` topics.
 //!
-//! A score post is validated whole, applied to the ranking under the board's lock, then
-//! committed (with everything else waiting) in one durable transaction; only then is it
-//! acknowledged and the board marked dirty. The update task publishes dirty boards with a
-//! leading-and-trailing throttle: a change after a quiet spell goes out at once, and any
-//! number of changes within `board_update_interval` after it coalesce into one update
-//! carrying the newest state.
+//! # Writes: what is shown is what is durable
+//!
+//! Every write (score batch, options, reset) goes through the same three steps:
+//!
+//! 1. Wait for room in the store writer's queue ([`StoreWriter::reserve`]), holding no lock.
+//! 2. Under the board's lock, compute the write against the board's *pending view* (the
+//!    durable board plus every write queued before this one, see [`Pending`]), record it in
+//!    that view, and queue its store ops. Queueing under the lock makes the queue order the
+//!    order in which writes were computed on top of each other, and the writer commits in
+//!    queue order, so apply order equals commit order.
+//! 3. The writer calls the write's completion on its own task, in queue order, right after
+//!    the fsync: on success it applies the write to the durable ranking, which is the only
+//!    one ever read or published, then acknowledges. On failure it drops the whole pending
+//!    view (every later queued write of the board was computed on top of the failed one)
+//!    and bumps the board's guard generation, so the writer refuses those later writes
+//!    instead of committing them. Memory then equals the disk again.
+//!
+//! Why not a per-board async mutex held across the commit: it would serialise a board's
+//! writes to one fsync each, while the pending view lets any number of concurrent posts to
+//! one board share one group commit. The lock held in step 2 is a plain `parking_lot`
+//! mutex, never held across an `.await`: the queue send is synchronous because room was
+//! reserved in step 1.
+//!
+//! A board that no commit has created yet is invisible (404) until one does.
+//!
+//! The update task publishes dirty boards with a leading-and-trailing throttle: a change
+//! after a quiet spell goes out at once, and any number of changes within
+//! `board_update_interval` after it coalesce into one update carrying the newest state.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::ranking::{Entry, Ranking, ScoreMode, SortOrder};
-use super::store::{Store, StoreOp, StoreWriter, StoredEntry};
+use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
+use super::store::{Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
 use crate::config::{Config, MAX_BOARD_TOP};
 use crate::hub::{Hub, PublishOptions};
 use crate::metrics::Metrics;
@@ -32,6 +55,13 @@ pub const MAX_PLAYER_LEN: usize = 128;
 pub const MAX_META_BYTES: usize = 512;
 pub const MAX_BATCH: usize = 1000;
 pub const MAX_BOARD_NAME: usize = 64;
+/// Bytes of score data that may wait for the disk at once (in the store writer's queue and
+/// in the boards' pending views). The queue is also bounded in requests, but a request
+/// can carry a 1 MiB batch; past this budget posts wait for commits before being read
+/// into the queue, so a slow disk costs clients latency, not the server memory.
+pub const MAX_QUEUED_SCORE_BYTES: usize = 64 << 20;
+/// Bookkeeping per queued score beyond its player and meta text (entry, op, map slot).
+const QUEUED_SCORE_OVERHEAD: usize = 160;
 /// How often watcher counts are compared with what was last shown.
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
 
@@ -121,6 +151,7 @@ pub fn ranked(list: &[(u64, Entry)]) -> Vec<RankedEntry<'_>> {
 struct Board {
     name: Arc<str>,
     topic: String,
+    /// Durable options, ranking and clock: exactly what the store holds (once `persisted`).
     options: BoardOptions,
     ranking: Ranking,
     next_seq: u64,
@@ -128,9 +159,39 @@ struct Board {
     version: u64,
     last_published: Option<Instant>,
     shown_watchers: usize,
-    /// Whether the store knows this board yet. Until a commit that creates it succeeds,
-    /// every write to it carries the create op, so concurrent first writes never race it.
+    /// Whether the store knows this board. Until a commit that creates it succeeds, the
+    /// board is invisible and every write to it carries the create op.
     persisted: bool,
+    pending: Pending,
+}
+
+/// What the writes queued but not yet committed will make of a board: the view new writes
+/// are computed against. Holds only what those writes change, so its size is bounded by
+/// the writer's queue (at most one entry per player).
+struct Pending {
+    /// Bumped when a write of this board fails; queued writes computed before that carry
+    /// the old value and are refused by the writer (see [`Guard`]).
+    generation: Arc<AtomicU64>,
+    /// Id of the next write; ids say which write last touched a pending item.
+    next_write: u64,
+    next_seq: u64,
+    options: Option<(u64, BoardOptions)>,
+    /// A queued reset: durable entries are not part of the view.
+    reset: Option<u64>,
+    entries: HashMap<Arc<str>, (u64, Entry)>,
+}
+
+impl Pending {
+    fn new(generation: Arc<AtomicU64>, next_seq: u64) -> Self {
+        Pending {
+            generation,
+            next_write: 0,
+            next_seq,
+            options: None,
+            reset: None,
+            entries: HashMap::new(),
+        }
+    }
 }
 
 impl Board {
@@ -145,15 +206,104 @@ impl Board {
             last_published: None,
             shown_watchers: 0,
             persisted: false,
+            pending: Pending::new(Arc::new(AtomicU64::new(0)), next_seq),
+        }
+    }
+
+    fn view_options(&self) -> BoardOptions {
+        self.pending.options.map_or(self.options, |(_, o)| o)
+    }
+
+    fn view_entry(&self, player: &str) -> Option<&Entry> {
+        match self.pending.entries.get(player) {
+            Some((_, e)) => Some(e),
+            None if self.pending.reset.is_some() => None,
+            None => self.ranking.get(player),
+        }
+    }
+
+    fn view_is_empty(&self) -> bool {
+        self.pending.entries.is_empty() && (self.pending.reset.is_some() || self.ranking.is_empty())
+    }
+
+    /// Starts a write: its id and the guard its store ops are queued with.
+    fn begin_write(&mut self) -> (u64, Guard) {
+        let id = self.pending.next_write;
+        self.pending.next_write += 1;
+        let guard = Guard {
+            generation: self.pending.generation.clone(),
+            expected: self.pending.generation.load(Ordering::Acquire),
+        };
+        (id, guard)
+    }
+
+    /// The store ops a write must carry in front of its own: the board's creation while no
+    /// commit has created it yet.
+    fn create_ops(&self, ops: &mut Vec<StoreOp>) {
+        if !self.persisted {
+            ops.push(StoreOp::PutBoard {
+                board: self.name.to_string(),
+                options: serde_json::to_string(&self.options).expect("options serialize"),
+            });
+        }
+    }
+
+    /// A queued write failed. If it was computed against the current view (not itself a
+    /// casualty of an earlier failure), every later queued write was computed on top of it:
+    /// drop the view back to the durable board and make the writer refuse those writes.
+    /// Earlier writes have all been resolved (the writer answers in order), so the durable
+    /// board is exactly what the disk holds.
+    fn fail(&mut self, guard: &Guard) {
+        if self.pending.generation.load(Ordering::Acquire) == guard.expected {
+            self.pending.generation.fetch_add(1, Ordering::AcqRel);
+            let generation = self.pending.generation.clone();
+            let next_write = self.pending.next_write;
+            self.pending = Pending::new(generation, self.next_seq);
+            self.pending.next_write = next_write;
+        }
+    }
+}
+
+/// One write's effect on the durable board, applied when its commit succeeded.
+enum Write {
+    Scores {
+        /// The entries this batch changed, as committed.
+        entries: Vec<Entry>,
+        next_seq: u64,
+        /// Every posted player (in post order) with whether the batch changed its entry.
+        posted: Vec<(Arc<str>, bool)>,
+    },
+    Options(BoardOptions),
+    Reset,
+}
+
+/// What a successful write reports back.
+enum Applied {
+    Scores(Vec<ScoreResult>),
+    Done,
+}
+
+/// Boards whose live update is due; shared with the store writer's completions.
+#[derive(Default)]
+struct Dirty {
+    names: Mutex<HashSet<Arc<str>>>,
+    wake: Notify,
+}
+
+impl Dirty {
+    fn mark(&self, name: &str) {
+        if self.names.lock().insert(name.into()) {
+            self.wake.notify_one();
         }
     }
 }
 
 pub struct Boards {
     boards: RwLock<HashMap<Arc<str>, Arc<Mutex<Board>>>>,
-    dirty: Mutex<HashSet<Arc<str>>>,
-    wake: Notify,
+    dirty: Arc<Dirty>,
     writer: Mutex<Option<StoreWriter>>,
+    /// [`MAX_QUEUED_SCORE_BYTES`], held by each queued score batch until it is resolved.
+    queued_bytes: Arc<Semaphore>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     interval: Duration,
@@ -196,10 +346,13 @@ impl Boards {
         }
         let (writer, writer_task) = StoreWriter::spawn(store, 4096);
         let this = Arc::new(Boards {
-            dirty: Mutex::new(boards.keys().cloned().collect()),
+            dirty: Arc::new(Dirty {
+                names: Mutex::new(boards.keys().cloned().collect()),
+                wake: Notify::new(),
+            }),
             boards: RwLock::new(boards),
-            wake: Notify::new(),
             writer: Mutex::new(Some(writer)),
+            queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
             hub,
             metrics,
             interval: cfg.board_update_interval,
@@ -248,27 +401,33 @@ impl Boards {
         self.boards.read().get(name).cloned()
     }
 
-    /// Returns the board and whether this call created it.
-    fn get_or_create(
-        &self,
-        name: &str,
-        options: Option<BoardOptions>,
-    ) -> (Arc<Mutex<Board>>, bool) {
+    /// A board a commit has created, for reads and resets; others do not exist yet.
+    fn get_persisted(&self, name: &str) -> Result<Arc<Mutex<Board>>, BoardError> {
+        self.get(name)
+            .filter(|b| b.lock().persisted)
+            .ok_or_else(|| BoardError::NoBoard(name.into()))
+    }
+
+    /// The board, created in memory (with the default options) if needed. A new board stays
+    /// invisible until a write creating it is durable; if that write fails, it is left
+    /// with the defaults, so a later write does not durably create it with options whose
+    /// write failed.
+    fn get_or_create(&self, name: &str) -> Arc<Mutex<Board>> {
         if let Some(b) = self.get(name) {
-            return (b, false);
+            return b;
         }
         let mut boards = self.boards.write();
         if let Some(b) = boards.get(name) {
-            return (b.clone(), false);
+            return b.clone();
         }
         let name: Arc<str> = name.into();
-        let options = options.unwrap_or(BoardOptions {
+        let options = BoardOptions {
             top: self.default_top,
             ..BoardOptions::default()
-        });
+        };
         let b = Arc::new(Mutex::new(Board::new(name.clone(), options, 1)));
         boards.insert(name, b.clone());
-        (b, true)
+        b
     }
 
     fn check_options(o: &BoardOptions) -> Result<(), BoardError> {
@@ -289,26 +448,32 @@ impl Boards {
     ) -> Result<BoardOptions, BoardError> {
         Self::validate_name(name)?;
         Self::check_options(&options)?;
-        let (board, _) = self.get_or_create(name, Some(options));
-        {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = self.get_or_create(name);
+        let done = {
             let mut b = board.lock();
-            if b.options.order != options.order {
-                if !b.ranking.is_empty() {
-                    return Err(BoardError::Conflict(
-                        "the sort order of a board with players cannot change; reset it first"
-                            .into(),
-                    ));
-                }
-                b.ranking = Ranking::new(options.order);
+            if b.view_options().order != options.order && !b.view_is_empty() {
+                return Err(BoardError::Conflict(
+                    "the sort order of a board with players cannot change; reset it first".into(),
+                ));
             }
-            b.options = options;
-        }
-        let ops = vec![StoreOp::PutBoard {
-            board: name.into(),
-            options: serde_json::to_string(&options).expect("options"),
-        }];
-        self.commit(ops).await?;
-        self.mark_dirty(name);
+            let (id, guard) = b.begin_write();
+            b.pending.options = Some((id, options));
+            let ops = vec![
+                StoreOp::PutBoard {
+                    board: name.into(),
+                    options: serde_json::to_string(&options).expect("options"),
+                },
+                // A board created by this write gets the clock memory has, not 0.
+                StoreOp::SetSeq {
+                    board: name.into(),
+                    next_seq: b.pending.next_seq,
+                },
+            ];
+            self.queue(slot, &board, id, guard, ops, Write::Options(options), None)
+        };
+        done.await?;
         Ok(options)
     }
 
@@ -332,91 +497,152 @@ impl Boards {
         for (i, input) in inputs.into_iter().enumerate() {
             scores.push(validate(i, input)?);
         }
-        let (board, _) = self.get_or_create(name, None);
-        let (ops, results, visible_change) = {
+        // Both copies of the batch (queued ops and pending view) count; held until resolved.
+        let cost: usize = scores
+            .iter()
+            .map(|(p, _, m)| {
+                2 * (p.len() + m.as_ref().map_or(0, |m| m.len())) + QUEUED_SCORE_OVERHEAD
+            })
+            .sum();
+        let budget = self
+            .queued_bytes
+            .clone()
+            .acquire_many_owned(cost.min(MAX_QUEUED_SCORE_BYTES) as u32)
+            .await
+            .expect("the budget semaphore is never closed");
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = self.get_or_create(name);
+        let done = {
             let mut b = board.lock();
-            let mode = b.options.mode;
-            if mode == ScoreMode::Increment {
-                check_increments(&b.ranking, &scores)?;
+            let options = b.view_options();
+            // The batch's own result so far, on top of the pending view.
+            let mut batch: HashMap<Arc<str>, Entry> = HashMap::new();
+            if options.mode == ScoreMode::Increment {
+                check_increments(|p| batch_entry(&b, &batch, p), &scores)?;
             }
-            let top = b.options.top as u64;
-            let mut ops = Vec::with_capacity(scores.len() + 2);
-            if !b.persisted {
-                ops.push(StoreOp::PutBoard {
-                    board: name.into(),
-                    options: serde_json::to_string(&b.options).expect("options serialize"),
-                });
-            }
-            let mut visible_change = false;
-            let mut changed_players: HashSet<Arc<str>> = HashSet::new();
+            let mut seq = b.pending.next_seq;
+            let mut posted = Vec::with_capacity(scores.len());
             for (player, score, meta) in &scores {
-                let seq = b.next_seq;
-                b.next_seq += 1;
-                let s = b.ranking.submit(player, *score, mode, seq, meta.clone());
-                if s.changed {
-                    visible_change |= s.new_rank <= top || s.old_rank.is_some_and(|r| r <= top);
-                    changed_players.insert(s.entry.player.clone());
-                }
+                let old = batch_entry(&b, &batch, player);
+                let new = combine(
+                    options.order,
+                    options.mode,
+                    old,
+                    player,
+                    *score,
+                    seq,
+                    meta.clone(),
+                );
+                seq += 1;
+                let key = match new {
+                    Some(e) => {
+                        let key = e.player.clone();
+                        batch.insert(key.clone(), e);
+                        key
+                    }
+                    None => old.map_or_else(|| Arc::from(player.as_str()), |e| e.player.clone()),
+                };
+                posted.push(key);
             }
-            for p in &changed_players {
-                if let Some(e) = b.ranking.get(p) {
-                    ops.push(StoreOp::PutEntry {
-                        board: name.into(),
-                        entry: stored(e),
-                    });
-                }
+            let (id, guard) = b.begin_write();
+            let mut ops = Vec::with_capacity(batch.len() + 2);
+            b.create_ops(&mut ops);
+            for e in batch.values() {
+                ops.push(StoreOp::PutEntry {
+                    board: name.into(),
+                    entry: stored(e),
+                });
             }
             ops.push(StoreOp::SetSeq {
                 board: name.into(),
-                next_seq: b.next_seq,
+                next_seq: seq,
             });
-            let results: Vec<ScoreResult> = scores
-                .iter()
-                .map(|(player, _, _)| {
-                    let e = b.ranking.get(player).expect("just submitted");
-                    ScoreResult {
-                        player: e.player.clone(),
-                        rank: b.ranking.rank(player).expect("just submitted"),
-                        score: e.score,
-                        changed: changed_players.contains(player.as_str()),
-                    }
+            b.pending.next_seq = seq;
+            for e in batch.values() {
+                b.pending.entries.insert(e.player.clone(), (id, e.clone()));
+            }
+            let posted = posted
+                .into_iter()
+                .map(|p| {
+                    let changed = batch.contains_key(&p);
+                    (p, changed)
                 })
                 .collect();
-            (ops, results, visible_change)
+            let write = Write::Scores {
+                entries: batch.into_values().collect(),
+                next_seq: seq,
+                posted,
+            };
+            self.queue(slot, &board, id, guard, ops, write, Some(budget))
         };
-        self.commit(ops).await?;
-        board.lock().persisted = true;
-        self.metrics.scores.inc_by(results.len() as u64);
-        if visible_change {
-            self.mark_dirty(name);
+        match done.await? {
+            Applied::Scores(results) => Ok(results),
+            Applied::Done => unreachable!("a score write reports scores"),
         }
-        Ok(results)
     }
 
+    /// Empties a board, keeping its options and clock.
     pub async fn reset(&self, name: &str) -> Result<(), BoardError> {
         Self::validate_name(name)?;
-        let board = self
-            .get(name)
-            .ok_or_else(|| BoardError::NoBoard(name.into()))?;
-        board.lock().ranking.clear();
-        self.commit(vec![StoreOp::ResetBoard { board: name.into() }])
-            .await?;
-        self.mark_dirty(name);
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = self.get_persisted(name)?;
+        let done = {
+            let mut b = board.lock();
+            let (id, guard) = b.begin_write();
+            b.pending.reset = Some(id);
+            b.pending.entries.clear();
+            let ops = vec![StoreOp::ResetBoard { board: name.into() }];
+            self.queue(slot, &board, id, guard, ops, Write::Reset, None)
+        };
+        done.await?;
         Ok(())
     }
 
-    async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), BoardError> {
-        self.writer()?.commit(ops).await.map_err(|e| {
-            // The in-memory ranking already shows this batch; it was never acknowledged,
-            // and a restart reloads exactly what is durable.
-            tracing::error!("leaderboard store commit failed: {e}");
-            BoardError::Store(e.to_string())
-        })
-    }
-
-    fn mark_dirty(&self, name: &str) {
-        if self.dirty.lock().insert(name.into()) {
-            self.wake.notify_one();
+    /// Queues a write's ops (the caller holds the board's lock, see the module docs) with
+    /// its completion, and returns what the caller awaits after releasing the lock. The
+    /// completion runs even if the caller has gone away, so memory follows the disk
+    /// whether or not anyone waits for the answer. `budget` is given back once the write
+    /// is resolved and its data dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &self,
+        slot: super::store::Slot,
+        board: &Arc<Mutex<Board>>,
+        id: u64,
+        guard: Guard,
+        ops: Vec<StoreOp>,
+        write: Write,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> impl std::future::Future<Output = Result<Applied, BoardError>> {
+        let (tx, rx) = oneshot::channel();
+        let board = board.clone();
+        let dirty = self.dirty.clone();
+        let metrics = self.metrics.clone();
+        slot.send(ops, Some(guard.clone()), move |result| {
+            let outcome = match result {
+                Ok(()) => {
+                    let (name, applied, visible) = apply(&mut board.lock(), id, write);
+                    if let Applied::Scores(r) = &applied {
+                        metrics.scores.inc_by(r.len() as u64);
+                    }
+                    if visible {
+                        dirty.mark(&name);
+                    }
+                    Ok(applied)
+                }
+                Err(e) => {
+                    board.lock().fail(&guard);
+                    Err(store_error(e))
+                }
+            };
+            drop(budget);
+            let _ = tx.send(outcome); // the caller may have gone away
+        });
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(store_error(StoreError::Closed)))
         }
     }
 
@@ -427,9 +653,7 @@ impl Boards {
         f: impl FnOnce(BoardView<'_>) -> R,
     ) -> Result<R, BoardError> {
         Self::validate_name(name)?;
-        let board = self
-            .get(name)
-            .ok_or_else(|| BoardError::NoBoard(name.into()))?;
+        let board = self.get_persisted(name)?;
         let b = board.lock();
         let watchers = self.hub.subscriber_count(&b.topic);
         Ok(f(BoardView {
@@ -445,16 +669,19 @@ impl Boards {
         let boards: Vec<Arc<Mutex<Board>>> = self.boards.read().values().cloned().collect();
         let mut out: Vec<serde_json::Value> = boards
             .iter()
-            .map(|b| {
+            .filter_map(|b| {
                 let b = b.lock();
-                serde_json::json!({
+                if !b.persisted {
+                    return None;
+                }
+                Some(serde_json::json!({
                     "name": &*b.name,
                     "players": b.ranking.len(),
                     "watchers": self.hub.subscriber_count(&b.topic),
                     "order": b.options.order,
                     "mode": b.options.mode,
                     "top": b.options.top,
-                })
+                }))
             })
             .collect();
         out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
@@ -470,10 +697,10 @@ impl Boards {
                 next_watcher_check = now + WATCHER_CHECK;
             }
             let mut wake_at = next_watcher_check;
-            let dirty: Vec<Arc<str>> = self.dirty.lock().iter().cloned().collect();
+            let dirty: Vec<Arc<str>> = self.dirty.names.lock().iter().cloned().collect();
             for name in dirty {
                 let Some(board) = self.get(&name) else {
-                    self.dirty.lock().remove(&name);
+                    self.dirty.names.lock().remove(&name);
                     continue;
                 };
                 let due = board
@@ -481,7 +708,7 @@ impl Boards {
                     .last_published
                     .map_or(now, |t| t + self.interval);
                 if due <= now {
-                    self.dirty.lock().remove(&name);
+                    self.dirty.names.lock().remove(&name);
                     self.publish(&board);
                 } else {
                     wake_at = wake_at.min(due);
@@ -489,7 +716,7 @@ impl Boards {
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return,
-                _ = self.wake.notified() => {}
+                _ = self.dirty.wake.notified() => {}
                 _ = tokio::time::sleep_until(wake_at.into()) => {}
             }
         }
@@ -502,11 +729,11 @@ impl Boards {
                 let b = board.lock();
                 (
                     b.name.clone(),
-                    self.hub.subscriber_count(&b.topic) != b.shown_watchers,
+                    b.persisted && self.hub.subscriber_count(&b.topic) != b.shown_watchers,
                 )
             };
             if changed {
-                self.dirty.lock().insert(name);
+                self.dirty.names.lock().insert(name);
             }
         }
     }
@@ -577,6 +804,84 @@ fn stored(e: &Entry) -> StoredEntry {
     }
 }
 
+/// Applies a committed write to the durable board (on the writer task, in commit order).
+/// Returns the board's name, the write's results and whether the live top changed.
+fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
+    b.persisted = true;
+    let top = b.options.top as u64;
+    let (applied, visible) = match write {
+        Write::Scores {
+            entries,
+            next_seq,
+            posted,
+        } => {
+            let mut visible = false;
+            for e in entries {
+                let old_rank = b.ranking.rank(&e.player);
+                if b.pending
+                    .entries
+                    .get(&e.player)
+                    .is_some_and(|(w, _)| *w == id)
+                {
+                    b.pending.entries.remove(&e.player);
+                }
+                let player = e.player.clone();
+                b.ranking.insert(e);
+                let new_rank = b.ranking.rank(&player).expect("just inserted");
+                visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
+            }
+            b.next_seq = b.next_seq.max(next_seq);
+            let results = posted
+                .into_iter()
+                .map(|(player, changed)| {
+                    let score = b.ranking.get(&player).expect("posted players exist").score;
+                    let rank = b.ranking.rank(&player).expect("posted players exist");
+                    ScoreResult {
+                        player,
+                        rank,
+                        score,
+                        changed,
+                    }
+                })
+                .collect();
+            (Applied::Scores(results), visible)
+        }
+        Write::Options(options) => {
+            if options.order != b.options.order {
+                // Only queued on a board whose view was empty, so nothing is lost.
+                b.ranking = Ranking::new(options.order);
+            }
+            b.options = options;
+            if b.pending.options.is_some_and(|(w, _)| w == id) {
+                b.pending.options = None;
+            }
+            (Applied::Done, true)
+        }
+        Write::Reset => {
+            b.ranking.clear();
+            if b.pending.reset == Some(id) {
+                b.pending.reset = None;
+            }
+            (Applied::Done, true)
+        }
+    };
+    (b.name.clone(), applied, visible)
+}
+
+/// A player's entry as this batch sees it: its own earlier change, else the pending view.
+fn batch_entry<'a>(
+    b: &'a Board,
+    batch: &'a HashMap<Arc<str>, Entry>,
+    player: &str,
+) -> Option<&'a Entry> {
+    batch.get(player).or_else(|| b.view_entry(player))
+}
+
+fn store_error(e: StoreError) -> BoardError {
+    tracing::error!("leaderboard store write failed: {e}");
+    BoardError::Store(e.to_string())
+}
+
 type ValidScore = (String, f64, Option<Arc<str>>);
 
 fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
@@ -622,12 +927,15 @@ fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
 
 /// In `increment` mode the sums must stay in range too; checked before anything is applied
 /// so the batch stays all-or-nothing.
-fn check_increments(ranking: &Ranking, scores: &[ValidScore]) -> Result<(), BoardError> {
+fn check_increments<'a>(
+    current: impl Fn(&str) -> Option<&'a Entry>,
+    scores: &[ValidScore],
+) -> Result<(), BoardError> {
     let mut sums: HashMap<&str, f64> = HashMap::new();
     for (i, (player, delta, _)) in scores.iter().enumerate() {
         let sum = sums
             .entry(player)
-            .or_insert_with(|| ranking.get(player).map_or(0.0, |e| e.score));
+            .or_insert_with(|| current(player).map_or(0.0, |e| e.score));
         *sum += delta;
         if sum.abs() > MAX_ABS_SCORE {
             return Err(BoardError::Invalid(format!(
@@ -636,4 +944,195 @@ fn check_increments(ranking: &Ranking, scores: &[ValidScore]) -> Result<(), Boar
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open(dir: &std::path::Path) -> Arc<Boards> {
+        let cfg = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(1000, 100, metrics.clone()));
+        Boards::open(&cfg, hub, metrics, CancellationToken::new())
+            .await
+            .unwrap()
+    }
+
+    /// Makes the next `n` store commits fail as a full disk would.
+    fn fail_commits(boards: &Boards, n: u64) {
+        let writer = boards.writer().unwrap();
+        writer.store().fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    fn score(player: &str, score: i64) -> ScoreInput {
+        serde_json::from_value(serde_json::json!({"player": player, "score": score})).unwrap()
+    }
+
+    /// The board as every reader sees it: (player, score) by rank, or None if it is absent.
+    fn shown(boards: &Boards, name: &str) -> Option<Vec<(String, f64)>> {
+        boards
+            .with_board(name, |b| {
+                b.ranking
+                    .top(usize::MAX)
+                    .into_iter()
+                    .map(|(_, e)| (e.player.to_string(), e.score))
+                    .collect()
+            })
+            .ok()
+    }
+
+    fn increment() -> BoardOptions {
+        BoardOptions {
+            mode: ScoreMode::Increment,
+            ..BoardOptions::default()
+        }
+    }
+
+    /// The example: +10 fails, +10 is retried; memory and disk hold 10, not 20.
+    #[tokio::test]
+    async fn failed_commit_leaves_memory_equal_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        boards.put_board("inc", increment()).await.unwrap();
+        fail_commits(&boards, 1);
+        let err = boards
+            .submit("inc", vec![score("p", 10)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BoardError::Store(_)), "{err}");
+        assert_eq!(shown(&boards, "inc"), Some(vec![]));
+        let r = boards.submit("inc", vec![score("p", 10)]).await.unwrap();
+        assert_eq!((r[0].score, r[0].rank, r[0].changed), (10.0, 1, true));
+        assert_eq!(shown(&boards, "inc"), Some(vec![("p".into(), 10.0)]));
+        boards.close().await;
+        let boards = open(dir.path()).await;
+        assert_eq!(shown(&boards, "inc"), Some(vec![("p".into(), 10.0)]));
+        boards.close().await;
+    }
+
+    /// Many concurrent increments to one player while group commits fail now and then:
+    /// writes queued behind a failed one were computed on top of it and must fail too, so
+    /// the total shown, and the total on disk, is exactly the number of acknowledged +1s.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_queued_behind_a_failed_commit_are_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        boards.put_board("inc", increment()).await.unwrap();
+        let mut acked = 0u64;
+        let mut failed = 0u64;
+        for round in 0..5u64 {
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..20 {
+                let b = boards.clone();
+                calls.spawn(async move {
+                    let mut results = Vec::new();
+                    for _ in 0..20 {
+                        results.push(b.submit("inc", vec![score("p", 1)]).await);
+                    }
+                    results
+                });
+            }
+            // Fail one commit once some of this round's posts went through.
+            let start = boards.metrics.scores.get();
+            let b = boards.clone();
+            let injector = tokio::spawn(async move {
+                while b.metrics.scores.get() < start + 50 + round * 40 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                fail_commits(&b, 1);
+            });
+            while let Some(r) = calls.join_next().await {
+                for r in r.unwrap() {
+                    match r {
+                        Ok(_) => acked += 1,
+                        Err(BoardError::Store(_)) => failed += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            injector.await.unwrap();
+            let total = shown(&boards, "inc").unwrap()[0].1;
+            assert_eq!(total, acked as f64, "round {round}: {failed} failed");
+            assert_eq!(
+                boards.queued_bytes.available_permits(),
+                MAX_QUEUED_SCORE_BYTES,
+                "every resolved write gave its queue budget back"
+            );
+        }
+        assert!(failed >= 5, "every round's failure hit someone");
+        boards.close().await;
+        let boards = open(dir.path()).await;
+        assert_eq!(
+            shown(&boards, "inc").unwrap()[0].1,
+            acked as f64,
+            "disk holds exactly the acknowledged increments"
+        );
+        boards.close().await;
+    }
+
+    #[tokio::test]
+    async fn failed_reset_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        boards
+            .submit("b", vec![score("a", 3), score("b", 5)])
+            .await
+            .unwrap();
+        let before = shown(&boards, "b");
+        assert_eq!(before.as_ref().map(Vec::len), Some(2));
+        fail_commits(&boards, 1);
+        let err = boards.reset("b").await.unwrap_err();
+        assert!(matches!(err, BoardError::Store(_)), "{err}");
+        assert_eq!(shown(&boards, "b"), before);
+        // The board still takes scores on top of its entries, and resets for real.
+        let r = boards.submit("b", vec![score("c", 4)]).await.unwrap();
+        assert_eq!(r[0].rank, 2);
+        boards.close().await;
+        let boards = open(dir.path()).await;
+        assert_eq!(shown(&boards, "b").unwrap().len(), 3);
+        boards.reset("b").await.unwrap();
+        assert_eq!(shown(&boards, "b"), Some(vec![]));
+        boards.close().await;
+    }
+
+    #[tokio::test]
+    async fn failed_put_board_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        boards.submit("b", vec![score("a", 3)]).await.unwrap();
+        let opts = |b: &Boards, name: &str| b.with_board(name, |v| v.options).ok();
+        let before = opts(&boards, "b");
+        fail_commits(&boards, 2);
+        let changed = BoardOptions {
+            top: 3,
+            ..increment()
+        };
+        assert!(boards.put_board("b", changed).await.is_err());
+        assert_eq!(opts(&boards, "b"), before);
+        // A board whose creating write failed does not exist, and is later created with
+        // the defaults, not with the options of the failed write.
+        let low = BoardOptions {
+            order: SortOrder::Low,
+            ..increment()
+        };
+        assert!(boards.put_board("new", low).await.is_err());
+        assert!(matches!(
+            boards.with_board("new", |_| ()),
+            Err(BoardError::NoBoard(_))
+        ));
+        assert!(!boards.list().iter().any(|b| b["name"] == "new"));
+        boards.submit("new", vec![score("x", 1)]).await.unwrap();
+        assert_eq!(
+            opts(&boards, "new"),
+            Some(BoardOptions {
+                top: Config::default().board_top,
+                ..BoardOptions::default()
+            })
+        );
+        boards.close().await;
+    }
 }

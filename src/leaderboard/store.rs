@@ -40,11 +40,31 @@
 //! blocking thread, then every caller of that group is acknowledged. Callers' ops are
 //! applied in channel (arrival) order, so one caller's successive commits are applied in
 //! order.
+//!
+//! A caller that keeps state derived from its queued ops (the leaderboard service computes
+//! each score against the not yet durable result of the scores queued before it) needs two
+//! more things, which [`StoreWriter::reserve`] gives it:
+//!
+//! * a completion callback run *by the writer task*, in channel order, before the next group
+//!   is formed, so the caller can apply a commit's effect to its own state in exactly the
+//!   order the commits reached the disk (acknowledgements wake tasks in any order);
+//! * a [`Guard`]: an op list computed on top of a write that then failed must not reach the
+//!   disk either (an `increment` of +10 queued behind a failed +10 carries the total 20).
+//!   The failed write's callback bumps the guard's generation; the writer refuses every
+//!   queued request whose generation is stale with [`StoreError::Aborted`].
+//!
+//! # I/O errors
+//!
+//! After a failed write redb refuses every later transaction (`PreviousIo`) until the
+//! database is opened again. A failed commit therefore marks the store broken, and the next
+//! commit first reopens the file (redb repairs it to the last durable commit), so a full
+//! disk that is cleared, or a transient I/O error, does not need a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use redb::{
     Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
@@ -148,6 +168,13 @@ pub enum StoreError {
     /// The blocking commit panicked; the outcome of the group is unknown.
     #[error("store writer commit failed: {0}")]
     WriterFailed(String),
+    /// The request's [`Guard`] no longer held when its turn came: it was computed on top of
+    /// a write that failed, so it was not applied.
+    #[error("not applied: an earlier write it depended on failed")]
+    Aborted,
+    /// The database is closed after an I/O error and could not be opened again yet.
+    #[error("the database at {} is not open after an earlier error", path.display())]
+    NotOpen { path: PathBuf },
 }
 
 impl StoreError {
@@ -302,12 +329,19 @@ pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 131_072;
 /// The durable store: a redb database in `<dir>/crier.redb`. Synchronous; use it from a
 /// blocking context or through [`StoreWriter`].
 pub struct Store {
-    db: Database,
+    /// `None` only between closing after an I/O error and a successful reopen. Only the one
+    /// thread committing (the writer's) ever takes the write lock.
+    db: RwLock<Option<Database>>,
+    /// A commit failed; redb refuses all further writes until the file is opened again.
+    broken: AtomicBool,
     path: PathBuf,
     /// Entries in the log, not yet checkpointed into the per-board tables.
     logged: AtomicU64,
     checkpoint_threshold: u64,
     checkpoints: AtomicU64,
+    /// Unit tests: how many of the next commits fail as if the disk did.
+    #[cfg(test)]
+    pub(crate) fail_commits: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -331,11 +365,14 @@ impl Store {
         let path = dir.join(DB_FILE);
         let db = Database::create(&path).with_ctx(|| format!("opening {}", path.display()))?;
         let store = Store {
-            db,
+            db: RwLock::new(Some(db)),
+            broken: AtomicBool::new(false),
             path,
             logged: AtomicU64::new(0),
             checkpoint_threshold: DEFAULT_CHECKPOINT_ENTRIES,
             checkpoints: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_commits: AtomicU64::new(0),
         };
         store.init()?;
         store.checkpoint()?;
@@ -370,9 +407,43 @@ impl Store {
         logged > 0 && logged >= self.checkpoint_threshold
     }
 
+    fn begin_write(&self, context: &str) -> Result<WriteTransaction, StoreError> {
+        let db = self.db.read();
+        let db = db.as_ref().ok_or_else(|| StoreError::NotOpen {
+            path: self.path.clone(),
+        })?;
+        db.begin_write().ctx(context)
+    }
+
+    /// Closes and opens the database again after an I/O error: redb refuses every write
+    /// after one (`PreviousIo`), and opening repairs the file to its last durable commit.
+    fn reopen_if_broken(&self) -> Result<(), StoreError> {
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut db = self.db.write();
+        // The old handle must be gone first: it holds the file lock.
+        drop(db.take());
+        let fresh = Database::create(&self.path)
+            .with_ctx(|| format!("reopening {}", self.path.display()))?;
+        *db = Some(fresh);
+        drop(db);
+        self.broken.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
+        Ok(())
+    }
+
+    /// Remembers that the database must be reopened if `e` came from redb (not from a
+    /// caller's mistake).
+    fn note_failure(&self, e: &StoreError) {
+        if matches!(e, StoreError::Db { .. }) {
+            self.broken.store(true, Ordering::Release);
+        }
+    }
+
     /// Creates the fixed tables and checks / stamps the format version.
     fn init(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().ctx("init: begin write")?;
+        let txn = self.begin_write("init: begin write")?;
         {
             let mut meta = txn.open_table(META).ctx("init: open meta")?;
             let found = meta
@@ -396,7 +467,13 @@ impl Store {
     /// Reads every board with its options, clock and entries (for start-up). Boards are
     /// sorted by name, entries by player.
     pub fn load(&self) -> Result<Vec<StoredBoard>, StoreError> {
-        let txn = self.db.begin_read().ctx("load: begin read")?;
+        let txn = {
+            let db = self.db.read();
+            let db = db.as_ref().ok_or_else(|| StoreError::NotOpen {
+                path: self.path.clone(),
+            })?;
+            db.begin_read().ctx("load: begin read")?
+        };
         let boards = txn.open_table(BOARDS).ctx("load: open boards")?;
         let log = txn.open_table(LOG).ctx("load: open log")?;
         let mut out = Vec::new();
@@ -467,20 +544,54 @@ impl Store {
     }
 
     fn commit_iter<'a>(&self, ops: impl Iterator<Item = &'a StoreOp>) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().ctx("commit: begin write")?;
-        txn.set_durability(Durability::Immediate);
-        // On error `txn` is dropped uncommitted, which aborts it.
-        let logged = apply(&txn, ops)?;
-        txn.commit().ctx("commit")?;
-        self.logged.fetch_add(logged, Ordering::Relaxed);
-        Ok(())
+        self.reopen_if_broken()?;
+        #[cfg(test)]
+        if self
+            .fail_commits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let e = StoreError::db(
+                "commit",
+                redb::Error::Io(std::io::Error::other("injected failure")),
+            );
+            self.note_failure(&e);
+            return Err(e);
+        }
+        let result = (|| {
+            let mut txn = self.begin_write("commit: begin write")?;
+            txn.set_durability(Durability::Immediate);
+            // On error `txn` is dropped uncommitted, which aborts it.
+            let logged = apply(&txn, ops)?;
+            txn.commit().ctx("commit")?;
+            Ok(logged)
+        })();
+        match result {
+            Ok(logged) => {
+                self.logged.fetch_add(logged, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.note_failure(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Folds the entry log into the per-board entry tables and empties it, in one durable
     /// transaction. Returns the number of entries moved. Done automatically by
     /// [`Store::open`], [`Store::commit`] and [`StoreWriter`] past the threshold.
     pub fn checkpoint(&self) -> Result<u64, StoreError> {
-        let mut txn = self.db.begin_write().ctx("checkpoint: begin write")?;
+        self.reopen_if_broken()?;
+        let moved = self.checkpoint_once();
+        if let Err(e) = &moved {
+            self.note_failure(e);
+        }
+        moved
+    }
+
+    fn checkpoint_once(&self) -> Result<u64, StoreError> {
+        let mut txn = self.begin_write("checkpoint: begin write")?;
         txn.set_durability(Durability::Immediate);
         let mut moved = 0u64;
         {
@@ -521,18 +632,33 @@ impl Store {
 
     /// Commits several callers' op lists in one transaction. If that fails with a logical
     /// error (a caller's mistake), falls back to one transaction per caller so only the
-    /// offending caller fails. Returns per-caller results and the number of transactions
-    /// committed. Does not checkpoint.
-    fn commit_group(&self, groups: &[Vec<StoreOp>]) -> (Vec<Result<(), StoreError>>, u64) {
+    /// offending caller fails, and with it every later caller sharing its guard (their ops
+    /// were computed on top of its). Returns per-caller results and the number of
+    /// transactions committed. Does not checkpoint.
+    fn commit_group(
+        &self,
+        groups: &[Vec<StoreOp>],
+        guards: &[Option<Arc<AtomicU64>>],
+    ) -> (Vec<Result<(), StoreError>>, u64) {
         match self.commit_iter(groups.iter().flatten()) {
             Ok(()) => (vec![Ok(()); groups.len()], 1),
             Err(e) if e.is_logical() && groups.len() > 1 => {
                 let mut txns = 0;
+                let mut failed_guards: Vec<&Arc<AtomicU64>> = Vec::new();
                 let results = groups
                     .iter()
-                    .map(|ops| {
+                    .zip(guards)
+                    .map(|(ops, guard)| {
+                        if let Some(g) = guard {
+                            if failed_guards.iter().any(|f| Arc::ptr_eq(f, g)) {
+                                return Err(StoreError::Aborted);
+                            }
+                        }
                         let r = self.commit_iter(ops.iter());
                         txns += u64::from(r.is_ok());
+                        if let (Err(_), Some(g)) = (&r, guard) {
+                            failed_guards.push(g);
+                        }
                         r
                     })
                     .collect();
@@ -647,9 +773,65 @@ fn apply<'a>(
 
 // ---- StoreWriter (group commit) ----------------------------------------------------------
 
+/// What the writer calls with a request's outcome, on its own task and in channel order.
+pub type OnDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
 struct Request {
     ops: Vec<StoreOp>,
-    ack: oneshot::Sender<Result<(), StoreError>>,
+    guard: Option<Guard>,
+    done: Done,
+}
+
+enum Done {
+    Ack(oneshot::Sender<Result<(), StoreError>>),
+    Call(OnDone),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), StoreError>) {
+        match self {
+            Done::Ack(ack) => {
+                let _ = ack.send(result); // the caller may have gone away
+            }
+            Done::Call(f) => f(result),
+        }
+    }
+}
+
+/// A condition on a queued request: commit it only if `generation` still holds the value it
+/// had when the request was computed. Whoever owns the generation bumps it when a write the
+/// later ones were computed on top of fails (see the module docs).
+#[derive(Clone, Debug)]
+pub struct Guard {
+    pub generation: Arc<AtomicU64>,
+    pub expected: u64,
+}
+
+impl Guard {
+    fn holds(&self) -> bool {
+        self.generation.load(Ordering::Acquire) == self.expected
+    }
+}
+
+/// A reserved place in the writer's queue (see [`StoreWriter::reserve`]). Sending is
+/// synchronous, so it can happen under the caller's own lock, which makes the queue order
+/// equal the order in which the caller computed its requests.
+pub struct Slot(mpsc::OwnedPermit<Request>);
+
+impl Slot {
+    /// Queues `ops`; `on_done` later gets the outcome (see [`StoreWriter::reserve`]).
+    pub fn send(
+        self,
+        ops: Vec<StoreOp>,
+        guard: Option<Guard>,
+        on_done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        self.0.send(Request {
+            ops,
+            guard,
+            done: Done::Call(Box::new(on_done)),
+        });
+    }
 }
 
 #[derive(Default, Debug)]
@@ -729,10 +911,38 @@ impl StoreWriter {
         }
         let (ack, done) = oneshot::channel();
         self.tx
-            .send(Request { ops, ack })
+            .send(Request {
+                ops,
+                guard: None,
+                done: Done::Ack(ack),
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits for room in the queue and reserves it, for a caller that must compute its ops
+    /// under its own (synchronous) lock and queue them before releasing it; waiting for
+    /// room must happen before taking such a lock.
+    ///
+    /// The request sent through the [`Slot`] is committed like [`StoreWriter::commit`]'s,
+    /// unless its [`Guard`] no longer holds when the writer takes it from the queue (then
+    /// [`StoreError::Aborted`]). `on_done` runs on the writer task right after the commit
+    /// (or refusal), strictly in queue order and before the next group is taken, so it
+    /// must be quick and must not block; it runs even if the caller has gone away. An
+    /// empty op list is queued and answered in order like any other.
+    pub async fn reserve(&self) -> Result<Slot, StoreError> {
+        self.tx
+            .clone()
+            .reserve_owned()
+            .await
+            .map(Slot)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Number of write transactions committed so far.
@@ -758,21 +968,34 @@ async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, counters: Arc<C
     // While a group is being committed, new requests queue up in the channel and form the
     // next group, so the group size adapts to the load and the fsync latency.
     while let Some(first) = rx.recv().await {
-        let mut n_ops = first.ops.len();
-        let mut ops = vec![first.ops];
-        let mut acks = vec![first.ack];
-        while n_ops < MAX_GROUP_OPS {
-            match rx.try_recv() {
-                Ok(r) => {
-                    n_ops += r.ops.len();
-                    ops.push(r.ops);
-                    acks.push(r.ack);
-                }
-                Err(_) => break,
+        let mut n_ops = 0;
+        let mut ops = Vec::new();
+        let mut guards = Vec::new();
+        let mut dones = Vec::new();
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            // A stale guard means an earlier write of the same owner failed, and its
+            // callback (which bumped the generation) already ran: refuse it here, in order.
+            if r.guard.as_ref().is_some_and(|g| !g.holds()) {
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                counters.failed_requests.fetch_add(1, Ordering::Relaxed);
+                r.done.finish(Err(StoreError::Aborted));
+            } else {
+                n_ops += r.ops.len();
+                ops.push(r.ops);
+                guards.push(r.guard.map(|g| g.generation));
+                dones.push(r.done);
+            }
+            if n_ops < MAX_GROUP_OPS {
+                next = rx.try_recv().ok();
             }
         }
+        if ops.is_empty() {
+            continue;
+        }
         let s = store.clone();
-        let results = match tokio::task::spawn_blocking(move || s.commit_group(&ops)).await {
+        let results = match tokio::task::spawn_blocking(move || s.commit_group(&ops, &guards)).await
+        {
             Ok((results, txns)) => {
                 counters.transactions.fetch_add(txns, Ordering::Relaxed);
                 results
@@ -780,23 +1003,23 @@ async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, counters: Arc<C
             Err(e) => {
                 tracing::error!(error = %e, "store commit task failed");
                 let err = StoreError::WriterFailed(e.to_string());
-                vec![Err(err); acks.len()]
+                vec![Err(err); dones.len()]
             }
         };
         let failed = results.iter().filter(|r| r.is_err()).count() as u64;
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-            tracing::warn!(error = %e, failed, group = acks.len(), "store group commit failed");
+            tracing::warn!(error = %e, failed, group = dones.len(), "store group commit failed");
         }
         counters.groups.fetch_add(1, Ordering::Relaxed);
         counters
             .requests
-            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+            .fetch_add(dones.len() as u64, Ordering::Relaxed);
         counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
         counters
             .failed_requests
             .fetch_add(failed, Ordering::Relaxed);
-        for (ack, result) in acks.into_iter().zip(results) {
-            let _ = ack.send(result); // the caller may have gone away
+        for (done, result) in dones.into_iter().zip(results) {
+            done.finish(result);
         }
         // Checkpoint after acknowledging, so only callers arriving meanwhile wait for it
         // (their requests queue up and form the next, larger group).
