@@ -63,4 +63,11 @@ impl DisconnectReason {
     pub fn peer_is_gone(self) -> bool {
         matches!(self, Self::NoPong | Self::WriteTimeout)
     }
+
+    /// Closes of a flooding peer: once our close is queued, nothing more it sends is read
+    /// (decoding a flood only to discard it would cost CPU that healthy clients need) and
+    /// its close reply is not awaited.
+    pub fn stops_reading(self) -> bool {
+        matches!(self, Self::TooManyCommands)
+    }
 }

@@ -167,7 +167,7 @@ impl Connection {
             }
             if let Some(reason) = self.closing {
                 if self.out.is_empty() {
-                    if self.peer_closed || reason.peer_is_gone() {
+                    if self.peer_closed || reason.peer_is_gone() || reason.stops_reading() {
                         return reason;
                     }
                     close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
@@ -226,7 +226,10 @@ impl Connection {
             let outgoing = held - self.decoder.held() + queued;
             let read_paused =
                 self.closing.is_none() && outgoing > 0 && held + queued + READ_CHUNK > budget;
-            let want_read = !(read_paused || self.closing.is_some() && self.peer_closed);
+            let want_read = !(read_paused
+                || self
+                    .closing
+                    .is_some_and(|r| self.peer_closed || r.stops_reading()));
 
             tokio::select! {
                 biased;
