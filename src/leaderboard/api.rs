@@ -59,10 +59,11 @@ async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "boards": state.boards.list() }))
 }
 
+#[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
 #[derive(Deserialize)]
-struct PageQuery {
-    limit: Option<usize>,
-    offset: Option<usize>,
+pub struct PageQuery {
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
 }
 
 async fn page(
@@ -91,9 +92,10 @@ async fn page(
     Ok(Json(body))
 }
 
+#[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
 #[derive(Deserialize)]
-struct AroundQuery {
-    around: Option<usize>,
+pub struct AroundQuery {
+    pub around: Option<usize>,
 }
 
 async fn player(
@@ -128,7 +130,15 @@ async fn post_scores(
     require_publisher(&state.cfg, &headers)?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let bytes = read_body(body, MAX_SCORES_BODY).await?;
-    let inputs: Vec<ScoreInput> = match serde_json::from_slice::<Value>(&bytes) {
+    let inputs = parse_scores(&bytes)?;
+    let results = state.boards.submit(&board, inputs).await?;
+    Ok(Json(json!({ "board": board, "results": results })))
+}
+
+/// One score object or an array of them, shape-checked; values are validated by `submit`.
+#[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
+pub fn parse_scores(bytes: &[u8]) -> Result<Vec<ScoreInput>, ApiError> {
+    let inputs: Vec<ScoreInput> = match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Array(items)) => items
             .into_iter()
             .enumerate()
@@ -148,8 +158,7 @@ async fn post_scores(
             ))
         }
     };
-    let results = state.boards.submit(&board, inputs).await?;
-    Ok(Json(json!({ "board": board, "results": results })))
+    Ok(inputs)
 }
 
 fn parse_entry(i: usize, v: Value) -> Result<ScoreInput, ApiError> {

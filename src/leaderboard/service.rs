@@ -577,9 +577,11 @@ fn stored(e: &Entry) -> StoredEntry {
     }
 }
 
-type ValidScore = (String, f64, Option<Arc<str>>);
+#[doc(hidden)]
+pub type ValidScore = (String, f64, Option<Arc<str>>);
 
-fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
+#[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
+pub fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
     let bad = |what: String| BoardError::Invalid(format!("entry {i}: {what}"));
     let player = input
         .player
@@ -622,7 +624,8 @@ fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
 
 /// In `increment` mode the sums must stay in range too; checked before anything is applied
 /// so the batch stays all-or-nothing.
-fn check_increments(ranking: &Ranking, scores: &[ValidScore]) -> Result<(), BoardError> {
+#[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
+pub fn check_increments(ranking: &Ranking, scores: &[ValidScore]) -> Result<(), BoardError> {
     let mut sums: HashMap<&str, f64> = HashMap::new();
     for (i, (player, delta, _)) in scores.iter().enumerate() {
         let sum = sums
