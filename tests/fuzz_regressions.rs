@@ -64,3 +64,40 @@ fn sse_event_of_multiline_bodies_parses_back() {
         assert_eq!(env["data"], expected);
     }
 }
+
+/// `topics_from_query` deduplicated every `topic` before applying the per-connection
+/// limit, with a linear scan per name: quadratic in the query. hyper accepts request lines
+/// of several hundred KiB, so one `GET /ws?topic=a0&topic=a1&...` with ~30,000 names cost
+/// seconds of CPU before its 400. Refusing at the first name past the limit bounds the
+/// work by `max`.
+#[test]
+fn a_query_with_far_too_many_topics_is_refused_early() {
+    let query: String = (0..30_000)
+        .map(|i| format!("topic=t{i}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    assert!(query.len() < 400 * 1024, "fits hyper's default buffer");
+    let started = std::time::Instant::now();
+    let err = crier::topic::topics_from_query(Some(&query), 64).unwrap_err();
+    eprintln!("refused in {:?}", started.elapsed());
+    assert_eq!(err.status.as_u16(), 400);
+    assert_eq!(err.code, "too_many_topics");
+}
+
+/// Found while writing fuzz/score_batch: an oversized batch was converted item by item into
+/// `ScoreInput`s before `submit` counted it. It is now refused on the item count, with the
+/// same answer `submit` gives.
+#[test]
+fn a_score_batch_over_the_limit_is_refused_before_conversion() {
+    use crier::leaderboard::api::parse_scores;
+    use crier::leaderboard::service::MAX_BATCH;
+    let batch = |n: usize| format!("[{}]", vec![r#"{"player":"p","score":1}"#; n].join(","));
+    assert_eq!(parse_scores(batch(MAX_BATCH).as_bytes()).unwrap().len(), MAX_BATCH);
+    let err = parse_scores(batch(MAX_BATCH + 1).as_bytes()).unwrap_err();
+    assert_eq!(err.status.as_u16(), 400);
+    assert_eq!(err.code, "invalid_score");
+    assert_eq!(err.message, format!("at most {MAX_BATCH} scores per request"));
+    // Not even well-formed entries are looked at past the limit.
+    let junk = format!("[{}]", vec!["{}"; 350_000].join(","));
+    assert_eq!(parse_scores(junk.as_bytes()).unwrap_err().code, "invalid_score");
+}

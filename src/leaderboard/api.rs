@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput};
+use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_BATCH};
 use crate::api::auth::require_publisher;
 use crate::api::error::ApiError;
 use crate::api::publish::read_body;
@@ -139,6 +139,14 @@ async fn post_scores(
 #[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
 pub fn parse_scores(bytes: &[u8]) -> Result<Vec<ScoreInput>, ApiError> {
     let inputs: Vec<ScoreInput> = match serde_json::from_slice::<Value>(bytes) {
+        // Refused before each item becomes a ScoreInput: a 1 MiB body of `{},` is ~350,000
+        // items, which would otherwise all be converted only for `submit` to refuse them.
+        Ok(Value::Array(items)) if items.len() > MAX_BATCH => {
+            return Err(ApiError::bad_request(
+                "invalid_score",
+                format!("at most {MAX_BATCH} scores per request"),
+            ))
+        }
         Ok(Value::Array(items)) => items
             .into_iter()
             .enumerate()
