@@ -103,8 +103,9 @@ pub struct ServeArgs {
     /// one NAT address [default: 4096].
     #[arg(long, env = "CRIER_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
-    /// New connections per second one client address may open, after its burst is spent
-    /// [default: 256].
+    /// New connections per second one client address may open, after its burst is spent;
+    /// high enough that a NAT's (or a benchmark's) reconnect storm refills within seconds
+    /// [default: 1024].
     #[arg(long, env = "CRIER_CONNECT_RATE_PER_IP")]
     pub connect_rate_per_ip: Option<u32>,
     /// New connections one client address may open at once before connect_rate_per_ip
@@ -215,7 +216,7 @@ impl Default for Config {
             // one NAT, fit under both per-IP limits; one address still cannot take every
             // socket.
             max_connections_per_ip: 4096,
-            connect_rate_per_ip: 256,
+            connect_rate_per_ip: 1024,
             connect_burst_per_ip: 4096,
             // max_connections subscribers plus 2,048 plain HTTP connections.
             max_sockets: 16_384 + 2048,

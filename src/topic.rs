@@ -30,16 +30,19 @@ pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>,
             if !is_valid(&v) {
                 return Err(ApiError::bad_topic());
             }
-            if !topics.contains(&v) {
-                topics.push(v);
+            if topics.contains(&v) {
+                continue;
             }
+            // Refused at the first name past the limit: the dedup scan above stays
+            // O(max) per name however long the query.
+            if topics.len() == max {
+                return Err(ApiError::bad_request(
+                    "too_many_topics",
+                    format!("a connection may hold at most {max} topics"),
+                ));
+            }
+            topics.push(v);
         }
-    }
-    if topics.len() > max {
-        return Err(ApiError::bad_request(
-            "too_many_topics",
-            format!("a connection may hold at most {max} topics"),
-        ));
     }
     Ok(topics)
 }

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput};
+use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_BATCH};
 use crate::api::auth::require_publisher;
 use crate::api::error::ApiError;
 use crate::api::publish::read_body;
@@ -67,10 +67,11 @@ async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "boards": state.boards.list() }))
 }
 
+#[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
 #[derive(Deserialize)]
-struct PageQuery {
-    limit: Option<usize>,
-    offset: Option<usize>,
+pub struct PageQuery {
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
 }
 
 async fn page(
@@ -99,9 +100,10 @@ async fn page(
     Ok(Json(body))
 }
 
+#[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
 #[derive(Deserialize)]
-struct AroundQuery {
-    around: Option<usize>,
+pub struct AroundQuery {
+    pub around: Option<usize>,
 }
 
 async fn player(
@@ -136,7 +138,23 @@ async fn post_scores(
     require_publisher(&state.cfg, &headers)?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let bytes = read_body(body, MAX_SCORES_BODY).await?;
-    let inputs: Vec<ScoreInput> = match serde_json::from_slice::<Value>(&bytes) {
+    let inputs = parse_scores(&bytes)?;
+    let results = state.boards.submit(&board, inputs).await?;
+    Ok(Json(json!({ "board": board, "results": results })))
+}
+
+/// One score object or an array of them, shape-checked; values are validated by `submit`.
+#[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
+pub fn parse_scores(bytes: &[u8]) -> Result<Vec<ScoreInput>, ApiError> {
+    let inputs: Vec<ScoreInput> = match serde_json::from_slice::<Value>(bytes) {
+        // Refused before each item becomes a ScoreInput: a 1 MiB body of `{},` is ~350,000
+        // items, which would otherwise all be converted only for `submit` to refuse them.
+        Ok(Value::Array(items)) if items.len() > MAX_BATCH => {
+            return Err(ApiError::bad_request(
+                "invalid_score",
+                format!("at most {MAX_BATCH} scores per request"),
+            ))
+        }
         Ok(Value::Array(items)) => items
             .into_iter()
             .enumerate()
@@ -156,8 +174,7 @@ async fn post_scores(
             ))
         }
     };
-    let results = state.boards.submit(&board, inputs).await?;
-    Ok(Json(json!({ "board": board, "results": results })))
+    Ok(inputs)
 }
 
 fn parse_entry(i: usize, v: Value) -> Result<ScoreInput, ApiError> {

@@ -882,9 +882,11 @@ fn store_error(e: StoreError) -> BoardError {
     BoardError::Store(e.to_string())
 }
 
-type ValidScore = (String, f64, Option<Arc<str>>);
+#[doc(hidden)]
+pub type ValidScore = (String, f64, Option<Arc<str>>);
 
-fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
+#[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
+pub fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
     let bad = |what: String| BoardError::Invalid(format!("entry {i}: {what}"));
     let player = input
         .player
@@ -927,7 +929,8 @@ fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
 
 /// In `increment` mode the sums must stay in range too; checked before anything is applied
 /// so the batch stays all-or-nothing.
-fn check_increments<'a>(
+#[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
+pub fn check_increments<'a>(
     current: impl Fn(&str) -> Option<&'a Entry>,
     scores: &[ValidScore],
 ) -> Result<(), BoardError> {

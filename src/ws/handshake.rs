@@ -115,7 +115,8 @@ fn prepare(
     Ok(resp)
 }
 
-fn check_headers(h: &HeaderMap) -> Result<String, ApiError> {
+#[doc(hidden)] // pub for fuzz/fuzz_targets/ws_handshake.rs
+pub fn check_headers(h: &HeaderMap) -> Result<String, ApiError> {
     let has_token = |name: header::HeaderName, token: &str| {
         h.get_all(name)
             .iter()

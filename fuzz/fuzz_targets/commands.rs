@@ -1,0 +1,43 @@
+//! Client commands on `/ws` (`crier::protocol::parse`) from hostile text, and the reply each
+//! earns: every reply must be one JSON object that echoes the command's `id` unchanged.
+#![no_main]
+
+use crier::hub::Position;
+use crier::protocol::{self, Parsed};
+use libfuzzer_sys::fuzz_target;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+
+fuzz_target!(|data: &[u8]| {
+    let pos = Position {
+        offset: 7,
+        epoch: "e1".into(),
+    };
+    let (reply, id, op) = match protocol::parse(data) {
+        Parsed::Subscribe(topic, id) => {
+            assert!(crier::topic::is_valid(&topic));
+            (protocol::subscribed(&topic, &pos, id), id, "subscribed")
+        }
+        Parsed::Unsubscribe(topic, id) => {
+            assert!(crier::topic::is_valid(&topic));
+            (protocol::unsubscribed(&topic, id), id, "unsubscribed")
+        }
+        Parsed::Ping(id) => (protocol::pong(id), id, "pong"),
+        Parsed::Error(code, message, id) => {
+            assert!(!code.is_empty() && !message.is_empty());
+            (protocol::error(code, &message, id), id, "error")
+        }
+    };
+    // Checked as raw JSON text: an id such as `1e400` is valid JSON (and echoed verbatim)
+    // even though it does not fit an f64.
+    let v: HashMap<String, &RawValue> = serde_json::from_slice(&reply).expect("reply is JSON");
+    assert_eq!(v["op"].get(), format!("\"{op}\""));
+    match id {
+        Some(id) => {
+            let s = id.get();
+            assert!(s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit());
+            assert_eq!(v["id"].get(), s);
+        }
+        None => assert!(!v.contains_key("id")),
+    }
+});
