@@ -155,19 +155,7 @@ pub fn combine(
             meta,
         });
     };
-    let (new_score, accepted) = match mode {
-        ScoreMode::Best => {
-            let better = match order {
-                SortOrder::High => score > old.score,
-                SortOrder::Low => score < old.score,
-            };
-            (if better { score } else { old.score }, better)
-        }
-        ScoreMode::Latest => (score, true),
-        ScoreMode::Increment => (norm(old.score + score), true),
-    };
-    let score_changed = new_score.total_cmp(&old.score) != Ordering::Equal;
-    let meta_changed = accepted && meta.is_some() && meta != old.meta;
+    let (new_score, score_changed, meta_changed) = decide(order, mode, old, score, &meta);
     if !score_changed && !meta_changed {
         return None;
     }
@@ -180,6 +168,32 @@ pub fn combine(
         entry.meta = meta;
     }
     Some(entry)
+}
+
+/// The one rule of what a submission does to an existing entry, shared by
+/// [`Ranking::submit`] and [`combine`]: the new score, and whether the score and the meta
+/// change. Meta changes only with an accepted score (a worse `best` keeps the old meta).
+fn decide(
+    order: SortOrder,
+    mode: ScoreMode,
+    old: &Entry,
+    score: f64,
+    meta: &Option<Arc<str>>,
+) -> (f64, bool, bool) {
+    let (new_score, accepted) = match mode {
+        ScoreMode::Best => {
+            let better = match order {
+                SortOrder::High => score > old.score,
+                SortOrder::Low => score < old.score,
+            };
+            (if better { score } else { old.score }, better)
+        }
+        ScoreMode::Latest => (score, true),
+        ScoreMode::Increment => (norm(old.score + score), true),
+    };
+    let score_changed = new_score.total_cmp(&old.score) != Ordering::Equal;
+    let meta_changed = accepted && meta.is_some() && *meta != old.meta;
+    (new_score, score_changed, meta_changed)
 }
 
 /// `Less` means `a` ranks before `b`.
@@ -261,19 +275,7 @@ impl Ranking {
         };
 
         let old = &self.nodes[idx as usize].entry;
-        let (new_score, accepted) = match mode {
-            ScoreMode::Best => {
-                let better = match self.order {
-                    SortOrder::High => score > old.score,
-                    SortOrder::Low => score < old.score,
-                };
-                (if better { score } else { old.score }, better)
-            }
-            ScoreMode::Latest => (score, true),
-            ScoreMode::Increment => (norm(old.score + score), true),
-        };
-        let score_changed = new_score.total_cmp(&old.score) != Ordering::Equal;
-        let meta_changed = accepted && meta.is_some() && meta != old.meta;
+        let (new_score, score_changed, meta_changed) = decide(self.order, mode, old, score, &meta);
         let old_rank = self.rank_of(idx);
 
         if !score_changed {
