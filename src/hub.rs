@@ -249,21 +249,32 @@ impl Hub {
             let Some(topic) = self.idle.lock().pop_front() else {
                 return false;
             };
-            let mut shard = self.shard(&topic.name).lock();
-            let mut st = topic.state.lock();
-            st.queued = false;
-            if st.dead || !st.idle() {
-                continue;
+            let evicted = self.unlink(&topic, |st| {
+                st.queued = false;
+                st.idle()
+            });
+            if evicted {
+                self.metrics.topics_evicted.inc();
+                return true;
             }
-            st.dead = true;
-            drop(st);
-            shard.remove(&topic.name);
-            drop(shard);
-            self.topic_count.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.topics.dec();
-            self.metrics.topics_evicted.inc();
-            return true;
         }
+    }
+
+    /// Takes a live topic out of the table if `removable` (run under the shard lock, which
+    /// a concurrent lookup needs, and the topic lock) says so; true if it did.
+    fn unlink(&self, topic: &Topic, removable: impl FnOnce(&mut TopicState) -> bool) -> bool {
+        let mut shard = self.shard(&topic.name).lock();
+        let mut st = topic.state.lock();
+        if !removable(&mut st) || st.dead {
+            return false;
+        }
+        st.dead = true;
+        drop(st);
+        shard.remove(&topic.name);
+        drop(shard);
+        self.topic_count.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.topics.dec();
+        true
     }
 
     /// Called under the topic lock after every change: queues a published topic that turned
@@ -285,18 +296,9 @@ impl Hub {
     /// Removes a never-published topic if it is still unused (rechecked under the shard
     /// lock, which a concurrent subscribe needs to find it).
     fn remove_unused(&self, topic: &Arc<Topic>) {
-        let mut shard = self.shard(&topic.name).lock();
-        let mut st = topic.state.lock();
-        if st.dead || st.published || !st.idle() {
-            return;
+        if self.unlink(topic, |st| !st.published && st.idle()) {
+            self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
         }
-        st.dead = true;
-        drop(st);
-        shard.remove(&topic.name);
-        drop(shard);
-        self.topic_count.fetch_sub(1, Ordering::Relaxed);
-        self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.topics.dec();
     }
 
     /// Runs `f` on the topic's locked state, retrying if the topic was removed meanwhile.

@@ -481,50 +481,15 @@ fn serve_under_ulimit(
     ulimit: &str,
     extra: &[&str],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
         .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
         .arg(env!("CARGO_BIN_EXE_crier"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .args(extra)
-        .env("CRIER_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("crier starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let addr = loop {
-        let line = rx.recv_timeout(WAIT).expect("crier logs its address");
-        if let Some(i) = line.find("listening on http://") {
-            break line[i + "listening on http://".len()..].trim().to_string();
-        }
-        seen.push(line);
-    };
-    // Hand back the lines before the address too.
-    let (tx2, rx2) = std::sync::mpsc::channel();
-    for l in seen {
-        tx2.send(l).unwrap();
-    }
-    std::thread::spawn(move || {
-        for l in rx {
-            if tx2.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    (Proc(child), addr, rx2)
+        .env("CRIER_LOG", "info");
+    spawn_logged(cmd)
 }
 
 /// Waits for a log line containing `needle`.

@@ -288,23 +288,34 @@ impl Drop for Proc {
 /// Starts `crier serve --listen LISTEN --data-dir DIR EXTRA...` and returns it with the
 /// address it logged ("listening on http://ADDR").
 pub fn serve_binary(dir: &std::path::Path, listen: &str, extra: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
-        .args(["serve", "--listen", listen, "--data-dir"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crier"));
+    cmd.args(["serve", "--listen", listen, "--data-dir"])
         .arg(dir)
-        .args(extra)
+        .args(extra);
+    let (proc, addr, _logs) = spawn_logged(cmd);
+    (proc, addr)
+}
+
+/// Spawns a crier command with its stdout piped; returns it, the address it logged, and
+/// every line it logs (those before the address too) for tests that look for a message.
+pub fn spawn_logged(mut cmd: Command) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("crier starts");
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on http://".len()..].trim().to_string());
+                let _ = addr_tx.send(line[i + "listening on http://".len()..].trim().to_string());
             }
+            // Go on draining when nobody listens: a full pipe would block the server.
+            let _ = log_tx.send(line);
         }
     });
-    let addr = rx.recv_timeout(WAIT).expect("crier logs its address");
-    (Proc(child), addr)
+    let addr = addr_rx.recv_timeout(WAIT).expect("crier logs its address");
+    (Proc(child), addr, log_rx)
 }
