@@ -18,10 +18,10 @@
 //! an address with a connection holds a socket, at most `max_sockets` entries survive that,
 //! so the O(n) purge runs at most once per `max_sockets` new addresses.
 //!
-//! A hand-written token bucket rather than `governor`: the bucket must live in the same
-//! entry, under the same lock, as the connection count, so that one bounded table decides
-//! both and an entry is removed only when both are idle; governor's keyed limiter keeps its
-//! own map, whose size we could not bound together with ours.
+//! The connect bucket (`rate::TokenBucket`) lives in the same entry, under the same lock,
+//! as the connection count, so that one bounded table decides both and an entry is removed
+//! only when both are idle; governor's keyed limiter keeps its own map, whose size we could
+//! not bound together with ours.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -35,6 +35,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, RefusalLabel};
+use crate::rate::{Rate, TokenBucket};
 
 tokio::task_local! {
     /// The slot of the TCP connection whose task is running. hyper polls handlers inside
@@ -114,23 +115,13 @@ impl Drop for ConnSlot {
 
 struct Entry {
     conns: u32,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Entry {
-    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.last = now;
-    }
+    connects: TokenBucket,
 }
 
 pub struct ConnLimits {
     max_sockets: usize,
     max_per_ip: u32,
-    rate: f64,
-    burst: f64,
+    connect_rate: Rate,
     max_tracked: usize,
     sockets: AtomicUsize,
     /// Held only for a map operation, never across an `.await`.
@@ -156,8 +147,10 @@ impl ConnLimits {
         ConnLimits {
             max_sockets: cfg.max_sockets,
             max_per_ip: cfg.max_connections_per_ip.min(u32::MAX as usize) as u32,
-            rate: f64::from(cfg.connect_rate_per_ip),
-            burst: f64::from(cfg.connect_burst_per_ip),
+            connect_rate: Rate {
+                per_second: f64::from(cfg.connect_rate_per_ip),
+                burst: f64::from(cfg.connect_burst_per_ip),
+            },
             max_tracked: cfg.max_sockets.saturating_mul(2).max(1024),
             sockets: AtomicUsize::new(0),
             table: Mutex::new(HashMap::new()),
@@ -195,19 +188,16 @@ impl ConnLimits {
             if table.len() >= self.max_tracked && !table.contains_key(&key) {
                 table.retain(|_, e| e.conns > 0);
             }
-            let burst = self.burst;
-            let e = table.entry(key).or_insert(Entry {
+            let rate = self.connect_rate;
+            let e = table.entry(key).or_insert_with(|| Entry {
                 conns: 0,
-                tokens: burst,
-                last: now,
+                connects: TokenBucket::full(rate, now),
             });
-            e.refill(now, self.rate, burst);
             let verdict = if e.conns >= self.max_per_ip {
                 Err(Refusal::PerIp)
-            } else if e.tokens < 1.0 {
+            } else if !e.connects.take(rate, now) {
                 Err(Refusal::ConnectRate)
             } else {
-                e.tokens -= 1.0;
                 e.conns += 1;
                 Ok(())
             };
@@ -236,8 +226,8 @@ impl ConnLimits {
             if let Some(e) = table.get_mut(&key) {
                 e.conns = e.conns.saturating_sub(1);
                 if e.conns == 0 {
-                    e.refill(now, self.rate, self.burst);
-                    if e.tokens >= self.burst {
+                    e.connects.refill(self.connect_rate, now);
+                    if e.connects.is_full(self.connect_rate) {
                         table.remove(&key);
                     }
                 }
@@ -257,13 +247,13 @@ impl ConnLimits {
 
     fn sweep_at(&self, now: Instant) {
         let mut table = self.table.lock();
-        let (rate, burst) = (self.rate, self.burst);
+        let rate = self.connect_rate;
         table.retain(|_, e| {
             if e.conns > 0 {
                 return true;
             }
-            e.refill(now, rate, burst);
-            e.tokens < burst
+            e.connects.refill(rate, now);
+            !e.connects.is_full(rate)
         });
         self.tracked_gauge.set(table.len() as i64);
     }

@@ -21,6 +21,7 @@ pub mod net;
 pub mod origin;
 pub mod protocol;
 pub mod publication;
+pub mod rate;
 pub mod server;
 pub mod sse;
 pub mod state;

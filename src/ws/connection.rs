@@ -22,11 +22,11 @@ use tokio::net::TcpStream;
 
 use super::frame::{self, Decoder, FrameError, Message, Role};
 use super::handshake::Mode;
-use super::rate::TokenBucket;
 use crate::client::{Item, Taken};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
+use crate::rate::{Rate, TokenBucket};
 use crate::state::{AppState, Registration};
 
 /// Most bytes and frames taken from the queue for one batch of writes. A batch must be
@@ -45,6 +45,15 @@ const READS_PER_WAKE: usize = 16;
 const PONGS_PER_BATCH: usize = 16;
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `max_commands_per_second`, with bursts of twice as many.
+fn command_rate(state: &AppState) -> Rate {
+    let per_second = f64::from(state.cfg.max_commands_per_second);
+    Rate {
+        per_second,
+        burst: 2.0 * per_second,
+    }
+}
 
 pub async fn run(
     stream: TcpStream,
@@ -68,7 +77,7 @@ pub async fn run(
         peer_closed: false,
         broken: false,
         mode,
-        commands: TokenBucket::new(state.cfg.max_commands_per_second, now),
+        commands: TokenBucket::full(command_rate(&state), now),
         reg,
         state,
     };
@@ -443,7 +452,7 @@ impl Connection {
             if self.closing.is_some() || matches!(msg, Message::Pong(_)) {
                 continue;
             }
-            if !self.commands.take(now) {
+            if !self.commands.take(command_rate(&self.state), now) {
                 self.too_many_commands();
                 break;
             }

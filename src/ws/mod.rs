@@ -4,4 +4,3 @@
 pub mod connection;
 pub mod frame;
 pub mod handshake;
-pub mod rate;
