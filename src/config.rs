@@ -124,6 +124,56 @@ pub struct ServeArgs {
     /// [default: 10s].
     #[arg(long, env = "CRIER_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Option<Duration>,
+    /// Publications kept per topic for resume and history reads, in topics no
+    /// `[[namespace]]` of the settings file matches; 0 keeps none [default: 100].
+    #[arg(long, env = "CRIER_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// How long a publication stays in history, in topics no `[[namespace]]` matches
+    /// [default: 5m].
+    #[arg(long, env = "CRIER_HISTORY_TTL", value_parser = humantime::parse_duration)]
+    pub history_ttl: Option<Duration>,
+    /// Bytes of history the whole node keeps; past it the oldest publications of any topic
+    /// leave first [default: 67108864].
+    #[arg(long, env = "CRIER_HISTORY_MAX_BYTES")]
+    pub history_max_bytes: Option<usize>,
+    /// How long a publish `Idempotency-Key` is remembered: a retry within it gets the first
+    /// receipt and publishes nothing [default: 5m].
+    #[arg(long, env = "CRIER_IDEMPOTENCY_WINDOW", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Option<Duration>,
+}
+
+/// History settings for the topics whose names match `pattern` (TOML `[[namespace]]`,
+/// first match wins): an exact name, or a prefix ending in `*` (`chat:*`).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub pattern: String,
+    /// Publications kept per topic [default: history_size].
+    pub history_size: Option<usize>,
+    /// How long each is kept, e.g. "10m" [default: history_ttl].
+    pub history_ttl: Option<String>,
+    /// Store publications in the data directory (group commit) and acknowledge them only
+    /// once on disk; offsets and epoch survive a restart [default: false].
+    #[serde(default)]
+    pub durable: bool,
+}
+
+/// A namespace with its defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub pattern: String,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub durable: bool,
+}
+
+impl Namespace {
+    pub fn matches(&self, topic: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => topic.starts_with(prefix),
+            None => topic == self.pattern,
+        }
+    }
 }
 
 /// The settings file: same keys as the flags, durations as strings ("25s", "500ms").
@@ -155,6 +205,12 @@ struct FileConfig {
     max_sockets: Option<usize>,
     header_read_timeout: Option<String>,
     body_read_timeout: Option<String>,
+    history_size: Option<usize>,
+    history_ttl: Option<String>,
+    history_max_bytes: Option<usize>,
+    idempotency_window: Option<String>,
+    #[serde(default)]
+    namespace: Vec<NamespaceConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +242,12 @@ pub struct Config {
     pub max_sockets: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub history_max_bytes: usize,
+    pub idempotency_window: Duration,
+    /// From the settings file, in file order; `namespace()` picks a topic's.
+    pub namespaces: Vec<Namespace>,
 }
 
 impl Default for Config {
@@ -222,6 +284,11 @@ impl Default for Config {
             max_sockets: 16_384 + 2048,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            history_max_bytes: 64 * 1024 * 1024,
+            idempotency_window: Duration::from_secs(300),
+            namespaces: Vec::new(),
         }
     }
 }
@@ -377,9 +444,60 @@ impl Config {
                 "body_read_timeout",
                 d.body_read_timeout,
             )?,
+            ..Config::default()
         };
+        let mut cfg = cfg;
+        cfg.history_size = args
+            .history_size
+            .or(file.history_size)
+            .unwrap_or(d.history_size);
+        cfg.history_ttl = dur(
+            args.history_ttl,
+            &file.history_ttl,
+            "history_ttl",
+            d.history_ttl,
+        )?;
+        cfg.history_max_bytes = args
+            .history_max_bytes
+            .or(file.history_max_bytes)
+            .unwrap_or(d.history_max_bytes);
+        cfg.idempotency_window = dur(
+            args.idempotency_window,
+            &file.idempotency_window,
+            "idempotency_window",
+            d.idempotency_window,
+        )?;
+        for ns in &file.namespace {
+            let ttl = match &ns.history_ttl {
+                Some(s) => humantime::parse_duration(s).with_context(|| {
+                    format!("namespace {:?}: bad history_ttl {s:?}", ns.pattern)
+                })?,
+                None => cfg.history_ttl,
+            };
+            cfg.namespaces.push(Namespace {
+                pattern: ns.pattern.clone(),
+                history_size: ns.history_size.unwrap_or(cfg.history_size),
+                history_ttl: ttl,
+                durable: ns.durable,
+            });
+        }
         cfg.check()?;
         Ok(cfg)
+    }
+
+    /// The history settings of `topic`: the first `[[namespace]]` that matches, else the
+    /// node defaults (memory only).
+    pub fn namespace(&self, topic: &str) -> Namespace {
+        self.namespaces
+            .iter()
+            .find(|n| n.matches(topic))
+            .cloned()
+            .unwrap_or_else(|| Namespace {
+                pattern: "*".into(),
+                history_size: self.history_size,
+                history_ttl: self.history_ttl,
+                durable: false,
+            })
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -432,6 +550,23 @@ impl Config {
         ] {
             anyhow::ensure!(v >= 1, "{name} must be at least 1");
         }
+        for ns in &self.namespaces {
+            let body = ns.pattern.strip_suffix('*').unwrap_or(&ns.pattern);
+            anyhow::ensure!(
+                (body.is_empty() && ns.pattern == "*") || crate::topic::is_valid(body),
+                "namespace pattern {:?} must be a topic name, optionally ending in *",
+                ns.pattern
+            );
+            anyhow::ensure!(
+                ns.history_size <= 1_000_000,
+                "namespace {:?}: history_size must be at most 1000000",
+                ns.pattern
+            );
+        }
+        anyhow::ensure!(
+            self.history_size <= 1_000_000,
+            "history_size must be at most 1000000"
+        );
         for (name, list) in [
             ("allowed origin", &self.allowed_origins),
             ("public origin", &self.public_origins),

@@ -1,12 +1,13 @@
 //! crier: a real-time broadcast server.
 //!
-//! The path of one publication: `api::publish` -> `hub` (offset, fan-out) -> `client`
+//! The path of one publication: `api::publish` -> `broker` (offset, history) -> `hub` (fan-out) -> `client`
 //! (bounded per-client queue) -> `ws::connection` or `sse` (batched socket writes).
 //! Leaderboards (`leaderboard`) publish into the hub as retained, conflated topics.
 
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod close;

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::hub::Position;
+use crate::broker::{StreamPosition, Subscribed};
 
 #[derive(Deserialize)]
 pub struct Command<'a> {
@@ -13,6 +13,9 @@ pub struct Command<'a> {
     pub topic: Option<String>,
     #[serde(borrow)]
     pub id: Option<&'a RawValue>,
+    /// Resume position: `{"offset":41,"epoch":"9f1c2a7b"}`.
+    #[serde(borrow)]
+    pub since: Option<&'a RawValue>,
 }
 
 #[derive(Serialize)]
@@ -24,6 +27,8 @@ struct Reply<'a> {
     offset: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -39,6 +44,7 @@ impl<'a> Reply<'a> {
             topic: None,
             offset: None,
             epoch: None,
+            recovered: None,
             code: None,
             message: None,
             id,
@@ -49,11 +55,12 @@ impl<'a> Reply<'a> {
     }
 }
 
-pub fn subscribed(topic: &str, pos: &Position, id: Option<&RawValue>) -> Vec<u8> {
+pub fn subscribed(topic: &str, sub: &Subscribed, id: Option<&RawValue>) -> Vec<u8> {
     Reply {
         topic: Some(topic),
-        offset: Some(pos.offset),
-        epoch: Some(&pos.epoch),
+        offset: Some(sub.position.offset),
+        epoch: Some(&sub.position.epoch),
+        recovered: sub.recovered,
         ..Reply::op("subscribed", id)
     }
     .encode()
@@ -82,7 +89,7 @@ pub fn error(code: &str, message: &str, id: Option<&RawValue>) -> Vec<u8> {
 
 /// What a text frame asks for, or the error reply it earns.
 pub enum Parsed<'a> {
-    Subscribe(String, Option<&'a RawValue>),
+    Subscribe(String, Option<StreamPosition>, Option<&'a RawValue>),
     Unsubscribe(String, Option<&'a RawValue>),
     Ping(Option<&'a RawValue>),
     Error(&'static str, String, Option<&'a RawValue>),
@@ -115,9 +122,27 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
         )),
     };
     match op {
-        Some("subscribe") => topic()
-            .map(|t| Parsed::Subscribe(t, id))
-            .unwrap_or_else(|e| e),
+        Some("subscribe") => {
+            let since = match cmd
+                .since
+                .map(|v| serde_json::from_str::<StreamPosition>(v.get()))
+            {
+                None => None,
+                Some(Ok(p)) if p.epoch.len() <= 64 => Some(p),
+                Some(_) => {
+                    return Parsed::Error(
+                        "bad_since",
+                        "since must be {\"offset\":N,\"epoch\":\"...\"} as received in a \
+                         publication or subscribed reply"
+                            .into(),
+                        id,
+                    )
+                }
+            };
+            topic()
+                .map(|t| Parsed::Subscribe(t, since, id))
+                .unwrap_or_else(|e| e)
+        }
         Some("unsubscribe") => topic()
             .map(|t| Parsed::Unsubscribe(t, id))
             .unwrap_or_else(|e| e),
@@ -142,7 +167,7 @@ mod tests {
     #[test]
     fn parses_commands_and_errors() {
         assert!(
-            matches!(parse(br#"{"op":"subscribe","topic":"a","id":1}"#), Parsed::Subscribe(t, Some(_)) if t == "a")
+            matches!(parse(br#"{"op":"subscribe","topic":"a","id":1}"#), Parsed::Subscribe(t, None, Some(_)) if t == "a")
         );
         assert!(
             matches!(parse(br#"{"op":"unsubscribe","topic":"a"}"#), Parsed::Unsubscribe(t, None) if t == "a")

@@ -56,7 +56,8 @@ impl Server {
         );
         let shutdown = CancellationToken::new();
         let boards = Boards::open(&cfg, hub.clone(), metrics.clone(), shutdown.clone()).await?;
-        let state = Arc::new(AppState::new(cfg, metrics, hub, boards, shutdown));
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(hub.clone()));
+        let state = Arc::new(AppState::new(cfg, metrics, broker, hub, boards, shutdown));
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");
         Ok(Server {

@@ -60,7 +60,7 @@ fn open(
         &state.metrics,
     );
     for t in &topics {
-        state.hub.subscribe(&reg.client, t, |_| None)?;
+        state.broker.subscribe(&reg.client, t, None, &|_| None)?;
     }
     let stream = SseStream {
         reg,

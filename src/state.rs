@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::error::ApiError;
+use crate::broker::Broker;
 use crate::client::Client;
 use crate::config::Config;
 use crate::conn_limits::{ConnLimits, ConnSlot, CONN_SLOT};
@@ -19,6 +20,9 @@ use crate::metrics::{Metrics, Transport};
 
 pub struct AppState {
     pub cfg: Config,
+    /// Where publications and subscriptions go (offsets, history, resume).
+    pub broker: Arc<dyn Broker>,
+    /// The local registry behind the broker: counts and shutdown only.
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// Cancelled once on SIGTERM/Ctrl-C: listeners stop, connections drain and close.
@@ -35,6 +39,7 @@ impl AppState {
     pub fn new(
         cfg: Config,
         metrics: Arc<Metrics>,
+        broker: Arc<dyn Broker>,
         hub: Arc<Hub>,
         boards: Arc<Boards>,
         shutdown: CancellationToken,
@@ -43,6 +48,7 @@ impl AppState {
         AppState {
             limits,
             cfg,
+            broker,
             hub,
             metrics,
             shutdown,
@@ -103,7 +109,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.state.hub.remove_client(&self.client);
+        self.state.broker.remove_client(&self.client);
         self.gauge.dec();
         self.state.connections.fetch_sub(1, Ordering::AcqRel);
     }

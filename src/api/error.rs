@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::broker::BrokerError;
 use crate::hub::HubError;
 use crate::topic::BAD_TOPIC_MESSAGE;
 
@@ -78,6 +79,29 @@ impl From<HubError> for ApiError {
             HubError::ClientClosed => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "closed", e.to_string())
             }
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::TooManyTopics(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_topics",
+                e.to_string(),
+            ),
+            BrokerError::TooManyTopicsPerConnection(_) => {
+                Self::bad_request("too_many_topics", e.to_string())
+            }
+            BrokerError::ClientClosed => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "closed", e.to_string())
+            }
+            BrokerError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
         }
     }
 }

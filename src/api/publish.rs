@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use super::auth::require_publisher;
 use super::error::ApiError;
-use crate::hub::PublishOptions;
+use crate::broker::PublishRequest;
 use crate::state::AppState;
 use crate::topic;
 
@@ -34,11 +34,16 @@ pub async fn publish(
     let max = state.cfg.max_message_bytes;
     let bytes = read_body(body, max).await?;
     let data = parse_json(&bytes)?;
-    let receipt = state.hub.publish(
-        &topic_name,
-        data.get().as_bytes(),
-        PublishOptions::default(),
-    )?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let receipt = state
+        .broker
+        .publish(PublishRequest {
+            topic: &topic_name,
+            data: data.get().as_bytes(),
+            idempotency_key: idempotency_key.as_deref(),
+            ..PublishRequest::default()
+        })
+        .await?;
     Ok(Json(serde_json::json!({
         "topic": topic_name,
         "offset": receipt.offset,
@@ -74,4 +79,27 @@ pub fn parse_json(bytes: &[u8]) -> Result<&RawValue, ApiError> {
     serde_json::from_slice::<&RawValue>(bytes).map_err(|e| {
         ApiError::bad_request("bad_json", format!("the body is not one JSON value: {e}"))
     })
+}
+
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The optional `Idempotency-Key` header: 1-128 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k)
+            if !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(k.to_string()))
+        }
+        _ => Err(ApiError::bad_request(
+            "bad_idempotency_key",
+            format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )),
+    }
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use super::frame::{self, Decoder, FrameError, Message, Role};
 use super::handshake::Mode;
+use crate::broker::BrokerError;
 use crate::client::{Item, Taken};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
@@ -512,27 +513,28 @@ impl Connection {
     }
 
     fn command(&mut self, text: &[u8]) {
-        let hub = &self.state.hub;
+        let broker = &self.state.broker;
         let client = &self.reg.client;
         match protocol::parse(text) {
-            Parsed::Subscribe(topic, id) => {
-                let result = hub.subscribe(client, &topic, |pos| {
+            Parsed::Subscribe(topic, since, id) => {
+                let result = broker.subscribe(client, &topic, since.as_ref(), &|sub| {
                     Some(frame::encode(
                         frame::OP_TEXT,
-                        &protocol::subscribed(&topic, pos, id),
+                        &protocol::subscribed(&topic, sub, id),
                     ))
                 });
                 if let Err(e) = result {
                     let code = match e {
-                        crate::hub::HubError::TooManyTopics(_)
-                        | crate::hub::HubError::TooManyTopicsPerConnection(_) => "too_many_topics",
-                        crate::hub::HubError::ClientClosed => return,
+                        BrokerError::TooManyTopics(_)
+                        | BrokerError::TooManyTopicsPerConnection(_) => "too_many_topics",
+                        BrokerError::Unavailable(_) => "unavailable",
+                        BrokerError::ClientClosed => return,
                     };
                     self.reply(protocol::error(code, &e.to_string(), id));
                 }
             }
             Parsed::Unsubscribe(topic, id) => {
-                hub.unsubscribe(client, &topic);
+                broker.unsubscribe(client, &topic);
                 self.reply(protocol::unsubscribed(&topic, id));
             }
             Parsed::Ping(id) => self.reply(protocol::pong(id)),

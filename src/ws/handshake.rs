@@ -77,10 +77,10 @@ fn prepare(
     };
     let reg = Registration::new(state, Transport::Ws)?;
     for t in &topics {
-        state.hub.subscribe(&reg.client, t, |pos| {
+        state.broker.subscribe(&reg.client, t, None, &|sub| {
             Some(frame::encode(
                 frame::OP_TEXT,
-                &protocol::subscribed(t, pos, None),
+                &protocol::subscribed(t, sub, None),
             ))
         })?;
     }
