@@ -28,6 +28,38 @@ pub struct Item {
     pub published_at: Option<Instant>,
     /// Set for state-topic items: a newer item of the same topic replaces this one.
     pub conflate: Option<TopicName>,
+    /// The topic and offset of a publication (None for replies and control frames): what
+    /// an SSE writer turns into its `id:` line, so every transport can report positions.
+    pub source: Option<(TopicName, u64)>,
+}
+
+impl Item {
+    /// A reply or control frame: not a publication, never conflated.
+    pub fn control(bytes: Bytes) -> Item {
+        Item {
+            bytes,
+            published_at: None,
+            conflate: None,
+            source: None,
+        }
+    }
+
+    /// A publication's wire bytes for one transport. `live` publications count towards
+    /// delivery latency; a replayed or retained one was published before the subscriber
+    /// asked for it, so it does not.
+    pub fn publication(
+        p: &crate::publication::Publication,
+        bytes: Bytes,
+        conflate: bool,
+        live: bool,
+    ) -> Item {
+        Item {
+            bytes,
+            published_at: live.then_some(p.published_at),
+            conflate: conflate.then(|| p.topic.clone()),
+            source: Some((p.topic.clone(), p.offset)),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -256,6 +288,7 @@ mod tests {
             bytes: Bytes::from(vec![b'x'; n]),
             published_at: None,
             conflate: conflate.map(Into::into),
+            source: None,
         }
     }
 

@@ -355,7 +355,6 @@ impl Hub {
             }
             st.last_offset += 1;
             let publication = Arc::new(Publication::new(topic.name.clone(), st.last_offset, data));
-            let conflate = opts.conflate.then(|| topic.name.clone());
             let mut frames: [Option<Bytes>; 2] = [None, None];
             to_wake.reserve(st.subscribers.len());
             for client in st.subscribers.values() {
@@ -363,11 +362,7 @@ impl Hub {
                 let bytes = slot
                     .get_or_insert_with(|| publication.wire(client.transport))
                     .clone();
-                let item = Item {
-                    bytes,
-                    published_at: Some(publication.published_at),
-                    conflate: conflate.clone(),
-                };
+                let item = Item::publication(&publication, bytes, opts.conflate, true);
                 if matches!(
                     client.enqueue(item, &self.metrics),
                     Pushed::Wake | Pushed::Overflowed
@@ -418,24 +413,13 @@ impl Hub {
                 epoch: topic.epoch.clone(),
             };
             if let Some(bytes) = ack(&pos) {
-                client.push(
-                    Item {
-                        bytes,
-                        published_at: None,
-                        conflate: None,
-                    },
-                    &self.metrics,
-                );
+                client.push(Item::control(bytes), &self.metrics);
             }
             if !already {
                 st.subscribers.insert(client.id, client.clone());
                 if let Some((p, conflate)) = &st.retained {
                     client.push(
-                        Item {
-                            bytes: p.wire(client.transport),
-                            published_at: None,
-                            conflate: conflate.then(|| topic.name.clone()),
-                        },
+                        Item::publication(p, p.wire(client.transport), *conflate, false),
                         &self.metrics,
                     );
                 }

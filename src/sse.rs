@@ -52,11 +52,7 @@ fn open(
     }
     let reg = Registration::new(state, Transport::Sse)?;
     reg.client.push(
-        Item {
-            bytes: Bytes::from_static(b"retry: 2000\n\n"),
-            published_at: None,
-            conflate: None,
-        },
+        Item::control(Bytes::from_static(b"retry: 2000\n\n")),
         &state.metrics,
     );
     for t in &topics {

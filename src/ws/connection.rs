@@ -504,11 +504,7 @@ impl Connection {
     }
 
     fn echo(&mut self, opcode: u8, data: &[u8]) {
-        let item = Item {
-            bytes: frame::encode(opcode, data),
-            published_at: None,
-            conflate: None,
-        };
+        let item = Item::control(frame::encode(opcode, data));
         self.reg.client.push(item, &self.state.metrics);
     }
 
@@ -544,11 +540,7 @@ impl Connection {
 
     /// Replies go through the client's queue so they stay in order with publications.
     fn reply(&self, json: Vec<u8>) {
-        let item = Item {
-            bytes: frame::encode(frame::OP_TEXT, &json),
-            published_at: None,
-            conflate: None,
-        };
+        let item = Item::control(frame::encode(frame::OP_TEXT, &json));
         self.reg.client.push(item, &self.state.metrics);
     }
 }
