@@ -810,52 +810,50 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Result<History, BrokerError> {
         // Reading creates nothing: an unknown topic has no stream (and no epoch: "").
-        let Some(stream) = self.lookup(topic) else {
-            return Ok(History {
-                position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
-                },
-                recovered: since.is_none(),
-                publications: Vec::new(),
-            });
+        let unknown = || History {
+            position: StreamPosition {
+                offset: 0,
+                epoch: "".into(),
+            },
+            recovered: since.is_none(),
+            publications: Vec::new(),
         };
-        let mut st = stream.state.lock();
-        if stream.dead.load(Ordering::Acquire) {
+        // A stream found dead was removed meanwhile: look again (each retry follows a
+        // removal, so this ends).
+        loop {
+            let Some(stream) = self.lookup(topic) else {
+                return Ok(unknown());
+            };
+            let mut st = stream.state.lock();
+            if stream.dead.load(Ordering::Acquire) {
+                continue;
+            }
+            self.trim_expired(&stream, &mut st, Instant::now());
+            // An empty epoch in `since` means "the current one".
+            let since = since.map(|s| StreamPosition {
+                offset: s.offset,
+                epoch: if s.epoch.is_empty() {
+                    stream.epoch.clone()
+                } else {
+                    s.epoch.clone()
+                },
+            });
+            let (recovered, start) = match &since {
+                None => (true, 0),
+                Some(s) => match self.resume_point(&stream, &st, s) {
+                    Some(start) => (true, start),
+                    None => (false, 0),
+                },
+            };
             return Ok(History {
                 position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
+                    offset: st.last_offset,
+                    epoch: stream.epoch.clone(),
                 },
-                recovered: since.is_none(),
-                publications: Vec::new(),
+                recovered,
+                publications: st.history.range(start..).take(limit).cloned().collect(),
             });
         }
-        self.trim_expired(&stream, &mut st, Instant::now());
-        // An empty epoch in `since` means "the current one".
-        let since = since.map(|s| StreamPosition {
-            offset: s.offset,
-            epoch: if s.epoch.is_empty() {
-                stream.epoch.clone()
-            } else {
-                s.epoch.clone()
-            },
-        });
-        let (recovered, start) = match &since {
-            None => (true, 0),
-            Some(s) => match self.resume_point(&stream, &st, s) {
-                Some(start) => (true, start),
-                None => (false, 0),
-            },
-        };
-        Ok(History {
-            position: StreamPosition {
-                offset: st.last_offset,
-                epoch: stream.epoch.clone(),
-            },
-            recovered,
-            publications: st.history.range(start..).take(limit).cloned().collect(),
-        })
     }
 }
 
