@@ -371,7 +371,7 @@ impl DurableLog {
 
     /// Unit tests: the next `n` transactions fail as if the disk did.
     #[cfg(test)]
-    fn fail_next_commits(&self, n: u64) {
+    pub(crate) fn fail_next_commits(&self, n: u64) {
         self.shared.fail_commits.store(n, Ordering::Release);
     }
 }
