@@ -148,12 +148,8 @@ async fn sigkill_while_publishing_loses_nothing_acknowledged() {
         .iter()
         .filter_map(|(n, o)| o.map(|o| (o, *n)))
         .collect();
+    // Not necessarily 1..=N: the kill may cut a commit's answers in any order.
     let max_acked = *acked.keys().max().unwrap();
-    assert_eq!(
-        acked.len() as u64,
-        max_acked,
-        "acknowledged offsets are 1..=N"
-    );
     eprintln!(
         "killed after {pause} ms: {} acknowledged, {} in flight",
         acked.len(),
