@@ -797,15 +797,8 @@ impl MemoryBroker {
                 )));
             }
             self.mark_published(st);
-            // Durable namespaces (`stream.ns.durable`) take the same steps with the log
-            // between them: reserve an `AppendSlot` before taking this lock (it may wait
-            // for queue room), then here `st.assigned += 1`, remember the key as
-            // `KeyState::Pending`, and append; the append's callback (writer thread, in
-            // offset order) takes this lock again and calls `commit` (which delivers,
-            // keeps history and settles the key) or, on failure, rolls `assigned` back,
-            // forgets the key and answers `store_unavailable`. Subscribers see
-            // `last_offset`, the committed position. Until the log is plugged in, durable
-            // namespaces are kept in memory like the others.
+            // Durable namespaces take the same steps with the log's commit between the
+            // assignment and `commit` (`publish_durable`).
             st.assigned += 1;
             let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
             let reached = self.commit(stream, st, &p, req, &mut to_wake);
