@@ -1039,9 +1039,19 @@ impl Broker for MemoryBroker {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Failed(e)) => return Err(e),
                 // The first publish with this key settles the key (published, or forgotten
-                // after a failure), so each wait ends and the next attempt answers.
+                // after a failure), so each wait ends and the next attempt answers. A key
+                // left pending by a first publish that is gone would otherwise be retried
+                // forever: that answers `store_unavailable` instead.
                 Err(Attempt::Wait(mut rx)) => {
-                    let _ = rx.wait_for(|v| v.is_some()).await;
+                    if rx.wait_for(|v| v.is_some()).await.is_err() {
+                        return match self.try_publish(&req) {
+                            Ok(r) => Ok(r),
+                            Err(Attempt::Failed(e)) => Err(e),
+                            Err(Attempt::Wait(_)) => Err(BrokerError::Unavailable(
+                                "the first publish with this idempotency key was lost".into(),
+                            )),
+                        };
+                    }
                 }
             }
         }
@@ -1135,52 +1145,50 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Result<History, BrokerError> {
         // Reading creates nothing: an unknown topic has no stream (and no epoch: "").
-        let Some(stream) = self.lookup(topic) else {
-            return Ok(History {
-                position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
-                },
-                recovered: since.is_none(),
-                publications: Vec::new(),
-            });
+        let unknown = || History {
+            position: StreamPosition {
+                offset: 0,
+                epoch: "".into(),
+            },
+            recovered: since.is_none(),
+            publications: Vec::new(),
         };
-        let mut st = stream.state.lock();
-        if stream.dead.load(Ordering::Acquire) {
+        // A stream found dead was removed meanwhile: look again (each retry follows a
+        // removal, so this ends).
+        loop {
+            let Some(stream) = self.lookup(topic) else {
+                return Ok(unknown());
+            };
+            let mut st = stream.state.lock();
+            if stream.dead.load(Ordering::Acquire) {
+                continue;
+            }
+            self.trim_expired(&stream, &mut st, Instant::now());
+            // An empty epoch in `since` means "the current one".
+            let since = since.map(|s| StreamPosition {
+                offset: s.offset,
+                epoch: if s.epoch.is_empty() {
+                    stream.epoch.clone()
+                } else {
+                    s.epoch.clone()
+                },
+            });
+            let (recovered, start) = match &since {
+                None => (true, 0),
+                Some(s) => match self.resume_point(&stream, &st, s) {
+                    Some(start) => (true, start),
+                    None => (false, 0),
+                },
+            };
             return Ok(History {
                 position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
+                    offset: st.last_offset,
+                    epoch: stream.epoch.clone(),
                 },
-                recovered: since.is_none(),
-                publications: Vec::new(),
+                recovered,
+                publications: st.history.range(start..).take(limit).cloned().collect(),
             });
         }
-        self.trim_expired(&stream, &mut st, Instant::now());
-        // An empty epoch in `since` means "the current one".
-        let since = since.map(|s| StreamPosition {
-            offset: s.offset,
-            epoch: if s.epoch.is_empty() {
-                stream.epoch.clone()
-            } else {
-                s.epoch.clone()
-            },
-        });
-        let (recovered, start) = match &since {
-            None => (true, 0),
-            Some(s) => match self.resume_point(&stream, &st, s) {
-                Some(start) => (true, start),
-                None => (false, 0),
-            },
-        };
-        Ok(History {
-            position: StreamPosition {
-                offset: st.last_offset,
-                epoch: stream.epoch.clone(),
-            },
-            recovered,
-            publications: st.history.range(start..).take(limit).cloned().collect(),
-        })
     }
 }
 
@@ -1785,6 +1793,67 @@ mod tests {
         assert_eq!(offsets(&drain(&c)), [2], "the snapshot follows");
         b.remove_client(&c);
         assert_eq!(b.history_bytes(), 0, "state topics keep no history");
+        check_counts(&b);
+    }
+
+    fn set_key(b: &MemoryBroker, topic: &str, key: &str, state: Option<KeyState>) {
+        let s = b.lookup(topic).unwrap();
+        let mut st = s.state.lock();
+        match state {
+            Some(state) => b.remember_key(&s, &mut st, key, state, Instant::now()),
+            None => {
+                let n = st.keys.order.len();
+                b.forget_keys(&s, &mut st, n);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_wait_for_a_pending_first_publish() {
+        let b = Arc::new(broker(10));
+        publish(&b, "t", "1");
+        let keyed = |b: Arc<MemoryBroker>| async move {
+            b.publish(PublishRequest {
+                topic: "t",
+                data: b"2",
+                idempotency_key: Some("k"),
+                ..PublishRequest::default()
+            })
+            .await
+        };
+        // Settled while (or before) the retry waits: it gets the first receipt.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "k", Some(KeyState::Pending(rx)));
+        let retry = tokio::spawn(keyed(b.clone()));
+        set_key(&b, "t", "k", Some(KeyState::Done(1)));
+        tx.send_replace(Some(1));
+        let r = retry.await.unwrap().unwrap();
+        assert_eq!((r.offset, r.duplicate), (1, true));
+
+        // The first publish failed and its key was forgotten: the retry publishes.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "k", None);
+        set_key(&b, "t", "k", Some(KeyState::Pending(rx)));
+        let retry = tokio::spawn(keyed(b.clone()));
+        set_key(&b, "t", "k", None);
+        drop(tx);
+        let r = retry.await.unwrap().unwrap();
+        assert_eq!((r.offset, r.duplicate), (2, false));
+
+        // A key left pending by a first publish that is gone: an error, not a busy loop.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "j", Some(KeyState::Pending(rx)));
+        drop(tx);
+        let e = b
+            .publish(PublishRequest {
+                topic: "t",
+                data: b"3",
+                idempotency_key: Some("j"),
+                ..PublishRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)));
         check_counts(&b);
     }
 
