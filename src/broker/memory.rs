@@ -837,6 +837,7 @@ impl MemoryBroker {
         req: &PublishRequest<'_>,
     ) -> Result<Receipt, BrokerError> {
         let unavailable = |e: DurableError| BrokerError::Unavailable(e.to_string());
+        let mut gone = false;
         loop {
             // Waiting for queue room happens here, before any lock.
             let mut slot = Some(log.reserve().await.map_err(unavailable)?);
@@ -908,8 +909,16 @@ impl MemoryBroker {
                     })
                 }
                 Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Wait(_)) if gone => {
+                    return Err(BrokerError::Unavailable(
+                        "the first publish with this idempotency key was lost".into(),
+                    ))
+                }
+                // A failed first publish forgets its key before it lets the waiters go,
+                // so the next attempt publishes; a key still pending after its publish is
+                // gone (the log stopped) is an error, not a busy loop.
                 Err(Attempt::Wait(mut rx)) => {
-                    let _ = rx.wait_for(|v| v.is_some()).await;
+                    gone = rx.wait_for(|v| v.is_some()).await.is_err();
                 }
             }
         }
@@ -1968,6 +1977,43 @@ mod durable_tests {
         assert_eq!(offsets(&b).await, (1..=ok).collect::<Vec<_>>());
         let r = publish(&b, 9999).await.unwrap();
         assert_eq!((r.offset, &r.epoch), (ok + 1, &epoch));
+        b.close().await;
+    }
+
+    /// A keyed publication whose commit failed is forgotten with its key: the retry
+    /// publishes (once), and concurrent retries of it share one publication.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_keyed_publish_lets_its_retry_publish_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        publish(&b, 0).await.unwrap();
+        let keyed = |b: Arc<MemoryBroker>| async move {
+            b.publish(PublishRequest {
+                topic: "d:t",
+                data: b"{}",
+                idempotency_key: Some("k"),
+                ..PublishRequest::default()
+            })
+            .await
+        };
+        let bytes_before = b.history_bytes();
+        b.log.as_ref().unwrap().fail_next_commits(1);
+        let e = keyed(b.clone()).await.unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e}");
+        assert_eq!(
+            b.history_bytes(),
+            bytes_before,
+            "the failed key is not kept"
+        );
+        let retries: Vec<_> = (0..8).map(|_| tokio::spawn(keyed(b.clone()))).collect();
+        let mut firsts = 0;
+        for r in retries {
+            let r = r.await.unwrap().unwrap();
+            assert_eq!(r.offset, 2);
+            firsts += usize::from(!r.duplicate);
+        }
+        assert_eq!(firsts, 1);
+        assert_eq!(offsets(&b).await, vec![1, 2]);
         b.close().await;
     }
 
