@@ -642,7 +642,8 @@ impl Writer {
         let result = self.transaction(&mut batch, &side);
         let counters = &self.shared.counters;
         let outcome = match result {
-            Ok((topics, written)) => {
+            Ok(None) => None, // nothing to change: no commit, no fsync
+            Ok(Some((topics, written))) => {
                 for (topic, state) in topics {
                     match state {
                         Some(s) => self.topics.insert(topic, s),
@@ -683,13 +684,15 @@ impl Writer {
     }
 
     /// Writes the batch and the side ops in one durable transaction. Returns the topic
-    /// states it changed (None: removed) and the number of records written.
+    /// states it changed (None: removed) and the number of records written; `None` when
+    /// nothing changed (side ops of unknown topics, refused records), so nothing was
+    /// committed: a trim or forget that touches nothing costs no fsync.
     #[allow(clippy::type_complexity)]
     fn transaction(
         &self,
         batch: &mut [Pending],
         side: &[(u64, TopicName, SideKind)],
-    ) -> Result<(HashMap<TopicName, Option<TopicState>>, u64), DurableError> {
+    ) -> Result<Option<(HashMap<TopicName, Option<TopicState>>, u64)>, DurableError> {
         self.file
             .reopen_if_broken()
             .map_err(|e| DurableError::db("reopening history", e))?;
@@ -776,6 +779,10 @@ impl Writer {
                 written += 1;
             }
         }
+        if changed.is_empty() {
+            // Dropping the transaction aborts it.
+            return Ok(None);
+        }
         {
             let mut topics = txn.open_table(TOPICS).ctx("commit: open topics")?;
             for (topic, state) in &changed {
@@ -792,7 +799,7 @@ impl Writer {
             }
         }
         txn.commit().ctx("commit")?;
-        Ok((changed, written))
+        Ok(Some((changed, written)))
     }
 }
 
@@ -963,7 +970,18 @@ mod tests {
         append(&log, rec("b", "new", 1)).await.unwrap();
         // c is evicted and not recreated.
         log.forget("c");
+        // Nothing on disk to change: no transaction (a subscriber-only topic's removal
+        // must not cost an fsync).
+        let (records_before, commits_before) = (log.stats().records, log.stats().commits);
+        log.forget("never-published");
+        log.trim("never-published", 5);
+        append(&log, rec("e", "e", 1)).await.unwrap(); // commits the forgets above
+        assert_eq!(log.stats().records, records_before + 1);
+        let commits_mid = log.stats().commits;
+        assert!(commits_mid <= commits_before + 2);
+        log.forget("never-published-either");
         log.close().await;
+        assert_eq!(log.stats().commits, commits_mid, "a no-op forget committed");
         drop(log);
 
         let (log, topics) = reopen(&path);

@@ -522,8 +522,9 @@ impl MemoryBroker {
         self.trim_history(stream, &mut st, n);
         let n = st.keys.order.len();
         self.forget_keys(stream, &mut st, n);
-        if let (true, Some(log)) = (stream.ns.durable, &self.log) {
+        if let (true, true, Some(log)) = (stream.ns.durable, st.published, &self.log) {
             // A topic of this name made later has a new epoch: nothing of this one stays.
+            // (A never-published one has nothing on disk: no write for a subscriber alone.)
             log.forget(&stream.name);
         }
         drop(st);
