@@ -38,11 +38,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+
+use super::durable::{DurableError, DurableLog, Record, RecoveredTopic, HISTORY_FILE};
 
 use super::{
     Ack, Broker, BrokerError, History, PublishRequest, Receipt, StreamPosition, Subscribed,
@@ -104,11 +106,21 @@ struct StreamState {
     published: bool,
     /// Has an entry in the idle queue (which may be stale by now).
     queued: bool,
+    /// Durable path: bumped when a commit fails and `assigned` is rolled back, so the
+    /// failures of the publications queued on top of it (same generation) roll nothing
+    /// back a second time.
+    generation: u64,
 }
 
 impl StreamState {
     fn idle(&self) -> bool {
         self.subscribers == 0 && self.retained.is_none()
+    }
+
+    /// Idle with no durable publication waiting for its commit: the commit's callback
+    /// needs the stream it was assigned in.
+    fn evictable(&self) -> bool {
+        self.idle() && self.assigned == self.last_offset
     }
 
     /// A state topic (retained, like a leaderboard) keeps no history: its newest
@@ -133,7 +145,6 @@ pub enum KeyState {
     Done(u64),
     /// The first publish with this key is still waiting for its commit (durable topics);
     /// a retry waits for the offset it is given (None: it failed, so the retry publishes).
-    #[allow(dead_code)] // built by the durable path
     Pending(watch::Receiver<Option<u64>>),
 }
 
@@ -205,6 +216,23 @@ pub struct MemoryBroker {
     /// Live entries of `kept` (the rest are stale).
     kept_live: AtomicUsize,
     history_bytes: AtomicUsize,
+    /// The durable history log, open when a namespace is `durable`.
+    log: Option<Arc<DurableLog>>,
+    /// This broker, for the log's commit callbacks (set by [`MemoryBroker::open`]).
+    me: Weak<MemoryBroker>,
+}
+
+/// What a durable publication's commit callback needs of its request.
+struct Pending {
+    stream: Arc<Stream>,
+    publication: Arc<Publication>,
+    retain: bool,
+    conflate: bool,
+    key: Option<Box<str>>,
+    /// Wakes retries with the same key (dropped on failure, so they publish themselves).
+    key_tx: Option<watch::Sender<Option<u64>>>,
+    generation: u64,
+    answer: oneshot::Sender<Result<Receipt, BrokerError>>,
 }
 
 impl MemoryBroker {
@@ -222,6 +250,135 @@ impl MemoryBroker {
             kept: Mutex::new(VecDeque::new()),
             kept_live: AtomicUsize::new(0),
             history_bytes: AtomicUsize::new(0),
+            log: None,
+            me: Weak::new(),
+        }
+    }
+
+    /// The broker a server runs: when a namespace is `durable`, opens the history log in
+    /// `<data_dir>/history.redb` and rebuilds every durable topic the previous run left
+    /// (same epoch, offsets continuing, the newest history within the namespace limits,
+    /// idempotency keys within `idempotency_window`).
+    pub fn open(
+        cfg: &Config,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<MemoryBroker>, DurableError> {
+        let (log, recovered) = if cfg.namespaces.iter().any(|n| n.durable) {
+            let (log, recovered) = DurableLog::open(&cfg.data_dir.join(HISTORY_FILE))?;
+            let m = metrics.clone();
+            log.set_commit_observer(Box::new(move |took, _| {
+                m.durable_commits.inc();
+                m.durable_commit_seconds.observe(took.as_secs_f64());
+            }));
+            (Some(log), recovered)
+        } else {
+            (None, Vec::new())
+        };
+        let broker = Arc::new_cyclic(|me| {
+            let mut b = MemoryBroker::new(cfg, hub, metrics);
+            b.log = log;
+            b.me = me.clone();
+            b
+        });
+        let n = recovered.len();
+        for t in recovered {
+            broker.restore(t);
+        }
+        broker.enforce_budget();
+        if n > 0 {
+            tracing::info!(topics = n, "durable topics restored");
+        }
+        Ok(broker)
+    }
+
+    /// Commits what the history log holds and stops it (graceful shutdown).
+    pub async fn close(&self) {
+        if let Some(log) = &self.log {
+            log.close().await;
+        }
+    }
+
+    /// Rebuilds one durable topic from the log at start-up.
+    fn restore(&self, t: RecoveredTopic) {
+        let Some(log) = &self.log else { return };
+        let ns = self.cfg.namespace(&t.topic);
+        if !ns.durable {
+            // No longer durable: its stored history has no reader any more.
+            log.forget(&t.topic);
+            return;
+        }
+        if self.reserve(Creator::Publisher).is_err() {
+            tracing::warn!(topic = %t.topic, "durable topic not restored: max_topics reached");
+            return;
+        }
+        let stream = Arc::new(Stream {
+            ns,
+            name: t.topic.clone(),
+            epoch: t.epoch.clone(),
+            state: Mutex::new(StreamState {
+                last_offset: t.last_offset,
+                assigned: t.last_offset,
+                subscribers: 0,
+                retained: None,
+                history: VecDeque::new(),
+                keys: Keys::default(),
+                published: true,
+                queued: false,
+                generation: 0,
+            }),
+            trimmed: AtomicU64::new(t.records.first().map_or(t.last_offset, |r| r.offset - 1)),
+            keys_trimmed: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        });
+        self.shard(&t.topic)
+            .lock()
+            .insert(t.topic.clone(), stream.clone());
+        self.metrics.topics.inc();
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        let mut st = stream.state.lock();
+        for r in t.records {
+            // Age carried over from the wall clock; `None` only right after a boot, when
+            // the record is certainly older than any limit.
+            let Some(at) =
+                now.checked_sub(Duration::from_millis(now_ms.saturating_sub(r.published_ms)))
+            else {
+                continue;
+            };
+            let mut p = Publication::new(stream.name.clone(), r.offset, &r.data);
+            p.published_at = at;
+            let p = Arc::new(p);
+            if let Some(key) = &r.idempotency_key {
+                if !expired(at, self.cfg.idempotency_window, now) {
+                    self.remember_key(&stream, &mut st, key, KeyState::Done(r.offset), at);
+                }
+            }
+            if stream.ns.history_size > 0 {
+                self.metrics.history_publications.inc();
+                self.enter(&stream, KeptKind::Publication(p.offset), p.cost(), at);
+                st.history.push_back(p);
+            }
+        }
+        // History must stay contiguous up to `last_offset`: drop what precedes a hole
+        // (records skipped above).
+        let contiguous_from = st
+            .history
+            .iter()
+            .rev()
+            .zip((1..=t.last_offset).rev())
+            .take_while(|(p, o)| p.offset == *o)
+            .count();
+        let n = st.history.len() - contiguous_from;
+        self.trim_history(&stream, &mut st, n);
+        self.trim_expired(&stream, &mut st, now);
+        self.settle(&stream, &mut st);
+    }
+
+    /// Tells the durable log that the stream's history now starts after `upto`.
+    fn log_trim(&self, stream: &Stream, upto: u64) {
+        if let (true, Some(log)) = (stream.ns.durable, &self.log) {
+            log.trim(&stream.name, upto);
         }
     }
 
@@ -280,6 +437,7 @@ impl MemoryBroker {
                         keys: Keys::default(),
                         published: by == Creator::Publisher,
                         queued: false,
+                        generation: 0,
                     }),
                     trimmed: AtomicU64::new(0),
                     keys_trimmed: AtomicU64::new(0),
@@ -339,7 +497,7 @@ impl MemoryBroker {
             };
             let evicted = self.unlink(&stream, |st| {
                 st.queued = false;
-                st.idle()
+                st.evictable()
             });
             if evicted {
                 self.metrics.topics_evicted.inc();
@@ -364,6 +522,11 @@ impl MemoryBroker {
         self.trim_history(stream, &mut st, n);
         let n = st.keys.order.len();
         self.forget_keys(stream, &mut st, n);
+        if let (true, true, Some(log)) = (stream.ns.durable, st.published, &self.log) {
+            // A topic of this name made later has a new epoch: nothing of this one stays.
+            // (A never-published one has nothing on disk: no write for a subscriber alone.)
+            log.forget(&stream.name);
+        }
         drop(st);
         self.topic_count.fetch_sub(1, Ordering::Relaxed);
         self.metrics.topics.dec();
@@ -428,6 +591,7 @@ impl MemoryBroker {
         }
         if let Some(o) = last {
             stream.trimmed.store(o, Ordering::Release);
+            self.log_trim(stream, o);
             self.history_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.kept_live.fetch_sub(n, Ordering::Relaxed);
             self.metrics.history_bytes.dec_by(bytes as i64);
@@ -595,6 +759,7 @@ impl MemoryBroker {
                 self.enter(stream, KeptKind::Publication(p.offset), p.cost(), now);
             } else {
                 stream.trimmed.store(p.offset, Ordering::Release);
+                self.log_trim(stream, p.offset);
             }
             self.trim_expired(stream, st, now);
         }
@@ -626,21 +791,15 @@ impl MemoryBroker {
                     None => {}
                 }
             }
-            if !st.published {
-                // From now on its offsets matter: it leaves the subscribers' budget.
-                st.published = true;
-                self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.subscriber_topics.dec();
+            if stream.ns.durable && self.log.is_some() {
+                // Its offsets are assigned by the log's commit order (`publish_durable`).
+                return Err(Attempt::Failed(BrokerError::Unavailable(
+                    "a durable topic is published through the async path only".into(),
+                )));
             }
-            // Durable namespaces (`stream.ns.durable`) take the same steps with the log
-            // between them: reserve an `AppendSlot` before taking this lock (it may wait
-            // for queue room), then here `st.assigned += 1`, remember the key as
-            // `KeyState::Pending`, and append; the append's callback (writer thread, in
-            // offset order) takes this lock again and calls `commit` (which delivers,
-            // keeps history and settles the key) or, on failure, rolls `assigned` back,
-            // forgets the key and answers `store_unavailable`. Subscribers see
-            // `last_offset`, the committed position. Until the log is plugged in, durable
-            // namespaces are kept in memory like the others.
+            self.mark_published(st);
+            // Durable namespaces take the same steps with the log's commit between the
+            // assignment and `commit` (`publish_durable`).
             st.assigned += 1;
             let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
             let reached = self.commit(stream, st, &p, req, &mut to_wake);
@@ -658,6 +817,177 @@ impl MemoryBroker {
         }
         self.enforce_budget();
         result?
+    }
+
+    fn mark_published(&self, st: &mut StreamState) {
+        if !st.published {
+            // From now on its offsets matter: it leaves the subscribers' budget.
+            st.published = true;
+            self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.subscriber_topics.dec();
+        }
+    }
+
+    /// Publishes to a durable topic: the offset is assigned and the record appended under
+    /// the stream lock (so the log holds the topic in offset order), then the publisher
+    /// waits for the commit. The commit's callback (`settle_durable`, on the log's writer
+    /// thread, in offset order) delivers, keeps history and answers.
+    async fn publish_durable(
+        &self,
+        log: &DurableLog,
+        req: &PublishRequest<'_>,
+    ) -> Result<Receipt, BrokerError> {
+        let unavailable = |e: DurableError| BrokerError::Unavailable(e.to_string());
+        let mut gone = false;
+        loop {
+            // Waiting for queue room happens here, before any lock.
+            let mut slot = Some(log.reserve().await.map_err(unavailable)?);
+            let (answer, answered) = oneshot::channel();
+            let mut answer = Some(answer);
+            let attempt = self.with_stream(req.topic, Creator::Publisher, |stream, st| {
+                let now = Instant::now();
+                self.expire_keys(stream, st, now);
+                if let Some(key) = req.idempotency_key {
+                    match st.keys.map.get(key) {
+                        Some(KeyState::Done(offset)) => {
+                            self.metrics.idempotent_replays.inc();
+                            return Ok(Some(Receipt {
+                                offset: *offset,
+                                epoch: stream.epoch.clone(),
+                                subscribers: st.subscribers,
+                                duplicate: true,
+                            }));
+                        }
+                        Some(KeyState::Pending(rx)) => return Err(Attempt::Wait(rx.clone())),
+                        None => {}
+                    }
+                }
+                self.mark_published(st);
+                st.assigned += 1;
+                let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
+                let key_tx = req.idempotency_key.map(|key| {
+                    let (tx, rx) = watch::channel(None);
+                    self.remember_key(stream, st, key, KeyState::Pending(rx), now);
+                    tx
+                });
+                let rec = Record {
+                    topic: stream.name.clone(),
+                    epoch: stream.epoch.clone(),
+                    offset: p.offset,
+                    data: p.data(),
+                    published_ms: unix_ms(),
+                    idempotency_key: req.idempotency_key.map(Into::into),
+                };
+                let pending = Pending {
+                    stream: stream.clone(),
+                    publication: p,
+                    retain: req.retain,
+                    conflate: req.conflate,
+                    key: req.idempotency_key.map(Into::into),
+                    key_tx,
+                    generation: st.generation,
+                    answer: answer.take().expect("called once per stream lookup"),
+                };
+                let me = self.me.clone();
+                slot.take().expect("called once per stream lookup").append(
+                    rec,
+                    Box::new(move |result| match me.upgrade() {
+                        Some(broker) => broker.settle_durable(pending, result),
+                        None => {
+                            let _ = pending
+                                .answer
+                                .send(Err(BrokerError::Unavailable("shutting down".into())));
+                        }
+                    }),
+                );
+                Ok(None)
+            })?;
+            match attempt {
+                Ok(Some(duplicate)) => return Ok(duplicate),
+                Ok(None) => {
+                    return answered.await.unwrap_or_else(|_| {
+                        Err(BrokerError::Unavailable("history log stopped".into()))
+                    })
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Wait(_)) if gone => {
+                    return Err(BrokerError::Unavailable(
+                        "the first publish with this idempotency key was lost".into(),
+                    ))
+                }
+                // A failed first publish forgets its key before it lets the waiters go,
+                // so the next attempt publishes; a key still pending after its publish is
+                // gone (the log stopped) is an error, not a busy loop.
+                Err(Attempt::Wait(mut rx)) => {
+                    gone = rx.wait_for(|v| v.is_some()).await.is_err();
+                }
+            }
+        }
+    }
+
+    /// A durable publication's commit outcome, on the log's writer thread in offset
+    /// order: on success deliver and keep it like a memory publication; on failure roll
+    /// the topic's offsets back to the last committed one (once per failure: everything
+    /// queued on top of the failed record fails too) and forget its key.
+    fn settle_durable(&self, p: Pending, result: Result<(), DurableError>) {
+        let stream = &p.stream;
+        let mut to_wake = Vec::new();
+        let mut st = stream.state.lock();
+        let answer = match result {
+            Ok(()) => {
+                let req = PublishRequest {
+                    topic: &stream.name,
+                    data: &[],
+                    retain: p.retain,
+                    conflate: p.conflate,
+                    idempotency_key: p.key.as_deref(),
+                };
+                let reached = self.commit(stream, &mut st, &p.publication, &req, &mut to_wake);
+                if let Some(tx) = &p.key_tx {
+                    tx.send_replace(Some(p.publication.offset));
+                }
+                Ok(Receipt {
+                    offset: p.publication.offset,
+                    epoch: stream.epoch.clone(),
+                    subscribers: reached,
+                    duplicate: false,
+                })
+            }
+            Err(e) => {
+                if st.generation == p.generation {
+                    st.generation += 1;
+                    st.assigned = st.last_offset;
+                }
+                if let Some(key) = &p.key {
+                    self.drop_pending_key(&mut st, key);
+                }
+                tracing::warn!(topic = %stream.name, offset = p.publication.offset, error = %e,
+                    "durable publication failed");
+                Err(BrokerError::Unavailable(e.to_string()))
+            }
+        };
+        self.settle(stream, &mut st);
+        drop(st);
+        for client in to_wake {
+            client.wake();
+        }
+        self.enforce_budget();
+        let _ = p.answer.send(answer);
+    }
+
+    /// Forgets a key whose first publication failed, so a retry publishes.
+    fn drop_pending_key(&self, st: &mut StreamState, key: &str) {
+        if !matches!(st.keys.map.get(key), Some(KeyState::Pending(_))) {
+            return;
+        }
+        st.keys.map.remove(key);
+        if let Some(i) = st.keys.order.iter().position(|(_, k, _)| &**k == key) {
+            st.keys.order.remove(i);
+            let bytes = key.len() + KEY_COST;
+            self.history_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.kept_live.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.history_bytes.dec_by(bytes as i64);
+        }
     }
 
     /// Publishes without waiting (memory topics): for callers outside async code.
@@ -709,6 +1039,11 @@ impl MemoryBroker {
 #[async_trait::async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, req: PublishRequest<'_>) -> Result<Receipt, BrokerError> {
+        if let Some(log) = &self.log {
+            if self.cfg.namespace(req.topic).durable {
+                return self.publish_durable(log, &req).await;
+            }
+        }
         loop {
             match self.try_publish(&req) {
                 Ok(r) => return Ok(r),
@@ -878,6 +1213,12 @@ fn try_take(counter: &AtomicUsize, max: usize) -> bool {
             (n < max).then_some(n + 1)
         })
         .is_ok()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// 8 lowercase hex characters, fresh for every stream.
@@ -1555,5 +1896,143 @@ mod tests {
             "the window passed"
         );
         check_counts(&b);
+    }
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+    use crate::config::Namespace;
+
+    fn durable_broker(dir: &std::path::Path) -> Arc<MemoryBroker> {
+        let mut cfg = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        cfg.namespaces.push(Namespace {
+            pattern: "d:*".into(),
+            history_size: 10_000,
+            history_ttl: Duration::from_secs(3600),
+            durable: true,
+        });
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(3, metrics.clone()));
+        MemoryBroker::open(&cfg, hub, metrics).unwrap()
+    }
+
+    async fn publish(b: &MemoryBroker, n: u64) -> Result<Receipt, BrokerError> {
+        let data = format!(r#"{{"n":{n}}}"#);
+        b.publish(PublishRequest {
+            topic: "d:t",
+            data: data.as_bytes(),
+            ..PublishRequest::default()
+        })
+        .await
+    }
+
+    async fn offsets(b: &MemoryBroker) -> Vec<u64> {
+        let h = b.history("d:t", None, 100_000).await.unwrap();
+        h.publications.iter().map(|p| p.offset).collect()
+    }
+
+    /// A failed commit fails the publications queued on top of it too, rolls the topic
+    /// back once, and the next publications reuse the offsets: memory and disk stay
+    /// contiguous, and the epoch stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_commits_leave_no_gap_in_memory_or_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        let epoch = publish(&b, 0).await.unwrap().epoch;
+        let mut ok = 1u64;
+        for round in 0..3u64 {
+            b.log.as_ref().unwrap().fail_next_commits(1);
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..20 {
+                let b = b.clone();
+                tasks.spawn(async move { publish(&b, 100 * (round + 1) + i).await });
+            }
+            let mut failed = 0;
+            while let Some(r) = tasks.join_next().await {
+                match r.unwrap() {
+                    Ok(r) => {
+                        assert_eq!(r.epoch, epoch);
+                        ok += 1;
+                    }
+                    Err(BrokerError::Unavailable(_)) => failed += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert!(failed >= 1, "the injected failure hit nobody");
+            let r = publish(&b, 1000 + round).await.unwrap();
+            ok += 1;
+            assert_eq!(
+                r.offset, ok,
+                "offsets continue right after the last committed"
+            );
+        }
+        assert_eq!(offsets(&b).await, (1..=ok).collect::<Vec<_>>());
+        b.close().await;
+        drop(b);
+
+        let b = durable_broker(dir.path());
+        assert_eq!(offsets(&b).await, (1..=ok).collect::<Vec<_>>());
+        let r = publish(&b, 9999).await.unwrap();
+        assert_eq!((r.offset, &r.epoch), (ok + 1, &epoch));
+        b.close().await;
+    }
+
+    /// A keyed publication whose commit failed is forgotten with its key: the retry
+    /// publishes (once), and concurrent retries of it share one publication.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_keyed_publish_lets_its_retry_publish_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        publish(&b, 0).await.unwrap();
+        let keyed = |b: Arc<MemoryBroker>| async move {
+            b.publish(PublishRequest {
+                topic: "d:t",
+                data: b"{}",
+                idempotency_key: Some("k"),
+                ..PublishRequest::default()
+            })
+            .await
+        };
+        let bytes_before = b.history_bytes();
+        b.log.as_ref().unwrap().fail_next_commits(1);
+        let e = keyed(b.clone()).await.unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e}");
+        assert_eq!(
+            b.history_bytes(),
+            bytes_before,
+            "the failed key is not kept"
+        );
+        let retries: Vec<_> = (0..8).map(|_| tokio::spawn(keyed(b.clone()))).collect();
+        let mut firsts = 0;
+        for r in retries {
+            let r = r.await.unwrap().unwrap();
+            assert_eq!(r.offset, 2);
+            firsts += usize::from(!r.duplicate);
+        }
+        assert_eq!(firsts, 1);
+        assert_eq!(offsets(&b).await, vec![1, 2]);
+        b.close().await;
+    }
+
+    /// An evicted durable topic is forgotten on disk too: it comes back in a new epoch.
+    #[tokio::test]
+    async fn an_evicted_durable_topic_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        let first = publish(&b, 1).await.unwrap();
+        let stream = b.lookup("d:t").unwrap();
+        assert!(b.unlink(&stream, |st| st.evictable()));
+        b.close().await;
+        drop(b);
+        let b = durable_broker(dir.path());
+        assert!(b.lookup("d:t").is_none());
+        let again = publish(&b, 2).await.unwrap();
+        assert_eq!(again.offset, 1);
+        assert_ne!(again.epoch, first.epoch);
+        b.close().await;
     }
 }
