@@ -2,14 +2,16 @@
 //!
 //! Plain HTML, CSS and JS compiled into the binary with `include_str!`: no build step, no
 //! framework, no external resource. The pages talk to the server over the same origin:
-//! `GET /api/boards` for the index and `/ws?topic=board:{name}` (falling back to
-//! `/sse?topic=board:{name}`) for one live board. See `docs/leaderboards.md` ("The web page").
+//! `GET /api/boards` for the index, and for one live board `crier.js`, the browser client
+//! module that applications load from here too (`docs/client.md`): `/ws?topic=board:{name}`,
+//! falling back to `/sse`, resuming from the last offset after a reconnect. See
+//! `docs/leaderboards.md` ("The web page").
 //!
 //! | route | body |
 //! |---|---|
 //! | `/` | `index.html` (the list of boards) |
 //! | `/boards/{board}` | `board.html` (one board, live; the page reads the name from the URL) |
-//! | `/assets/{file}` | `style.css`, `board.js`, `index.js` |
+//! | `/assets/{file}` | `style.css`, `board.js`, `index.js`, `crier.js` |
 
 use axum::{
     extract::Path,
@@ -24,6 +26,7 @@ const BOARD_HTML: &str = include_str!("assets/board.html");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 const BOARD_JS: &str = include_str!("assets/board.js");
 const INDEX_JS: &str = include_str!("assets/index.js");
+const CRIER_JS: &str = include_str!("assets/crier.js");
 
 const HTML: &str = "text/html; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
@@ -34,6 +37,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ("style.css", CSS, STYLE_CSS),
     ("board.js", JS, BOARD_JS),
     ("index.js", JS, INDEX_JS),
+    ("crier.js", JS, CRIER_JS),
 ];
 
 /// The web page's routes, to be merged into the server's router.
@@ -117,7 +121,8 @@ mod tests {
             ("/boards/arena", HTML, "/assets/board.js"),
             ("/boards/e2e-arena", HTML, "id=\"board-title\""),
             ("/assets/style.css", CSS, "moved-up"),
-            ("/assets/board.js", JS, "EventSource"),
+            ("/assets/board.js", JS, "from \"./crier.js\""),
+            ("/assets/crier.js", JS, "EventSource"),
             ("/assets/index.js", JS, "/api/boards"),
         ];
         for (path, content_type, needle) in cases {
