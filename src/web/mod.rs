@@ -75,9 +75,24 @@ async fn board(Path(_board): Path<String>) -> Response {
     embedded(HTML, BOARD_HTML)
 }
 
+/// The client module a page of another origin may import.
+const SHARED_MODULE: &str = "crier.js";
+
 async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
-        Some((_, content_type, body)) => embedded(content_type, body),
+        Some((name, content_type, body)) => {
+            let mut res = embedded(content_type, body);
+            // A cross-origin `import` of a module needs CORS. The file is public, static and
+            // sent without credentials, so any origin may read it; this grants nothing else
+            // (the API still refuses other origins, see docs/protocol.md "Origins").
+            if *name == SHARED_MODULE {
+                res.headers_mut().insert(
+                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    HeaderValue::from_static("*"),
+                );
+            }
+            res
+        }
         None => (
             StatusCode::NOT_FOUND,
             [(header::CONTENT_TYPE, HeaderValue::from_static(HTML))],
@@ -131,6 +146,26 @@ mod tests {
             assert_eq!(ct.as_deref(), Some(content_type), "{path}");
             assert_eq!(cc.as_deref(), Some("no-cache"), "{path}");
             assert!(body.contains(needle), "{path} should contain {needle}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_client_module_may_be_read_cross_origin() {
+        for (name, _, _) in ASSETS {
+            let res = routes::<()>()
+                .oneshot(
+                    Request::get(format!("/assets/{name}"))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let acao = res.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+            if *name == SHARED_MODULE {
+                assert_eq!(acao.map(|v| v.to_str().unwrap()), Some("*"));
+            } else {
+                assert!(acao.is_none(), "{name} must not be readable cross-origin");
+            }
         }
     }
 
