@@ -261,8 +261,8 @@ export class Crier {
     clearTimeout(this._timer);
     this._timer = null;
     this._drop();
-    if (this._subs.size === 0 && this._transport === "sse") {
-      this._setState("idle", {});
+    if (this._subs.size === 0) {
+      this._setState("idle", {}); // nothing to carry: the next subscribe() connects
       return;
     }
     const gen = ++this._gen;
@@ -467,6 +467,8 @@ export class Crier {
       if (gen !== this._gen) return;
       c.open = true;
       c.lastHeard = Date.now();
+      // Unsubscribed while the socket was opening: the URL still subscribed it.
+      for (const t of query) if (!this._subs.has(t)) c.send({ op: "unsubscribe", topic: t });
       for (const sub of this._subs.values()) if (!sub.onConn) this._wsSubscribe(c, sub);
       this._opened(gen, "ws");
       c.pinger = setInterval(() => {
