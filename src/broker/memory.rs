@@ -141,6 +141,7 @@ pub enum KeyState {
 struct Kept {
     stream: Arc<Stream>,
     what: KeptKind,
+    at: Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -156,6 +157,14 @@ impl Kept {
                 KeptKind::Publication(o) => o > self.stream.trimmed.load(Ordering::Acquire),
                 KeptKind::Key(s) => s > self.stream.keys_trimmed.load(Ordering::Acquire),
             }
+    }
+
+    fn expired(&self, now: Instant, idempotency_window: Duration) -> bool {
+        let ttl = match self.what {
+            KeptKind::Publication(_) => self.stream.ns.history_ttl,
+            KeptKind::Key(_) => idempotency_window,
+        };
+        expired(self.at, ttl, now)
     }
 }
 
@@ -474,7 +483,7 @@ impl MemoryBroker {
     /// Enters one kept item in the node-wide FIFO (called under its stream lock, so a
     /// stream's entries are in its own order), compacting the FIFO when stale entries
     /// outnumber live ones.
-    fn enter(&self, stream: &Arc<Stream>, what: KeptKind, bytes: usize) {
+    fn enter(&self, stream: &Arc<Stream>, what: KeptKind, bytes: usize, at: Instant) {
         let live = self.kept_live.fetch_add(1, Ordering::Relaxed) + 1;
         self.history_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.metrics.history_bytes.inc_by(bytes as i64);
@@ -482,6 +491,7 @@ impl MemoryBroker {
         kept.push_back(Kept {
             stream: stream.clone(),
             what,
+            at,
         });
         if kept.len() > 2 * live + 1024 {
             // Halves the FIFO at least: amortized O(1) per entry.
@@ -489,13 +499,28 @@ impl MemoryBroker {
         }
     }
 
-    /// Evicts the oldest kept items of any topic until history fits `history_max_bytes`.
-    /// Called with no lock held.
+    /// Evicts the oldest kept items of any topic until history fits `history_max_bytes`,
+    /// and past that, while the oldest item has outlived its age limit: so the expired
+    /// history of topics nobody touches any more is freed as publishing goes on, not only
+    /// under byte pressure. (The FIFO is in publish order across namespaces, so an item
+    /// with a short limit behind one with a long limit waits for it: memory stays bounded
+    /// by the budget either way, and reads apply the age limit exactly.) Each round pops
+    /// one entry, so the work is bounded by what was entered. Called with no lock held.
     fn enforce_budget(&self) {
         let max = self.cfg.history_max_bytes;
-        while self.history_bytes.load(Ordering::Relaxed) > max {
-            let Some(k) = self.kept.lock().pop_front() else {
-                return;
+        let window = self.cfg.idempotency_window;
+        let now = Instant::now();
+        loop {
+            let k = {
+                let mut kept = self.kept.lock();
+                let Some(front) = kept.front() else {
+                    return;
+                };
+                let over = self.history_bytes.load(Ordering::Relaxed) > max;
+                if !over && front.live() && !front.expired(now, window) {
+                    return;
+                }
+                kept.pop_front().expect("front exists")
             };
             if !k.live() {
                 continue;
@@ -539,7 +564,7 @@ impl MemoryBroker {
         let key: Arc<str> = key.into();
         st.keys.order.push_back((seq, key.clone(), now));
         st.keys.map.insert(key.clone(), state);
-        self.enter(stream, KeptKind::Key(seq), key.len() + KEY_COST);
+        self.enter(stream, KeptKind::Key(seq), key.len() + KEY_COST, now);
     }
 
     /// After its offset was assigned (and, for durable topics, committed): hands the
@@ -567,7 +592,7 @@ impl MemoryBroker {
             if stream.ns.history_size > 0 {
                 st.history.push_back(p.clone());
                 self.metrics.history_publications.inc();
-                self.enter(stream, KeptKind::Publication(p.offset), p.cost());
+                self.enter(stream, KeptKind::Publication(p.offset), p.cost(), now);
             } else {
                 stream.trimmed.store(p.offset, Ordering::Release);
             }
@@ -607,9 +632,15 @@ impl MemoryBroker {
                 self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.subscriber_topics.dec();
             }
-            // Durable namespaces (`ns.durable`) take the same steps, with the commit to
-            // the history log between the assignment and `commit`; until that log is
-            // plugged in here they are kept in memory like the others.
+            // Durable namespaces (`stream.ns.durable`) take the same steps with the log
+            // between them: reserve an `AppendSlot` before taking this lock (it may wait
+            // for queue room), then here `st.assigned += 1`, remember the key as
+            // `KeyState::Pending`, and append; the append's callback (writer thread, in
+            // offset order) takes this lock again and calls `commit` (which delivers,
+            // keeps history and settles the key) or, on failure, rolls `assigned` back,
+            // forgets the key and answers `store_unavailable`. Subscribers see
+            // `last_offset`, the committed position. Until the log is plugged in, durable
+            // namespaces are kept in memory like the others.
             st.assigned += 1;
             let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
             let reached = self.commit(stream, st, &p, req, &mut to_wake);
@@ -683,9 +714,19 @@ impl Broker for MemoryBroker {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Failed(e)) => return Err(e),
                 // The first publish with this key settles the key (published, or forgotten
-                // after a failure), so each wait ends and the next attempt answers.
+                // after a failure), so each wait ends and the next attempt answers. A key
+                // left pending by a first publish that is gone would otherwise be retried
+                // forever: that answers `store_unavailable` instead.
                 Err(Attempt::Wait(mut rx)) => {
-                    let _ = rx.wait_for(|v| v.is_some()).await;
+                    if rx.wait_for(|v| v.is_some()).await.is_err() {
+                        return match self.try_publish(&req) {
+                            Ok(r) => Ok(r),
+                            Err(Attempt::Failed(e)) => Err(e),
+                            Err(Attempt::Wait(_)) => Err(BrokerError::Unavailable(
+                                "the first publish with this idempotency key was lost".into(),
+                            )),
+                        };
+                    }
                 }
             }
         }
@@ -779,52 +820,50 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Result<History, BrokerError> {
         // Reading creates nothing: an unknown topic has no stream (and no epoch: "").
-        let Some(stream) = self.lookup(topic) else {
-            return Ok(History {
-                position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
-                },
-                recovered: since.is_none(),
-                publications: Vec::new(),
-            });
+        let unknown = || History {
+            position: StreamPosition {
+                offset: 0,
+                epoch: "".into(),
+            },
+            recovered: since.is_none(),
+            publications: Vec::new(),
         };
-        let mut st = stream.state.lock();
-        if stream.dead.load(Ordering::Acquire) {
+        // A stream found dead was removed meanwhile: look again (each retry follows a
+        // removal, so this ends).
+        loop {
+            let Some(stream) = self.lookup(topic) else {
+                return Ok(unknown());
+            };
+            let mut st = stream.state.lock();
+            if stream.dead.load(Ordering::Acquire) {
+                continue;
+            }
+            self.trim_expired(&stream, &mut st, Instant::now());
+            // An empty epoch in `since` means "the current one".
+            let since = since.map(|s| StreamPosition {
+                offset: s.offset,
+                epoch: if s.epoch.is_empty() {
+                    stream.epoch.clone()
+                } else {
+                    s.epoch.clone()
+                },
+            });
+            let (recovered, start) = match &since {
+                None => (true, 0),
+                Some(s) => match self.resume_point(&stream, &st, s) {
+                    Some(start) => (true, start),
+                    None => (false, 0),
+                },
+            };
             return Ok(History {
                 position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
+                    offset: st.last_offset,
+                    epoch: stream.epoch.clone(),
                 },
-                recovered: since.is_none(),
-                publications: Vec::new(),
+                recovered,
+                publications: st.history.range(start..).take(limit).cloned().collect(),
             });
         }
-        self.trim_expired(&stream, &mut st, Instant::now());
-        // An empty epoch in `since` means "the current one".
-        let since = since.map(|s| StreamPosition {
-            offset: s.offset,
-            epoch: if s.epoch.is_empty() {
-                stream.epoch.clone()
-            } else {
-                s.epoch.clone()
-            },
-        });
-        let (recovered, start) = match &since {
-            None => (true, 0),
-            Some(s) => match self.resume_point(&stream, &st, s) {
-                Some(start) => (true, start),
-                None => (false, 0),
-            },
-        };
-        Ok(History {
-            position: StreamPosition {
-                offset: st.last_offset,
-                epoch: stream.epoch.clone(),
-            },
-            recovered,
-            publications: st.history.range(start..).take(limit).cloned().collect(),
-        })
     }
 }
 
@@ -1294,6 +1333,31 @@ mod tests {
     }
 
     #[test]
+    fn expired_history_of_untouched_topics_is_freed_by_later_publishing() {
+        let b = broker_with(|c| {
+            c.history_ttl = Duration::from_millis(20);
+            c.idempotency_window = Duration::from_millis(20);
+        });
+        for i in 0..5 {
+            b.publish_now(PublishRequest {
+                topic: "quiet",
+                data: b"1",
+                idempotency_key: Some(&format!("k{i}")),
+                ..PublishRequest::default()
+            })
+            .unwrap();
+        }
+        assert!(b.history_bytes() > 0);
+        std::thread::sleep(Duration::from_millis(30));
+        // "quiet" is never touched again; another topic's publication frees its history.
+        publish(&b, "busy", "1");
+        let busy = Publication::new("busy".into(), 1, b"1").cost();
+        assert_eq!(b.history_bytes(), busy);
+        assert_eq!(b.metrics.history_publications.get(), 1);
+        check_counts(&b);
+    }
+
+    #[test]
     fn stale_fifo_entries_stay_bounded() {
         // A small count limit trims locally; the node-wide FIFO must not keep the trimmed
         // entries forever.
@@ -1398,6 +1462,67 @@ mod tests {
         assert_eq!(offsets(&drain(&c)), [2], "the snapshot follows");
         b.remove_client(&c);
         assert_eq!(b.history_bytes(), 0, "state topics keep no history");
+        check_counts(&b);
+    }
+
+    fn set_key(b: &MemoryBroker, topic: &str, key: &str, state: Option<KeyState>) {
+        let s = b.lookup(topic).unwrap();
+        let mut st = s.state.lock();
+        match state {
+            Some(state) => b.remember_key(&s, &mut st, key, state, Instant::now()),
+            None => {
+                let n = st.keys.order.len();
+                b.forget_keys(&s, &mut st, n);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_wait_for_a_pending_first_publish() {
+        let b = Arc::new(broker(10));
+        publish(&b, "t", "1");
+        let keyed = |b: Arc<MemoryBroker>| async move {
+            b.publish(PublishRequest {
+                topic: "t",
+                data: b"2",
+                idempotency_key: Some("k"),
+                ..PublishRequest::default()
+            })
+            .await
+        };
+        // Settled while (or before) the retry waits: it gets the first receipt.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "k", Some(KeyState::Pending(rx)));
+        let retry = tokio::spawn(keyed(b.clone()));
+        set_key(&b, "t", "k", Some(KeyState::Done(1)));
+        tx.send_replace(Some(1));
+        let r = retry.await.unwrap().unwrap();
+        assert_eq!((r.offset, r.duplicate), (1, true));
+
+        // The first publish failed and its key was forgotten: the retry publishes.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "k", None);
+        set_key(&b, "t", "k", Some(KeyState::Pending(rx)));
+        let retry = tokio::spawn(keyed(b.clone()));
+        set_key(&b, "t", "k", None);
+        drop(tx);
+        let r = retry.await.unwrap().unwrap();
+        assert_eq!((r.offset, r.duplicate), (2, false));
+
+        // A key left pending by a first publish that is gone: an error, not a busy loop.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "j", Some(KeyState::Pending(rx)));
+        drop(tx);
+        let e = b
+            .publish(PublishRequest {
+                topic: "t",
+                data: b"3",
+                idempotency_key: Some("j"),
+                ..PublishRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)));
         check_counts(&b);
     }
 
