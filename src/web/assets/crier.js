@@ -35,9 +35,9 @@ function idEntry(pos) {
     : "";
 }
 
-/** A valid `{epoch, offset}` position, or null. */
+/** A valid `{epoch, offset}` position (an epoch the SSE id can carry: alphanumeric, at most 32), or null. */
 function position(p) {
-  return p && typeof p === "object" && typeof p.epoch === "string" && /^[^\s:,]{1,64}$/.test(p.epoch) &&
+  return p && typeof p === "object" && typeof p.epoch === "string" && /^[A-Za-z0-9]{1,32}$/.test(p.epoch) &&
     Number.isSafeInteger(p.offset) && p.offset >= 0
     ? { epoch: p.epoch, offset: p.offset }
     : null;
