@@ -90,11 +90,12 @@ async function clientPage(proxy, options, topics) {
       window.resets = [];
       window.recovered = [];
       window.states = [];
+      window.handles = {};
       window.crier = new Crier(options);
       window.crier.on('state', (s, info) => window.states.push({ s, transport: info.transport }));
       for (const topic of topics) {
         window.log[topic] = [];
-        window.crier.subscribe(topic, {
+        window.handles[topic] = window.crier.subscribe(topic, {
           onMessage: (data, meta) =>
             window.log[topic].push({
               offset: meta.offset,
@@ -319,5 +320,52 @@ for (const transport of ['ws', 'sse']) {
       const { rm } = await import('node:fs/promises');
       await rm(dataDir, { recursive: true, force: true });
     }
+  });
+}
+
+for (const transport of ['ws', 'sse']) {
+  test(`${transport}: subscribing and unsubscribing mid-stream keeps the other topic exact`, { timeout: 60_000 }, async () => {
+    await withServer(async (server, proxy) => {
+      const page = await clientPage(proxy, { transport, backoff: FAST }, ['cm-a']);
+      await waitState(page, 'open');
+      await publish(server, 'cm-a', range(1, 2));
+      await waitCount(page, 'cm-a', 2);
+      // Another topic joins (over SSE: a new stream, resumed from cm-a's position).
+      await page.evaluate(() => {
+        window.log['cm-b'] = [];
+        window.handles['cm-b'] = window.crier.subscribe('cm-b', {
+          onMessage: (data, meta) => window.log['cm-b'].push({ offset: meta.offset, n: data.n }),
+        });
+      });
+      await page.waitForFunction(() => window.crier.state === 'open' && window.handles['cm-b'].position);
+      await publish(server, 'cm-a', range(3, 4));
+      await publish(server, 'cm-b', [1]);
+      await waitCount(page, 'cm-b', 1);
+      await waitCount(page, 'cm-a', 4);
+      // cm-a leaves: what is published on it after that is not delivered.
+      const opens = () => window.states.filter((x) => x.s === 'open').length;
+      const opened = await page.evaluate(opens);
+      await page.evaluate(() => window.handles['cm-a'].unsubscribe());
+      // Over SSE the stream is replaced by one without cm-a; over WebSocket an unsubscribe
+      // command is sent, and the publication on cm-b below comes after its effect.
+      if (transport === 'sse') await page.waitForFunction(`(${opens})() > ${opened}`);
+      await publish(server, 'cm-a', [5]);
+      await publish(server, 'cm-b', [2]);
+      await waitCount(page, 'cm-b', 2);
+      const { log, resets } = await page.evaluate(() => ({ log: window.log, resets: window.resets }));
+      assert.deepEqual(
+        log['cm-a'].map((e) => e.offset),
+        [1, 2, 3, 4],
+        'cm-a: once each, nothing after leaving',
+      );
+      assert.deepEqual(log['cm-b'], [
+        { offset: 1, n: 1 },
+        { offset: 2, n: 2 },
+      ]);
+      assert.deepEqual(resets, []);
+      assert.equal(await page.evaluate(() => window.crier.transport), transport);
+      assert.deepEqual(page.errors, []);
+      await page.context().close();
+    });
   });
 }
