@@ -29,4 +29,5 @@ pub mod sse;
 pub mod state;
 pub mod topic;
 pub mod web;
+pub mod writer;
 pub mod ws;

@@ -10,7 +10,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::metrics::Transport;
 use crate::topic::TopicName;
-use crate::ws::frame;
 
 pub struct Publication {
     pub topic: TopicName,
@@ -63,48 +62,17 @@ impl Publication {
         3 * self.envelope.len() + 160
     }
 
-    /// The bytes a subscriber of `transport` receives, built on first use and then shared.
+    /// The bytes a subscriber of `transport` receives, framed by the transport
+    /// (`writer::frame`) on first use and then shared. They are the same for every
+    /// subscriber: anything per-client (the SSE `id:` line) is written beside them.
     pub fn wire(&self, transport: Transport) -> Bytes {
-        match transport {
-            Transport::Ws => self
-                .ws
-                .get_or_init(|| frame::encode(frame::OP_TEXT, &self.envelope))
-                .clone(),
-            Transport::Sse => self
-                .sse
-                .get_or_init(|| sse_event(self.offset, &self.envelope))
-                .clone(),
-        }
-    }
-}
-
-/// One SSE event: `id:` is the offset. Published data is embedded verbatim and may hold
-/// line breaks (only as JSON whitespace: inside strings JSON escapes them). EventSource ends
-/// a line at CR, LF or CRLF alike, so a lone CR left inside a `data:` line would cut the
-/// JSON in two. Each line, by any of the three endings, gets its own `data:` prefix instead;
-/// EventSource joins them back with LF, which is the same JSON whitespace.
-pub fn sse_event(id: u64, payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(payload.len() + 32);
-    out.put_slice(b"id: ");
-    write!(out, "{id}").expect("writing to BytesMut");
-    out.put_u8(b'\n');
-    let mut rest = payload;
-    loop {
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n' || b == b'\r')
-            .unwrap_or(rest.len());
-        out.put_slice(b"data: ");
-        out.put_slice(&rest[..end]);
-        out.put_u8(b'\n');
-        rest = match rest[end..] {
-            [] => break,
-            [b'\r', b'\n', ..] => &rest[end + 2..],
-            _ => &rest[end + 1..],
+        let cell = match transport {
+            Transport::Ws => &self.ws,
+            Transport::Sse => &self.sse,
         };
+        cell.get_or_init(|| crate::writer::frame(transport, &self.envelope))
+            .clone()
     }
-    out.put_u8(b'\n');
-    out.freeze()
 }
 
 #[cfg(test)]
@@ -121,53 +89,14 @@ mod tests {
         assert_eq!(&p.data()[..], br#"{"a": [1, 2.50]}"#);
         let v: serde_json::Value = serde_json::from_slice(p.envelope()).unwrap();
         assert_eq!(v["offset"], 42);
+        // No `id:` line: that one is per client, written by the SSE writer.
         assert_eq!(
             &p.wire(Transport::Sse)[..],
-            &b"id: 42\ndata: {\"topic\":\"scores\",\"offset\":42,\"data\":{\"a\": [1, 2.50]}}\n\n"
-                [..]
+            &b"data: {\"topic\":\"scores\",\"offset\":42,\"data\":{\"a\": [1, 2.50]}}\n\n"[..]
         );
         // The same Bytes is handed out every time: no per-subscriber encoding.
-        assert_eq!(
-            p.wire(Transport::Ws).as_ptr(),
-            p.wire(Transport::Ws).as_ptr()
-        );
-    }
-
-    #[test]
-    fn sse_splits_multiline_payloads() {
-        let e = sse_event(1, b"{\n\"a\":1\r\n}");
-        assert_eq!(&e[..], b"id: 1\ndata: {\ndata: \"a\":1\ndata: }\n\n");
-    }
-
-    /// Reads an event the way the EventSource spec does: lines end at CR, LF or CRLF, and
-    /// the `data` fields are joined with LF.
-    fn eventsource_data(event: &[u8]) -> String {
-        let text = std::str::from_utf8(event).unwrap().replace("\r\n", "\n");
-        let data: Vec<&str> = text
-            .split(['\r', '\n'])
-            .filter_map(|l| l.strip_prefix("data: "))
-            .collect();
-        data.join("\n")
-    }
-
-    #[test]
-    fn sse_line_breaks_of_every_kind_keep_the_json_whole() {
-        let e = sse_event(7, b"{\"a\":1,\r\"b\":2}");
-        assert_eq!(&e[..], b"id: 7\ndata: {\"a\":1,\ndata: \"b\":2}\n\n");
-        for payload in [
-            &b"{\"a\":1,\r\"b\":2}"[..],
-            b"\r{\r\n\"a\"\n:\r\r[1,\n\n2]\r\n}\r",
-            b"{\"s\":\"x\\r\\ny\"}\n",
-            b"1",
-        ] {
-            let p = Publication::new("t".into(), 1, payload);
-            let got = eventsource_data(&p.wire(Transport::Sse));
-            let want: serde_json::Value = serde_json::from_slice(p.envelope()).unwrap();
-            assert_eq!(
-                serde_json::from_str::<serde_json::Value>(&got).unwrap(),
-                want
-            );
-            assert!(!got.contains('\r'));
+        for t in [Transport::Ws, Transport::Sse] {
+            assert_eq!(p.wire(t).as_ptr(), p.wire(t).as_ptr());
         }
     }
 }

@@ -1,8 +1,19 @@
-//! `GET /sse?topic=...`: the same queue and hub as WebSocket, framed as Server-Sent Events.
-//! The response body is a stream that drains the client's queue into one chunk per wake-up
-//! (several events per write) and sends a heartbeat comment every `ping_interval`; hyper
-//! writes it through a `DeadlineStream`, so a stalled reader fails its write and is dropped.
+//! `GET /sse?topic=...[&lastEventId=...]`: the same queue and hub as WebSocket, framed as
+//! Server-Sent Events. The response body is a stream that drains the client's queue in
+//! batches (several events per write) and sends a heartbeat comment every
+//! `ping_interval`; hyper writes it through a `DeadlineStream`, so a stalled reader fails
+//! its write and is dropped.
+//!
+//! Every event carries the client's position in all topics of the stream as its `id:`
+//! (`event_id`), so a reconnecting `EventSource` resumes every topic from the one
+//! `Last-Event-ID` it sends back. The id differs per client while a publication's bytes
+//! are shared: the writer puts the small id line beside the shared bytes, never
+//! re-encoding a publication per subscriber.
 
+pub mod event;
+pub mod event_id;
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,14 +25,22 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream;
 
 use crate::api::error::ApiError;
+use crate::broker::StreamPosition;
 use crate::client::{Batch, Item};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
 use crate::state::{AppState, Registration};
 use crate::topic::topics_from_query;
+use event_id::IdVector;
 
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 1024;
+/// Pieces up to this size (id lines, small publications) are copied into one frame of the
+/// batch: cheaper than a body frame, a chunk header and an iovec each. Larger publications
+/// go to hyper as their own frame, the shared bytes themselves.
+const COPY_MAX: usize = 1024;
+/// What opens every `subscribed` event's bytes: how the writer tells one in the queue.
+const SUBSCRIBED_EVENT: &[u8] = b"event: subscribed\n";
 
 pub async fn subscribe(
     State(state): State<Arc<AppState>>,
@@ -34,6 +53,40 @@ pub async fn subscribe(
     }
 }
 
+fn bad_id(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("bad_last_event_id", message)
+}
+
+/// The id to resume from: the `Last-Event-ID` header (sent by `EventSource` itself on a
+/// reconnect) wins over the `lastEventId` query parameter (for a first connection that
+/// already knows its position).
+fn last_event_id(query: Option<&str>, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("last-event-id").iter();
+    if let Some(v) = values.next() {
+        if values.next().is_some() {
+            return Err(bad_id("more than one Last-Event-ID header"));
+        }
+        let v = v
+            .to_str()
+            .map_err(|_| bad_id("Last-Event-ID must be visible ASCII"))?;
+        return Ok(Some(v.to_string()));
+    }
+    // The query was already read once for its topics; it is short (hyper bounds the
+    // request head), so reading it again costs little.
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("bad_query", format!("bad query string: {e}")))?;
+    let mut found = None;
+    for (k, v) in pairs {
+        if k == "lastEventId" {
+            if found.is_some() {
+                return Err(bad_id("lastEventId given more than once"));
+            }
+            found = Some(v);
+        }
+    }
+    Ok(found)
+}
+
 fn open(
     state: &Arc<AppState>,
     query: Option<&str>,
@@ -43,29 +96,48 @@ fn open(
     // must not open streams through its visitors' browsers, even though without CORS it
     // could not read them.
     let access = crate::origin::check(headers, &state.cfg)?;
-    let topics = topics_from_query(query, state.cfg.max_topics_per_connection)?;
+    let max_topics = state.cfg.max_topics_per_connection;
+    let topics = topics_from_query(query, max_topics)?;
     if topics.is_empty() {
         return Err(ApiError::bad_request(
             "bad_topic",
             "give at least one ?topic=NAME",
         ));
     }
+    let since: Vec<Option<StreamPosition>> = match last_event_id(query, headers)? {
+        Some(id) => event_id::parse(&id, topics.len(), max_topics).map_err(bad_id)?,
+        None => vec![None; topics.len()],
+    };
     let reg = Registration::new(state, Transport::Sse)?;
     reg.client.push(
         Item::control(Bytes::from_static(b"retry: 2000\n\n")),
         &state.metrics,
     );
-    for t in &topics {
-        state.broker.subscribe(&reg.client, t, None, &|_| None)?;
+    let mut ids = IdVector::new(&topics, since.clone());
+    for (i, (t, since)) in topics.iter().zip(&since).enumerate() {
+        // The `subscribed` event is queued under the topic's lock, before the replay and
+        // anything live; the writer gives it its id line when it goes out.
+        let sub = state
+            .broker
+            .subscribe(&reg.client, t, since.as_ref(), &|sub| {
+                Some(event::encode(
+                    Some("subscribed"),
+                    &crate::protocol::subscribed(t, sub, None),
+                ))
+            })?;
+        ids.joined(i, &sub);
     }
     let stream = SseStream {
         reg,
+        ids,
         heartbeat_due: Instant::now() + state.cfg.ping_interval,
+        frames: VecDeque::new(),
+        frames_bytes: 0,
         done: false,
     };
     let body = Body::from_stream(stream::unfold(stream, |mut s| async move {
-        let chunk = s.next_chunk().await?;
-        Some((Ok::<Bytes, std::convert::Infallible>(chunk), s))
+        let frame = s.next_frame().await?;
+        Some((Ok::<Bytes, std::convert::Infallible>(frame), s))
     }));
     let mut resp = body.into_response();
     let h = resp.headers_mut();
@@ -89,7 +161,13 @@ fn open(
 
 struct SseStream {
     reg: Registration,
+    ids: IdVector,
     heartbeat_due: Instant,
+    /// The current batch, as body frames not yet handed to hyper.
+    frames: VecDeque<Bytes>,
+    /// Bytes in `frames`: held for the client outside its queue, so they count against
+    /// its `queue_max_bytes` like the WebSocket writer's batch does.
+    frames_bytes: usize,
     done: bool,
 }
 
@@ -97,6 +175,7 @@ impl Drop for SseStream {
     fn drop(&mut self) {
         // Dropped by hyper when the client goes away or a write times out; a reason
         // recorded in the queue (slow consumer, shutdown) wins over "normal".
+        self.reg.client.set_held(0);
         let reason = self.reg.client.closed().unwrap_or(DisconnectReason::Normal);
         self.reg
             .state()
@@ -106,7 +185,12 @@ impl Drop for SseStream {
 }
 
 impl SseStream {
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.frames.pop_front() {
+            self.frames_bytes -= frame.len();
+            self.reg.client.set_held(self.frames_bytes);
+            return Some(frame);
+        }
         if self.done {
             return None;
         }
@@ -114,7 +198,13 @@ impl SseStream {
         let client = self.reg.client.clone();
         loop {
             match client.take(BATCH_BYTES, BATCH_ITEMS) {
-                Batch::Items(items) => return Some(self.chunk(items)),
+                Batch::Items(items) => {
+                    self.assemble(items);
+                    let frame = self.frames.pop_front().expect("a batch makes frames");
+                    self.frames_bytes -= frame.len();
+                    client.set_held(self.frames_bytes);
+                    return Some(frame);
+                }
                 Batch::Closed(reason) => {
                     self.done = true;
                     return Some(Bytes::from(format!(": close {}\n\n", reason.label())));
@@ -135,32 +225,41 @@ impl SseStream {
         }
     }
 
-    fn chunk(&mut self, items: Vec<Item>) -> Bytes {
-        let mut messages = 0;
-        let mut oldest: Option<Instant> = None;
-        let out = if items.len() == 1 {
-            let item = items.into_iter().next().expect("one item");
-            if let Some(at) = item.published_at {
-                messages = 1;
-                oldest = Some(at);
+    /// Turns a batch of queue items into body frames: each event's per-client `id:` line,
+    /// then its shared bytes. Small pieces are copied together into one frame; large
+    /// publications stay their own (shared) frame.
+    fn assemble(&mut self, items: Vec<Item>) {
+        let mut batch = crate::writer::Batch::default();
+        let mut small = BytesMut::new();
+        for mut item in items {
+            let is_event = if let Some((topic, offset)) = item.source.take() {
+                self.ids.publication(&topic, offset);
+                true
+            } else if item.bytes.starts_with(SUBSCRIBED_EVENT) {
+                self.ids.subscribed_event();
+                true
+            } else {
+                false
+            };
+            if is_event {
+                self.ids.write_line(&mut small);
             }
-            item.bytes
-        } else {
-            let mut buf = BytesMut::with_capacity(items.iter().map(|i| i.bytes.len()).sum());
-            for item in items {
-                if let Some(at) = item.published_at {
-                    messages += 1;
-                    oldest = Some(oldest.map_or(at, |o| o.min(at)));
+            let bytes = batch.add(item);
+            if bytes.len() <= COPY_MAX {
+                small.extend_from_slice(&bytes);
+            } else {
+                if !small.is_empty() {
+                    self.frames.push_back(small.split().freeze());
                 }
-                buf.extend_from_slice(&item.bytes);
+                self.frames.push_back(bytes);
             }
-            buf.freeze()
-        };
+        }
+        if !small.is_empty() {
+            self.frames.push_back(small.freeze());
+        }
+        self.frames_bytes = self.frames.iter().map(Bytes::len).sum();
+        batch.wrote(self.frames_bytes);
         self.heartbeat_due = Instant::now() + self.reg.state().cfg.ping_interval;
-        self.reg
-            .state()
-            .metrics
-            .record_write(Transport::Sse, messages, out.len() as u64, oldest);
-        out
+        batch.report(&self.reg.state().metrics, Transport::Sse);
     }
 }

@@ -152,20 +152,26 @@ async fn subscribers_filling_the_topic_table_cannot_starve_publishers() {
 }
 
 /// Reads an SSE body the way the EventSource spec does (lines end at CR, LF or CRLF; data
-/// lines joined with LF) until one event with data is complete; returns its data.
+/// lines joined with LF) until one unnamed event with data is complete; returns its data.
 async fn next_eventsource_data(body: &mut hyper::body::Incoming, buf: &mut Vec<u8>) -> String {
     loop {
         let text = String::from_utf8_lossy(buf).replace("\r\n", "\n");
         let lines: Vec<&str> = text.split(['\r', '\n']).collect();
         let mut data: Vec<&str> = Vec::new();
+        // Named events (`subscribed`) are not what `onmessage` sees: skipped.
+        let mut named = false;
         // The last element is an unfinished line; blank lines end events.
         for (i, line) in lines[..lines.len() - 1].iter().enumerate() {
             if line.is_empty() {
-                if !data.is_empty() {
+                if !data.is_empty() && !named {
                     let out = data.join("\n");
                     *buf = lines[i + 1..].join("\n").into_bytes();
                     return out;
                 }
+                data.clear();
+                named = false;
+            } else if line.starts_with("event:") {
+                named = true;
             } else if let Some(v) = line.strip_prefix("data:") {
                 data.push(v.strip_prefix(' ').unwrap_or(v));
             }

@@ -29,6 +29,7 @@ use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
 use crate::rate::{Rate, TokenBucket};
 use crate::state::{AppState, Registration};
+use crate::writer::Batch;
 
 /// Most bytes and frames taken from the queue for one batch of writes. A batch must be
 /// written whole within `write_timeout`, so this also sets the slowest reader tolerated:
@@ -72,7 +73,7 @@ pub async fn run(
         batch_started: None,
         pending_pong: None,
         pongs_in_out: 0,
-        batch: BatchStats::default(),
+        batch: Batch::default(),
         front_partial: false,
         closing: None,
         peer_closed: false,
@@ -100,13 +101,6 @@ pub async fn run(
     );
 }
 
-#[derive(Default)]
-struct BatchStats {
-    messages: u64,
-    bytes: u64,
-    oldest: Option<Instant>,
-}
-
 struct Connection {
     stream: TcpStream,
     decoder: Decoder,
@@ -121,7 +115,8 @@ struct Connection {
     pending_pong: Option<Bytes>,
     /// Pongs in `out` since it last drained.
     pongs_in_out: usize,
-    batch: BatchStats,
+    /// Accounting of the batch in `out`, reported once it has been written whole.
+    batch: Batch,
     /// The front frame of `out` is partly written: it must finish before anything else.
     front_partial: bool,
     /// Set once our close frame is queued in `out`.
@@ -314,12 +309,10 @@ impl Connection {
         let (out, batch, out_bytes) = (&mut self.out, &mut self.batch, &mut self.out_bytes);
         let was_empty = out.is_empty();
         let taken = self.reg.client.take_each(BATCH_BYTES, BATCH_ITEMS, |item| {
-            if let Some(at) = item.published_at {
-                batch.messages += 1;
-                batch.oldest = Some(batch.oldest.map_or(at, |o| o.min(at)));
-            }
-            *out_bytes += item.bytes.len();
-            out.push_back(item.bytes);
+            // The shared bytes themselves go to `writev`: no copy per client.
+            let bytes = batch.add(item);
+            *out_bytes += bytes.len();
+            out.push_back(bytes);
         });
         if was_empty && !self.out.is_empty() {
             self.batch_started = Some(now);
@@ -361,7 +354,7 @@ impl Connection {
             match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
-                    self.batch.bytes += written as u64;
+                    self.batch.wrote(written);
                     self.out_bytes -= written;
                     while written > 0 {
                         let front = self.out.front_mut().expect("wrote more than queued");
@@ -383,12 +376,7 @@ impl Connection {
         if self.out.is_empty() {
             self.batch_started = None;
             self.pongs_in_out = 0;
-            let b = std::mem::take(&mut self.batch);
-            if b.bytes > 0 {
-                self.state
-                    .metrics
-                    .record_write(Transport::Ws, b.messages, b.bytes, b.oldest);
-            }
+            self.batch.report(&self.state.metrics, Transport::Ws);
             if self.out.capacity() > 16 {
                 self.out = VecDeque::new();
             }

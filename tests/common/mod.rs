@@ -3,6 +3,8 @@
 //! deadline instead of sleeps.
 #![allow(dead_code)]
 
+pub mod eventsource;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -211,25 +213,30 @@ impl Sse {
         }
     }
 
-    /// The next event's joined data as JSON, skipping comments, chunk sizes and `retry:`.
-    /// None when the stream ends.
+    /// The next unnamed event's joined data as JSON (what `EventSource.onmessage` sees),
+    /// skipping comments, chunk sizes, `retry:` and named events such as `subscribed`.
+    /// The id is the offset of a one-topic stream's id (`EPOCH:OFFSET`). None when the
+    /// stream ends.
     pub async fn next_event(&mut self) -> Option<(Option<u64>, Value)> {
         loop {
             let block = self.read_until(b"\n\n").await?;
             let text = String::from_utf8_lossy(&block).to_string();
             let mut id = None;
             let mut data = Vec::new();
+            let mut named = false;
             for line in text.lines() {
                 // Chunked transfer-encoding size lines are hex digits alone on a line.
                 if let Some(c) = line.strip_prefix(':') {
                     self.comments.push(c.trim().to_string());
                 } else if let Some(v) = line.strip_prefix("id: ") {
-                    id = v.trim().parse().ok();
+                    id = v.trim().rsplit(':').next().and_then(|o| o.parse().ok());
                 } else if let Some(v) = line.strip_prefix("data: ") {
                     data.push(v.to_string());
+                } else if line.starts_with("event:") {
+                    named = true;
                 }
             }
-            if !data.is_empty() {
+            if !data.is_empty() && !named {
                 return Some((
                     id,
                     serde_json::from_str(&data.join("\n")).expect("SSE data is JSON"),
