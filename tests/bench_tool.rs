@@ -1,11 +1,11 @@
 //! `crier bench` against a real in-process server: every subscriber gets every message,
 //! once, in order, over both transports.
 
-use crier::bench::{run_with, BenchArgs};
 use crier::config::Config;
 use crier::server::Server;
+use crier_bench::{run_with, BenchArgs};
 
-async fn bench(server: &Server, transport: &str, topic: &str) -> crier::bench::report::Report {
+async fn bench(server: &Server, transport: &str, topic: &str) -> crier_bench::report::Report {
     let url = format!("http://{}", server.addr);
     let args = BenchArgs::from_flags([
         "--url",
@@ -283,4 +283,40 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         assert!(text.contains(&format!("attack       {kind} x 2")), "{text}");
     }
     server.shutdown().await;
+}
+
+/// The load tool finds a board's leader by a byte search over the envelope (no JSON parse
+/// per frame); this checks it against the server's own serialization of a board's top.
+#[test]
+fn bench_reads_the_leader_of_the_servers_board_serialization() {
+    use crier::leaderboard::ranking::Entry;
+    use crier::leaderboard::service::ranked;
+    let entry = |player: &str, meta: Option<&str>| {
+        (
+            1u64,
+            Entry {
+                player: player.into(),
+                score: 42.0,
+                achieved: 1,
+                meta: meta.map(Into::into),
+            },
+        )
+    };
+    let envelope = |first| {
+        let data = serde_json::json!({
+            "board": "b",
+            "version": 2,
+            "top": ranked(&[first, entry("second", None)]),
+        });
+        format!(r#"{{"topic":"board:b","offset":7,"data":{data}}}"#)
+    };
+    let env = envelope(entry("bl-1-4", None));
+    let p = crier_bench::board::leader(env.as_bytes()).unwrap();
+    assert!(matches!(p, std::borrow::Cow::Borrowed(_)), "{p:?}");
+    assert_eq!(&*p, b"bl-1-4");
+    let env = envelope(entry("bl-1-5", Some(r#"{"player":"not me"}"#)));
+    assert_eq!(
+        &*crier_bench::board::leader(env.as_bytes()).unwrap(),
+        b"bl-1-5"
+    );
 }

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::http_client::HttpClient;
+use crier_protocol::http_client::HttpClient;
 use offsets::Tally;
 use report::{IdleReport, Percentiles, Report, StalledReport};
 use subscriber::{Shared, SubResult};
@@ -280,7 +280,7 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
         return run_leaderboard(args, addr).await;
     }
     anyhow::ensure!(
-        crate::topic::is_valid(&args.topic),
+        crier_protocol::names::is_valid_topic(&args.topic),
         "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
     );
     let attack_plan = match args.attack {
@@ -554,7 +554,7 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
 /// `--mode scores` and `--mode board`.
 async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        crate::leaderboard::service::Boards::validate_name(&args.board).is_ok(),
+        crier_protocol::names::is_valid_board(&args.board),
         "--board must be 1-64 bytes of A-Z a-z 0-9 _ - ."
     );
     let mut report = Report {

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::{self, Frame};
 use super::offsets::OffsetTracker;
-use crate::ws::frame::{self, Decoder, Message, Role};
+use crier_protocol::frame::{self, Decoder, Message, Role};
 
 /// Bytes per read while messages flow.
 const READ_BUF: usize = 64 * 1024;
@@ -154,7 +154,7 @@ pub async fn ws_open(
         let body = String::from_utf8_lossy(&rest);
         bail!("upgrade refused: {status} {}", body.trim());
     }
-    let accept = crate::ws::handshake::accept_key(key.as_bytes());
+    let accept = crier_protocol::handshake::accept_key(key.as_bytes());
     if !head.contains(&accept) {
         bail!("wrong Sec-WebSocket-Accept");
     }
