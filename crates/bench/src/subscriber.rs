@@ -133,19 +133,21 @@ fn status_line(head: &str) -> &str {
     head.lines().next().unwrap_or("")
 }
 
-/// Connects, upgrades to WebSocket and waits for the `subscribed` reply. Returns the
-/// stream, the decoder (holding anything read past the reply) and the subscribed offset.
-pub async fn ws_open(
+/// Connects from the `i`-th source address and upgrades `target` (e.g. `/ws?topic=t`) to
+/// a WebSocket. Returns the stream and a client decoder holding anything read past the
+/// 101 response.
+pub async fn ws_upgrade(
     shared: &Shared,
     i: usize,
     rcvbuf: Option<u32>,
-) -> anyhow::Result<(TcpStream, Decoder, u64)> {
+    target: &str,
+) -> anyhow::Result<(TcpStream, Decoder)> {
     let mut stream = connect_tcp(shared, i, rcvbuf).await.context("connect")?;
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let req = format!(
-        "GET /ws?topic={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        shared.topic, shared.host
+        shared.host
     );
     stream.write_all(req.as_bytes()).await?;
     let (head, rest) = read_head(&mut stream).await?;
@@ -160,6 +162,18 @@ pub async fn ws_open(
     }
     let mut decoder = Decoder::new(Role::Client, MAX_MESSAGE);
     decoder.buffer_mut(rest.len()).extend_from_slice(&rest);
+    Ok((stream, decoder))
+}
+
+/// Connects, upgrades to WebSocket and waits for the `subscribed` reply. Returns the
+/// stream, the decoder (holding anything read past the reply) and the subscribed offset.
+pub async fn ws_open(
+    shared: &Shared,
+    i: usize,
+    rcvbuf: Option<u32>,
+) -> anyhow::Result<(TcpStream, Decoder, u64)> {
+    let target = format!("/ws?topic={}", shared.topic);
+    let (mut stream, mut decoder) = ws_upgrade(shared, i, rcvbuf, &target).await?;
     loop {
         while let Some(msg) = decoder.next_message()? {
             match msg {
