@@ -1,10 +1,14 @@
 //! In-process fan-out cost: one publication handed to N subscribers' queues (encode once,
-//! a refcount bump and a short queue lock per subscriber), without any socket.
+//! a refcount bump and a short queue lock per subscriber), without any socket. Goes
+//! through the memory broker, so history keeping is part of the measured cost.
 
 use std::sync::Arc;
 
+use crier::broker::memory::MemoryBroker;
+use crier::broker::{Broker, PublishRequest};
 use crier::client::{Batch, Client};
-use crier::hub::{Hub, PublishOptions};
+use crier::config::Config;
+use crier::hub::Hub;
 use crier::metrics::{Metrics, Transport};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -12,7 +16,8 @@ fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("hub_publish");
     for subscribers in [1_000usize, 10_000] {
         let metrics = Arc::new(Metrics::new());
-        let hub = Hub::new(1000, 64, metrics);
+        let hub = Arc::new(Hub::new(64, metrics.clone()));
+        let broker = MemoryBroker::new(&Config::default(), hub, metrics);
         let clients: Vec<Arc<Client>> = (0..subscribers)
             .map(|i| {
                 let t = if i % 10 == 0 {
@@ -21,7 +26,7 @@ fn fanout(c: &mut Criterion) {
                     Transport::Ws
                 };
                 let c = Arc::new(Client::new(t, 1 << 30));
-                hub.subscribe(&c, "bench", |_| None).unwrap();
+                broker.subscribe(&c, "bench", None, &|_| None).unwrap();
                 c
             })
             .collect();
@@ -33,7 +38,12 @@ fn fanout(c: &mut Criterion) {
             |b, _| {
                 let mut n = 0u32;
                 b.iter(|| {
-                    hub.publish("bench", payload.as_bytes(), PublishOptions::default())
+                    broker
+                        .publish_now(PublishRequest {
+                            topic: "bench",
+                            data: payload.as_bytes(),
+                            ..PublishRequest::default()
+                        })
                         .unwrap();
                     n += 1;
                     // Drain now and then so queues stay small, as writers would.

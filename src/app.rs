@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::error::ApiError;
-use crate::api::{health, intent, json_errors, openapi, publish};
+use crate::api::{health, history, intent, json_errors, openapi, publish};
 use crate::state::AppState;
 use crate::{leaderboard, sse, web, ws};
 
@@ -21,6 +21,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ws", get(ws::handshake::upgrade))
         .route("/sse", get(sse::subscribe))
         .route("/api/publish/{topic}", post(publish::publish))
+        .route("/api/topics/{topic}/history", get(history::history))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
         .route("/api/openapi.json", get(openapi::document))

@@ -44,6 +44,12 @@ pub struct ReasonLabel {
 }
 
 /// Why a TCP connection was refused at accept time (see `conn_limits::Refusal`).
+/// How a resume ended (`crier_resumes_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResumeLabel {
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabel {
     pub reason: &'static str,
@@ -56,6 +62,12 @@ pub struct Metrics {
     pub topics: Gauge,
     pub topics_evicted: Counter,
     pub topics_refused: Counter,
+    pub subscriber_topics: Gauge,
+    pub history_bytes: Gauge,
+    pub history_publications: Gauge,
+    pub history_evicted: Counter,
+    pub resumes: Family<ResumeLabel, Counter>,
+    pub idempotent_replays: Counter,
     pub publications: Counter,
     pub deliveries: Family<TransportLabel, Counter>,
     pub bytes_out: Family<TransportLabel, Counter>,
@@ -90,6 +102,12 @@ impl Metrics {
             topics: Gauge::default(),
             topics_evicted: Counter::default(),
             topics_refused: Counter::default(),
+            subscriber_topics: Gauge::default(),
+            history_bytes: Gauge::default(),
+            history_publications: Gauge::default(),
+            history_evicted: Counter::default(),
+            resumes: Family::default(),
+            idempotent_replays: Counter::default(),
             publications: Counter::default(),
             deliveries: Family::default(),
             bytes_out: Family::default(),
@@ -130,6 +148,36 @@ impl Metrics {
             "topics_refused",
             "New topics refused because max_topics or max_subscriber_topics was reached",
             m.topics_refused.clone(),
+        );
+        registry.register(
+            "subscriber_topics",
+            "Topics that exist only because clients subscribed (never published to)",
+            m.subscriber_topics.clone(),
+        );
+        registry.register(
+            "history_bytes",
+            "Bytes of topic history (and remembered idempotency keys) kept, against history_max_bytes",
+            m.history_bytes.clone(),
+        );
+        registry.register(
+            "history_publications",
+            "Publications kept in topic history",
+            m.history_publications.clone(),
+        );
+        registry.register(
+            "history_evicted",
+            "Publications dropped from history by its count, age or byte limits, or with their topic",
+            m.history_evicted.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Subscriptions with a resume position, by result (recovered, not_recovered)",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "idempotent_replays",
+            "Publishes answered with an earlier receipt because of a repeated Idempotency-Key",
+            m.idempotent_replays.clone(),
         );
         registry.register(
             "publications",

@@ -17,6 +17,9 @@ pub struct Publication {
     pub offset: u64,
     pub published_at: Instant,
     envelope: Bytes,
+    /// Where the published JSON sits inside `envelope`: history reads and the durable log
+    /// take it from there instead of keeping a second copy.
+    data_start: usize,
     ws: OnceLock<Bytes>,
     sse: OnceLock<Bytes>,
 }
@@ -30,6 +33,7 @@ impl Publication {
         env.put_slice(b"\",\"offset\":");
         write!(env, "{offset}").expect("writing to BytesMut");
         env.put_slice(b",\"data\":");
+        let data_start = env.len();
         env.put_slice(data);
         env.put_u8(b'}');
         Publication {
@@ -37,6 +41,7 @@ impl Publication {
             offset,
             published_at: Instant::now(),
             envelope: env.freeze(),
+            data_start,
             ws: OnceLock::new(),
             sse: OnceLock::new(),
         }
@@ -44,6 +49,18 @@ impl Publication {
 
     pub fn envelope(&self) -> &Bytes {
         &self.envelope
+    }
+
+    /// The published JSON, verbatim (a view into the envelope, no copy).
+    pub fn data(&self) -> Bytes {
+        self.envelope
+            .slice(self.data_start..self.envelope.len() - 1)
+    }
+
+    /// What keeping this publication costs, for the node-wide history budget: the envelope
+    /// and the two framed copies it may grow (WebSocket, SSE), plus bookkeeping.
+    pub fn cost(&self) -> usize {
+        3 * self.envelope.len() + 160
     }
 
     /// The bytes a subscriber of `transport` receives, built on first use and then shared.
@@ -101,6 +118,7 @@ mod tests {
             &p.envelope()[..],
             br#"{"topic":"scores","offset":42,"data":{"a": [1, 2.50]}}"#
         );
+        assert_eq!(&p.data()[..], br#"{"a": [1, 2.50]}"#);
         let v: serde_json::Value = serde_json::from_slice(p.envelope()).unwrap();
         assert_eq!(v["offset"], 42);
         assert_eq!(

@@ -46,17 +46,19 @@ impl Server {
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(
-            Hub::new(
-                cfg.max_topics,
-                cfg.max_topics_per_connection,
-                metrics.clone(),
-            )
-            .with_max_subscriber_topics(cfg.max_subscriber_topics),
+        let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
+        let broker: Arc<dyn crate::broker::Broker> = Arc::new(
+            crate::broker::memory::MemoryBroker::new(&cfg, hub.clone(), metrics.clone()),
         );
         let shutdown = CancellationToken::new();
-        let boards = Boards::open(&cfg, hub.clone(), metrics.clone(), shutdown.clone()).await?;
-        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(hub.clone()));
+        let boards = Boards::open(
+            &cfg,
+            hub.clone(),
+            broker.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         let state = Arc::new(AppState::new(cfg, metrics, broker, hub, boards, shutdown));
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");

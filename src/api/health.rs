@@ -19,7 +19,7 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "status": status,
         "connections": state.connection_count(),
         "subscriptions": state.hub.total_subscriptions(),
-        "topics": state.hub.topic_count(),
+        "topics": state.metrics.topics.get(),
         "tasks": state.tracker.len(),
     }))
 }

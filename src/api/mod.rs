@@ -1,9 +1,10 @@
 //! HTTP endpoints for publishers and operators. Nothing here touches a socket: handlers
-//! validate, then hand work to the hub or the leaderboard service.
+//! validate, then hand work to the broker or the leaderboard service.
 
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod history;
 pub mod intent;
 pub mod json_errors;
 pub mod openapi;

@@ -1,11 +1,12 @@
-//! `POST /api/publish/{topic}`: validate, hand to the hub, report the offset. The content
+//! `POST /api/publish/{topic}`: validate, hand to the broker, report the offset. The content
 //! type and origin were already checked by the `api::intent` layer, before the body.
 
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::value::RawValue;
 
@@ -20,7 +21,7 @@ pub async fn publish(
     Path(topic_name): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     require_publisher(&state.cfg, &headers)?;
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
@@ -44,12 +45,19 @@ pub async fn publish(
             ..PublishRequest::default()
         })
         .await?;
-    Ok(Json(serde_json::json!({
+    let mut resp = Json(serde_json::json!({
         "topic": topic_name,
         "offset": receipt.offset,
         "epoch": &*receipt.epoch,
         "subscribers": receipt.subscribers,
-    })))
+        "duplicate": receipt.duplicate,
+    }))
+    .into_response();
+    if receipt.duplicate {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
 /// Reads a body of at most `max` bytes, answering 413 (as JSON) past it, and 408 when the

@@ -44,8 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
 use super::store::{Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
+use crate::broker::{Broker, PublishRequest};
 use crate::config::{Config, MAX_BOARD_TOP};
-use crate::hub::{Hub, PublishOptions};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 /// Scores beyond ±1e15 are refused: every integer up to there is exact in an f64, so
@@ -304,7 +305,9 @@ pub struct Boards {
     writer: Mutex<Option<StoreWriter>>,
     /// [`MAX_QUEUED_SCORE_BYTES`], held by each queued score batch until it is resolved.
     queued_bytes: Arc<Semaphore>,
+    /// Subscriber counts (watchers) only; updates go out through the broker.
     hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     interval: Duration,
     default_top: usize,
@@ -318,6 +321,7 @@ impl Boards {
     pub async fn open(
         cfg: &Config,
         hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Boards>> {
@@ -354,6 +358,7 @@ impl Boards {
             writer: Mutex::new(Some(writer)),
             queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
             hub,
+            broker,
             metrics,
             interval: cfg.board_update_interval,
             default_top: cfg.board_top,
@@ -704,7 +709,7 @@ impl Boards {
                     .map_or(now, |t| t + self.interval);
                 if due <= now {
                     self.dirty.names.lock().remove(&name);
-                    self.publish(&board);
+                    self.publish(&board).await;
                 } else {
                     wake_at = wake_at.min(due);
                 }
@@ -734,7 +739,7 @@ impl Boards {
     }
 
     /// Builds the board's snapshot under its lock, then publishes it outside the lock.
-    fn publish(&self, board: &Mutex<Board>) {
+    async fn publish(&self, board: &Mutex<Board>) {
         let (topic, json) = {
             let mut b = board.lock();
             b.version = (b.version + 1).max(b.next_seq);
@@ -753,14 +758,17 @@ impl Boards {
             .expect("snapshot serializes");
             (b.topic.clone(), json)
         };
-        match self.hub.publish(
-            &topic,
-            &json,
-            PublishOptions {
+        let published = self
+            .broker
+            .publish(PublishRequest {
+                topic: &topic,
+                data: &json,
                 retain: true,
                 conflate: true,
-            },
-        ) {
+                idempotency_key: None,
+            })
+            .await;
+        match published {
             Ok(_) => {
                 self.metrics.board_updates.inc();
             }
@@ -954,8 +962,13 @@ mod tests {
             ..Config::default()
         };
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(1000, 100, metrics.clone()));
-        Boards::open(&cfg, hub, metrics, CancellationToken::new())
+        let hub = Arc::new(Hub::new(100, metrics.clone()));
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(
+            &cfg,
+            hub.clone(),
+            metrics.clone(),
+        ));
+        Boards::open(&cfg, hub, broker, metrics, CancellationToken::new())
             .await
             .unwrap()
     }
