@@ -320,3 +320,150 @@ fn bench_reads_the_leader_of_the_servers_board_serialization() {
         b"bl-1-5"
     );
 }
+
+fn history_server_config(dir: &std::path::Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        // A namespace whose history cannot hold a 30-publication gap.
+        namespaces: vec![crier::config::Namespace {
+            pattern: "short:*".into(),
+            history_size: 5,
+            history_ttl: std::time::Duration::from_secs(300),
+            durable: false,
+        }],
+        ..Config::default()
+    }
+}
+
+/// `--resume-storm` (issue 7): every cut client comes back with its position and gets
+/// exactly the publications it missed; a gap the history cannot serve fails the run with
+/// every client counted as not recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_storm_catches_every_client_up_and_reports_an_unservable_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(history_server_config(dir.path()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    let pid = std::process::id().to_string();
+    let storm = |topic: &'static str| {
+        BenchArgs::from_flags([
+            "--url",
+            &url,
+            "--resume-storm",
+            "--topic",
+            topic,
+            "--subscribers",
+            "50",
+            "--messages",
+            "30",
+            "--server-pid",
+            &pid,
+            "--timeout",
+            "30s",
+            "--quiet",
+        ])
+        .unwrap()
+    };
+
+    let r = run_with(storm("storm")).await.unwrap();
+    let s = r.resume.as_ref().expect("resume report");
+    assert_eq!(
+        (s.subscribed, s.published, s.publish_errors),
+        (50, 30, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.target_offset, s.since_offset + 30, "{s:?}");
+    assert_eq!(
+        (s.reconnected, s.recovered, s.caught_up),
+        (50, 50, 50),
+        "{s:?}"
+    );
+    assert_eq!(s.not_recovered, 0, "{s:?}");
+    assert_eq!(
+        (s.expected_deliveries, s.received_deliveries),
+        (50 * 30, 50 * 30),
+        "{s:?}"
+    );
+    assert_eq!(
+        (s.lost, s.duplicates, s.out_of_order, s.unexpected),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    assert!(!s.timed_out);
+    assert_eq!(s.catch_up_ms.count, 50);
+    assert!(s.all_caught_up_ms >= s.catch_up_ms.p50, "{s:?}");
+    let (before, peak) = (s.rss_before_kib.unwrap(), s.rss_peak_kib.unwrap());
+    assert!(peak >= before, "{s:?}");
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+    assert!(
+        r.to_text().contains("caught up    50 clients"),
+        "{}",
+        r.to_text()
+    );
+
+    // Only 5 publications kept: a 30-publication gap cannot be replayed.
+    let r = run_with(storm("short:storm")).await.unwrap();
+    let s = r.resume.as_ref().unwrap();
+    assert_eq!(
+        (s.reconnected, s.recovered, s.not_recovered),
+        (50, 0, 50),
+        "{s:?}"
+    );
+    assert_eq!(s.caught_up, 0);
+    assert!(
+        r.failures()
+            .contains(&"50 clients were answered recovered:false".to_string()),
+        "{:?}",
+        r.failures()
+    );
+    server.shutdown().await;
+}
+
+/// `--publish-throughput` (issue 7): every publication acknowledged once, spread round
+/// robin over the topics, offsets contiguous per topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_throughput_counts_acknowledged_publications_over_many_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(history_server_config(dir.path()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    for (topics, topic) in [("1", "tp-one"), ("10", "tp")] {
+        let args = BenchArgs::from_flags([
+            "--url",
+            &url,
+            "--publish-throughput",
+            "--topic",
+            topic,
+            "--topics",
+            topics,
+            "--messages",
+            "200",
+            "--concurrency",
+            "8",
+            "--quiet",
+        ])
+        .unwrap();
+        let r = run_with(args).await.unwrap();
+        let t = r.throughput.as_ref().expect("throughput report");
+        assert_eq!((t.acked, t.failed), (200, 0), "{t:?}");
+        assert_eq!((t.offset_errors, t.epoch_changes), (0, 0), "{t:?}");
+        assert_eq!(t.ack_ms.count, 200);
+        assert!(t.per_sec > 0.0);
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+    }
+    // The server holds what the tool says it published: 200 on tp-one, 20 on each tp.N.
+    let http = crier::http_client::HttpClient::new(None);
+    for (topic, offset) in [("tp-one", 200), ("tp.0", 20), ("tp.9", 20)] {
+        let (status, body) = http
+            .get(&format!("{url}/api/topics/{topic}/history?limit=1"))
+            .await
+            .unwrap();
+        assert!(status.is_success(), "{status}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["offset"], offset, "{topic}: {v}");
+    }
+    server.shutdown().await;
+}

@@ -1,6 +1,8 @@
 //! `--mode resume-storm` (or `--resume-storm`): what a reconnect storm costs once every
 //! client resumes from its position (issue 7).
 //!
+//! 0. One warm-up publication, so the topic exists with a history (an empty memory topic
+//!    is dropped with its last subscriber and returns under a new epoch).
 //! 1. `--subscribers` WebSocket clients subscribe `--topic` and note the position of the
 //!    `subscribed` reply (offset and epoch).
 //! 2. Every client is cut at once: the socket is reset (SO_LINGER 0), as a lost network
@@ -13,6 +15,8 @@
 //!    the server's VmRSS is sampled every 10 ms from just before the storm until the last
 //!    client caught up, and its peak reported.
 //!
+//! The server must keep at least `--messages` publications of the topic (`history_size`,
+//! default 100, and `history_ttl`), or the clients are rightly answered `recovered:false`.
 //! The run fails if a client fails to reconnect, is answered `recovered:false`, does not
 //! catch up within `--timeout`, or sees a gap, a duplicate or an out-of-order offset.
 
@@ -481,6 +485,23 @@ pub async fn run(
         ..Default::default()
     };
 
+    // 0. One publication first, so the topic exists with a history: a memory topic with
+    //    neither history nor subscribers is dropped when the last subscriber leaves, and
+    //    comes back under a new epoch (a position in it cannot be resumed).
+    let client = HttpClient::new(args.key.clone());
+    let url = format!(
+        "{}/api/publish/{}",
+        args.url.trim_end_matches('/'),
+        shared.topic
+    );
+    let (_, failed, first, _, _) = publish_all(&client, &url, 1, args.payload, 1).await;
+    if failed > 0 {
+        bail!(
+            "the warm-up publication failed: {}",
+            first.unwrap_or_default()
+        );
+    }
+
     // 1. Everyone subscribes and notes its position.
     let sem = Arc::new(Semaphore::new(args.connect_concurrency));
     let mut set = JoinSet::new();
@@ -541,12 +562,6 @@ pub async fn run(
         .collect();
 
     // 3. Publications while nobody is there.
-    let client = HttpClient::new(args.key.clone());
-    let url = format!(
-        "{}/api/publish/{}",
-        args.url.trim_end_matches('/'),
-        shared.topic
-    );
     let (ok, failed, first, target, subs) =
         publish_all(&client, &url, args.messages, args.payload, args.publishers).await;
     rep.published = ok;
