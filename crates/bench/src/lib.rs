@@ -73,9 +73,10 @@ pub enum BenchMode {
     /// at --rate per second (default 5), each making a new player the leader (latency from
     /// the POST's answer to each watcher seeing that leader).
     Board,
-    /// Resume after a reconnect storm: N WebSocket subscribers of --topic are cut,
-    /// --messages are published while they are away, then all reconnect at once with
-    /// `since`; time until every one has caught up, and (--server-pid) peak server RSS.
+    /// Resume after a reconnect storm: N subscribers of --topic (--transport ws or sse)
+    /// are cut, --messages are published while they are away, then all reconnect at once
+    /// with `since` (SSE: Last-Event-ID); time until every one has caught up, and
+    /// (--server-pid) peak server RSS.
     ResumeStorm,
     /// Acknowledged HTTP publications per second: --messages over --topics topics with
     /// --concurrency keep-alive publishers.
@@ -642,10 +643,7 @@ async fn run_history(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report
     };
     match args.mode {
         BenchMode::ResumeStorm => {
-            anyhow::ensure!(
-                args.transport == BenchTransport::Ws,
-                "--mode resume-storm resumes WebSocket subscribers only (--transport ws)"
-            );
+            report.transport = args.transport.name().to_string();
             report.subscribers = args.subscribers;
             let shared = Arc::new(Shared::new(
                 addr,

@@ -211,8 +211,8 @@ impl Report {
         if let Some(r) = &self.resume {
             let _ = writeln!(
                 s,
-                "crier bench --mode resume-storm: {} WebSocket clients of {} topic {:?}, {} publications x {} bytes while away",
-                self.subscribers, self.url, self.topic, self.messages, self.payload_bytes
+                "crier bench --mode resume-storm: {} {} clients of {} topic {:?}, {} publications x {} bytes while away",
+                self.subscribers, self.transport, self.url, self.topic, self.messages, self.payload_bytes
             );
             r.write_text(&mut s);
             return s;

@@ -3,14 +3,15 @@
 //!
 //! 0. One warm-up publication, so the topic exists with a history (an empty memory topic
 //!    is dropped with its last subscriber and returns under a new epoch).
-//! 1. `--subscribers` WebSocket clients subscribe `--topic` and note the position of the
-//!    `subscribed` reply (offset and epoch).
+//! 1. `--subscribers` clients (`--transport ws` or `sse`) subscribe `--topic` and note
+//!    the position of the `subscribed` reply (WebSocket) or event (SSE): offset and epoch.
 //! 2. Every client is cut at once: the socket is reset (SO_LINGER 0), as a lost network
 //!    would leave it, with no close handshake.
 //! 3. `--messages` publications are posted (over `--publishers` connections) while
 //!    nobody is subscribed.
 //! 4. Every client reconnects at once (`--connect-concurrency` handshakes in flight) and
-//!    subscribes with `since` = its noted position. A client has *caught up* when it has
+//!    subscribes with `since` = its noted position (SSE: a `Last-Event-ID` header
+//!    `EPOCH:OFFSET`, as a browser's EventSource sends it). A client has *caught up* when it has
 //!    every offset from its position to the last acknowledged one; with `--server-pid`
 //!    the server's VmRSS is sampled every 10 ms from just before the storm until the last
 //!    client caught up, and its peak reported.
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -35,8 +37,10 @@ use tokio_util::sync::CancellationToken;
 use super::envelope::{self, Frame};
 use super::offsets::{OffsetTracker, Tally};
 use super::report::Percentiles;
-use super::subscriber::{self, fill, new_histogram, wait_readable, Filled, Shared};
-use super::BenchArgs;
+use super::subscriber::{
+    self, fill, new_histogram, wait_readable, Filled, Shared, SseEvent, SseReader,
+};
+use super::{BenchArgs, BenchTransport};
 use crier_protocol::frame::{self, Decoder, Message};
 use crier_protocol::http_client::HttpClient;
 
@@ -250,14 +254,85 @@ async fn subscribe(
     }
 }
 
+/// `Last-Event-ID` of a one-topic SSE stream at `offset` in `epoch` (docs/protocol.md,
+/// "Resuming a stream": one `EPOCH:OFFSET` entry per topic).
+pub fn last_event_id(epoch: &str, offset: u64) -> String {
+    format!("{epoch}:{offset}")
+}
+
+/// Reads an SSE stream until its `subscribed` event, feeding publications that follow
+/// it in the same read to `on_pub`. Gives up when `stop` is cancelled.
+async fn sse_until_subscribed(
+    stream: &mut TcpStream,
+    reader: &mut SseReader,
+    first: Vec<u8>,
+    stop: &CancellationToken,
+    mut on_pub: impl FnMut(u64),
+) -> anyhow::Result<Subscribed> {
+    let mut raw = first;
+    let mut sub: Option<Subscribed> = None;
+    loop {
+        let mut bad = None;
+        let mut closed = false;
+        let ended = reader.feed(&raw, |ev| match ev {
+            SseEvent::Data(d) if d.starts_with(b"{\"op\":") => {
+                if sub.is_none() {
+                    match serde_json::from_slice::<Subscribed>(d) {
+                        Ok(s) => sub = Some(s),
+                        Err(e) => bad = Some(e),
+                    }
+                }
+            }
+            SseEvent::Data(d) => {
+                if let (Some(_), Some(del)) = (&sub, envelope::delivery(d)) {
+                    on_pub(del.offset);
+                }
+            }
+            SseEvent::Close => closed = true,
+            SseEvent::Other => {}
+        });
+        if let Some(e) = bad {
+            bail!("unreadable subscribed event: {e}");
+        }
+        if let Some(s) = sub {
+            return Ok(s);
+        }
+        if ended || closed {
+            bail!("the stream ended before its subscribed event");
+        }
+        raw.clear();
+        let n = tokio::select! {
+            _ = stop.cancelled() => bail!("stopped before the subscribed event"),
+            n = tokio::io::AsyncReadExt::read_buf(stream, &mut raw) => n?,
+        };
+        if n == 0 {
+            bail!("connection closed before the subscribed event");
+        }
+    }
+}
+
 /// One client's first connection: its socket and noted position.
 async fn first_subscribe(
     shared: &Shared,
     i: usize,
+    transport: BenchTransport,
 ) -> anyhow::Result<(TcpStream, u64, Option<String>)> {
-    let (mut stream, mut decoder) = subscriber::ws_upgrade(shared, i, None, "/ws").await?;
-    let sub = subscribe(&mut stream, &mut decoder, &shared.topic, None).await?;
-    Ok((stream, sub.offset, sub.epoch))
+    match transport {
+        BenchTransport::Ws => {
+            let (mut stream, mut decoder) = subscriber::ws_upgrade(shared, i, None, "/ws").await?;
+            let sub = subscribe(&mut stream, &mut decoder, &shared.topic, None).await?;
+            Ok((stream, sub.offset, sub.epoch))
+        }
+        BenchTransport::Sse => {
+            let target = format!("/sse?topic={}", shared.topic);
+            let (mut stream, chunked, first) =
+                subscriber::sse_request(shared, i, &target, "").await?;
+            let mut reader = SseReader::new(chunked);
+            let sub =
+                sse_until_subscribed(&mut stream, &mut reader, first, &shared.stop, |_| {}).await?;
+            Ok((stream, sub.offset, sub.epoch))
+        }
+    }
 }
 
 /// Resets the connection, as a dropped network leaves it: no close frame, no FIN.
@@ -279,16 +354,60 @@ struct Resumed {
     reconnect: Option<Duration>,
 }
 
+/// A resumed client's bookkeeping while it reads.
+struct Catching<'a> {
+    r: &'a mut Resumed,
+    target: u64,
+    storm_start: Instant,
+    /// Told once per client: caught up, or finished without (failed, not recovered,
+    /// closed).
+    tx: &'a mpsc::UnboundedSender<()>,
+    done: bool,
+    fresh: u64,
+}
+
+impl Catching<'_> {
+    fn record(&mut self, offset: u64) {
+        if self.r.tracker.record(offset) {
+            self.fresh += 1;
+        }
+    }
+
+    /// After a read's publications: counts them and notes the catch-up once.
+    fn settle(&mut self, shared: &Shared) {
+        shared.delivered.fetch_add(self.fresh, Ordering::Relaxed);
+        self.fresh = 0;
+        if !self.done && self.r.tracker.has_all_through(self.target) {
+            self.done = true;
+            self.r.caught_up_at = Some(self.storm_start.elapsed());
+            let _ = self.tx.send(());
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            let _ = self.tx.send(());
+        }
+    }
+}
+
+/// An open resumed connection, past its `subscribed` reply.
+enum Open {
+    Ws(TcpStream, Decoder),
+    Sse(TcpStream, SseReader),
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn resume_one(
     shared: Arc<Shared>,
     sem: Arc<Semaphore>,
+    transport: BenchTransport,
     i: usize,
     since: u64,
     epoch: String,
     target: u64,
     storm_start: Instant,
-    // Told once per client: caught up, or finished without (failed, not recovered, closed).
     tx: mpsc::UnboundedSender<()>,
 ) -> Resumed {
     let mut r = Resumed {
@@ -298,20 +417,39 @@ async fn resume_one(
     };
     let permit = sem.acquire_owned().await.expect("semaphore open");
     let t0 = Instant::now();
+    let mut early = Vec::new();
     let opened = async {
-        let (mut stream, mut decoder) = subscriber::ws_upgrade(&shared, i, None, "/ws").await?;
-        let sub = subscribe(
-            &mut stream,
-            &mut decoder,
-            &shared.topic,
-            Some((since, &epoch)),
-        )
-        .await?;
-        anyhow::Ok((stream, decoder, sub))
+        match transport {
+            BenchTransport::Ws => {
+                let (mut stream, mut decoder) =
+                    subscriber::ws_upgrade(&shared, i, None, "/ws").await?;
+                let sub = subscribe(
+                    &mut stream,
+                    &mut decoder,
+                    &shared.topic,
+                    Some((since, &epoch)),
+                )
+                .await?;
+                anyhow::Ok((Open::Ws(stream, decoder), sub))
+            }
+            BenchTransport::Sse => {
+                let target = format!("/sse?topic={}", shared.topic);
+                let header = format!("Last-Event-ID: {}\r\n", last_event_id(&epoch, since));
+                let (mut stream, chunked, first) =
+                    subscriber::sse_request(&shared, i, &target, &header).await?;
+                let mut reader = SseReader::new(chunked);
+                let sub =
+                    sse_until_subscribed(&mut stream, &mut reader, first, &shared.stop, |o| {
+                        early.push(o)
+                    })
+                    .await?;
+                anyhow::Ok((Open::Sse(stream, reader), sub))
+            }
+        }
     }
     .await;
     drop(permit);
-    let (mut stream, mut decoder, sub) = match opened {
+    let (open, sub) = match opened {
         Ok(v) => v,
         Err(e) => {
             r.error = Some(format!("{e:#}"));
@@ -322,16 +460,38 @@ async fn resume_one(
     r.connected = true;
     r.reconnect = Some(t0.elapsed());
     r.recovered = sub.recovered;
+    let mut c = Catching {
+        r: &mut r,
+        target,
+        storm_start,
+        tx: &tx,
+        done: false,
+        fresh: 0,
+    };
     if sub.recovered != Some(true) {
         // Nothing will be replayed: the client is done (and counted as a failure).
-        let _ = tx.send(());
+        c.finish();
         return r;
     }
-    let mut done = r.tracker.has_all_through(target);
-    if done {
-        r.caught_up_at = Some(storm_start.elapsed());
-        let _ = tx.send(());
+    for o in early {
+        c.record(o);
     }
+    c.settle(&shared);
+    match open {
+        Open::Ws(stream, decoder) => ws_catch_up(stream, decoder, &shared, &mut c).await,
+        Open::Sse(stream, reader) => sse_catch_up(stream, reader, &shared, &mut c).await,
+    }
+    c.finish();
+    r
+}
+
+/// Reads a resumed WebSocket until the run stops or the server closes it.
+async fn ws_catch_up(
+    mut stream: TcpStream,
+    mut decoder: Decoder,
+    shared: &Shared,
+    c: &mut Catching<'_>,
+) {
     let mask = rand::random::<[u8; 4]>();
     let mut pending = decoder.buffered() > 0;
     'outer: loop {
@@ -352,14 +512,11 @@ async fn resume_one(
             pending = false;
             let mut pong = None;
             let mut closed = false;
-            let mut fresh = 0;
             loop {
                 match decoder.next_message() {
                     Ok(Some(Message::Text(t))) => {
                         if let Frame::Publication(d) = envelope::classify(&t) {
-                            if r.tracker.record(d.offset) {
-                                fresh += 1;
-                            }
+                            c.record(d.offset);
                         }
                     }
                     Ok(Some(Message::Ping(p))) => pong = Some(p),
@@ -371,12 +528,7 @@ async fn resume_one(
                     Ok(None) => break,
                 }
             }
-            shared.delivered.fetch_add(fresh, Ordering::Relaxed);
-            if !done && r.tracker.has_all_through(target) {
-                done = true;
-                r.caught_up_at = Some(storm_start.elapsed());
-                let _ = tx.send(());
-            }
+            c.settle(shared);
             if closed {
                 break 'outer;
             }
@@ -389,10 +541,48 @@ async fn resume_one(
         }
         decoder.shrink_if_empty();
     }
-    if !done {
-        let _ = tx.send(());
+}
+
+/// Reads a resumed SSE stream until the run stops or the server ends it.
+async fn sse_catch_up(
+    stream: TcpStream,
+    mut reader: SseReader,
+    shared: &Shared,
+    c: &mut Catching<'_>,
+) {
+    let mut raw = BytesMut::new();
+    'outer: loop {
+        match wait_readable(&stream, &shared.stop).await {
+            Ok(true) => {}
+            Ok(false) | Err(()) => break,
+        }
+        loop {
+            raw.reserve(READ_BUF);
+            match fill(&stream, &mut raw) {
+                Filled::Data => {}
+                Filled::Drained => break,
+                Filled::Closed => break 'outer,
+            }
+            let mut closed = false;
+            let ended = reader.feed(&raw, |ev| match ev {
+                SseEvent::Data(d) => {
+                    if let Some(del) = envelope::delivery(d) {
+                        c.record(del.offset);
+                    }
+                }
+                SseEvent::Close => closed = true,
+                SseEvent::Other => {}
+            });
+            raw.clear();
+            c.settle(shared);
+            if ended || closed {
+                break 'outer;
+            }
+        }
+        if raw.capacity() > READ_BUF {
+            raw = BytesMut::new();
+        }
     }
-    r
 }
 
 /// A publish receipt (`POST /api/publish/{topic}`): the fields the storm checks.
@@ -506,10 +696,10 @@ pub async fn run(
     let sem = Arc::new(Semaphore::new(args.connect_concurrency));
     let mut set = JoinSet::new();
     for i in 0..n {
-        let (shared, sem) = (shared.clone(), sem.clone());
+        let (shared, sem, transport) = (shared.clone(), sem.clone(), args.transport);
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
-            (i, first_subscribe(&shared, i).await)
+            (i, first_subscribe(&shared, i, transport).await)
         });
     }
     let pb = super::progress(n as u64, "subscribe", hidden);
@@ -597,6 +787,7 @@ pub async fn run(
         tasks.spawn(resume_one(
             shared.clone(),
             sem.clone(),
+            args.transport,
             i,
             since,
             epoch,

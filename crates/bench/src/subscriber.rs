@@ -420,14 +420,59 @@ pub fn sse_events(buf: &mut Vec<u8>, mut f: impl FnMut(SseEvent<'_>)) {
     buf.drain(..pos);
 }
 
+/// The body of an SSE response as events: de-chunks when needed and splits events off.
+#[derive(Debug, Default)]
+pub struct SseReader {
+    chunked: bool,
+    dechunk: Dechunker,
+    events: Vec<u8>,
+}
+
+impl SseReader {
+    pub fn new(chunked: bool) -> Self {
+        SseReader {
+            chunked,
+            ..Default::default()
+        }
+    }
+
+    /// Feeds body bytes; calls `f` for each complete event. Returns true once the body
+    /// ended (last chunk, or bad chunking).
+    pub fn feed(&mut self, raw: &[u8], f: impl FnMut(SseEvent<'_>)) -> bool {
+        let ended = if self.chunked {
+            self.dechunk.feed(raw, &mut self.events).unwrap_or(true)
+        } else {
+            self.events.extend_from_slice(raw);
+            false
+        };
+        sse_events(&mut self.events, f);
+        if self.events.is_empty() && self.events.capacity() > 4096 {
+            self.events = Vec::new();
+        }
+        ended
+    }
+}
+
 /// Opens an SSE stream. The server subscribes before it answers, so a 200 means the
 /// subscriber is in place. Returns the stream, whether the body is chunked, and any body
 /// bytes already read.
 pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
+    let target = format!("/sse?topic={}", shared.topic);
+    sse_request(shared, i, &target, "").await
+}
+
+/// `sse_open` for any `target`, with `headers` (each line ending in CRLF) added to the
+/// request, e.g. `Last-Event-ID`.
+pub async fn sse_request(
+    shared: &Shared,
+    i: usize,
+    target: &str,
+    headers: &str,
+) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
     let mut stream = connect_tcp(shared, i, None).await.context("connect")?;
     let req = format!(
-        "GET /sse?topic={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        shared.topic, shared.host
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{headers}\r\n",
+        shared.host
     );
     stream.write_all(req.as_bytes()).await?;
     let (head, rest) = read_head(&mut stream).await?;
