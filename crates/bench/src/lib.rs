@@ -103,10 +103,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "fanout")]
     pub mode: BenchMode,
     /// Same as --mode resume-storm.
-    #[arg(long, conflicts_with = "publish_throughput")]
+    #[arg(long, conflicts_with_all = ["publish_throughput", "mode"])]
     pub resume_storm: bool,
     /// Same as --mode publish-throughput.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mode")]
     pub publish_throughput: bool,
     /// Topics of --mode publish-throughput: 1 publishes to --topic, K > 1 round robin to
     /// --topic.0 ..= --topic.(K-1).
@@ -852,5 +852,7 @@ mod tests {
             BenchMode::PublishThroughput
         );
         assert!(BenchArgs::from_flags(["--resume-storm", "--publish-throughput"]).is_err());
+        assert!(BenchArgs::from_flags(["--resume-storm", "--mode", "board"]).is_err());
+        assert!(BenchArgs::from_flags(["--publish-throughput", "--mode", "fanout"]).is_err());
     }
 }
