@@ -392,6 +392,12 @@ async fn resume_storm_catches_every_client_up_and_reports_an_unservable_gap() {
         "{s:?}"
     );
     assert!(!s.timed_out);
+    // The server counted the same resumes.
+    assert_eq!(
+        (s.server_resumes_recovered, s.server_resumes_not_recovered),
+        (Some(50), Some(0)),
+        "{s:?}"
+    );
     assert_eq!(s.catch_up_ms.count, 50);
     assert!(s.all_caught_up_ms >= s.catch_up_ms.p50, "{s:?}");
     let (before, peak) = (s.rss_before_kib.unwrap(), s.rss_peak_kib.unwrap());
@@ -412,6 +418,11 @@ async fn resume_storm_catches_every_client_up_and_reports_an_unservable_gap() {
         "{s:?}"
     );
     assert_eq!(s.caught_up, 0);
+    assert_eq!(
+        (s.server_resumes_recovered, s.server_resumes_not_recovered),
+        (Some(0), Some(50)),
+        "{s:?}"
+    );
     assert!(
         r.failures()
             .contains(&"50 clients were answered recovered:false".to_string()),

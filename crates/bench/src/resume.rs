@@ -85,6 +85,11 @@ pub struct ResumeReport {
     pub duplicates: u64,
     pub out_of_order: u64,
     pub unexpected: u64,
+    /// The server's own count of the storm's resumes (`crier_resumes_total` on
+    /// `/metrics`, after minus before): recovered and not recovered. None when the
+    /// server does not export it.
+    pub server_resumes_recovered: Option<u64>,
+    pub server_resumes_not_recovered: Option<u64>,
     /// Server VmRSS just before the storm and its peak during it (with --server-pid).
     pub rss_before_kib: Option<u64>,
     pub rss_peak_kib: Option<u64>,
@@ -177,6 +182,15 @@ impl ResumeReport {
             self.out_of_order,
             self.unexpected
         );
+        if let (Some(r), Some(n)) = (
+            self.server_resumes_recovered,
+            self.server_resumes_not_recovered,
+        ) {
+            let _ = writeln!(
+                s,
+                "  server       counted {r} resumes recovered, {n} not recovered (crier_resumes_total)"
+            );
+        }
         if self.rss_before_kib.is_some() {
             let kib = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} KiB"));
             let _ = writeln!(
@@ -585,6 +599,39 @@ async fn sse_catch_up(
     }
 }
 
+/// The value of the sample `series` (name and labels, as exported) in an OpenMetrics /
+/// Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// `crier_resumes_total` by result: (recovered, not recovered).
+async fn server_resumes(client: &HttpClient, base: &str) -> Option<(u64, u64)> {
+    let (status, body) = client.get(&format!("{base}/metrics")).await.ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&body);
+    let get = |result: &str| {
+        metric_value(
+            &text,
+            &format!("crier_resumes_total{{result=\"{result}\"}}"),
+        )
+        .map(|v| v as u64)
+    };
+    // A labelled family is exported only once something was counted; a server with
+    // history (its gauges are always there) and no sample has counted 0.
+    if !text.contains("crier_history_publications") {
+        return None;
+    }
+    Some((
+        get("recovered").unwrap_or(0),
+        get("not_recovered").unwrap_or(0),
+    ))
+}
+
 /// A publish receipt (`POST /api/publish/{topic}`): the fields the storm checks.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Receipt {
@@ -761,6 +808,8 @@ pub async fn run(
     rep.subscribers_at_last_publish = subs;
 
     // 4. The storm.
+    let base = args.url.trim_end_matches('/');
+    let resumes_before = server_resumes(&client, base).await;
     let stop = CancellationToken::new();
     let rss = args.server_pid.map(|pid| {
         let stop = stop.clone();
@@ -822,6 +871,10 @@ pub async fn run(
         rep.rss_peak_kib = task.await.ok().flatten();
     }
 
+    if let (Some(b), Some(a)) = (resumes_before, server_resumes(&client, base).await) {
+        rep.server_resumes_recovered = Some(a.0.saturating_sub(b.0));
+        rep.server_resumes_not_recovered = Some(a.1.saturating_sub(b.1));
+    }
     let mut catch_up = new_histogram();
     let mut reconnect = new_histogram();
     let mut tally = Tally::default();
@@ -897,6 +950,22 @@ mod tests {
         assert!(f.contains(&"1 clients were answered recovered:false".to_string()));
         assert!(f.contains(&"2 resumed clients did not catch up".to_string()));
         assert!(f.contains(&"3 deliveries lost".to_string()));
+    }
+
+    #[test]
+    fn metric_samples_are_found_by_series() {
+        let text = "# TYPE crier_resumes counter\n\
+                    crier_resumes_total{result=\"recovered\"} 12\n\
+                    crier_resumes_total{result=\"not_recovered\"} 3 1700000000\n\
+                    crier_resumes_total_x 9\n# EOF\n";
+        let get = |s| metric_value(text, s);
+        assert_eq!(get("crier_resumes_total{result=\"recovered\"}"), Some(12.0));
+        assert_eq!(
+            get("crier_resumes_total{result=\"not_recovered\"}"),
+            Some(3.0)
+        );
+        assert_eq!(get("crier_resumes_total"), None);
+        assert_eq!(get("crier_missing"), None);
     }
 
     #[test]
