@@ -193,6 +193,43 @@ mod tests {
     }
 
     #[test]
+    fn since_is_a_position_or_bad_since() {
+        match parse(br#"{"op":"subscribe","topic":"a","since":{"offset":41,"epoch":"9f1c2a7b"}}"#) {
+            Parsed::Subscribe(t, Some(p), None) => {
+                assert_eq!((t.as_str(), p.offset, &*p.epoch), ("a", 41, "9f1c2a7b"))
+            }
+            _ => panic!("a valid since"),
+        }
+        let long = format!(
+            r#"{{"op":"subscribe","topic":"a","since":{{"offset":1,"epoch":"{}"}}}}"#,
+            "e".repeat(65)
+        );
+        for bad in [
+            r#"{"op":"subscribe","topic":"a","since":{"offset":-1,"epoch":"x"}}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"offset":1}}"#,
+            r#"{"op":"subscribe","topic":"a","since":41}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"offset":"1","epoch":"x"},"id":3}"#,
+            &long,
+        ] {
+            assert!(
+                matches!(parse(bad.as_bytes()), Parsed::Error("bad_since", _, _)),
+                "{bad}"
+            );
+        }
+        let sub = Subscribed {
+            position: StreamPosition {
+                offset: 57,
+                epoch: "9f1c2a7b".into(),
+            },
+            recovered: Some(false),
+        };
+        assert_eq!(
+            String::from_utf8(subscribed("t", &sub, None)).unwrap(),
+            r#"{"op":"subscribed","topic":"t","offset":57,"epoch":"9f1c2a7b","recovered":false}"#
+        );
+    }
+
+    #[test]
     fn replies_echo_id() {
         let id: &RawValue = serde_json::from_str("17").unwrap();
         assert_eq!(pong(Some(id)), br#"{"op":"pong","id":17}"#);

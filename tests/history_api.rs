@@ -144,6 +144,29 @@ async fn unknown_topics_and_bad_parameters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_stops_at_its_byte_cap() {
+    let srv = TestServer::start(|_| {}).await;
+    let big = format!(r#""{}""#, "x".repeat(60 * 1024));
+    for _ in 0..6 {
+        assert_eq!(srv.publish("big", &big).await.0, 200);
+    }
+    // 256 KiB of data per page: four of these fit, then `more` says to ask again.
+    let (s, page) = srv.get("/api/topics/big/history?limit=100").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (offsets(&page), &page["more"]),
+        (vec![1, 2, 3, 4], &json!(true))
+    );
+    let (_, page) = srv.get("/api/topics/big/history?since=4").await;
+    assert_eq!((offsets(&page), &page["more"]), (vec![5, 6], &json!(false)));
+    assert_eq!(
+        page["publications"][1]["data"].as_str().unwrap().len(),
+        60 * 1024
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_topics_keep_no_history() {
     let srv = TestServer::start(|c| {
         c.board_update_interval = std::time::Duration::from_millis(10);

@@ -4,18 +4,21 @@
 
 use std::sync::Arc;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::Json;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::broker::StreamPosition;
 use crate::state::AppState;
 use crate::topic;
 
-/// The largest page.
+/// The largest page, in publications.
 pub const MAX_LIMIT: usize = 1000;
+/// The largest page, in bytes of publications (at least one is always sent).
+pub const MAX_PAGE_BYTES: usize = 256 * 1024;
 const DEFAULT_LIMIT: usize = 100;
 
 #[derive(Deserialize)]
@@ -30,7 +33,7 @@ pub async fn history(
     State(state): State<Arc<AppState>>,
     Path(topic_name): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Page>, ApiError> {
+) -> Result<Response, ApiError> {
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
     }
@@ -61,46 +64,49 @@ pub async fn history(
         .broker
         .history(&topic_name, since.as_ref(), limit)
         .await?;
-    let more = page
+    // A page also stops at MAX_PAGE_BYTES of data (after at least one publication), so one
+    // request pins a bounded share of history however large the publications are.
+    let mut bytes = 0;
+    let taken = page
         .publications
+        .iter()
+        .take_while(|p| {
+            let first = bytes == 0;
+            bytes += p.envelope().len();
+            first || bytes <= MAX_PAGE_BYTES
+        })
+        .count();
+    let publications = &page.publications[..taken];
+    let more = publications
         .last()
         .is_some_and(|p| p.offset < page.position.offset);
-    let mut publications = Vec::with_capacity(page.publications.len());
-    for p in &page.publications {
-        // Kept as the validated JSON it was published as: embedded verbatim again.
-        let data = RawValue::from_string(String::from_utf8_lossy(&p.data()).into_owned())
-            .map_err(|e| ApiError::internal(format!("kept publication is not JSON: {e}")))?;
-        publications.push(Entry {
-            offset: p.offset,
-            data,
-        });
+    // The body is written from the kept envelopes' data without copying it: each
+    // publication's JSON is a slice of its envelope, framed by small pieces of text. The
+    // topic name's charset and the epoch's (hex) need no escaping.
+    let epoch = if page.position.epoch.is_empty() {
+        "null".to_string()
+    } else {
+        format!("\"{}\"", page.position.epoch)
+    };
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * publications.len() + 2);
+    chunks.push(Bytes::from(format!(
+        r#"{{"topic":"{topic_name}","epoch":{epoch},"offset":{},"recovered":{},"more":{more},"publications":["#,
+        page.position.offset, page.recovered
+    )));
+    for (i, p) in publications.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        chunks.push(Bytes::from(format!(
+            r#"{sep}{{"offset":{},"data":"#,
+            p.offset
+        )));
+        chunks.push(p.data());
+        chunks.push(Bytes::from_static(b"}"));
     }
-    let epoch = (!page.position.epoch.is_empty()).then(|| page.position.epoch.to_string());
-    Ok(Json(Page {
-        topic: topic_name,
-        epoch,
-        offset: page.position.offset,
-        recovered: page.recovered,
-        more,
-        publications,
-    }))
-}
-
-#[derive(Serialize)]
-pub struct Page {
-    topic: String,
-    /// None for a topic this node does not hold.
-    epoch: Option<String>,
-    offset: u64,
-    recovered: bool,
-    more: bool,
-    publications: Vec<Entry>,
-}
-
-#[derive(Serialize)]
-struct Entry {
-    offset: u64,
-    data: Box<RawValue>,
+    chunks.push(Bytes::from_static(b"]}"));
+    let body = Body::from_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 fn bad_query(why: String) -> ApiError {

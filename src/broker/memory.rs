@@ -38,11 +38,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+
+use super::durable::{DurableError, DurableLog, Record, RecoveredTopic, HISTORY_FILE};
 
 use super::{
     Ack, Broker, BrokerError, History, PublishRequest, Receipt, StreamPosition, Subscribed,
@@ -104,11 +106,21 @@ struct StreamState {
     published: bool,
     /// Has an entry in the idle queue (which may be stale by now).
     queued: bool,
+    /// Durable path: bumped when a commit fails and `assigned` is rolled back, so the
+    /// failures of the publications queued on top of it (same generation) roll nothing
+    /// back a second time.
+    generation: u64,
 }
 
 impl StreamState {
     fn idle(&self) -> bool {
         self.subscribers == 0 && self.retained.is_none()
+    }
+
+    /// Idle with no durable publication waiting for its commit: the commit's callback
+    /// needs the stream it was assigned in.
+    fn evictable(&self) -> bool {
+        self.idle() && self.assigned == self.last_offset
     }
 
     /// A state topic (retained, like a leaderboard) keeps no history: its newest
@@ -133,7 +145,6 @@ pub enum KeyState {
     Done(u64),
     /// The first publish with this key is still waiting for its commit (durable topics);
     /// a retry waits for the offset it is given (None: it failed, so the retry publishes).
-    #[allow(dead_code)] // built by the durable path
     Pending(watch::Receiver<Option<u64>>),
 }
 
@@ -141,6 +152,7 @@ pub enum KeyState {
 struct Kept {
     stream: Arc<Stream>,
     what: KeptKind,
+    at: Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -156,6 +168,14 @@ impl Kept {
                 KeptKind::Publication(o) => o > self.stream.trimmed.load(Ordering::Acquire),
                 KeptKind::Key(s) => s > self.stream.keys_trimmed.load(Ordering::Acquire),
             }
+    }
+
+    fn expired(&self, now: Instant, idempotency_window: Duration) -> bool {
+        let ttl = match self.what {
+            KeptKind::Publication(_) => self.stream.ns.history_ttl,
+            KeptKind::Key(_) => idempotency_window,
+        };
+        expired(self.at, ttl, now)
     }
 }
 
@@ -196,6 +216,23 @@ pub struct MemoryBroker {
     /// Live entries of `kept` (the rest are stale).
     kept_live: AtomicUsize,
     history_bytes: AtomicUsize,
+    /// The durable history log, open when a namespace is `durable`.
+    log: Option<Arc<DurableLog>>,
+    /// This broker, for the log's commit callbacks (set by [`MemoryBroker::open`]).
+    me: Weak<MemoryBroker>,
+}
+
+/// What a durable publication's commit callback needs of its request.
+struct Pending {
+    stream: Arc<Stream>,
+    publication: Arc<Publication>,
+    retain: bool,
+    conflate: bool,
+    key: Option<Box<str>>,
+    /// Wakes retries with the same key (dropped on failure, so they publish themselves).
+    key_tx: Option<watch::Sender<Option<u64>>>,
+    generation: u64,
+    answer: oneshot::Sender<Result<Receipt, BrokerError>>,
 }
 
 impl MemoryBroker {
@@ -213,6 +250,135 @@ impl MemoryBroker {
             kept: Mutex::new(VecDeque::new()),
             kept_live: AtomicUsize::new(0),
             history_bytes: AtomicUsize::new(0),
+            log: None,
+            me: Weak::new(),
+        }
+    }
+
+    /// The broker a server runs: when a namespace is `durable`, opens the history log in
+    /// `<data_dir>/history.redb` and rebuilds every durable topic the previous run left
+    /// (same epoch, offsets continuing, the newest history within the namespace limits,
+    /// idempotency keys within `idempotency_window`).
+    pub fn open(
+        cfg: &Config,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<MemoryBroker>, DurableError> {
+        let (log, recovered) = if cfg.namespaces.iter().any(|n| n.durable) {
+            let (log, recovered) = DurableLog::open(&cfg.data_dir.join(HISTORY_FILE))?;
+            let m = metrics.clone();
+            log.set_commit_observer(Box::new(move |took, _| {
+                m.durable_commits.inc();
+                m.durable_commit_seconds.observe(took.as_secs_f64());
+            }));
+            (Some(log), recovered)
+        } else {
+            (None, Vec::new())
+        };
+        let broker = Arc::new_cyclic(|me| {
+            let mut b = MemoryBroker::new(cfg, hub, metrics);
+            b.log = log;
+            b.me = me.clone();
+            b
+        });
+        let n = recovered.len();
+        for t in recovered {
+            broker.restore(t);
+        }
+        broker.enforce_budget();
+        if n > 0 {
+            tracing::info!(topics = n, "durable topics restored");
+        }
+        Ok(broker)
+    }
+
+    /// Commits what the history log holds and stops it (graceful shutdown).
+    pub async fn close(&self) {
+        if let Some(log) = &self.log {
+            log.close().await;
+        }
+    }
+
+    /// Rebuilds one durable topic from the log at start-up.
+    fn restore(&self, t: RecoveredTopic) {
+        let Some(log) = &self.log else { return };
+        let ns = self.cfg.namespace(&t.topic);
+        if !ns.durable {
+            // No longer durable: its stored history has no reader any more.
+            log.forget(&t.topic);
+            return;
+        }
+        if self.reserve(Creator::Publisher).is_err() {
+            tracing::warn!(topic = %t.topic, "durable topic not restored: max_topics reached");
+            return;
+        }
+        let stream = Arc::new(Stream {
+            ns,
+            name: t.topic.clone(),
+            epoch: t.epoch.clone(),
+            state: Mutex::new(StreamState {
+                last_offset: t.last_offset,
+                assigned: t.last_offset,
+                subscribers: 0,
+                retained: None,
+                history: VecDeque::new(),
+                keys: Keys::default(),
+                published: true,
+                queued: false,
+                generation: 0,
+            }),
+            trimmed: AtomicU64::new(t.records.first().map_or(t.last_offset, |r| r.offset - 1)),
+            keys_trimmed: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        });
+        self.shard(&t.topic)
+            .lock()
+            .insert(t.topic.clone(), stream.clone());
+        self.metrics.topics.inc();
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        let mut st = stream.state.lock();
+        for r in t.records {
+            // Age carried over from the wall clock; `None` only right after a boot, when
+            // the record is certainly older than any limit.
+            let Some(at) =
+                now.checked_sub(Duration::from_millis(now_ms.saturating_sub(r.published_ms)))
+            else {
+                continue;
+            };
+            let mut p = Publication::new(stream.name.clone(), r.offset, &r.data);
+            p.published_at = at;
+            let p = Arc::new(p);
+            if let Some(key) = &r.idempotency_key {
+                if !expired(at, self.cfg.idempotency_window, now) {
+                    self.remember_key(&stream, &mut st, key, KeyState::Done(r.offset), at);
+                }
+            }
+            if stream.ns.history_size > 0 {
+                self.metrics.history_publications.inc();
+                self.enter(&stream, KeptKind::Publication(p.offset), p.cost(), at);
+                st.history.push_back(p);
+            }
+        }
+        // History must stay contiguous up to `last_offset`: drop what precedes a hole
+        // (records skipped above).
+        let contiguous_from = st
+            .history
+            .iter()
+            .rev()
+            .zip((1..=t.last_offset).rev())
+            .take_while(|(p, o)| p.offset == *o)
+            .count();
+        let n = st.history.len() - contiguous_from;
+        self.trim_history(&stream, &mut st, n);
+        self.trim_expired(&stream, &mut st, now);
+        self.settle(&stream, &mut st);
+    }
+
+    /// Tells the durable log that the stream's history now starts after `upto`.
+    fn log_trim(&self, stream: &Stream, upto: u64) {
+        if let (true, Some(log)) = (stream.ns.durable, &self.log) {
+            log.trim(&stream.name, upto);
         }
     }
 
@@ -271,6 +437,7 @@ impl MemoryBroker {
                         keys: Keys::default(),
                         published: by == Creator::Publisher,
                         queued: false,
+                        generation: 0,
                     }),
                     trimmed: AtomicU64::new(0),
                     keys_trimmed: AtomicU64::new(0),
@@ -330,7 +497,7 @@ impl MemoryBroker {
             };
             let evicted = self.unlink(&stream, |st| {
                 st.queued = false;
-                st.idle()
+                st.evictable()
             });
             if evicted {
                 self.metrics.topics_evicted.inc();
@@ -355,6 +522,11 @@ impl MemoryBroker {
         self.trim_history(stream, &mut st, n);
         let n = st.keys.order.len();
         self.forget_keys(stream, &mut st, n);
+        if let (true, true, Some(log)) = (stream.ns.durable, st.published, &self.log) {
+            // A topic of this name made later has a new epoch: nothing of this one stays.
+            // (A never-published one has nothing on disk: no write for a subscriber alone.)
+            log.forget(&stream.name);
+        }
         drop(st);
         self.topic_count.fetch_sub(1, Ordering::Relaxed);
         self.metrics.topics.dec();
@@ -419,6 +591,7 @@ impl MemoryBroker {
         }
         if let Some(o) = last {
             stream.trimmed.store(o, Ordering::Release);
+            self.log_trim(stream, o);
             self.history_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.kept_live.fetch_sub(n, Ordering::Relaxed);
             self.metrics.history_bytes.dec_by(bytes as i64);
@@ -474,7 +647,7 @@ impl MemoryBroker {
     /// Enters one kept item in the node-wide FIFO (called under its stream lock, so a
     /// stream's entries are in its own order), compacting the FIFO when stale entries
     /// outnumber live ones.
-    fn enter(&self, stream: &Arc<Stream>, what: KeptKind, bytes: usize) {
+    fn enter(&self, stream: &Arc<Stream>, what: KeptKind, bytes: usize, at: Instant) {
         let live = self.kept_live.fetch_add(1, Ordering::Relaxed) + 1;
         self.history_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.metrics.history_bytes.inc_by(bytes as i64);
@@ -482,6 +655,7 @@ impl MemoryBroker {
         kept.push_back(Kept {
             stream: stream.clone(),
             what,
+            at,
         });
         if kept.len() > 2 * live + 1024 {
             // Halves the FIFO at least: amortized O(1) per entry.
@@ -489,13 +663,28 @@ impl MemoryBroker {
         }
     }
 
-    /// Evicts the oldest kept items of any topic until history fits `history_max_bytes`.
-    /// Called with no lock held.
+    /// Evicts the oldest kept items of any topic until history fits `history_max_bytes`,
+    /// and past that, while the oldest item has outlived its age limit: so the expired
+    /// history of topics nobody touches any more is freed as publishing goes on, not only
+    /// under byte pressure. (The FIFO is in publish order across namespaces, so an item
+    /// with a short limit behind one with a long limit waits for it: memory stays bounded
+    /// by the budget either way, and reads apply the age limit exactly.) Each round pops
+    /// one entry, so the work is bounded by what was entered. Called with no lock held.
     fn enforce_budget(&self) {
         let max = self.cfg.history_max_bytes;
-        while self.history_bytes.load(Ordering::Relaxed) > max {
-            let Some(k) = self.kept.lock().pop_front() else {
-                return;
+        let window = self.cfg.idempotency_window;
+        let now = Instant::now();
+        loop {
+            let k = {
+                let mut kept = self.kept.lock();
+                let Some(front) = kept.front() else {
+                    return;
+                };
+                let over = self.history_bytes.load(Ordering::Relaxed) > max;
+                if !over && front.live() && !front.expired(now, window) {
+                    return;
+                }
+                kept.pop_front().expect("front exists")
             };
             if !k.live() {
                 continue;
@@ -539,7 +728,7 @@ impl MemoryBroker {
         let key: Arc<str> = key.into();
         st.keys.order.push_back((seq, key.clone(), now));
         st.keys.map.insert(key.clone(), state);
-        self.enter(stream, KeptKind::Key(seq), key.len() + KEY_COST);
+        self.enter(stream, KeptKind::Key(seq), key.len() + KEY_COST, now);
     }
 
     /// After its offset was assigned (and, for durable topics, committed): hands the
@@ -567,9 +756,10 @@ impl MemoryBroker {
             if stream.ns.history_size > 0 {
                 st.history.push_back(p.clone());
                 self.metrics.history_publications.inc();
-                self.enter(stream, KeptKind::Publication(p.offset), p.cost());
+                self.enter(stream, KeptKind::Publication(p.offset), p.cost(), now);
             } else {
                 stream.trimmed.store(p.offset, Ordering::Release);
+                self.log_trim(stream, p.offset);
             }
             self.trim_expired(stream, st, now);
         }
@@ -601,15 +791,15 @@ impl MemoryBroker {
                     None => {}
                 }
             }
-            if !st.published {
-                // From now on its offsets matter: it leaves the subscribers' budget.
-                st.published = true;
-                self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.subscriber_topics.dec();
+            if stream.ns.durable && self.log.is_some() {
+                // Its offsets are assigned by the log's commit order (`publish_durable`).
+                return Err(Attempt::Failed(BrokerError::Unavailable(
+                    "a durable topic is published through the async path only".into(),
+                )));
             }
-            // Durable namespaces (`ns.durable`) take the same steps, with the commit to
-            // the history log between the assignment and `commit`; until that log is
-            // plugged in here they are kept in memory like the others.
+            self.mark_published(st);
+            // Durable namespaces take the same steps with the log's commit between the
+            // assignment and `commit` (`publish_durable`).
             st.assigned += 1;
             let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
             let reached = self.commit(stream, st, &p, req, &mut to_wake);
@@ -627,6 +817,177 @@ impl MemoryBroker {
         }
         self.enforce_budget();
         result?
+    }
+
+    fn mark_published(&self, st: &mut StreamState) {
+        if !st.published {
+            // From now on its offsets matter: it leaves the subscribers' budget.
+            st.published = true;
+            self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.subscriber_topics.dec();
+        }
+    }
+
+    /// Publishes to a durable topic: the offset is assigned and the record appended under
+    /// the stream lock (so the log holds the topic in offset order), then the publisher
+    /// waits for the commit. The commit's callback (`settle_durable`, on the log's writer
+    /// thread, in offset order) delivers, keeps history and answers.
+    async fn publish_durable(
+        &self,
+        log: &DurableLog,
+        req: &PublishRequest<'_>,
+    ) -> Result<Receipt, BrokerError> {
+        let unavailable = |e: DurableError| BrokerError::Unavailable(e.to_string());
+        let mut gone = false;
+        loop {
+            // Waiting for queue room happens here, before any lock.
+            let mut slot = Some(log.reserve().await.map_err(unavailable)?);
+            let (answer, answered) = oneshot::channel();
+            let mut answer = Some(answer);
+            let attempt = self.with_stream(req.topic, Creator::Publisher, |stream, st| {
+                let now = Instant::now();
+                self.expire_keys(stream, st, now);
+                if let Some(key) = req.idempotency_key {
+                    match st.keys.map.get(key) {
+                        Some(KeyState::Done(offset)) => {
+                            self.metrics.idempotent_replays.inc();
+                            return Ok(Some(Receipt {
+                                offset: *offset,
+                                epoch: stream.epoch.clone(),
+                                subscribers: st.subscribers,
+                                duplicate: true,
+                            }));
+                        }
+                        Some(KeyState::Pending(rx)) => return Err(Attempt::Wait(rx.clone())),
+                        None => {}
+                    }
+                }
+                self.mark_published(st);
+                st.assigned += 1;
+                let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
+                let key_tx = req.idempotency_key.map(|key| {
+                    let (tx, rx) = watch::channel(None);
+                    self.remember_key(stream, st, key, KeyState::Pending(rx), now);
+                    tx
+                });
+                let rec = Record {
+                    topic: stream.name.clone(),
+                    epoch: stream.epoch.clone(),
+                    offset: p.offset,
+                    data: p.data(),
+                    published_ms: unix_ms(),
+                    idempotency_key: req.idempotency_key.map(Into::into),
+                };
+                let pending = Pending {
+                    stream: stream.clone(),
+                    publication: p,
+                    retain: req.retain,
+                    conflate: req.conflate,
+                    key: req.idempotency_key.map(Into::into),
+                    key_tx,
+                    generation: st.generation,
+                    answer: answer.take().expect("called once per stream lookup"),
+                };
+                let me = self.me.clone();
+                slot.take().expect("called once per stream lookup").append(
+                    rec,
+                    Box::new(move |result| match me.upgrade() {
+                        Some(broker) => broker.settle_durable(pending, result),
+                        None => {
+                            let _ = pending
+                                .answer
+                                .send(Err(BrokerError::Unavailable("shutting down".into())));
+                        }
+                    }),
+                );
+                Ok(None)
+            })?;
+            match attempt {
+                Ok(Some(duplicate)) => return Ok(duplicate),
+                Ok(None) => {
+                    return answered.await.unwrap_or_else(|_| {
+                        Err(BrokerError::Unavailable("history log stopped".into()))
+                    })
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Wait(_)) if gone => {
+                    return Err(BrokerError::Unavailable(
+                        "the first publish with this idempotency key was lost".into(),
+                    ))
+                }
+                // A failed first publish forgets its key before it lets the waiters go,
+                // so the next attempt publishes; a key still pending after its publish is
+                // gone (the log stopped) is an error, not a busy loop.
+                Err(Attempt::Wait(mut rx)) => {
+                    gone = rx.wait_for(|v| v.is_some()).await.is_err();
+                }
+            }
+        }
+    }
+
+    /// A durable publication's commit outcome, on the log's writer thread in offset
+    /// order: on success deliver and keep it like a memory publication; on failure roll
+    /// the topic's offsets back to the last committed one (once per failure: everything
+    /// queued on top of the failed record fails too) and forget its key.
+    fn settle_durable(&self, p: Pending, result: Result<(), DurableError>) {
+        let stream = &p.stream;
+        let mut to_wake = Vec::new();
+        let mut st = stream.state.lock();
+        let answer = match result {
+            Ok(()) => {
+                let req = PublishRequest {
+                    topic: &stream.name,
+                    data: &[],
+                    retain: p.retain,
+                    conflate: p.conflate,
+                    idempotency_key: p.key.as_deref(),
+                };
+                let reached = self.commit(stream, &mut st, &p.publication, &req, &mut to_wake);
+                if let Some(tx) = &p.key_tx {
+                    tx.send_replace(Some(p.publication.offset));
+                }
+                Ok(Receipt {
+                    offset: p.publication.offset,
+                    epoch: stream.epoch.clone(),
+                    subscribers: reached,
+                    duplicate: false,
+                })
+            }
+            Err(e) => {
+                if st.generation == p.generation {
+                    st.generation += 1;
+                    st.assigned = st.last_offset;
+                }
+                if let Some(key) = &p.key {
+                    self.drop_pending_key(&mut st, key);
+                }
+                tracing::warn!(topic = %stream.name, offset = p.publication.offset, error = %e,
+                    "durable publication failed");
+                Err(BrokerError::Unavailable(e.to_string()))
+            }
+        };
+        self.settle(stream, &mut st);
+        drop(st);
+        for client in to_wake {
+            client.wake();
+        }
+        self.enforce_budget();
+        let _ = p.answer.send(answer);
+    }
+
+    /// Forgets a key whose first publication failed, so a retry publishes.
+    fn drop_pending_key(&self, st: &mut StreamState, key: &str) {
+        if !matches!(st.keys.map.get(key), Some(KeyState::Pending(_))) {
+            return;
+        }
+        st.keys.map.remove(key);
+        if let Some(i) = st.keys.order.iter().position(|(_, k, _)| &**k == key) {
+            st.keys.order.remove(i);
+            let bytes = key.len() + KEY_COST;
+            self.history_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.kept_live.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.history_bytes.dec_by(bytes as i64);
+        }
     }
 
     /// Publishes without waiting (memory topics): for callers outside async code.
@@ -678,14 +1039,29 @@ impl MemoryBroker {
 #[async_trait::async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, req: PublishRequest<'_>) -> Result<Receipt, BrokerError> {
+        if let Some(log) = &self.log {
+            if self.cfg.namespace(req.topic).durable {
+                return self.publish_durable(log, &req).await;
+            }
+        }
         loop {
             match self.try_publish(&req) {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Failed(e)) => return Err(e),
                 // The first publish with this key settles the key (published, or forgotten
-                // after a failure), so each wait ends and the next attempt answers.
+                // after a failure), so each wait ends and the next attempt answers. A key
+                // left pending by a first publish that is gone would otherwise be retried
+                // forever: that answers `store_unavailable` instead.
                 Err(Attempt::Wait(mut rx)) => {
-                    let _ = rx.wait_for(|v| v.is_some()).await;
+                    if rx.wait_for(|v| v.is_some()).await.is_err() {
+                        return match self.try_publish(&req) {
+                            Ok(r) => Ok(r),
+                            Err(Attempt::Failed(e)) => Err(e),
+                            Err(Attempt::Wait(_)) => Err(BrokerError::Unavailable(
+                                "the first publish with this idempotency key was lost".into(),
+                            )),
+                        };
+                    }
                 }
             }
         }
@@ -779,52 +1155,50 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Result<History, BrokerError> {
         // Reading creates nothing: an unknown topic has no stream (and no epoch: "").
-        let Some(stream) = self.lookup(topic) else {
-            return Ok(History {
-                position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
-                },
-                recovered: since.is_none(),
-                publications: Vec::new(),
-            });
+        let unknown = || History {
+            position: StreamPosition {
+                offset: 0,
+                epoch: "".into(),
+            },
+            recovered: since.is_none(),
+            publications: Vec::new(),
         };
-        let mut st = stream.state.lock();
-        if stream.dead.load(Ordering::Acquire) {
+        // A stream found dead was removed meanwhile: look again (each retry follows a
+        // removal, so this ends).
+        loop {
+            let Some(stream) = self.lookup(topic) else {
+                return Ok(unknown());
+            };
+            let mut st = stream.state.lock();
+            if stream.dead.load(Ordering::Acquire) {
+                continue;
+            }
+            self.trim_expired(&stream, &mut st, Instant::now());
+            // An empty epoch in `since` means "the current one".
+            let since = since.map(|s| StreamPosition {
+                offset: s.offset,
+                epoch: if s.epoch.is_empty() {
+                    stream.epoch.clone()
+                } else {
+                    s.epoch.clone()
+                },
+            });
+            let (recovered, start) = match &since {
+                None => (true, 0),
+                Some(s) => match self.resume_point(&stream, &st, s) {
+                    Some(start) => (true, start),
+                    None => (false, 0),
+                },
+            };
             return Ok(History {
                 position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
+                    offset: st.last_offset,
+                    epoch: stream.epoch.clone(),
                 },
-                recovered: since.is_none(),
-                publications: Vec::new(),
+                recovered,
+                publications: st.history.range(start..).take(limit).cloned().collect(),
             });
         }
-        self.trim_expired(&stream, &mut st, Instant::now());
-        // An empty epoch in `since` means "the current one".
-        let since = since.map(|s| StreamPosition {
-            offset: s.offset,
-            epoch: if s.epoch.is_empty() {
-                stream.epoch.clone()
-            } else {
-                s.epoch.clone()
-            },
-        });
-        let (recovered, start) = match &since {
-            None => (true, 0),
-            Some(s) => match self.resume_point(&stream, &st, s) {
-                Some(start) => (true, start),
-                None => (false, 0),
-            },
-        };
-        Ok(History {
-            position: StreamPosition {
-                offset: st.last_offset,
-                epoch: stream.epoch.clone(),
-            },
-            recovered,
-            publications: st.history.range(start..).take(limit).cloned().collect(),
-        })
     }
 }
 
@@ -839,6 +1213,12 @@ fn try_take(counter: &AtomicUsize, max: usize) -> bool {
             (n < max).then_some(n + 1)
         })
         .is_ok()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// 8 lowercase hex characters, fresh for every stream.
@@ -1294,6 +1674,31 @@ mod tests {
     }
 
     #[test]
+    fn expired_history_of_untouched_topics_is_freed_by_later_publishing() {
+        let b = broker_with(|c| {
+            c.history_ttl = Duration::from_millis(20);
+            c.idempotency_window = Duration::from_millis(20);
+        });
+        for i in 0..5 {
+            b.publish_now(PublishRequest {
+                topic: "quiet",
+                data: b"1",
+                idempotency_key: Some(&format!("k{i}")),
+                ..PublishRequest::default()
+            })
+            .unwrap();
+        }
+        assert!(b.history_bytes() > 0);
+        std::thread::sleep(Duration::from_millis(30));
+        // "quiet" is never touched again; another topic's publication frees its history.
+        publish(&b, "busy", "1");
+        let busy = Publication::new("busy".into(), 1, b"1").cost();
+        assert_eq!(b.history_bytes(), busy);
+        assert_eq!(b.metrics.history_publications.get(), 1);
+        check_counts(&b);
+    }
+
+    #[test]
     fn stale_fifo_entries_stay_bounded() {
         // A small count limit trims locally; the node-wide FIFO must not keep the trimmed
         // entries forever.
@@ -1401,6 +1806,67 @@ mod tests {
         check_counts(&b);
     }
 
+    fn set_key(b: &MemoryBroker, topic: &str, key: &str, state: Option<KeyState>) {
+        let s = b.lookup(topic).unwrap();
+        let mut st = s.state.lock();
+        match state {
+            Some(state) => b.remember_key(&s, &mut st, key, state, Instant::now()),
+            None => {
+                let n = st.keys.order.len();
+                b.forget_keys(&s, &mut st, n);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_wait_for_a_pending_first_publish() {
+        let b = Arc::new(broker(10));
+        publish(&b, "t", "1");
+        let keyed = |b: Arc<MemoryBroker>| async move {
+            b.publish(PublishRequest {
+                topic: "t",
+                data: b"2",
+                idempotency_key: Some("k"),
+                ..PublishRequest::default()
+            })
+            .await
+        };
+        // Settled while (or before) the retry waits: it gets the first receipt.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "k", Some(KeyState::Pending(rx)));
+        let retry = tokio::spawn(keyed(b.clone()));
+        set_key(&b, "t", "k", Some(KeyState::Done(1)));
+        tx.send_replace(Some(1));
+        let r = retry.await.unwrap().unwrap();
+        assert_eq!((r.offset, r.duplicate), (1, true));
+
+        // The first publish failed and its key was forgotten: the retry publishes.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "k", None);
+        set_key(&b, "t", "k", Some(KeyState::Pending(rx)));
+        let retry = tokio::spawn(keyed(b.clone()));
+        set_key(&b, "t", "k", None);
+        drop(tx);
+        let r = retry.await.unwrap().unwrap();
+        assert_eq!((r.offset, r.duplicate), (2, false));
+
+        // A key left pending by a first publish that is gone: an error, not a busy loop.
+        let (tx, rx) = watch::channel(None);
+        set_key(&b, "t", "j", Some(KeyState::Pending(rx)));
+        drop(tx);
+        let e = b
+            .publish(PublishRequest {
+                topic: "t",
+                data: b"3",
+                idempotency_key: Some("j"),
+                ..PublishRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)));
+        check_counts(&b);
+    }
+
     #[test]
     fn idempotent_retries_get_the_first_receipt() {
         let b = broker_with(|c| c.idempotency_window = Duration::from_millis(50));
@@ -1430,5 +1896,143 @@ mod tests {
             "the window passed"
         );
         check_counts(&b);
+    }
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+    use crate::config::Namespace;
+
+    fn durable_broker(dir: &std::path::Path) -> Arc<MemoryBroker> {
+        let mut cfg = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        cfg.namespaces.push(Namespace {
+            pattern: "d:*".into(),
+            history_size: 10_000,
+            history_ttl: Duration::from_secs(3600),
+            durable: true,
+        });
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(3, metrics.clone()));
+        MemoryBroker::open(&cfg, hub, metrics).unwrap()
+    }
+
+    async fn publish(b: &MemoryBroker, n: u64) -> Result<Receipt, BrokerError> {
+        let data = format!(r#"{{"n":{n}}}"#);
+        b.publish(PublishRequest {
+            topic: "d:t",
+            data: data.as_bytes(),
+            ..PublishRequest::default()
+        })
+        .await
+    }
+
+    async fn offsets(b: &MemoryBroker) -> Vec<u64> {
+        let h = b.history("d:t", None, 100_000).await.unwrap();
+        h.publications.iter().map(|p| p.offset).collect()
+    }
+
+    /// A failed commit fails the publications queued on top of it too, rolls the topic
+    /// back once, and the next publications reuse the offsets: memory and disk stay
+    /// contiguous, and the epoch stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_commits_leave_no_gap_in_memory_or_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        let epoch = publish(&b, 0).await.unwrap().epoch;
+        let mut ok = 1u64;
+        for round in 0..3u64 {
+            b.log.as_ref().unwrap().fail_next_commits(1);
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..20 {
+                let b = b.clone();
+                tasks.spawn(async move { publish(&b, 100 * (round + 1) + i).await });
+            }
+            let mut failed = 0;
+            while let Some(r) = tasks.join_next().await {
+                match r.unwrap() {
+                    Ok(r) => {
+                        assert_eq!(r.epoch, epoch);
+                        ok += 1;
+                    }
+                    Err(BrokerError::Unavailable(_)) => failed += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert!(failed >= 1, "the injected failure hit nobody");
+            let r = publish(&b, 1000 + round).await.unwrap();
+            ok += 1;
+            assert_eq!(
+                r.offset, ok,
+                "offsets continue right after the last committed"
+            );
+        }
+        assert_eq!(offsets(&b).await, (1..=ok).collect::<Vec<_>>());
+        b.close().await;
+        drop(b);
+
+        let b = durable_broker(dir.path());
+        assert_eq!(offsets(&b).await, (1..=ok).collect::<Vec<_>>());
+        let r = publish(&b, 9999).await.unwrap();
+        assert_eq!((r.offset, &r.epoch), (ok + 1, &epoch));
+        b.close().await;
+    }
+
+    /// A keyed publication whose commit failed is forgotten with its key: the retry
+    /// publishes (once), and concurrent retries of it share one publication.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_keyed_publish_lets_its_retry_publish_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        publish(&b, 0).await.unwrap();
+        let keyed = |b: Arc<MemoryBroker>| async move {
+            b.publish(PublishRequest {
+                topic: "d:t",
+                data: b"{}",
+                idempotency_key: Some("k"),
+                ..PublishRequest::default()
+            })
+            .await
+        };
+        let bytes_before = b.history_bytes();
+        b.log.as_ref().unwrap().fail_next_commits(1);
+        let e = keyed(b.clone()).await.unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e}");
+        assert_eq!(
+            b.history_bytes(),
+            bytes_before,
+            "the failed key is not kept"
+        );
+        let retries: Vec<_> = (0..8).map(|_| tokio::spawn(keyed(b.clone()))).collect();
+        let mut firsts = 0;
+        for r in retries {
+            let r = r.await.unwrap().unwrap();
+            assert_eq!(r.offset, 2);
+            firsts += usize::from(!r.duplicate);
+        }
+        assert_eq!(firsts, 1);
+        assert_eq!(offsets(&b).await, vec![1, 2]);
+        b.close().await;
+    }
+
+    /// An evicted durable topic is forgotten on disk too: it comes back in a new epoch.
+    #[tokio::test]
+    async fn an_evicted_durable_topic_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = durable_broker(dir.path());
+        let first = publish(&b, 1).await.unwrap();
+        let stream = b.lookup("d:t").unwrap();
+        assert!(b.unlink(&stream, |st| st.evictable()));
+        b.close().await;
+        drop(b);
+        let b = durable_broker(dir.path());
+        assert!(b.lookup("d:t").is_none());
+        let again = publish(&b, 2).await.unwrap();
+        assert_eq!(again.offset, 1);
+        assert_ne!(again.epoch, first.epoch);
+        b.close().await;
     }
 }

@@ -8,6 +8,7 @@
 //! Modelled on centrifuge's `Broker` interface (publish with history, history reads,
 //! stream positions with an epoch); see docs/architecture.md.
 
+pub mod durable;
 pub mod memory;
 
 use std::sync::Arc;
