@@ -528,3 +528,32 @@ async fn resume_storm_over_sse_resumes_with_last_event_id() {
     assert!(r.failures().is_empty(), "{:?}", r.failures());
     server.shutdown().await;
 }
+
+/// The load tool is a crate of its own that only the binary wires in (src/main.rs): the
+/// server library must never name it, so it is never linked into anything but `crier`.
+#[test]
+fn the_server_library_never_names_the_load_tool() {
+    fn walk(dir: &std::path::Path, hits: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, hits);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && !path.ends_with("src/main.rs")
+                && std::fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("crier_bench")
+            {
+                hits.push(path.display().to_string());
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut hits,
+    );
+    assert!(hits.is_empty(), "the library names crier_bench in {hits:?}");
+    let main = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/main.rs"));
+    assert!(main.unwrap().contains("crier_bench::run"));
+}
