@@ -1,9 +1,10 @@
-//! Command-line interface: `crier serve`, `crier publish`, `crier bench`, `crier demo`.
+//! Command-line interface: `crier serve`, `crier publish`, `crier demo`. `crier bench` is
+//! added by the binary (src/main.rs): the load tool is a crate of its own (`crier-bench`)
+//! that this library does not depend on.
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
-use crate::bench::BenchArgs;
 use crate::config::{Config, ServeArgs};
 use crate::http_client::HttpClient;
 use crate::server::Server;
@@ -27,8 +28,6 @@ pub enum Command {
     Demo(ServeArgs),
     /// Publish one JSON message to a topic on a running server.
     Publish(PublishArgs),
-    /// Load-test a running server (loopback only): subscribers, publications, latency.
-    Bench(BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,7 +49,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(Config::resolve(&args)?, false).await,
         Command::Demo(args) => serve(Config::resolve(&args)?, true).await,
         Command::Publish(args) => publish(args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 

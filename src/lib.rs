@@ -6,7 +6,6 @@
 
 pub mod api;
 pub mod app;
-pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
@@ -14,7 +13,8 @@ pub mod close;
 pub mod config;
 pub mod conn_limits;
 pub mod fd_limit;
-pub mod http_client;
+/// Shared with the load tool (`crier-protocol`); `crier publish` and the tests use it.
+pub use crier_protocol::http_client;
 pub mod hub;
 pub mod leaderboard;
 pub mod metrics;

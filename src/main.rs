@@ -1,4 +1,9 @@
-use clap::Parser;
+use clap::{Args, CommandFactory, FromArgMatches};
+
+/// `crier bench` joins the library's commands here, in the binary, so the server library
+/// never depends on the load tool (`crier-bench`).
+const BENCH_ABOUT: &str =
+    "Load-test a running server (loopback only): subscribers, publications, latency";
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -9,9 +14,20 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stdout)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let cli = crier::cli::Cli::parse();
+    let command = crier::cli::Cli::command().subcommand(crier_bench::BenchArgs::augment_args(
+        clap::Command::new("bench").about(BENCH_ABOUT),
+    ));
+    let matches = command.get_matches();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(crier::cli::run(cli)) {
+    let result = match matches.subcommand() {
+        Some(("bench", m)) => crier_bench::BenchArgs::from_arg_matches(m)
+            .map_err(anyhow::Error::from)
+            .map(|args| runtime.block_on(crier_bench::run(args))),
+        _ => crier::cli::Cli::from_arg_matches(&matches)
+            .map_err(anyhow::Error::from)
+            .map(|cli| runtime.block_on(crier::cli::run(cli))),
+    };
+    match result.and_then(|r| r) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crier: {e:#}");

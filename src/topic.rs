@@ -5,20 +5,13 @@ use std::sync::Arc;
 
 use crate::api::error::ApiError;
 
-pub const MAX_TOPIC_LEN: usize = 128;
+/// The name rules live in `crier-protocol`, so the load tool checks its flags by them too.
+pub use crier_protocol::names::{is_valid_topic as is_valid, MAX_TOPIC_LEN};
 
 /// A validated topic name, cheap to clone into many registries.
 pub type TopicName = Arc<str>;
 
 pub const BAD_TOPIC_MESSAGE: &str = "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . :";
-
-pub fn is_valid(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_TOPIC_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-}
 
 /// The `topic` parameters of a `/ws` or `/sse` query string, each validated, at most `max`.
 pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {

@@ -1,11 +1,11 @@
 //! `crier bench` against a real in-process server: every subscriber gets every message,
 //! once, in order, over both transports.
 
-use crier::bench::{run_with, BenchArgs};
 use crier::config::Config;
 use crier::server::Server;
+use crier_bench::{run_with, BenchArgs};
 
-async fn bench(server: &Server, transport: &str, topic: &str) -> crier::bench::report::Report {
+async fn bench(server: &Server, transport: &str, topic: &str) -> crier_bench::report::Report {
     let url = format!("http://{}", server.addr);
     let args = BenchArgs::from_flags([
         "--url",
@@ -283,4 +283,277 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         assert!(text.contains(&format!("attack       {kind} x 2")), "{text}");
     }
     server.shutdown().await;
+}
+
+/// The load tool finds a board's leader by a byte search over the envelope (no JSON parse
+/// per frame); this checks it against the server's own serialization of a board's top.
+#[test]
+fn bench_reads_the_leader_of_the_servers_board_serialization() {
+    use crier::leaderboard::ranking::Entry;
+    use crier::leaderboard::service::ranked;
+    let entry = |player: &str, meta: Option<&str>| {
+        (
+            1u64,
+            Entry {
+                player: player.into(),
+                score: 42.0,
+                achieved: 1,
+                meta: meta.map(Into::into),
+            },
+        )
+    };
+    let envelope = |first| {
+        let data = serde_json::json!({
+            "board": "b",
+            "version": 2,
+            "top": ranked(&[first, entry("second", None)]),
+        });
+        format!(r#"{{"topic":"board:b","offset":7,"data":{data}}}"#)
+    };
+    let env = envelope(entry("bl-1-4", None));
+    let p = crier_bench::board::leader(env.as_bytes()).unwrap();
+    assert!(matches!(p, std::borrow::Cow::Borrowed(_)), "{p:?}");
+    assert_eq!(&*p, b"bl-1-4");
+    let env = envelope(entry("bl-1-5", Some(r#"{"player":"not me"}"#)));
+    assert_eq!(
+        &*crier_bench::board::leader(env.as_bytes()).unwrap(),
+        b"bl-1-5"
+    );
+}
+
+fn history_server_config(dir: &std::path::Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        // A namespace whose history cannot hold a 30-publication gap.
+        namespaces: vec![crier::config::Namespace {
+            pattern: "short:*".into(),
+            history_size: 5,
+            history_ttl: std::time::Duration::from_secs(300),
+            durable: false,
+        }],
+        ..Config::default()
+    }
+}
+
+/// `--resume-storm` (issue 7): every cut client comes back with its position and gets
+/// exactly the publications it missed; a gap the history cannot serve fails the run with
+/// every client counted as not recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_storm_catches_every_client_up_and_reports_an_unservable_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(history_server_config(dir.path()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    let pid = std::process::id().to_string();
+    let storm = |topic: &'static str| {
+        BenchArgs::from_flags([
+            "--url",
+            &url,
+            "--resume-storm",
+            "--topic",
+            topic,
+            "--subscribers",
+            "50",
+            "--messages",
+            "30",
+            "--server-pid",
+            &pid,
+            "--timeout",
+            "30s",
+            "--quiet",
+        ])
+        .unwrap()
+    };
+
+    let r = run_with(storm("storm")).await.unwrap();
+    let s = r.resume.as_ref().expect("resume report");
+    assert_eq!(
+        (s.subscribed, s.published, s.publish_errors),
+        (50, 30, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.target_offset, s.since_offset + 30, "{s:?}");
+    assert_eq!(
+        (s.reconnected, s.recovered, s.caught_up),
+        (50, 50, 50),
+        "{s:?}"
+    );
+    assert_eq!(s.not_recovered, 0, "{s:?}");
+    assert_eq!(
+        (s.expected_deliveries, s.received_deliveries),
+        (50 * 30, 50 * 30),
+        "{s:?}"
+    );
+    assert_eq!(
+        (s.lost, s.duplicates, s.out_of_order, s.unexpected),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    assert!(!s.timed_out);
+    // The server counted the same resumes.
+    assert_eq!(
+        (s.server_resumes_recovered, s.server_resumes_not_recovered),
+        (Some(50), Some(0)),
+        "{s:?}"
+    );
+    assert_eq!(s.catch_up_ms.count, 50);
+    assert!(s.all_caught_up_ms >= s.catch_up_ms.p50, "{s:?}");
+    let (before, peak) = (s.rss_before_kib.unwrap(), s.rss_peak_kib.unwrap());
+    assert!(peak >= before, "{s:?}");
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+    assert!(
+        r.to_text().contains("caught up    50 clients"),
+        "{}",
+        r.to_text()
+    );
+
+    // Only 5 publications kept: a 30-publication gap cannot be replayed.
+    let r = run_with(storm("short:storm")).await.unwrap();
+    let s = r.resume.as_ref().unwrap();
+    assert_eq!(
+        (s.reconnected, s.recovered, s.not_recovered),
+        (50, 0, 50),
+        "{s:?}"
+    );
+    assert_eq!(s.caught_up, 0);
+    assert_eq!(
+        (s.server_resumes_recovered, s.server_resumes_not_recovered),
+        (Some(0), Some(50)),
+        "{s:?}"
+    );
+    assert!(
+        r.failures()
+            .contains(&"50 clients were answered recovered:false".to_string()),
+        "{:?}",
+        r.failures()
+    );
+    server.shutdown().await;
+}
+
+/// `--publish-throughput` (issue 7): every publication acknowledged once, spread round
+/// robin over the topics, offsets contiguous per topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_throughput_counts_acknowledged_publications_over_many_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(history_server_config(dir.path()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    for (topics, topic) in [("1", "tp-one"), ("10", "tp")] {
+        let args = BenchArgs::from_flags([
+            "--url",
+            &url,
+            "--publish-throughput",
+            "--topic",
+            topic,
+            "--topics",
+            topics,
+            "--messages",
+            "200",
+            "--concurrency",
+            "8",
+            "--quiet",
+        ])
+        .unwrap();
+        let r = run_with(args).await.unwrap();
+        let t = r.throughput.as_ref().expect("throughput report");
+        assert_eq!((t.acked, t.failed), (200, 0), "{t:?}");
+        assert_eq!((t.offset_errors, t.epoch_changes), (0, 0), "{t:?}");
+        assert_eq!(t.ack_ms.count, 200);
+        assert!(t.per_sec > 0.0);
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+    }
+    // The server holds what the tool says it published: 200 on tp-one, 20 on each tp.N.
+    let http = crier::http_client::HttpClient::new(None);
+    for (topic, offset) in [("tp-one", 200), ("tp.0", 20), ("tp.9", 20)] {
+        let (status, body) = http
+            .get(&format!("{url}/api/topics/{topic}/history?limit=1"))
+            .await
+            .unwrap();
+        assert!(status.is_success(), "{status}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["offset"], offset, "{topic}: {v}");
+    }
+    server.shutdown().await;
+}
+
+/// `--resume-storm --transport sse`: the clients resume with a `Last-Event-ID` header, as
+/// a browser's EventSource does, and each gets exactly the publications it missed.
+///
+/// Needs SSE resume (branch h-sse: the `subscribed` event and `Last-Event-ID`); it passed
+/// on this branch merged with h-sse 4d70958 and again with a0fcd13 (over main ca3e8e1).
+/// Remove the `ignore` once both are merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SSE resume from h-sse; passes once it is merged"]
+async fn resume_storm_over_sse_resumes_with_last_event_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(history_server_config(dir.path()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--resume-storm",
+        "--transport",
+        "sse",
+        "--topic",
+        "sse-storm",
+        "--subscribers",
+        "40",
+        "--messages",
+        "25",
+        "--timeout",
+        "30s",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    let s = r.resume.as_ref().expect("resume report");
+    assert_eq!(r.transport, "sse");
+    assert_eq!((s.subscribed, s.published), (40, 25), "{s:?}");
+    assert_eq!(
+        (s.reconnected, s.recovered, s.caught_up),
+        (40, 40, 40),
+        "{s:?}"
+    );
+    assert_eq!(
+        (s.expected_deliveries, s.received_deliveries),
+        (40 * 25, 40 * 25),
+        "{s:?}"
+    );
+    assert_eq!((s.lost, s.duplicates, s.out_of_order), (0, 0, 0), "{s:?}");
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+    server.shutdown().await;
+}
+
+/// The load tool is a crate of its own that only the binary wires in (src/main.rs): the
+/// server library must never name it, so it is never linked into anything but `crier`.
+#[test]
+fn the_server_library_never_names_the_load_tool() {
+    fn walk(dir: &std::path::Path, hits: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, hits);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && !path.ends_with("src/main.rs")
+                && std::fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("crier_bench")
+            {
+                hits.push(path.display().to_string());
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut hits,
+    );
+    assert!(hits.is_empty(), "the library names crier_bench in {hits:?}");
+    let main = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/main.rs"));
+    assert!(main.unwrap().contains("crier_bench::run"));
 }

@@ -2,21 +2,26 @@
 //! earns: every reply must be one JSON object that echoes the command's `id` unchanged.
 #![no_main]
 
-use crier::hub::Position;
+use crier::broker::{StreamPosition, Subscribed};
 use crier::protocol::{self, Parsed};
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 
 fuzz_target!(|data: &[u8]| {
-    let pos = Position {
-        offset: 7,
-        epoch: "e1".into(),
-    };
+    let mut resumed = None;
     let (reply, id, op) = match protocol::parse(data) {
-        Parsed::Subscribe(topic, id) => {
+        Parsed::Subscribe(topic, since, id) => {
             assert!(crier::topic::is_valid(&topic));
-            (protocol::subscribed(&topic, &pos, id), id, "subscribed")
+            resumed = since.map(|_| true);
+            let sub = Subscribed {
+                position: StreamPosition {
+                    offset: 7,
+                    epoch: "9f1c2a7b".into(),
+                },
+                recovered: resumed,
+            };
+            (protocol::subscribed(&topic, &sub, id), id, "subscribed")
         }
         Parsed::Unsubscribe(topic, id) => {
             assert!(crier::topic::is_valid(&topic));
@@ -32,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
     // even though it does not fit an f64.
     let v: HashMap<String, &RawValue> = serde_json::from_slice(&reply).expect("reply is JSON");
     assert_eq!(v["op"].get(), format!("\"{op}\""));
+    // `recovered` answers a `since`, and only then.
+    assert_eq!(v.contains_key("recovered"), resumed.is_some());
     match id {
         Some(id) => {
             let s = id.get();

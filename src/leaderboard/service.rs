@@ -55,7 +55,7 @@ pub const MAX_ABS_SCORE: f64 = 1e15;
 pub const MAX_PLAYER_LEN: usize = 128;
 pub const MAX_META_BYTES: usize = 512;
 pub const MAX_BATCH: usize = 1000;
-pub const MAX_BOARD_NAME: usize = 64;
+pub use crier_protocol::names::MAX_BOARD_NAME;
 /// Bytes of score data that may wait for the disk at once (in the store writer's queue and
 /// in the boards' pending views). The queue is also bounded in requests, but a request
 /// can carry a 1 MiB batch; past this budget posts wait for commits before being read
@@ -388,12 +388,7 @@ impl Boards {
     }
 
     pub fn validate_name(name: &str) -> Result<(), BoardError> {
-        let ok = !name.is_empty()
-            && name.len() <= MAX_BOARD_NAME
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-        if ok {
+        if crier_protocol::names::is_valid_board(name) {
             Ok(())
         } else {
             Err(BoardError::Invalid(format!(

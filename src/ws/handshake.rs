@@ -9,7 +9,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use hyper_util::rt::TokioIo;
-use sha1::{Digest, Sha1};
 
 use super::connection;
 use super::frame;
@@ -19,8 +18,6 @@ use crate::net::DeadlineStream;
 use crate::protocol;
 use crate::state::{AppState, Registration};
 use crate::topic::topics_from_query;
-
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
@@ -163,24 +160,12 @@ fn key_is_valid(key: &str) -> bool {
             .is_ok_and(|k| k.len() == 16)
 }
 
-pub fn accept_key(key: &[u8]) -> String {
-    let mut sha = Sha1::new();
-    sha.update(key);
-    sha.update(GUID.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
-}
+/// Shared with the load tool, which checks the server's answer with it.
+pub use crier_protocol::handshake::accept_key;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc_example_accept_key() {
-        assert_eq!(
-            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-    }
 
     #[test]
     fn handshake_headers() {

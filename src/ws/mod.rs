@@ -2,5 +2,7 @@
 //! per-connection loop (`connection`) and its command rate limit (`rate`).
 
 pub mod connection;
-pub mod frame;
+/// The framing lives in `crier-protocol`, shared with the load tool; re-exported so
+/// `crate::ws::frame` stays the server's path to it.
+pub use crier_protocol::frame;
 pub mod handshake;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::{self, Frame};
 use super::offsets::OffsetTracker;
-use crate::ws::frame::{self, Decoder, Message, Role};
+use crier_protocol::frame::{self, Decoder, Message, Role};
 
 /// Bytes per read while messages flow.
 const READ_BUF: usize = 64 * 1024;
@@ -133,19 +133,21 @@ fn status_line(head: &str) -> &str {
     head.lines().next().unwrap_or("")
 }
 
-/// Connects, upgrades to WebSocket and waits for the `subscribed` reply. Returns the
-/// stream, the decoder (holding anything read past the reply) and the subscribed offset.
-pub async fn ws_open(
+/// Connects from the `i`-th source address and upgrades `target` (e.g. `/ws?topic=t`) to
+/// a WebSocket. Returns the stream and a client decoder holding anything read past the
+/// 101 response.
+pub async fn ws_upgrade(
     shared: &Shared,
     i: usize,
     rcvbuf: Option<u32>,
-) -> anyhow::Result<(TcpStream, Decoder, u64)> {
+    target: &str,
+) -> anyhow::Result<(TcpStream, Decoder)> {
     let mut stream = connect_tcp(shared, i, rcvbuf).await.context("connect")?;
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let req = format!(
-        "GET /ws?topic={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        shared.topic, shared.host
+        shared.host
     );
     stream.write_all(req.as_bytes()).await?;
     let (head, rest) = read_head(&mut stream).await?;
@@ -154,12 +156,24 @@ pub async fn ws_open(
         let body = String::from_utf8_lossy(&rest);
         bail!("upgrade refused: {status} {}", body.trim());
     }
-    let accept = crate::ws::handshake::accept_key(key.as_bytes());
+    let accept = crier_protocol::handshake::accept_key(key.as_bytes());
     if !head.contains(&accept) {
         bail!("wrong Sec-WebSocket-Accept");
     }
     let mut decoder = Decoder::new(Role::Client, MAX_MESSAGE);
     decoder.buffer_mut(rest.len()).extend_from_slice(&rest);
+    Ok((stream, decoder))
+}
+
+/// Connects, upgrades to WebSocket and waits for the `subscribed` reply. Returns the
+/// stream, the decoder (holding anything read past the reply) and the subscribed offset.
+pub async fn ws_open(
+    shared: &Shared,
+    i: usize,
+    rcvbuf: Option<u32>,
+) -> anyhow::Result<(TcpStream, Decoder, u64)> {
+    let target = format!("/ws?topic={}", shared.topic);
+    let (mut stream, mut decoder) = ws_upgrade(shared, i, rcvbuf, &target).await?;
     loop {
         while let Some(msg) = decoder.next_message()? {
             match msg {
@@ -406,14 +420,59 @@ pub fn sse_events(buf: &mut Vec<u8>, mut f: impl FnMut(SseEvent<'_>)) {
     buf.drain(..pos);
 }
 
+/// The body of an SSE response as events: de-chunks when needed and splits events off.
+#[derive(Debug, Default)]
+pub struct SseReader {
+    chunked: bool,
+    dechunk: Dechunker,
+    events: Vec<u8>,
+}
+
+impl SseReader {
+    pub fn new(chunked: bool) -> Self {
+        SseReader {
+            chunked,
+            ..Default::default()
+        }
+    }
+
+    /// Feeds body bytes; calls `f` for each complete event. Returns true once the body
+    /// ended (last chunk, or bad chunking).
+    pub fn feed(&mut self, raw: &[u8], f: impl FnMut(SseEvent<'_>)) -> bool {
+        let ended = if self.chunked {
+            self.dechunk.feed(raw, &mut self.events).unwrap_or(true)
+        } else {
+            self.events.extend_from_slice(raw);
+            false
+        };
+        sse_events(&mut self.events, f);
+        if self.events.is_empty() && self.events.capacity() > 4096 {
+            self.events = Vec::new();
+        }
+        ended
+    }
+}
+
 /// Opens an SSE stream. The server subscribes before it answers, so a 200 means the
 /// subscriber is in place. Returns the stream, whether the body is chunked, and any body
 /// bytes already read.
 pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
+    let target = format!("/sse?topic={}", shared.topic);
+    sse_request(shared, i, &target, "").await
+}
+
+/// `sse_open` for any `target`, with `headers` (each line ending in CRLF) added to the
+/// request, e.g. `Last-Event-ID`.
+pub async fn sse_request(
+    shared: &Shared,
+    i: usize,
+    target: &str,
+    headers: &str,
+) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
     let mut stream = connect_tcp(shared, i, None).await.context("connect")?;
     let req = format!(
-        "GET /sse?topic={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        shared.topic, shared.host
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{headers}\r\n",
+        shared.host
     );
     stream.write_all(req.as_bytes()).await?;
     let (head, rest) = read_head(&mut stream).await?;

@@ -131,13 +131,12 @@ mod tests {
             if size >= 60 {
                 assert_eq!(p.len(), size);
             }
-            let env = crate::publication::Publication::new("bench".into(), 100 + i as u64, &p);
-            let fast = delivery(env.envelope()).unwrap();
-            assert_eq!(
-                (fast.offset, fast.sent_us),
-                serde_view(env.envelope()),
-                "{body}"
-            );
+            // The server's envelope: {"topic":..,"offset":..,"data":<the body verbatim>}.
+            let mut env = format!(r#"{{"topic":"bench","offset":{},"data":"#, 100 + i).into_bytes();
+            env.extend_from_slice(&p);
+            env.push(b'}');
+            let fast = delivery(&env).unwrap();
+            assert_eq!((fast.offset, fast.sent_us), serde_view(&env), "{body}");
         }
     }
 

@@ -10,6 +10,8 @@ use serde::Serialize;
 use super::attack::AttackReport;
 use super::board::{BoardReport, ScoresReport};
 use super::offsets::Tally;
+use super::resume::ResumeReport;
+use super::throughput::ThroughputReport;
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Percentiles {
@@ -102,6 +104,10 @@ pub struct Report {
     pub board: Option<BoardReport>,
     /// --attack.
     pub attack: Option<AttackReport>,
+    /// --mode resume-storm.
+    pub resume: Option<ResumeReport>,
+    /// --mode publish-throughput.
+    pub throughput: Option<ThroughputReport>,
 }
 
 /// Deliveries per second over `elapsed`; 0 when nothing can be said.
@@ -142,6 +148,12 @@ impl Report {
         }
         if self.publish_errors > 0 {
             f.push(format!("{} publications failed", self.publish_errors));
+        }
+        if let Some(r) = &self.resume {
+            return r.failures();
+        }
+        if let Some(t) = &self.throughput {
+            return t.failures();
         }
         if let Some(sc) = &self.scores {
             if sc.requests_failed > 0 {
@@ -192,6 +204,19 @@ impl Report {
 
     pub fn to_text(&self) -> String {
         let mut s = String::new();
+        if let Some(t) = &self.throughput {
+            t.write_text(&mut s, &self.url, &self.topic);
+            return s;
+        }
+        if let Some(r) = &self.resume {
+            let _ = writeln!(
+                s,
+                "crier bench --mode resume-storm: {} {} clients of {} topic {:?}, {} publications x {} bytes while away",
+                self.subscribers, self.transport, self.url, self.topic, self.messages, self.payload_bytes
+            );
+            r.write_text(&mut s);
+            return s;
+        }
         if let Some(sc) = &self.scores {
             let _ = writeln!(
                 s,

@@ -34,8 +34,8 @@ use super::envelope::find;
 use super::report::Percentiles;
 use super::subscriber::{self, fill, new_histogram, wait_readable, Filled, Shared};
 use super::BenchArgs;
-use crate::http_client::HttpClient;
-use crate::ws::frame::{self, Decoder, Message};
+use crier_protocol::frame::{self, Decoder, Message};
+use crier_protocol::http_client::HttpClient;
 
 /// The first entry of a board update's top list as docs/leaderboards.md shows it...
 pub const LEADER_KEY: &[u8] = b"\"top\":[{\"rank\":1,\"player\":\"";
@@ -628,38 +628,24 @@ mod tests {
     }
 
     #[test]
-    fn leader_of_a_real_board_update() {
-        // The server's own serialization of a board state (as `Boards::publish` builds it),
-        // wrapped in a real envelope.
-        let entry = |player: &str, meta: Option<&str>| {
-            (
-                1u64,
-                crate::leaderboard::ranking::Entry {
-                    player: player.into(),
-                    score: 42.0,
-                    achieved: 1,
-                    meta: meta.map(Into::into),
-                },
+    fn leader_of_a_board_update() {
+        // A board state as the server serializes it (`Boards::publish`: rank, player,
+        // score, meta when set), in its envelope. tests/bench_tool.rs checks the same
+        // against the server's own serializer.
+        let envelope = |first: &str| {
+            format!(
+                r#"{{"topic":"board:b","offset":7,"data":{{"board":"b","version":2,"top":[{first},{{"rank":2,"player":"second","score":42}}]}}}}"#
             )
         };
-        let envelope = |e| {
-            let data = serde_json::to_vec(&serde_json::json!({
-                "board": "b",
-                "version": 2,
-                "top": crate::leaderboard::service::ranked(&[e, entry("second", None)]),
-            }))
-            .unwrap();
-            crate::publication::Publication::new("board:b".into(), 7, &data)
-        };
         // The bench's leaders have no meta: found by the byte search, no JSON parse.
-        let env = envelope(entry("bl-1-4", None));
-        let p = leader(env.envelope()).unwrap();
+        let env = envelope(r#"{"rank":1,"player":"bl-1-4","score":42}"#);
+        let p = leader(env.as_bytes()).unwrap();
         assert!(matches!(p, Cow::Borrowed(_)), "{p:?}");
         assert_eq!(&*p, b"bl-1-4");
         assert_eq!(post_index(&p, b"bl-1-"), Some(4));
         // With meta (which may hold a "player" key of its own) the fallback is right.
-        let env = envelope(entry("bl-1-5", Some(r#"{"player":"not me"}"#)));
-        assert_eq!(&*leader(env.envelope()).unwrap(), b"bl-1-5");
+        let env = envelope(r#"{"rank":1,"player":"bl-1-5","score":42,"meta":{"player":"not me"}}"#);
+        assert_eq!(&*leader(env.as_bytes()).unwrap(), b"bl-1-5");
     }
 
     #[test]

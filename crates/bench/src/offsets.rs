@@ -105,6 +105,12 @@ impl OffsetTracker {
         false
     }
 
+    /// Whether every offset in `start+1 ..= end` has been seen (a resumed client has
+    /// caught up to `end`).
+    pub fn has_all_through(&self, end: u64) -> bool {
+        self.last >= end && self.missing.iter().all(|&(lo, _)| lo > end)
+    }
+
     /// Offsets `start+1 ..= start+expected` were published; everything else is counted.
     pub fn tally(&self, expected: u64) -> Tally {
         let end = self.start + expected;
@@ -139,6 +145,21 @@ mod tests {
             t.record(o);
         }
         t.tally(expected)
+    }
+
+    #[test]
+    fn caught_up_means_no_gap_up_to_the_end() {
+        let mut t = OffsetTracker::new(10);
+        assert!(t.has_all_through(10));
+        assert!(!t.has_all_through(11));
+        for o in [11, 13, 14] {
+            t.record(o);
+        }
+        assert!(t.has_all_through(11));
+        assert!(!t.has_all_through(14), "12 is missing");
+        t.record(12);
+        assert!(t.has_all_through(14));
+        assert!(!t.has_all_through(15));
     }
 
     #[test]

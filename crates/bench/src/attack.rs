@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::report::Percentiles;
 use super::subscriber::read_head;
-use crate::ws::frame::{self, Decoder, Message, Role};
+use crier_protocol::frame::{self, Decoder, Message, Role};
 
 /// What the attacking sockets do. Each kind is one finding of issue #6 made repeatable.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]

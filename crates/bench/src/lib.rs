@@ -6,6 +6,12 @@
 //!
 //! `--mode scores` and `--mode board` measure the leaderboards instead (see `board`):
 //! durable score ingest, and post-to-screen latency of a new leader to N board watchers.
+//! `--mode resume-storm` (`resume`) cuts N subscribers, publishes while they are away and
+//! times their resume; `--mode publish-throughput` (`throughput`) counts acknowledged
+//! publications per second over one or many topics.
+//!
+//! The tool speaks to the server over the wire only: it depends on `crier-protocol` (the
+//! frame codec, names, HTTP client), never on the server library.
 //!
 //! The subscriber side is deliberately thin (see `subscriber`): the tool and the server
 //! usually share the machine, and every cycle the tool spends is one the server lacks.
@@ -15,7 +21,9 @@ pub mod board;
 pub mod envelope;
 pub mod offsets;
 pub mod report;
+pub mod resume;
 pub mod subscriber;
+pub mod throughput;
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -31,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::http_client::HttpClient;
+use crier_protocol::http_client::HttpClient;
 use offsets::Tally;
 use report::{IdleReport, Percentiles, Report, StalledReport};
 use subscriber::{Shared, SubResult};
@@ -65,6 +73,14 @@ pub enum BenchMode {
     /// at --rate per second (default 5), each making a new player the leader (latency from
     /// the POST's answer to each watcher seeing that leader).
     Board,
+    /// Resume after a reconnect storm: N subscribers of --topic (--transport ws or sse)
+    /// are cut, --messages are published while they are away, then all reconnect at once
+    /// with `since` (SSE: Last-Event-ID); time until every one has caught up, and
+    /// (--server-pid) peak server RSS.
+    ResumeStorm,
+    /// Acknowledged HTTP publications per second: --messages over --topics topics with
+    /// --concurrency keep-alive publishers.
+    PublishThroughput,
 }
 
 impl BenchMode {
@@ -73,16 +89,29 @@ impl BenchMode {
             BenchMode::Fanout => "fanout",
             BenchMode::Scores => "scores",
             BenchMode::Board => "board",
+            BenchMode::ResumeStorm => "resume-storm",
+            BenchMode::PublishThroughput => "publish-throughput",
         }
     }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to measure: fanout (a topic), scores (leaderboard ingest) or board (new leader
-    /// to board watchers).
+    /// What to measure: fanout (a topic), scores (leaderboard ingest), board (new leader
+    /// to board watchers), resume-storm (N clients resume at once) or publish-throughput
+    /// (acknowledged publications/s).
     #[arg(long, value_enum, default_value = "fanout")]
     pub mode: BenchMode,
+    /// Same as --mode resume-storm.
+    #[arg(long, conflicts_with_all = ["publish_throughput", "mode"])]
+    pub resume_storm: bool,
+    /// Same as --mode publish-throughput.
+    #[arg(long, conflicts_with = "mode")]
+    pub publish_throughput: bool,
+    /// Topics of --mode publish-throughput: 1 publishes to --topic, K > 1 round robin to
+    /// --topic.0 ..= --topic.(K-1).
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
     /// Server base URL; must be a loopback address (127.0.0.0/8, ::1 or localhost).
     #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
     pub url: String,
@@ -122,8 +151,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Concurrent HTTP publishers (connections) in a burst; in-flight cap at a steady rate.
-    /// In --mode scores: concurrent score posters (connections).
-    #[arg(long, default_value_t = 4)]
+    /// In --mode scores: concurrent score posters (connections); in --mode
+    /// publish-throughput: concurrent publishers (keep-alive connections).
+    #[arg(long, visible_alias = "concurrency", default_value_t = 4)]
     pub publishers: usize,
     /// Publisher key, if the server requires one.
     #[arg(long, env = "CRIER_KEY")]
@@ -145,7 +175,8 @@ pub struct BenchArgs {
     /// How long --idle holds the connections.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub hold: Duration,
-    /// The server's process id: its VmRSS is read before connecting and while holding.
+    /// The server's process id: its VmRSS is read before connecting and while holding
+    /// (--idle), and sampled for its peak during a --resume-storm.
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Run hostile clients of this kind next to the healthy steady-rate load (fanout mode)
@@ -269,18 +300,27 @@ fn sources(addr: SocketAddr, k: usize) -> Vec<IpAddr> {
 }
 
 /// Runs one benchmark and returns its report (also used by the integration tests).
-pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
+pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     let addr = loopback_addr(&args.url)?;
+    if args.resume_storm {
+        args.mode = BenchMode::ResumeStorm;
+    } else if args.publish_throughput {
+        args.mode = BenchMode::PublishThroughput;
+    }
     anyhow::ensure!(
         args.connect_concurrency >= 1,
         "--connect-concurrency must be at least 1"
     );
     anyhow::ensure!(args.publishers >= 1, "--publishers must be at least 1");
-    if args.mode != BenchMode::Fanout {
-        return run_leaderboard(args, addr).await;
+    match args.mode {
+        BenchMode::Fanout => {}
+        BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr).await,
+        BenchMode::ResumeStorm | BenchMode::PublishThroughput => {
+            return run_history(args, addr).await
+        }
     }
     anyhow::ensure!(
-        crate::topic::is_valid(&args.topic),
+        crier_protocol::names::is_valid_topic(&args.topic),
         "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
     );
     let attack_plan = match args.attack {
@@ -554,7 +594,7 @@ pub async fn run_with(args: BenchArgs) -> anyhow::Result<Report> {
 /// `--mode scores` and `--mode board`.
 async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        crate::leaderboard::service::Boards::validate_name(&args.board).is_ok(),
+        crier_protocol::names::is_valid_board(&args.board),
         "--board must be 1-64 bytes of A-Z a-z 0-9 _ - ."
     );
     let mut report = Report {
@@ -580,7 +620,43 @@ async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Re
             ));
             report.board = Some(board::run_board(&args, shared, &mut report).await?);
         }
-        BenchMode::Fanout => unreachable!("handled by run_with"),
+        _ => unreachable!("handled by run_with"),
+    }
+    Ok(report)
+}
+
+/// `--mode resume-storm` and `--mode publish-throughput` (issue 7).
+async fn run_history(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        crier_protocol::names::is_valid_topic(&args.topic),
+        "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
+    );
+    let hidden = args.quiet || args.json || !std::io::stderr().is_terminal();
+    let mut report = Report {
+        mode: args.mode.name().to_string(),
+        url: args.url.clone(),
+        transport: "ws".to_string(),
+        topic: args.topic.clone(),
+        messages: args.messages,
+        payload_bytes: args.payload,
+        ..Default::default()
+    };
+    match args.mode {
+        BenchMode::ResumeStorm => {
+            report.transport = args.transport.name().to_string();
+            report.subscribers = args.subscribers;
+            let shared = Arc::new(Shared::new(
+                addr,
+                args.topic.clone(),
+                sources(addr, args.source_ips),
+            ));
+            report.resume = Some(resume::run(&args, shared, hidden).await?);
+        }
+        BenchMode::PublishThroughput => {
+            report.transport = "http".to_string();
+            report.throughput = Some(throughput::run(&args).await?);
+        }
+        _ => unreachable!("handled by run_with"),
     }
     Ok(report)
 }
@@ -758,5 +834,25 @@ mod tests {
         assert_eq!(b.board, "bench");
         let c = BenchArgs::from_flags(["--mode", "board", "--board", "x"]).unwrap();
         assert_eq!((c.mode, c.board.as_str()), (BenchMode::Board, "x"));
+        let d = BenchArgs::from_flags(["--resume-storm", "--messages", "100"]).unwrap();
+        assert!(d.resume_storm && !d.publish_throughput);
+        let e = BenchArgs::from_flags([
+            "--publish-throughput",
+            "--topics",
+            "1000",
+            "--concurrency",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!((e.topics, e.publishers), (1000, 64));
+        assert_eq!(
+            BenchArgs::from_flags(["--mode", "publish-throughput"])
+                .unwrap()
+                .mode,
+            BenchMode::PublishThroughput
+        );
+        assert!(BenchArgs::from_flags(["--resume-storm", "--publish-throughput"]).is_err());
+        assert!(BenchArgs::from_flags(["--resume-storm", "--mode", "board"]).is_err());
+        assert!(BenchArgs::from_flags(["--publish-throughput", "--mode", "fanout"]).is_err());
     }
 }
