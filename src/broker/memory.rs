@@ -59,6 +59,13 @@ pub struct MemoryBroker {
     /// Live entries of `kept` (the rest are stale).
     pub(super) kept_live: AtomicUsize,
     pub(super) history_bytes: AtomicUsize,
+    /// The epoch a topic gets when it is created. It changes only when a topic that was
+    /// published to leaves the table (eviction), and with every process. So a topic that
+    /// existed only for its subscribers, left with the last of them and came back gets the
+    /// same epoch: nothing of it was lost, and a client that saw offset 0 resumes exactly.
+    /// A topic whose publications were lost always comes back in an epoch no earlier
+    /// position names. A leaf lock.
+    pub(super) fresh_epoch: Mutex<Arc<str>>,
     /// The durable history log, open when a namespace is `durable`.
     pub(super) log: Option<Arc<DurableLog>>,
     /// This broker, for the log's commit callbacks (set by [`MemoryBroker::open`]).
@@ -80,6 +87,7 @@ impl MemoryBroker {
             kept: Mutex::new(VecDeque::new()),
             kept_live: AtomicUsize::new(0),
             history_bytes: AtomicUsize::new(0),
+            fresh_epoch: Mutex::new(new_epoch()),
             log: None,
             me: Weak::new(),
         }

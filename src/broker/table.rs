@@ -74,7 +74,7 @@ impl MemoryBroker {
                 let ns = self.cfg.namespace(&name);
                 Arc::new(Stream::new(
                     name,
-                    new_epoch(),
+                    self.fresh_epoch.lock().clone(),
                     ns,
                     0,
                     by == Creator::Publisher,
@@ -138,9 +138,21 @@ impl MemoryBroker {
             });
             if evicted {
                 self.metrics.topics_evicted.inc();
+                self.rotate_fresh_epoch();
                 return true;
             }
         }
+    }
+
+    /// A published topic left the table: topics created from now on must not share an
+    /// epoch with any position handed out before (see `MemoryBroker::fresh_epoch`).
+    fn rotate_fresh_epoch(&self) {
+        let mut e = self.fresh_epoch.lock();
+        let mut next = new_epoch();
+        while next == *e {
+            next = new_epoch();
+        }
+        *e = next;
     }
 
     /// Takes a live stream out of the table if `removable` (run under the shard lock, which
@@ -305,6 +317,42 @@ mod tests {
             b.remove_client(c);
         }
         assert_eq!(b.subscriber_topic_count(), 0);
+        check_counts(&b);
+    }
+
+    /// A topic that only ever had subscribers holds nothing when it leaves, so it comes back
+    /// in the same epoch and a client that saw offset 0 resumes exactly; once a published
+    /// topic has been lost, topics come back in an epoch no earlier position names.
+    #[test]
+    fn only_losing_a_published_topic_changes_the_epoch_of_new_topics() {
+        let b = broker(2);
+        let c = ws_client();
+        let first = sub(&b, &c, "quiet").unwrap().position;
+        assert_eq!(first.offset, 0);
+        b.remove_client(&c);
+        assert_eq!(
+            b.topic_count(),
+            0,
+            "the unused topic left with its subscriber"
+        );
+        for d in ["1", "2", "3"] {
+            publish(&b, "quiet", d);
+        }
+        let c = ws_client();
+        let back = resume(&b, &c, "quiet", first.clone());
+        assert_eq!(back.recovered, Some(true));
+        assert_eq!(back.position.epoch, first.epoch);
+        assert_eq!(back.position.offset, 3);
+        b.remove_client(&c);
+
+        // "quiet" is idle with offsets 1..3; two new topics evict it.
+        publish(&b, "x", "1");
+        publish(&b, "y", "1");
+        assert_eq!(b.metrics.topics_evicted.get(), 1);
+        let c = ws_client();
+        let after = resume(&b, &c, "quiet", first.clone());
+        assert_eq!(after.recovered, Some(false), "its publications were lost");
+        assert_ne!(after.position.epoch, first.epoch);
         check_counts(&b);
     }
 
