@@ -1,6 +1,7 @@
 //! In-process fan-out cost: one publication handed to N subscribers' queues (encode once,
 //! a refcount bump and a short queue lock per subscriber), without any socket. Goes
-//! through the memory broker, so history keeping is part of the measured cost.
+//! through the memory broker; run with history on (the default 100 per topic) and off
+//! (`history_size = 0`) side by side, so the cost of keeping history shows.
 
 use std::sync::Arc;
 
@@ -14,10 +15,14 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("hub_publish");
-    for subscribers in [1_000usize, 10_000] {
+    for (subscribers, history) in [(1_000usize, 100), (1_000, 0), (10_000, 100), (10_000, 0)] {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(64, metrics.clone()));
-        let broker = MemoryBroker::new(&Config::default(), hub, metrics);
+        let cfg = Config {
+            history_size: history,
+            ..Config::default()
+        };
+        let broker = MemoryBroker::new(&cfg, hub, metrics);
         let clients: Vec<Arc<Client>> = (0..subscribers)
             .map(|i| {
                 let t = if i % 10 == 0 {
@@ -33,7 +38,7 @@ fn fanout(c: &mut Criterion) {
         let payload = format!("{{\"seq\":1,\"pad\":\"{}\"}}", "x".repeat(80));
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(
-            BenchmarkId::from_parameter(subscribers),
+            BenchmarkId::new(format!("history_{history}"), subscribers),
             &subscribers,
             |b, _| {
                 let mut n = 0u32;

@@ -23,6 +23,7 @@ pub mod origin;
 pub mod protocol;
 pub mod publication;
 pub mod rate;
+pub mod redb_file;
 pub mod server;
 pub mod sse;
 pub mod state;

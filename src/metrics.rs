@@ -68,6 +68,8 @@ pub struct Metrics {
     pub history_evicted: Counter,
     pub resumes: Family<ResumeLabel, Counter>,
     pub idempotent_replays: Counter,
+    pub durable_commits: Counter,
+    pub durable_commit_seconds: Histogram,
     pub publications: Counter,
     pub deliveries: Family<TransportLabel, Counter>,
     pub bytes_out: Family<TransportLabel, Counter>,
@@ -108,6 +110,10 @@ impl Metrics {
             history_evicted: Counter::default(),
             resumes: Family::default(),
             idempotent_replays: Counter::default(),
+            durable_commits: Counter::default(),
+            durable_commit_seconds: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
             publications: Counter::default(),
             deliveries: Family::default(),
             bytes_out: Family::default(),
@@ -178,6 +184,16 @@ impl Metrics {
             "idempotent_replays",
             "Publishes answered with an earlier receipt because of a repeated Idempotency-Key",
             m.idempotent_replays.clone(),
+        );
+        registry.register(
+            "durable_commits",
+            "Transactions committed (each one fsync) by the durable history log",
+            m.durable_commits.clone(),
+        );
+        registry.register(
+            "durable_commit_seconds",
+            "Time of one durable history commit (a group of publications, fsync included)",
+            m.durable_commit_seconds.clone(),
         );
         registry.register(
             "publications",

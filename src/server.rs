@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::app;
+use crate::broker::memory::MemoryBroker;
 use crate::close::DisconnectReason;
 use crate::config::Config;
 use crate::conn_limits::{Refusal, CONN_SLOT};
@@ -35,6 +36,8 @@ use crate::state::AppState;
 pub struct Server {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
+    /// For flushing the durable history at shutdown.
+    broker: Arc<MemoryBroker>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -47,9 +50,15 @@ impl Server {
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
-        let broker: Arc<dyn crate::broker::Broker> = Arc::new(
-            crate::broker::memory::MemoryBroker::new(&cfg, hub.clone(), metrics.clone()),
-        );
+        // Opening the durable history reads (and after a crash, repairs) a file: off the
+        // async workers.
+        let memory_broker = {
+            let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
+                .await?
+                .context("opening the durable history")?
+        };
+        let broker: Arc<dyn crate::broker::Broker> = memory_broker.clone();
         let shutdown = CancellationToken::new();
         let boards = Boards::open(
             &cfg,
@@ -65,6 +74,7 @@ impl Server {
         Ok(Server {
             addr,
             state,
+            broker: memory_broker,
             accept: Some(accept),
         })
     }
@@ -89,6 +99,7 @@ impl Server {
             );
         }
         state.boards.close().await;
+        self.broker.close().await;
     }
 }
 

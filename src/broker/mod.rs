@@ -8,7 +8,17 @@
 //! Modelled on centrifuge's `Broker` interface (publish with history, history reads,
 //! stream positions with an epoch); see docs/architecture.md.
 
+mod budget;
+pub mod durable;
+mod durable_topics;
+mod history;
+mod idempotency;
 pub mod memory;
+mod publish;
+mod stream;
+mod table;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 

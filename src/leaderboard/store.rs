@@ -61,14 +61,15 @@
 //! disk that is cleared, or a transient I/O error, does not need a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
 use redb::{
     Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
+
+use crate::redb_file::RedbFile;
 
 /// File name of the database inside the store directory.
 pub const DB_FILE: &str = "crier.redb";
@@ -329,12 +330,8 @@ pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 131_072;
 /// The durable store: a redb database in `<dir>/crier.redb`. Synchronous; use it from a
 /// blocking context or through [`StoreWriter`].
 pub struct Store {
-    /// `None` only between closing after an I/O error and a successful reopen. Only the one
-    /// thread committing (the writer's) ever takes the write lock.
-    db: RwLock<Option<Database>>,
-    /// A commit failed; redb refuses all further writes until the file is opened again.
-    broken: AtomicBool,
-    path: PathBuf,
+    /// Reopened after a failed commit (see the module docs).
+    file: RedbFile,
     /// Entries in the log, not yet checkpointed into the per-board tables.
     logged: AtomicU64,
     checkpoint_threshold: u64,
@@ -347,7 +344,7 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.path)
+            .field("path", &self.file.path())
             .field("logged", &self.logged)
             .finish()
     }
@@ -363,11 +360,9 @@ impl Store {
             source: Arc::new(e),
         })?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).with_ctx(|| format!("opening {}", path.display()))?;
+        let file = RedbFile::create(&path).with_ctx(|| format!("opening {}", path.display()))?;
         let store = Store {
-            db: RwLock::new(Some(db)),
-            broken: AtomicBool::new(false),
-            path,
+            file,
             logged: AtomicU64::new(0),
             checkpoint_threshold: DEFAULT_CHECKPOINT_ENTRIES,
             checkpoints: AtomicU64::new(0),
@@ -381,7 +376,7 @@ impl Store {
 
     /// Path of the database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Number of logged entries after which [`Store::commit`] (and the [`StoreWriter`],
@@ -408,36 +403,25 @@ impl Store {
     }
 
     fn begin_write(&self, context: &str) -> Result<WriteTransaction, StoreError> {
-        let db = self.db.read();
-        let db = db.as_ref().ok_or_else(|| StoreError::NotOpen {
-            path: self.path.clone(),
-        })?;
-        db.begin_write().ctx(context)
+        self.file
+            .with_db(Database::begin_write)
+            .ok_or_else(|| StoreError::NotOpen {
+                path: self.file.path().to_owned(),
+            })?
+            .ctx(context)
     }
 
-    /// Closes and opens the database again after an I/O error: redb refuses every write
-    /// after one (`PreviousIo`), and opening repairs the file to its last durable commit.
     fn reopen_if_broken(&self) -> Result<(), StoreError> {
-        if !self.broken.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut db = self.db.write();
-        // The old handle must be gone first: it holds the file lock.
-        drop(db.take());
-        let fresh = Database::create(&self.path)
-            .with_ctx(|| format!("reopening {}", self.path.display()))?;
-        *db = Some(fresh);
-        drop(db);
-        self.broken.store(false, Ordering::Release);
-        tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
-        Ok(())
+        self.file
+            .reopen_if_broken()
+            .with_ctx(|| format!("reopening {}", self.file.path().display()))
     }
 
     /// Remembers that the database must be reopened if `e` came from redb (not from a
     /// caller's mistake).
     fn note_failure(&self, e: &StoreError) {
         if matches!(e, StoreError::Db { .. }) {
-            self.broken.store(true, Ordering::Release);
+            self.file.mark_broken();
         }
     }
 
@@ -467,13 +451,13 @@ impl Store {
     /// Reads every board with its options, clock and entries (for start-up). Boards are
     /// sorted by name, entries by player.
     pub fn load(&self) -> Result<Vec<StoredBoard>, StoreError> {
-        let txn = {
-            let db = self.db.read();
-            let db = db.as_ref().ok_or_else(|| StoreError::NotOpen {
-                path: self.path.clone(),
-            })?;
-            db.begin_read().ctx("load: begin read")?
-        };
+        let txn = self
+            .file
+            .with_db(Database::begin_read)
+            .ok_or_else(|| StoreError::NotOpen {
+                path: self.file.path().to_owned(),
+            })?
+            .ctx("load: begin read")?;
         let boards = txn.open_table(BOARDS).ctx("load: open boards")?;
         let log = txn.open_table(LOG).ctx("load: open log")?;
         let mut out = Vec::new();

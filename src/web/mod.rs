@@ -2,14 +2,16 @@
 //!
 //! Plain HTML, CSS and JS compiled into the binary with `include_str!`: no build step, no
 //! framework, no external resource. The pages talk to the server over the same origin:
-//! `GET /api/boards` for the index and `/ws?topic=board:{name}` (falling back to
-//! `/sse?topic=board:{name}`) for one live board. See `docs/leaderboards.md` ("The web page").
+//! `GET /api/boards` for the index, and for one live board `crier.js`, the browser client
+//! module that applications load from here too (`docs/client.md`): `/ws?topic=board:{name}`,
+//! falling back to `/sse`, resuming from the last offset after a reconnect. See
+//! `docs/leaderboards.md` ("The web page").
 //!
 //! | route | body |
 //! |---|---|
 //! | `/` | `index.html` (the list of boards) |
 //! | `/boards/{board}` | `board.html` (one board, live; the page reads the name from the URL) |
-//! | `/assets/{file}` | `style.css`, `board.js`, `index.js` |
+//! | `/assets/{file}` | `style.css`, `board.js`, `index.js`, `crier.js` |
 
 use axum::{
     extract::Path,
@@ -24,6 +26,7 @@ const BOARD_HTML: &str = include_str!("assets/board.html");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 const BOARD_JS: &str = include_str!("assets/board.js");
 const INDEX_JS: &str = include_str!("assets/index.js");
+const CRIER_JS: &str = include_str!("assets/crier.js");
 
 const HTML: &str = "text/html; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
@@ -34,6 +37,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ("style.css", CSS, STYLE_CSS),
     ("board.js", JS, BOARD_JS),
     ("index.js", JS, INDEX_JS),
+    ("crier.js", JS, CRIER_JS),
 ];
 
 /// The web page's routes, to be merged into the server's router.
@@ -71,9 +75,24 @@ async fn board(Path(_board): Path<String>) -> Response {
     embedded(HTML, BOARD_HTML)
 }
 
+/// The client module a page of another origin may import.
+const SHARED_MODULE: &str = "crier.js";
+
 async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
-        Some((_, content_type, body)) => embedded(content_type, body),
+        Some((name, content_type, body)) => {
+            let mut res = embedded(content_type, body);
+            // A cross-origin `import` of a module needs CORS. The file is public, static and
+            // sent without credentials, so any origin may read it; this grants nothing else
+            // (the API still refuses other origins, see docs/protocol.md "Origins").
+            if *name == SHARED_MODULE {
+                res.headers_mut().insert(
+                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    HeaderValue::from_static("*"),
+                );
+            }
+            res
+        }
         None => (
             StatusCode::NOT_FOUND,
             [(header::CONTENT_TYPE, HeaderValue::from_static(HTML))],
@@ -117,7 +136,8 @@ mod tests {
             ("/boards/arena", HTML, "/assets/board.js"),
             ("/boards/e2e-arena", HTML, "id=\"board-title\""),
             ("/assets/style.css", CSS, "moved-up"),
-            ("/assets/board.js", JS, "EventSource"),
+            ("/assets/board.js", JS, "from \"./crier.js\""),
+            ("/assets/crier.js", JS, "EventSource"),
             ("/assets/index.js", JS, "/api/boards"),
         ];
         for (path, content_type, needle) in cases {
@@ -126,6 +146,26 @@ mod tests {
             assert_eq!(ct.as_deref(), Some(content_type), "{path}");
             assert_eq!(cc.as_deref(), Some("no-cache"), "{path}");
             assert!(body.contains(needle), "{path} should contain {needle}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_client_module_may_be_read_cross_origin() {
+        for (name, _, _) in ASSETS {
+            let res = routes::<()>()
+                .oneshot(
+                    Request::get(format!("/assets/{name}"))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let acao = res.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+            if *name == SHARED_MODULE {
+                assert_eq!(acao.map(|v| v.to_str().unwrap()), Some("*"));
+            } else {
+                assert!(acao.is_none(), "{name} must not be readable cross-origin");
+            }
         }
     }
 

@@ -1,21 +1,21 @@
-// crier: one live leaderboard (served at /boards/{name}).
+// crier: one live leaderboard (served at /boards/{name}), an ES module.
 //
-// Subscribes to the topic `board:{name}` over WebSocket (/ws), falling back to SSE (/sse),
-// and renders each board update. Reconnects by itself with exponential backoff and full
-// jitter; every (re)connect starts with a fresh snapshot. No framework, no build step.
+// Subscribes to the topic `board:{name}` through crier.js (WebSocket, falling back to SSE;
+// reconnects with backoff and jitter and resumes from the last offset) and renders each
+// board update. A board is a state topic: after a reset (the gap could not be replayed) the
+// snapshot that follows is the whole state. No framework, no build step.
 //
 // Query parameters: ?transport=sse forces SSE, ?transport=ws forces WebSocket (no fallback).
-"use strict";
+import { Crier } from "./crier.js";
 
-(() => {
-  const BACKOFF_BASE_MS = 250;
-  const BACKOFF_CAP_MS = 10000;
-  const GIVE_UP_CAP_MS = 60000; // retry delay after a "do not reconnect" close (4500-4999)
-  const HEALTHY_AFTER_MS = 3000; // an open connection this old resets the backoff
+{
+  const BACKOFF = {
+    baseMs: 250,
+    maxMs: 10000,
+    stableMs: 3000, // an open connection this old resets the backoff
+    refusedMs: 60000, // retry delay after a "do not reconnect" close (4500-4999)
+  };
   const HIGHLIGHT_MS = 1500;
-  const WS_FAILURES_BEFORE_SSE = 2;
-  const WS_PING_EVERY_MS = 20000;
-  const WS_SILENCE_LIMIT_MS = 50000; // nothing at all received for this long: reconnect
 
   const $ = (sel) => document.querySelector(sel);
   const el = {
@@ -57,9 +57,9 @@
     reconnecting: "Reconnecting…",
     offline: "Offline",
   };
-  function setStatus(state, detail) {
+  function setStatus(state, detail, transport) {
     el.status.dataset.state = state;
-    el.status.dataset.transport = transport;
+    el.status.dataset.transport = transport || "";
     const via = transport === "sse" ? "SSE" : "WebSocket";
     let label = LABELS[state];
     if (state === "live") label += " · " + via;
@@ -228,226 +228,40 @@
     render(data);
   }
 
-  // ---- transports ------------------------------------------------------------------------
-  let transport = forced === "sse" || typeof window.WebSocket !== "function" ? "sse" : "ws";
-  if (typeof window.EventSource !== "function") transport = "ws";
-  let generation = 0; // bumps on every new connection; late events of old ones are ignored
-  let conn = null; // {close()}
-  let attempt = 0; // consecutive failed attempts, for the backoff
-  let wsFailuresBeforeOpen = 0;
-  let wsEverOpened = false;
-  let everLive = false;
-  let retryTimer = null;
-
-  function connect() {
-    clearTimeout(retryTimer);
-    retryTimer = null;
-    if (conn) conn.close(); // never two connections at once
-    conn = null;
-    const gen = ++generation;
-    setStatus(everLive ? "reconnecting" : "connecting");
-    const handlers = {
-      open() {
-        if (gen !== generation) return;
-        everLive = true;
-        setStatus("live");
+  // ---- connection (crier.js) -----------------------------------------------------------------
+  function start() {
+    const crier = new Crier({ transport: forced === "sse" || forced === "ws" ? forced : "auto", backoff: BACKOFF });
+    crier.on("state", (state, info) => {
+      if (state === "open") setStatus("live", "", info.transport);
+      else if (state === "connecting") setStatus("connecting", "", info.transport);
+      else if (state === "reconnecting") {
+        setStatus(info.offline ? "offline" : "reconnecting", info.offline ? "no network" : "", info.transport);
+      } else if (state === "closed") setStatus("offline", info.final ? "server refused" : "", info.transport);
+    });
+    crier.on("error", (e) => console.warn("crier:", e.code, e.message));
+    // The first update after subscribing or after a reset is taken as it is, even with a
+    // lower version (the server's state was reset); later ones must be newer.
+    let takeAsIs = true;
+    crier.subscribe(topic, {
+      onMessage(data) {
+        onUpdate(data, takeAsIs);
+        takeAsIs = false;
       },
-      message(text, first) {
-        if (gen !== generation) return;
-        let msg;
-        try {
-          msg = JSON.parse(text);
-        } catch {
-          return;
-        }
-        if (!msg || typeof msg !== "object") return;
-        if (msg.op !== undefined) {
-          if (msg.op === "error") console.warn("crier:", msg.code, msg.message);
-          return; // subscribed, pong, ...: nothing to show
-        }
-        if (msg.topic !== topic) return;
-        onUpdate(msg.data, first());
+      onReset() {
+        takeAsIs = true;
       },
-      // The connection ended. `opened`: it had opened; `giveUp`: the server asked not to
-      // reconnect without a change (close codes 4500-4999).
-      closed(opened, giveUp) {
-        if (gen !== generation) return;
-        conn = null;
-        scheduleReconnect(opened, giveUp);
-      },
-      healthy() {
-        if (gen === generation) attempt = 0;
-      },
-    };
-    conn = transport === "ws" ? openWs(handlers) : openSse(handlers);
+    });
+    window.addEventListener("offline", () => {
+      if (crier.state !== "open") setStatus("offline", "no network", crier.transport);
+    });
   }
-
-  function scheduleReconnect(opened, giveUp) {
-    if (transport === "ws" && forced !== "ws") {
-      if (opened) {
-        wsFailuresBeforeOpen = 0;
-      } else if (++wsFailuresBeforeOpen >= WS_FAILURES_BEFORE_SSE && !wsEverOpened && typeof EventSource === "function") {
-        // WebSocket never worked on this page: it is probably blocked on the way.
-        transport = "sse";
-        wsFailuresBeforeOpen = 0;
-        attempt = 0;
-      }
-    } else if (transport === "sse" && forced !== "sse" && !opened && !wsEverOpened && typeof WebSocket === "function") {
-      // SSE did not work either: the server is probably down, not WebSocket blocked. Go on
-      // alternating so that whichever works first when it is back wins.
-      transport = "ws";
-    }
-    if (!navigator.onLine) {
-      setStatus("offline", "no network");
-      return; // the "online" event reconnects
-    }
-    let delay;
-    if (giveUp) {
-      delay = GIVE_UP_CAP_MS;
-      setStatus("offline", "server refused");
-    } else {
-      // Full jitter: uniform in [0, min(cap, base * 2^attempt)].
-      const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** Math.min(attempt, 16));
-      delay = Math.random() * ceiling;
-      attempt++;
-      setStatus(everLive ? "reconnecting" : "connecting");
-    }
-    clearTimeout(retryTimer);
-    retryTimer = setTimeout(connect, delay);
-  }
-
-  function openWs(h) {
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const url = `${proto}//${location.host}/ws?topic=${encodeURIComponent(topic)}`;
-    let ws;
-    try {
-      ws = new WebSocket(url);
-    } catch (e) {
-      setTimeout(() => h.closed(false, false), 0);
-      return { close() {} };
-    }
-    let opened = false;
-    let gotUpdate = false;
-    let lastHeard = Date.now();
-    let pingId = 0;
-    let pinger = null;
-    let healthyTimer = null;
-    let done = false;
-    const finish = (giveUp) => {
-      if (done) return;
-      done = true;
-      clearInterval(pinger);
-      clearTimeout(healthyTimer);
-      h.closed(opened, giveUp);
-    };
-    ws.onopen = () => {
-      opened = true;
-      wsEverOpened = true;
-      h.open();
-      healthyTimer = setTimeout(h.healthy, HEALTHY_AFTER_MS);
-      // Browsers answer server pings on their own but cannot see them; an application
-      // ping makes a silently dead connection show up on this side too.
-      pinger = setInterval(() => {
-        if (Date.now() - lastHeard > WS_SILENCE_LIMIT_MS) {
-          ws.close(4000, "silent");
-          finish(false);
-          return;
-        }
-        if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ op: "ping", id: ++pingId }));
-      }, WS_PING_EVERY_MS);
-    };
-    ws.onmessage = (ev) => {
-      lastHeard = Date.now();
-      if (typeof ev.data !== "string") return;
-      h.message(ev.data, () => {
-        const first = !gotUpdate;
-        gotUpdate = true;
-        return first;
-      });
-    };
-    ws.onerror = () => {}; // always followed by close
-    ws.onclose = (ev) => finish(ev.code >= 4500 && ev.code <= 4999);
-    return {
-      close() {
-        done = true;
-        clearInterval(pinger);
-        clearTimeout(healthyTimer);
-        try {
-          ws.close(1000);
-        } catch {}
-      },
-    };
-  }
-
-  function openSse(h) {
-    const es = new EventSource(`/sse?topic=${encodeURIComponent(topic)}`);
-    let opened = false;
-    let gotUpdate = false;
-    let healthyTimer = null;
-    let done = false;
-    es.onopen = () => {
-      opened = true;
-      h.open();
-      healthyTimer = setTimeout(h.healthy, HEALTHY_AFTER_MS);
-    };
-    es.onmessage = (ev) => {
-      h.message(ev.data, () => {
-        const first = !gotUpdate;
-        gotUpdate = true;
-        return first;
-      });
-    };
-    // EventSource would retry by itself, but without our backoff, status and transport
-    // choice: close it and reconnect our way (a new stream starts with a fresh snapshot).
-    es.onerror = () => {
-      if (done) return;
-      done = true;
-      clearTimeout(healthyTimer);
-      es.close();
-      h.closed(opened, false);
-    };
-    return {
-      close() {
-        done = true;
-        clearTimeout(healthyTimer);
-        es.close();
-      },
-    };
-  }
-
-  window.addEventListener("online", () => {
-    if (!conn) {
-      clearTimeout(retryTimer);
-      attempt = 0;
-      connect();
-    }
-  });
-  window.addEventListener("offline", () => {
-    if (!conn) setStatus("offline", "no network");
-  });
-  window.addEventListener("pagehide", () => {
-    clearTimeout(retryTimer);
-    generation++;
-    if (conn) conn.close();
-    conn = null;
-  });
-  // Coming back from the back/forward cache: the old connection is gone.
-  window.addEventListener("pageshow", (ev) => {
-    if (ev.persisted) {
-      clearTimeout(retryTimer);
-      attempt = 0;
-      connect();
-    }
-  });
 
   if (!boardName) {
     setStatus("offline", "no board in the address");
-    return;
-  }
-  // The server refuses a bad topic name (400): say so instead of retrying forever.
-  if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(topic)) {
+  } else if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(topic)) {
+    // The server refuses a bad topic name (400): say so instead of retrying forever.
     setStatus("offline", "invalid board name");
-    return;
+  } else {
+    start();
   }
-  connect();
-})();
+}
