@@ -161,8 +161,11 @@ impl Client {
             {
                 let (old_len, new_len) = (old.bytes.len(), item.bytes.len());
                 if queued - old_len + new_len <= budget {
-                    // Keep the older item's place (and publish time, so latency stays honest).
+                    // Keep the older item's place (and publish time, so latency stays honest),
+                    // but carry the newer position: the SSE id written with it must say
+                    // which state the client now has.
                     old.bytes = item.bytes;
+                    old.source = item.source;
                     q.bytes = queued - old_len + new_len;
                     metrics.conflated.inc();
                     return Pushed::Queued;
@@ -325,11 +328,15 @@ mod tests {
         for n in 0..50 {
             assert!(c.push(item(20 + n % 3, Some("board:a")), &m));
         }
+        let p = crate::publication::Publication::new("board:a".into(), 77, b"{}");
+        assert!(c.push(Item::publication(&p, p.wire(Transport::Ws), true, true), &m));
         let Batch::Items(items) = c.take(1000, 10) else {
             panic!("expected items")
         };
         assert_eq!(items.len(), 2);
-        assert_eq!(items[0].bytes.len(), 20 + 49 % 3);
+        assert_eq!(&items[0].bytes, &p.wire(Transport::Ws));
+        // The newest state's position travels with its bytes.
+        assert_eq!(items[0].source, Some(("board:a".into(), 77)));
         assert_eq!(c.queued_bytes(), 0);
     }
 
