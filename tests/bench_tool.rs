@@ -481,12 +481,7 @@ async fn publish_throughput_counts_acknowledged_publications_over_many_topics() 
 
 /// `--resume-storm --transport sse`: the clients resume with a `Last-Event-ID` header, as
 /// a browser's EventSource does, and each gets exactly the publications it missed.
-///
-/// Needs SSE resume (branch h-sse: the `subscribed` event and `Last-Event-ID`); it passed
-/// on this branch merged with h-sse 4d70958 and again with a0fcd13 (over main ca3e8e1).
-/// Remove the `ignore` once both are merged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs SSE resume from h-sse; passes once it is merged"]
 async fn resume_storm_over_sse_resumes_with_last_event_id() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(history_server_config(dir.path()))
