@@ -13,6 +13,7 @@ pub mod client;
 pub mod close;
 pub mod config;
 pub mod conn_limits;
+pub mod error_code;
 pub mod fd_limit;
 pub mod http_client;
 pub mod hub;

@@ -18,7 +18,7 @@ use crate::client::{Batch, Item};
 use crate::close::DisconnectReason;
 use crate::metrics::Transport;
 use crate::state::{AppState, Registration};
-use crate::topic::topics_from_query;
+use crate::topic::{topics_from_query, TopicError};
 
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 1024;
@@ -45,10 +45,7 @@ fn open(
     let access = crate::origin::check(headers, &state.cfg)?;
     let topics = topics_from_query(query, state.cfg.max_topics_per_connection)?;
     if topics.is_empty() {
-        return Err(ApiError::bad_request(
-            "bad_topic",
-            "give at least one ?topic=NAME",
-        ));
+        return Err(TopicError::NoTopic.into());
     }
     let reg = Registration::new(state, Transport::Sse)?;
     reg.client.push(
