@@ -60,3 +60,71 @@ fn the_example_file_in_configuration_md_is_accepted() {
     assert_eq!(cfg.namespace("ticker").history_size, 0);
     assert_eq!(cfg.namespace("other").history_size, 100);
 }
+
+/// The other direction: every code a table in the protocol docs names is a real code, with
+/// the status that table gives it.
+#[test]
+fn codes_named_in_protocol_docs_exist_with_their_status() {
+    use crier::error_code::ErrorCode;
+    let find = |name: &str| ErrorCode::ALL.iter().copied().find(|c| c.as_str() == name);
+    let backticked = |cell: &str| -> Vec<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let mut checked = 0;
+    for doc in ["docs/protocol.md", "docs/leaderboards.md"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(doc);
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut columns: Option<(usize, Option<usize>)> = None;
+        let mut prev_was_table = false;
+        for line in text.lines() {
+            let is_table = line.starts_with('|');
+            if !is_table {
+                prev_was_table = false;
+                columns = None;
+                continue;
+            }
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if !prev_was_table {
+                prev_was_table = true;
+                columns = cells
+                    .iter()
+                    .position(|c| *c == "code")
+                    .map(|i| (i, cells.iter().position(|c| *c == "status")));
+                continue;
+            }
+            let Some((code_col, status_col)) = columns else {
+                continue;
+            };
+            let codes = backticked(cells[code_col]);
+            let statuses: Vec<u16> = status_col
+                .map(|i| {
+                    cells[i]
+                        .split('/')
+                        .filter_map(|s| s.trim().parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (i, name) in codes.iter().enumerate() {
+                let code = find(name).unwrap_or_else(|| panic!("{doc}: `{name}` is no ErrorCode"));
+                checked += 1;
+                // `too_many_topics` is answered 400 or 503 by cause.
+                let status = statuses.get(i).or(statuses.first());
+                if let (Some(s), false) = (status, code == ErrorCode::TooManyTopics) {
+                    assert_eq!(
+                        code.status().map(|c| c.as_u16()),
+                        Some(*s),
+                        "{doc}: `{name}`"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 20,
+        "only {checked} codes found in the docs' tables"
+    );
+}
