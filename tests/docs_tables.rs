@@ -128,3 +128,25 @@ fn codes_named_in_protocol_docs_exist_with_their_status() {
         "only {checked} codes found in the docs' tables"
     );
 }
+
+/// The OpenAPI error schema enumerates exactly the codes an HTTP answer can carry, so
+/// tests/openapi.rs (and schemathesis) refuse any other.
+#[test]
+fn openapi_error_schema_lists_every_http_error_code() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api/openapi.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let listed: Vec<&str> = doc["components"]["schemas"]["Error"]["properties"]["error"]
+        ["properties"]["code"]["enum"]
+        .as_array()
+        .expect("an enum of codes")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let http: Vec<&str> = crier::error_code::ErrorCode::ALL
+        .iter()
+        .filter(|c| c.status().is_some())
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(listed, http, "src/api/openapi.json Error.code enum");
+}
