@@ -26,6 +26,12 @@ fn normalized(s: &Setting) -> String {
     s.example.trim_end_matches('/').to_string()
 }
 
+/// clap's own consistency checks (unique ids and flags, valid defaults) over the whole CLI.
+#[test]
+fn the_command_line_is_consistent() {
+    Cli::command().debug_assert();
+}
+
 #[test]
 fn help_lists_every_argument_with_its_flag_variable_and_default() {
     let all = settings();
