@@ -32,7 +32,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             intent::require,
         ))
-        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(crate::error_code::ErrorCode::NotFound, "no such endpoint")
+        })
         .layer(map_response(json_errors::json_errors))
         .with_state(state)
 }

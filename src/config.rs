@@ -1,145 +1,453 @@
-//! Server settings. Each one has a flag, a `CRIER_*` variable and a key in the optional TOML
-//! file; precedence is flag > variable > file > built-in default. clap reads flags and
-//! variables (so `--help` lists both), serde reads the file, and `Config::resolve` merges.
+//! Server settings. Each is declared once, in the `settings!` list below: name, type,
+//! default, an example and its help. From the name come the flag (`--max-topics`), the
+//! variable (`CRIER_MAX_TOPICS`) and the key in the optional TOML file (`max_topics`);
+//! precedence is flag > variable > file > built-in default. clap reads flags and variables
+//! (so `--help` lists both), the file is read key by key, and `Config::resolve` merges.
+//! What does not fit one line of the list stays explicit in `resolve`: lists are trimmed,
+//! `max_subscriber_topics` follows `max_topics`, `[[namespace]]` tables are TOML-only.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Arg, ArgAction, ArgMatches};
 use serde::Deserialize;
 
-/// Options of `crier serve`. Every field is optional here so the merge can tell "not given"
-/// from "given as the default"; the defaults live in `Config::default`.
-#[derive(Args, Debug, Clone, Default)]
-pub struct ServeArgs {
-    /// TOML file with any of the settings below (keys are the long flag names with `_`).
-    #[arg(long, env = "CRIER_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:7700].
-    #[arg(long, env = "CRIER_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Folder for durable data (leaderboards) [default: ./crier-data].
-    #[arg(long, env = "CRIER_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+/// How one setting's type is read from a flag or variable and from the TOML file, and how
+/// it is written back (help, docs, tests).
+pub trait SettingValue: Clone + fmt::Debug + Send + Sync + 'static {
+    /// A value every flag of this type refuses, for the `--help` test; `None` when any
+    /// text is a valid value (paths, keys).
+    const INVALID: Option<&'static str>;
+    /// Parses a flag or `CRIER_*` value.
+    fn parse(s: &str) -> Result<Self, String>;
+    /// Reads the value of the setting's key in the TOML file.
+    fn from_toml(v: toml::Value) -> Result<Self, String>;
+    /// The value as a flag would take it.
+    fn show(&self) -> String;
+    /// The value as the TOML file would hold it.
+    fn to_toml(&self) -> toml::Value;
+    /// Lists repeat and switches may stand alone; everything else takes one value.
+    fn adjust(arg: Arg) -> Arg {
+        arg.value_parser(Self::parse)
+    }
+    fn from_matches(m: &ArgMatches, id: &str) -> Option<Self> {
+        m.get_one::<Self>(id).cloned()
+    }
+}
+
+macro_rules! plain_setting_value {
+    ($($ty:ty => $invalid:expr),* $(,)?) => {$(
+        impl SettingValue for $ty {
+            const INVALID: Option<&'static str> = $invalid;
+            fn parse(s: &str) -> Result<Self, String> {
+                s.parse().map_err(|e| format!("{e}"))
+            }
+            fn from_toml(v: toml::Value) -> Result<Self, String> {
+                Self::deserialize(v).map_err(|e| e.to_string())
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+            fn to_toml(&self) -> toml::Value {
+                toml::Value::try_from(self).expect("a plain value")
+            }
+        }
+    )*};
+}
+
+plain_setting_value!(usize => Some("many"), u32 => Some("-1"), SocketAddr => Some("nowhere"));
+
+impl SettingValue for bool {
+    const INVALID: Option<&'static str> = Some("maybe");
+    fn parse(s: &str) -> Result<Self, String> {
+        s.parse().map_err(|_| format!("{s:?} is not true or false"))
+    }
+    fn from_toml(v: toml::Value) -> Result<Self, String> {
+        Self::deserialize(v).map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::Boolean(*self)
+    }
+    /// `--echo-endpoint` alone means true.
+    fn adjust(arg: Arg) -> Arg {
+        arg.value_parser(Self::parse)
+            .num_args(0..=1)
+            .default_missing_value("true")
+    }
+}
+
+impl SettingValue for PathBuf {
+    const INVALID: Option<&'static str> = None;
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(PathBuf::from(s))
+    }
+    fn from_toml(v: toml::Value) -> Result<Self, String> {
+        Self::deserialize(v).map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(self.show())
+    }
+}
+
+/// Durations are written as humantime text everywhere ("25s", "500ms", "5m").
+impl SettingValue for Duration {
+    const INVALID: Option<&'static str> = Some("soon");
+    fn parse(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))
+    }
+    fn from_toml(v: toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::String(s) => Self::parse(&s),
+            other => Err(format!(
+                "a duration is a string such as \"25s\", not {}",
+                other.type_str()
+            )),
+        }
+    }
+    fn show(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(self.show())
+    }
+}
+
+/// A list: the flag repeats or takes commas, the variable takes commas, the file an array.
+impl SettingValue for Vec<String> {
+    const INVALID: Option<&'static str> = None;
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(s.split(',').map(str::to_string).collect())
+    }
+    fn from_toml(v: toml::Value) -> Result<Self, String> {
+        Self::deserialize(v).map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        self.join(",")
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::Array(self.iter().cloned().map(toml::Value::String).collect())
+    }
+    fn adjust(arg: Arg) -> Arg {
+        arg.action(ArgAction::Append).value_delimiter(',')
+    }
+    fn from_matches(m: &ArgMatches, id: &str) -> Option<Self> {
+        m.get_many::<String>(id).map(|v| v.cloned().collect())
+    }
+}
+
+/// One declared setting, as `--help`, docs/configuration.md and the tests see it.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// The `Config` field and the TOML key.
+    pub name: &'static str,
+    /// The long flag, without `--`.
+    pub flag: String,
+    pub env: String,
+    pub help: String,
+    /// The default as documented (may be prose, e.g. "half of max_topics").
+    pub default: String,
+    /// A valid value other than the default, as a flag takes it.
+    pub example: &'static str,
+    /// A value the flag refuses, if the type has one.
+    pub invalid: Option<&'static str>,
+    /// `example` as a TOML value.
+    pub toml_example: toml::Value,
+    /// `invalid` as a TOML value: the same value when the flag parser takes it and only
+    /// `Config::resolve` refuses it, else the text as a TOML string (of the wrong type).
+    pub toml_invalid: Option<toml::Value>,
+}
+
+macro_rules! pick {
+    ($given:literal, $fallback:expr) => {
+        $given.to_string()
+    };
+    (, $fallback:expr) => {
+        $fallback
+    };
+}
+
+macro_rules! pick_invalid {
+    ($given:literal, $fallback:expr) => {
+        Some($given)
+    };
+    (, $fallback:expr) => {
+        $fallback
+    };
+}
+
+/// Declares every setting once. Each entry: doc lines (the help), `name: Type = default`,
+/// `example "..."` (a valid non-default value, for the tests), then optionally `flag "..."`
+/// (when the flag is not the name with `-`), `shown "..."` (a default in words) and
+/// `invalid "..."` (a refused value the type alone does not give).
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident : $ty:ty = $default:expr, example $example:literal
+            $(, flag $flag:literal)? $(, shown $shown:literal)? $(, invalid $invalid:literal)? ;
+    )*) => {
+        /// The resolved settings the server runs with.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+            /// From the settings file, in file order; `namespace()` picks a topic's.
+            pub namespaces: Vec<Namespace>,
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $name: $default, )* namespaces: Vec::new() }
+            }
+        }
+
+        /// Options of `crier serve` (and `demo`), and equally one layer of settings (the
+        /// file's). Every field is optional so the merge can tell "not given" from "given as
+        /// the default".
+        #[derive(Debug, Clone, Default)]
+        pub struct ServeArgs {
+            pub config: Option<PathBuf>,
+            $( pub $name: Option<$ty>, )*
+        }
+
+        /// Every declared setting, in declaration order.
+        pub fn settings() -> Vec<Setting> {
+            let d = Config::default();
+            vec![$(
+                Setting {
+                    name: stringify!($name),
+                    flag: pick!($($flag)?, stringify!($name).replace('_', "-")),
+                    env: format!("CRIER_{}", stringify!($name).to_uppercase()),
+                    help: [$($doc),*].iter().map(|l| l.trim()).collect::<Vec<_>>().join(" "),
+                    default: pick!($($shown)?, SettingValue::show(&d.$name)),
+                    example: $example,
+                    invalid: pick_invalid!($($invalid)?, <$ty as SettingValue>::INVALID),
+                    toml_example: <$ty as SettingValue>::parse($example)
+                        .expect("the example parses")
+                        .to_toml(),
+                    toml_invalid: pick_invalid!($($invalid)?, <$ty as SettingValue>::INVALID)
+                        .map(|bad: &str| match <$ty as SettingValue>::parse(bad) {
+                            Ok(v) => v.to_toml(),
+                            Err(_) => toml::Value::String(bad.to_string()),
+                        }),
+                },
+            )*]
+        }
+
+        impl ServeArgs {
+            fn add_settings(mut cmd: clap::Command) -> clap::Command {
+                let all = settings();
+                let mut all = all.iter();
+                $(
+                    let s = all.next().expect("one descriptor per setting");
+                    cmd = cmd.arg(<$ty as SettingValue>::adjust(
+                        Arg::new(stringify!($name))
+                            .long(s.flag.clone())
+                            .value_name(s.name.to_uppercase())
+                            .env(s.env.clone())
+                            .help(format!("{} [default: {}]", s.help, s.default)),
+                    ));
+                )*
+                cmd
+            }
+
+            fn from_matches(m: &ArgMatches) -> ServeArgs {
+                ServeArgs {
+                    config: m.get_one::<PathBuf>("config").cloned(),
+                    $( $name: <$ty as SettingValue>::from_matches(m, stringify!($name)), )*
+                }
+            }
+
+            /// The settings of a TOML file (and its namespaces), refusing unknown keys.
+            fn from_file(text: &str) -> anyhow::Result<(ServeArgs, Vec<NamespaceConfig>)> {
+                let table: toml::Table = toml::from_str(text)?;
+                let mut layer = ServeArgs::default();
+                let mut namespaces = Vec::new();
+                for (key, value) in table {
+                    match key.as_str() {
+                        $( stringify!($name) => {
+                            let v = <$ty as SettingValue>::from_toml(value)
+                                .map_err(|e| anyhow::anyhow!("config key {key}: {e}"))?;
+                            layer.$name = Some(v);
+                        } )*
+                        "namespace" => {
+                            namespaces = Vec::<NamespaceConfig>::deserialize(value)
+                                .context("config key namespace")?;
+                        }
+                        other => anyhow::bail!(
+                            "unknown config key {other:?} (keys are the setting names, \
+                             e.g. max_topics; see docs/configuration.md)"
+                        ),
+                    }
+                }
+                Ok((layer, namespaces))
+            }
+
+            /// This layer over `under`, field by field.
+            fn over(&self, under: ServeArgs) -> ServeArgs {
+                ServeArgs {
+                    config: self.config.clone().or(under.config),
+                    $( $name: self.$name.clone().or(under.$name), )*
+                }
+            }
+
+            /// The given values over the defaults.
+            fn apply(self, cfg: &mut Config) {
+                $( if let Some(v) = self.$name { cfg.$name = v; } )*
+            }
+        }
+
+        impl Config {
+            /// A setting's value as a flag would take it, by name.
+            pub fn shown(&self, name: &str) -> Option<String> {
+                match name {
+                    $( stringify!($name) => Some(SettingValue::show(&self.$name)), )*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address to listen on.
+    listen: SocketAddr = "127.0.0.1:7700".parse().expect("valid default address"),
+        example "127.0.0.1:7701";
+    /// Folder for durable data (leaderboards, durable history).
+    data_dir: PathBuf = PathBuf::from("crier-data"), example "/var/lib/crier";
     /// Publisher key; repeat or comma-separate for several. When any is set, publishing and
-    /// score posting need `Authorization: Bearer <key>` [default: none, publishing is open].
-    #[arg(
-        long = "publisher-key",
-        env = "CRIER_PUBLISHER_KEYS",
-        value_delimiter = ','
-    )]
-    pub publisher_keys: Option<Vec<String>>,
+    /// score posting need `Authorization: Bearer <key>`.
+    publisher_keys: Vec<String> = Vec::new(), example "k1,k2", flag "publisher-key",
+        shown "none, publishing is open";
     /// Another site whose pages may open WebSockets and SSE streams and write here (e.g.
-    /// https://game.example); repeatable [default: none].
-    #[arg(
-        long = "allowed-origin",
-        env = "CRIER_ALLOWED_ORIGINS",
-        value_delimiter = ','
-    )]
-    pub allowed_origins: Option<Vec<String>>,
+    /// https://game.example); repeatable.
+    allowed_origins: Vec<String> = Vec::new(), example "https://game.example",
+        flag "allowed-origin", shown "none", invalid "game.example/path";
     /// Origin browsers use to reach this service (e.g. https://crier.example); repeatable.
     /// Needed behind a domain name: unlisted, only pages served from an IP address or
-    /// localhost count as same-origin, which is what stops DNS rebinding [default: none].
-    #[arg(
-        long = "public-origin",
-        env = "CRIER_PUBLIC_ORIGINS",
-        value_delimiter = ','
-    )]
-    pub public_origins: Option<Vec<String>>,
-    /// Most subscriber connections (WebSocket + SSE) held at once [default: 16384].
-    #[arg(long, env = "CRIER_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Most topics tracked by the node; idle topics are evicted past it [default: 100000].
-    #[arg(long, env = "CRIER_MAX_TOPICS")]
-    pub max_topics: Option<usize>,
+    /// localhost count as same-origin, which is what stops DNS rebinding.
+    public_origins: Vec<String> = Vec::new(), example "https://crier.example",
+        flag "public-origin", shown "none", invalid "crier.example";
+    /// Most subscriber connections (WebSocket + SSE) held at once.
+    max_connections: usize = 16_384, example "1000";
+    /// Most topics tracked by the node; idle topics are evicted past it.
+    max_topics: usize = 100_000, example "1000";
     /// Most topics that exist only because clients subscribed to them (never published to);
-    /// the rest of max_topics stays free for topics that are published to
-    /// [default: half of max_topics, 50000].
-    #[arg(long, env = "CRIER_MAX_SUBSCRIBER_TOPICS")]
-    pub max_subscriber_topics: Option<usize>,
-    /// Most topics one connection may subscribe to [default: 64].
-    #[arg(long, env = "CRIER_MAX_TOPICS_PER_CONNECTION")]
-    pub max_topics_per_connection: Option<usize>,
-    /// Largest published body or client message, in bytes [default: 65536].
-    #[arg(long, env = "CRIER_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
+    /// the rest of max_topics stays free for topics that are published to.
+    max_subscriber_topics: usize = 50_000, example "1000",
+        shown "half of max_topics, 50000";
+    /// Most topics one connection may subscribe to.
+    max_topics_per_connection: usize = 64, example "8";
+    /// Largest published body or client message, in bytes.
+    max_message_bytes: usize = 64 * 1024, example "32768";
     /// Bytes a client may have queued and unsent before it is disconnected as a slow
-    /// consumer (close 4001) [default: 1048576].
-    #[arg(long, env = "CRIER_QUEUE_MAX_BYTES")]
-    pub queue_max_bytes: Option<usize>,
-    /// How often to ping WebSocket clients and send SSE heartbeats [default: 25s].
-    #[arg(long, env = "CRIER_PING_INTERVAL", value_parser = humantime::parse_duration)]
-    pub ping_interval: Option<Duration>,
-    /// How long a pinged client may stay silent before it is closed (4002) [default: 10s].
-    #[arg(long, env = "CRIER_PONG_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub pong_timeout: Option<Duration>,
-    /// How long a socket write may make no progress before the client is closed (4003)
-    /// [default: 10s].
-    #[arg(long, env = "CRIER_WRITE_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub write_timeout: Option<Duration>,
-    /// On shutdown, how long to let clients drain their queues [default: 5s].
-    #[arg(long, env = "CRIER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Option<Duration>,
+    /// consumer (close 4001).
+    queue_max_bytes: usize = 1024 * 1024, example "2097152";
+    /// How often to ping WebSocket clients and send SSE heartbeats.
+    ping_interval: Duration = Duration::from_secs(25), example "30s";
+    /// How long a pinged client may stay silent before it is closed (4002).
+    pong_timeout: Duration = Duration::from_secs(10), example "20s";
+    /// How long a socket write may make no progress before the client is closed (4003).
+    write_timeout: Duration = Duration::from_secs(10), example "20s";
+    /// On shutdown, how long to let clients drain their queues.
+    drain_timeout: Duration = Duration::from_secs(5), example "1s";
     /// Commands (and pings) one WebSocket connection may send per second, with bursts of
-    /// twice as many; past it the client gets an error frame and close 4500 [default: 100].
-    #[arg(long, env = "CRIER_MAX_COMMANDS_PER_SECOND")]
-    pub max_commands_per_second: Option<u32>,
+    /// twice as many; past it the client gets an error frame and close 4500.
+    // A page subscribing its 64 topics at once plus an app-level ping a second stays far
+    // below; a flood from one socket is cut off within a fraction of a second.
+    max_commands_per_second: u32 = 100, example "7";
     /// Serve `/echo`, a WebSocket that echoes every message: for conformance testing
-    /// (Autobahn) only, never in production [default: off].
-    #[arg(long, env = "CRIER_ECHO_ENDPOINT", num_args = 0..=1, default_missing_value = "true")]
-    pub echo_endpoint: Option<bool>,
-    /// Leaderboard watchers see at most this many top entries unless a board sets
-    /// fewer [default: 10].
-    #[arg(long, env = "CRIER_BOARD_TOP")]
-    pub board_top: Option<usize>,
-    /// Shortest gap between two live updates of one board; bursts within it coalesce
-    /// [default: 50ms].
-    #[arg(long, env = "CRIER_BOARD_UPDATE_INTERVAL", value_parser = humantime::parse_duration)]
-    pub board_update_interval: Option<Duration>,
+    /// (Autobahn) only, never in production.
+    echo_endpoint: bool = false, example "true";
+    /// Leaderboard watchers see at most this many top entries unless a board sets fewer.
+    board_top: usize = 10, example "20", invalid "101";
+    /// Shortest gap between two live updates of one board; bursts within it coalesce.
+    board_update_interval: Duration = Duration::from_millis(50), example "100ms";
     /// Most open TCP connections (WebSocket, SSE and plain HTTP together) from one client
     /// address; IPv6 addresses count per /64. High because thousands of users can share
-    /// one NAT address [default: 4096].
-    #[arg(long, env = "CRIER_MAX_CONNECTIONS_PER_IP")]
-    pub max_connections_per_ip: Option<usize>,
+    /// one NAT address.
+    // 2,500 benchmark clients per loopback address, or a few thousand users behind one
+    // NAT, fit under both per-IP limits; one address still cannot take every socket.
+    max_connections_per_ip: usize = 4096, example "20";
     /// New connections per second one client address may open, after its burst is spent;
-    /// high enough that a NAT's (or a benchmark's) reconnect storm refills within seconds
-    /// [default: 1024].
-    #[arg(long, env = "CRIER_CONNECT_RATE_PER_IP")]
-    pub connect_rate_per_ip: Option<u32>,
+    /// high enough that a NAT's (or a benchmark's) reconnect storm refills within seconds.
+    connect_rate_per_ip: u32 = 1024, example "5";
     /// New connections one client address may open at once before connect_rate_per_ip
-    /// applies [default: 4096].
-    #[arg(long, env = "CRIER_CONNECT_BURST_PER_IP")]
-    pub connect_burst_per_ip: Option<u32>,
+    /// applies.
+    connect_burst_per_ip: u32 = 4096, example "7";
     /// Most open TCP connections of any kind (subscribers and plain HTTP); past it new
-    /// connections are refused. Keep it below the open-file limit [default: 18432].
-    #[arg(long, env = "CRIER_MAX_SOCKETS")]
-    pub max_sockets: Option<usize>,
+    /// connections are refused. Keep it below the open-file limit.
+    // max_connections subscribers plus 2,048 plain HTTP connections.
+    max_sockets: usize = 16_384 + 2048, example "300";
     /// How long a client may take to send a request's headers, and how long an idle
-    /// keep-alive connection is kept [default: 10s].
-    #[arg(long, env = "CRIER_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub header_read_timeout: Option<Duration>,
-    /// How long a client may take to send a whole request body (answered 408 past it)
-    /// [default: 10s].
-    #[arg(long, env = "CRIER_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub body_read_timeout: Option<Duration>,
+    /// keep-alive connection is kept.
+    header_read_timeout: Duration = Duration::from_secs(10), example "3s";
+    /// How long a client may take to send a whole request body (answered 408 past it).
+    body_read_timeout: Duration = Duration::from_secs(10), example "4s";
     /// Publications kept per topic for resume and history reads, in topics no
-    /// `[[namespace]]` of the settings file matches; 0 keeps none [default: 100].
-    #[arg(long, env = "CRIER_HISTORY_SIZE")]
-    pub history_size: Option<usize>,
-    /// How long a publication stays in history, in topics no `[[namespace]]` matches
-    /// [default: 5m].
-    #[arg(long, env = "CRIER_HISTORY_TTL", value_parser = humantime::parse_duration)]
-    pub history_ttl: Option<Duration>,
+    /// `[[namespace]]` of the settings file matches; 0 keeps none.
+    history_size: usize = 100, example "10", invalid "1000001";
+    /// How long a publication stays in history, in topics no `[[namespace]]` matches.
+    history_ttl: Duration = Duration::from_secs(300), example "1h";
     /// Bytes of history the whole node keeps; past it the oldest publications of any topic
-    /// leave first [default: 67108864].
-    #[arg(long, env = "CRIER_HISTORY_MAX_BYTES")]
-    pub history_max_bytes: Option<usize>,
+    /// leave first.
+    history_max_bytes: usize = 64 * 1024 * 1024, example "1048576";
     /// How long a publish `Idempotency-Key` is remembered: a retry within it gets the first
-    /// receipt and publishes nothing [default: 5m].
-    #[arg(long, env = "CRIER_IDEMPOTENCY_WINDOW", value_parser = humantime::parse_duration)]
-    pub idempotency_window: Option<Duration>,
+    /// receipt and publishes nothing.
+    idempotency_window: Duration = Duration::from_secs(300), example "1m";
+}
+
+/// The `--config` flag: the one argument that is not a setting.
+fn config_arg() -> Arg {
+    Arg::new("config")
+        .long("config")
+        .env("CRIER_CONFIG")
+        .value_name("CONFIG")
+        .value_parser(clap::value_parser!(PathBuf))
+        .help(
+            "TOML file with any of the settings below; each key is the setting's variable \
+             name without CRIER_, in lower case (max_topics, publisher_keys), plus \
+             [[namespace]] tables (docs/configuration.md)",
+        )
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        ServeArgs::add_settings(cmd.arg(config_arg()))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(ServeArgs::from_matches(m))
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = ServeArgs::from_matches(m).over(std::mem::take(self));
+        Ok(())
+    }
+}
+
+/// The table docs/configuration.md holds between its markers; a test keeps the two equal.
+pub fn markdown_table() -> String {
+    let mut out =
+        String::from("| TOML key | flag | variable | default | meaning |\n|---|---|---|---|---|\n");
+    for s in settings() {
+        out.push_str(&format!(
+            "| `{}` | `--{}` | `{}` | {} | {} |\n",
+            s.name, s.flag, s.env, s.default, s.help
+        ));
+    }
+    out
 }
 
 /// History settings for the topics whose names match `pattern` (TOML `[[namespace]]`,
@@ -176,123 +484,6 @@ impl Namespace {
     }
 }
 
-/// The settings file: same keys as the flags, durations as strings ("25s", "500ms").
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    data_dir: Option<PathBuf>,
-    publisher_keys: Option<Vec<String>>,
-    allowed_origins: Option<Vec<String>>,
-    public_origins: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    max_topics: Option<usize>,
-    max_subscriber_topics: Option<usize>,
-    max_topics_per_connection: Option<usize>,
-    max_message_bytes: Option<usize>,
-    queue_max_bytes: Option<usize>,
-    ping_interval: Option<String>,
-    pong_timeout: Option<String>,
-    write_timeout: Option<String>,
-    drain_timeout: Option<String>,
-    max_commands_per_second: Option<u32>,
-    echo_endpoint: Option<bool>,
-    board_top: Option<usize>,
-    board_update_interval: Option<String>,
-    max_connections_per_ip: Option<usize>,
-    connect_rate_per_ip: Option<u32>,
-    connect_burst_per_ip: Option<u32>,
-    max_sockets: Option<usize>,
-    header_read_timeout: Option<String>,
-    body_read_timeout: Option<String>,
-    history_size: Option<usize>,
-    history_ttl: Option<String>,
-    history_max_bytes: Option<usize>,
-    idempotency_window: Option<String>,
-    #[serde(default)]
-    namespace: Vec<NamespaceConfig>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub publisher_keys: Vec<String>,
-    pub allowed_origins: Vec<String>,
-    /// The service's own origins (see `origin`); with `allowed_origins`, the only pages
-    /// trusted besides same-origin ones on an IP literal or localhost.
-    pub public_origins: Vec<String>,
-    pub max_connections: usize,
-    pub max_topics: usize,
-    pub max_subscriber_topics: usize,
-    pub max_topics_per_connection: usize,
-    pub max_message_bytes: usize,
-    pub queue_max_bytes: usize,
-    pub ping_interval: Duration,
-    pub pong_timeout: Duration,
-    pub write_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub max_commands_per_second: u32,
-    pub echo_endpoint: bool,
-    pub board_top: usize,
-    pub board_update_interval: Duration,
-    pub max_connections_per_ip: usize,
-    pub connect_rate_per_ip: u32,
-    pub connect_burst_per_ip: u32,
-    pub max_sockets: usize,
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub history_size: usize,
-    pub history_ttl: Duration,
-    pub history_max_bytes: usize,
-    pub idempotency_window: Duration,
-    /// From the settings file, in file order; `namespace()` picks a topic's.
-    pub namespaces: Vec<Namespace>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "127.0.0.1:7700".parse().expect("valid default address"),
-            data_dir: PathBuf::from("crier-data"),
-            publisher_keys: Vec::new(),
-            allowed_origins: Vec::new(),
-            public_origins: Vec::new(),
-            max_connections: 16_384,
-            max_topics: 100_000,
-            max_subscriber_topics: 50_000,
-            max_topics_per_connection: 64,
-            max_message_bytes: 64 * 1024,
-            queue_max_bytes: 1024 * 1024,
-            ping_interval: Duration::from_secs(25),
-            pong_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(5),
-            // A page subscribing its 64 topics at once plus an app-level ping a second stays
-            // far below; a flood from one socket is cut off within a fraction of a second.
-            max_commands_per_second: 100,
-            echo_endpoint: false,
-            board_top: 10,
-            board_update_interval: Duration::from_millis(50),
-            // 2,500 benchmark clients per loopback address, or a few thousand users behind
-            // one NAT, fit under both per-IP limits; one address still cannot take every
-            // socket.
-            max_connections_per_ip: 4096,
-            connect_rate_per_ip: 1024,
-            connect_burst_per_ip: 4096,
-            // max_connections subscribers plus 2,048 plain HTTP connections.
-            max_sockets: 16_384 + 2048,
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(10),
-            history_size: 100,
-            history_ttl: Duration::from_secs(300),
-            history_max_bytes: 64 * 1024 * 1024,
-            idempotency_window: Duration::from_secs(300),
-            namespaces: Vec::new(),
-        }
-    }
-}
-
 /// The most top entries a board may show watchers: a snapshot is re-sent whole on every
 /// change, so this bounds the size of each update.
 pub const MAX_BOARD_TOP: usize = 100;
@@ -300,174 +491,34 @@ pub const MAX_BOARD_TOP: usize = 100;
 impl Config {
     /// Merges flags/variables over the file over the defaults, then checks the result.
     pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
-        let file = match &args.config {
+        let (file, namespaces) = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
+                ServeArgs::from_file(&text)
                     .with_context(|| format!("parsing config file {}", path.display()))?
             }
-            None => FileConfig::default(),
+            None => (ServeArgs::default(), Vec::new()),
         };
-        let d = Config::default();
-        let dur = |flag: Option<Duration>, file: &Option<String>, name: &str, def: Duration| {
-            if let Some(v) = flag {
-                return Ok(v);
-            }
-            match file {
-                Some(s) => humantime::parse_duration(s)
-                    .with_context(|| format!("config key {name}: bad duration {s:?}")),
-                None => Ok(def),
-            }
+        let given = args.over(file);
+        let subscriber_topics_given = given.max_subscriber_topics.is_some();
+        let mut cfg = Config::default();
+        given.apply(&mut cfg);
+        // Follows max_topics unless set, so raising one keeps the split.
+        if !subscriber_topics_given {
+            cfg.max_subscriber_topics = cfg.max_topics / 2;
+        }
+        let clean = |list: &mut Vec<String>, trailing: &str| {
+            *list = list
+                .iter()
+                .map(|v| v.trim().trim_end_matches(trailing).to_string())
+                .filter(|v| !v.is_empty())
+                .collect();
         };
-        let max_topics = args.max_topics.or(file.max_topics).unwrap_or(d.max_topics);
-        let cfg = Config {
-            listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            data_dir: args
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or(d.data_dir),
-            publisher_keys: args
-                .publisher_keys
-                .clone()
-                .or(file.publisher_keys)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|k| k.trim().to_string())
-                .filter(|k| !k.is_empty())
-                .collect(),
-            allowed_origins: args
-                .allowed_origins
-                .clone()
-                .or(file.allowed_origins)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|o| o.trim().trim_end_matches('/').to_string())
-                .filter(|o| !o.is_empty())
-                .collect(),
-            public_origins: args
-                .public_origins
-                .clone()
-                .or(file.public_origins)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|o| o.trim().trim_end_matches('/').to_string())
-                .filter(|o| !o.is_empty())
-                .collect(),
-            max_connections: args
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(d.max_connections),
-            max_topics,
-            // Follows max_topics unless set, so raising one keeps the split.
-            max_subscriber_topics: args
-                .max_subscriber_topics
-                .or(file.max_subscriber_topics)
-                .unwrap_or(max_topics / 2),
-            max_topics_per_connection: args
-                .max_topics_per_connection
-                .or(file.max_topics_per_connection)
-                .unwrap_or(d.max_topics_per_connection),
-            max_message_bytes: args
-                .max_message_bytes
-                .or(file.max_message_bytes)
-                .unwrap_or(d.max_message_bytes),
-            queue_max_bytes: args
-                .queue_max_bytes
-                .or(file.queue_max_bytes)
-                .unwrap_or(d.queue_max_bytes),
-            ping_interval: dur(
-                args.ping_interval,
-                &file.ping_interval,
-                "ping_interval",
-                d.ping_interval,
-            )?,
-            pong_timeout: dur(
-                args.pong_timeout,
-                &file.pong_timeout,
-                "pong_timeout",
-                d.pong_timeout,
-            )?,
-            write_timeout: dur(
-                args.write_timeout,
-                &file.write_timeout,
-                "write_timeout",
-                d.write_timeout,
-            )?,
-            drain_timeout: dur(
-                args.drain_timeout,
-                &file.drain_timeout,
-                "drain_timeout",
-                d.drain_timeout,
-            )?,
-            max_commands_per_second: args
-                .max_commands_per_second
-                .or(file.max_commands_per_second)
-                .unwrap_or(d.max_commands_per_second),
-            echo_endpoint: args
-                .echo_endpoint
-                .or(file.echo_endpoint)
-                .unwrap_or(d.echo_endpoint),
-            board_top: args.board_top.or(file.board_top).unwrap_or(d.board_top),
-            board_update_interval: dur(
-                args.board_update_interval,
-                &file.board_update_interval,
-                "board_update_interval",
-                d.board_update_interval,
-            )?,
-            max_connections_per_ip: args
-                .max_connections_per_ip
-                .or(file.max_connections_per_ip)
-                .unwrap_or(d.max_connections_per_ip),
-            connect_rate_per_ip: args
-                .connect_rate_per_ip
-                .or(file.connect_rate_per_ip)
-                .unwrap_or(d.connect_rate_per_ip),
-            connect_burst_per_ip: args
-                .connect_burst_per_ip
-                .or(file.connect_burst_per_ip)
-                .unwrap_or(d.connect_burst_per_ip),
-            max_sockets: args
-                .max_sockets
-                .or(file.max_sockets)
-                .unwrap_or(d.max_sockets),
-            header_read_timeout: dur(
-                args.header_read_timeout,
-                &file.header_read_timeout,
-                "header_read_timeout",
-                d.header_read_timeout,
-            )?,
-            body_read_timeout: dur(
-                args.body_read_timeout,
-                &file.body_read_timeout,
-                "body_read_timeout",
-                d.body_read_timeout,
-            )?,
-            ..Config::default()
-        };
-        let mut cfg = cfg;
-        cfg.history_size = args
-            .history_size
-            .or(file.history_size)
-            .unwrap_or(d.history_size);
-        cfg.history_ttl = dur(
-            args.history_ttl,
-            &file.history_ttl,
-            "history_ttl",
-            d.history_ttl,
-        )?;
-        cfg.history_max_bytes = args
-            .history_max_bytes
-            .or(file.history_max_bytes)
-            .unwrap_or(d.history_max_bytes);
-        cfg.idempotency_window = dur(
-            args.idempotency_window,
-            &file.idempotency_window,
-            "idempotency_window",
-            d.idempotency_window,
-        )?;
-        for ns in &file.namespace {
+        clean(&mut cfg.publisher_keys, "");
+        clean(&mut cfg.allowed_origins, "/");
+        clean(&mut cfg.public_origins, "/");
+        for ns in &namespaces {
             let ttl = match &ns.history_ttl {
                 Some(s) => humantime::parse_duration(s).with_context(|| {
                     format!("namespace {:?}: bad history_ttl {s:?}", ns.pattern)
@@ -568,13 +619,13 @@ impl Config {
             "history_size must be at most 1000000"
         );
         for (name, list) in [
-            ("allowed origin", &self.allowed_origins),
-            ("public origin", &self.public_origins),
+            ("allowed_origins", &self.allowed_origins),
+            ("public_origins", &self.public_origins),
         ] {
             for o in list {
                 anyhow::ensure!(
                     crate::origin::Origin::parse(o).is_some(),
-                    "{name} {o:?} must be scheme://host[:port] with scheme http or https \
+                    "{name}: {o:?} must be scheme://host[:port] with scheme http or https \
                      and no path"
                 );
             }

@@ -34,6 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::Config;
+use crate::error_code::ErrorCode;
 use crate::metrics::{Metrics, RefusalLabel};
 use crate::rate::{Rate, TokenBucket};
 
@@ -69,26 +70,30 @@ impl Refusal {
     pub fn response(self) -> &'static [u8] {
         static RESPONSES: LazyLock<[Vec<u8>; 3]> = LazyLock::new(|| {
             Refusal::ALL.map(|r| {
-                let (status, code, message) = match r {
+                let (code, message) = match r {
                     Refusal::MaxSockets => (
-                        "503 Service Unavailable",
-                        "server_full",
+                        ErrorCode::ServerFull,
                         "this node holds its maximum of open sockets (max_sockets)",
                     ),
                     Refusal::PerIp => (
-                        "429 Too Many Requests",
-                        "too_many_connections_per_ip",
+                        ErrorCode::TooManyConnectionsPerIp,
                         "your address holds its maximum of open connections \
                          (max_connections_per_ip)",
                     ),
                     Refusal::ConnectRate => (
-                        "429 Too Many Requests",
-                        "connect_rate_exceeded",
+                        ErrorCode::ConnectRateExceeded,
                         "your address opens connections too fast (connect_rate_per_ip)",
                     ),
                 };
                 let body =
-                    serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+                    serde_json::json!({"error": {"code": code.as_str(), "message": message}})
+                        .to_string();
+                let status = code.status().expect("refusals are HTTP answers");
+                let status = format!(
+                    "{} {}",
+                    status.as_str(),
+                    status.canonical_reason().unwrap_or("")
+                );
                 format!(
                     "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
                      content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",

@@ -12,6 +12,7 @@ pub mod client;
 pub mod close;
 pub mod config;
 pub mod conn_limits;
+pub mod error_code;
 pub mod fd_limit;
 /// Shared with the load tool (`crier-protocol`); `crier publish` and the tests use it.
 pub use crier_protocol::http_client;

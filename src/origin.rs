@@ -25,10 +25,11 @@
 use std::net::IpAddr;
 
 use axum::http::uri::Authority;
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Uri};
 
 use crate::api::error::ApiError;
 use crate::config::Config;
+use crate::error_code::ErrorCode;
 
 /// A normalised web origin: scheme, lower-case host (IPv6 in brackets) and explicit port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,8 +162,7 @@ pub fn startup_warning(cfg: &Config) -> Option<String> {
 
 fn origin_refused() -> ApiError {
     ApiError::new(
-        StatusCode::FORBIDDEN,
-        "origin_not_allowed",
+        ErrorCode::OriginNotAllowed,
         "pages from this Origin may not use this endpoint (the operator lists the service's own \
          origin with --public-origin and other trusted sites with --allowed-origin)",
     )
@@ -170,8 +170,7 @@ fn origin_refused() -> ApiError {
 
 fn cross_site_refused() -> ApiError {
     ApiError::new(
-        StatusCode::FORBIDDEN,
-        "cross_site_request",
+        ErrorCode::CrossSiteRequest,
         "cross-site browser requests are refused (Sec-Fetch-Site: cross-site)",
     )
 }
@@ -269,7 +268,7 @@ mod tests {
     }
 
     fn verdict(pairs: &[(&'static str, &str)], cfg: &Config) -> Result<Access, &'static str> {
-        check(&headers(pairs), cfg).map_err(|e| e.code)
+        check(&headers(pairs), cfg).map_err(|e| e.code.as_str())
     }
 
     #[test]

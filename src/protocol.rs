@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::broker::{StreamPosition, Subscribed};
+use crate::error_code::ErrorCode;
 
 #[derive(Deserialize)]
 pub struct Command<'a> {
@@ -78,9 +79,9 @@ pub fn pong(id: Option<&RawValue>) -> Vec<u8> {
     Reply::op("pong", id).encode()
 }
 
-pub fn error(code: &str, message: &str, id: Option<&RawValue>) -> Vec<u8> {
+pub fn error(code: ErrorCode, message: &str, id: Option<&RawValue>) -> Vec<u8> {
     Reply {
-        code: Some(code),
+        code: Some(code.as_str()),
         message: Some(message),
         ..Reply::op("error", id)
     }
@@ -92,7 +93,7 @@ pub enum Parsed<'a> {
     Subscribe(String, Option<StreamPosition>, Option<&'a RawValue>),
     Unsubscribe(String, Option<&'a RawValue>),
     Ping(Option<&'a RawValue>),
-    Error(&'static str, String, Option<&'a RawValue>),
+    Error(ErrorCode, String, Option<&'a RawValue>),
 }
 
 pub fn parse(text: &[u8]) -> Parsed<'_> {
@@ -100,7 +101,7 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
         Ok(c) => c,
         Err(e) => {
             return Parsed::Error(
-                "bad_json",
+                ErrorCode::BadJson,
                 format!("command is not a JSON object: {e}"),
                 None,
             )
@@ -116,7 +117,7 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
     let topic = || match &cmd.topic {
         Some(t) if crate::topic::is_valid(t) => Ok(t.clone()),
         _ => Err(Parsed::Error(
-            "bad_topic",
+            ErrorCode::BadTopic,
             crate::topic::BAD_TOPIC_MESSAGE.to_string(),
             id,
         )),
@@ -131,7 +132,7 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
                 Some(Ok(p)) if p.epoch.len() <= 64 => Some(p),
                 Some(_) => {
                     return Parsed::Error(
-                        "bad_since",
+                        ErrorCode::BadSince,
                         "since must be {\"offset\":N,\"epoch\":\"...\"} as received in a \
                          publication or subscribed reply"
                             .into(),
@@ -148,12 +149,12 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
             .unwrap_or_else(|e| e),
         Some("ping") => Parsed::Ping(id),
         Some(other) => Parsed::Error(
-            "unknown_op",
+            ErrorCode::UnknownOp,
             format!("unknown op {other:?}: use subscribe, unsubscribe or ping"),
             id,
         ),
         None => Parsed::Error(
-            "unknown_op",
+            ErrorCode::UnknownOp,
             "missing \"op\": use subscribe, unsubscribe or ping".into(),
             id,
         ),
@@ -176,19 +177,25 @@ mod tests {
             parse(br#"{"op":"ping","id":"x"}"#),
             Parsed::Ping(Some(_))
         ));
-        assert!(matches!(parse(b"nope"), Parsed::Error("bad_json", _, None)));
-        assert!(matches!(parse(b"[1]"), Parsed::Error("bad_json", _, None)));
+        assert!(matches!(
+            parse(b"nope"),
+            Parsed::Error(ErrorCode::BadJson, _, None)
+        ));
+        assert!(matches!(
+            parse(b"[1]"),
+            Parsed::Error(ErrorCode::BadJson, _, None)
+        ));
         assert!(matches!(
             parse(br#"{"op":"bogus","id":7}"#),
-            Parsed::Error("unknown_op", _, Some(_))
+            Parsed::Error(ErrorCode::UnknownOp, _, Some(_))
         ));
         assert!(matches!(
             parse(br#"{"op":"subscribe","topic":"a b"}"#),
-            Parsed::Error("bad_topic", _, None)
+            Parsed::Error(ErrorCode::BadTopic, _, None)
         ));
         assert!(matches!(
             parse(br#"{"op":"subscribe"}"#),
-            Parsed::Error("bad_topic", _, None)
+            Parsed::Error(ErrorCode::BadTopic, _, None)
         ));
     }
 
@@ -212,7 +219,10 @@ mod tests {
             &long,
         ] {
             assert!(
-                matches!(parse(bad.as_bytes()), Parsed::Error("bad_since", _, _)),
+                matches!(
+                    parse(bad.as_bytes()),
+                    Parsed::Error(ErrorCode::BadSince, _, _)
+                ),
                 "{bad}"
             );
         }
@@ -233,7 +243,7 @@ mod tests {
     fn replies_echo_id() {
         let id: &RawValue = serde_json::from_str("17").unwrap();
         assert_eq!(pong(Some(id)), br#"{"op":"pong","id":17}"#);
-        let e = String::from_utf8(error("unknown_op", "m", None)).unwrap();
+        let e = String::from_utf8(error(ErrorCode::UnknownOp, "m", None)).unwrap();
         assert_eq!(e, r#"{"op":"error","code":"unknown_op","message":"m"}"#);
     }
 }

@@ -28,9 +28,10 @@ use crate::api::error::ApiError;
 use crate::broker::StreamPosition;
 use crate::client::{Batch, Item};
 use crate::close::DisconnectReason;
+use crate::error_code::ErrorCode;
 use crate::metrics::Transport;
 use crate::state::{AppState, Registration};
-use crate::topic::topics_from_query;
+use crate::topic::{topics_from_query, TopicError};
 use event_id::IdVector;
 
 const BATCH_BYTES: usize = 256 * 1024;
@@ -54,7 +55,7 @@ pub async fn subscribe(
 }
 
 fn bad_id(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("bad_last_event_id", message)
+    ApiError::new(ErrorCode::BadLastEventId, message)
 }
 
 /// The id to resume from: the `Last-Event-ID` header (sent by `EventSource` itself on a
@@ -74,7 +75,7 @@ fn last_event_id(query: Option<&str>, headers: &HeaderMap) -> Result<Option<Stri
     // The query was already read once for its topics; it is short (hyper bounds the
     // request head), so reading it again costs little.
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("bad_query", format!("bad query string: {e}")))?;
+        .map_err(|e| ApiError::from(TopicError::BadQuery(e.to_string())))?;
     let mut found = None;
     for (k, v) in pairs {
         if k == "lastEventId" {
@@ -99,10 +100,7 @@ fn open(
     let max_topics = state.cfg.max_topics_per_connection;
     let topics = topics_from_query(query, max_topics)?;
     if topics.is_empty() {
-        return Err(ApiError::bad_request(
-            "bad_topic",
-            "give at least one ?topic=NAME",
-        ));
+        return Err(TopicError::NoTopic.into());
     }
     let since: Vec<Option<StreamPosition>> = match last_event_id(query, headers)? {
         Some(id) => event_id::parse(&id, topics.len(), max_topics).map_err(bad_id)?,

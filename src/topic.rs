@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use crate::api::error::ApiError;
-
 /// The name rules live in `crier-protocol`, so the load tool checks its flags by them too.
 pub use crier_protocol::names::{is_valid_topic as is_valid, MAX_TOPIC_LEN};
 
@@ -13,15 +11,29 @@ pub type TopicName = Arc<str>;
 
 pub const BAD_TOPIC_MESSAGE: &str = "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . :";
 
+/// Why topic names were refused. A domain error: the HTTP layer (`api::error`) and the
+/// WebSocket layer each map it to their own answer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TopicError {
+    #[error("{BAD_TOPIC_MESSAGE}")]
+    BadName,
+    #[error("bad query string: {0}")]
+    BadQuery(String),
+    #[error("give at least one ?topic=NAME")]
+    NoTopic,
+    #[error("a connection may hold at most {0} topics")]
+    TooMany(usize),
+}
+
 /// The `topic` parameters of a `/ws` or `/sse` query string, each validated, at most `max`.
-pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {
+pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>, TopicError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("bad_query", format!("bad query string: {e}")))?;
+        .map_err(|e| TopicError::BadQuery(e.to_string()))?;
     let mut topics: Vec<String> = Vec::new();
     for (k, v) in pairs {
         if k == "topic" {
             if !is_valid(&v) {
-                return Err(ApiError::bad_topic());
+                return Err(TopicError::BadName);
             }
             if topics.contains(&v) {
                 continue;
@@ -29,10 +41,7 @@ pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>,
             // Refused at the first name past the limit: the dedup scan above stays
             // O(max) per name however long the query.
             if topics.len() == max {
-                return Err(ApiError::bad_request(
-                    "too_many_topics",
-                    format!("a connection may hold at most {max} topics"),
-                ));
+                return Err(TopicError::TooMany(max));
             }
             topics.push(v);
         }
@@ -67,8 +76,14 @@ mod tests {
             topics_from_query(Some("topic=board%3Aarena"), 8).unwrap(),
             vec!["board:arena"]
         );
-        assert!(topics_from_query(Some("topic=bad%20name"), 8).is_err());
+        assert_eq!(
+            topics_from_query(Some("topic=bad%20name"), 8),
+            Err(TopicError::BadName)
+        );
         assert!(topics_from_query(None, 8).unwrap().is_empty());
-        assert!(topics_from_query(Some("topic=a&topic=b"), 1).is_err());
+        assert_eq!(
+            topics_from_query(Some("topic=a&topic=b"), 1),
+            Err(TopicError::TooMany(1))
+        );
     }
 }

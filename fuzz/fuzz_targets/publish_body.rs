@@ -32,7 +32,7 @@ fuzz_target!(|input: &[u8]| {
         Ok(d) => d,
         Err(e) => {
             assert_eq!(e.status.as_u16(), 400);
-            assert_eq!(e.code, "bad_json");
+            assert_eq!(e.code.as_str(), "bad_json");
             return;
         }
     };

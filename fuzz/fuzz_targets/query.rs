@@ -34,9 +34,10 @@ fuzz_target!(|input: &[u8]| {
             }
         }
         Err(e) => {
+            let e = crier::api::error::ApiError::from(e);
             assert_eq!(e.status.as_u16(), 400);
             assert!(
-                matches!(e.code, "bad_query" | "bad_topic" | "too_many_topics"),
+                matches!(e.code.as_str(), "bad_query" | "bad_topic" | "too_many_topics"),
                 "{}",
                 e.code
             );

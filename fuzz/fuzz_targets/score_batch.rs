@@ -45,7 +45,7 @@ fn post(ranking: &mut Ranking, mode: ScoreMode, seq: &mut u64, body: &[u8]) {
         Ok(i) => i,
         Err(e) => {
             assert_eq!(e.status.as_u16(), 400);
-            assert!(matches!(e.code, "bad_json" | "invalid_score"), "{}", e.code);
+            assert!(matches!(e.code.as_str(), "bad_json" | "invalid_score"), "{}", e.code);
             return;
         }
     };

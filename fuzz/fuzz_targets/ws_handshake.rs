@@ -55,7 +55,7 @@ fuzz_target!(|input: &[u8]| {
         }
         Err(e) => {
             assert!(e.status.is_client_error(), "status {}", e.status);
-            assert!(!e.code.is_empty() && !e.message.is_empty());
+            assert!(!e.code.as_str().is_empty() && !e.message.is_empty());
         }
     }
 

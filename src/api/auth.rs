@@ -1,10 +1,11 @@
 //! Publisher keys. Game servers and backends publish; browsers only subscribe, so the keys
 //! guard every write endpoint and nothing else.
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 
 use super::error::ApiError;
 use crate::config::Config;
+use crate::error_code::ErrorCode;
 
 pub fn require_publisher(cfg: &Config, headers: &HeaderMap) -> Result<(), ApiError> {
     if cfg.publisher_keys.is_empty() {
@@ -12,8 +13,7 @@ pub fn require_publisher(cfg: &Config, headers: &HeaderMap) -> Result<(), ApiErr
     }
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "this endpoint needs Authorization: Bearer <publisher key>",
         ));
     };
@@ -34,8 +34,7 @@ pub fn require_publisher(cfg: &Config, headers: &HeaderMap) -> Result<(), ApiErr
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             "the publisher key is not valid",
         ))
     }

@@ -5,80 +5,91 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::broker::BrokerError;
+use crate::error_code::ErrorCode;
 use crate::hub::HubError;
-use crate::topic::BAD_TOPIC_MESSAGE;
+use crate::topic::{TopicError, BAD_TOPIC_MESSAGE};
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error answered with its code's own status.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        debug_assert!(code.status().is_some(), "{code} has no HTTP status");
+        Self::with_status(
+            code.status().unwrap_or(StatusCode::BAD_REQUEST),
+            code,
+            message,
+        )
+    }
+    /// For the few codes answered with more than one status (`too_many_topics`) and for
+    /// the framework's own refusals, whose status is given.
+    pub fn with_status(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
             message: message.into(),
         }
     }
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
     pub fn bad_topic() -> Self {
-        Self::bad_request("bad_topic", BAD_TOPIC_MESSAGE)
+        Self::new(ErrorCode::BadTopic, BAD_TOPIC_MESSAGE)
     }
     pub fn too_many_connections(max: usize) -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
+            ErrorCode::TooManyConnections,
             format!("this node already holds its maximum of {max} connections"),
         )
     }
     pub fn shutting_down() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the node is shutting down",
-        )
+        Self::new(ErrorCode::ShuttingDown, "the node is shutting down")
     }
     pub fn too_large(max: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "message_too_large",
+            ErrorCode::MessageTooLarge,
             format!("the body is larger than max_message_bytes ({max})"),
         )
     }
     pub fn body_timeout() -> Self {
         Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
+            ErrorCode::BodyTimeout,
             "the request body did not arrive within body_read_timeout",
         )
     }
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, message)
-    }
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+impl From<TopicError> for ApiError {
+    fn from(e: TopicError) -> Self {
+        match e {
+            TopicError::BadName => Self::bad_topic(),
+            TopicError::BadQuery(_) => Self::new(ErrorCode::BadQuery, e.to_string()),
+            TopicError::NoTopic => Self::new(ErrorCode::BadTopic, e.to_string()),
+            // The client asked for too much: 400, unlike the node's own topic limit (503).
+            TopicError::TooMany(_) => Self::with_status(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::TooManyTopics,
+                e.to_string(),
+            ),
+        }
     }
 }
 
 impl From<HubError> for ApiError {
     fn from(e: HubError) -> Self {
         match e {
-            HubError::TooManyTopics(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_topics",
+            HubError::TooManyTopics(_) => Self::new(ErrorCode::TooManyTopics, e.to_string()),
+            HubError::TooManyTopicsPerConnection(_) => Self::with_status(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::TooManyTopics,
                 e.to_string(),
             ),
-            HubError::TooManyTopicsPerConnection(_) => {
-                Self::bad_request("too_many_topics", e.to_string())
-            }
-            HubError::ClientClosed => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "closed", e.to_string())
-            }
+            HubError::ClientClosed => Self::new(ErrorCode::Closed, e.to_string()),
         }
     }
 }
@@ -86,29 +97,22 @@ impl From<HubError> for ApiError {
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         match e {
-            BrokerError::TooManyTopics(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_topics",
+            BrokerError::TooManyTopics(_) => Self::new(ErrorCode::TooManyTopics, e.to_string()),
+            BrokerError::TooManyTopicsPerConnection(_) => Self::with_status(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::TooManyTopics,
                 e.to_string(),
             ),
-            BrokerError::TooManyTopicsPerConnection(_) => {
-                Self::bad_request("too_many_topics", e.to_string())
-            }
-            BrokerError::ClientClosed => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "closed", e.to_string())
-            }
-            BrokerError::Unavailable(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                e.to_string(),
-            ),
+            BrokerError::ClientClosed => Self::new(ErrorCode::Closed, e.to_string()),
+            BrokerError::Unavailable(_) => Self::new(ErrorCode::StoreUnavailable, e.to_string()),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let body =
+            serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
         (self.status, Json(body)).into_response()
     }
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::broker::StreamPosition;
+use crate::error_code::ErrorCode;
 use crate::state::AppState;
 use crate::topic;
 
@@ -110,8 +111,8 @@ pub async fn history(
 }
 
 fn bad_query(why: String) -> ApiError {
-    ApiError::bad_request(
-        "bad_query",
+    ApiError::new(
+        ErrorCode::BadQuery,
         format!("bad history query ({why}); use since=OFFSET&epoch=EPOCH&limit=1-{MAX_LIMIT}"),
     )
 }

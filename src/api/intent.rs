@@ -16,11 +16,12 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+use crate::error_code::ErrorCode;
 use crate::state::AppState;
 
 /// Route layer: `axum::middleware::from_fn_with_state(state, intent::require)`.
@@ -52,8 +53,7 @@ pub fn json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "write endpoints take Content-Type: application/json",
         ))
     }

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use super::auth::require_publisher;
 use super::error::ApiError;
 use crate::broker::PublishRequest;
+use crate::error_code::ErrorCode;
 use crate::state::AppState;
 use crate::topic;
 
@@ -27,8 +28,8 @@ pub async fn publish(
         return Err(ApiError::bad_topic());
     }
     if topic_name.starts_with("board:") {
-        return Err(ApiError::bad_request(
-            "reserved_topic",
+        return Err(ApiError::new(
+            ErrorCode::ReservedTopic,
             "board:* topics are written by the leaderboard API (POST /api/boards/{board}/scores)",
         ));
     }
@@ -77,7 +78,7 @@ pub async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiE
         if e.to_string().contains("length limit") {
             ApiError::too_large(max)
         } else {
-            ApiError::bad_request("bad_body", format!("could not read the body: {e}"))
+            ApiError::new(ErrorCode::BadBody, format!("could not read the body: {e}"))
         }
     })
 }
@@ -85,7 +86,10 @@ pub async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiE
 /// Validates one JSON value; its text (outer whitespace trimmed) is embedded verbatim.
 pub fn parse_json(bytes: &[u8]) -> Result<&RawValue, ApiError> {
     serde_json::from_slice::<&RawValue>(bytes).map_err(|e| {
-        ApiError::bad_request("bad_json", format!("the body is not one JSON value: {e}"))
+        ApiError::new(
+            ErrorCode::BadJson,
+            format!("the body is not one JSON value: {e}"),
+        )
     })
 }
 
@@ -105,8 +109,8 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
         {
             Ok(Some(k.to_string()))
         }
-        _ => Err(ApiError::bad_request(
-            "bad_idempotency_key",
+        _ => Err(ApiError::new(
+            ErrorCode::BadIdempotencyKey,
             format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
         )),
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_B
 use crate::api::auth::require_publisher;
 use crate::api::error::ApiError;
 use crate::api::publish::read_body;
+use crate::error_code::ErrorCode;
 use crate::state::AppState;
 
 /// Score batches may be larger than one publication: up to 1000 entries with metadata.
@@ -39,17 +40,14 @@ pub fn routes() -> Router<Arc<AppState>> {
 impl From<BoardError> for ApiError {
     fn from(e: BoardError) -> Self {
         match &e {
-            BoardError::Invalid(_) => ApiError::bad_request("invalid_score", e.to_string()),
-            BoardError::NoBoard(_) => ApiError::not_found("no_board", e.to_string()),
-            BoardError::NoPlayer { .. } => ApiError::not_found("no_player", e.to_string()),
-            BoardError::Conflict(_) => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
+            BoardError::Invalid(_) => ApiError::new(ErrorCode::InvalidScore, e.to_string()),
+            BoardError::NoBoard(_) => ApiError::new(ErrorCode::NoBoard, e.to_string()),
+            BoardError::NoPlayer { .. } => ApiError::new(ErrorCode::NoPlayer, e.to_string()),
+            BoardError::Conflict(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
             // Nothing of the write was applied or shown; retrying later is safe. The cause
             // (with file paths) is logged by the service, not told to the client.
             BoardError::Store(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
+                ErrorCode::StoreUnavailable,
                 "the score store could not commit this write; nothing was applied, retry later",
             ),
         }
@@ -58,7 +56,7 @@ impl From<BoardError> for ApiError {
 
 fn bad_name(e: BoardError) -> ApiError {
     match e {
-        BoardError::Invalid(m) => ApiError::bad_request("bad_board", m),
+        BoardError::Invalid(m) => ApiError::new(ErrorCode::BadBoard, m),
         other => other.into(),
     }
 }
@@ -150,8 +148,8 @@ pub fn parse_scores(bytes: &[u8]) -> Result<Vec<ScoreInput>, ApiError> {
         // Refused before each item becomes a ScoreInput: a 1 MiB body of `{},` is ~350,000
         // items, which would otherwise all be converted only for `submit` to refuse them.
         Ok(Value::Array(items)) if items.len() > MAX_BATCH => {
-            return Err(ApiError::bad_request(
-                "invalid_score",
+            return Err(ApiError::new(
+                ErrorCode::InvalidScore,
                 format!("at most {MAX_BATCH} scores per request"),
             ))
         }
@@ -162,14 +160,14 @@ pub fn parse_scores(bytes: &[u8]) -> Result<Vec<ScoreInput>, ApiError> {
             .collect::<Result<_, _>>()?,
         Ok(v @ Value::Object(_)) => vec![parse_entry(0, v)?],
         Ok(_) => {
-            return Err(ApiError::bad_request(
-                "bad_json",
+            return Err(ApiError::new(
+                ErrorCode::BadJson,
                 "send one score object or an array of them",
             ))
         }
         Err(e) => {
-            return Err(ApiError::bad_request(
-                "bad_json",
+            return Err(ApiError::new(
+                ErrorCode::BadJson,
                 format!("the body is not JSON: {e}"),
             ))
         }
@@ -179,7 +177,7 @@ pub fn parse_scores(bytes: &[u8]) -> Result<Vec<ScoreInput>, ApiError> {
 
 fn parse_entry(i: usize, v: Value) -> Result<ScoreInput, ApiError> {
     serde_json::from_value(v)
-        .map_err(|e| ApiError::bad_request("invalid_score", format!("entry {i}: {e}")))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidScore, format!("entry {i}: {e}")))
 }
 
 async fn put_board(
@@ -198,14 +196,14 @@ async fn put_board(
         }
     } else {
         serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request("bad_options", format!("board options: {e}")))?
+            .map_err(|e| ApiError::new(ErrorCode::BadOptions, format!("board options: {e}")))?
     };
     let options = state
         .boards
         .put_board(&board, options)
         .await
         .map_err(|e| match e {
-            BoardError::Invalid(m) => ApiError::bad_request("bad_options", m),
+            BoardError::Invalid(m) => ApiError::new(ErrorCode::BadOptions, m),
             other => other.into(),
         })?;
     Ok(Json(json!({ "board": board, "options": options })))

@@ -25,6 +25,7 @@ use super::handshake::Mode;
 use crate::broker::BrokerError;
 use crate::client::{Item, Taken};
 use crate::close::DisconnectReason;
+use crate::error_code::ErrorCode;
 use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
 use crate::rate::{Rate, TokenBucket};
@@ -450,7 +451,7 @@ impl Connection {
                 (Message::Text(text), Mode::Commands) => self.command(&text),
                 (Message::Binary(_), Mode::Commands) => {
                     self.reply(protocol::error(
-                        "unsupported_data",
+                        ErrorCode::UnsupportedData,
                         "commands are JSON text frames",
                         None,
                     ));
@@ -485,7 +486,7 @@ impl Connection {
         let msg = format!("more than {rate} commands per second (max_commands_per_second)");
         let err = frame::encode(
             frame::OP_TEXT,
-            &protocol::error("too_many_commands", &msg, None),
+            &protocol::error(ErrorCode::TooManyCommands, &msg, None),
         );
         self.push_out(err, Instant::now());
         self.begin_close(DisconnectReason::TooManyCommands);
@@ -510,8 +511,8 @@ impl Connection {
                 if let Err(e) = result {
                     let code = match e {
                         BrokerError::TooManyTopics(_)
-                        | BrokerError::TooManyTopicsPerConnection(_) => "too_many_topics",
-                        BrokerError::Unavailable(_) => "unavailable",
+                        | BrokerError::TooManyTopicsPerConnection(_) => ErrorCode::TooManyTopics,
+                        BrokerError::Unavailable(_) => ErrorCode::StoreUnavailable,
                         BrokerError::ClientClosed => return,
                     };
                     self.reply(protocol::error(code, &e.to_string(), id));

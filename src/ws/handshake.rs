@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::connection;
 use super::frame;
 use crate::api::error::ApiError;
+use crate::error_code::ErrorCode;
 use crate::metrics::Transport;
 use crate::net::DeadlineStream;
 use crate::protocol;
@@ -47,7 +48,7 @@ fn respond(r: Result<Response, ApiError>) -> Response {
         Ok(resp) => resp,
         Err(e) => {
             // RFC 6455 4.4: a refused version names the one this server speaks.
-            let version_refused = e.code == "bad_version";
+            let version_refused = e.code == ErrorCode::BadVersion;
             let mut resp = e.into_response();
             if version_refused {
                 resp.headers_mut().insert(
@@ -123,8 +124,7 @@ pub fn check_headers(h: &HeaderMap) -> Result<String, ApiError> {
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
         return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
+            ErrorCode::UpgradeRequired,
             "this endpoint speaks WebSocket only (Upgrade: websocket)",
         ));
     }
@@ -134,8 +134,7 @@ pub fn check_headers(h: &HeaderMap) -> Result<String, ApiError> {
         != Some("13")
     {
         return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "bad_version",
+            ErrorCode::BadVersion,
             "Sec-WebSocket-Version must be 13",
         ));
     }
@@ -145,8 +144,8 @@ pub fn check_headers(h: &HeaderMap) -> Result<String, ApiError> {
         .map(str::trim)
     {
         Some(k) if key_is_valid(k) => Ok(k.to_string()),
-        _ => Err(ApiError::bad_request(
-            "bad_handshake",
+        _ => Err(ApiError::new(
+            ErrorCode::BadHandshake,
             "Sec-WebSocket-Key must be 16 bytes in base64",
         )),
     }
@@ -175,10 +174,10 @@ mod tests {
         let e = check_headers(&h).unwrap_err();
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::UPGRADE_REQUIRED, "bad_version")
+            (StatusCode::UPGRADE_REQUIRED, ErrorCode::BadVersion)
         );
         h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().unwrap());
-        assert_eq!(check_headers(&h).unwrap_err().code, "bad_version");
+        assert_eq!(check_headers(&h).unwrap_err().code, ErrorCode::BadVersion);
         let resp = respond(check_headers(&h).map(|_| Response::default()));
         assert_eq!(resp.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(resp.headers()[header::SEC_WEBSOCKET_VERSION], "13");
@@ -194,7 +193,7 @@ mod tests {
             let e = check_headers(&h).unwrap_err();
             assert_eq!(
                 (e.status, e.code),
-                (StatusCode::BAD_REQUEST, "bad_handshake"),
+                (StatusCode::BAD_REQUEST, ErrorCode::BadHandshake),
                 "{bad:?}"
             );
         }

@@ -1,0 +1,178 @@
+//! Every error code crier answers with, over HTTP (`{"error":{"code","message"}}`) or in a
+//! WebSocket error frame. One typed list, like the close codes (`close.rs`): a call site
+//! cannot misspell a code, and `docs/errors.md` is checked against this list so clients can
+//! rely on it.
+
+use axum::http::StatusCode;
+
+macro_rules! error_codes {
+    ($( $(#[$attr:meta])* $variant:ident = $code:literal, $status:expr, $meaning:literal; )*) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $( $(#[$attr])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the order the docs list them.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code,)* }
+            }
+
+            /// The HTTP status the code is answered with; `None` for codes only WebSocket
+            /// error frames carry.
+            pub fn status(self) -> Option<StatusCode> {
+                match self { $(ErrorCode::$variant => $status,)* }
+            }
+
+            /// One line for docs/errors.md.
+            pub fn meaning(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $meaning,)* }
+            }
+        }
+    };
+}
+
+const fn http(code: u16) -> Option<StatusCode> {
+    match StatusCode::from_u16(code) {
+        Ok(s) => Some(s),
+        Err(_) => None,
+    }
+}
+
+const WS_ONLY: Option<StatusCode> = None;
+
+error_codes! {
+    // Requests and commands that are malformed.
+    BadRequest = "bad_request", http(400),
+        "the framework refused the request before any handler read it (a path or query that does not parse)";
+    BadTopic = "bad_topic", http(400),
+        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . :";
+    BadJson = "bad_json", http(400),
+        "the body or the WebSocket command is not valid JSON, or not the expected shape";
+    BadBody = "bad_body", http(400),
+        "the request body could not be read";
+    BadQuery = "bad_query", http(400),
+        "a query parameter is malformed or out of range";
+    BadSince = "bad_since", WS_ONLY,
+        "a subscribe command's `since` is not `{\"offset\":N,\"epoch\":\"...\"}`";
+    BadLastEventId = "bad_last_event_id", http(400),
+        "the SSE `Last-Event-ID` header or `lastEventId` parameter is not a list of `EPOCH:OFFSET` entries";
+    BadIdempotencyKey = "bad_idempotency_key", http(400),
+        "the `Idempotency-Key` header is not 1-128 visible ASCII characters";
+    ReservedTopic = "reserved_topic", http(400),
+        "`board:*` topics are written only by the leaderboard API";
+    UnknownOp = "unknown_op", WS_ONLY,
+        "a WebSocket command's `op` is missing or not subscribe, unsubscribe or ping";
+    UnsupportedData = "unsupported_data", WS_ONLY,
+        "a binary WebSocket frame was sent; commands are JSON text frames";
+    UnsupportedMediaType = "unsupported_media_type", http(415),
+        "a write (`POST`/`PUT`) without `Content-Type: application/json`";
+    MessageTooLarge = "message_too_large", http(413),
+        "the body is larger than `max_message_bytes` (or the endpoint's own limit)";
+    BodyTimeout = "body_timeout", http(408),
+        "the body did not arrive within `body_read_timeout`";
+    MethodNotAllowed = "method_not_allowed", http(405),
+        "the path exists but not with this method (see the `Allow` header)";
+    NotFound = "not_found", http(404),
+        "no such endpoint";
+    // WebSocket handshake.
+    UpgradeRequired = "upgrade_required", http(426),
+        "a plain request on `/ws`, which speaks WebSocket only";
+    BadVersion = "bad_version", http(426),
+        "`/ws` without `Sec-WebSocket-Version: 13`";
+    BadHandshake = "bad_handshake", http(400),
+        "`/ws` without a `Sec-WebSocket-Key` of 16 base64-encoded bytes";
+    // Who may do what.
+    Unauthorized = "unauthorized", http(401),
+        "publisher keys are configured and no bearer key was sent";
+    Forbidden = "forbidden", http(403),
+        "the bearer key is not one of the configured publisher keys";
+    OriginNotAllowed = "origin_not_allowed", http(403),
+        "a `/ws`, `/sse` or write request from a page whose Origin is not allowed";
+    CrossSiteRequest = "cross_site_request", http(403),
+        "a browser request labelled `Sec-Fetch-Site: cross-site` from no listed origin";
+    // Limits.
+    TooManyTopics = "too_many_topics", http(503),
+        "the connection holds `max_topics_per_connection` topics (400 on `/sse` and `/ws` queries), \
+         or the node holds `max_topics` (or `max_subscriber_topics` never-published) topics and none is idle (503)";
+    TooManyCommands = "too_many_commands", WS_ONLY,
+        "more WebSocket commands than `max_commands_per_second`; close 4500 follows";
+    TooManyConnections = "too_many_connections", http(503),
+        "the node already holds `max_connections` subscribers";
+    TooManyConnectionsPerIp = "too_many_connections_per_ip", http(429),
+        "at accept: the address holds `max_connections_per_ip` connections (then closed)";
+    ConnectRateExceeded = "connect_rate_exceeded", http(429),
+        "at accept: the address is over `connect_rate_per_ip` after its `connect_burst_per_ip` (then closed)";
+    TooManyRequests = "too_many_requests", http(429),
+        "too many requests; retry later";
+    ServerFull = "server_full", http(503),
+        "at accept: the node holds `max_sockets` TCP connections (then closed)";
+    // The node's state.
+    ShuttingDown = "shutting_down", http(503),
+        "the node is shutting down";
+    Closed = "closed", http(503),
+        "the connection closed while the request was served";
+    Unavailable = "unavailable", http(503),
+        "the node cannot serve the request right now; retry later";
+    StoreUnavailable = "store_unavailable", http(503),
+        "the store could not commit the write; nothing was applied or published, retry later";
+    Internal = "internal", http(500),
+        "a bug: the server failed in a way it did not expect";
+    // Leaderboards (docs/leaderboards.md).
+    BadBoard = "bad_board", http(400),
+        "the board name is invalid";
+    BadOptions = "bad_options", http(400),
+        "the board options are not valid";
+    InvalidScore = "invalid_score", http(400),
+        "a score entry is malformed, out of range, or the batch is too large";
+    NoBoard = "no_board", http(404),
+        "no board of that name";
+    NoPlayer = "no_player", http(404),
+        "the player has no score on the board";
+    Conflict = "conflict", http(409),
+        "the change would move every rank (changing `order` of a board with players): reset it first";
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The table docs/errors.md holds between its markers; a test keeps the two equal.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| code | HTTP status | meaning |\n|---|---|---|\n");
+    for c in ErrorCode::ALL {
+        let status = c.status().map_or("— (WebSocket only)".to_string(), |s| {
+            s.as_u16().to_string()
+        });
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            c.as_str(),
+            status,
+            c.meaning()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.as_str()), "{c} twice");
+            assert!(c
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(!c.meaning().is_empty());
+        }
+    }
+}
