@@ -172,19 +172,7 @@ async fn state_topics_keep_no_history() {
         c.board_update_interval = std::time::Duration::from_millis(10);
     })
     .await;
-    let (s, _) = srv
-        .post_with_key(
-            "/api/boards/arena/scores",
-            r#"{"player":"ann","score":5}"#,
-            None,
-        )
-        .await;
-    assert_eq!(s, 200);
-    let metrics = srv.state().metrics.clone();
-    wait_until("the board is published", || {
-        metrics.board_updates.get() >= 1
-    })
-    .await;
+    srv.post_first_score("arena", "ann", 5).await;
     let (s, page) = srv.get("/api/topics/board:arena/history").await;
     assert_eq!(s, 200);
     assert!(page["offset"].as_u64().unwrap() >= 1);

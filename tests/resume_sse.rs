@@ -375,19 +375,7 @@ async fn positions_that_cannot_be_served_say_recovered_false() {
     drop(es);
 
     // A leaderboard: its snapshot follows either answer.
-    let (s, body) = srv
-        .post_with_key(
-            "/api/boards/arena/scores",
-            r#"{"player":"ann","score":5}"#,
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{body}");
-    let metrics = srv.state().metrics.clone();
-    wait_until("the board is published", || {
-        metrics.board_updates.get() >= 1
-    })
-    .await;
+    srv.post_first_score("arena", "ann", 5).await;
     let (mut es, mut sub) = Stream::open(
         &srv,
         "?topic=board:arena",

@@ -250,19 +250,7 @@ async fn positions_that_cannot_be_served_are_refused_explicitly() {
     drop(w3);
 
     // A leaderboard: its snapshot follows either answer.
-    let (s, body) = srv
-        .post_with_key(
-            "/api/boards/arena/scores",
-            r#"{"player":"ann","score":5}"#,
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{body}");
-    let metrics = srv.state().metrics.clone();
-    wait_until("the board is published", || {
-        metrics.board_updates.get() >= 1
-    })
-    .await;
+    srv.post_first_score("arena", "ann", 5).await;
     let mut w4 = srv.ws("").await;
     let reply = subscribe(&mut w4, "board:arena", Some((1, "00000000"))).await;
     assert_eq!(reply["recovered"], false);
@@ -282,6 +270,7 @@ async fn positions_that_cannot_be_served_are_refused_explicitly() {
     assert_eq!(snap["data"]["top"][0]["player"], "ann");
     drop(w5);
 
+    let metrics = srv.state().metrics.clone();
     assert!(
         metrics
             .resumes

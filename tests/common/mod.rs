@@ -3,6 +3,7 @@
 //! deadline instead of sleeps.
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod eventsource;
 
 use std::future::Future;
@@ -60,6 +61,25 @@ impl TestServer {
     pub async fn publish(&self, topic: &str, body: &str) -> (u16, Value) {
         self.post_with_key(&format!("/api/publish/{topic}"), body, None)
             .await
+    }
+
+    /// Posts one score to `board` (200 expected) and waits until the board's first update
+    /// is published, so a subscriber that comes next finds its snapshot.
+    pub async fn post_first_score(&self, board: &str, player: &str, score: i64) -> Value {
+        let (s, body) = self
+            .post_with_key(
+                &format!("/api/boards/{board}/scores"),
+                &format!(r#"{{"player":"{player}","score":{score}}}"#),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let metrics = self.state().metrics.clone();
+        wait_until("the board is published", || {
+            metrics.board_updates.get() >= 1
+        })
+        .await;
+        body
     }
 
     pub async fn post_with_key(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
