@@ -759,6 +759,17 @@ impl Writer {
                         }
                     }
                     other => {
+                        // A new incarnation starts at offset 1. A later offset here means
+                        // the records before it failed (the topic's first commit, say):
+                        // writing it would leave a gap the broker has already rolled back.
+                        if rec.offset != 1 {
+                            p.refused = Some(DurableError::NotContiguous {
+                                topic: rec.topic.clone(),
+                                offset: rec.offset,
+                                expected: 1,
+                            });
+                            continue;
+                        }
                         // A new incarnation of the topic: nothing of an older one stays.
                         if other.is_some() {
                             drop_range(&mut pubs, &rec.topic, u64::MAX)?;
@@ -1040,6 +1051,39 @@ mod tests {
             vec![rec("t", "e", 1), rec("t", "e", 2)]
         );
         assert_eq!(topics["u"].last_offset, 2);
+    }
+
+    /// A topic's first commit fails while its next record waits: that record would start
+    /// the topic at offset 2 (a gap), on disk and, through its callback, at subscribers.
+    /// The same after a forget, in the new epoch. It must be refused like any record
+    /// queued on top of a failed one.
+    #[tokio::test]
+    async fn a_new_topic_whose_first_commit_failed_does_not_start_at_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(HISTORY_FILE);
+        let (log, _) = DurableLog::open(&path).unwrap();
+        append(&log, rec("old", "e1", 1)).await.unwrap();
+        log.fail_next_commits(1);
+        assert!(append(&log, rec("new", "e", 1)).await.is_err());
+        let err = append(&log, rec("new", "e", 2)).await.unwrap_err();
+        assert!(
+            matches!(err, DurableError::NotContiguous { expected: 1, .. }),
+            "{err}"
+        );
+        log.forget("old");
+        let err = append(&log, rec("old", "e2", 2)).await.unwrap_err();
+        assert!(
+            matches!(err, DurableError::NotContiguous { expected: 1, .. }),
+            "{err}"
+        );
+        // The rolled-back offsets are reused.
+        append(&log, rec("new", "e", 1)).await.unwrap();
+        append(&log, rec("old", "e2", 1)).await.unwrap();
+        log.close().await;
+        drop(log);
+        let (_log, topics) = reopen(&path);
+        assert_eq!(topics["new"].records, vec![rec("new", "e", 1)]);
+        assert_eq!(topics["old"].records, vec![rec("old", "e2", 1)]);
     }
 
     /// Trims and forgets noted while a commit fails are kept for the next one.
