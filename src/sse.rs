@@ -195,7 +195,11 @@ impl SseStream {
         let state = self.reg.state().clone();
         let client = self.reg.client.clone();
         loop {
-            match client.take(BATCH_BYTES, BATCH_ITEMS) {
+            // Every event carries the whole id vector (up to a few KiB for a stream of
+            // many topics): the batch's id lines, like its events, stay within BATCH_BYTES,
+            // or tiny publications would make a frame far larger than the queue budget.
+            let items = (BATCH_BYTES / self.ids.max_line_len()).clamp(1, BATCH_ITEMS);
+            match client.take(BATCH_BYTES, items) {
                 Batch::Items(items) => {
                     self.assemble(items);
                     let frame = self.frames.pop_front().expect("a batch makes frames");

@@ -452,3 +452,97 @@ async fn malformed_ids_get_400_and_change_nothing() {
     );
     srv.shutdown().await;
 }
+
+/// Every SSE event carries the whole id vector, a few KiB for a stream of 64 topics whose
+/// `Last-Event-ID` names long epochs and offsets. A replay of tiny publications (well
+/// within the queue budget) must not turn into one body frame of (events x id vector):
+/// an attack of many such streams would hold many times `queue_max_bytes` each. The
+/// frame size is what the server held for the client at once; the replay stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn id_lines_of_a_many_topic_stream_stay_within_the_batch_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const N: u64 = 1000;
+    let srv = TestServer::start(|c| c.history_size = N as usize).await;
+    let mut epoch = String::new();
+    for n in 1..=N {
+        let r = srv
+            .state()
+            .broker
+            .publish(crier::broker::PublishRequest {
+                topic: "t0",
+                data: n.to_string().as_bytes(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        epoch = r.epoch.to_string();
+    }
+    let topics: Vec<String> = (0..64).map(|i| format!("t{i}")).collect();
+    let mut id = format!("{epoch}:0");
+    for _ in 1..64 {
+        id.push_str(&format!(",{}:{}", "a".repeat(32), u64::MAX));
+    }
+    let query: String = topics.iter().map(|t| format!("topic={t}&")).collect();
+    let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let req = format!(
+        "GET /sse?{query} HTTP/1.1\r\nHost: {}\r\nLast-Event-ID: {id}\r\n\r\n",
+        srv.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    // A healthy client beside it gets its publication.
+    let mut healthy = Sse::connect(srv.addr, "?topic=other").await;
+    srv.publish("other", "7").await;
+    assert_eq!(healthy.next_event().await.unwrap().1["data"], 7);
+
+    let mut buf = Vec::new();
+    let mut body = Vec::new();
+    let mut largest = 0;
+    let mut head_done = false;
+    let replayed = |body: &[u8]| {
+        String::from_utf8_lossy(body)
+            .matches("\"topic\":\"t0\"")
+            .count() as u64
+    };
+    within("the replay", async {
+        while replayed(&body) < N {
+            let mut chunk = [0u8; 65536];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "stream ended early");
+            buf.extend_from_slice(&chunk[..n]);
+            if !head_done {
+                let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                assert!(buf.starts_with(b"HTTP/1.1 200"));
+                buf.drain(..i + 4);
+                head_done = true;
+            }
+            // Chunked encoding: `SIZE\r\nDATA\r\n`.
+            loop {
+                let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    break;
+                };
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&buf[..i]).unwrap(), 16).unwrap();
+                largest = largest.max(size);
+                if buf.len() < i + 2 + size + 2 {
+                    break;
+                }
+                body.extend_from_slice(&buf[i + 2..i + 2 + size]);
+                buf.drain(..i + 2 + size + 2);
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&body);
+    let offsets: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: {\"topic\":\"t0\",\"offset\":"))
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(offsets, (1..=N).collect::<Vec<_>>(), "the replay is exact");
+    assert!(
+        largest <= 2 * 256 * 1024,
+        "one body frame of {largest} bytes (a batch is 256 KiB of events and their ids)"
+    );
+}

@@ -149,6 +149,18 @@ impl IdVector {
         slot.at = Some(StreamPosition { offset, epoch });
     }
 
+    /// The longest `id:` line this vector can write until its topics change: each entry
+    /// only ever takes the client's `since` or the broker's epoch, and an offset has at
+    /// most 20 digits. Every event of a batch carries a line, so the batch is sized by it.
+    pub fn max_line_len(&self) -> usize {
+        let epoch = |p: &Option<StreamPosition>| p.as_ref().map_or(0, |p| p.epoch.len());
+        self.topics
+            .iter()
+            .map(|s| epoch(&s.at).max(epoch(&s.joined)) + 1 + 20 + 1)
+            .sum::<usize>()
+            + "id: \n".len()
+    }
+
     /// Appends `id: ...\n` for the vector as it stands.
     pub fn write_line(&self, out: &mut BytesMut) {
         out.put_slice(b"id: ");
@@ -261,6 +273,10 @@ mod tests {
         v.publication("b", 3);
         v.publication("unknown", 3);
         assert_eq!(line(&v), "id: e1:5,e2:3,e3:1\n");
+        assert!(line(&v).len() <= v.max_line_len());
+        v.publication("a", u64::MAX);
+        assert!(line(&v).len() <= v.max_line_len());
+        v.publication("a", 5);
         // The line parses back into the same positions.
         let text = line(&v);
         let id = text.trim_end().strip_prefix("id: ").unwrap();
