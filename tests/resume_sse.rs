@@ -518,10 +518,7 @@ async fn id_lines_of_a_many_topic_stream_stay_within_the_batch_budget() {
                 head_done = true;
             }
             // Chunked encoding: `SIZE\r\nDATA\r\n`.
-            loop {
-                let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else {
-                    break;
-                };
+            while let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
                 let size =
                     usize::from_str_radix(std::str::from_utf8(&buf[..i]).unwrap(), 16).unwrap();
                 largest = largest.max(size);
