@@ -221,13 +221,15 @@ impl Broker for MemoryBroker {
             let recovered = match since {
                 Some(since) if !already => {
                     let budget = client.budget() / 2;
+                    // Stops at the budget: a resume from far back in a long history
+                    // (history_size may be 1,000,000) costs at most a budget's worth of
+                    // work under the stream lock, however often a client asks.
                     replay = stream.resume_point(st, since).filter(|&start| {
-                        let bytes: usize = st
-                            .history
-                            .range(start..)
-                            .map(|p| p.wire(client.transport).len())
-                            .sum();
-                        bytes <= budget
+                        let mut bytes = 0usize;
+                        st.history.range(start..).all(|p| {
+                            bytes += p.wire(client.transport).len();
+                            bytes <= budget
+                        })
                     });
                     Some(replay.is_some())
                 }
