@@ -15,6 +15,7 @@ mod history;
 mod idempotency;
 pub mod memory;
 mod publish;
+pub mod redis;
 mod stream;
 mod table;
 #[cfg(test)]
@@ -133,6 +134,20 @@ pub trait Broker: Send + Sync {
         since: Option<&StreamPosition>,
         ack: Ack<'_>,
     ) -> Result<Subscribed, BrokerError>;
+
+    /// `subscribe` for a broker that must wait before a subscriber can join (the Redis
+    /// broker: its node's subscription to the topic, then a history read), with the same
+    /// guarantees. Callers that can wait call this one; the default is the synchronous
+    /// `subscribe`, so the in-process broker needs nothing more.
+    async fn subscribe_async(
+        &self,
+        client: &Arc<Client>,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        ack: Ack<'_>,
+    ) -> Result<Subscribed, BrokerError> {
+        self.subscribe(client, topic, since, ack)
+    }
 
     /// Returns whether the client was subscribed.
     fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool;

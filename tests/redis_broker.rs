@@ -1,0 +1,281 @@
+//! The Redis broker against a real `redis-server`: two brokers in one process, each with
+//! its own hub, stand for two nodes. What the transports see is tested with two real
+//! binaries in tests/redis_nodes.rs.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::redis::RedisServer;
+use common::{wait_until, within};
+use crier::broker::redis::RedisBroker;
+use crier::broker::{Broker, PublishRequest, StreamPosition, Subscribed};
+use crier::client::{Batch, Client};
+use crier::config::Config;
+use crier::hub::Hub;
+use crier::metrics::{Metrics, Transport};
+
+async fn node(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Arc<RedisBroker> {
+    let mut cfg = Config::default();
+    tweak(&mut cfg);
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(8, metrics.clone()));
+    RedisBroker::connect(&cfg, &redis.url(), hub, metrics)
+        .await
+        .expect("connects to redis")
+}
+
+async fn publish(b: &RedisBroker, topic: &str, data: &str) -> crier::broker::Receipt {
+    b.publish(PublishRequest {
+        topic,
+        data: data.as_bytes(),
+        ..PublishRequest::default()
+    })
+    .await
+    .expect("published")
+}
+
+/// The ack as a marker, so the tests can see where it sits in the queue.
+fn ack(sub: &Subscribed) -> Option<Bytes> {
+    Some(Bytes::from(format!(
+        "ack {} {:?}",
+        sub.position.offset, sub.recovered
+    )))
+}
+
+/// What the client holds: "ack ..." for the acknowledgement, the offset for a publication.
+fn drain(c: &Client, into: &mut Vec<String>) {
+    if let Batch::Items(items) = c.take(usize::MAX, usize::MAX) {
+        for i in items {
+            into.push(match i.source {
+                Some((_, offset)) => offset.to_string(),
+                None => String::from_utf8_lossy(&i.bytes).into_owned(),
+            });
+        }
+    }
+}
+
+fn client() -> Arc<Client> {
+    Arc::new(Client::new(Transport::Ws, 1 << 20))
+}
+
+#[tokio::test]
+async fn publications_through_either_node_reach_both_in_order() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, |_| {}).await, node(&redis, |_| {}).await);
+    let (ca, cb) = (client(), client());
+    a.subscribe_async(&ca, "t", None, &ack).await.unwrap();
+    b.subscribe_async(&cb, "t", None, &ack).await.unwrap();
+    for i in 1..=50u64 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(publish(node, "t", &i.to_string()).await.offset, i);
+    }
+    let want: Vec<String> = std::iter::once("ack 0 None".to_string())
+        .chain((1..=50).map(|i| i.to_string()))
+        .collect();
+    for c in [&ca, &cb] {
+        let mut got = Vec::new();
+        within("both nodes deliver all 50", async {
+            while got.len() < want.len() {
+                drain(c, &mut got);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(got, want);
+    }
+    // The last local subscriber leaving drops the node's Redis subscription.
+    assert!(a.unsubscribe(&ca, "t"));
+    a.remove_client(&ca);
+    b.remove_client(&cb);
+    assert_eq!(
+        a.hub().total_subscriptions() + b.hub().total_subscriptions(),
+        0
+    );
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    wait_until_async("no node subscribed any more", || {
+        let mut conn = conn.clone();
+        async move {
+            let n: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n.is_empty()
+        }
+    })
+    .await;
+}
+
+/// `wait_until` for a condition that needs a round trip.
+async fn wait_until_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    within(what, async {
+        while !cond().await {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_publishes_through_two_nodes_get_contiguous_offsets() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, |_| {}).await, node(&redis, |_| {}).await);
+    let mut tasks = Vec::new();
+    for n in [a.clone(), b.clone()] {
+        for _ in 0..4 {
+            let n = n.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..25 {
+                    got.push(publish(&n, "c", "{}").await.offset);
+                }
+                got
+            }));
+        }
+    }
+    let mut offsets = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "one publisher's offsets rise"
+        );
+        offsets.extend(got);
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=200).collect::<Vec<u64>>());
+    let h = a.history("c", None, 1000).await.unwrap();
+    assert_eq!(h.position.offset, 200);
+    assert_eq!(
+        h.publications.len(),
+        100,
+        "history_size keeps the newest 100"
+    );
+    assert_eq!(h.publications[0].offset, 101);
+}
+
+#[tokio::test]
+async fn resume_on_the_other_node_replays_then_goes_live() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, |_| {}).await, node(&redis, |_| {}).await);
+    let ca = client();
+    let first = a.subscribe_async(&ca, "r", None, &ack).await.unwrap();
+    let epoch = first.position.epoch.clone();
+    for i in 1..=3 {
+        publish(&a, "r", &i.to_string()).await;
+    }
+    let mut seen = Vec::new();
+    within("node a delivers 3", async {
+        while seen.len() < 4 {
+            drain(&ca, &mut seen);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // Cut: the client leaves node a at offset 3; 5 more are published meanwhile.
+    a.remove_client(&ca);
+    for i in 4..=8 {
+        publish(&a, "r", &i.to_string()).await;
+    }
+    // It comes back on node b while publications keep flowing through node a.
+    let cb = client();
+    let since = StreamPosition {
+        offset: 3,
+        epoch: epoch.clone(),
+    };
+    let flow = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for i in 9..=40 {
+                publish(&a, "r", &i.to_string()).await;
+            }
+        })
+    };
+    let sub = b
+        .subscribe_async(&cb, "r", Some(&since), &ack)
+        .await
+        .unwrap();
+    assert_eq!(sub.recovered, Some(true));
+    assert_eq!(sub.position.epoch, epoch, "one epoch across nodes");
+    flow.await.unwrap();
+    let mut got = Vec::new();
+    within("node b replays then delivers live up to 40", async {
+        while got.last().map(String::as_str) != Some("40") {
+            drain(&cb, &mut got);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(got[0], format!("ack {} Some(true)", sub.position.offset));
+    let offsets: Vec<u64> = got[1..].iter().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(
+        offsets,
+        (4..=40).collect::<Vec<u64>>(),
+        "every offset once, in order"
+    );
+    // Another epoch, or a position from the future: not recovered.
+    let cc = client();
+    for since in [
+        StreamPosition {
+            offset: 3,
+            epoch: "0badbeef".into(),
+        },
+        StreamPosition {
+            offset: 99,
+            epoch: epoch.clone(),
+        },
+    ] {
+        let s = b
+            .subscribe_async(&cc, "r", Some(&since), &ack)
+            .await
+            .unwrap();
+        assert_eq!((s.position.offset, s.recovered), (40, Some(false)));
+        b.remove_client(&cc);
+    }
+    b.remove_client(&cb);
+    wait_until("no subscriptions left", || {
+        b.hub().total_subscriptions() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_publishes_once_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, |_| {}).await, node(&redis, |_| {}).await);
+    let mut tasks = Vec::new();
+    for n in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        tasks.push(tokio::spawn(async move {
+            n.publish(PublishRequest {
+                topic: "k",
+                data: b"{\"x\":1}",
+                idempotency_key: Some("order-17"),
+                ..PublishRequest::default()
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    let mut receipts = Vec::new();
+    for t in tasks {
+        receipts.push(t.await.unwrap());
+    }
+    assert!(receipts.iter().all(|r| r.offset == 1));
+    assert_eq!(receipts.iter().filter(|r| !r.duplicate).count(), 1);
+    let h = b.history("k", None, 10).await.unwrap();
+    assert_eq!(h.publications.len(), 1);
+    assert_eq!(&h.publications[0].data()[..], b"{\"x\":1}");
+    // History of an unknown topic creates nothing.
+    let h = a.history("nobody", None, 10).await.unwrap();
+    assert_eq!((h.position.offset, &*h.position.epoch), (0, ""));
+}
