@@ -149,6 +149,12 @@ pub trait Broker: Send + Sync {
         self.subscribe(client, topic, since, ack)
     }
 
+    /// Whether `subscribe_async` may wait: callers that cannot wait in place (a
+    /// WebSocket connection's command loop) then run it as a task, in command order.
+    fn subscribe_waits(&self) -> bool {
+        false
+    }
+
     /// Returns whether the client was subscribed.
     fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool;
 

@@ -521,6 +521,10 @@ impl Broker for RedisBroker {
         ))
     }
 
+    fn subscribe_waits(&self) -> bool {
+        true
+    }
+
     async fn subscribe_async(
         &self,
         client: &Arc<Client>,
