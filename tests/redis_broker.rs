@@ -279,3 +279,57 @@ async fn an_idempotency_key_publishes_once_across_nodes() {
     let h = a.history("nobody", None, 10).await.unwrap();
     assert_eq!((h.position.offset, &*h.position.epoch), (0, ""));
 }
+
+/// Redis loses a topic (a restart without persistence, here a flush): its offsets begin
+/// again under a new epoch. The node's subscribers are closed, never left waiting for
+/// offsets they will not recognize, and resuming says `recovered:false`.
+#[tokio::test]
+async fn a_stream_restarted_by_redis_closes_its_subscribers() {
+    let redis = RedisServer::start();
+    let a = node(&redis, |_| {}).await;
+    let c = client();
+    a.subscribe_async(&c, "e", None, &ack).await.unwrap();
+    let mut old = None;
+    for i in 1..=3 {
+        old = Some(publish(&a, "e", &i.to_string()).await);
+    }
+    let old = old.unwrap();
+    let mut got = Vec::new();
+    within("3 delivered", async {
+        while got.len() < 4 {
+            drain(&c, &mut got);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let fresh = publish(&a, "e", "4").await;
+    assert_eq!(fresh.offset, 1);
+    assert_ne!(fresh.epoch, old.epoch);
+    wait_until("the subscriber is closed", || c.closed().is_some()).await;
+    a.remove_client(&c);
+    let back = client();
+    let s = a
+        .subscribe_async(
+            &back,
+            "e",
+            Some(&StreamPosition {
+                offset: 3,
+                epoch: old.epoch.clone(),
+            }),
+            &ack,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.recovered, Some(false));
+    assert_eq!((s.position.offset, &s.position.epoch), (1, &fresh.epoch));
+    a.remove_client(&back);
+}

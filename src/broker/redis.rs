@@ -36,8 +36,8 @@
 //! `crier:{T}:i:<key>` (idempotency), channel `crier:{T}:c`.
 //!
 //! Not yet here (docs/redis-status.md): retained state topics (leaderboards), failure
-//! handling (Redis down, a pub/sub connection cut: today a node stops delivering), an
-//! epoch change seen on a live topic, cluster-wide subscriber counts.
+//! handling (Redis down, a pub/sub connection cut: today a node stops delivering),
+//! cluster-wide subscriber counts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -139,6 +139,9 @@ enum Pending {
 }
 
 struct TopicState {
+    /// The epoch of what this node delivered: a message of another one means the stream
+    /// restarted (Redis lost it), see `restart`.
+    epoch: Option<Arc<str>>,
     /// The newest offset handed to the hub for this topic.
     last_delivered: u64,
     /// Local subscribers, joined and pending: the Redis subscription lives while > 0.
@@ -238,7 +241,7 @@ impl RedisBroker {
             return;
         };
         let mut parts = payload.splitn(3, |&b| b == b':');
-        let (Some(offset), Some(_epoch), Some(data)) = (parts.next(), parts.next(), parts.next())
+        let (Some(offset), Some(epoch), Some(data)) = (parts.next(), parts.next(), parts.next())
         else {
             tracing::warn!(channel, "malformed message on a crier channel");
             return;
@@ -251,7 +254,13 @@ impl RedisBroker {
         };
         let p = Arc::new(Publication::new(TopicName::from(name), offset, data));
         let mut to_wake = Vec::new();
+        let epoch = String::from_utf8_lossy(epoch);
         let mut st = topic.state.lock();
+        match &st.epoch {
+            Some(e) if **e != *epoch => self.restart(&mut st, name, epoch.into()),
+            Some(_) => {}
+            None => st.epoch = Some(epoch.into()),
+        }
         if offset <= st.last_delivered {
             return;
         }
@@ -291,6 +300,21 @@ impl RedisBroker {
         }
     }
 
+    /// The topic's stream restarted under a new epoch (Redis lost it: a restart without
+    /// persistence, a flush). Offsets begin again at 1, so what this node delivered says
+    /// nothing about them: every local subscriber is closed (they resume, and hear
+    /// `recovered:false`) and delivery starts over. Never silent loss.
+    fn restart(&self, st: &mut TopicState, name: &str, epoch: Arc<str>) {
+        tracing::warn!(topic = name, %epoch, "topic stream restarted under a new epoch");
+        let reason = crate::close::DisconnectReason::Shutdown;
+        self.hub.restart(name, reason);
+        for (client, _) in st.pending.values() {
+            client.close(reason);
+        }
+        st.epoch = Some(epoch);
+        st.last_delivered = 0;
+    }
+
     /// The topic's entry, created (and its Redis subscription asked for) on first use; the
     /// client is counted as a pending local subscriber.
     fn enter(&self, client: &Arc<Client>, name: &str) -> Arc<Topic> {
@@ -302,6 +326,7 @@ impl RedisBroker {
                 let _ = self.control.send(Control::Subscribe(channel(name), tx));
                 Arc::new(Topic {
                     state: Mutex::new(TopicState {
+                        epoch: None,
                         last_delivered: 0,
                         locals: 0,
                         pending: HashMap::new(),
@@ -603,6 +628,17 @@ impl Broker for RedisBroker {
             drop(st);
             return Err(self.pending_gone(client, name));
         };
+        match &st.epoch {
+            // The stream restarted between the read and now (or before it): which side is
+            // newer is unknown, so this subscriber starts again, like the others.
+            Some(e) if *e != read.epoch => {
+                client.close(crate::close::DisconnectReason::Shutdown);
+                drop(st);
+                return Err(self.pending_gone(client, name));
+            }
+            Some(_) => {}
+            None => st.epoch = Some(read.epoch.clone()),
+        }
         if let Some(bytes) = ack(&sub) {
             client.push(Item::control(bytes), &self.metrics);
         }
