@@ -155,3 +155,38 @@ async fn two_nodes_act_as_one_server() {
         assert_eq!(got, [46, 47, 48, 49, 50]);
     }
 }
+
+/// SSE: a stream cut on one node resumes on the other with the id it last saw (here the
+/// `lastEventId` query parameter, as a first connection that knows its position sends it).
+#[tokio::test]
+async fn an_sse_stream_resumes_on_the_other_node() {
+    let redis = RedisServer::start();
+    let (_a, a, _da) = node(&redis);
+    let (_b, b, _db) = node(&redis);
+    let mut first = common::Sse::connect(a.parse().unwrap(), "?topic=s").await;
+    let mut epoch = String::new();
+    for i in 1..=5u64 {
+        let r = publish(&b, "s", &json!({ "i": i })).await;
+        epoch = r["epoch"].as_str().unwrap().to_string();
+    }
+    for want in 1..=5u64 {
+        let (id, v) = within("node a streams", first.next_event()).await.unwrap();
+        assert_eq!((id, v["offset"].as_u64()), (Some(want), Some(want)));
+    }
+    drop(first);
+    for i in 6..=12u64 {
+        publish(&a, "s", &json!({ "i": i })).await;
+    }
+    let mut back = common::Sse::connect(
+        b.parse().unwrap(),
+        &format!("?topic=s&lastEventId={epoch}:5"),
+    )
+    .await;
+    publish(&a, "s", &json!({ "i": 13 })).await;
+    for want in 6..=13u64 {
+        let (id, v) = within("node b replays then streams", back.next_event())
+            .await
+            .unwrap();
+        assert_eq!((id, v["offset"].as_u64()), (Some(want), Some(want)));
+    }
+}
