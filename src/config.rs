@@ -423,6 +423,9 @@ settings! {
     /// serves alone. Preview: see docs/redis-status.md.
     redis: String = String::new(), example "redis://127.0.0.1:6379",
         shown "none, one node alone";
+    /// How long a Redis command may take before the request that needed it fails with 503
+    /// (store_unavailable): a stalled Redis makes publishes fail fast, never hang.
+    redis_timeout: Duration = Duration::from_secs(2), example "500ms";
 }
 
 /// The `--config` flag: the one argument that is not a setting.

@@ -333,3 +333,64 @@ async fn a_stream_restarted_by_redis_closes_its_subscribers() {
     assert_eq!((s.position.offset, &s.position.epoch), (1, &fresh.epoch));
     a.remove_client(&back);
 }
+
+/// A stalled Redis (`DEBUG SLEEP`): publishes fail with `Unavailable` (503) after
+/// `redis_timeout` instead of hanging, and succeed again once Redis answers.
+#[tokio::test]
+async fn a_stalled_redis_fails_publishes_instead_of_hanging() {
+    let redis = RedisServer::start();
+    let a = node(&redis, |c| {
+        c.redis_timeout = std::time::Duration::from_millis(200)
+    })
+    .await;
+    publish(&a, "z", "1").await;
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let sleeper = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(2)
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+    });
+    // The sleep has begun once a command of ours times out.
+    let err = within("a publish fails while redis sleeps", async {
+        loop {
+            let r = a
+                .publish(PublishRequest {
+                    topic: "z",
+                    data: b"2",
+                    ..PublishRequest::default()
+                })
+                .await;
+            match r {
+                Err(e) => return e,
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(err, crier::broker::BrokerError::Unavailable(_)),
+        "{err:?}"
+    );
+    sleeper.await.unwrap();
+    within("publishing works again", async {
+        while a
+            .publish(PublishRequest {
+                topic: "z",
+                data: b"3",
+                ..PublishRequest::default()
+            })
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

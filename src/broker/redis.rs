@@ -202,7 +202,13 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisBroker>, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        let conn = client.get_connection_manager().await?;
+        let conn = client
+            .get_connection_manager_with_config(
+                redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(cfg.redis_timeout)
+                    .set_connection_timeout(cfg.redis_timeout),
+            )
+            .await?;
         let (sink, mut stream) = client.get_async_pubsub().await?.split();
         let (control, rx) = mpsc::unbounded_channel();
         Ok(Arc::new_cyclic(|me: &Weak<RedisBroker>| {
@@ -575,9 +581,17 @@ impl Broker for RedisBroker {
         }
         let topic = self.enter(client, name);
         let mut ready = topic.ready.clone();
-        let confirmed = ready.wait_for(|r| r.is_some()).await.ok().and_then(|r| {
-            r.as_ref()
-                .map(|r| r.clone().map_err(BrokerError::Unavailable))
+        let confirmed = tokio::time::timeout(self.cfg.redis_timeout, async {
+            ready.wait_for(|r| r.is_some()).await.ok().and_then(|r| {
+                r.as_ref()
+                    .map(|r| r.clone().map_err(BrokerError::Unavailable))
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Some(Err(BrokerError::Unavailable(
+                "redis: subscribe timed out".into(),
+            )))
         });
         match confirmed {
             Some(Ok(())) => {}

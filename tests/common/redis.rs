@@ -27,6 +27,8 @@ impl RedisServer {
                 .port();
             let mut child = Command::new("redis-server")
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
+                .args(["--enable-debug-command", "local"])
                 .args([
                     "--save",
                     "",
