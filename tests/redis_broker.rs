@@ -394,3 +394,74 @@ async fn a_stalled_redis_fails_publishes_instead_of_hanging() {
     })
     .await;
 }
+
+/// Redis cuts the node's pub/sub connection (`CLIENT KILL TYPE pubsub`, as an output-buffer
+/// limit would): the node's subscribers are closed so they resume (nothing published in
+/// the gap is silently skipped), the node reconnects by itself, and a client that comes
+/// back replays what it missed and then gets live publications again.
+#[tokio::test]
+async fn a_pubsub_connection_cut_by_redis_is_detected_and_recovered() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, |_| {}).await, node(&redis, |_| {}).await);
+    let c = client();
+    let first = a.subscribe_async(&c, "p", None, &ack).await.unwrap();
+    publish(&b, "p", "1").await;
+    let mut got = Vec::new();
+    within("1 delivered", async {
+        while got.len() < 2 {
+            drain(&c, &mut got);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    wait_until("the subscriber is closed", || c.closed().is_some()).await;
+    a.remove_client(&c);
+    publish(&b, "p", "2").await;
+    // It comes back to the same node, which has reconnected meanwhile (retry until then).
+    let back = client();
+    let since = StreamPosition {
+        offset: 1,
+        epoch: first.position.epoch.clone(),
+    };
+    let sub = within("the node subscribes again", async {
+        loop {
+            match a.subscribe_async(&back, "p", Some(&since), &ack).await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(sub.recovered, Some(true));
+    publish(&b, "p", "3").await;
+    let mut got = Vec::new();
+    within("replay of 2, then 3 live", async {
+        while got.last().map(String::as_str) != Some("3") {
+            drain(&back, &mut got);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        got,
+        [
+            format!("ack {} Some(true)", sub.position.offset),
+            "2".into(),
+            "3".into()
+        ]
+    );
+    a.remove_client(&back);
+}

@@ -45,7 +45,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -166,12 +166,12 @@ pub struct RedisBroker {
     /// Bounded by the subscriptions in flight: each entry follows a topic gaining its first
     /// or losing its last local subscriber.
     control: mpsc::UnboundedSender<Control>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for RedisBroker {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.lock().iter() {
             t.abort();
         }
     }
@@ -193,8 +193,8 @@ struct Read {
 }
 
 impl RedisBroker {
-    /// Connects (one command connection, one pub/sub connection) and starts the two tasks
-    /// that serve the subscriptions.
+    /// Connects (one command connection, one pub/sub connection) and starts the task that
+    /// serves the subscriptions.
     pub async fn connect(
         cfg: &Config,
         url: &str,
@@ -209,29 +209,26 @@ impl RedisBroker {
                     .set_connection_timeout(cfg.redis_timeout),
             )
             .await?;
-        let (sink, mut stream) = client.get_async_pubsub().await?.split();
+        let pubsub = client.get_async_pubsub().await?;
         let (control, rx) = mpsc::unbounded_channel();
-        Ok(Arc::new_cyclic(|me: &Weak<RedisBroker>| {
-            let me = me.clone();
-            let messages = tokio::spawn(async move {
-                while let Some(msg) = stream.next().await {
-                    let Some(broker) = me.upgrade() else { return };
-                    broker.on_message(msg.get_channel_name(), msg.get_payload_bytes());
-                }
-                tracing::error!("the redis pub/sub connection ended");
-            });
-            RedisBroker {
-                cfg: cfg.clone(),
-                hub,
-                metrics,
-                conn,
-                publish_script: Script::new(PUBLISH),
-                read_script: Script::new(READ),
-                topics: Mutex::new(HashMap::new()),
-                control,
-                tasks: vec![messages, tokio::spawn(run_control(sink, rx))],
-            }
-        }))
+        let timeout = cfg.redis_timeout;
+        let broker = Arc::new(RedisBroker {
+            cfg: cfg.clone(),
+            hub,
+            metrics,
+            conn,
+            publish_script: Script::new(PUBLISH),
+            read_script: Script::new(READ),
+            topics: Mutex::new(HashMap::new()),
+            control,
+            tasks: Mutex::new(Vec::new()),
+        });
+        // Spawned once the broker exists: the task's first look at the topic table must
+        // find it, or it would take the broker for gone and stop.
+        let me = Arc::downgrade(&broker);
+        let task = tokio::spawn(run_pubsub(client, pubsub, me, rx, timeout));
+        broker.tasks.lock().push(task);
+        Ok(broker)
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -321,6 +318,29 @@ impl RedisBroker {
         st.last_delivered = 0;
     }
 
+    fn topic_names(&self) -> Vec<TopicName> {
+        self.topics.lock().keys().cloned().collect()
+    }
+
+    /// The pub/sub connection was lost: every topic may have missed publications, so every
+    /// local subscriber is closed and resumes from history.
+    fn lost_pubsub(&self) {
+        let topics: Vec<(TopicName, Arc<Topic>)> = self
+            .topics
+            .lock()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        let reason = crate::close::DisconnectReason::Shutdown;
+        for (name, topic) in topics {
+            let st = topic.state.lock();
+            self.hub.restart(&name, reason);
+            for (client, _) in st.pending.values() {
+                client.close(reason);
+            }
+        }
+    }
+
     /// The topic's entry, created (and its Redis subscription asked for) on first use; the
     /// client is counted as a pending local subscriber.
     fn enter(&self, client: &Arc<Client>, name: &str) -> Arc<Topic> {
@@ -403,20 +423,71 @@ impl RedisBroker {
     }
 }
 
-/// Serves subscribe and unsubscribe on the one pub/sub connection, in order.
-async fn run_control(mut sink: PubSubSink, mut rx: mpsc::UnboundedReceiver<Control>) {
-    while let Some(c) = rx.recv().await {
-        match c {
-            Control::Subscribe(ch, done) => {
-                let r = sink.subscribe(&ch).await.map_err(|e| e.to_string());
-                let _ = done.send(Some(r));
+/// Serves the node's one pub/sub connection: incoming messages, and subscribe and
+/// unsubscribe in the order the topic table asked for them. When the connection is lost
+/// (Redis down, `CLIENT KILL TYPE pubsub`, an output-buffer limit), whatever was published
+/// meanwhile never arrives: every local subscriber is closed (it resumes, on this node or
+/// another, from history), then the connection is made again with backoff and every topic
+/// still in the table subscribed again.
+async fn run_pubsub(
+    client: redis::Client,
+    first: redis::aio::PubSub,
+    me: Weak<RedisBroker>,
+    mut rx: mpsc::UnboundedReceiver<Control>,
+    timeout: std::time::Duration,
+) {
+    let mut next = Some(first);
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let pubsub = match next.take() {
+            Some(p) => p,
+            None => match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let Some(names) = me.upgrade().map(|b| b.topic_names()) else {
+            return;
+        };
+        let mut resubscribed = true;
+        for name in names {
+            if sink.subscribe(channel(&name)).await.is_err() {
+                resubscribed = false;
+                break;
             }
-            Control::Unsubscribe(ch) => {
-                if let Err(e) = sink.unsubscribe(&ch).await {
-                    tracing::warn!("redis unsubscribe {ch}: {e}");
+        }
+        if resubscribed {
+            backoff = std::time::Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    msg = stream.next() => {
+                        let Some(msg) = msg else { break };
+                        let Some(broker) = me.upgrade() else { return };
+                        broker.on_message(msg.get_channel_name(), msg.get_payload_bytes());
+                    }
+                    c = rx.recv() => match c {
+                        None => return,
+                        Some(Control::Subscribe(ch, done)) => {
+                            let r = sink.subscribe(&ch).await.map_err(|e| e.to_string());
+                            let _ = done.send(Some(r));
+                        }
+                        Some(Control::Unsubscribe(ch)) => {
+                            if let Err(e) = sink.unsubscribe(&ch).await {
+                                tracing::warn!("redis unsubscribe {ch}: {e}");
+                            }
+                        }
+                    },
                 }
             }
         }
+        tracing::error!("the redis pub/sub connection was lost: reconnecting");
+        let Some(broker) = me.upgrade() else { return };
+        broker.lost_pubsub();
     }
 }
 
