@@ -465,3 +465,86 @@ async fn a_pubsub_connection_cut_by_redis_is_detected_and_recovered() {
     );
     a.remove_client(&back);
 }
+
+/// Redis killed with SIGKILL mid-stream and restarted without persistence: while it is
+/// down publishes fail (never a receipt for something not stored); the node's
+/// subscribers are closed; once it is back the node reconnects by itself, the topic
+/// continues under a new epoch, and the old position resumes as `recovered:false`.
+#[tokio::test]
+async fn redis_killed_and_restarted_without_persistence() {
+    let mut redis = RedisServer::start();
+    let a = node(&redis, |c| {
+        c.redis_timeout = std::time::Duration::from_millis(300)
+    })
+    .await;
+    let c = client();
+    a.subscribe_async(&c, "k", None, &ack).await.unwrap();
+    let mut old = None;
+    for i in 1..=3 {
+        old = Some(publish(&a, "k", &i.to_string()).await);
+    }
+    let old = old.unwrap();
+    redis.kill();
+    let down = a
+        .publish(PublishRequest {
+            topic: "k",
+            data: b"4",
+            ..PublishRequest::default()
+        })
+        .await;
+    assert!(
+        matches!(down, Err(crier::broker::BrokerError::Unavailable(_))),
+        "{down:?}"
+    );
+    wait_until("the subscriber is closed", || c.closed().is_some()).await;
+    a.remove_client(&c);
+    redis.restart();
+    let fresh = within("publishing works again", async {
+        loop {
+            let r = a
+                .publish(PublishRequest {
+                    topic: "k",
+                    data: b"5",
+                    ..PublishRequest::default()
+                })
+                .await;
+            match r {
+                Ok(r) => return r,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(fresh.offset, 1);
+    assert_ne!(fresh.epoch, old.epoch, "the lost stream has a new epoch");
+    let back = client();
+    let since = StreamPosition {
+        offset: 3,
+        epoch: old.epoch.clone(),
+    };
+    let sub = within("the node subscribes again", async {
+        loop {
+            match a.subscribe_async(&back, "k", Some(&since), &ack).await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(sub.recovered, Some(false));
+    assert_eq!(
+        (sub.position.offset, &sub.position.epoch),
+        (1, &fresh.epoch)
+    );
+    publish(&a, "k", "6").await;
+    let mut got = Vec::new();
+    within("live again after the restart", async {
+        while got.last().map(String::as_str) != Some("2") {
+            drain(&back, &mut got);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(got, ["ack 1 Some(false)".to_string(), "2".into()]);
+    a.remove_client(&back);
+}

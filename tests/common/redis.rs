@@ -25,24 +25,7 @@ impl RedisServer {
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
-                .args(["--enable-debug-command", "local"])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--protected-mode",
-                    "yes",
-                ])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("redis-server runs (apt-get install redis-server)");
+            let mut child = spawn(port, dir.path());
             let deadline = Instant::now() + super::WAIT;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -59,9 +42,46 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
+    /// SIGKILL: what Redis had in memory is gone (no persistence in these tests).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, empty, after `kill`.
+    pub fn restart(&mut self) {
+        self.child = spawn(self.port, self.dir.path());
+        let deadline = Instant::now() + super::WAIT;
+        while !ping(self.port) {
+            assert!(Instant::now() < deadline, "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
+        .args(["--enable-debug-command", "local"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("redis-server runs (apt-get install redis-server)")
 }
 
 /// Whether redis answers PING on the port.
