@@ -121,6 +121,23 @@ impl SettingValue for Duration {
     }
 }
 
+/// Free text (a URL); empty means "not set".
+impl SettingValue for String {
+    const INVALID: Option<&'static str> = None;
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(s.to_string())
+    }
+    fn from_toml(v: toml::Value) -> Result<Self, String> {
+        Self::deserialize(v).map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(self.clone())
+    }
+}
+
 /// A list: the flag repeats or takes commas, the variable takes commas, the file an array.
 impl SettingValue for Vec<String> {
     const INVALID: Option<&'static str> = None;
@@ -402,6 +419,13 @@ settings! {
     /// How long a publish `Idempotency-Key` is remembered: a retry within it gets the first
     /// receipt and publishes nothing.
     idempotency_window: Duration = Duration::from_secs(300), example "1m";
+    /// Redis to share topics with other crier nodes (redis://host:port); unset, this node
+    /// serves alone. Preview: see docs/redis-status.md.
+    redis: String = String::new(), example "redis://127.0.0.1:6379",
+        shown "none, one node alone";
+    /// How long a Redis command may take before the request that needed it fails with 503
+    /// (store_unavailable): a stalled Redis makes publishes fail fast, never hang.
+    redis_timeout: Duration = Duration::from_secs(2), example "500ms";
 }
 
 /// The `--config` flag: the one argument that is not a setting.

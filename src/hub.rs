@@ -196,6 +196,20 @@ impl Hub {
         l.subscribers.len()
     }
 
+    /// The broker saw the topic's stream restart (a new epoch: its history was lost):
+    /// closes its local subscribers, who reconnect and resume (answered `recovered:false`),
+    /// and delivers again from offset 1.
+    pub fn restart(&self, name: &str, reason: crate::close::DisconnectReason) {
+        let Some(local) = self.shard(name).lock().get(name).cloned() else {
+            return;
+        };
+        let mut l = local.lock();
+        l.last_delivered = 0;
+        for c in l.subscribers.values() {
+            c.close(reason);
+        }
+    }
+
     pub fn subscriber_count(&self, name: &str) -> usize {
         self.shard(name)
             .lock()

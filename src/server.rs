@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::close::DisconnectReason;
 use crate::config::Config;
 use crate::conn_limits::{Refusal, CONN_SLOT};
@@ -37,7 +38,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
     /// For flushing the durable history at shutdown.
-    broker: Arc<MemoryBroker>,
+    /// The in-process broker, to flush its durable history on shutdown (None with Redis).
+    broker: Option<Arc<MemoryBroker>>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -52,13 +54,20 @@ impl Server {
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
         // Opening the durable history reads (and after a crash, repairs) a file: off the
         // async workers.
-        let memory_broker = {
-            let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
-            tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
-                .await?
-                .context("opening the durable history")?
+        let (broker, memory_broker): (Arc<dyn crate::broker::Broker>, _) = if cfg.redis.is_empty() {
+            let memory_broker = {
+                let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
+                tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
+                    .await?
+                    .context("opening the durable history")?
+            };
+            (memory_broker.clone(), Some(memory_broker))
+        } else {
+            let redis = RedisBroker::connect(&cfg, &cfg.redis, hub.clone(), metrics.clone())
+                .await
+                .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
+            (redis, None)
         };
-        let broker: Arc<dyn crate::broker::Broker> = memory_broker.clone();
         let shutdown = CancellationToken::new();
         let boards = Boards::open(
             &cfg,
@@ -99,7 +108,9 @@ impl Server {
             );
         }
         state.boards.close().await;
-        self.broker.close().await;
+        if let Some(b) = &self.broker {
+            b.close().await;
+        }
     }
 }
 

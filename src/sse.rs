@@ -48,7 +48,7 @@ pub async fn subscribe(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    match open(&state, query.as_deref(), &headers) {
+    match open(&state, query.as_deref(), &headers).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -88,7 +88,7 @@ fn last_event_id(query: Option<&str>, headers: &HeaderMap) -> Result<Option<Stri
     Ok(found)
 }
 
-fn open(
+async fn open(
     state: &Arc<AppState>,
     query: Option<&str>,
     headers: &HeaderMap,
@@ -117,12 +117,13 @@ fn open(
         // anything live; the writer gives it its id line when it goes out.
         let sub = state
             .broker
-            .subscribe(&reg.client, t, since.as_ref(), &|sub| {
+            .subscribe_async(&reg.client, t, since.as_ref(), &|sub| {
                 Some(event::encode(
                     Some("subscribed"),
                     &crate::protocol::subscribed(t, sub, None),
                 ))
-            })?;
+            })
+            .await?;
         ids.joined(i, &sub);
     }
     let stream = SseStream {

@@ -149,13 +149,18 @@ fn every_setting_is_a_toml_key_and_a_bad_value_names_it() {
 #[tokio::test]
 async fn the_binary_starts_with_every_example_flag() {
     let dir = tempfile::tempdir().unwrap();
+    // `--redis` needs a Redis that answers: a real one, on its own port.
+    let redis = common::redis::RedisServer::start();
     let mut extra: Vec<String> = Vec::new();
     for s in settings() {
         if matches!(s.name, "listen" | "data_dir") {
             continue;
         }
         extra.push(format!("--{}", s.flag));
-        extra.push(s.example.to_string());
+        extra.push(match s.name {
+            "redis" => redis.url(),
+            _ => s.example.to_string(),
+        });
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let (_proc, addr) = common::serve_binary(dir.path(), "127.0.0.1:0", &extra);

@@ -15,6 +15,7 @@ mod history;
 mod idempotency;
 pub mod memory;
 mod publish;
+pub mod redis;
 mod stream;
 mod table;
 #[cfg(test)]
@@ -133,6 +134,26 @@ pub trait Broker: Send + Sync {
         since: Option<&StreamPosition>,
         ack: Ack<'_>,
     ) -> Result<Subscribed, BrokerError>;
+
+    /// `subscribe` for a broker that must wait before a subscriber can join (the Redis
+    /// broker: its node's subscription to the topic, then a history read), with the same
+    /// guarantees. Callers that can wait call this one; the default is the synchronous
+    /// `subscribe`, so the in-process broker needs nothing more.
+    async fn subscribe_async(
+        &self,
+        client: &Arc<Client>,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        ack: Ack<'_>,
+    ) -> Result<Subscribed, BrokerError> {
+        self.subscribe(client, topic, since, ack)
+    }
+
+    /// Whether `subscribe_async` may wait: callers that cannot wait in place (a
+    /// WebSocket connection's command loop) then run it as a task, in command order.
+    fn subscribe_waits(&self) -> bool {
+        false
+    }
 
     /// Returns whether the client was subscribed.
     fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool;

@@ -83,6 +83,7 @@ pub async fn run(
         commands: TokenBucket::full(command_rate(&state), now),
         reg,
         state,
+        chain: None,
     };
     if !leftover.is_empty() {
         conn.decoder
@@ -129,6 +130,10 @@ struct Connection {
     commands: TokenBucket,
     reg: Registration,
     state: Arc<AppState>,
+    /// With a broker that waits to subscribe (Redis): the latest subscribe or unsubscribe
+    /// task. Each next one awaits it first, so a connection's commands on topics take
+    /// effect, and are answered, in the order they were sent.
+    chain: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Connection {
@@ -501,6 +506,42 @@ impl Connection {
         let broker = &self.state.broker;
         let client = &self.reg.client;
         match protocol::parse(text) {
+            Parsed::Subscribe(topic, since, id) if broker.subscribe_waits() => {
+                let (broker, client) = (broker.clone(), client.clone());
+                let metrics = self.state.metrics.clone();
+                let id = id.map(|id| id.to_owned());
+                self.chained(async move {
+                    let id = id.as_deref();
+                    let result = broker
+                        .subscribe_async(&client, &topic, since.as_ref(), &|sub| {
+                            Some(frame::encode(
+                                frame::OP_TEXT,
+                                &protocol::subscribed(&topic, sub, id),
+                            ))
+                        })
+                        .await;
+                    if let Err(e) = result {
+                        if let Some(json) = subscribe_error(&e, id) {
+                            let item = Item::control(frame::encode(frame::OP_TEXT, &json));
+                            client.push(item, &metrics);
+                        }
+                    }
+                });
+            }
+            Parsed::Unsubscribe(topic, id) if self.chain.is_some() => {
+                let (broker, client) = (broker.clone(), client.clone());
+                let metrics = self.state.metrics.clone();
+                let id = id.map(|id| id.to_owned());
+                self.chained(async move {
+                    let id = id.as_deref();
+                    broker.unsubscribe(&client, &topic);
+                    let json = protocol::unsubscribed(&topic, id);
+                    client.push(
+                        Item::control(frame::encode(frame::OP_TEXT, &json)),
+                        &metrics,
+                    );
+                });
+            }
             Parsed::Subscribe(topic, since, id) => {
                 let result = broker.subscribe(client, &topic, since.as_ref(), &|sub| {
                     Some(frame::encode(
@@ -509,13 +550,9 @@ impl Connection {
                     ))
                 });
                 if let Err(e) = result {
-                    let code = match e {
-                        BrokerError::TooManyTopics(_)
-                        | BrokerError::TooManyTopicsPerConnection(_) => ErrorCode::TooManyTopics,
-                        BrokerError::Unavailable(_) => ErrorCode::StoreUnavailable,
-                        BrokerError::ClientClosed => return,
-                    };
-                    self.reply(protocol::error(code, &e.to_string(), id));
+                    if let Some(json) = subscribe_error(&e, id) {
+                        self.reply(json);
+                    }
                 }
             }
             Parsed::Unsubscribe(topic, id) => {
@@ -527,9 +564,32 @@ impl Connection {
         }
     }
 
+    /// Runs `task` after the connection's previous topic command (see `chain`).
+    fn chained(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let prev = self.chain.take();
+        self.chain = Some(tokio::spawn(async move {
+            if let Some(prev) = prev {
+                let _ = prev.await;
+            }
+            task.await;
+        }));
+    }
+
     /// Replies go through the client's queue so they stay in order with publications.
     fn reply(&self, json: Vec<u8>) {
         let item = Item::control(frame::encode(frame::OP_TEXT, &json));
         self.reg.client.push(item, &self.state.metrics);
     }
+}
+
+/// The error frame answering a failed subscribe (none when the client is gone).
+fn subscribe_error(e: &BrokerError, id: Option<&serde_json::value::RawValue>) -> Option<Vec<u8>> {
+    let code = match e {
+        BrokerError::TooManyTopics(_) | BrokerError::TooManyTopicsPerConnection(_) => {
+            ErrorCode::TooManyTopics
+        }
+        BrokerError::Unavailable(_) => ErrorCode::StoreUnavailable,
+        BrokerError::ClientClosed => return None,
+    };
+    Some(protocol::error(code, &e.to_string(), id))
 }

@@ -25,13 +25,13 @@ pub async fn upgrade(
     RawQuery(query): RawQuery,
     mut req: Request,
 ) -> Response {
-    respond(prepare(&state, query.as_deref(), &mut req, Mode::Commands))
+    respond(prepare(&state, query.as_deref(), &mut req, Mode::Commands).await)
 }
 
 /// `GET /echo` (only with `--echo-endpoint`): the same handshake and connection code as
 /// `/ws`, but each message is echoed back, so a conformance suite exercises the real stack.
 pub async fn echo(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    respond(prepare(&state, None, &mut req, Mode::Echo))
+    respond(prepare(&state, None, &mut req, Mode::Echo).await)
 }
 
 /// What the connection does with the client's data messages.
@@ -61,7 +61,7 @@ fn respond(r: Result<Response, ApiError>) -> Response {
     }
 }
 
-fn prepare(
+async fn prepare(
     state: &Arc<AppState>,
     query: Option<&str>,
     req: &mut Request,
@@ -75,12 +75,15 @@ fn prepare(
     };
     let reg = Registration::new(state, Transport::Ws)?;
     for t in &topics {
-        state.broker.subscribe(&reg.client, t, None, &|sub| {
-            Some(frame::encode(
-                frame::OP_TEXT,
-                &protocol::subscribed(t, sub, None),
-            ))
-        })?;
+        state
+            .broker
+            .subscribe_async(&reg.client, t, None, &|sub| {
+                Some(frame::encode(
+                    frame::OP_TEXT,
+                    &protocol::subscribed(t, sub, None),
+                ))
+            })
+            .await?;
     }
     let on_upgrade = hyper::upgrade::on(req);
     let task_state = state.clone();

@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod eventsource;
+pub mod redis;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};

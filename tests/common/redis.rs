@@ -1,0 +1,105 @@
+//! A real `redis-server` for the tests of the Redis broker: started on a free loopback port
+//! in its own temporary directory (no persistence unless asked), stopped when dropped. No
+//! mock: the broker's Lua scripts, streams and pub/sub run against the real thing.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` (scripts/test installs it when missing). A port taken between
+    /// finding it free and redis binding it makes redis exit: then another port is tried.
+    pub fn start() -> RedisServer {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = spawn(port, dir.path());
+            let deadline = Instant::now() + super::WAIT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port was taken: try another
+                }
+                if ping(port) {
+                    return RedisServer { child, port, dir };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// SIGKILL: what Redis had in memory is gone (no persistence in these tests).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, empty, after `kill`.
+    pub fn restart(&mut self) {
+        self.child = spawn(self.port, self.dir.path());
+        let deadline = Instant::now() + super::WAIT;
+        while !ping(self.port) {
+            assert!(Instant::now() < deadline, "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
+        .args(["--enable-debug-command", "local"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("redis-server runs (apt-get install redis-server)")
+}
+
+/// Whether redis answers PING on the port.
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
