@@ -309,6 +309,15 @@ impl Metrics {
             .clone()
     }
 
+    /// A subscribe that asked to resume: whether every publication after its position was
+    /// replayed. Nothing is recorded for a subscribe without a position.
+    pub fn record_resume(&self, recovered: Option<bool>) {
+        if let Some(r) = recovered {
+            let result = if r { "recovered" } else { "not_recovered" };
+            self.resumes.get_or_create(&ResumeLabel { result }).inc();
+        }
+    }
+
     pub fn record_disconnect(&self, transport: Transport, reason: DisconnectReason) {
         self.disconnects
             .get_or_create(&ReasonLabel {

@@ -40,7 +40,7 @@ use super::{
 use crate::client::{Client, Item};
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::metrics::{Metrics, ResumeLabel};
+use crate::metrics::Metrics;
 
 pub struct MemoryBroker {
     pub(super) cfg: Config,
@@ -259,13 +259,7 @@ impl Broker for MemoryBroker {
             }
             sub
         })?;
-        if let Some(r) = sub.recovered {
-            let result = if r { "recovered" } else { "not_recovered" };
-            self.metrics
-                .resumes
-                .get_or_create(&ResumeLabel { result })
-                .inc();
-        }
+        self.metrics.record_resume(sub.recovered);
         if client.closed().is_some() {
             // Closed concurrently (or by this very push): undo so nothing is left behind.
             self.remove_client(client);
@@ -405,7 +399,7 @@ mod tests {
         assert_eq!(
             b.metrics
                 .resumes
-                .get_or_create(&ResumeLabel {
+                .get_or_create(&crate::metrics::ResumeLabel {
                     result: "recovered"
                 })
                 .get(),

@@ -163,6 +163,10 @@ pub struct RedisBroker {
     read_script: Script,
     /// Topics with local subscribers. A leaf lock except for the control queue push.
     topics: Mutex<HashMap<TopicName, Arc<Topic>>>,
+    /// Per client, the topics it entered and has not left (joined or pending), so a client
+    /// that goes away leaves exactly those instead of scanning every topic. Bounded by
+    /// `max_topics_per_connection` per client. A leaf lock.
+    entered: Mutex<HashMap<u64, Vec<TopicName>>>,
     /// Bounded by the subscriptions in flight: each entry follows a topic gaining its first
     /// or losing its last local subscriber.
     control: mpsc::UnboundedSender<Control>,
@@ -220,6 +224,7 @@ impl RedisBroker {
             publish_script: Script::new(PUBLISH),
             read_script: Script::new(READ),
             topics: Mutex::new(HashMap::new()),
+            entered: Mutex::new(HashMap::new()),
             control,
             tasks: Mutex::new(Vec::new()),
         });
@@ -368,12 +373,28 @@ impl RedisBroker {
             (client.clone(), Pending::Buffering(Vec::new(), 0)),
         );
         drop(st);
+        drop(topics);
+        let mut entered = self.entered.lock();
+        let names = entered.entry(client.id).or_default();
+        if !names.iter().any(|n| &**n == name) {
+            names.push(TopicName::from(name));
+        }
+        drop(entered);
         topic
     }
 
     /// Takes one local subscriber (joined or pending) off the topic; the last one drops the
     /// node's Redis subscription.
     fn leave(&self, client: &Arc<Client>, name: &str) -> bool {
+        {
+            let mut entered = self.entered.lock();
+            if let Some(names) = entered.get_mut(&client.id) {
+                names.retain(|n| &**n != name);
+                if names.is_empty() {
+                    entered.remove(&client.id);
+                }
+            }
+        }
         let mut topics = self.topics.lock();
         let Some(topic) = topics.get(name).cloned() else {
             return self.hub.leave(client, name);
@@ -749,13 +770,7 @@ impl Broker for RedisBroker {
             );
         }
         drop(st);
-        if let Some(r) = sub.recovered {
-            let result = if r { "recovered" } else { "not_recovered" };
-            self.metrics
-                .resumes
-                .get_or_create(&crate::metrics::ResumeLabel { result })
-                .inc();
-        }
+        self.metrics.record_resume(sub.recovered);
         if client.closed().is_some() {
             self.leave(client, name);
             return Err(BrokerError::ClientClosed);
@@ -771,14 +786,9 @@ impl Broker for RedisBroker {
         for name in self.hub.topics_of(client) {
             self.leave(client, &name);
         }
-        let pending: Vec<TopicName> = self
-            .topics
-            .lock()
-            .iter()
-            .filter(|(_, t)| t.state.lock().pending.contains_key(&client.id))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in pending {
+        // Subscriptions still pending are not in the hub yet.
+        let entered = self.entered.lock().remove(&client.id).unwrap_or_default();
+        for name in entered {
             self.leave(client, &name);
         }
     }
