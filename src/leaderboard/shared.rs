@@ -732,6 +732,11 @@ impl Shared {
                     let Some(b) = boards.upgrade() else { return };
                     if let Err(e) = self.load_all(&b).await {
                         tracing::warn!("board mirrors not caught up: {e}");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                     backoff = Duration::from_millis(100);
