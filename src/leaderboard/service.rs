@@ -157,7 +157,9 @@ pub(super) struct Board {
     /// Durable options, ranking and clock: exactly what the store holds (once `persisted`).
     pub(super) options: BoardOptions,
     pub(super) ranking: Ranking,
-    next_seq: u64,
+    /// The next `achieved` seq; under Redis the mirrored op version instead, so no node
+    /// shows a snapshot version below it.
+    pub(super) next_seq: u64,
     /// Strictly increases with every update published while the process runs.
     version: u64,
     last_published: Option<Instant>,

@@ -582,6 +582,7 @@ impl Shared {
                     boards.dirty_mark(name);
                 }
                 b.mirror = v;
+                b.next_seq = v;
                 from = v;
             }
             self.applied.notify_waiters();
@@ -636,6 +637,7 @@ impl Shared {
                 b.ranking = ranking;
                 b.epoch = e.into();
                 b.mirror = v;
+                b.next_seq = v;
                 b.persisted = true;
             }
             if self.fill(boards, name, v, u64::MAX).await? {
@@ -676,6 +678,7 @@ impl Shared {
                                 boards.dirty_mark(name);
                             }
                             b.mirror = v;
+                            b.next_seq = v;
                             Step::Applied
                         }
                         Err(_) => Step::Reload,
