@@ -433,3 +433,82 @@ async fn redis_down_fails_scores_fast_and_changes_nothing() {
         }
     }
 }
+
+/// The boards' pub/sub connection cut by Redis: the nodes reconnect and catch up every
+/// board, and a score posted meanwhile shows on both. Redis restarted without persistence
+/// lost the boards: the nodes drop their mirrors instead of showing what Redis forgot.
+#[tokio::test]
+async fn mirrors_catch_up_after_a_cut_connection_and_follow_a_redis_that_lost_the_board() {
+    let mut redis = RedisServer::start();
+    let (_a, a, _da) = node(&redis);
+    let (_b, b, _db) = node(&redis);
+    let (status, _) = post(
+        &a,
+        "/api/boards/c/scores",
+        &json!({"player": "ann", "score": 10}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "every node's subscriptions were cut: {killed}");
+    let (status, _) = post(
+        &b,
+        "/api/boards/c/scores",
+        &json!({"player": "bob", "score": 20}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let want = vec![(1, "bob".to_string(), 20.0), (2, "ann".to_string(), 10.0)];
+    for n in [&a, &b] {
+        let deadline = Instant::now() + WAIT;
+        while ranking(n, "c").await != want {
+            assert!(Instant::now() < deadline, "node {n} caught up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    redis.kill();
+    redis.restart();
+    for n in [&a, &b] {
+        let deadline = Instant::now() + WAIT;
+        while get(n, "/api/boards/c").await.0 != 404 {
+            assert!(Instant::now() < deadline, "node {n} dropped the lost board");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The board starts over when scored again, on every node.
+    let deadline = Instant::now() + WAIT;
+    while post(
+        &a,
+        "/api/boards/c/scores",
+        &json!({"player": "cat", "score": 5}),
+    )
+    .await
+    .0 != 200
+    {
+        assert!(Instant::now() < deadline, "scores work again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in [&a, &b] {
+        let deadline = Instant::now() + WAIT;
+        while ranking_or_empty(n, "c").await != [(1, "cat".to_string(), 5.0)] {
+            assert!(Instant::now() < deadline, "node {n} has the new board");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn ranking_or_empty(addr: &str, board: &str) -> Vec<(u64, String, f64)> {
+    if get(addr, &format!("/api/boards/{board}")).await.0 == 404 {
+        return Vec::new();
+    }
+    ranking(addr, board).await
+}

@@ -22,7 +22,7 @@ impl RoutedBroker {
         RoutedBroker { local, shared }
     }
 
-    fn route(&self, topic: &str) -> &dyn Broker {
+    fn broker_for(&self, topic: &str) -> &dyn Broker {
         if topic.starts_with("board:") {
             &*self.local
         } else {
@@ -34,7 +34,7 @@ impl RoutedBroker {
 #[async_trait::async_trait]
 impl Broker for RoutedBroker {
     async fn publish(&self, req: PublishRequest<'_>) -> Result<Receipt, BrokerError> {
-        self.route(req.topic).publish(req).await
+        self.broker_for(req.topic).publish(req).await
     }
 
     fn subscribe(
@@ -44,7 +44,7 @@ impl Broker for RoutedBroker {
         since: Option<&StreamPosition>,
         ack: Ack<'_>,
     ) -> Result<Subscribed, BrokerError> {
-        self.route(topic).subscribe(client, topic, since, ack)
+        self.broker_for(topic).subscribe(client, topic, since, ack)
     }
 
     async fn subscribe_async(
@@ -54,7 +54,7 @@ impl Broker for RoutedBroker {
         since: Option<&StreamPosition>,
         ack: Ack<'_>,
     ) -> Result<Subscribed, BrokerError> {
-        self.route(topic)
+        self.broker_for(topic)
             .subscribe_async(client, topic, since, ack)
             .await
     }
@@ -64,7 +64,7 @@ impl Broker for RoutedBroker {
     }
 
     fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool {
-        self.route(topic).unsubscribe(client, topic)
+        self.broker_for(topic).unsubscribe(client, topic)
     }
 
     /// The shared broker first: the memory broker leaves every topic the hub lists for the
@@ -81,6 +81,6 @@ impl Broker for RoutedBroker {
         since: Option<&StreamPosition>,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        self.route(topic).history(topic, since, limit).await
+        self.broker_for(topic).history(topic, since, limit).await
     }
 }
