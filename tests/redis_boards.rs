@@ -512,3 +512,89 @@ async fn ranking_or_empty(addr: &str, board: &str) -> Vec<(u64, String, f64)> {
     }
     ranking(addr, board).await
 }
+
+/// The same writes, one after the other, through two Redis nodes (alternating) and through
+/// one node without Redis: every answer and the final pages are byte-for-byte the same
+/// JSON, edge scores included (fractions, -0, ±1e15, tiny exponents), as are refusals.
+#[tokio::test]
+async fn redis_boards_answer_exactly_as_one_node_does() {
+    let redis = RedisServer::start();
+    let (_a, a, _da) = node(&redis);
+    let (_b, b, _db) = node(&redis);
+    let alone = common::TestServer::start(|_| {}).await;
+    let one = alone.addr.to_string();
+    let writes: Vec<(&str, Value)> = vec![
+        (
+            "/api/boards/lo",
+            json!({"order": "low", "mode": "latest", "top": 3}),
+        ),
+        (
+            "/api/boards/lo/scores",
+            json!([
+                {"player": "a", "score": 0.1}, {"player": "b", "score": -0.0},
+                {"player": "c", "score": 1e15}, {"player": "d", "score": -1e15},
+                {"player": "e", "score": 1.5e-7}, {"player": "f", "score": 123.456},
+                {"player": "g", "score": 0.1}, {"player": "a", "score": 0.1, "meta": {"x": 1}}
+            ]),
+        ),
+        (
+            "/api/boards/lo/scores",
+            json!({"player": "b", "score": 0.30000000000000004}),
+        ),
+        ("/api/boards/lo", json!({"order": "high"})),
+        ("/api/boards/lo/reset", json!({})),
+        (
+            "/api/boards/lo",
+            json!({"order": "high", "mode": "increment"}),
+        ),
+        (
+            "/api/boards/lo/scores",
+            json!([
+                {"player": "a", "score": 0.1}, {"player": "a", "score": 0.2},
+                {"player": "b", "score": 0.30000000000000004}, {"player": "c", "score": 0}
+            ]),
+        ),
+        (
+            "/api/boards/lo/scores",
+            json!([
+                {"player": "z", "score": 5}, {"player": "a", "score": 1e15}
+            ]),
+        ),
+        (
+            "/api/boards/hi/scores",
+            json!([
+                {"player": "p", "score": 7, "meta": {"n": "P"}}, {"player": "q", "score": 7},
+                {"player": "p", "score": 3, "meta": {"n": "worse"}}, {"player": "r", "score": 7.0}
+            ]),
+        ),
+        (
+            "/api/boards/hi/scores",
+            json!({"player": "q", "score": 8, "meta": {"n": "Q"}}),
+        ),
+        ("/api/boards/hi", json!({"order": "low"})),
+        ("/api/boards/nope/reset", json!({})),
+    ];
+    for (i, (path, body)) in writes.iter().enumerate() {
+        let shared = post(if i % 2 == 0 { &a } else { &b }, path, body).await;
+        let single = post(&one, path, body).await;
+        assert_eq!(shared, single, "{path} {body}");
+    }
+    for board in ["lo", "hi"] {
+        let path = format!("/api/boards/{board}?limit=1000");
+        let (_, single) = get(&one, &path).await;
+        for n in [&a, &b] {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let (_, shared) = get(n, &path).await;
+                if shared["entries"] == single["entries"] {
+                    for k in ["players", "order", "mode", "top"] {
+                        assert_eq!(shared[k], single[k], "{board}: {k}");
+                    }
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{shared} != {single}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
