@@ -598,3 +598,30 @@ async fn redis_boards_answer_exactly_as_one_node_does() {
         }
     }
 }
+
+/// A node started after a big board was built loads it in chunks (several `HSCAN`
+/// rounds) and shows the same ranking as the node that built it.
+#[tokio::test]
+async fn a_late_node_loads_a_big_board_in_chunks() {
+    let redis = RedisServer::start();
+    let (_a, a, _da) = node(&redis);
+    for batch in 0..3u64 {
+        let scores: Vec<Value> = (0..1000u64)
+            .map(|i| json!({"player": format!("p{}", (batch * 1000 + i) % 2500), "score": (i * 31) % 97}))
+            .collect();
+        let (status, body) = post(&a, "/api/boards/big/scores", &json!(scores)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_b, b, _db) = node(&redis);
+    let mut shown = Vec::new();
+    for n in [&a, &b] {
+        let mut all = Vec::new();
+        for offset in [0, 1000, 2000] {
+            let (_, page) = get(n, &format!("/api/boards/big?limit=1000&offset={offset}")).await;
+            all.extend(page["entries"].as_array().unwrap().iter().cloned());
+        }
+        assert_eq!(all.len(), 2500);
+        shown.push(all);
+    }
+    assert_eq!(shown[0], shown[1]);
+}
