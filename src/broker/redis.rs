@@ -210,7 +210,12 @@ impl RedisBroker {
             .get_connection_manager_with_config(
                 redis::aio::ConnectionManagerConfig::new()
                     .set_response_timeout(cfg.redis_timeout)
-                    .set_connection_timeout(cfg.redis_timeout),
+                    .set_connection_timeout(cfg.redis_timeout)
+                    // The crate's default backoff between reconnect attempts grows from
+                    // 1 s to 60 s (and more with jitter): after Redis comes back a node
+                    // would stay unable to publish for up to two minutes. Capped at 1 s,
+                    // it is back within about 2 s.
+                    .set_max_delay(1000),
             )
             .await?;
         let pubsub = client.get_async_pubsub().await?;
@@ -422,16 +427,31 @@ impl RedisBroker {
         let epoch = if create { new_epoch() } else { "".into() };
         let from = from.map(|o| format!("{o}-0")).unwrap_or_default();
         let v: Value = self
-            .read_script
-            .key(key(topic, "m"))
-            .key(key(topic, "s"))
-            .arg(&*epoch)
-            .arg(from)
-            .arg(count.max(1))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .timed(
+                self.read_script
+                    .key(key(topic, "m"))
+                    .key(key(topic, "s"))
+                    .arg(&*epoch)
+                    .arg(from)
+                    .arg(count.max(1))
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
         parse_read(v).ok_or_else(|| BrokerError::Unavailable("redis: unexpected reply".into()))
+    }
+
+    /// A command's answer within `redis_timeout`. The response timeout alone is not
+    /// enough: while the connection manager reconnects, a command waits for the reconnect
+    /// attempt, with its backoff, before it is even sent. Redis down must fail fast (503),
+    /// not hang the request.
+    async fn timed<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BrokerError> {
+        match tokio::time::timeout(self.cfg.redis_timeout, command).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(BrokerError::Unavailable("redis: timed out".into())),
+        }
     }
 
     fn pending_gone(&self, client: &Arc<Client>, name: &str) -> BrokerError {
@@ -602,19 +622,20 @@ impl Broker for RedisBroker {
             None => (key(req.topic, "m"), 0),
         };
         let (fresh, receipt): (u8, String) = self
-            .publish_script
-            .key(key(req.topic, "m"))
-            .key(key(req.topic, "s"))
-            .key(idem_key)
-            .arg(req.data)
-            .arg(ns.history_size)
-            .arg(ns.history_ttl.as_millis().max(1) as u64)
-            .arg(channel(req.topic))
-            .arg(&*new_epoch())
-            .arg(window as u64)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .timed(
+                self.publish_script
+                    .key(key(req.topic, "m"))
+                    .key(key(req.topic, "s"))
+                    .key(idem_key)
+                    .arg(req.data)
+                    .arg(ns.history_size)
+                    .arg(ns.history_ttl.as_millis().max(1) as u64)
+                    .arg(channel(req.topic))
+                    .arg(&*new_epoch())
+                    .arg(window as u64)
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
         let (offset, epoch) = receipt
             .split_once(':')
             .and_then(|(o, e)| Some((o.parse().ok()?, e)))
