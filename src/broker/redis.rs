@@ -170,6 +170,11 @@ pub struct RedisBroker {
     /// Bounded by the subscriptions in flight: each entry follows a topic gaining its first
     /// or losing its last local subscriber.
     control: mpsc::UnboundedSender<Control>,
+    /// Whether the pub/sub connection is up with every topic of the table subscribed. A
+    /// topic's own `ready` says its first SUBSCRIBE was confirmed, possibly on a connection
+    /// since lost: a subscriber must also see this, or it would be told "live" while
+    /// nothing reaches the node.
+    pubsub_up: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -231,6 +236,7 @@ impl RedisBroker {
             topics: Mutex::new(HashMap::new()),
             entered: Mutex::new(HashMap::new()),
             control,
+            pubsub_up: watch::Sender::new(true),
             tasks: Mutex::new(Vec::new()),
         });
         // Spawned once the broker exists: the task's first look at the topic table must
@@ -335,6 +341,9 @@ impl RedisBroker {
     /// The pub/sub connection was lost: every topic may have missed publications, so every
     /// local subscriber is closed and resumes from history.
     fn lost_pubsub(&self) {
+        // First, so a subscriber arriving from now on waits for the new connection; one
+        // that arrived before is pending or joined, and closed below.
+        self.pubsub_up.send_replace(false);
         let topics: Vec<(TopicName, Arc<Topic>)> = self
             .topics
             .lock()
@@ -504,6 +513,9 @@ async fn run_pubsub(
         }
         if resubscribed {
             backoff = std::time::Duration::from_millis(100);
+            if let Some(broker) = me.upgrade() {
+                broker.pubsub_up.send_replace(true);
+            }
             loop {
                 tokio::select! {
                     msg = stream.next() => {
@@ -713,6 +725,20 @@ impl Broker for RedisBroker {
                 return Err(e);
             }
             None => return Err(self.pending_gone(client, name)),
+        }
+        // The topic's SUBSCRIBE may have been confirmed on a connection lost since (an old
+        // subscriber still closing keeps the topic in the table): what is published until
+        // the node listens again would never reach this subscriber.
+        let mut up = self.pubsub_up.subscribe();
+        let listening = tokio::time::timeout(self.cfg.redis_timeout, async {
+            up.wait_for(|u| *u).await.is_ok()
+        })
+        .await;
+        if listening != Ok(true) {
+            self.leave(client, name);
+            return Err(BrokerError::Unavailable(
+                "redis: the pub/sub connection is down".into(),
+            ));
         }
         let ns = self.cfg.namespace(name);
         let read = match since {
