@@ -18,8 +18,19 @@ impl RedisServer {
     /// Starts `redis-server` (scripts/test installs it when missing). A port taken between
     /// finding it free and redis binding it makes redis exit: then another port is tried.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Like `start`, with extra `redis-server` options after the defaults (so they win),
+    /// e.g. `["--appendonly", "yes", "--appendfsync", "always"]` for a Redis that keeps
+    /// what it acknowledged across a SIGKILL. `restart` starts it again with them, in the
+    /// same directory, so it reloads its files.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
+            // Kept in the directory rather than a new field, so constructors added
+            // elsewhere keep compiling.
+            std::fs::write(dir.path().join(EXTRA_ARGS), extra.join("\n")).unwrap();
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
@@ -42,13 +53,15 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
-    /// SIGKILL: what Redis had in memory is gone (no persistence in these tests).
+    /// SIGKILL: what Redis had in memory and had not written to its files is gone (without
+    /// `start_with` persistence options, everything).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Starts it again on the same port, empty, after `kill`.
+    /// Starts it again on the same port and directory, with the same options, after
+    /// `kill`: empty, or reloaded from its files when it was started with persistence.
     pub fn restart(&mut self) {
         self.child = spawn(self.port, self.dir.path());
         let deadline = Instant::now() + super::WAIT;
@@ -63,7 +76,11 @@ impl RedisServer {
     }
 }
 
+/// The file in a server's directory holding its extra options, one per line.
+const EXTRA_ARGS: &str = "crier-test-args";
+
 fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    let extra = std::fs::read_to_string(dir.join(EXTRA_ARGS)).unwrap_or_default();
     Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
@@ -78,6 +95,7 @@ fn spawn(port: u16, dir: &std::path::Path) -> Child {
         ])
         .arg("--dir")
         .arg(dir)
+        .args(extra.split('\n').filter(|_| !extra.is_empty()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
