@@ -614,6 +614,9 @@ async fn redis_killed_and_restarted_with_persistence_loses_nothing() {
             assert_eq!(status, 503, "{v}");
             assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
         }
+        // An outage of a couple of seconds: the nodes' reconnect backoff grows meanwhile,
+        // and the clients keep being refused (503 or an error frame) and trying again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         redis.restart();
 
         // The node's command connection comes back by itself; the acknowledged stream is
