@@ -170,6 +170,11 @@ pub struct RedisBroker {
     /// Bounded by the subscriptions in flight: each entry follows a topic gaining its first
     /// or losing its last local subscriber.
     control: mpsc::UnboundedSender<Control>,
+    /// Whether the pub/sub connection is up with every topic of the table subscribed. A
+    /// topic's own `ready` says its first SUBSCRIBE was confirmed, possibly on a connection
+    /// since lost: a subscriber must also see this, or it would be told "live" while
+    /// nothing reaches the node.
+    pubsub_up: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -210,7 +215,12 @@ impl RedisBroker {
             .get_connection_manager_with_config(
                 redis::aio::ConnectionManagerConfig::new()
                     .set_response_timeout(cfg.redis_timeout)
-                    .set_connection_timeout(cfg.redis_timeout),
+                    .set_connection_timeout(cfg.redis_timeout)
+                    // The crate's default backoff between reconnect attempts grows from
+                    // 1 s to 60 s (and more with jitter): after Redis comes back a node
+                    // would stay unable to publish for up to two minutes. Capped at 1 s,
+                    // it is back within about 2 s.
+                    .set_max_delay(1000),
             )
             .await?;
         let pubsub = client.get_async_pubsub().await?;
@@ -226,6 +236,7 @@ impl RedisBroker {
             topics: Mutex::new(HashMap::new()),
             entered: Mutex::new(HashMap::new()),
             control,
+            pubsub_up: watch::Sender::new(true),
             tasks: Mutex::new(Vec::new()),
         });
         // Spawned once the broker exists: the task's first look at the topic table must
@@ -330,6 +341,9 @@ impl RedisBroker {
     /// The pub/sub connection was lost: every topic may have missed publications, so every
     /// local subscriber is closed and resumes from history.
     fn lost_pubsub(&self) {
+        // First, so a subscriber arriving from now on waits for the new connection; one
+        // that arrived before is pending or joined, and closed below.
+        self.pubsub_up.send_replace(false);
         let topics: Vec<(TopicName, Arc<Topic>)> = self
             .topics
             .lock()
@@ -422,16 +436,31 @@ impl RedisBroker {
         let epoch = if create { new_epoch() } else { "".into() };
         let from = from.map(|o| format!("{o}-0")).unwrap_or_default();
         let v: Value = self
-            .read_script
-            .key(key(topic, "m"))
-            .key(key(topic, "s"))
-            .arg(&*epoch)
-            .arg(from)
-            .arg(count.max(1))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .timed(
+                self.read_script
+                    .key(key(topic, "m"))
+                    .key(key(topic, "s"))
+                    .arg(&*epoch)
+                    .arg(from)
+                    .arg(count.max(1))
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
         parse_read(v).ok_or_else(|| BrokerError::Unavailable("redis: unexpected reply".into()))
+    }
+
+    /// A command's answer within `redis_timeout`. The response timeout alone is not
+    /// enough: while the connection manager reconnects, a command waits for the reconnect
+    /// attempt, with its backoff, before it is even sent. Redis down must fail fast (503),
+    /// not hang the request.
+    async fn timed<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BrokerError> {
+        match tokio::time::timeout(self.cfg.redis_timeout, command).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(BrokerError::Unavailable("redis: timed out".into())),
+        }
     }
 
     fn pending_gone(&self, client: &Arc<Client>, name: &str) -> BrokerError {
@@ -484,6 +513,9 @@ async fn run_pubsub(
         }
         if resubscribed {
             backoff = std::time::Duration::from_millis(100);
+            if let Some(broker) = me.upgrade() {
+                broker.pubsub_up.send_replace(true);
+            }
             loop {
                 tokio::select! {
                     msg = stream.next() => {
@@ -602,19 +634,20 @@ impl Broker for RedisBroker {
             None => (key(req.topic, "m"), 0),
         };
         let (fresh, receipt): (u8, String) = self
-            .publish_script
-            .key(key(req.topic, "m"))
-            .key(key(req.topic, "s"))
-            .key(idem_key)
-            .arg(req.data)
-            .arg(ns.history_size)
-            .arg(ns.history_ttl.as_millis().max(1) as u64)
-            .arg(channel(req.topic))
-            .arg(&*new_epoch())
-            .arg(window as u64)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .timed(
+                self.publish_script
+                    .key(key(req.topic, "m"))
+                    .key(key(req.topic, "s"))
+                    .key(idem_key)
+                    .arg(req.data)
+                    .arg(ns.history_size)
+                    .arg(ns.history_ttl.as_millis().max(1) as u64)
+                    .arg(channel(req.topic))
+                    .arg(&*new_epoch())
+                    .arg(window as u64)
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
         let (offset, epoch) = receipt
             .split_once(':')
             .and_then(|(o, e)| Some((o.parse().ok()?, e)))
@@ -692,6 +725,20 @@ impl Broker for RedisBroker {
                 return Err(e);
             }
             None => return Err(self.pending_gone(client, name)),
+        }
+        // The topic's SUBSCRIBE may have been confirmed on a connection lost since (an old
+        // subscriber still closing keeps the topic in the table): what is published until
+        // the node listens again would never reach this subscriber.
+        let mut up = self.pubsub_up.subscribe();
+        let listening = tokio::time::timeout(self.cfg.redis_timeout, async {
+            up.wait_for(|u| *u).await.is_ok()
+        })
+        .await;
+        if listening != Ok(true) {
+            self.leave(client, name);
+            return Err(BrokerError::Unavailable(
+                "redis: the pub/sub connection is down".into(),
+            ));
         }
         let ns = self.cfg.namespace(name);
         let read = match since {

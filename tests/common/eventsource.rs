@@ -54,14 +54,40 @@ pub async fn open(
     query: &str,
     headers: &[(&str, &str)],
 ) -> Result<EventStream, (u16, Value)> {
+    match try_open(addr, from, query, headers).await {
+        Ok(es) => Ok(es),
+        Err(Refused::Status(status, body)) => Err((status, body)),
+        Err(Refused::Io(e)) => panic!("sse request failed: {e}"),
+    }
+}
+
+/// Why `try_open` got no stream.
+#[derive(Debug)]
+pub enum Refused {
+    /// The connection failed or broke before the response head (a node that died).
+    Io(String),
+    /// The server answered with this status and JSON body.
+    Status(u16, Value),
+}
+
+/// `open` for a server that may be gone: a failed connection is an answer too.
+pub async fn try_open(
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Result<EventStream, Refused> {
+    let io = |e: &dyn std::fmt::Display| Refused::Io(e.to_string());
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     if let Some(ip) = from {
         socket.bind(SocketAddr::new(ip, 0)).unwrap();
     }
-    let tcp = within("sse connect", socket.connect(addr)).await.unwrap();
+    let tcp = within("sse connect", socket.connect(addr))
+        .await
+        .map_err(|e| io(&e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
-        .unwrap();
+        .map_err(|e| io(&e))?;
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -76,15 +102,18 @@ pub async fn open(
         sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()),
     )
     .await
-    .expect("sse response");
+    .map_err(|e| io(&e))?;
     let status = resp.status().as_u16();
     if status != 200 {
         let body = within("error body", resp.into_body().collect())
             .await
-            .unwrap()
+            .map_err(|e| io(&e))?
             .to_bytes();
         conn.abort();
-        return Err((status, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+        return Err(Refused::Status(
+            status,
+            serde_json::from_slice(&body).unwrap_or(Value::Null),
+        ));
     }
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
     assert_eq!(ct, "text/event-stream");

@@ -12,44 +12,44 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     pub dir: tempfile::TempDir,
-    /// AOF with `appendfsync always` (`start_with_aof`), kept across `restart`.
-    aof: bool,
 }
 
 impl RedisServer {
     /// Starts `redis-server` (scripts/test installs it when missing). A port taken between
     /// finding it free and redis binding it makes redis exit: then another port is tried.
     pub fn start() -> RedisServer {
-        Self::start_opts(false)
+        RedisServer::start_with(&[])
     }
 
     /// Persistent: every write is in the AOF (fsynced) before Redis answers it, so a
     /// SIGKILL and `restart` keep every acknowledged write.
     pub fn start_with_aof() -> RedisServer {
-        Self::start_opts(true)
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
-    fn start_opts(aof: bool) -> RedisServer {
+    /// Like `start`, with extra `redis-server` options after the defaults (so they win),
+    /// e.g. `["--appendonly", "yes", "--appendfsync", "always"]` for a Redis that keeps
+    /// what it acknowledged across a SIGKILL. `restart` starts it again with them, in the
+    /// same directory, so it reloads its files.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
+            // Kept in the directory rather than a new field, so constructors added
+            // elsewhere keep compiling.
+            std::fs::write(dir.path().join(EXTRA_ARGS), extra.join("\n")).unwrap();
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut child = spawn(port, dir.path(), aof);
+            let mut child = spawn(port, dir.path());
             let deadline = Instant::now() + super::WAIT;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port was taken: try another
                 }
                 if ping(port) {
-                    return RedisServer {
-                        child,
-                        port,
-                        dir,
-                        aof,
-                    };
+                    return RedisServer { child, port, dir };
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -59,15 +59,17 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
-    /// SIGKILL: what Redis had in memory is gone (no persistence in these tests).
+    /// SIGKILL: what Redis had in memory and had not written to its files is gone (without
+    /// `start_with` persistence options, everything).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Starts it again on the same port, empty, after `kill`.
+    /// Starts it again on the same port and directory, with the same options, after
+    /// `kill`: empty, or reloaded from its files when it was started with persistence.
     pub fn restart(&mut self) {
-        self.child = spawn(self.port, self.dir.path(), self.aof);
+        self.child = spawn(self.port, self.dir.path());
         let deadline = Instant::now() + super::WAIT;
         while !ping(self.port) {
             assert!(Instant::now() < deadline, "redis-server did not restart");
@@ -80,20 +82,26 @@ impl RedisServer {
     }
 }
 
-fn spawn(port: u16, dir: &std::path::Path, aof: bool) -> Child {
-    let persistence: &[&str] = if aof {
-        &["--appendonly", "yes", "--appendfsync", "always"]
-    } else {
-        &["--appendonly", "no"]
-    };
+/// The file in a server's directory holding its extra options, one per line.
+const EXTRA_ARGS: &str = "crier-test-args";
+
+fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    let extra = std::fs::read_to_string(dir.join(EXTRA_ARGS)).unwrap_or_default();
     Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
         .args(["--enable-debug-command", "local"])
-        .args(["--save", "", "--protected-mode", "yes"])
-        .args(persistence)
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ])
         .arg("--dir")
         .arg(dir)
+        .args(extra.split('\n').filter(|_| !extra.is_empty()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
