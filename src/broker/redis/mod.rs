@@ -39,16 +39,22 @@
 //! handling (Redis down, a pub/sub connection cut: today a node stops delivering),
 //! cluster-wide subscriber counts.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+mod pubsub;
+mod scripts;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+use pubsub::{run_pubsub, Control};
+use scripts::{
+    channel, continues, key, parse_read, topic_of, unavailable, Entry, Read, PUBLISH, READ,
+};
 
 use super::stream::new_epoch;
 use super::{
@@ -60,74 +66,6 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::publication::Publication;
 use crate::topic::TopicName;
-
-const PUBLISH: &str = r#"
-local now = redis.call('TIME')
-local ms = now[1] * 1000 + math.floor(now[2] / 1000)
-if ARGV[6] ~= '0' then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then return {0, prev} end
-end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'e', epoch)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-if ARGV[2] ~= '0' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1], 't', ms)
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-local receipt = offset .. ':' .. epoch
-if ARGV[6] ~= '0' then
-  redis.call('SET', KEYS[3], receipt, 'PX', ARGV[6])
-end
-redis.call('PUBLISH', ARGV[4], receipt .. ':' .. ARGV[1])
-return {1, receipt}
-"#;
-
-/// ARGV[1]: the epoch to create when the topic has none ('' creates nothing); ARGV[2]: the
-/// first stream id to read ('' reads nothing); ARGV[3]: at most this many entries.
-const READ: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  if ARGV[1] == '' then
-    epoch = ''
-  else
-    epoch = ARGV[1]
-    redis.call('HSET', KEYS[1], 'e', epoch)
-  end
-end
-local offset = redis.call('HGET', KEYS[1], 'o') or '0'
-local now = redis.call('TIME')
-local entries = {}
-if ARGV[2] ~= '' then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])
-end
-return {epoch, offset, now[1] * 1000 + math.floor(now[2] / 1000), entries}
-"#;
-
-fn key(topic: &str, what: &str) -> String {
-    format!("crier:{{{topic}}}:{what}")
-}
-
-fn channel(topic: &str) -> String {
-    key(topic, "c")
-}
-
-fn topic_of(channel: &str) -> Option<&str> {
-    channel.strip_prefix("crier:{")?.strip_suffix("}:c")
-}
-
-fn unavailable(e: redis::RedisError) -> BrokerError {
-    BrokerError::Unavailable(format!("redis: {e}"))
-}
-
-/// Subscribe and unsubscribe, in the order the topic table asked for them.
-enum Control {
-    Subscribe(String, watch::Sender<Option<Result<(), String>>>),
-    Unsubscribe(String),
-}
 
 /// A client that asked for a topic and has not joined the hub yet.
 enum Pending {
@@ -180,22 +118,6 @@ impl Drop for RedisBroker {
         }
     }
 }
-
-/// One history entry read back: its offset, its data, its age stamp (Redis ms).
-struct Entry {
-    offset: u64,
-    data: Bytes,
-    ms: u64,
-}
-
-/// The answer of the read script.
-struct Read {
-    epoch: Arc<str>,
-    offset: u64,
-    now_ms: u64,
-    entries: Vec<Entry>,
-}
-
 impl RedisBroker {
     /// Connects (one command connection, one pub/sub connection) and starts the task that
     /// serves the subscriptions.
@@ -442,152 +364,6 @@ impl RedisBroker {
             BrokerError::Unavailable("subscription interrupted".into())
         }
     }
-}
-
-/// Serves the node's one pub/sub connection: incoming messages, and subscribe and
-/// unsubscribe in the order the topic table asked for them. When the connection is lost
-/// (Redis down, `CLIENT KILL TYPE pubsub`, an output-buffer limit), whatever was published
-/// meanwhile never arrives: every local subscriber is closed (it resumes, on this node or
-/// another, from history), then the connection is made again with backoff and every topic
-/// still in the table subscribed again.
-async fn run_pubsub(
-    client: redis::Client,
-    first: redis::aio::PubSub,
-    me: Weak<RedisBroker>,
-    mut rx: mpsc::UnboundedReceiver<Control>,
-    timeout: std::time::Duration,
-) {
-    let mut next = Some(first);
-    let mut backoff = std::time::Duration::from_millis(100);
-    loop {
-        let pubsub = match next.take() {
-            Some(p) => p,
-            None => match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-                    continue;
-                }
-            },
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let Some(names) = me.upgrade().map(|b| b.topic_names()) else {
-            return;
-        };
-        let mut resubscribed = true;
-        for name in names {
-            if sink.subscribe(channel(&name)).await.is_err() {
-                resubscribed = false;
-                break;
-            }
-        }
-        if resubscribed {
-            backoff = std::time::Duration::from_millis(100);
-            loop {
-                tokio::select! {
-                    msg = stream.next() => {
-                        let Some(msg) = msg else { break };
-                        let Some(broker) = me.upgrade() else { return };
-                        broker.on_message(msg.get_channel_name(), msg.get_payload_bytes());
-                    }
-                    c = rx.recv() => match c {
-                        None => return,
-                        Some(Control::Subscribe(ch, done)) => {
-                            let r = sink.subscribe(&ch).await.map_err(|e| e.to_string());
-                            let _ = done.send(Some(r));
-                        }
-                        Some(Control::Unsubscribe(ch)) => {
-                            if let Err(e) = sink.unsubscribe(&ch).await {
-                                tracing::warn!("redis unsubscribe {ch}: {e}");
-                            }
-                        }
-                    },
-                }
-            }
-        }
-        tracing::error!("the redis pub/sub connection was lost: reconnecting");
-        let Some(broker) = me.upgrade() else { return };
-        broker.lost_pubsub();
-    }
-}
-
-fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn as_str(v: &Value) -> Option<&str> {
-    match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok(),
-        Value::SimpleString(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn parse_read(v: Value) -> Option<Read> {
-    let Value::Array(parts) = v else { return None };
-    let [epoch, offset, now, entries] = &parts[..] else {
-        return None;
-    };
-    let Value::Array(raw) = entries else {
-        return None;
-    };
-    let mut out = Vec::with_capacity(raw.len());
-    for e in raw {
-        let Value::Array(e) = e else { return None };
-        let [id, Value::Array(fields)] = &e[..] else {
-            return None;
-        };
-        let offset = as_str(id)?.strip_suffix("-0")?.parse().ok()?;
-        let (mut data, mut ms) = (None, 0);
-        for kv in fields.chunks(2) {
-            match (as_str(&kv[0])?, &kv.get(1)?) {
-                ("d", Value::BulkString(b)) => data = Some(Bytes::copy_from_slice(b)),
-                ("t", v) => ms = as_u64(v)?,
-                _ => {}
-            }
-        }
-        out.push(Entry {
-            offset,
-            data: data?,
-            ms,
-        });
-    }
-    Some(Read {
-        epoch: as_str(epoch)?.into(),
-        offset: as_u64(offset)?,
-        now_ms: as_u64(now)?,
-        entries: out,
-    })
-}
-
-/// Whether `entries` (read from `since + 1`, within the age limit) continue `since`
-/// exactly up to the current position.
-fn continues(read: &Read, since: &StreamPosition, ttl_ms: u64) -> Option<Vec<Entry>> {
-    if since.epoch != read.epoch || since.offset > read.offset {
-        return None;
-    }
-    let fresh: Vec<Entry> = read
-        .entries
-        .iter()
-        .filter(|e| read.now_ms.saturating_sub(e.ms) <= ttl_ms)
-        .map(|e| Entry {
-            offset: e.offset,
-            data: e.data.clone(),
-            ms: e.ms,
-        })
-        .collect();
-    let contiguous = fresh
-        .iter()
-        .zip(since.offset + 1..)
-        .all(|(e, want)| e.offset == want);
-    let complete = fresh.len() as u64 == read.offset - since.offset;
-    (contiguous && complete).then_some(fresh)
 }
 
 #[async_trait::async_trait]
