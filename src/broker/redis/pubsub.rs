@@ -17,9 +17,9 @@ pub(super) enum Control {
 /// Serves the node's one pub/sub connection: incoming messages, and subscribe and
 /// unsubscribe in the order the topic table asked for them. When the connection is lost
 /// (Redis down, `CLIENT KILL TYPE pubsub`, an output-buffer limit), whatever was published
-/// meanwhile never arrives: every local subscriber is closed (it resumes, on this node or
-/// another, from history), then the connection is made again with backoff and every topic
-/// still in the table subscribed again.
+/// meanwhile never arrives: the connection is made again with backoff, every topic still in
+/// the table subscribed again, and the gap filled from history (`fill_gaps`). Local
+/// subscribers stay connected throughout.
 pub(super) async fn run_pubsub(
     client: redis::Client,
     first: redis::aio::PubSub,
@@ -28,6 +28,7 @@ pub(super) async fn run_pubsub(
     timeout: std::time::Duration,
 ) {
     let mut next = Some(first);
+    let mut first_time = true;
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
         let pubsub = match next.take() {
@@ -54,6 +55,14 @@ pub(super) async fn run_pubsub(
         }
         if resubscribed {
             backoff = std::time::Duration::from_millis(100);
+            if let Some(broker) = me.upgrade() {
+                broker.health.set_subscribed(true);
+                if !first_time {
+                    tracing::info!("redis pub/sub connection back: filling gaps from history");
+                    tokio::spawn(broker.fill_gaps());
+                }
+            }
+            first_time = false;
             loop {
                 tokio::select! {
                     msg = stream.next() => {

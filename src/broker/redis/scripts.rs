@@ -7,19 +7,39 @@ use bytes::Bytes;
 use redis::Value;
 
 use crate::broker::{BrokerError, StreamPosition};
+/// KEYS: meta, stream, idempotency key (the meta again when none), cluster counts.
+/// ARGV: data, history_size, history_ttl ms, channel, new epoch, idempotency window ms (0:
+/// none), topic ttl ms. Returns {fresh 0/1, "offset:epoch", cluster subscribers or -1 when
+/// no node counts them}.
 pub(super) const PUBLISH: &str = r#"
 local now = redis.call('TIME')
 local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local function subscribers()
+  local fields = redis.call('HGETALL', KEYS[4])
+  if #fields == 0 then return -1 end
+  local n = 0
+  for i = 1, #fields, 2 do
+    local c, exp = string.match(fields[i + 1], '^(%d+):(%d+)$')
+    if c and tonumber(exp) >= ms then
+      n = n + tonumber(c)
+    else
+      redis.call('HDEL', KEYS[4], fields[i])
+    end
+  end
+  return n
+end
 if ARGV[6] ~= '0' then
   local prev = redis.call('GET', KEYS[3])
-  if prev then return {0, prev} end
+  if prev then return {0, prev, subscribers()} end
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[5]
   redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('DEL', KEYS[2])
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if ARGV[2] ~= '0' then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1], 't', ms)
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -29,11 +49,13 @@ if ARGV[6] ~= '0' then
   redis.call('SET', KEYS[3], receipt, 'PX', ARGV[6])
 end
 redis.call('PUBLISH', ARGV[4], receipt .. ':' .. ARGV[1])
-return {1, receipt}
+return {1, receipt, subscribers()}
 "#;
 
 /// ARGV[1]: the epoch to create when the topic has none ('' creates nothing); ARGV[2]: the
-/// first stream id to read ('' reads nothing); ARGV[3]: at most this many entries.
+/// first stream id to read ('' reads nothing); ARGV[3]: at most this many entries; ARGV[4]:
+/// the topic ttl (ms) a subscriber's read (one that may create) sets on the meta, so names
+/// only subscribed to leave nothing behind for longer.
 pub(super) const READ: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
@@ -43,6 +65,9 @@ if not epoch then
     epoch = ARGV[1]
     redis.call('HSET', KEYS[1], 'e', epoch)
   end
+end
+if ARGV[1] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 local offset = redis.call('HGET', KEYS[1], 'o') or '0'
 local now = redis.call('TIME')
