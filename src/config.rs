@@ -433,7 +433,7 @@ settings! {
     /// `recovered:false`). Bounds what subscribers to fresh names leave in Redis.
     redis_topic_ttl: Duration = Duration::from_secs(24 * 3600), example "1h";
     /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` Redis
-    /// with a private CA; unset, the public web roots are trusted.
+    /// with a private CA (ignored for other URLs); unset, the public web roots are trusted.
     redis_ca: String = String::new(), example "/etc/crier/redis-ca.pem",
         shown "none, the public web roots";
 }

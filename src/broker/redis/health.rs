@@ -77,10 +77,20 @@ impl RedisHealth {
         out
     }
 
-    /// The error a request gets while Redis is known to be down, without trying it.
+    /// The error a publish gets while Redis is known to be down, without trying it. The
+    /// pub/sub connection does not matter to a publish: Redis fans it out to every node,
+    /// and this node fills its own gap once it is subscribed again.
+    pub(super) fn refuse_publish(&self) -> Option<String> {
+        (!self.commands_up()).then(|| {
+            "redis is unreachable (it did not answer this node's last health check)".into()
+        })
+    }
+
+    /// The error a subscribe gets while this node cannot serve it: without a pub/sub
+    /// connection the subscriber would wait for publications that cannot arrive yet.
     pub(super) fn refuse(&self) -> Option<String> {
-        if !self.commands_up() {
-            Some("redis is unreachable (it did not answer this node's last health check)".into())
+        if let Some(why) = self.refuse_publish() {
+            Some(why)
         } else if !self.subscribed() {
             Some("this node's redis pub/sub connection is down; it is reconnecting".into())
         } else {

@@ -152,7 +152,8 @@ impl RedisBroker {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisBroker>, redis::RedisError> {
-        let client = if cfg.redis_ca.is_empty() {
+        // The CA only means something to a TLS connection.
+        let client = if cfg.redis_ca.is_empty() || !url.starts_with("rediss://") {
             redis::Client::open(url)?
         } else {
             let root = std::fs::read(&cfg.redis_ca).map_err(|e| {
@@ -357,7 +358,7 @@ impl RedisBroker {
     /// subscribers, joined and pending, are closed and resume from history themselves (on
     /// any node), which tells them `recovered:false` if the gap is gone from history too.
     fn give_up(&self, st: &mut TopicState, name: &str) {
-        let reason = crate::close::DisconnectReason::Shutdown;
+        let reason = crate::close::DisconnectReason::StreamRestarted;
         self.hub.restart(name, reason);
         for (client, _) in st.pending.values() {
             client.close(reason);
@@ -370,7 +371,7 @@ impl RedisBroker {
     /// `recovered:false`) and delivery starts over. Never silent loss.
     fn restart(&self, st: &mut TopicState, name: &str, epoch: Arc<str>) {
         tracing::warn!(topic = name, %epoch, "topic stream restarted under a new epoch");
-        let reason = crate::close::DisconnectReason::Shutdown;
+        let reason = crate::close::DisconnectReason::StreamRestarted;
         self.hub.restart(name, reason);
         for (client, _) in st.pending.values() {
             client.close(reason);
@@ -587,7 +588,9 @@ impl RedisBroker {
 #[async_trait::async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, req: PublishRequest<'_>) -> Result<Receipt, BrokerError> {
-        self.check_up()?;
+        if let Some(why) = self.health.refuse_publish() {
+            return Err(BrokerError::Unavailable(why));
+        }
         let ns = self.cfg.namespace(req.topic);
         let (idem_key, window) = match req.idempotency_key {
             Some(k) => (
@@ -749,7 +752,7 @@ impl Broker for RedisBroker {
             // The stream restarted between the read and now (or before it): which side is
             // newer is unknown, so this subscriber starts again, like the others.
             Some(e) if *e != read.epoch => {
-                client.close(crate::close::DisconnectReason::Shutdown);
+                client.close(crate::close::DisconnectReason::StreamRestarted);
                 drop(st);
                 return Err(self.pending_gone(client, name));
             }
@@ -877,7 +880,7 @@ async fn keep_topics_alive(me: std::sync::Weak<RedisBroker>) {
     loop {
         tick.tick().await;
         let Some(broker) = me.upgrade() else { return };
-        if broker.health.refuse().is_some() {
+        if broker.health.refuse_publish().is_some() {
             continue;
         }
         let names = broker.topic_names();
