@@ -445,3 +445,42 @@ async fn a_tls_redis_works_with_a_private_ca() {
     let s = node(&url, |c| c.redis_ca = ca.clone()).await;
     publish_and_receive(&s).await;
 }
+
+/// The receipt's `subscribers` is the cluster total from `crier:{T}:n` (fresh fields only,
+/// stale ones removed), and this node's own count while no node writes that hash.
+#[tokio::test]
+async fn receipts_count_subscribers_across_nodes() {
+    let redis = RedisServer::start();
+    let s = node(&redis.url(), |_| {}).await;
+    let mut ws = s.ws("?topic=c").await;
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    let (status, r) = s.publish("c", "{}").await;
+    assert_eq!((status, r["subscribers"].as_u64()), (200, Some(1)), "{r}");
+
+    let mut conn = redis_conn(&redis.url()).await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let _: () = redis::cmd("HSET")
+        .arg("crier:{c}:n")
+        .arg("node-a")
+        .arg(format!("4:{}", now_ms + 60_000))
+        .arg("node-b")
+        .arg(format!("3:{}", now_ms + 60_000))
+        .arg("dead-node")
+        .arg("100:1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, r) = s.publish("c", "{}").await;
+    assert_eq!((status, r["subscribers"].as_u64()), (200, Some(7)), "{r}");
+    let dead: bool = redis::cmd("HEXISTS")
+        .arg("crier:{c}:n")
+        .arg("dead-node")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !dead,
+        "a stale field is removed by the publish that read it"
+    );
+}
