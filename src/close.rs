@@ -13,12 +13,17 @@ pub enum DisconnectReason {
     SlowConsumer,
     NoPong,
     WriteTimeout,
+    /// Under Redis, the topic's stream restarted under a new epoch (Redis lost it, or a gap
+    /// in this node's deliveries is no longer in history): resume now, from the position
+    /// held; the answer says `recovered:false` if the history is gone. Not a shutdown: the
+    /// node is fine, and its metrics should say so.
+    StreamRestarted,
     /// More commands than `max_commands_per_second` allows: a buggy or hostile client.
     TooManyCommands,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 9] = [
+    pub const ALL: [DisconnectReason; 10] = [
         Self::Normal,
         Self::Shutdown,
         Self::ProtocolError,
@@ -27,6 +32,7 @@ impl DisconnectReason {
         Self::SlowConsumer,
         Self::NoPong,
         Self::WriteTimeout,
+        Self::StreamRestarted,
         Self::TooManyCommands,
     ];
 
@@ -40,6 +46,7 @@ impl DisconnectReason {
             Self::SlowConsumer => 4001,
             Self::NoPong => 4002,
             Self::WriteTimeout => 4003,
+            Self::StreamRestarted => 4004,
             // 45xx: reconnecting unchanged would only hit the limit again.
             Self::TooManyCommands => 4500,
         }
@@ -55,6 +62,7 @@ impl DisconnectReason {
             Self::SlowConsumer => "slow_consumer",
             Self::NoPong => "no_pong",
             Self::WriteTimeout => "write_timeout",
+            Self::StreamRestarted => "stream_restarted",
             Self::TooManyCommands => "too_many_commands",
         }
     }

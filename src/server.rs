@@ -43,21 +43,16 @@ async fn start_shared(
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> anyhow::Result<(Arc<dyn crate::broker::Broker>, Arc<Boards>)> {
+) -> anyhow::Result<(
+    Arc<dyn crate::broker::Broker>,
+    Arc<Boards>,
+    Arc<crate::broker::redis::RedisHealth>,
+)> {
     let redis = RedisBroker::connect(cfg, &cfg.redis, hub.clone(), metrics.clone()).await?;
+    let (client, conn, health) = (redis.client(), redis.connection(), redis.health());
+    let node = redis.node_id().to_string();
     let local = Arc::new(MemoryBroker::new(cfg, hub.clone(), metrics.clone()));
     let broker: Arc<dyn crate::broker::Broker> = Arc::new(RoutedBroker::new(local, redis));
-    let client = redis::Client::open(cfg.redis.as_str())?;
-    let conn = client
-        .get_connection_manager_with_config(
-            redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(cfg.redis_timeout)
-                .set_connection_timeout(cfg.redis_timeout),
-        )
-        .await?;
-    // The node id of the cluster counts (RedisBroker::node_id once the broker has one).
-    let node = format!("{:016x}", rand::random::<u64>());
-    tracing::info!(node, "joining the cluster through redis");
     let counts = ClusterCounts::spawn(conn.clone(), node, hub.clone(), shutdown.clone());
     let boards = Boards::open_shared(
         cfg,
@@ -70,7 +65,7 @@ async fn start_shared(
         counts,
     )
     .await?;
-    Ok((broker, boards))
+    Ok((broker, boards, health))
 }
 
 /// A running server. Dropping it without `shutdown` cancels it too.
@@ -93,33 +88,39 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
         let shutdown = CancellationToken::new();
-        let (broker, memory_broker, boards): (Arc<dyn crate::broker::Broker>, _, _) =
-            if cfg.redis.is_empty() {
-                // Opening the durable history reads (and after a crash, repairs) a file:
-                // off the async workers.
-                let memory_broker = {
-                    let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
-                    tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
-                        .await?
-                        .context("opening the durable history")?
-                };
-                let boards = Boards::open(
-                    &cfg,
-                    hub.clone(),
-                    memory_broker.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                )
-                .await?;
-                (memory_broker.clone(), Some(memory_broker), boards)
-            } else {
-                let (broker, boards) =
-                    start_shared(&cfg, hub.clone(), metrics.clone(), shutdown.clone())
-                        .await
-                        .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
-                (broker, None, boards)
+        let (broker, memory_broker, boards, redis_health): (
+            Arc<dyn crate::broker::Broker>,
+            _,
+            _,
+            _,
+        ) = if cfg.redis.is_empty() {
+            // Opening the durable history reads (and after a crash, repairs) a file:
+            // off the async workers.
+            let memory_broker = {
+                let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
+                tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
+                    .await?
+                    .context("opening the durable history")?
             };
-        let state = Arc::new(AppState::new(cfg, metrics, broker, hub, boards, shutdown));
+            let boards = Boards::open(
+                &cfg,
+                hub.clone(),
+                memory_broker.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            (memory_broker.clone(), Some(memory_broker), boards, None)
+        } else {
+            let (broker, boards, health) =
+                start_shared(&cfg, hub.clone(), metrics.clone(), shutdown.clone())
+                    .await
+                    .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
+            (broker, None, boards, Some(health))
+        };
+        let state = Arc::new(
+            AppState::new(cfg, metrics, broker, hub, boards, shutdown).with_redis(redis_health),
+        );
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");
         Ok(Server {
