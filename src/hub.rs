@@ -230,6 +230,19 @@ impl Hub {
         self.all().iter().map(|t| t.lock().subscribers.len()).sum()
     }
 
+    /// Every topic with local subscribers and how many (for cluster-wide counts).
+    pub fn topic_counts(&self) -> Vec<(TopicName, usize)> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.lock().subscribers.len()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Topics with at least one local subscriber.
     pub fn subscribed_topics(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()

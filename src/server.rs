@@ -22,8 +22,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::app;
+use crate::broker::cluster_counts::ClusterCounts;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::routed::RoutedBroker;
 use crate::close::DisconnectReason;
 use crate::config::Config;
 use crate::conn_limits::{Refusal, CONN_SLOT};
@@ -32,6 +34,44 @@ use crate::leaderboard::service::Boards;
 use crate::metrics::Metrics;
 use crate::net::{DeadlineStream, TimedBody};
 use crate::state::AppState;
+
+/// Under `--redis`: the Redis broker for topics, a node-local memory broker for the board
+/// snapshots each node computes from its own mirror (see `broker::routed`), cluster-wide
+/// counts, and the boards shared through Redis.
+async fn start_shared(
+    cfg: &Config,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Arc<dyn crate::broker::Broker>, Arc<Boards>)> {
+    let redis = RedisBroker::connect(cfg, &cfg.redis, hub.clone(), metrics.clone()).await?;
+    let local = Arc::new(MemoryBroker::new(cfg, hub.clone(), metrics.clone()));
+    let broker: Arc<dyn crate::broker::Broker> = Arc::new(RoutedBroker::new(local, redis));
+    let client = redis::Client::open(cfg.redis.as_str())?;
+    let conn = client
+        .get_connection_manager_with_config(
+            redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(cfg.redis_timeout)
+                .set_connection_timeout(cfg.redis_timeout),
+        )
+        .await?;
+    // The node id of the cluster counts (RedisBroker::node_id once the broker has one).
+    let node = format!("{:016x}", rand::random::<u64>());
+    tracing::info!(node, "joining the cluster through redis");
+    let counts = ClusterCounts::spawn(conn.clone(), node, hub.clone(), shutdown.clone());
+    let boards = Boards::open_shared(
+        cfg,
+        hub,
+        broker.clone(),
+        metrics,
+        shutdown,
+        conn,
+        client,
+        counts,
+    )
+    .await?;
+    Ok((broker, boards))
+}
 
 /// A running server. Dropping it without `shutdown` cancels it too.
 pub struct Server {
@@ -52,31 +92,33 @@ impl Server {
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
-        // Opening the durable history reads (and after a crash, repairs) a file: off the
-        // async workers.
-        let (broker, memory_broker): (Arc<dyn crate::broker::Broker>, _) = if cfg.redis.is_empty() {
-            let memory_broker = {
-                let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
-                tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
-                    .await?
-                    .context("opening the durable history")?
-            };
-            (memory_broker.clone(), Some(memory_broker))
-        } else {
-            let redis = RedisBroker::connect(&cfg, &cfg.redis, hub.clone(), metrics.clone())
-                .await
-                .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
-            (redis, None)
-        };
         let shutdown = CancellationToken::new();
-        let boards = Boards::open(
-            &cfg,
-            hub.clone(),
-            broker.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        )
-        .await?;
+        let (broker, memory_broker, boards): (Arc<dyn crate::broker::Broker>, _, _) =
+            if cfg.redis.is_empty() {
+                // Opening the durable history reads (and after a crash, repairs) a file:
+                // off the async workers.
+                let memory_broker = {
+                    let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
+                    tokio::task::spawn_blocking(move || MemoryBroker::open(&cfg, hub, metrics))
+                        .await?
+                        .context("opening the durable history")?
+                };
+                let boards = Boards::open(
+                    &cfg,
+                    hub.clone(),
+                    memory_broker.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await?;
+                (memory_broker.clone(), Some(memory_broker), boards)
+            } else {
+                let (broker, boards) =
+                    start_shared(&cfg, hub.clone(), metrics.clone(), shutdown.clone())
+                        .await
+                        .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
+                (broker, None, boards)
+            };
         let state = Arc::new(AppState::new(cfg, metrics, broker, hub, boards, shutdown));
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");

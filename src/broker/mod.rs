@@ -9,6 +9,7 @@
 //! stream positions with an epoch); see docs/architecture.md.
 
 mod budget;
+pub mod cluster_counts;
 pub mod durable;
 mod durable_topics;
 mod history;
@@ -16,6 +17,7 @@ mod idempotency;
 pub mod memory;
 mod publish;
 pub mod redis;
+pub mod routed;
 mod stream;
 mod table;
 #[cfg(test)]

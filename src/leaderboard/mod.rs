@@ -5,4 +5,5 @@ pub mod api;
 pub mod demo;
 pub mod ranking;
 pub mod service;
+pub mod shared;
 pub mod store;

@@ -43,7 +43,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
+use super::shared::Shared;
 use super::store::{Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
+use crate::broker::cluster_counts::ClusterCounts;
 use crate::broker::{Broker, PublishRequest};
 use crate::config::{Config, MAX_BOARD_TOP};
 use crate::hub::Hub;
@@ -149,21 +151,27 @@ pub fn ranked(list: &[(u64, Entry)]) -> Vec<RankedEntry<'_>> {
         .collect()
 }
 
-struct Board {
-    name: Arc<str>,
+pub(super) struct Board {
+    pub(super) name: Arc<str>,
     topic: String,
     /// Durable options, ranking and clock: exactly what the store holds (once `persisted`).
-    options: BoardOptions,
-    ranking: Ranking,
-    next_seq: u64,
+    pub(super) options: BoardOptions,
+    pub(super) ranking: Ranking,
+    /// The next `achieved` seq; under Redis the mirrored op version instead, so no node
+    /// shows a snapshot version below it.
+    pub(super) next_seq: u64,
     /// Strictly increases with every update published while the process runs.
     version: u64,
     last_published: Option<Instant>,
     shown_watchers: usize,
     /// Whether the store knows this board. Until a commit that creates it succeeds, the
     /// board is invisible and every write to it carries the create op.
-    persisted: bool,
+    pub(super) persisted: bool,
     pending: Pending,
+    /// Under Redis: the version of the last op this mirror applied, and the board's epoch
+    /// in Redis (another one means Redis lost the board). Unused on one node.
+    pub(super) mirror: u64,
+    pub(super) epoch: Arc<str>,
 }
 
 /// What the writes queued but not yet committed will make of a board: the view new writes
@@ -208,6 +216,8 @@ impl Board {
             shown_watchers: 0,
             persisted: false,
             pending: Pending::new(Arc::new(AtomicU64::new(0)), next_seq),
+            mirror: 0,
+            epoch: "".into(),
         }
     }
 
@@ -308,7 +318,10 @@ pub struct Boards {
     /// Subscriber counts (watchers) only; updates go out through the broker.
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Under Redis: where writes go (Redis), and the cluster-wide watcher counts.
+    shared: Option<Arc<Shared>>,
+    counts: Option<Arc<ClusterCounts>>,
     interval: Duration,
     default_top: usize,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -364,10 +377,91 @@ impl Boards {
             default_top: cfg.board_top,
             tasks: Mutex::new(vec![writer_task]),
             stop: shutdown.child_token(),
+            shared: None,
+            counts: None,
         });
         let updater = tokio::spawn(this.clone().update_loop());
         this.tasks.lock().push(updater);
         Ok(this)
+    }
+
+    /// Boards shared through Redis (see `shared.rs`): no local store; every board is
+    /// loaded from Redis and mirrored here before this returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_shared(
+        cfg: &Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        conn: redis::aio::ConnectionManager,
+        client: redis::Client,
+        counts: Arc<ClusterCounts>,
+    ) -> anyhow::Result<Arc<Boards>> {
+        let defaults = BoardOptions {
+            top: cfg.board_top,
+            ..BoardOptions::default()
+        };
+        let this = Arc::new(Boards {
+            dirty: Arc::new(Dirty::default()),
+            boards: RwLock::new(HashMap::new()),
+            writer: Mutex::new(None),
+            queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
+            hub,
+            broker,
+            metrics,
+            shared: Some(Arc::new(Shared::new(
+                conn,
+                client,
+                cfg.redis_timeout,
+                defaults,
+            ))),
+            counts: Some(counts),
+            interval: cfg.board_update_interval,
+            default_top: cfg.board_top,
+            tasks: Mutex::new(Vec::new()),
+            stop: shutdown.child_token(),
+        });
+        let follower = Shared::start(&this, this.stop.clone()).await?;
+        let updater = tokio::spawn(this.clone().update_loop());
+        this.tasks.lock().extend([follower, updater]);
+        Ok(this)
+    }
+
+    pub(super) fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// Watchers of a board's topic: on every node under Redis, else on this one.
+    fn watchers(&self, topic: &str) -> usize {
+        match &self.counts {
+            Some(c) => c.total(topic),
+            None => self.hub.subscriber_count(topic),
+        }
+    }
+
+    pub(super) fn names(&self) -> Vec<String> {
+        self.boards.read().keys().map(|n| n.to_string()).collect()
+    }
+
+    pub(super) fn remove(&self, name: &str) {
+        self.boards.write().remove(name);
+    }
+
+    pub(super) fn dirty_mark(&self, name: &str) {
+        self.dirty.mark(name);
+    }
+
+    /// A board's mirror, created empty (and invisible until loaded) if needed.
+    pub(super) fn get_or_mirror(&self, name: &str) -> Arc<Mutex<Board>> {
+        let mut boards = self.boards.write();
+        boards
+            .entry(name.into())
+            .or_insert_with(|| {
+                let name: Arc<str> = name.into();
+                Arc::new(Mutex::new(Board::new(name, BoardOptions::default(), 1)))
+            })
+            .clone()
     }
 
     /// Stops publishing and lets the store writer commit what it holds, then waits for it.
@@ -397,7 +491,7 @@ impl Boards {
         }
     }
 
-    fn get(&self, name: &str) -> Option<Arc<Mutex<Board>>> {
+    pub(super) fn get(&self, name: &str) -> Option<Arc<Mutex<Board>>> {
         self.boards.read().get(name).cloned()
     }
 
@@ -448,6 +542,9 @@ impl Boards {
     ) -> Result<BoardOptions, BoardError> {
         Self::validate_name(name)?;
         Self::check_options(&options)?;
+        if let Some(shared) = &self.shared {
+            return shared.put_options(self, name, options).await;
+        }
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = self.get_or_create(name);
@@ -510,6 +607,9 @@ impl Boards {
             .acquire_many_owned(cost.min(MAX_QUEUED_SCORE_BYTES) as u32)
             .await
             .expect("the budget semaphore is never closed");
+        if let Some(shared) = &self.shared {
+            return shared.submit(self, name, &scores).await;
+        }
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = self.get_or_create(name);
@@ -585,6 +685,9 @@ impl Boards {
     /// Empties a board, keeping its options and clock.
     pub async fn reset(&self, name: &str) -> Result<(), BoardError> {
         Self::validate_name(name)?;
+        if let Some(shared) = &self.shared {
+            return shared.reset(self, name).await;
+        }
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = self.get_persisted(name)?;
@@ -655,7 +758,7 @@ impl Boards {
         Self::validate_name(name)?;
         let board = self.get_persisted(name)?;
         let b = board.lock();
-        let watchers = self.hub.subscriber_count(&b.topic);
+        let watchers = self.watchers(&b.topic);
         Ok(f(BoardView {
             name: &b.name,
             options: b.options,
@@ -677,7 +780,7 @@ impl Boards {
                 Some(serde_json::json!({
                     "name": &*b.name,
                     "players": b.ranking.len(),
-                    "watchers": self.hub.subscriber_count(&b.topic),
+                    "watchers": self.watchers(&b.topic),
                     "order": b.options.order,
                     "mode": b.options.mode,
                     "top": b.options.top,
@@ -729,7 +832,7 @@ impl Boards {
                 let b = board.lock();
                 (
                     b.name.clone(),
-                    b.persisted && self.hub.subscriber_count(&b.topic) != b.shown_watchers,
+                    b.persisted && self.watchers(&b.topic) != b.shown_watchers,
                 )
             };
             if changed {
@@ -744,7 +847,7 @@ impl Boards {
             let mut b = board.lock();
             b.version = (b.version + 1).max(b.next_seq);
             b.last_published = Some(Instant::now());
-            b.shown_watchers = self.hub.subscriber_count(&b.topic);
+            b.shown_watchers = self.watchers(&b.topic);
             let top = b.ranking.top(b.options.top);
             let json = serde_json::to_vec(&Update {
                 board: &b.name,

@@ -12,12 +12,24 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// AOF with `appendfsync always` (`start_with_aof`), kept across `restart`.
+    aof: bool,
 }
 
 impl RedisServer {
     /// Starts `redis-server` (scripts/test installs it when missing). A port taken between
     /// finding it free and redis binding it makes redis exit: then another port is tried.
     pub fn start() -> RedisServer {
+        Self::start_opts(false)
+    }
+
+    /// Persistent: every write is in the AOF (fsynced) before Redis answers it, so a
+    /// SIGKILL and `restart` keep every acknowledged write.
+    pub fn start_with_aof() -> RedisServer {
+        Self::start_opts(true)
+    }
+
+    fn start_opts(aof: bool) -> RedisServer {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             let port = TcpListener::bind("127.0.0.1:0")
@@ -25,14 +37,19 @@ impl RedisServer {
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut child = spawn(port, dir.path());
+            let mut child = spawn(port, dir.path(), aof);
             let deadline = Instant::now() + super::WAIT;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port was taken: try another
                 }
                 if ping(port) {
-                    return RedisServer { child, port, dir };
+                    return RedisServer {
+                        child,
+                        port,
+                        dir,
+                        aof,
+                    };
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -50,7 +67,7 @@ impl RedisServer {
 
     /// Starts it again on the same port, empty, after `kill`.
     pub fn restart(&mut self) {
-        self.child = spawn(self.port, self.dir.path());
+        self.child = spawn(self.port, self.dir.path(), self.aof);
         let deadline = Instant::now() + super::WAIT;
         while !ping(self.port) {
             assert!(Instant::now() < deadline, "redis-server did not restart");
@@ -63,19 +80,18 @@ impl RedisServer {
     }
 }
 
-fn spawn(port: u16, dir: &std::path::Path) -> Child {
+fn spawn(port: u16, dir: &std::path::Path, aof: bool) -> Child {
+    let persistence: &[&str] = if aof {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
     Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         // DEBUG SLEEP stalls it, for the tests of a stalled Redis.
         .args(["--enable-debug-command", "local"])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-        ])
+        .args(["--save", "", "--protected-mode", "yes"])
+        .args(persistence)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())

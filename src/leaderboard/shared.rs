@@ -1,0 +1,765 @@
+//! Boards shared by every node under `--redis`: Redis is the authority, every node keeps a
+//! *mirror* of every board (the same in-memory [`Ranking`] one node uses), so reads,
+//! snapshots, coalescing and the web page work unchanged.
+//!
+//! - **Writes are Lua scripts**, atomic across nodes. The score script applies a validated
+//!   batch all-or-nothing by the one-node rules (`combine`, increment bounds checked for the
+//!   whole batch first, each posted entry takes the next `seq`). The sorted set `bz` ranks
+//!   with score = `-score` (order high) or `score` (low) and member = `seq` as 20 digits +
+//!   player, so ascending (score, member) is better score first, then earlier achiever:
+//!   the one-node tie rule, with `ZRANK` in O(log n). Scores cross the Lua boundary as
+//!   text (Rust's shortest round-trip `{}`, Lua's `%.17g`): Lua truncates numbers in
+//!   replies to integers, and `cjson` prints 14 digits.
+//! - **Every write is an op** with the board's next version `v`: added to the stream `bl`
+//!   (id `<v>-0`, about 10,000 kept) and published on `bc` as `v:epoch:op`. An op carries
+//!   whole entries, not deltas, so applying one twice is harmless.
+//! - **Mirrors**: one task per node receives every board's ops (one pattern subscription)
+//!   and applies them in version order; a gap is filled from `bl`; a trimmed gap, an
+//!   unknown board or another epoch (Redis lost the board) reloads the board (`HSCAN` in
+//!   chunks, then the ops after the version read first). A lost pub/sub connection is
+//!   reconnected with back-off, then every board catches up.
+//! - **Read your writes**: the node that ran a write answers once its mirror reached the
+//!   write's version (at most `redis_timeout` later), so a client reads its own write on
+//!   the node it posted to. Other nodes follow within the pub/sub hop.
+//!
+//! Keys (board B, hash tag `{board:B}`): `crier:{board:B}:bo` (hash: `opt` options JSON,
+//! `seq` next seq, `v` op version, `e` epoch), `:bp` (hash: player -> `score seq meta`),
+//! `:bz` (ranking), `:bl` (ops), channel `:bc`; and the set `crier:boards` of names.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::ranking::{Entry, Ranking};
+use super::service::{Board, BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
+
+/// Ops kept per board for mirrors that fell behind; one further behind reloads the board.
+const KEPT_OPS: usize = 10_000;
+/// Entries and ops read per round trip while loading, so a big board never arrives whole.
+const CHUNK: usize = 1000;
+const PATTERN: &str = "crier:{board:*}:bc";
+const BOARDS: &str = "crier:boards";
+
+/// Shared prologue: reads the board (creating it with ARGV[1] options and ARGV[2] epoch
+/// when `create`), and `emit(op)`, which records and publishes the next op.
+const PROLOGUE: &str = r#"
+local bo, bz, bl, bc = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
+local meta = redis.call('HMGET', bo, 'opt', 'seq', 'v', 'e')
+local opt, seq, v, e = meta[1], tonumber(meta[2]), tonumber(meta[3]), meta[4]
+local created = false
+if not opt then
+  opt, seq, v, e, created = ARGV[1], 1, 0, ARGV[2], true
+end
+local function emit(op)
+  v = v + 1
+  local id = string.format('%d', v)
+  redis.call('XADD', bl, 'MAXLEN', '~', ARGV[4], id .. '-0', 'o', op)
+  redis.call('PUBLISH', bc, id .. ':' .. e .. ':' .. op)
+end
+local function save()
+  redis.call('HSET', bo, 'opt', opt, 'seq', string.format('%d', seq), 'v', string.format('%d', v), 'e', e)
+  if created then redis.call('SADD', KEYS[6], ARGV[3]) end
+end
+"#;
+
+/// KEYS: bo bp bz bl bc boards. ARGV: default options, new epoch, name, kept ops, then
+/// (player, score, meta or '') per entry. Returns {0, i} when entry i (0-based) would take
+/// an increment total out of range, else {1, v, e, then rank, score, changed per entry}.
+const SCORES: &str = r#"
+local bp = KEYS[2]
+local o = cjson.decode(opt)
+local high = o.order ~= 'low'
+local mode = o.mode
+local n = (#ARGV - 4) / 3
+local function member(en) return string.format('%020d', en[2]) .. en[4] end
+local cur = {}
+local function get(p)
+  local c = cur[p]
+  if c == nil then
+    local s = redis.call('HGET', bp, p)
+    if s then
+      local a = string.find(s, ' ', 1, true)
+      local b = string.find(s, ' ', a + 1, true)
+      c = {tonumber(string.sub(s, 1, a - 1)), tonumber(string.sub(s, a + 1, b - 1)), string.sub(s, b + 1), p}
+    else
+      c = false
+    end
+    cur[p] = c
+  end
+  return c
+end
+if mode == 'increment' then
+  local sums = {}
+  for i = 0, n - 1 do
+    local p = ARGV[5 + 3 * i]
+    local s = sums[p]
+    if s == nil then
+      local c = get(p)
+      if c then s = c[1] else s = 0 end
+    end
+    s = s + tonumber(ARGV[6 + 3 * i])
+    sums[p] = s
+    if s > 1e15 or s < -1e15 then return {0, i} end
+  end
+end
+local changed, order = {}, {}
+for i = 0, n - 1 do
+  local p, sc, m = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
+  if sc == 0 then sc = 0 end
+  local old = changed[p] or get(p)
+  local new = nil
+  if not old then
+    new = {sc, seq, m, p}
+  else
+    local ns, acc
+    if mode == 'best' then
+      local better
+      if high then better = sc > old[1] else better = sc < old[1] end
+      if better then ns = sc else ns = old[1] end
+      acc = better
+    elseif mode == 'latest' then
+      ns, acc = sc, true
+    else
+      ns, acc = old[1] + sc, true
+      if ns == 0 then ns = 0 end
+    end
+    local sch = ns ~= old[1]
+    local mch = acc and m ~= '' and m ~= old[3]
+    if sch or mch then
+      new = {old[1], old[2], old[3], p}
+      if sch then new[1], new[2] = ns, seq end
+      if mch then new[3] = m end
+    end
+  end
+  seq = seq + 1
+  if new then
+    if not changed[p] then order[#order + 1] = p end
+    changed[p] = new
+  end
+end
+local entries = {}
+for _, p in ipairs(order) do
+  local old, new = get(p), changed[p]
+  if old then redis.call('ZREM', bz, member(old)) end
+  local z = new[1]
+  if high then z = -z end
+  if z == 0 then z = 0 end
+  local s = string.format('%.17g', new[1])
+  local q = string.format('%d', new[2])
+  redis.call('ZADD', bz, string.format('%.17g', z), member(new))
+  redis.call('HSET', bp, p, s .. ' ' .. q .. ' ' .. new[3])
+  entries[#entries + 1] = {p, s, q, new[3]}
+end
+if #entries > 0 then emit(cjson.encode({k = 's', e = entries})) end
+save()
+local out = {1, string.format('%d', v), e}
+for i = 0, n - 1 do
+  local p = ARGV[5 + 3 * i]
+  local en = changed[p] or get(p)
+  out[#out + 1] = redis.call('ZRANK', bz, member(en)) + 1
+  out[#out + 1] = string.format('%.17g', en[1])
+  if changed[p] then out[#out + 1] = 1 else out[#out + 1] = 0 end
+end
+return out
+"#;
+
+/// KEYS: bo bp bz bl bc boards. ARGV: new options, new epoch, name, kept ops, new order.
+/// Returns {0} when the order of a board with players would change, else {1, v, e}.
+const OPTIONS: &str = r#"
+if not created and cjson.decode(opt).order ~= ARGV[5] and redis.call('ZCARD', bz) > 0 then
+  return {0}
+end
+opt = ARGV[1]
+emit('{"k":"o","o":' .. opt .. '}')
+save()
+return {1, string.format('%d', v), e}
+"#;
+
+/// KEYS: bo bp bz bl bc boards. ARGV: (unused), (unused), name, kept ops. Returns {0} for
+/// an unknown board, else {1, v, e}.
+const RESET: &str = r#"
+if created then return {0} end
+redis.call('DEL', KEYS[2], bz)
+emit('{"k":"r"}')
+save()
+return {1, string.format('%d', v), e}
+"#;
+
+fn key(board: &str, what: &str) -> String {
+    format!("crier:{{board:{board}}}:{what}")
+}
+
+fn board_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix("crier:{board:")?.strip_suffix("}:bc")
+}
+
+/// One op as the scripts write it.
+#[derive(Deserialize)]
+#[serde(tag = "k")]
+enum Op {
+    /// Changed entries, whole: (player, score, seq, meta or "").
+    #[serde(rename = "s")]
+    Scores {
+        e: Vec<(String, String, String, String)>,
+    },
+    #[serde(rename = "o")]
+    Options { o: BoardOptions },
+    #[serde(rename = "r")]
+    Reset,
+}
+
+/// What a mirror needs to take an op.
+enum Step {
+    Applied,
+    /// Versions between the mirror's and this op's are missing.
+    Gap(u64),
+    /// The board is unknown here or under another epoch.
+    Reload,
+}
+
+pub struct Shared {
+    conn: ConnectionManager,
+    client: redis::Client,
+    scores: Script,
+    options: Script,
+    reset: Script,
+    /// Woken whenever a mirror moves, for writers waiting to read their own write.
+    applied: Notify,
+    timeout: Duration,
+    /// Options of a board created by its first score batch.
+    default_options: String,
+}
+
+fn store_error(e: redis::RedisError) -> BoardError {
+    tracing::warn!("leaderboard write through redis failed: {e}");
+    BoardError::Store(format!("redis: {e}"))
+}
+
+fn new_epoch() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn num<T: std::str::FromStr>(v: &Value) -> Option<T> {
+    text(v)?.parse().ok()
+}
+
+fn bad_reply() -> BoardError {
+    BoardError::Store("redis: unexpected script reply".into())
+}
+
+/// An entry as stored in `bp`: `score seq meta` (meta empty when none).
+fn parse_entry(player: &str, s: &str) -> Option<Entry> {
+    let mut parts = s.splitn(3, ' ');
+    let score: f64 = parts.next()?.parse().ok()?;
+    let achieved: u64 = parts.next()?.parse().ok()?;
+    let meta = parts.next()?;
+    Some(Entry {
+        player: player.into(),
+        score,
+        achieved,
+        meta: (!meta.is_empty()).then(|| meta.into()),
+    })
+}
+
+/// Applies an op to a board; returns whether the live top changed.
+fn apply(b: &mut Board, op: Op) -> bool {
+    match op {
+        Op::Scores { e } => {
+            let top = b.options.top as u64;
+            let mut visible = false;
+            for (player, score, seq, meta) in e {
+                let Some(entry) = parse_entry(&player, &format!("{score} {seq} {meta}")) else {
+                    tracing::warn!(board = &*b.name, "malformed entry in a board op");
+                    continue;
+                };
+                let old_rank = b.ranking.rank(&player);
+                b.ranking.insert(entry);
+                let new_rank = b.ranking.rank(&player).expect("just inserted");
+                visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
+            }
+            visible
+        }
+        Op::Options { o } => {
+            if o.order != b.options.order {
+                b.ranking = Ranking::new(o.order);
+            }
+            b.options = o;
+            true
+        }
+        Op::Reset => {
+            b.ranking.clear();
+            true
+        }
+    }
+}
+
+/// The ops of `bl` from version `from` on (at most `CHUNK`), as (version, op text).
+fn parse_ops(v: Value) -> Vec<(u64, String)> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(parts) = item else {
+                return None;
+            };
+            let id = text(parts.first()?)?;
+            let version = id.strip_suffix("-0")?.parse().ok()?;
+            let Value::Array(fields) = parts.get(1)? else {
+                return None;
+            };
+            Some((version, text(fields.get(1)?)?))
+        })
+        .collect()
+}
+
+impl Shared {
+    /// Subscribes to every board's ops, loads every board into `boards`, then keeps the
+    /// mirrors following Redis on a task until `stop`.
+    pub async fn start(
+        boards: &Arc<Boards>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let shared = boards.shared().expect("shared boards").clone();
+        let mut pubsub = shared.client.get_async_pubsub().await?;
+        pubsub.psubscribe(PATTERN).await?;
+        shared.load_all(boards).await?;
+        let me = Arc::downgrade(boards);
+        Ok(tokio::spawn(shared.clone().follow(me, pubsub, stop)))
+    }
+
+    pub fn new(
+        conn: ConnectionManager,
+        client: redis::Client,
+        timeout: Duration,
+        default_options: BoardOptions,
+    ) -> Self {
+        let script = |body: &str| Script::new(&format!("{PROLOGUE}{body}"));
+        Shared {
+            conn,
+            client,
+            scores: script(SCORES),
+            options: script(OPTIONS),
+            reset: script(RESET),
+            applied: Notify::new(),
+            timeout,
+            default_options: serde_json::to_string(&default_options).expect("options"),
+        }
+    }
+
+    fn invocation<'a>(&self, script: &'a Script, name: &str) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for what in ["bo", "bp", "bz", "bl", "bc"] {
+            inv.key(key(name, what));
+        }
+        inv.key(BOARDS);
+        inv
+    }
+
+    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, BoardError> {
+        let mut conn = self.conn.clone();
+        match inv.invoke_async::<Value>(&mut conn).await {
+            Ok(Value::Array(v)) => Ok(v),
+            Ok(_) => Err(bad_reply()),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    pub async fn submit(
+        &self,
+        boards: &Boards,
+        name: &str,
+        scores: &[ValidScore],
+    ) -> Result<Vec<ScoreResult>, BoardError> {
+        let mut inv = self.invocation(&self.scores, name);
+        inv.arg(&self.default_options)
+            .arg(new_epoch())
+            .arg(name)
+            .arg(KEPT_OPS);
+        for (player, score, meta) in scores {
+            inv.arg(player)
+                .arg(format!("{score}"))
+                .arg(meta.as_deref().unwrap_or(""));
+        }
+        let reply = self.run(inv).await?;
+        if num::<u8>(reply.first().ok_or_else(bad_reply)?) == Some(0) {
+            let i: usize = reply.get(1).and_then(num).ok_or_else(bad_reply)?;
+            let player = &scores.get(i).ok_or_else(bad_reply)?.0;
+            return Err(BoardError::Invalid(format!(
+                "entry {i}: player {player:?}'s total would leave ±{:e}",
+                super::service::MAX_ABS_SCORE
+            )));
+        }
+        let (v, epoch) = Self::version(&reply)?;
+        let mut results = Vec::with_capacity(scores.len());
+        for (i, (player, _, _)) in scores.iter().enumerate() {
+            let at = |k: usize| reply.get(3 + 3 * i + k).ok_or_else(bad_reply);
+            results.push(ScoreResult {
+                player: player.as_str().into(),
+                rank: num(at(0)?).ok_or_else(bad_reply)?,
+                score: num(at(1)?).ok_or_else(bad_reply)?,
+                changed: num::<u8>(at(2)?) == Some(1),
+            });
+        }
+        boards.metrics.scores.inc_by(results.len() as u64);
+        self.wait_mirror(boards, name, &epoch, v).await;
+        Ok(results)
+    }
+
+    pub async fn put_options(
+        &self,
+        boards: &Boards,
+        name: &str,
+        options: BoardOptions,
+    ) -> Result<BoardOptions, BoardError> {
+        let order = serde_json::to_value(options.order).expect("order");
+        let mut inv = self.invocation(&self.options, name);
+        inv.arg(serde_json::to_string(&options).expect("options"))
+            .arg(new_epoch())
+            .arg(name)
+            .arg(KEPT_OPS)
+            .arg(order.as_str().unwrap_or("high"));
+        let reply = self.run(inv).await?;
+        if num::<u8>(reply.first().ok_or_else(bad_reply)?) == Some(0) {
+            return Err(BoardError::Conflict(
+                "the sort order of a board with players cannot change; reset it first".into(),
+            ));
+        }
+        let (v, epoch) = Self::version(&reply)?;
+        self.wait_mirror(boards, name, &epoch, v).await;
+        Ok(options)
+    }
+
+    pub async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
+        let mut inv = self.invocation(&self.reset, name);
+        inv.arg("").arg("").arg(name).arg(KEPT_OPS);
+        let reply = self.run(inv).await?;
+        if num::<u8>(reply.first().ok_or_else(bad_reply)?) == Some(0) {
+            return Err(BoardError::NoBoard(name.into()));
+        }
+        let (v, epoch) = Self::version(&reply)?;
+        self.wait_mirror(boards, name, &epoch, v).await;
+        Ok(())
+    }
+
+    fn version(reply: &[Value]) -> Result<(u64, String), BoardError> {
+        let v = reply.get(1).and_then(num).ok_or_else(bad_reply)?;
+        let e = reply.get(2).and_then(text).ok_or_else(bad_reply)?;
+        Ok((v, e))
+    }
+
+    /// Waits (at most `redis_timeout`) until this node's mirror of the board holds version
+    /// `v`, so the writer reads its own write here.
+    async fn wait_mirror(&self, boards: &Boards, name: &str, epoch: &str, v: u64) {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let notified = self.applied.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let reached = boards.get(name).is_some_and(|b| {
+                let b = b.lock();
+                *b.epoch != *epoch || b.mirror >= v
+            });
+            if reached {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(board = name, v, "mirror did not reach the write in time");
+                return;
+            }
+        }
+    }
+
+    /// Loads every board named in `crier:boards` (in chunks).
+    async fn load_all(&self, boards: &Boards) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let mut names: HashSet<String> = boards.names().into_iter().collect();
+        let mut cursor = 0u64;
+        loop {
+            let (next, chunk): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(BOARDS)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(CHUNK)
+                .query_async(&mut conn)
+                .await?;
+            names.extend(chunk);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        for name in names {
+            self.catch_up(boards, &name).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings one board's mirror up to Redis: the ops it missed, or a reload.
+    async fn catch_up(&self, boards: &Boards, name: &str) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let (v, e): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(key(name, "bo"))
+            .arg("v")
+            .arg("e")
+            .query_async(&mut conn)
+            .await?;
+        let mirror = boards.get(name).map(|b| {
+            let b = b.lock();
+            (b.mirror, b.epoch.clone())
+        });
+        match (mirror, v, e) {
+            (Some((m, me)), Some(v), Some(e)) if *me == *e && m <= v => {
+                if !self.fill(boards, name, m, u64::MAX).await? {
+                    self.load(boards, name).await?;
+                }
+            }
+            _ => self.load(boards, name).await?,
+        }
+        Ok(())
+    }
+
+    /// Applies the ops after version `from` up to `to` from `bl`. False when one is no
+    /// longer there (trimmed) or the board moved under another epoch: reload it then.
+    async fn fill(
+        &self,
+        boards: &Boards,
+        name: &str,
+        mut from: u64,
+        to: u64,
+    ) -> Result<bool, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        while from < to {
+            let end = if to == u64::MAX {
+                "+".to_string()
+            } else {
+                format!("{to}-0")
+            };
+            let reply: Value = redis::cmd("XRANGE")
+                .arg(key(name, "bl"))
+                .arg(format!("{}-0", from + 1))
+                .arg(end)
+                .arg("COUNT")
+                .arg(CHUNK)
+                .query_async(&mut conn)
+                .await?;
+            let ops = parse_ops(reply);
+            if ops.is_empty() {
+                return Ok(to == u64::MAX);
+            }
+            let Some(board) = boards.get(name) else {
+                return Ok(false);
+            };
+            for (v, op) in ops {
+                if v != from + 1 {
+                    return Ok(false);
+                }
+                let Ok(op) = serde_json::from_str::<Op>(&op) else {
+                    return Ok(false);
+                };
+                let mut b = board.lock();
+                if b.mirror != from {
+                    return Ok(false);
+                }
+                if apply(&mut b, op) {
+                    boards.dirty_mark(name);
+                }
+                b.mirror = v;
+                b.next_seq = v;
+                from = v;
+            }
+            self.applied.notify_waiters();
+        }
+        Ok(true)
+    }
+
+    /// Reads the board afresh: its options and version, its entries in chunks, then the
+    /// ops written meanwhile (entries are whole, so one seen both ways is harmless, and a
+    /// reset replayed clears what was read before it).
+    async fn load(&self, boards: &Boards, name: &str) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        for _ in 0..3 {
+            let (opt, v, e): (Option<String>, Option<u64>, Option<String>) = redis::cmd("HMGET")
+                .arg(key(name, "bo"))
+                .arg("opt")
+                .arg("v")
+                .arg("e")
+                .query_async(&mut conn)
+                .await?;
+            let (Some(opt), Some(v), Some(e)) = (opt, v, e) else {
+                // Redis no longer has it (lost without persistence, or flushed).
+                boards.remove(name);
+                self.applied.notify_waiters();
+                return Ok(());
+            };
+            let options: BoardOptions = serde_json::from_str(&opt).unwrap_or_default();
+            let mut ranking = Ranking::new(options.order);
+            let mut cursor = 0u64;
+            loop {
+                let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+                    .arg(key(name, "bp"))
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(CHUNK)
+                    .query_async(&mut conn)
+                    .await?;
+                for pair in flat.chunks_exact(2) {
+                    if let Some(entry) = parse_entry(&pair[0], &pair[1]) {
+                        ranking.insert(entry);
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            let board = boards.get_or_mirror(name);
+            {
+                let mut b = board.lock();
+                b.options = options;
+                b.ranking = ranking;
+                b.epoch = e.into();
+                b.mirror = v;
+                b.next_seq = v;
+                b.persisted = true;
+            }
+            if self.fill(boards, name, v, u64::MAX).await? {
+                boards.dirty_mark(name);
+                self.applied.notify_waiters();
+                return Ok(());
+            }
+        }
+        tracing::warn!(
+            board = name,
+            "board kept changing while loading; retrying later"
+        );
+        Ok(())
+    }
+
+    /// One board op from pub/sub: `v:epoch:op`.
+    async fn on_op(&self, boards: &Boards, name: &str, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload);
+        let mut parts = text.splitn(3, ':');
+        let (Some(v), Some(epoch), Some(op)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let Ok(v) = v.parse::<u64>() else { return };
+        let step = match boards.get(name) {
+            None => Step::Reload,
+            Some(board) => {
+                let mut b = board.lock();
+                if *b.epoch != *epoch {
+                    Step::Reload
+                } else if v <= b.mirror {
+                    Step::Applied
+                } else if v > b.mirror + 1 {
+                    Step::Gap(b.mirror)
+                } else {
+                    match serde_json::from_str::<Op>(op) {
+                        Ok(op) => {
+                            if apply(&mut b, op) {
+                                boards.dirty_mark(name);
+                            }
+                            b.mirror = v;
+                            b.next_seq = v;
+                            Step::Applied
+                        }
+                        Err(_) => Step::Reload,
+                    }
+                }
+            }
+        };
+        let done = match step {
+            Step::Applied => Ok(()),
+            Step::Gap(from) => match self.fill(boards, name, from, v).await {
+                Ok(true) => Ok(()),
+                Ok(false) => self.load(boards, name).await,
+                Err(e) => Err(e),
+            },
+            Step::Reload => self.load(boards, name).await,
+        };
+        if let Err(e) = done {
+            tracing::warn!(board = name, "board mirror not updated: {e}");
+        }
+        self.applied.notify_waiters();
+    }
+
+    /// Follows every board's ops until `stop`; reconnects a lost pub/sub connection with
+    /// back-off and then catches every board up.
+    async fn follow(
+        self: Arc<Self>,
+        boards: Weak<Boards>,
+        first: redis::aio::PubSub,
+        stop: CancellationToken,
+    ) {
+        let mut next = Some(first);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let pubsub = match next.take() {
+                Some(p) => p,
+                None => {
+                    let connect = async {
+                        let mut p = self.client.get_async_pubsub().await?;
+                        p.psubscribe(PATTERN).await?;
+                        Ok::<_, redis::RedisError>(p)
+                    };
+                    let got = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = tokio::time::timeout(self.timeout, connect) => r,
+                    };
+                    let Ok(Ok(p)) = got else {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    };
+                    let Some(b) = boards.upgrade() else { return };
+                    if let Err(e) = self.load_all(&b).await {
+                        tracing::warn!("board mirrors not caught up: {e}");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    backoff = Duration::from_millis(100);
+                    tracing::info!("board mirrors caught up after reconnecting to redis");
+                    p
+                }
+            };
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                let Some(b) = boards.upgrade() else { return };
+                if let Some(name) = board_of(msg.get_channel_name()) {
+                    self.on_op(&b, name, msg.get_payload_bytes()).await;
+                }
+            }
+            tracing::error!("the redis pub/sub connection of the boards was lost: reconnecting");
+        }
+    }
+}
