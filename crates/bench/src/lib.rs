@@ -10,6 +10,12 @@
 //! times their resume; `--mode publish-throughput` (`throughput`) counts acknowledged
 //! publications per second over one or many topics.
 //!
+//! `--target A,B,C` runs fanout, publish-throughput and scores against several nodes that
+//! share one Redis (issue 8): subscribers spread round robin, publications through one
+//! node or round robin (`--publish-via`), latency per node. Latency is always measured
+//! publish-to-receive at the client, so it includes the Redis hop the server's own metric
+//! leaves out.
+//!
 //! The tool speaks to the server over the wire only: it depends on `crier-protocol` (the
 //! frame codec, names, HTTP client), never on the server library.
 //!
