@@ -111,6 +111,10 @@ pub fn scores_body(rng: &mut impl Rng, n: usize, players: u64) -> Vec<u8> {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ScoresReport {
     pub board: String,
+    /// Boards posted to (--boards): 1 is --board, K is --board.0 ..= --board.(K-1).
+    pub boards: usize,
+    /// Servers the requests went to, round robin (--target with --publish-via rr).
+    pub servers: usize,
     pub scores: u64,
     pub batch: usize,
     pub publishers: usize,
@@ -163,12 +167,32 @@ pub async fn run_scores(args: &BenchArgs) -> anyhow::Result<ScoresReport> {
         (1..=MAX_BATCH).contains(&args.batch),
         "--batch must be 1-{MAX_BATCH}"
     );
+    anyhow::ensure!(
+        (1..=10_000).contains(&args.boards),
+        "--boards must be 1-10000"
+    );
+    let names = super::throughput::topic_names(&args.board, args.boards);
+    anyhow::ensure!(
+        names
+            .iter()
+            .all(|b| crier_protocol::names::is_valid_board(b)),
+        "--board with its .N suffix must be 1-64 bytes of A-Z a-z 0-9 _ - ."
+    );
     let client = HttpClient::new(args.key.clone());
-    let url = Arc::new(format!(
-        "{}/api/boards/{}/scores",
-        args.url.trim_end_matches('/'),
-        args.board
-    ));
+    let bases = args.publish_bases()?;
+    // Request r goes to board r mod K through server r mod S; with K a multiple of S
+    // that would pin each board to one server, so the server index skips by r / K.
+    let urls: Arc<Vec<Vec<String>>> = Arc::new(
+        names
+            .iter()
+            .map(|b| {
+                bases
+                    .iter()
+                    .map(|base| format!("{base}/api/boards/{b}/scores"))
+                    .collect()
+            })
+            .collect(),
+    );
     let batch = args.batch as u64;
     let total = args.messages;
     let requests = total.div_ceil(batch);
@@ -176,7 +200,7 @@ pub async fn run_scores(args: &BenchArgs) -> anyhow::Result<ScoresReport> {
     let start = Instant::now();
     let mut set = JoinSet::new();
     for _ in 0..args.publishers {
-        let (client, url, next) = (client.clone(), url.clone(), next.clone());
+        let (client, urls, next) = (client.clone(), urls.clone(), next.clone());
         let players = args.players;
         set.spawn(async move {
             let mut rng = StdRng::from_entropy();
@@ -190,9 +214,12 @@ pub async fn run_scores(args: &BenchArgs) -> anyhow::Result<ScoresReport> {
                 }
                 let n = batch.min(total - r * batch) as usize;
                 let body = scores_body(&mut rng, n, players);
+                let k = urls.len() as u64;
+                let board = &urls[(r % k) as usize];
+                let url = &board[((r + r / k) % board.len() as u64) as usize];
                 let t0 = Instant::now();
                 let res =
-                    tokio::time::timeout(Duration::from_secs(30), client.post(&url, body)).await;
+                    tokio::time::timeout(Duration::from_secs(30), client.post(url, body)).await;
                 last = Instant::now();
                 let err = match res {
                     Ok(Ok((s, _))) if s.is_success() => None,
@@ -216,6 +243,8 @@ pub async fn run_scores(args: &BenchArgs) -> anyhow::Result<ScoresReport> {
     }
     let mut rep = ScoresReport {
         board: args.board.clone(),
+        boards: args.boards,
+        servers: bases.len(),
         scores: total,
         batch: args.batch,
         publishers: args.publishers,

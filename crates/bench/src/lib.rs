@@ -10,6 +10,12 @@
 //! times their resume; `--mode publish-throughput` (`throughput`) counts acknowledged
 //! publications per second over one or many topics.
 //!
+//! `--target A,B,C` runs fanout, publish-throughput and scores against several nodes that
+//! share one Redis (issue 8): subscribers spread round robin, publications through one
+//! node or round robin (`--publish-via`), latency per node. Latency is always measured
+//! publish-to-receive at the client, so it includes the Redis hop the server's own metric
+//! leaves out.
+//!
 //! The tool speaks to the server over the wire only: it depends on `crier-protocol` (the
 //! frame codec, names, HTTP client), never on the server library.
 //!
@@ -115,6 +121,16 @@ pub struct BenchArgs {
     /// Server base URL; must be a loopback address (127.0.0.0/8, ::1 or localhost).
     #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
     pub url: String,
+    /// Several servers (nodes sharing one Redis) instead of --url, comma separated, e.g.
+    /// `http://127.0.0.1:7701,http://127.0.0.1:7702`: fanout spreads its subscribers over
+    /// them round robin and reports latency per node; publications (and scores) go through
+    /// --publish-via. At most 32, loopback only.
+    #[arg(long, value_delimiter = ',')]
+    pub target: Vec<String>,
+    /// Which target publications and scores go through: its index in --target (0 is the
+    /// first), or `rr` for round robin over all of them.
+    #[arg(long, default_value = "0")]
+    pub publish_via: String,
     /// Subscriber transport.
     #[arg(long, value_enum, default_value = "ws")]
     pub transport: BenchTransport,
@@ -127,6 +143,10 @@ pub struct BenchArgs {
     /// Leaderboard for --mode scores and --mode board (created by the first score).
     #[arg(long, default_value = "bench")]
     pub board: String,
+    /// Boards of --mode scores: 1 posts to --board, K > 1 round robin to --board.0 ..=
+    /// --board.(K-1).
+    #[arg(long, default_value_t = 1)]
+    pub boards: usize,
     /// Scores per request in --mode scores (1-1000; 1 posts one JSON object per request).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -224,6 +244,46 @@ impl BenchArgs {
         )?;
         Ok(BenchArgs::from_arg_matches(&matches)?)
     }
+
+    /// The base URLs of the run (no trailing slash; `http://` added to a bare host:port):
+    /// --target, or --url alone.
+    pub fn targets(&self) -> Vec<String> {
+        if self.target.is_empty() {
+            vec![self.url.trim_end_matches('/').to_string()]
+        } else {
+            self.target
+                .iter()
+                .map(|t| {
+                    let t = t.trim().trim_end_matches('/');
+                    if t.contains("://") {
+                        t.to_string()
+                    } else {
+                        format!("http://{t}")
+                    }
+                })
+                .collect()
+        }
+    }
+
+    /// The base URLs publications go through, used round robin (one unless `rr`).
+    pub fn publish_bases(&self) -> anyhow::Result<Vec<String>> {
+        let all = self.targets();
+        if self.publish_via == "rr" {
+            return Ok(all);
+        }
+        let i: usize = self
+            .publish_via
+            .parse()
+            .ok()
+            .filter(|&i| i < all.len())
+            .with_context(|| {
+                format!(
+                    "--publish-via must be rr or a target index below {}",
+                    all.len()
+                )
+            })?;
+        Ok(vec![all[i].clone()])
+    }
 }
 
 /// `crier bench`: runs, prints the report, and fails (non-zero exit) on connection
@@ -301,7 +361,21 @@ fn sources(addr: SocketAddr, k: usize) -> Vec<IpAddr> {
 
 /// Runs one benchmark and returns its report (also used by the integration tests).
 pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
-    let addr = loopback_addr(&args.url)?;
+    let targets = args.targets();
+    anyhow::ensure!(
+        (1..=subscriber::HIST_SHARDS).contains(&targets.len()),
+        "--target takes 1-{} servers",
+        subscriber::HIST_SHARDS
+    );
+    let target_addrs = targets
+        .iter()
+        .map(|t| loopback_addr(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    args.publish_bases()?;
+    let addr = target_addrs[0];
+    if !args.target.is_empty() {
+        args.url = targets[0].clone();
+    }
     if args.resume_storm {
         args.mode = BenchMode::ResumeStorm;
     } else if args.publish_throughput {
@@ -312,6 +386,18 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         "--connect-concurrency must be at least 1"
     );
     anyhow::ensure!(args.publishers >= 1, "--publishers must be at least 1");
+    anyhow::ensure!(
+        targets.len() == 1
+            || matches!(
+                args.mode,
+                BenchMode::Fanout | BenchMode::Scores | BenchMode::PublishThroughput
+            ),
+        "several --target servers work with fanout, scores and publish-throughput only"
+    );
+    anyhow::ensure!(
+        targets.len() == 1 || (args.attack.is_none() && !args.idle && args.stalled == 0),
+        "several --target servers do not combine with --attack, --idle or --stalled"
+    );
     match args.mode {
         BenchMode::Fanout => {}
         BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr).await,
@@ -337,14 +423,20 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         None
     };
     let hidden = args.quiet || args.json || !std::io::stderr().is_terminal();
-    let shared = Arc::new(Shared::new(
-        addr,
+    let shared = Arc::new(Shared::with_targets(
+        target_addrs,
         args.topic.clone(),
         sources(addr, args.source_ips),
     ));
     let mut report = Report {
         mode: args.mode.name().to_string(),
         url: args.url.clone(),
+        targets: if targets.len() > 1 {
+            targets.clone()
+        } else {
+            Vec::new()
+        },
+        publish_via: args.publish_via.clone(),
         transport: args.transport.name().to_string(),
         topic: args.topic.clone(),
         subscribers: args.subscribers,
@@ -482,14 +574,14 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     let published_ok = Arc::new(AtomicU64::new(0));
     let publish_start = Instant::now();
     let client = HttpClient::new(args.key.clone());
-    let publish_url = format!(
-        "{}/api/publish/{}",
-        args.url.trim_end_matches('/'),
-        args.topic
-    );
+    let publish_urls = args
+        .publish_bases()?
+        .iter()
+        .map(|b| format!("{b}/api/publish/{}", args.topic))
+        .collect();
     let pub_task = tokio::spawn(publish(
         client,
-        publish_url,
+        publish_urls,
         args.messages,
         args.payload,
         args.rate,
@@ -556,6 +648,16 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     report.deliveries_per_sec = report::rate_per_sec(report.received_deliveries, elapsed);
     let latency: Histogram<u64> = shared.merged_latency();
     report.latency_ms = Percentiles::from_us(&latency);
+    if targets.len() > 1 {
+        report.per_target = (0..targets.len())
+            .map(|t| report::TargetReport {
+                url: targets[t].clone(),
+                subscribers: args.subscribers / targets.len()
+                    + usize::from(t < args.subscribers % targets.len()),
+                latency_ms: Percentiles::from_us(&shared.target_latency(t)),
+            })
+            .collect();
+    }
     if let (Some(a), Some(base)) = (report.attack.as_mut(), baseline.as_ref()) {
         a.baseline = Some(attack::baseline_of(base, report.latency_ms.p99));
     }
@@ -703,9 +805,11 @@ struct PublishOutcome {
 
 /// Publishes `messages` bodies: a burst over `publishers` connections, or one every
 /// 1/rate seconds (at most 4 x `publishers` in flight; beyond that, ticks wait).
+/// Publication `seq` goes to `urls[seq % n]` (several when publishing round robin over
+/// nodes).
 async fn publish(
     client: HttpClient,
-    url: String,
+    urls: Vec<String>,
     messages: u64,
     size: usize,
     rate: f64,
@@ -716,25 +820,25 @@ async fn publish(
     let failed = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(parking_lot::Mutex::new(None::<String>));
     let one = {
-        let (client, url, failed, first_error, ok_count) = (
+        let (client, all, failed, first_error, ok_count) = (
             client.clone(),
-            Arc::new(url),
+            Arc::new(urls),
             failed.clone(),
             first_error.clone(),
             ok_count.clone(),
         );
         move |seq: u64| {
-            let (client, url, failed, first_error, ok_count) = (
+            let (client, urls, failed, first_error, ok_count) = (
                 client.clone(),
-                url.clone(),
+                all.clone(),
                 failed.clone(),
                 first_error.clone(),
                 ok_count.clone(),
             );
             async move {
+                let url = &urls[(seq % urls.len() as u64) as usize];
                 let body = envelope::payload(seq, subscriber::unix_us(), size);
-                let r =
-                    tokio::time::timeout(Duration::from_secs(10), client.post(&url, body)).await;
+                let r = tokio::time::timeout(Duration::from_secs(10), client.post(url, body)).await;
                 let err = match r {
                     Ok(Ok((status, _))) if status.is_success() => None,
                     Ok(Ok((status, body))) => {
@@ -854,5 +958,37 @@ mod tests {
         assert!(BenchArgs::from_flags(["--resume-storm", "--publish-throughput"]).is_err());
         assert!(BenchArgs::from_flags(["--resume-storm", "--mode", "board"]).is_err());
         assert!(BenchArgs::from_flags(["--publish-throughput", "--mode", "fanout"]).is_err());
+        let m = BenchArgs::from_flags([
+            "--target",
+            "http://127.0.0.1:1/,127.0.0.1:2",
+            "--publish-via",
+            "rr",
+        ])
+        .unwrap();
+        assert_eq!(
+            m.targets(),
+            vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
+        assert_eq!(m.publish_bases().unwrap().len(), 2);
+        let one = BenchArgs::from_flags([
+            "--target",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--publish-via",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(one.publish_bases().unwrap(), vec!["http://127.0.0.1:2"]);
+        for bad in ["2", "x", ""] {
+            let b = BenchArgs::from_flags([
+                "--target",
+                "http://127.0.0.1:1,http://127.0.0.1:2",
+                "--publish-via",
+                bad,
+            ])
+            .unwrap();
+            assert!(b.publish_bases().is_err(), "{bad}");
+        }
+        assert_eq!(a.targets(), vec!["http://127.0.0.1:7700"]);
+        assert_eq!(a.boards, 1);
     }
 }

@@ -62,6 +62,14 @@ pub struct Report {
     /// fanout, scores or board.
     pub mode: String,
     pub url: String,
+    /// --target: every server of the run (empty for one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+    /// --publish-via: the target index publications went through, or `rr`.
+    pub publish_via: String,
+    /// With several targets: each one's subscribers and their publish-to-receive latency.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_target: Vec<TargetReport>,
     pub transport: String,
     pub topic: String,
     pub subscribers: usize,
@@ -108,6 +116,16 @@ pub struct Report {
     pub resume: Option<ResumeReport>,
     /// --mode publish-throughput.
     pub throughput: Option<ThroughputReport>,
+}
+
+/// One server of a multi-target fanout run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetReport {
+    pub url: String,
+    /// Subscribers sent to this target (connected or not).
+    pub subscribers: usize,
+    /// Publish-to-receive of this target's subscribers (count = their deliveries).
+    pub latency_ms: Percentiles,
 }
 
 /// Deliveries per second over `elapsed`; 0 when nothing can be said.
@@ -202,6 +220,13 @@ impl Report {
         f
     }
 
+    fn publish_via_text(&self) -> String {
+        match self.publish_via.as_str() {
+            "rr" => "every target, round robin".to_string(),
+            i => format!("target {i}"),
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         if let Some(t) = &self.throughput {
@@ -220,8 +245,22 @@ impl Report {
         if let Some(sc) = &self.scores {
             let _ = writeln!(
                 s,
-                "crier bench --mode scores: board {:?} on {}, {} scores in batches of {} over {} connections, {} players",
-                sc.board, self.url, sc.scores, sc.batch, sc.publishers, sc.players
+                "crier bench --mode scores: {} on {}{}, {} scores in batches of {} over {} connections, {} players",
+                if sc.boards > 1 {
+                    format!("{} boards {:?}.N", sc.boards, sc.board)
+                } else {
+                    format!("board {:?}", sc.board)
+                },
+                self.url,
+                if sc.servers > 1 {
+                    format!(" and {} more servers round robin", sc.servers - 1)
+                } else {
+                    String::new()
+                },
+                sc.scores,
+                sc.batch,
+                sc.publishers,
+                sc.players
             );
             let _ = writeln!(
                 s,
@@ -335,6 +374,17 @@ impl Report {
             "  latency      p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
             l.p50, l.p90, l.p99, l.max, l.count
         );
+        if !self.per_target.is_empty() {
+            let _ = writeln!(s, "  publishing   through {}", self.publish_via_text());
+        }
+        for (i, t) in self.per_target.iter().enumerate() {
+            let l = &t.latency_ms;
+            let _ = writeln!(
+                s,
+                "  target {i:<5} {} ({} subscribers): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+                t.url, t.subscribers, l.p50, l.p99, l.max, l.count
+            );
+        }
         if let Some(st) = &self.stalled {
             let _ = writeln!(
                 s,

@@ -46,8 +46,11 @@ pub fn new_histogram() -> Histogram<u64> {
 
 /// What every subscriber task shares.
 pub struct Shared {
+    /// The first target; the only one unless `--target` names several.
     pub addr: SocketAddr,
     pub host: String,
+    /// Every target (`--target A,B,C`): subscriber `i` connects to `targets[i % n]`.
+    pub targets: Vec<SocketAddr>,
     pub topic: String,
     pub sources: Vec<IpAddr>,
     pub stop: CancellationToken,
@@ -58,9 +61,17 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(addr: SocketAddr, topic: String, sources: Vec<IpAddr>) -> Self {
+        Self::with_targets(vec![addr], topic, sources)
+    }
+
+    /// Subscribers spread round robin over `targets` (at most `HIST_SHARDS`, at least one).
+    pub fn with_targets(targets: Vec<SocketAddr>, topic: String, sources: Vec<IpAddr>) -> Self {
+        assert!((1..=HIST_SHARDS).contains(&targets.len()));
+        let addr = targets[0];
         Shared {
             addr,
             host: addr.to_string(),
+            targets,
             topic,
             sources,
             stop: CancellationToken::new(),
@@ -74,6 +85,29 @@ impl Shared {
     pub fn merged_latency(&self) -> Histogram<u64> {
         let mut all = new_histogram();
         for h in self.latency.iter() {
+            let _ = all.add(&*h.lock());
+        }
+        all
+    }
+
+    /// The target subscriber `i` connects to.
+    pub fn target(&self, i: usize) -> SocketAddr {
+        self.targets[i % self.targets.len()]
+    }
+
+    /// The latency shard of subscriber `i`. With several targets each target owns its own
+    /// shards, so per-target latency costs the hot path nothing: it is a merge at the end.
+    pub fn shard(&self, i: usize) -> &Mutex<Histogram<u64>> {
+        let n = self.targets.len();
+        let per = HIST_SHARDS / n;
+        &self.latency[(i % n) * per + (i / n) % per]
+    }
+
+    /// The latency of the subscribers of target `t` (see `shard`).
+    pub fn target_latency(&self, t: usize) -> Histogram<u64> {
+        let per = HIST_SHARDS / self.targets.len();
+        let mut all = new_histogram();
+        for h in &self.latency[t * per..(t + 1) * per] {
             let _ = all.add(&*h.lock());
         }
         all
@@ -92,7 +126,8 @@ pub struct SubResult {
 
 /// Opens a TCP connection from the `i`-th source address (127.0.0.2, .3, ...).
 pub async fn connect_tcp(shared: &Shared, i: usize, rcvbuf: Option<u32>) -> io::Result<TcpStream> {
-    let socket = if shared.addr.is_ipv4() {
+    let target = shared.target(i);
+    let socket = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
@@ -104,7 +139,7 @@ pub async fn connect_tcp(shared: &Shared, i: usize, rcvbuf: Option<u32>) -> io::
         let src = shared.sources[i % shared.sources.len()];
         socket.bind(SocketAddr::new(src, 0))?;
     }
-    let stream = socket.connect(shared.addr).await?;
+    let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -147,7 +182,7 @@ pub async fn ws_upgrade(
     let req = format!(
         "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        shared.host
+        shared.target(i)
     );
     stream.write_all(req.as_bytes()).await?;
     let (head, rest) = read_head(&mut stream).await?;
@@ -209,7 +244,7 @@ pub async fn ws_run(
         tracker: OffsetTracker::new(start),
         ..Default::default()
     };
-    let shard = &shared.latency[i % HIST_SHARDS];
+    let shard = shared.shard(i);
     let mask = rand::random::<[u8; 4]>();
     // Anything that arrived with the subscribed reply.
     let mut pending = decoder.buffered() > 0;
@@ -472,7 +507,7 @@ pub async fn sse_request(
     let mut stream = connect_tcp(shared, i, None).await.context("connect")?;
     let req = format!(
         "GET {target} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{headers}\r\n",
-        shared.host
+        shared.target(i)
     );
     stream.write_all(req.as_bytes()).await?;
     let (head, rest) = read_head(&mut stream).await?;
@@ -501,7 +536,7 @@ pub async fn sse_run(
         tracker: OffsetTracker::new(start),
         ..Default::default()
     };
-    let shard = &shared.latency[i % HIST_SHARDS];
+    let shard = shared.shard(i);
     let mut dechunk = Dechunker::default();
     let mut events: Vec<u8> = Vec::new();
     let mut raw = BytesMut::new();
@@ -610,6 +645,32 @@ pub async fn stalled_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_target_owns_its_latency_shards() {
+        let addrs: Vec<SocketAddr> = (1..=3)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        let shared = Shared::with_targets(addrs, "t".into(), Vec::new());
+        for i in 0..300 {
+            assert_eq!(shared.target(i).port() as usize, i % 3 + 1);
+            shared.shard(i).lock().record(1 + (i % 3) as u64).unwrap();
+        }
+        for t in 0..3 {
+            let h = shared.target_latency(t);
+            assert_eq!(
+                (h.len(), h.min(), h.max()),
+                (100, t as u64 + 1, t as u64 + 1)
+            );
+        }
+        assert_eq!(shared.merged_latency().len(), 300);
+        let one = Shared::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            "t".into(),
+            Vec::new(),
+        );
+        assert!(std::ptr::eq(one.shard(33), &one.latency[1]));
+    }
 
     #[test]
     fn dechunk_in_pieces() {

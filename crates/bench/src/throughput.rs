@@ -29,6 +29,8 @@ use crier_protocol::http_client::HttpClient;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ThroughputReport {
     pub topics: usize,
+    /// Servers the publications went to, round robin (--target with --publish-via rr).
+    pub servers: usize,
     /// Concurrent publishers (keep-alive connections, one request in flight each).
     pub concurrency: usize,
     pub publications: u64,
@@ -70,7 +72,7 @@ impl ThroughputReport {
         use std::fmt::Write as _;
         let _ = writeln!(
             s,
-            "crier bench --mode publish-throughput: {} x {} bytes to {} topic{} ({:?}{}) on {}, {} concurrent publishers",
+            "crier bench --mode publish-throughput: {} x {} bytes to {} topic{} ({:?}{}) on {}{}, {} concurrent publishers",
             self.publications,
             self.payload_bytes,
             self.topics,
@@ -78,6 +80,11 @@ impl ThroughputReport {
             topic,
             if self.topics == 1 { "" } else { ".N" },
             url,
+            if self.servers > 1 {
+                format!(" and {} more servers round robin", self.servers - 1)
+            } else {
+                String::new()
+            },
             self.concurrency
         );
         let _ = writeln!(
@@ -146,13 +153,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ThroughputReport> {
             .all(|t| crier_protocol::names::is_valid_topic(t)),
         "--topic with its .N suffix must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
     );
-    let base = args.url.trim_end_matches('/');
+    let bases = args.publish_bases()?;
+    // Publication k goes to topic k mod K; with --publish-via rr, through server
+    // (k + k / K) mod S.
     let urls: Arc<Vec<String>> = Arc::new(
         names
             .iter()
-            .map(|t| format!("{base}/api/publish/{t}"))
+            .map(|t| format!("{}/api/publish/{t}", bases[0]))
             .collect(),
     );
+    let servers: Arc<Vec<String>> = Arc::new(bases);
+    let shared_names = Arc::new(names.clone());
     let client = HttpClient::new(args.key.clone());
     let total = args.messages;
     let next = Arc::new(AtomicU64::new(0));
@@ -160,6 +171,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ThroughputReport> {
     let mut set = JoinSet::new();
     for _ in 0..args.publishers {
         let (client, urls, next) = (client.clone(), urls.clone(), next.clone());
+        let (servers, names) = (servers.clone(), shared_names.clone());
         let size = args.payload;
         set.spawn(async move {
             let mut part = Part {
@@ -176,10 +188,19 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ThroughputReport> {
                 }
                 let topic = (seq % urls.len() as u64) as usize;
                 let body = envelope::payload(seq, unix_us(), size);
+                let other;
+                let url = if servers.len() == 1 {
+                    &urls[topic]
+                } else {
+                    // Skip by seq / K so a K that is a multiple of S does not pin topics.
+                    let k = names.len() as u64;
+                    let s = &servers[((seq + seq / k) % servers.len() as u64) as usize];
+                    other = format!("{s}/api/publish/{}", &names[topic]);
+                    &other
+                };
                 let t0 = Instant::now();
                 let res =
-                    tokio::time::timeout(Duration::from_secs(30), client.post(&urls[topic], body))
-                        .await;
+                    tokio::time::timeout(Duration::from_secs(30), client.post(url, body)).await;
                 part.last = Instant::now();
                 let err = match res {
                     Ok(Ok((s, b))) if s.is_success() => {
@@ -208,6 +229,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ThroughputReport> {
     }
     let mut rep = ThroughputReport {
         topics: args.topics,
+        servers: servers.len(),
         concurrency: args.publishers,
         publications: total,
         payload_bytes: args.payload,
