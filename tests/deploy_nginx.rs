@@ -1,7 +1,7 @@
 //! The shipped deployment, run for real: `deploy/nginx.conf` in front of three `crier serve
-//! --redis` nodes on one `redis-server`, everything on loopback. Only the three node
-//! addresses and the `listen` port of the file are replaced; every other line is what an
-//! operator installs. Clients talk to nginx only; the nodes' own `/metrics` tell which node
+//! --redis` nodes on one `redis-server` running `deploy/redis.conf`, everything on loopback.
+//! Only addresses, ports and folders are replaced; every other line is what an operator
+//! installs. Clients talk to nginx only; the nodes' own `/metrics` tell which node
 //! holds which client.
 //!
 //! Without nginx installed (`apt-get install nginx-light`; `scripts/test` installs it) the
@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::redis::RedisServer;
 use common::{next_json, send_json, serve_binary, within, Proc, Ws};
 use crier::http_client::HttpClient;
 use futures_util::StreamExt;
@@ -22,6 +21,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 const SHIPPED: &str = include_str!("../deploy/nginx.conf");
+const SHIPPED_REDIS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/redis.conf");
 
 /// The nginx binary, or None (and why) when it is not installed.
 fn nginx_binary() -> Option<PathBuf> {
@@ -128,6 +128,68 @@ impl Drop for Nginx {
     }
 }
 
+/// `redis-server deploy/redis.conf`, with only its address, port and folder overridden on
+/// the command line: AOF with `appendfsync always`, `noeviction` and the password as
+/// shipped, so the nodes connect with a password URL as in docs/deploy.md.
+struct ShippedRedis {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ShippedRedis {
+    fn start() -> ShippedRedis {
+        let text = std::fs::read_to_string(SHIPPED_REDIS).unwrap();
+        let password = text
+            .lines()
+            .find_map(|l| l.strip_prefix("requirepass "))
+            .expect("deploy/redis.conf sets requirepass")
+            .trim()
+            .to_string();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new("redis-server")
+                .arg(SHIPPED_REDIS)
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("redis-server runs (apt-get install redis-server)");
+            let deadline = Instant::now() + common::WAIT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port was taken (or the file is wrong: its log says)
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return ShippedRedis {
+                        child,
+                        url: format!("redis://:{password}@127.0.0.1:{port}"),
+                        _dir: dir,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start with deploy/redis.conf");
+    }
+}
+
+impl Drop for ShippedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 async fn get(url: &str) -> (u16, Vec<u8>) {
     let (status, body) = HttpClient::new(None).get(url).await.expect("http get");
     (status.as_u16(), body.to_vec())
@@ -221,12 +283,12 @@ async fn three_nodes_behind_the_shipped_nginx_config() {
         eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light)");
         return;
     };
-    let redis = RedisServer::start();
+    let redis = ShippedRedis::start();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut procs: Vec<Option<Proc>> = Vec::new();
     let mut nodes = Vec::new();
     for d in &dirs {
-        let (p, addr) = serve_binary(d.path(), "127.0.0.1:0", &["--redis", &redis.url()]);
+        let (p, addr) = serve_binary(d.path(), "127.0.0.1:0", &["--redis", &redis.url]);
         procs.push(Some(p));
         nodes.push(addr);
     }
