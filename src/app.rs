@@ -23,6 +23,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/publish/{topic}", post(publish::publish))
         .route("/api/topics/{topic}/history", get(history::history))
         .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/openapi.json", get(openapi::document))
         .merge(leaderboard::api::routes())

@@ -419,13 +419,23 @@ settings! {
     /// How long a publish `Idempotency-Key` is remembered: a retry within it gets the first
     /// receipt and publishes nothing.
     idempotency_window: Duration = Duration::from_secs(300), example "1m";
-    /// Redis to share topics with other crier nodes (redis://host:port); unset, this node
-    /// serves alone. Preview: see docs/redis-status.md.
+    /// Redis to share topics with other crier nodes: redis://host:port, rediss://host:port
+    /// (TLS), or redis+unix:///path/to/redis.sock; unset, this node serves alone. See
+    /// docs/scaling.md.
     redis: String = String::new(), example "redis://127.0.0.1:6379",
         shown "none, one node alone";
     /// How long a Redis command may take before the request that needed it fails with 503
     /// (store_unavailable): a stalled Redis makes publishes fail fast, never hang.
     redis_timeout: Duration = Duration::from_secs(2), example "500ms";
+    /// How long Redis keeps a topic's offset and epoch after its last publish while no node
+    /// holds a subscriber of it. Nodes refresh it for their subscribed topics, so live topics
+    /// never expire; a dead one comes back under a new epoch (resumes then hear
+    /// `recovered:false`). Bounds what subscribers to fresh names leave in Redis.
+    redis_topic_ttl: Duration = Duration::from_secs(24 * 3600), example "1h";
+    /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` Redis
+    /// with a private CA; unset, the public web roots are trusted.
+    redis_ca: String = String::new(), example "/etc/crier/redis-ca.pem",
+        shown "none, the public web roots";
 }
 
 /// The `--config` flag: the one argument that is not a setting.

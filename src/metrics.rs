@@ -85,6 +85,9 @@ pub struct Metrics {
     pub sockets: Gauge,
     pub tracked_ips: Gauge,
     pub accept_errors: Counter,
+    pub redis_up: Gauge,
+    pub redis_reconnects: Counter,
+    pub redis_errors: Counter,
     /// Handles into the families above, fetched once so the write path does no lookup.
     per_transport: [PerTransport; 2],
 }
@@ -131,6 +134,9 @@ impl Metrics {
             sockets: Gauge::default(),
             tracked_ips: Gauge::default(),
             accept_errors: Counter::default(),
+            redis_up: Gauge::default(),
+            redis_reconnects: Counter::default(),
+            redis_errors: Counter::default(),
             registry: Registry::default(),
             per_transport: Default::default(),
         };
@@ -269,6 +275,21 @@ impl Metrics {
             "accept_errors",
             "Failed accept calls (EMFILE and friends), each followed by a back-off",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "redis_up",
+            "1 while Redis answers this node's health checks and its pub/sub connection is subscribed (0 without --redis)",
+            m.redis_up.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Times a lost Redis connection (commands or pub/sub) was made again",
+            m.redis_reconnects.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed or timed out (publishes, reads, health checks)",
+            m.redis_errors.clone(),
         );
         for reason in crate::conn_limits::Refusal::ALL {
             let _ = m.refused_connections.get_or_create(&RefusalLabel {

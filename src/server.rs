@@ -54,6 +54,7 @@ impl Server {
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
         // Opening the durable history reads (and after a crash, repairs) a file: off the
         // async workers.
+        let mut redis_health = None;
         let (broker, memory_broker): (Arc<dyn crate::broker::Broker>, _) = if cfg.redis.is_empty() {
             let memory_broker = {
                 let (cfg, hub, metrics) = (cfg.clone(), hub.clone(), metrics.clone());
@@ -66,6 +67,7 @@ impl Server {
             let redis = RedisBroker::connect(&cfg, &cfg.redis, hub.clone(), metrics.clone())
                 .await
                 .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
+            redis_health = Some(redis.health());
             (redis, None)
         };
         let shutdown = CancellationToken::new();
@@ -77,7 +79,9 @@ impl Server {
             shutdown.clone(),
         )
         .await?;
-        let state = Arc::new(AppState::new(cfg, metrics, broker, hub, boards, shutdown));
+        let state = Arc::new(
+            AppState::new(cfg, metrics, broker, hub, boards, shutdown).with_redis(redis_health),
+        );
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");
         Ok(Server {

@@ -32,6 +32,8 @@ pub struct AppState {
     pub boards: Arc<Boards>,
     /// Per-address and node-wide socket shares, taken at accept.
     pub limits: Arc<ConnLimits>,
+    /// With `--redis`: what `/readyz` reports about it (None on a node alone).
+    pub redis: Option<Arc<crate::broker::redis::RedisHealth>>,
     connections: AtomicUsize,
 }
 
@@ -54,8 +56,15 @@ impl AppState {
             shutdown,
             tracker: TaskTracker::new(),
             boards,
+            redis: None,
             connections: AtomicUsize::new(0),
         }
+    }
+
+    /// With `--redis`: lets `/readyz` report the Redis connections' health.
+    pub fn with_redis(mut self, health: Option<Arc<crate::broker::redis::RedisHealth>>) -> Self {
+        self.redis = health;
+        self
     }
 
     pub fn connection_count(&self) -> usize {

@@ -1,9 +1,9 @@
-//! Liveness and Prometheus metrics.
+//! Liveness (`/healthz`), readiness (`/readyz`) and Prometheus metrics.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 
@@ -22,6 +22,35 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "topics": state.metrics.topics.get(),
         "tasks": state.tracker.len(),
     }))
+}
+
+/// Whether a load balancer should send this node traffic: not while it shuts down, nor
+/// while (with `--redis`) Redis does not answer its health checks or its pub/sub connection
+/// is not subscribed, since publishes would fail and subscribers would hear nothing.
+/// `/healthz` stays liveness: a node waiting for Redis is alive, just not ready.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut reasons: Vec<&'static str> = Vec::new();
+    if state.shutdown.is_cancelled() {
+        reasons.push("shutting_down");
+    }
+    if let Some(h) = &state.redis {
+        reasons.extend(h.reasons());
+    }
+    let node = state.redis.as_ref().map(|h| h.node().to_owned());
+    let mut body = if reasons.is_empty() {
+        serde_json::json!({"status": "ready"})
+    } else {
+        serde_json::json!({"status": "not_ready", "reasons": reasons})
+    };
+    if let Some(node) = node {
+        body["node"] = node.into();
+    }
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

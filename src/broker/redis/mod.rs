@@ -35,20 +35,36 @@
 //! `crier:{T}:m` (hash: `o` offset, `e` epoch), `crier:{T}:s` (stream: `d` data, `t` ms),
 //! `crier:{T}:i:<key>` (idempotency), channel `crier:{T}:c`.
 //!
-//! Not yet here (docs/redis-status.md): retained state topics (leaderboards), failure
-//! handling (Redis down, a pub/sub connection cut: today a node stops delivering),
-//! cluster-wide subscriber counts.
+//! `crier:{T}:m` expires `redis_topic_ttl` after the last publish unless a node holding
+//! subscribers of the topic refreshes it (every third of the TTL), so names that were only
+//! subscribed to leave nothing behind for long; an expired topic restarts under a new epoch.
+//! `crier:{T}:n` (cluster subscriber counts, written by `cluster_counts`) is summed by the
+//! publish script for the receipt.
+//!
+//! Failures (`health`, `pubsub`): a monitor PINGs Redis every second; while it does not
+//! answer, publishes and subscribes fail at once with 503. A lost pub/sub connection keeps
+//! the clients: the node reconnects, subscribes again and fills the gap from history
+//! (`fill_gaps`); only a gap history no longer holds closes a topic's subscribers.
+
+mod health;
+mod pubsub;
+mod scripts;
+
+pub use health::RedisHealth;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+use pubsub::{run_pubsub, Control};
+use scripts::{
+    channel, continues, key, parse_read, topic_of, unavailable, Entry, Read, PUBLISH, READ,
+};
 
 use super::stream::new_epoch;
 use super::{
@@ -61,74 +77,6 @@ use crate::metrics::Metrics;
 use crate::publication::Publication;
 use crate::topic::TopicName;
 
-const PUBLISH: &str = r#"
-local now = redis.call('TIME')
-local ms = now[1] * 1000 + math.floor(now[2] / 1000)
-if ARGV[6] ~= '0' then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then return {0, prev} end
-end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'e', epoch)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-if ARGV[2] ~= '0' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1], 't', ms)
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-local receipt = offset .. ':' .. epoch
-if ARGV[6] ~= '0' then
-  redis.call('SET', KEYS[3], receipt, 'PX', ARGV[6])
-end
-redis.call('PUBLISH', ARGV[4], receipt .. ':' .. ARGV[1])
-return {1, receipt}
-"#;
-
-/// ARGV[1]: the epoch to create when the topic has none ('' creates nothing); ARGV[2]: the
-/// first stream id to read ('' reads nothing); ARGV[3]: at most this many entries.
-const READ: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  if ARGV[1] == '' then
-    epoch = ''
-  else
-    epoch = ARGV[1]
-    redis.call('HSET', KEYS[1], 'e', epoch)
-  end
-end
-local offset = redis.call('HGET', KEYS[1], 'o') or '0'
-local now = redis.call('TIME')
-local entries = {}
-if ARGV[2] ~= '' then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])
-end
-return {epoch, offset, now[1] * 1000 + math.floor(now[2] / 1000), entries}
-"#;
-
-fn key(topic: &str, what: &str) -> String {
-    format!("crier:{{{topic}}}:{what}")
-}
-
-fn channel(topic: &str) -> String {
-    key(topic, "c")
-}
-
-fn topic_of(channel: &str) -> Option<&str> {
-    channel.strip_prefix("crier:{")?.strip_suffix("}:c")
-}
-
-fn unavailable(e: redis::RedisError) -> BrokerError {
-    BrokerError::Unavailable(format!("redis: {e}"))
-}
-
-/// Subscribe and unsubscribe, in the order the topic table asked for them.
-enum Control {
-    Subscribe(String, watch::Sender<Option<Result<(), String>>>),
-    Unsubscribe(String),
-}
-
 /// A client that asked for a topic and has not joined the hub yet.
 enum Pending {
     /// Waiting for the Redis subscription and the history read: live publications are
@@ -138,7 +86,21 @@ enum Pending {
     CatchingUp(u64),
 }
 
+/// Publications that arrived while the topic's gap (a lost pub/sub connection) is being
+/// filled from history: handed on, in order, once the gap is filled.
+struct Recovering {
+    buffered: Vec<(u64, Arc<str>, bytes::Bytes)>,
+    bytes: usize,
+}
+
+/// Past this many buffered bytes per topic, a gap fill gives up and closes the topic's
+/// subscribers (they resume from history on their own), so a slow history read never
+/// lets the buffer grow without bound.
+const RECOVERY_BUFFER_BYTES: usize = 8 << 20;
+
 struct TopicState {
+    /// Some while the node fills a gap in this topic's deliveries from history.
+    recovering: Option<Recovering>,
     /// The epoch of what this node delivered: a message of another one means the stream
     /// restarted (Redis lost it), see `restart`.
     epoch: Option<Arc<str>>,
@@ -171,6 +133,7 @@ pub struct RedisBroker {
     /// or losing its last local subscriber.
     control: mpsc::UnboundedSender<Control>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    health: Arc<RedisHealth>,
 }
 
 impl Drop for RedisBroker {
@@ -180,22 +143,6 @@ impl Drop for RedisBroker {
         }
     }
 }
-
-/// One history entry read back: its offset, its data, its age stamp (Redis ms).
-struct Entry {
-    offset: u64,
-    data: Bytes,
-    ms: u64,
-}
-
-/// The answer of the read script.
-struct Read {
-    epoch: Arc<str>,
-    offset: u64,
-    now_ms: u64,
-    entries: Vec<Entry>,
-}
-
 impl RedisBroker {
     /// Connects (one command connection, one pub/sub connection) and starts the task that
     /// serves the subscriptions.
@@ -205,17 +152,46 @@ impl RedisBroker {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisBroker>, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let conn = client
-            .get_connection_manager_with_config(
+        let client = if cfg.redis_ca.is_empty() {
+            redis::Client::open(url)?
+        } else {
+            let root = std::fs::read(&cfg.redis_ca).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read redis_ca",
+                    format!("{}: {e}", cfg.redis_ca),
+                ))
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root),
+            };
+            redis::Client::build_with_tls(url, certs)?
+        };
+        // Start-up is bounded too: a Redis that never answers (or a TLS handshake that
+        // never completes) fails the start instead of hanging it.
+        let bounded = |what: &'static str| {
+            move |_| redis::RedisError::from((redis::ErrorKind::IoError, what, String::new()))
+        };
+        let conn = tokio::time::timeout(
+            cfg.redis_timeout * 3,
+            client.get_connection_manager_with_config(
                 redis::aio::ConnectionManagerConfig::new()
                     .set_response_timeout(cfg.redis_timeout)
-                    .set_connection_timeout(cfg.redis_timeout),
-            )
-            .await?;
-        let pubsub = client.get_async_pubsub().await?;
+                    .set_connection_timeout(cfg.redis_timeout)
+                    .set_number_of_retries(2),
+            ),
+        )
+        .await
+        .map_err(bounded("no answer within 3 x redis_timeout"))??;
+        let pubsub = tokio::time::timeout(cfg.redis_timeout, client.get_async_pubsub())
+            .await
+            .map_err(bounded("no pub/sub connection within redis_timeout"))??;
         let (control, rx) = mpsc::unbounded_channel();
         let timeout = cfg.redis_timeout;
+        let node = format!("{:016x}", rand::random::<u64>());
+        tracing::info!(node = %node, "joined redis as crier node {node}");
+        let health = Arc::new(RedisHealth::new(node, timeout, metrics.clone()));
         let broker = Arc::new(RedisBroker {
             cfg: cfg.clone(),
             hub,
@@ -227,17 +203,58 @@ impl RedisBroker {
             entered: Mutex::new(HashMap::new()),
             control,
             tasks: Mutex::new(Vec::new()),
+            health: health.clone(),
         });
         // Spawned once the broker exists: the task's first look at the topic table must
         // find it, or it would take the broker for gone and stop.
         let me = Arc::downgrade(&broker);
         let task = tokio::spawn(run_pubsub(client, pubsub, me, rx, timeout));
-        broker.tasks.lock().push(task);
+        let monitor = tokio::spawn(health::monitor(
+            Arc::downgrade(&health),
+            broker.conn.clone(),
+        ));
+        let keeper = tokio::spawn(keep_topics_alive(Arc::downgrade(&broker)));
+        broker.tasks.lock().extend([task, monitor, keeper]);
         Ok(broker)
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// This process's random id among the nodes sharing the Redis, made at connect.
+    pub fn node_id(&self) -> &str {
+        self.health.node()
+    }
+
+    /// What `/readyz` and the metrics report about Redis.
+    pub fn health(&self) -> Arc<RedisHealth> {
+        self.health.clone()
+    }
+
+    /// A command connection to the same Redis (cheap: it is shared), for the node's other
+    /// Redis users (cluster counts, boards).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn topic_ttl_ms(&self) -> u64 {
+        (self.cfg.redis_topic_ttl.as_millis() as u64).max(1)
+    }
+
+    /// Fails at once while the health monitor knows Redis is down, rather than letting the
+    /// request wait out `redis_timeout`.
+    fn check_up(&self) -> Result<(), BrokerError> {
+        match self.health.refuse() {
+            Some(why) => Err(BrokerError::Unavailable(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// A failed command: counted, and told apart when its outcome is unknown.
+    fn failed(&self, e: redis::RedisError) -> BrokerError {
+        self.health.record_error();
+        unavailable(e)
     }
 
     /// A publication from the topic's channel: `offset:epoch:data`.
@@ -260,20 +277,52 @@ impl RedisBroker {
         else {
             return;
         };
-        let p = Arc::new(Publication::new(TopicName::from(name), offset, data));
+        let epoch: Arc<str> = String::from_utf8_lossy(epoch).into();
         let mut to_wake = Vec::new();
-        let epoch = String::from_utf8_lossy(epoch);
         let mut st = topic.state.lock();
+        if let Some(rec) = &mut st.recovering {
+            rec.bytes += data.len();
+            if rec.bytes <= RECOVERY_BUFFER_BYTES {
+                rec.buffered
+                    .push((offset, epoch, bytes::Bytes::copy_from_slice(data)));
+                return;
+            }
+            tracing::warn!(
+                topic = name,
+                "gap fill too slow: closing the topic's subscribers"
+            );
+            st.recovering = None;
+            self.give_up(&mut st, name);
+        }
+        self.deliver_locked(&mut st, name, offset, &epoch, data, &mut to_wake);
+        drop(st);
+        for c in to_wake {
+            c.wake();
+        }
+    }
+
+    /// Hands one publication of the topic's stream to its local subscribers (joined and
+    /// pending), in offset order; the topic's lock is held by the caller.
+    fn deliver_locked(
+        &self,
+        st: &mut TopicState,
+        name: &str,
+        offset: u64,
+        epoch: &Arc<str>,
+        data: &[u8],
+        to_wake: &mut Vec<Arc<Client>>,
+    ) {
         match &st.epoch {
-            Some(e) if **e != *epoch => self.restart(&mut st, name, epoch.into()),
+            Some(e) if e != epoch => self.restart(st, name, epoch.clone()),
             Some(_) => {}
-            None => st.epoch = Some(epoch.into()),
+            None => st.epoch = Some(epoch.clone()),
         }
         if offset <= st.last_delivered {
             return;
         }
+        let p = Arc::new(Publication::new(TopicName::from(name), offset, data));
         st.last_delivered = offset;
-        self.hub.deliver(&p, false, &mut to_wake);
+        self.hub.deliver(&p, false, to_wake);
         let mut joined = Vec::new();
         for (id, (client, pending)) in st.pending.iter_mut() {
             match pending {
@@ -302,9 +351,16 @@ impl RedisBroker {
                 self.hub.join(&client, &p.topic, offset);
             }
         }
-        drop(st);
-        for c in to_wake {
-            c.wake();
+    }
+
+    /// What this node delivered of the topic can no longer be continued exactly: its local
+    /// subscribers, joined and pending, are closed and resume from history themselves (on
+    /// any node), which tells them `recovered:false` if the gap is gone from history too.
+    fn give_up(&self, st: &mut TopicState, name: &str) {
+        let reason = crate::close::DisconnectReason::Shutdown;
+        self.hub.restart(name, reason);
+        for (client, _) in st.pending.values() {
+            client.close(reason);
         }
     }
 
@@ -327,29 +383,111 @@ impl RedisBroker {
         self.topics.lock().keys().cloned().collect()
     }
 
-    /// The pub/sub connection was lost: every topic may have missed publications, so every
-    /// local subscriber is closed and resumes from history.
+    /// The pub/sub connection was lost: every topic may miss publications until it is
+    /// back. Clients stay connected; each topic buffers what arrives after the new
+    /// subscription and, once subscribed again, fills the gap from history
+    /// ([`Self::fill_gaps`]).
     fn lost_pubsub(&self) {
+        self.health.set_subscribed(false);
+        let topics: Vec<Arc<Topic>> = self.topics.lock().values().cloned().collect();
+        for topic in topics {
+            let mut st = topic.state.lock();
+            if st.recovering.is_none() {
+                st.recovering = Some(Recovering {
+                    buffered: Vec::new(),
+                    bytes: 0,
+                });
+            }
+        }
+    }
+
+    /// Every topic subscribed again after a lost pub/sub connection: reads what was
+    /// published meanwhile (after the last offset this node delivered) and delivers it,
+    /// then what arrived during the read. If history no longer holds the gap (trimmed,
+    /// expired, or Redis lost the stream), the topic's subscribers are closed and resume
+    /// on their own, hearing `recovered:false`. One read per topic, bounded by its
+    /// `history_size`.
+    async fn fill_gaps(self: Arc<Self>) {
         let topics: Vec<(TopicName, Arc<Topic>)> = self
             .topics
             .lock()
             .iter()
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
-        let reason = crate::close::DisconnectReason::Shutdown;
         for (name, topic) in topics {
-            let st = topic.state.lock();
-            self.hub.restart(&name, reason);
-            for (client, _) in st.pending.values() {
-                client.close(reason);
+            let (from, epoch) = {
+                let st = topic.state.lock();
+                if st.recovering.is_none() {
+                    continue;
+                }
+                (st.last_delivered, st.epoch.clone())
+            };
+            let ns = self.cfg.namespace(&name);
+            let read = match &epoch {
+                Some(_) => Some(
+                    self.read(&name, false, Some(from + 1), ns.history_size)
+                        .await,
+                ),
+                None => None,
+            };
+            let ttl_ms = ns.history_ttl.as_millis() as u64;
+            let mut to_wake = Vec::new();
+            let mut st = topic.state.lock();
+            let Some(rec) = st.recovering.take() else {
+                continue;
+            };
+            let filled = match (read, epoch) {
+                (Some(Ok(read)), Some(epoch)) => {
+                    let since = StreamPosition {
+                        offset: from,
+                        epoch,
+                    };
+                    match continues(&read, &since, ttl_ms) {
+                        Some(entries) => {
+                            for e in entries {
+                                self.deliver_locked(
+                                    &mut st,
+                                    &name,
+                                    e.offset,
+                                    &read.epoch,
+                                    &e.data,
+                                    &mut to_wake,
+                                );
+                            }
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                _ => false,
+            };
+            if !filled {
+                tracing::warn!(topic = %name, "a gap in deliveries is not in history: closing the topic's subscribers");
+                self.give_up(&mut st, &name);
+                // Whatever comes next starts this node's deliveries of the topic afresh.
+                st.epoch = None;
+                st.last_delivered = 0;
+            }
+            for (offset, epoch, data) in rec.buffered {
+                self.deliver_locked(&mut st, &name, offset, &epoch, &data, &mut to_wake);
+            }
+            drop(st);
+            for c in to_wake {
+                c.wake();
             }
         }
     }
 
     /// The topic's entry, created (and its Redis subscription asked for) on first use; the
     /// client is counted as a pending local subscriber.
-    fn enter(&self, client: &Arc<Client>, name: &str) -> Arc<Topic> {
+    fn enter(&self, client: &Arc<Client>, name: &str) -> Result<Arc<Topic>, BrokerError> {
         let mut topics = self.topics.lock();
+        if topics.len() >= self.cfg.max_topics && !topics.contains_key(name) {
+            self.metrics.topics_refused.inc();
+            return Err(BrokerError::TooManyTopics(crate::hub::TopicLimit::All(
+                self.cfg.max_topics,
+            )));
+        }
         let topic = topics
             .entry(TopicName::from(name))
             .or_insert_with(|| {
@@ -357,6 +495,7 @@ impl RedisBroker {
                 let _ = self.control.send(Control::Subscribe(channel(name), tx));
                 Arc::new(Topic {
                     state: Mutex::new(TopicState {
+                        recovering: None,
                         epoch: None,
                         last_delivered: 0,
                         locals: 0,
@@ -380,7 +519,7 @@ impl RedisBroker {
             names.push(TopicName::from(name));
         }
         drop(entered);
-        topic
+        Ok(topic)
     }
 
     /// Takes one local subscriber (joined or pending) off the topic; the last one drops the
@@ -428,9 +567,10 @@ impl RedisBroker {
             .arg(&*epoch)
             .arg(from)
             .arg(count.max(1))
+            .arg(self.topic_ttl_ms())
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         parse_read(v).ok_or_else(|| BrokerError::Unavailable("redis: unexpected reply".into()))
     }
 
@@ -444,155 +584,10 @@ impl RedisBroker {
     }
 }
 
-/// Serves the node's one pub/sub connection: incoming messages, and subscribe and
-/// unsubscribe in the order the topic table asked for them. When the connection is lost
-/// (Redis down, `CLIENT KILL TYPE pubsub`, an output-buffer limit), whatever was published
-/// meanwhile never arrives: every local subscriber is closed (it resumes, on this node or
-/// another, from history), then the connection is made again with backoff and every topic
-/// still in the table subscribed again.
-async fn run_pubsub(
-    client: redis::Client,
-    first: redis::aio::PubSub,
-    me: Weak<RedisBroker>,
-    mut rx: mpsc::UnboundedReceiver<Control>,
-    timeout: std::time::Duration,
-) {
-    let mut next = Some(first);
-    let mut backoff = std::time::Duration::from_millis(100);
-    loop {
-        let pubsub = match next.take() {
-            Some(p) => p,
-            None => match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-                    continue;
-                }
-            },
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let Some(names) = me.upgrade().map(|b| b.topic_names()) else {
-            return;
-        };
-        let mut resubscribed = true;
-        for name in names {
-            if sink.subscribe(channel(&name)).await.is_err() {
-                resubscribed = false;
-                break;
-            }
-        }
-        if resubscribed {
-            backoff = std::time::Duration::from_millis(100);
-            loop {
-                tokio::select! {
-                    msg = stream.next() => {
-                        let Some(msg) = msg else { break };
-                        let Some(broker) = me.upgrade() else { return };
-                        broker.on_message(msg.get_channel_name(), msg.get_payload_bytes());
-                    }
-                    c = rx.recv() => match c {
-                        None => return,
-                        Some(Control::Subscribe(ch, done)) => {
-                            let r = sink.subscribe(&ch).await.map_err(|e| e.to_string());
-                            let _ = done.send(Some(r));
-                        }
-                        Some(Control::Unsubscribe(ch)) => {
-                            if let Err(e) = sink.unsubscribe(&ch).await {
-                                tracing::warn!("redis unsubscribe {ch}: {e}");
-                            }
-                        }
-                    },
-                }
-            }
-        }
-        tracing::error!("the redis pub/sub connection was lost: reconnecting");
-        let Some(broker) = me.upgrade() else { return };
-        broker.lost_pubsub();
-    }
-}
-
-fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn as_str(v: &Value) -> Option<&str> {
-    match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok(),
-        Value::SimpleString(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn parse_read(v: Value) -> Option<Read> {
-    let Value::Array(parts) = v else { return None };
-    let [epoch, offset, now, entries] = &parts[..] else {
-        return None;
-    };
-    let Value::Array(raw) = entries else {
-        return None;
-    };
-    let mut out = Vec::with_capacity(raw.len());
-    for e in raw {
-        let Value::Array(e) = e else { return None };
-        let [id, Value::Array(fields)] = &e[..] else {
-            return None;
-        };
-        let offset = as_str(id)?.strip_suffix("-0")?.parse().ok()?;
-        let (mut data, mut ms) = (None, 0);
-        for kv in fields.chunks(2) {
-            match (as_str(&kv[0])?, &kv.get(1)?) {
-                ("d", Value::BulkString(b)) => data = Some(Bytes::copy_from_slice(b)),
-                ("t", v) => ms = as_u64(v)?,
-                _ => {}
-            }
-        }
-        out.push(Entry {
-            offset,
-            data: data?,
-            ms,
-        });
-    }
-    Some(Read {
-        epoch: as_str(epoch)?.into(),
-        offset: as_u64(offset)?,
-        now_ms: as_u64(now)?,
-        entries: out,
-    })
-}
-
-/// Whether `entries` (read from `since + 1`, within the age limit) continue `since`
-/// exactly up to the current position.
-fn continues(read: &Read, since: &StreamPosition, ttl_ms: u64) -> Option<Vec<Entry>> {
-    if since.epoch != read.epoch || since.offset > read.offset {
-        return None;
-    }
-    let fresh: Vec<Entry> = read
-        .entries
-        .iter()
-        .filter(|e| read.now_ms.saturating_sub(e.ms) <= ttl_ms)
-        .map(|e| Entry {
-            offset: e.offset,
-            data: e.data.clone(),
-            ms: e.ms,
-        })
-        .collect();
-    let contiguous = fresh
-        .iter()
-        .zip(since.offset + 1..)
-        .all(|(e, want)| e.offset == want);
-    let complete = fresh.len() as u64 == read.offset - since.offset;
-    (contiguous && complete).then_some(fresh)
-}
-
 #[async_trait::async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, req: PublishRequest<'_>) -> Result<Receipt, BrokerError> {
+        self.check_up()?;
         let ns = self.cfg.namespace(req.topic);
         let (idem_key, window) = match req.idempotency_key {
             Some(k) => (
@@ -601,20 +596,34 @@ impl Broker for RedisBroker {
             ),
             None => (key(req.topic, "m"), 0),
         };
-        let (fresh, receipt): (u8, String) = self
+        let (fresh, receipt, cluster): (u8, String, i64) = self
             .publish_script
             .key(key(req.topic, "m"))
             .key(key(req.topic, "s"))
             .key(idem_key)
+            .key(key(req.topic, "n"))
             .arg(req.data)
             .arg(ns.history_size)
             .arg(ns.history_ttl.as_millis().max(1) as u64)
             .arg(channel(req.topic))
             .arg(&*new_epoch())
             .arg(window as u64)
+            .arg(self.topic_ttl_ms())
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| {
+                if e.is_connection_refusal() {
+                    self.failed(e)
+                } else {
+                    // Sent, perhaps: Redis may run the script after we stopped waiting.
+                    self.health.record_error();
+                    BrokerError::Unavailable(format!(
+                        "redis did not confirm the publish ({e}): it may or may not have \
+                         been published; retry with the same Idempotency-Key, which returns \
+                         the first receipt if it was"
+                    ))
+                }
+            })?;
         let (offset, epoch) = receipt
             .split_once(':')
             .and_then(|(o, e)| Some((o.parse().ok()?, e)))
@@ -625,7 +634,8 @@ impl Broker for RedisBroker {
         Ok(Receipt {
             offset,
             epoch: epoch.into(),
-            subscribers: self.hub.subscriber_count(req.topic),
+            subscribers: usize::try_from(cluster)
+                .unwrap_or_else(|_| self.hub.subscriber_count(req.topic)),
             duplicate: fresh == 0,
         })
     }
@@ -655,6 +665,7 @@ impl Broker for RedisBroker {
         since: Option<&StreamPosition>,
         ack: Ack<'_>,
     ) -> Result<Subscribed, BrokerError> {
+        self.check_up()?;
         let already = self.hub.admit(client, name)?;
         if already {
             // Held: repeat the acknowledgement with the current position only.
@@ -671,7 +682,7 @@ impl Broker for RedisBroker {
             }
             return Ok(sub);
         }
-        let topic = self.enter(client, name);
+        let topic = self.enter(client, name)?;
         let mut ready = topic.ready.clone();
         let confirmed = tokio::time::timeout(self.cfg.redis_timeout, async {
             ready.wait_for(|r| r.is_some()).await.ok().and_then(|r| {
@@ -849,5 +860,40 @@ impl Broker for RedisBroker {
             recovered,
             publications,
         })
+    }
+}
+
+/// Refreshes the topic TTL of every topic this node holds subscribers of, every third of
+/// it, so a topic someone listens to never expires between publishes. One pipeline of
+/// `PEXPIRE`s per thousand topics; the table is bounded by `max_topics`.
+async fn keep_topics_alive(me: std::sync::Weak<RedisBroker>) {
+    let every = match me.upgrade() {
+        Some(b) => (b.cfg.redis_topic_ttl / 3).max(std::time::Duration::from_millis(100)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(broker) = me.upgrade() else { return };
+        if broker.health.refuse().is_some() {
+            continue;
+        }
+        let names = broker.topic_names();
+        let ttl = broker.topic_ttl_ms();
+        let mut conn = broker.conn.clone();
+        let timeout = broker.cfg.redis_timeout;
+        for chunk in names.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for name in chunk {
+                pipe.cmd("PEXPIRE").arg(key(name, "m")).arg(ttl).ignore();
+            }
+            let sent = tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                broker.health.record_error();
+                break;
+            }
+        }
     }
 }
