@@ -292,6 +292,26 @@ async fn three_nodes_behind_the_shipped_nginx_config() {
         procs.push(Some(p));
         nodes.push(addr);
     }
+    // Each node is ready (what an active health check polls), under its own node id.
+    let mut ids = Vec::new();
+    for n in &nodes {
+        let url = format!("http://{n}/readyz");
+        let deadline = Instant::now() + common::WAIT;
+        loop {
+            let (status, body) = get(&url).await;
+            if status == 200 {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["status"], "ready", "{v}");
+                ids.push(v["node"].as_str().expect("a node id").to_string());
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {n} never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three distinct node ids");
     let nginx = Nginx::start(
         &bin,
         &[nodes[0].clone(), nodes[1].clone(), nodes[2].clone()],
@@ -373,6 +393,8 @@ async fn three_nodes_behind_the_shipped_nginx_config() {
         publish(&nginx, i).await;
         let (status, _) = get(&nginx.url("/api/topics/news/history?since=0")).await;
         assert_eq!(status, 200, "a read through nginx with one node dead");
+        let (status, _) = get(&nginx.url("/readyz")).await;
+        assert_eq!(status, 200, "a live node answers readiness through nginx");
     }
     let (mut back, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", nginx.addr))
         .await
