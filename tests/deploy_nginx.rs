@@ -364,6 +364,24 @@ async fn three_nodes_behind_the_shipped_nginx_config() {
     assert_eq!(status, 200);
     let list: Value = serde_json::from_slice(&body).unwrap();
     assert!(list["boards"].is_array(), "{list}");
+    // One leaderboard: every node shows the score, whichever node took it.
+    for n in &nodes {
+        let url = format!("http://{n}/api/boards/arena");
+        let deadline = Instant::now() + common::WAIT;
+        loop {
+            let (status, body) = get(&url).await;
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if status == 200 && v["entries"][0]["player"] == "p1" {
+                assert_eq!(v["entries"][0]["score"], 10, "{v}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {n} never showed the score: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let (status, body) = get(&nginx.url("/boards/arena")).await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("<html"));

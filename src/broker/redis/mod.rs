@@ -116,6 +116,9 @@ struct Topic {
     ready: watch::Receiver<Option<Result<(), String>>>,
 }
 
+/// How often `fill_gaps` tries a failed history read (200 ms apart) before giving up.
+const GAP_READ_ATTEMPTS: u32 = 25;
+
 pub struct RedisBroker {
     client: redis::Client,
     cfg: Config,
@@ -438,10 +441,7 @@ impl RedisBroker {
             };
             let ns = self.cfg.namespace(&name);
             let read = match &epoch {
-                Some(_) => Some(
-                    self.read(&name, false, Some(from + 1), ns.history_size)
-                        .await,
-                ),
+                Some(_) => Some(self.read_gap(&name, from + 1, ns.history_size).await),
                 None => None,
             };
             let ttl_ms = ns.history_ttl.as_millis() as u64;
@@ -488,6 +488,24 @@ impl RedisBroker {
             drop(st);
             for c in to_wake {
                 c.wake();
+            }
+        }
+    }
+
+    /// The history read of `fill_gaps`. The pub/sub connection often comes back before the
+    /// command connection does (it reconnects on its own schedule): a failed read is tried
+    /// again for a while, so a Redis restart does not close subscribers whose gap history
+    /// still holds. Only an answer that lacks the gap closes them.
+    async fn read_gap(&self, name: &str, from: u64, count: usize) -> Result<Read, BrokerError> {
+        let mut attempt = 0;
+        loop {
+            match self.read(name, false, Some(from), count).await {
+                Err(e) if attempt < GAP_READ_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!(topic = name, "reading a gap failed, trying again: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                r => return r,
             }
         }
     }
