@@ -46,6 +46,11 @@ impl From<BoardError> for ApiError {
             BoardError::Conflict(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
             // Nothing of the write was applied or shown; retrying later is safe. The cause
             // (with file paths) is logged by the service, not told to the client.
+            BoardError::Unconfirmed(_) => ApiError::new(
+                ErrorCode::StoreUnavailable,
+                "the score store did not confirm this write: it may or may not have been \
+                 applied; read the player's entry before retrying an increment",
+            ),
             BoardError::Store(_) => ApiError::new(
                 ErrorCode::StoreUnavailable,
                 "the score store could not commit this write; nothing was applied, retry later",

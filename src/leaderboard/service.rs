@@ -118,6 +118,10 @@ pub enum BoardError {
     Conflict(String),
     #[error("the score store failed: {0}")]
     Store(String),
+    /// Under Redis: the write was sent but not confirmed (a stalled Redis, a cut
+    /// connection), so Redis may still apply it.
+    #[error("the score store did not confirm the write: {0}")]
+    Unconfirmed(String),
 }
 
 #[derive(Serialize)]

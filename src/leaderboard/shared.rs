@@ -239,7 +239,13 @@ pub struct Shared {
 
 fn store_error(e: redis::RedisError) -> BoardError {
     tracing::warn!("leaderboard write through redis failed: {e}");
-    BoardError::Store(format!("redis: {e}"))
+    // Refused before it was sent: nothing was applied. Anything else (a timeout, a
+    // connection cut mid-command) may have run in Redis.
+    if e.is_connection_refusal() {
+        BoardError::Store(format!("redis: {e}"))
+    } else {
+        BoardError::Unconfirmed(format!("redis: {e}"))
+    }
 }
 
 fn new_epoch() -> String {
@@ -375,7 +381,17 @@ impl Shared {
 
     async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, BoardError> {
         let mut conn = self.conn.clone();
-        match inv.invoke_async::<Value>(&mut conn).await {
+        // Bounded like the broker's commands: while the connection manager reconnects, a
+        // command waits for the attempt before it is even sent, past any response timeout.
+        let answer = tokio::time::timeout(self.timeout, inv.invoke_async::<Value>(&mut conn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "timed out",
+                )))
+            });
+        match answer {
             Ok(Value::Array(v)) => Ok(v),
             Ok(_) => Err(bad_reply()),
             Err(e) => Err(store_error(e)),
