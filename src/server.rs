@@ -52,7 +52,8 @@ async fn start_shared(
     let (client, conn, health) = (redis.client(), redis.connection(), redis.health());
     let node = redis.node_id().to_string();
     let local = Arc::new(MemoryBroker::new(cfg, hub.clone(), metrics.clone()));
-    let broker: Arc<dyn crate::broker::Broker> = Arc::new(RoutedBroker::new(local, redis));
+    let broker: Arc<dyn crate::broker::Broker> =
+        Arc::new(RoutedBroker::new(local, redis, hub.clone()));
     let counts = ClusterCounts::spawn(conn.clone(), node, hub.clone(), shutdown.clone());
     let boards = Boards::open_shared(
         cfg,

@@ -625,3 +625,71 @@ async fn a_late_node_loads_a_big_board_in_chunks() {
     }
     assert_eq!(shown[0], shown[1]);
 }
+
+/// An attack on the node's two topic tables: connections that watch never-posted
+/// `board:*` names (held by the node-local broker) and fresh topics (held through Redis),
+/// then leave, round after round. Every round must leave nothing behind, or the tables
+/// (capped by `max_topics`) would fill up and refuse everyone; a healthy watcher still
+/// watches a real board afterwards.
+#[tokio::test]
+async fn watchers_of_ghost_topics_leave_nothing_behind() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, addr) = serve_binary(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--redis",
+            &redis.url(),
+            "--max-topics",
+            "20",
+            "--max-subscriber-topics",
+            "20",
+        ],
+    );
+    let (status, body) = post(
+        &addr,
+        "/api/boards/arena/scores",
+        &json!({"player": "p1", "score": 5}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for round in 0..5 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        for i in 0..8 {
+            for topic in [format!("board:ghost-{round}-{i}"), format!("t-{round}-{i}")] {
+                common::send_json(
+                    &mut ws,
+                    &json!({"op": "subscribe", "topic": topic}).to_string(),
+                )
+                .await;
+                let v = next_json(&mut ws).await;
+                assert_eq!(
+                    (v["op"].as_str(), v["topic"].as_str()),
+                    (Some("subscribed"), Some(topic.as_str())),
+                    "round {round}: {v}"
+                );
+            }
+        }
+        drop(ws);
+        within("the node lets the connection go", async {
+            loop {
+                let (_, h) = get(&addr, "/healthz").await;
+                if h["connections"] == 0 && h["subscriptions"] == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?topic=board:arena"))
+        .await
+        .unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "subscribed", "{v}");
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["data"]["top"][0]["player"], "p1", "{v}");
+}

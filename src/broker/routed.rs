@@ -11,15 +11,19 @@ use super::{
     Ack, Broker, BrokerError, History, PublishRequest, Receipt, StreamPosition, Subscribed,
 };
 use crate::client::Client;
+use crate::hub::Hub;
 
 pub struct RoutedBroker {
     local: Arc<dyn Broker>,
     shared: Arc<dyn Broker>,
+    /// The hub both brokers share: a leaving client's topics are read from it, so that
+    /// each topic is left through the broker that holds it.
+    hub: Arc<Hub>,
 }
 
 impl RoutedBroker {
-    pub fn new(local: Arc<dyn Broker>, shared: Arc<dyn Broker>) -> Self {
-        RoutedBroker { local, shared }
+    pub fn new(local: Arc<dyn Broker>, shared: Arc<dyn Broker>, hub: Arc<Hub>) -> Self {
+        RoutedBroker { local, shared, hub }
     }
 
     fn broker_for(&self, topic: &str) -> &dyn Broker {
@@ -67,10 +71,16 @@ impl Broker for RoutedBroker {
         self.broker_for(topic).unsubscribe(client, topic)
     }
 
-    /// The shared broker first: the memory broker leaves every topic the hub lists for the
-    /// client, and would otherwise take the Redis topics out of the hub behind the Redis
-    /// broker's back (which then never drops its node subscription).
+    /// Each held topic through the broker that holds it: either broker's own
+    /// `remove_client` walks every topic the hub lists for the client, and would take the
+    /// other broker's topics out of the hub behind its back (a Redis topic's node
+    /// subscription never dropped; a board topic's subscriber never counted out, so its
+    /// entry would never leave the memory broker's table). Then both, for what is not in
+    /// the hub (the Redis broker's pending subscriptions).
     fn remove_client(&self, client: &Arc<Client>) {
+        for name in self.hub.topics_of(client) {
+            self.broker_for(&name).unsubscribe(client, &name);
+        }
         self.shared.remove_client(client);
         self.local.remove_client(client);
     }
