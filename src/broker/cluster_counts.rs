@@ -8,8 +8,8 @@
 //! Why a heartbeat hash and not `PUBSUB NUMSUB`: Redis knows only one subscription per node
 //! per topic (never per client), and board topics are not subscribed in Redis at all.
 //!
-//! Totals are cached and refreshed every second for the topics this node holds or was asked
-//! about in the last 10 s, so a read (a board snapshot, `GET /api/boards`) never waits on
+//! Totals are cached and refreshed every second for the topics this node was asked about in
+//! the last 10 s, so a read (a board snapshot, `GET /api/boards`) never waits on
 //! Redis. With Redis down, a total falls back to the local count.
 
 use std::collections::HashMap;
@@ -53,7 +53,7 @@ return 1
 "#;
 
 /// KEYS: `crier:{T}:n` per topic. Returns the sum of each key's fresh fields; removes
-/// stale ones on the way.
+/// stale ones on the way (the publish script sums a topic's the same way for its receipt).
 const READ: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -110,7 +110,8 @@ impl ClusterCounts {
     }
 
     /// The cluster total of the topic's subscribers, as of the last refresh (at most ~1 s
-    /// old); the local count while Redis is unreachable or before the first refresh.
+    /// old); the local count while Redis is unreachable, and for a topic until the refresh
+    /// after it was first asked about.
     pub fn total(&self, topic: &str) -> usize {
         {
             let mut asked = self.asked.lock();
@@ -173,17 +174,17 @@ async fn run(
             }
         }
         if ok {
-            written = local.clone();
+            written = local;
             if heartbeat {
                 last_heartbeat = now;
             }
         }
+        // Only totals someone reads (board watchers; receipts sum in the publish script):
+        // reading every held topic would cost Redis one HGETALL per topic per second.
         let wanted: Vec<TopicName> = {
             let mut asked = this.asked.lock();
             asked.retain(|_, at| now.duration_since(*at) < ASKED_FOR);
-            let mut w: Vec<TopicName> = asked.keys().cloned().collect();
-            w.extend(local.keys().filter(|t| !asked.contains_key(*t)).cloned());
-            w
+            asked.keys().cloned().collect()
         };
         let mut totals = HashMap::with_capacity(wanted.len());
         for chunk in wanted.chunks(CHUNK) {

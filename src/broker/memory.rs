@@ -31,7 +31,7 @@ use super::budget::Kept;
 use super::durable::{DurableError, DurableLog, HISTORY_FILE};
 pub use super::idempotency::{KeyState, MAX_KEYS_PER_TOPIC};
 use super::publish::Attempt;
-pub use super::stream::new_epoch;
+use super::stream::new_epoch;
 use super::stream::Stream;
 use super::table::{Creator, Settled, Shard, SHARDS};
 use super::{

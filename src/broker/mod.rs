@@ -25,6 +25,8 @@ mod testing;
 
 use std::sync::Arc;
 
+pub use stream::new_epoch;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ranking::{Entry, Ranking};
 use super::service::{Board, BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
+use crate::broker::new_epoch;
 
 /// Ops kept per board for mirrors that fell behind; one further behind reloads the board.
 const KEPT_OPS: usize = 10_000;
@@ -248,10 +249,6 @@ fn store_error(e: redis::RedisError) -> BoardError {
     }
 }
 
-fn new_epoch() -> String {
-    format!("{:08x}", rand::random::<u32>())
-}
-
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -406,7 +403,7 @@ impl Shared {
     ) -> Result<Vec<ScoreResult>, BoardError> {
         let mut inv = self.invocation(&self.scores, name);
         inv.arg(&self.default_options)
-            .arg(new_epoch())
+            .arg(&*new_epoch())
             .arg(name)
             .arg(KEPT_OPS);
         for (player, score, meta) in scores {
@@ -448,7 +445,7 @@ impl Shared {
         let order = serde_json::to_value(options.order).expect("order");
         let mut inv = self.invocation(&self.options, name);
         inv.arg(serde_json::to_string(&options).expect("options"))
-            .arg(new_epoch())
+            .arg(&*new_epoch())
             .arg(name)
             .arg(KEPT_OPS)
             .arg(order.as_str().unwrap_or("high"));

@@ -23,7 +23,8 @@ pub struct RedisHealth {
     node: String,
     timeout: Duration,
     start: Instant,
-    /// Milliseconds since `start` of the last PING answered; u64::MAX for never.
+    /// Milliseconds since `start` of the last PING answered (0: the connection made at
+    /// start, which counts as one).
     last_pong_ms: AtomicU64,
     /// The last PING answered (false from the first failed or stalled one).
     up: AtomicBool,
@@ -58,7 +59,7 @@ impl RedisHealth {
         let last = self.last_pong_ms.load(Ordering::Relaxed);
         let now = self.start.elapsed().as_millis() as u64;
         let stale = (PING_EVERY + 2 * self.timeout).as_millis() as u64;
-        self.up.load(Ordering::Relaxed) && last != u64::MAX && now.saturating_sub(last) <= stale
+        self.up.load(Ordering::Relaxed) && now.saturating_sub(last) <= stale
     }
 
     pub fn subscribed(&self) -> bool {

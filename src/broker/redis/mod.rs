@@ -279,7 +279,13 @@ impl RedisBroker {
         let Some(name) = topic_of(channel) else {
             return;
         };
-        let Some(topic) = self.topics.lock().get(name).cloned() else {
+        // The table's own name: the publication shares it instead of allocating one.
+        let Some((name, topic)) = self
+            .topics
+            .lock()
+            .get_key_value(name)
+            .map(|(n, t)| (n.clone(), t.clone()))
+        else {
             return;
         };
         let mut parts = payload.splitn(3, |&b| b == b':');
@@ -294,24 +300,24 @@ impl RedisBroker {
         else {
             return;
         };
-        let epoch: Arc<str> = String::from_utf8_lossy(epoch).into();
+        let epoch = String::from_utf8_lossy(epoch);
         let mut to_wake = Vec::new();
         let mut st = topic.state.lock();
         if let Some(rec) = &mut st.recovering {
             rec.bytes += data.len();
             if rec.bytes <= RECOVERY_BUFFER_BYTES {
                 rec.buffered
-                    .push((offset, epoch, bytes::Bytes::copy_from_slice(data)));
+                    .push((offset, epoch.into(), bytes::Bytes::copy_from_slice(data)));
                 return;
             }
             tracing::warn!(
-                topic = name,
+                topic = &*name,
                 "gap fill too slow: closing the topic's subscribers"
             );
             st.recovering = None;
-            self.give_up(&mut st, name);
+            self.give_up(&mut st, &name);
         }
-        self.deliver_locked(&mut st, name, offset, &epoch, data, &mut to_wake);
+        self.deliver_locked(&mut st, &name, offset, &epoch, data, &mut to_wake);
         drop(st);
         for c in to_wake {
             c.wake();
@@ -320,24 +326,25 @@ impl RedisBroker {
 
     /// Hands one publication of the topic's stream to its local subscribers (joined and
     /// pending), in offset order; the topic's lock is held by the caller.
+    /// Per message: the epoch is compared in place and only copied when it changes.
     fn deliver_locked(
         &self,
         st: &mut TopicState,
-        name: &str,
+        name: &TopicName,
         offset: u64,
-        epoch: &Arc<str>,
+        epoch: &str,
         data: &[u8],
         to_wake: &mut Vec<Arc<Client>>,
     ) {
         match &st.epoch {
-            Some(e) if e != epoch => self.restart(st, name, epoch.clone()),
+            Some(e) if **e != *epoch => self.restart(st, name, epoch.into()),
             Some(_) => {}
-            None => st.epoch = Some(epoch.clone()),
+            None => st.epoch = Some(epoch.into()),
         }
         if offset <= st.last_delivered {
             return;
         }
-        let p = Arc::new(Publication::new(TopicName::from(name), offset, data));
+        let p = Arc::new(Publication::new(name.clone(), offset, data));
         st.last_delivered = offset;
         self.hub.deliver(&p, false, to_wake);
         let mut joined = Vec::new();
@@ -387,11 +394,7 @@ impl RedisBroker {
     /// `recovered:false`) and delivery starts over. Never silent loss.
     fn restart(&self, st: &mut TopicState, name: &str, epoch: Arc<str>) {
         tracing::warn!(topic = name, %epoch, "topic stream restarted under a new epoch");
-        let reason = crate::close::DisconnectReason::StreamRestarted;
-        self.hub.restart(name, reason);
-        for (client, _) in st.pending.values() {
-            client.close(reason);
-        }
+        self.give_up(st, name);
         st.epoch = Some(epoch);
         st.last_delivered = 0;
     }
@@ -657,7 +660,7 @@ impl Broker for RedisBroker {
                     .key(key(req.topic, "m"))
                     .key(key(req.topic, "s"))
                     .key(idem_key)
-                    .key(key(req.topic, "n"))
+                    .key(crate::broker::cluster_counts::key(req.topic))
                     .arg(req.data)
                     .arg(ns.history_size)
                     .arg(ns.history_ttl.as_millis().max(1) as u64)
