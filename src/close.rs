@@ -20,10 +20,16 @@ pub enum DisconnectReason {
     StreamRestarted,
     /// More commands than `max_commands_per_second` allows: a buggy or hostile client.
     TooManyCommands,
+    /// The connection's token expired and no `refresh` came first: reconnect with a fresh
+    /// token.
+    TokenExpired,
+    /// An in-band `auth` or `refresh` with a token that is not accepted: reconnecting with
+    /// the same token would fail the same way.
+    BadToken,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 10] = [
+    pub const ALL: [DisconnectReason; 12] = [
         Self::Normal,
         Self::Shutdown,
         Self::ProtocolError,
@@ -34,6 +40,8 @@ impl DisconnectReason {
         Self::WriteTimeout,
         Self::StreamRestarted,
         Self::TooManyCommands,
+        Self::TokenExpired,
+        Self::BadToken,
     ];
 
     pub fn code(self) -> u16 {
@@ -47,8 +55,10 @@ impl DisconnectReason {
             Self::NoPong => 4002,
             Self::WriteTimeout => 4003,
             Self::StreamRestarted => 4004,
+            Self::TokenExpired => 4005,
             // 45xx: reconnecting unchanged would only hit the limit again.
             Self::TooManyCommands => 4500,
+            Self::BadToken => 4501,
         }
     }
 
@@ -64,6 +74,8 @@ impl DisconnectReason {
             Self::WriteTimeout => "write_timeout",
             Self::StreamRestarted => "stream_restarted",
             Self::TooManyCommands => "too_many_commands",
+            Self::TokenExpired => "token_expired",
+            Self::BadToken => "bad_token",
         }
     }
 

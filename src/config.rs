@@ -343,6 +343,18 @@ settings! {
     /// score posting need `Authorization: Bearer <key>`.
     publisher_keys: Vec<String> = Vec::new(), example "k1,k2", flag "publisher-key",
         shown "none, publishing is open";
+    /// Topics that need a subscriber token allowing them: a name, or a prefix ending in `*`
+    /// (`private:*`); repeatable. Other topics stay public.
+    private_topics: Vec<String> = Vec::new(), example "private:*,user:*", flag "private-topic",
+        shown "none, every topic is public", invalid "a b";
+    /// HS256 secret (at least 32 bytes) that subscriber tokens are signed with.
+    jwt_secret: String = String::new(), example "a-secret-of-at-least-thirty-two-bytes",
+        shown "none", invalid "short";
+    /// PEM public key (RSA for RS256, EC P-256 for ES256) that subscriber tokens are signed
+    /// with; repeatable, e.g. during a key rotation.
+    jwt_public_key: Vec<String> = Vec::new(), example "/etc/crier/jwt.pem", shown "none";
+    /// JWKS file (JSON) of RS256/ES256 keys, chosen by each token's `kid`.
+    jwt_jwks: String = String::new(), example "/etc/crier/jwks.json", shown "none";
     /// Another site whose pages may open WebSockets and SSE streams and write here (e.g.
     /// https://game.example); repeatable.
     allowed_origins: Vec<String> = Vec::new(), example "https://game.example",
@@ -550,6 +562,8 @@ impl Config {
                 .collect();
         };
         clean(&mut cfg.publisher_keys, "");
+        clean(&mut cfg.private_topics, "");
+        clean(&mut cfg.jwt_public_key, "");
         clean(&mut cfg.allowed_origins, "/");
         clean(&mut cfg.public_origins, "/");
         for ns in &namespaces {
@@ -651,6 +665,14 @@ impl Config {
         anyhow::ensure!(
             self.history_size <= 1_000_000,
             "history_size must be at most 1000000"
+        );
+        crate::auth::Patterns::parse(&self.private_topics)
+            .map_err(|e| anyhow::anyhow!("private_topics: {e}"))?;
+        anyhow::ensure!(
+            self.jwt_secret.is_empty()
+                || self.jwt_secret.len() >= crate::auth::token::MIN_SECRET_BYTES,
+            "jwt_secret must be at least {} bytes (HS256 needs a 256-bit secret)",
+            crate::auth::token::MIN_SECRET_BYTES
         );
         for (name, list) in [
             ("allowed_origins", &self.allowed_origins),

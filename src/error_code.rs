@@ -94,6 +94,25 @@ error_codes! {
         "a `/ws`, `/sse` or write request from a page whose Origin is not allowed";
     CrossSiteRequest = "cross_site_request", http(403),
         "a browser request labelled `Sec-Fetch-Site: cross-site` from no listed origin";
+    // Subscriber tokens and scoped keys (docs/auth.md).
+    TokenRequired = "token_required", http(401),
+        "the topic is private (`private_topics`) and no token was sent";
+    BadToken = "bad_token", http(401),
+        "the token is malformed, forged, signed with a refused algorithm (`none`, key confusion) or an unknown key, not valid yet, or lacks `sub`/`exp`";
+    TokenExpired = "token_expired", http(401),
+        "the token's `exp` has passed";
+    TopicForbidden = "topic_forbidden", http(403),
+        "the topic is private and the token's `topics` do not allow it";
+    NoPublishScope = "no_publish_scope", http(403),
+        "the key's `publish` scope does not cover the topic";
+    NoBoardsScope = "no_boards_scope", http(403),
+        "the key's `boards` scope does not cover the board (scores, board options)";
+    NoResetScope = "no_reset_scope", http(403),
+        "the key's `reset` scope does not cover the board";
+    NoAdminScope = "no_admin_scope", http(403),
+        "scoped keys are configured and the key has no `admin` scope (`/metrics`)";
+    ScopedKeyRequired = "scoped_key_required", http(403),
+        "the board's policy has `scoped_keys_only` and the key is not a `[[key]]` whose `boards` scope names it";
     // Limits.
     TooManyTopics = "too_many_topics", http(503),
         "the connection holds `max_topics_per_connection` topics (400 on `/sse` and `/ws` queries), \
@@ -132,6 +151,10 @@ error_codes! {
         "no board of that name";
     NoPlayer = "no_player", http(404),
         "the player has no score on the board";
+    ScoreOutOfBounds = "score_out_of_bounds", http(400),
+        "a score is outside the board policy's `min_score`/`max_score`";
+    TooManySubmissions = "too_many_submissions", http(429),
+        "a player is over the board policy's `max_submissions_per_minute`";
     Conflict = "conflict", http(409),
         "the change would move every rank (changing `order` of a board with players): reset it first";
 }

@@ -84,6 +84,8 @@ impl Server {
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         let needed = cfg.max_sockets as u64 + crate::conn_limits::FILE_HEADROOM;
         crate::fd_limit::raise(needed);
+        // Keys are read before anything is opened: a bad key stops the start cleanly.
+        let auth = crate::auth::Auth::from_config(&cfg)?;
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
@@ -120,7 +122,9 @@ impl Server {
             (broker, None, boards, Some(health))
         };
         let state = Arc::new(
-            AppState::new(cfg, metrics, broker, hub, boards, shutdown).with_redis(redis_health),
+            AppState::new(cfg, metrics, broker, hub, boards, shutdown)
+                .with_redis(redis_health)
+                .with_auth(auth),
         );
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");

@@ -34,6 +34,8 @@ pub struct AppState {
     pub limits: Arc<ConnLimits>,
     /// With `--redis`: what `/readyz` reports about it (None on a node alone).
     pub redis: Option<Arc<crate::broker::redis::RedisHealth>>,
+    /// Private topics and the keys that check subscriber tokens.
+    pub auth: crate::auth::Auth,
     connections: AtomicUsize,
 }
 
@@ -57,6 +59,7 @@ impl AppState {
             tracker: TaskTracker::new(),
             boards,
             redis: None,
+            auth: crate::auth::Auth::open(),
             connections: AtomicUsize::new(0),
         }
     }
@@ -64,6 +67,12 @@ impl AppState {
     /// With `--redis`: lets `/readyz` report the Redis connections' health.
     pub fn with_redis(mut self, health: Option<Arc<crate::broker::redis::RedisHealth>>) -> Self {
         self.redis = health;
+        self
+    }
+
+    /// The access policy `Auth::from_config` built (`Server::start` always sets it).
+    pub fn with_auth(mut self, auth: crate::auth::Auth) -> Self {
+        self.auth = auth;
         self
     }
 

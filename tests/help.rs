@@ -157,8 +157,12 @@ async fn the_binary_starts_with_every_example_flag() {
             continue;
         }
         extra.push(format!("--{}", s.flag));
+        let fixture = |f: &str| format!("{}/tests/fixtures/auth/{f}", env!("CARGO_MANIFEST_DIR"));
         extra.push(match s.name {
             "redis" => redis.url(),
+            // Files that must exist: the test keys.
+            "jwt_public_key" => fixture("rsa-public.pem"),
+            "jwt_jwks" => fixture("jwks.json"),
             _ => s.example.to_string(),
         });
     }

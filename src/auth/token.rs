@@ -1,0 +1,389 @@
+//! Subscriber tokens: JWTs checked with `jsonwebtoken` (signature, algorithm) and read by
+//! us (claims), so every rule of docs/auth.md is in this file.
+//!
+//! The key is chosen by the token's `alg` (and `kid` for a JWKS), never the other way round:
+//! an HS256 token is only ever checked against the HMAC secret, so a public key can never be
+//! used as an HMAC secret (key confusion), and `none` or any other algorithm has no key at
+//! all. Expiry is checked here, without leeway, so the connection's close timer and the
+//! check agree to the second.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::pattern::Patterns;
+
+/// The longest token accepted: a grant is held for the connection's life.
+pub const MAX_TOKEN_BYTES: usize = 8192;
+/// The most `topics` patterns one token may carry.
+pub const MAX_TOKEN_TOPICS: usize = 256;
+/// The shortest HS256 secret accepted: RFC 7518 3.2 asks for at least the hash size.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// What a valid token lets its holder do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub sub: Box<str>,
+    /// Unix seconds.
+    pub exp: u64,
+    pub topics: Patterns,
+}
+
+impl Grant {
+    pub fn allows(&self, topic: &str) -> bool {
+        self.topics.matches(topic)
+    }
+
+    /// When the token expires, on the monotonic clock.
+    pub fn deadline(&self) -> Instant {
+        let now = unix_now();
+        Instant::now() + Duration::from_secs(self.exp.saturating_sub(now))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Every reason a token is not accepted except its age; the text says which.
+    #[error("{0}")]
+    Bad(String),
+    #[error("the token expired")]
+    Expired,
+}
+
+fn bad(msg: impl Into<String>) -> TokenError {
+    TokenError::Bad(msg.into())
+}
+
+/// The claims crier reads; others are ignored.
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+/// The node's verification keys. Built once at startup: a key that does not parse stops
+/// the server, rather than refusing every token later.
+pub struct Verifier {
+    hmac: Option<DecodingKey>,
+    rsa: Vec<DecodingKey>,
+    ec: Vec<DecodingKey>,
+    /// JWKS keys by `kid`, with the algorithm their type allows.
+    jwks: Vec<(String, Algorithm, DecodingKey)>,
+}
+
+impl Verifier {
+    /// `secret` empty: no HS256. `public_keys`: PEM texts (RSA or P-256). `jwks`: a JWKS
+    /// document. None when nothing is configured.
+    pub fn new(
+        secret: &str,
+        public_keys: &[(String, String)],
+        jwks: Option<&str>,
+    ) -> anyhow::Result<Option<Verifier>> {
+        let mut v = Verifier {
+            hmac: None,
+            rsa: Vec::new(),
+            ec: Vec::new(),
+            jwks: Vec::new(),
+        };
+        if !secret.is_empty() {
+            anyhow::ensure!(
+                secret.len() >= MIN_SECRET_BYTES,
+                "jwt_secret must be at least {MIN_SECRET_BYTES} bytes (HS256 needs a 256-bit secret)"
+            );
+            v.hmac = Some(DecodingKey::from_secret(secret.as_bytes()));
+        }
+        for (name, pem) in public_keys {
+            if let Ok(k) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
+                v.rsa.push(k);
+            } else if let Ok(k) = DecodingKey::from_ec_pem(pem.as_bytes()) {
+                v.ec.push(k);
+            } else {
+                anyhow::bail!("jwt_public_key {name}: not a PEM RSA or EC (P-256) public key");
+            }
+        }
+        if let Some(text) = jwks {
+            let set: JwkSet = serde_json::from_str(text)
+                .map_err(|e| anyhow::anyhow!("jwt_jwks: not a JWKS document: {e}"))?;
+            for jwk in &set.keys {
+                let kid = jwk.common.key_id.clone().ok_or_else(|| {
+                    anyhow::anyhow!("jwt_jwks: every key needs a \"kid\" to be chosen by")
+                })?;
+                let alg = match &jwk.algorithm {
+                    jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p)
+                        if p.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+                    {
+                        Algorithm::ES256
+                    }
+                    _ => anyhow::bail!(
+                        "jwt_jwks: key {kid:?} is neither RSA nor EC P-256 (RS256 and ES256 only)"
+                    ),
+                };
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| anyhow::anyhow!("jwt_jwks: key {kid:?}: {e}"))?;
+                v.jwks.push((kid, alg, key));
+            }
+        }
+        let any = v.hmac.is_some() || !v.rsa.is_empty() || !v.ec.is_empty() || !v.jwks.is_empty();
+        Ok(any.then_some(v))
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Grant, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(bad(format!(
+                "the token is longer than {MAX_TOKEN_BYTES} bytes"
+            )));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| bad("the token is not a JWT (header.claims.signature, base64url)"))?;
+        let keys: Vec<&DecodingKey> = match (header.alg, header.kid.as_deref()) {
+            (Algorithm::HS256, _) => self.hmac.iter().collect(),
+            (alg @ (Algorithm::RS256 | Algorithm::ES256), Some(kid))
+                if self.jwks.iter().any(|(k, _, _)| k == kid) =>
+            {
+                self.jwks
+                    .iter()
+                    .filter(|(k, a, _)| k == kid && *a == alg)
+                    .map(|(_, _, key)| key)
+                    .collect()
+            }
+            (Algorithm::RS256, _) => self.rsa.iter().collect(),
+            (Algorithm::ES256, _) => self.ec.iter().collect(),
+            (other, _) => {
+                return Err(bad(format!(
+                    "algorithm {other:?} is not accepted (HS256, RS256 and ES256 are)"
+                )))
+            }
+        };
+        if keys.is_empty() {
+            return Err(bad(format!(
+                "no key for algorithm {:?} is configured",
+                header.alg
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        // Claims are checked below, exactly; the crate checks the signature only.
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        let mut claims = None;
+        for key in keys {
+            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                claims = Some(data.claims);
+                break;
+            }
+        }
+        let claims =
+            claims.ok_or_else(|| bad("the token's signature does not match any configured key, or its claims are malformed"))?;
+        grant(claims, unix_now())
+    }
+}
+
+fn grant(c: Claims, now: u64) -> Result<Grant, TokenError> {
+    let sub = c
+        .sub
+        .filter(|s| !s.is_empty() && s.len() <= 256)
+        .ok_or_else(|| bad("the token needs a \"sub\" claim of 1-256 bytes"))?;
+    let exp = c
+        .exp
+        .ok_or_else(|| bad("the token needs an \"exp\" claim (unix seconds)"))?;
+    if exp <= now {
+        return Err(TokenError::Expired);
+    }
+    if c.nbf.is_some_and(|nbf| nbf > now) {
+        return Err(bad("the token is not valid yet (nbf)"));
+    }
+    if c.topics.len() > MAX_TOKEN_TOPICS {
+        return Err(bad(format!(
+            "the token's \"topics\" has more than {MAX_TOKEN_TOPICS} patterns"
+        )));
+    }
+    let topics = Patterns::parse(&c.topics).map_err(|e| bad(format!("\"topics\": {e}")))?;
+    Ok(Grant {
+        sub: sub.into(),
+        exp,
+        topics,
+    })
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/tests/fixtures/auth/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    fn claims(exp_in: i64) -> serde_json::Value {
+        json!({"sub": "alice", "exp": unix_now() as i64 + exp_in, "topics": ["chat:*", "user:42"]})
+    }
+
+    fn hs(claims: &serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn hs_only() -> Verifier {
+        Verifier::new(SECRET, &[], None).unwrap().unwrap()
+    }
+
+    fn with_public_keys() -> Verifier {
+        let keys = [
+            ("rsa".to_string(), fixture("rsa-public.pem")),
+            ("ec".to_string(), fixture("ec-public.pem")),
+        ];
+        Verifier::new("", &keys, None).unwrap().unwrap()
+    }
+
+    #[test]
+    fn hs256_grant() {
+        let g = hs_only().verify(&hs(&claims(60), SECRET)).unwrap();
+        assert_eq!(&*g.sub, "alice");
+        assert!(g.allows("chat:lobby") && g.allows("user:42") && !g.allows("user:43"));
+        assert!(g.deadline() > Instant::now() + Duration::from_secs(50));
+    }
+
+    #[test]
+    fn refuses_forged_expired_early_and_malformed() {
+        let v = hs_only();
+        let other = "another-secret-of-at-least-32-bytes!";
+        assert!(matches!(
+            v.verify(&hs(&claims(60), other)),
+            Err(TokenError::Bad(_))
+        ));
+        assert_eq!(v.verify(&hs(&claims(-1), SECRET)), Err(TokenError::Expired));
+        let early = json!({"sub": "a", "exp": unix_now() + 60, "nbf": unix_now() + 30});
+        assert!(
+            matches!(v.verify(&hs(&early, SECRET)), Err(TokenError::Bad(m)) if m.contains("nbf"))
+        );
+        for c in [
+            json!({"exp": unix_now() + 60}),
+            json!({"sub": "a"}),
+            json!({"sub": "a", "exp": unix_now() + 60, "topics": ["a b"]}),
+            json!({"sub": "a", "exp": unix_now() + 60, "topics": "chat:*"}),
+        ] {
+            assert!(
+                matches!(v.verify(&hs(&c, SECRET)), Err(TokenError::Bad(_))),
+                "{c}"
+            );
+        }
+        for junk in ["", "abc", "a.b.c", &"x".repeat(MAX_TOKEN_BYTES + 1)] {
+            assert!(matches!(v.verify(junk), Err(TokenError::Bad(_))));
+        }
+        // A valid token with a flipped signature byte.
+        let mut t = hs(&claims(60), SECRET).into_bytes();
+        let last = t.len() - 2;
+        t[last] = if t[last] == b'A' { b'B' } else { b'A' };
+        assert!(v.verify(std::str::from_utf8(&t).unwrap()).is_err());
+    }
+
+    #[test]
+    fn refuses_alg_none() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64.encode(claims(60).to_string());
+        for t in [format!("{header}.{body}."), format!("{header}.{body}")] {
+            assert!(
+                matches!(hs_only().verify(&t), Err(TokenError::Bad(_))),
+                "{t}"
+            );
+            assert!(with_public_keys().verify(&t).is_err());
+        }
+    }
+
+    #[test]
+    fn rs256_es256_and_key_confusion() {
+        let v = with_public_keys();
+        let rs = encode(
+            &Header::new(Algorithm::RS256),
+            &claims(60),
+            &EncodingKey::from_rsa_pem(fixture("rsa-private.pem").as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(&*v.verify(&rs).unwrap().sub, "alice");
+        let es = encode(
+            &Header::new(Algorithm::ES256),
+            &claims(60),
+            &EncodingKey::from_ec_pem(fixture("ec-private.pem").as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(&*v.verify(&es).unwrap().sub, "alice");
+        // Signed with a key that is not configured.
+        let other = encode(
+            &Header::new(Algorithm::RS256),
+            &claims(60),
+            &EncodingKey::from_rsa_pem(fixture("other-rsa-private.pem").as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(v.verify(&other).is_err());
+        // Key confusion: HS256 "signed" with the public key's PEM text as the secret.
+        let confused = hs(&claims(60), &fixture("rsa-public.pem"));
+        assert!(matches!(v.verify(&confused), Err(TokenError::Bad(m)) if m.contains("no key")));
+        // With a secret too, the HS256 token is checked against the secret only.
+        let keys = [("rsa".to_string(), fixture("rsa-public.pem"))];
+        let both = Verifier::new(SECRET, &keys, None).unwrap().unwrap();
+        assert!(both.verify(&confused).is_err());
+        // HS384/RS512 and friends are refused outright.
+        let hs384 = encode(
+            &Header::new(Algorithm::HS384),
+            &claims(60),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(
+            matches!(both.verify(&hs384), Err(TokenError::Bad(m)) if m.contains("not accepted"))
+        );
+    }
+
+    #[test]
+    fn jwks_by_kid() {
+        let v = Verifier::new("", &[], Some(&fixture("jwks.json")))
+            .unwrap()
+            .unwrap();
+        let rsa = EncodingKey::from_rsa_pem(fixture("rsa-private.pem").as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_pem(fixture("ec-private.pem").as_bytes()).unwrap();
+        let token = |alg, kid: &str, key: &EncodingKey| {
+            let mut header = Header::new(alg);
+            header.kid = Some(kid.into());
+            encode(&header, &claims(60), key).unwrap()
+        };
+        assert!(v.verify(&token(Algorithm::RS256, "rsa-1", &rsa)).is_ok());
+        assert!(v.verify(&token(Algorithm::ES256, "ec-1", &ec)).is_ok());
+        // The right key under the wrong kid, and an unknown kid.
+        assert!(v.verify(&token(Algorithm::RS256, "ec-1", &rsa)).is_err());
+        assert!(v.verify(&token(Algorithm::RS256, "rsa-2", &rsa)).is_err());
+        assert!(Verifier::new("", &[], Some("{\"keys\":[{}]}")).is_err());
+    }
+
+    #[test]
+    fn short_secret_and_bad_pem_stop_startup() {
+        assert!(Verifier::new("short", &[], None).is_err());
+        assert!(Verifier::new("", &[("x".into(), "not a key".into())], None).is_err());
+        assert!(Verifier::new("", &[], None).unwrap().is_none());
+    }
+}
