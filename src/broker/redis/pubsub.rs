@@ -88,5 +88,12 @@ pub(super) async fn run_pubsub(
         tracing::error!("the redis pub/sub connection was lost: reconnecting");
         let Some(broker) = me.upgrade() else { return };
         broker.lost_pubsub();
+        drop(broker);
+        if !resubscribed {
+            // Redis took the connection but refused SUBSCRIBE (a full output buffer, an
+            // ACL, a Redis still loading): reconnecting at once would spin.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
     }
 }
