@@ -113,6 +113,41 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        // RFC 6750 3: a 401 names the scheme, and for a token that was sent, what is wrong.
+        let challenge = match self.code {
+            ErrorCode::Unauthorized | ErrorCode::TokenRequired => Some("Bearer"),
+            ErrorCode::BadToken => Some("Bearer error=\"invalid_token\""),
+            ErrorCode::TokenExpired => {
+                Some("Bearer error=\"invalid_token\", error_description=\"the token expired\"")
+            }
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(c),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_401_names_the_bearer_scheme() {
+        let resp = ApiError::new(ErrorCode::TokenExpired, "x").into_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let c = resp.headers()[axum::http::header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap();
+        assert!(c.starts_with("Bearer error=\"invalid_token\""), "{c}");
+        let resp = ApiError::new(ErrorCode::Forbidden, "x").into_response();
+        assert!(!resp
+            .headers()
+            .contains_key(axum::http::header::WWW_AUTHENTICATE));
     }
 }
