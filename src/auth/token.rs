@@ -38,8 +38,10 @@ impl Grant {
 
     /// When the token expires, on the monotonic clock.
     pub fn deadline(&self) -> Instant {
-        let now = unix_now();
-        Instant::now() + Duration::from_secs(self.exp.saturating_sub(now))
+        // Capped: an `exp` far in the future (u64::MAX) must not overflow the clock.
+        const FAR: u64 = 10 * 365 * 24 * 3600;
+        let left = self.exp.saturating_sub(unix_now()).min(FAR);
+        Instant::now() + Duration::from_secs(left)
     }
 }
 
@@ -265,6 +267,11 @@ mod tests {
         assert_eq!(&*g.sub, "alice");
         assert!(g.allows("chat:lobby") && g.allows("user:42") && !g.allows("user:43"));
         assert!(g.deadline() > Instant::now() + Duration::from_secs(50));
+        let forever = Grant {
+            exp: u64::MAX,
+            ..g.clone()
+        };
+        assert!(forever.deadline() > Instant::now() + Duration::from_secs(365 * 24 * 3600));
     }
 
     #[test]
