@@ -203,6 +203,25 @@ async fn good_tokens_by_query_header_and_in_band_auth_receive_publications() {
         "subscribed"
     );
     delivered(&server, &mut in_band, "private:a", 3).await;
+
+    // An `exp` too far ahead for the monotonic clock is valid, and never overflows it.
+    let far = hs(
+        &json!({"sub": "alice", "exp": u64::MAX, "topics": ["private:a"]}),
+        SECRET,
+    );
+    let mut far_ws = server.ws(&format!("?topic=private:a&token={far}")).await;
+    assert_eq!(next_json(&mut far_ws).await["op"], "subscribed");
+    let mut far_in_band = server.ws("").await;
+    assert_eq!(
+        send_auth(&mut far_in_band, "auth", &far, 1).await["op"],
+        "authed"
+    );
+    delivered(&server, &mut far_ws, "private:a", 4).await;
+    assert_eq!(
+        subscribe(&mut far_in_band, "private:a", 2).await["op"],
+        "subscribed"
+    );
+    delivered(&server, &mut far_in_band, "private:a", 5).await;
 }
 
 #[tokio::test]
@@ -342,7 +361,7 @@ async fn a_token_that_expires_without_refresh_closes_4005() {
     let mut ws = server
         .ws(&format!(
             "?topic=private:a&token={}",
-            token("alice", 2, &["private:a"])
+            token("alice", 3, &["private:a"])
         ))
         .await;
     assert_eq!(next_json(&mut ws).await["op"], "subscribed");
@@ -350,7 +369,7 @@ async fn a_token_that_expires_without_refresh_closes_4005() {
     assert_eq!(expect_close(&mut ws).await, 4005);
     // In band too.
     let mut ws = server.ws("").await;
-    let m = send_auth(&mut ws, "auth", &token("alice", 2, &[]), 1).await;
+    let m = send_auth(&mut ws, "auth", &token("alice", 3, &[]), 1).await;
     assert_eq!(m["op"], "authed");
     assert_eq!(expect_close(&mut ws).await, 4005);
     drop(ws);
@@ -360,7 +379,8 @@ async fn a_token_that_expires_without_refresh_closes_4005() {
 #[tokio::test]
 async fn a_refreshed_connection_outlives_its_first_token() {
     let server = private_server().await;
-    let first_claims = claims("alice", 2, &["private:a"]);
+    // A few seconds: enough for the refresh to arrive first on a loaded machine.
+    let first_claims = claims("alice", 4, &["private:a"]);
     let first_exp = first_claims["exp"].as_u64().unwrap();
     let first = hs(&first_claims, SECRET);
     let mut ws = server.ws(&format!("?topic=private:a&token={first}")).await;
