@@ -1,9 +1,12 @@
 //! Client commands and the server's replies (docs/protocol.md). Replies are small and
 //! rare next to publications, so plain serde is fine here.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::auth::Grant;
 use crate::broker::{StreamPosition, Subscribed};
 use crate::error_code::ErrorCode;
 
@@ -17,6 +20,9 @@ pub struct Command<'a> {
     /// Resume position: `{"offset":41,"epoch":"9f1c2a7b"}`.
     #[serde(borrow)]
     pub since: Option<&'a RawValue>,
+    /// `auth` and `refresh`: a JWT. Borrowed when it has no escapes (a JWT never does).
+    #[serde(borrow)]
+    pub token: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize)]
@@ -35,6 +41,10 @@ struct Reply<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a RawValue>,
 }
 
@@ -48,6 +58,8 @@ impl<'a> Reply<'a> {
             recovered: None,
             code: None,
             message: None,
+            sub: None,
+            exp: None,
             id,
         }
     }
@@ -75,6 +87,17 @@ pub fn unsubscribed(topic: &str, id: Option<&RawValue>) -> Vec<u8> {
     .encode()
 }
 
+/// The answer to `auth` (`op` "authed") or `refresh` (`op` "refreshed"): who the token
+/// names and until when, never the token itself.
+pub fn authed(op: &'static str, grant: &Grant, id: Option<&RawValue>) -> Vec<u8> {
+    Reply {
+        sub: Some(&grant.sub),
+        exp: Some(grant.exp),
+        ..Reply::op(op, id)
+    }
+    .encode()
+}
+
 pub fn pong(id: Option<&RawValue>) -> Vec<u8> {
     Reply::op("pong", id).encode()
 }
@@ -93,6 +116,12 @@ pub enum Parsed<'a> {
     Subscribe(String, Option<StreamPosition>, Option<&'a RawValue>),
     Unsubscribe(String, Option<&'a RawValue>),
     Ping(Option<&'a RawValue>),
+    /// `auth` with its token (not yet verified).
+    Auth(Cow<'a, str>, Option<&'a RawValue>),
+    /// `refresh` with its token (not yet verified).
+    Refresh(Cow<'a, str>, Option<&'a RawValue>),
+    /// An `auth` or `refresh` without a token string: a failed one (error, then close 4501).
+    NoToken(&'static str, Option<&'a RawValue>),
     Error(ErrorCode, String, Option<&'a RawValue>),
 }
 
@@ -148,14 +177,22 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
             .map(|t| Parsed::Unsubscribe(t, id))
             .unwrap_or_else(|e| e),
         Some("ping") => Parsed::Ping(id),
+        Some("auth") => match cmd.token {
+            Some(t) => Parsed::Auth(t, id),
+            None => Parsed::NoToken("auth", id),
+        },
+        Some("refresh") => match cmd.token {
+            Some(t) => Parsed::Refresh(t, id),
+            None => Parsed::NoToken("refresh", id),
+        },
         Some(other) => Parsed::Error(
             ErrorCode::UnknownOp,
-            format!("unknown op {other:?}: use subscribe, unsubscribe or ping"),
+            format!("unknown op {other:?}: use subscribe, unsubscribe, ping, auth or refresh"),
             id,
         ),
         None => Parsed::Error(
             ErrorCode::UnknownOp,
-            "missing \"op\": use subscribe, unsubscribe or ping".into(),
+            "missing \"op\": use subscribe, unsubscribe, ping, auth or refresh".into(),
             id,
         ),
     }
@@ -236,6 +273,33 @@ mod tests {
         assert_eq!(
             String::from_utf8(subscribed("t", &sub, None)).unwrap(),
             r#"{"op":"subscribed","topic":"t","offset":57,"epoch":"9f1c2a7b","recovered":false}"#
+        );
+    }
+
+    #[test]
+    fn auth_and_refresh_carry_a_token_and_replies_never_do() {
+        let t = "eyJhbGciOiJIUzI1NiJ9.e30.sig";
+        let cmd = format!(r#"{{"op":"auth","token":"{t}","id":1}}"#);
+        assert!(matches!(parse(cmd.as_bytes()), Parsed::Auth(ref x, Some(_)) if x == t));
+        let cmd = format!(r#"{{"op":"refresh","token":"{t}"}}"#);
+        assert!(matches!(parse(cmd.as_bytes()), Parsed::Refresh(ref x, None) if x == t));
+        assert!(matches!(
+            parse(br#"{"op":"refresh","id":2}"#),
+            Parsed::NoToken("refresh", Some(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"op":"auth","token":7}"#),
+            Parsed::Error(ErrorCode::BadJson, _, None)
+        ));
+        let grant = Grant {
+            sub: "alice".into(),
+            exp: 1767225600,
+            topics: crate::auth::Patterns::default(),
+        };
+        let id: &RawValue = serde_json::from_str("4").unwrap();
+        assert_eq!(
+            String::from_utf8(authed("authed", &grant, Some(id))).unwrap(),
+            r#"{"op":"authed","sub":"alice","exp":1767225600,"id":4}"#
         );
     }
 

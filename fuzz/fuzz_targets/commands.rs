@@ -28,6 +28,19 @@ fuzz_target!(|data: &[u8]| {
             (protocol::unsubscribed(&topic, id), id, "unsubscribed")
         }
         Parsed::Ping(id) => (protocol::pong(id), id, "pong"),
+        Parsed::Auth(_, id) | Parsed::Refresh(_, id) => {
+            let grant = crier::auth::Grant {
+                sub: "alice".into(),
+                exp: 1767225600,
+                topics: crier::auth::Patterns::default(),
+            };
+            (protocol::authed("authed", &grant, id), id, "authed")
+        }
+        Parsed::NoToken(op, id) => {
+            let message = format!("{op} needs a \"token\" string");
+            let code = crier::error_code::ErrorCode::BadToken;
+            (protocol::error(code, &message, id), id, "error")
+        }
         Parsed::Error(code, message, id) => {
             assert!(!code.is_empty() && !message.is_empty());
             (protocol::error(code, &message, id), id, "error")

@@ -18,12 +18,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes};
+use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 
 use super::frame::{self, Decoder, FrameError, Message, Role};
 use super::handshake::Mode;
+use crate::auth::Grant;
 use crate::broker::BrokerError;
-use crate::client::{Item, Taken};
+use crate::client::{Client, Item, Taken};
 use crate::close::DisconnectReason;
 use crate::error_code::ErrorCode;
 use crate::metrics::Transport;
@@ -64,6 +66,7 @@ pub async fn run(
     reg: Registration,
     state: Arc<AppState>,
     mode: Mode,
+    grant: Option<Grant>,
 ) {
     let now = Instant::now();
     let mut conn = Connection {
@@ -84,6 +87,7 @@ pub async fn run(
         reg,
         state,
         chain: None,
+        authed: grant.map(Authed::new),
     };
     if !leftover.is_empty() {
         conn.decoder
@@ -134,6 +138,28 @@ struct Connection {
     /// task. Each next one awaits it first, so a connection's commands on topics take
     /// effect, and are answered, in the order they were sent.
     chain: Option<tokio::task::JoinHandle<()>>,
+    /// The verified token (handshake, `auth` or `refresh`). Boxed: most connections have
+    /// none, and an idle connection's size is what 10k of them cost (docs/BENCHMARKS.md).
+    authed: Option<Box<Authed>>,
+}
+
+/// A grant and its expiry on the monotonic clock, computed once: the deadline is looked
+/// at on every wake-up, and reading the wall clock each time would cost a syscall.
+struct Authed {
+    grant: Grant,
+    /// None when `exp` is too far ahead for the monotonic clock (a valid token whose
+    /// `exp` is, say, u64::MAX must not overflow `Instant`): it never expires here.
+    deadline: Option<Instant>,
+}
+
+impl Authed {
+    fn new(grant: Grant) -> Box<Authed> {
+        let left = grant.exp.saturating_sub(crate::auth::token::unix_now());
+        Box::new(Authed {
+            deadline: Instant::now().checked_add(std::time::Duration::from_secs(left)),
+            grant,
+        })
+    }
 }
 
 impl Connection {
@@ -209,6 +235,12 @@ impl Connection {
                 let _ = self.flush();
                 return DisconnectReason::NoPong;
             }
+            let token_deadline = self.authed.as_ref().and_then(|a| a.deadline);
+            if self.closing.is_none() && token_deadline.is_some_and(|d| now >= d) {
+                // No `refresh` came in time: the client's access ends with its token.
+                self.begin_close(DisconnectReason::TokenExpired);
+                continue;
+            }
             if now >= next_ping {
                 if self.closing.is_none() {
                     self.push_out(frame::encode(frame::OP_PING, b""), now);
@@ -219,9 +251,17 @@ impl Connection {
             }
 
             let mut deadline = next_ping;
-            for d in [pong_deadline, close_deadline, write_deadline]
-                .into_iter()
-                .flatten()
+            // A refresh moves the token's deadline; it joins the others only until our
+            // close is queued.
+            let token_deadline = token_deadline.filter(|_| self.closing.is_none());
+            for d in [
+                pong_deadline,
+                close_deadline,
+                write_deadline,
+                token_deadline,
+            ]
+            .into_iter()
+            .flatten()
             {
                 deadline = deadline.min(d);
             }
@@ -503,9 +543,19 @@ impl Connection {
     }
 
     fn command(&mut self, text: &[u8]) {
+        let parsed = protocol::parse(text);
+        if let Parsed::Subscribe(topic, _, id) = &parsed {
+            // Checked here, before any broker (or its chained task) sees the topic: the
+            // hub and brokers never learn about tokens.
+            let grant = self.authed.as_ref().map(|a| &a.grant);
+            if let Err(e) = self.state.auth.check_read(topic, grant) {
+                self.reply(protocol::error(e.code, &e.message, *id));
+                return;
+            }
+        }
         let broker = &self.state.broker;
         let client = &self.reg.client;
-        match protocol::parse(text) {
+        match parsed {
             Parsed::Subscribe(topic, since, id) if broker.subscribe_waits() => {
                 let (broker, client) = (broker.clone(), client.clone());
                 let metrics = self.state.metrics.clone();
@@ -560,8 +610,82 @@ impl Connection {
                 self.reply(protocol::unsubscribed(&topic, id));
             }
             Parsed::Ping(id) => self.reply(protocol::pong(id)),
+            Parsed::Auth(token, id) => self.auth(&token, id),
+            Parsed::Refresh(token, id) => self.refresh(&token, id),
+            Parsed::NoToken(op, id) => self.auth_failed(
+                ErrorCode::BadToken,
+                &format!("{op} needs a \"token\" string"),
+                id,
+            ),
             Parsed::Error(code, message, id) => self.reply(protocol::error(code, &message, id)),
         }
+    }
+
+    /// `auth`: the connection's first grant. A second one is refused (the client meant
+    /// `refresh`, whose same-`sub` rule an `auth` would otherwise bypass).
+    fn auth(&mut self, token: &str, id: Option<&RawValue>) {
+        if self.authed.is_some() {
+            let msg = "already authenticated: use refresh";
+            return self.auth_failed(ErrorCode::BadToken, msg, id);
+        }
+        match self.state.auth.verify(token) {
+            Ok(grant) => {
+                self.reply(protocol::authed("authed", &grant, id));
+                self.authed = Some(Authed::new(grant));
+            }
+            Err(e) => self.token_refused(e, id),
+        }
+    }
+
+    /// `refresh`: a new token for the same `sub` replaces the grant (and its deadline).
+    /// Private topics held that the new grant does not allow are left, each with an
+    /// `unsubscribed` frame, before the `refreshed` reply.
+    fn refresh(&mut self, token: &str, id: Option<&RawValue>) {
+        let Some(old_sub) = self.authed.as_ref().map(|a| a.grant.sub.clone()) else {
+            let msg = "refresh needs a token held already: send auth first";
+            return self.auth_failed(ErrorCode::BadToken, msg, id);
+        };
+        let grant = match self.state.auth.verify(token) {
+            Ok(g) => g,
+            Err(e) => return self.token_refused(e, id),
+        };
+        if grant.sub != old_sub {
+            let msg = format!(
+                "refresh must keep the same sub: this connection is {old_sub:?}, the token names {:?}",
+                grant.sub
+            );
+            return self.auth_failed(ErrorCode::BadToken, &msg, id);
+        }
+        let reply = protocol::authed("refreshed", &grant, id);
+        if self.chain.is_some() {
+            // Subscribes still in flight were allowed by the old grant: drop what the new
+            // one refuses only once they have landed.
+            let (state, client) = (self.state.clone(), self.reg.client.clone());
+            let new = grant.clone();
+            self.chained(async move {
+                leave_refused(&state, &client, &new);
+                let item = Item::control(frame::encode(frame::OP_TEXT, &reply));
+                client.push(item, &state.metrics);
+            });
+        } else {
+            leave_refused(&self.state, &self.reg.client, &grant);
+            self.reply(reply);
+        }
+        self.authed = Some(Authed::new(grant));
+    }
+
+    fn token_refused(&mut self, e: crate::auth::TokenError, id: Option<&RawValue>) {
+        let e = crate::api::error::ApiError::from(e);
+        self.auth_failed(e.code, &e.message, id);
+    }
+
+    /// A failed `auth` or `refresh`: the replies earned so far (one batch), the error
+    /// frame, then close 4501. Closing bounds what a client can make the server verify.
+    fn auth_failed(&mut self, code: ErrorCode, message: &str, id: Option<&RawValue>) {
+        self.refill();
+        let err = frame::encode(frame::OP_TEXT, &protocol::error(code, message, id));
+        self.push_out(err, Instant::now());
+        self.begin_close(DisconnectReason::BadToken);
     }
 
     /// Runs `task` after the connection's previous topic command (see `chain`).
@@ -582,6 +706,27 @@ impl Connection {
     }
 }
 
+/// Unsubscribes `client` from the private topics it holds that `grant` does not allow,
+/// telling it with an `unsubscribed` frame for each.
+fn leave_refused(state: &AppState, client: &Arc<Client>, grant: &Grant) {
+    let refused: Vec<_> = client
+        .topics
+        .lock()
+        .iter()
+        .filter(|t| state.auth.is_private(t) && !grant.allows(t))
+        .cloned()
+        .collect();
+    for topic in refused {
+        if state.broker.unsubscribe(client, &topic) {
+            let json = protocol::unsubscribed(&topic, None);
+            client.push(
+                Item::control(frame::encode(frame::OP_TEXT, &json)),
+                &state.metrics,
+            );
+        }
+    }
+}
+
 /// The error frame answering a failed subscribe (none when the client is gone).
 fn subscribe_error(e: &BrokerError, id: Option<&serde_json::value::RawValue>) -> Option<Vec<u8>> {
     let code = match e {
@@ -592,4 +737,18 @@ fn subscribe_error(e: &BrokerError, id: Option<&serde_json::value::RawValue>) ->
         BrokerError::ClientClosed => return None,
     };
     Some(protocol::error(code, &e.to_string(), id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle connection carries the grant slot: it must stay one pointer.
+    #[test]
+    fn grant_slot_is_one_pointer() {
+        assert_eq!(
+            std::mem::size_of::<Option<Box<Authed>>>(),
+            std::mem::size_of::<usize>()
+        );
+    }
 }

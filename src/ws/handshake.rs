@@ -1,6 +1,7 @@
 //! `GET /ws`: checks Origin and the RFC 6455 headers, subscribes the query's topics, answers
 //! 101 and hands the raw TCP socket to `connection::run`. Everything that can be refused is
-//! refused here, with an HTTP status and a JSON body, before any upgrade.
+//! refused here, with an HTTP status and a JSON body, before any upgrade: a bad token, or a
+//! private query topic the token does not allow, is a 401/403 and subscribes nothing.
 
 use std::sync::Arc;
 
@@ -73,6 +74,13 @@ async fn prepare(
         Mode::Commands => topics_from_query(query, state.cfg.max_topics_per_connection)?,
         Mode::Echo => Vec::new(),
     };
+    let grant = match mode {
+        Mode::Commands => state.auth.grant_from_request(query, req.headers())?,
+        Mode::Echo => None,
+    };
+    for t in &topics {
+        state.auth.check_read(t, grant.as_ref())?;
+    }
     let reg = Registration::new(state, Transport::Ws)?;
     for t in &topics {
         state
@@ -98,7 +106,7 @@ async fn prepare(
         match upgraded.downcast::<TokioIo<DeadlineStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner().into_inner();
-                connection::run(stream, parts.read_buf, reg, task_state, mode).await;
+                connection::run(stream, parts.read_buf, reg, task_state, mode, grant).await;
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
