@@ -394,3 +394,42 @@ async fn resume_with_last_event_id_and_a_fresh_token() {
     assert!(!body.contains(r#""data":{"n":1}"#), "nothing twice: {body}");
     assert!(body.find(r#"{"n":2}"#) < body.find(r#"{"n":3}"#), "{body}");
 }
+
+#[tokio::test]
+async fn tokens_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crier"));
+    cmd.env("CRIER_LOG", "trace")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--jwt-secret", SECRET, "--private-topic", "private:*"]);
+    let (proc, addr, logs) = common::spawn_logged(cmd);
+    let addr: SocketAddr = addr.parse().unwrap();
+    let good = token(&["private:a"]);
+    let expired = token_with(SECRET, &["private:a"], -5);
+    let forged = token_with("another-secret-of-at-least-32-bytes!!", &["private:a"], 600);
+    let mut s = Stream::open(addr, &format!("?topic=private:a&token={good}"), None).await;
+    assert_eq!(s.status, 200);
+    assert!(s.until("event: subscribed").await);
+    drop(s);
+    for t in [&expired, &forged] {
+        let s = Stream::open(addr, &format!("?topic=private:a&token={t}"), None).await;
+        assert_eq!(s.status, 401);
+        let s = Stream::open(addr, "?topic=private:a", Some(t)).await;
+        assert_eq!(s.status, 401);
+    }
+    drop(proc); // killed: its log ends
+    let lines: Vec<String> = logs.iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("listening on")),
+        "{lines:?}"
+    );
+    for t in [&good, &expired, &forged] {
+        // The signature alone identifies a token.
+        let signature = t.rsplit('.').next().unwrap();
+        assert!(
+            !lines.iter().any(|l| l.contains(signature)),
+            "a token was logged: {lines:?}"
+        );
+    }
+}
