@@ -203,3 +203,37 @@ async fn the_board_list_shows_private_boards_only_to_tokens_allowing_them() {
     assert_eq!(s, 200);
     assert_eq!(names(&body), ["vip"]);
 }
+
+#[test]
+fn the_api_document_names_every_refusal() {
+    let doc: Value = serde_json::from_str(crier::api::openapi::DOCUMENT).unwrap();
+    for (path, statuses) in [
+        ("/api/topics/{topic}/history", &["401", "403"][..]),
+        ("/api/boards/{board}", &["401", "403"]),
+        ("/api/boards/{board}/players/{player}", &["401", "403"]),
+        ("/api/boards", &["401"]),
+        ("/sse", &["401", "403"]),
+    ] {
+        let op = &doc["paths"][path]["get"];
+        assert!(
+            op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "token" && p["in"] == "query"),
+            "{path}: the token parameter"
+        );
+        for status in statuses {
+            let text = op["responses"][status]["description"]
+                .as_str()
+                .unwrap_or("");
+            let codes: &[&str] = match *status {
+                "401" => &["bad_token", "token_expired"],
+                _ => &["topic_forbidden"],
+            };
+            for code in codes {
+                assert!(text.contains(code), "{path} {status} names {code}: {text}");
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use common::{within, Sse, TestServer};
+use crier::metrics::{ReasonLabel, Transport};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -339,6 +340,16 @@ async fn the_stream_ends_when_the_token_expires() {
         "the stream says why it ended: {body:?}"
     );
     server.assert_clean().await;
+    let expired = server
+        .state()
+        .metrics
+        .disconnects
+        .get_or_create(&ReasonLabel {
+            transport: Transport::Sse,
+            reason: "token_expired",
+        })
+        .get();
+    assert_eq!(expired, 1, "counted under its own reason");
 }
 
 #[tokio::test]
