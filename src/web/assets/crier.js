@@ -440,7 +440,6 @@ export class Crier {
       kind: "ws",
       open: false,
       ids: new Map(), // command id -> sub
-      authId: 0, // the in-band auth command's id: its error frame is the connection's, not a topic's
       ws: null,
       pinger: null,
       stableTimer: null,
@@ -476,11 +475,9 @@ export class Crier {
       c.open = true;
       c.lastHeard = Date.now();
       // First, so that the subscribes after it are checked against it (the server handles
-      // one connection's commands in order).
-      if (this._token) {
-        c.authId = this._nextId++;
-        c.send({ op: "auth", token: this._token, id: c.authId });
-      }
+      // one connection's commands in order). Its id maps to no topic: an error frame for it
+      // is the connection's, emitted as "error".
+      if (this._token) c.send({ op: "auth", token: this._token, id: this._nextId++ });
       // Unsubscribed while the socket was opening: the URL still subscribed it.
       for (const t of query) if (!this._subs.has(t)) c.send({ op: "unsubscribe", topic: t });
       for (const sub of this._subs.values()) if (!sub.onConn) this._wsSubscribe(c, sub);
