@@ -9,6 +9,9 @@
 //! `Last-Event-ID` it sends back. The id differs per client while a publication's bytes
 //! are shared: the writer puts the small id line beside the shared bytes, never
 //! re-encoding a publication per subscriber.
+//!
+//! A private topic needs a token allowing it (`?token=` or `Authorization: Bearer`,
+//! docs/auth.md); the stream then ends at the token's `exp` with `: close token_expired`.
 
 pub mod event;
 pub mod event_id;
@@ -102,6 +105,16 @@ async fn open(
     if topics.is_empty() {
         return Err(TopicError::NoTopic.into());
     }
+    // Every topic is checked before anything is opened: a stream is all its topics or
+    // nothing, and a refused one leaves no subscription behind.
+    let grant = state.auth.grant_from_request(query, headers)?;
+    for t in &topics {
+        state.auth.check_read(t, grant.as_ref())?;
+    }
+    // SSE has no way to send a fresh token: the stream ends when the token does, and the
+    // client reconnects with a new one and its `Last-Event-ID`. Only the instant is kept,
+    // never the token or its topics: every topic was checked above and cannot change.
+    let expires = grant.as_ref().map(|g| g.deadline());
     let since: Vec<Option<StreamPosition>> = match last_event_id(query, headers)? {
         Some(id) => event_id::parse(&id, topics.len(), max_topics).map_err(bad_id)?,
         None => vec![None; topics.len()],
@@ -130,6 +143,7 @@ async fn open(
         reg,
         ids,
         heartbeat_due: Instant::now() + state.cfg.ping_interval,
+        expires,
         frames: VecDeque::new(),
         frames_bytes: 0,
         done: false,
@@ -162,6 +176,8 @@ struct SseStream {
     reg: Registration,
     ids: IdVector,
     heartbeat_due: Instant,
+    /// When the stream's token expires (None: opened without one).
+    expires: Option<Instant>,
     /// The current batch, as body frames not yet handed to hyper.
     frames: VecDeque<Bytes>,
     /// Bytes in `frames`: held for the client outside its queue, so they count against
@@ -180,6 +196,14 @@ impl Drop for SseStream {
             .state()
             .metrics
             .record_disconnect(Transport::Sse, reason);
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no such instant.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -220,6 +244,9 @@ impl SseStream {
                     client.close(DisconnectReason::Shutdown);
                 }
                 _ = client.notified() => {}
+                _ = sleep_until_some(self.expires), if client.closed().is_none() => {
+                    client.close(DisconnectReason::TokenExpired);
+                }
                 _ = tokio::time::sleep_until(self.heartbeat_due.into()) => {
                     self.heartbeat_due = Instant::now() + state.cfg.ping_interval;
                     return Some(Bytes::from_static(b": heartbeat\n\n"));

@@ -1,12 +1,13 @@
 //! `GET /api/topics/{topic}/history`: a page of a topic's kept publications, for readers
 //! that poll instead of holding a connection. Reading needs no key (like `/sse`) and
-//! creates nothing: an unknown topic answers an empty page.
+//! creates nothing: an unknown topic answers an empty page. A private topic needs a
+//! token allowing it, as on `/sse`.
 
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -28,18 +29,24 @@ struct HistoryQuery {
     since: Option<u64>,
     epoch: Option<String>,
     limit: Option<usize>,
+    /// Read by `Auth::grant_from_request`; named here so the query may carry it.
+    #[allow(dead_code)]
+    token: Option<String>,
 }
 
 pub async fn history(
     State(state): State<Arc<AppState>>,
     Path(topic_name): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
     }
     let q: HistoryQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| bad_query(format!("{e}")))?;
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    state.auth.check_read(&topic_name, grant.as_ref())?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(bad_query(format!("limit must be 1-{MAX_LIMIT}")));

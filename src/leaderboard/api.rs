@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,6 +17,7 @@ use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_B
 use crate::api::auth::require_publisher;
 use crate::api::error::ApiError;
 use crate::api::publish::read_body;
+use crate::auth::Grant;
 use crate::error_code::ErrorCode;
 use crate::state::AppState;
 
@@ -66,8 +67,28 @@ fn bad_name(e: BoardError) -> ApiError {
     }
 }
 
-async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "boards": state.boards.list() }))
+/// Private boards are left out for a reader whose token does not allow them, so their
+/// names are not told to whoever asks.
+async fn list(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    let mut boards = state.boards.list();
+    if !state.auth.private.is_empty() {
+        boards.retain(|b| {
+            let name = b["name"].as_str().unwrap_or_default();
+            may_read(&state, name, grant.as_ref()).is_ok()
+        });
+    }
+    Ok(Json(json!({ "boards": boards })))
+}
+
+/// A board is private when its topic `board:{name}` is (docs/leaderboards.md). Checked
+/// before the board is looked up, so a refused reader cannot tell which boards exist.
+fn may_read(state: &AppState, board: &str, grant: Option<&Grant>) -> Result<(), ApiError> {
+    state.auth.check_read(&format!("board:{board}"), grant)
 }
 
 #[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
@@ -81,8 +102,12 @@ async fn page(
     State(state): State<Arc<AppState>>,
     Path(board): Path<String>,
     Query(q): Query<PageQuery>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     Boards::validate_name(&board).map_err(bad_name)?;
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    may_read(&state, &board, grant.as_ref())?;
     let limit = q.limit.unwrap_or(50).min(MAX_PAGE);
     let offset = q.offset.unwrap_or(0);
     let body = state.boards.with_board(&board, |b| {
@@ -113,8 +138,12 @@ async fn player(
     State(state): State<Arc<AppState>>,
     Path((board, player)): Path<(String, String)>,
     Query(q): Query<AroundQuery>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     Boards::validate_name(&board).map_err(bad_name)?;
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    may_read(&state, &board, grant.as_ref())?;
     let n = q.around.unwrap_or(0).min(MAX_AROUND);
     let body = state.boards.with_board(&board, |b| {
         let around = b.ranking.around(&player, n)?;

@@ -50,9 +50,9 @@ const ANSI = /\x1b\[[0-9;]*m/g;
  * printed its `listening on http://127.0.0.1:PORT` line. `port` 0 (default) picks a free
  * port; `dataDir` defaults to a fresh temporary directory (removed by `stop()`, unless it
  * was given). Restarting on a port just freed may race its release: `bindRetries` more
- * tries are made when the process exits before listening.
+ * tries are made when the process exits before listening. `args` are more `serve` flags.
  */
-export async function startServer({ port = 0, dataDir, timeoutMs = 20_000, bindRetries = 5 } = {}) {
+export async function startServer({ port = 0, dataDir, timeoutMs = 20_000, bindRetries = 5, args = [] } = {}) {
   if (!existsSync(CRIER_BIN)) {
     throw new Error(`no crier binary at ${CRIER_BIN}: run \`cargo build\` first (or set CRIER_BIN)`);
   }
@@ -61,7 +61,7 @@ export async function startServer({ port = 0, dataDir, timeoutMs = 20_000, bindR
   let lastError;
   for (let attempt = 0; attempt <= bindRetries; attempt++) {
     try {
-      const server = await spawnOnce(port, dir, timeoutMs);
+      const server = await spawnOnce(port, dir, timeoutMs, args);
       server.ownDir = ownDir;
       return server;
     } catch (e) {
@@ -74,8 +74,8 @@ export async function startServer({ port = 0, dataDir, timeoutMs = 20_000, bindR
   throw lastError;
 }
 
-function spawnOnce(port, dataDir, timeoutMs) {
-  const args = ['serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir];
+function spawnOnce(port, dataDir, timeoutMs, extra = []) {
+  const args = ['serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, ...extra];
   const child = spawn(CRIER_BIN, args, {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { RUST_LOG: 'info', ...process.env, NO_COLOR: '1' },

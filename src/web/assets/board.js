@@ -5,7 +5,9 @@
 // board update. A board is a state topic: after a reset (the gap could not be replayed) the
 // snapshot that follows is the whole state. No framework, no build step.
 //
-// Query parameters: ?transport=sse forces SSE, ?transport=ws forces WebSocket (no fallback).
+// Query parameters: ?transport=sse forces SSE, ?transport=ws forces WebSocket (no fallback);
+// ?token=JWT watches a private board (docs/auth.md): the token goes as the WebSocket's first
+// message, `?token=` on the SSE fallback and `Authorization: Bearer` on fetches.
 import { Crier } from "./crier.js";
 
 {
@@ -30,6 +32,7 @@ import { Crier } from "./crier.js";
     players: $("#players"),
     rows: $("#rows"),
     empty: $("#empty"),
+    access: $("#access"),
   };
 
   // ---- which board ------------------------------------------------------------------
@@ -48,6 +51,7 @@ import { Crier } from "./crier.js";
 
   const params = new URLSearchParams(location.search);
   const forced = params.get("transport"); // "sse" | "ws" | null
+  const token = params.get("token") || null;
   const reduceMotion = window.matchMedia && matchMedia("(prefers-reduced-motion: reduce)").matches;
 
   // ---- connection status -------------------------------------------------------------
@@ -228,17 +232,71 @@ import { Crier } from "./crier.js";
     render(data);
   }
 
+  // ---- access to a private board ----------------------------------------------------------
+  // What the server's refusal means for the viewer: these are not cured by retrying, so the
+  // page says so and stops instead of reconnecting forever.
+  const ACCESS = {
+    token_required: "This board is private: open it with a link that carries an access token.",
+    topic_forbidden: "This access token does not allow this board.",
+    token_expired: "This access token has expired: get a new link.",
+    bad_token: "This access token is not valid.",
+  };
+  let refused = null; // the refusal's code, once refused
+
+  function showRefusal(code, crier) {
+    if (refused || !ACCESS[code]) return;
+    refused = code;
+    crier.close();
+    el.access.textContent = ACCESS[code];
+    el.access.hidden = false;
+    document.body.dataset.access = code;
+    setStatus("offline", "access refused", crier.transport);
+  }
+
+  // A WebSocket refused at its handshake and an EventSource refused with 401/403 both look
+  // like a network failure to the page: after a connection that never opened, the same
+  // board read over fetch (which sees the status and code) tells which it was.
+  let probing = false;
+  async function probe(crier) {
+    if (probing || refused) return;
+    probing = true;
+    try {
+      const res = await fetch("/api/boards/" + encodeURIComponent(boardName) + "?limit=1", {
+        headers: token ? { authorization: "Bearer " + token } : {},
+        cache: "no-store",
+      });
+      if (res.status === 401 || res.status === 403) {
+        const body = await res.json().catch(() => null);
+        showRefusal(body && body.error && body.error.code, crier);
+      }
+    } catch {
+      // The server is unreachable: crier.js keeps retrying.
+    } finally {
+      probing = false;
+    }
+  }
+
   // ---- connection (crier.js) -----------------------------------------------------------------
   function start() {
-    const crier = new Crier({ transport: forced === "sse" || forced === "ws" ? forced : "auto", backoff: BACKOFF });
+    const crier = new Crier({
+      transport: forced === "sse" || forced === "ws" ? forced : "auto",
+      backoff: BACKOFF,
+      token,
+    });
     crier.on("state", (state, info) => {
+      if (refused) return;
       if (state === "open") setStatus("live", "", info.transport);
       else if (state === "connecting") setStatus("connecting", "", info.transport);
       else if (state === "reconnecting") {
         setStatus(info.offline ? "offline" : "reconnecting", info.offline ? "no network" : "", info.transport);
       } else if (state === "closed") setStatus("offline", info.final ? "server refused" : "", info.transport);
+      // A connection ended: `delay` (a retry is scheduled) or `final` (none is).
+      if (info.delay !== undefined || info.final) probe(crier);
     });
-    crier.on("error", (e) => console.warn("crier:", e.code, e.message));
+    crier.on("error", (e) => {
+      console.warn("crier:", e.code, e.message);
+      showRefusal(e.code, crier);
+    });
     // The first update after subscribing or after a reset is taken as it is, even with a
     // lower version (the server's state was reset); later ones must be newer.
     let takeAsIs = true;

@@ -49,12 +49,16 @@ export class Crier {
    * @param {string} [options.url] the server's base URL (http or https); the page's origin by default
    * @param {"auto"|"ws"|"sse"} [options.transport] "auto" (default): WebSocket, falling back to SSE
    * @param {object} [options.backoff] {baseMs, maxMs, stableMs, refusedMs}; see docs/client.md
+   * @param {string} [options.token] a subscriber token for private topics (docs/auth.md): sent as the
+   *   WebSocket's first message (`{"op":"auth"}`, so it stays out of URLs and logs), or as `?token=`
+   *   on SSE (EventSource cannot send headers)
    */
   constructor(options = {}) {
     const base = new URL(options.url ?? globalThis.location?.origin ?? "http://127.0.0.1:7700");
     this._http = base.origin + base.pathname.replace(/\/$/, "");
     this._wsUrl = this._http.replace(/^http/, "ws");
     this._opts = { ...DEFAULTS, ...(options.backoff || {}) };
+    this._token = typeof options.token === "string" && options.token !== "" ? options.token : null;
     const forced = options.transport === "ws" || options.transport === "sse" ? options.transport : null;
     this._forced = forced;
     const hasWs = typeof globalThis.WebSocket === "function";
@@ -110,7 +114,8 @@ export class Crier {
   }
 
   /**
-   * Listens to "state" (fn(state, info)) or "error" (fn({code, message, topic?})) events.
+   * Listens to "state" (fn(state, info)), "error" (fn({code, message, topic?})) or "authed"
+   * (fn({sub, exp}), WebSocket with a token) events.
    * Returns a function that removes the listener.
    */
   on(event, fn) {
@@ -422,10 +427,12 @@ export class Crier {
 
   _openWs(gen) {
     // Topics without a position go in the URL (the page's first connection: no extra round
-    // trip); topics with one are resumed by command once open.
+    // trip); topics with one are resumed by command once open. With a token, every topic goes
+    // by command after the in-band `auth`: a private topic in the URL would be refused at the
+    // handshake, before the token could be sent.
     const query = [];
     for (const sub of this._subs.values()) {
-      if (sub.epoch || query.length >= MAX_QUERY_TOPICS) continue;
+      if (this._token || sub.epoch || query.length >= MAX_QUERY_TOPICS) continue;
       query.push(sub.topic);
     }
     const qs = query.map((t) => "topic=" + encodeURIComponent(t)).join("&");
@@ -467,6 +474,10 @@ export class Crier {
       if (gen !== this._gen) return;
       c.open = true;
       c.lastHeard = Date.now();
+      // First, so that the subscribes after it are checked against it (the server handles
+      // one connection's commands in order). Its id maps to no topic: an error frame for it
+      // is the connection's, emitted as "error".
+      if (this._token) c.send({ op: "auth", token: this._token, id: this._nextId++ });
       // Unsubscribed while the socket was opening: the URL still subscribed it.
       for (const t of query) if (!this._subs.has(t)) c.send({ op: "unsubscribe", topic: t });
       for (const sub of this._subs.values()) if (!sub.onConn) this._wsSubscribe(c, sub);
@@ -500,6 +511,7 @@ export class Crier {
         if (msg.id !== undefined) c.ids.delete(msg.id);
         return this._error(msg, sub && this._subs.get(sub.topic) === sub ? sub : undefined);
       }
+      if (msg.op === "authed") return this._emit("authed", { sub: msg.sub, exp: msg.exp });
       // pong, unsubscribed: nothing to do
     };
     ws.onerror = () => {}; // always followed by close
@@ -518,6 +530,7 @@ export class Crier {
       return sub.epoch ? idEntry(sub) : "";
     });
     if (entries.some((e) => e !== "")) params.set("lastEventId", entries.join(","));
+    if (this._token) params.set("token", this._token);
     for (const t of topics) {
       const sub = this._subs.get(t);
       sub.sentSince = sub.epoch ? { offset: sub.offset, epoch: sub.epoch } : null;
