@@ -437,3 +437,114 @@ fn bad_board_tables_are_refused_naming_the_problem() {
         assert!(e.contains(expect), "{toml}: {e}");
     }
 }
+
+/// Under `--redis` the policy holds on every node: bounds (an increment total included,
+/// read from the shared ranking) and the rate, which each node counts for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_hold_on_redis_nodes_and_each_node_counts_its_own_rate() {
+    let redis = common::redis::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crier.toml");
+    std::fs::write(
+        &path,
+        "[[board]]\npattern = \"arena*\"\nmin_score = 0\nmax_score = 1000\n\
+         max_submissions_per_minute = 1\n",
+    )
+    .unwrap();
+    let node = |name: &str| {
+        serve_binary(
+            &dir.path().join(name),
+            "127.0.0.1:0",
+            &["--redis", &redis.url(), "--config", path.to_str().unwrap()],
+        )
+    };
+    let (_a, a) = node("a");
+    let (_b, b) = node("b");
+    let http = crier::http_client::HttpClient::new(None);
+    let post = |addr: &str, p: &str, body: &str| {
+        let (http, url, body) = (http.clone(), format!("http://{addr}{p}"), body.to_string());
+        async move {
+            let (s, bytes) = http.post(&url, body).await.unwrap();
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (s.as_u16(), v)
+        }
+    };
+    let (s, v) = post(
+        &a,
+        "/api/boards/arena/scores",
+        r#"{"player":"al","score":2000}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("score_out_of_bounds")),
+        "{v}"
+    );
+    let (s, v) = post(
+        &a,
+        "/api/boards/arena/scores",
+        r#"{"player":"al","score":10}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post(
+        &a,
+        "/api/boards/arena/scores",
+        r#"{"player":"al","score":11}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("too_many_submissions")),
+        "{v}"
+    );
+    // Node b has counted nothing for al: per node, as documented.
+    let (s, v) = post(
+        &b,
+        "/api/boards/arena/scores",
+        r#"{"player":"al","score":12}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    // An increment board: a total over max_score is refused on the other node too.
+    let (s, v) = post(&a, "/api/boards/arena-inc", r#"{"mode":"increment"}"#).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post(
+        &a,
+        "/api/boards/arena-inc/scores",
+        r#"{"player":"bo","score":600}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let url = format!("http://{b}/api/boards/arena-inc/players/bo");
+    let mut seen = false;
+    let deadline = Instant::now() + WAIT;
+    while !seen && Instant::now() < deadline {
+        let (s, bytes) = http.get(&url).await.unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        seen = s == 200 && v["entry"]["score"] == 600;
+        if !seen {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(seen, "node b sees bo's score");
+    let (s, v) = post(
+        &b,
+        "/api/boards/arena-inc/scores",
+        r#"{"player":"bo","score":600}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("score_out_of_bounds")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("total 1200"),
+        "{v}"
+    );
+}

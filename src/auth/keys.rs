@@ -249,7 +249,7 @@ pub fn authorize<'a>(
     if scope.allowed(key) {
         Ok(Caller::Scoped(key))
     } else {
-        tracing::info!(key = %key.name, ?scope, "a scoped key was refused outside its scope");
+        tracing::debug!(key = %key.name, ?scope, "a scoped key was refused outside its scope");
         Err(scope.refusal(key))
     }
 }
