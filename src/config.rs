@@ -4,7 +4,8 @@
 //! precedence is flag > variable > file > built-in default. clap reads flags and variables
 //! (so `--help` lists both), the file is read key by key, and `Config::resolve` merges.
 //! What does not fit one line of the list stays explicit in `resolve`: lists are trimmed,
-//! `max_subscriber_topics` follows `max_topics`, `[[namespace]]` tables are TOML-only.
+//! `max_subscriber_topics` follows `max_topics`, `[[namespace]]`, `[[key]]` and `[[board]]`
+//! tables are TOML-only.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -483,7 +484,7 @@ fn config_arg() -> Arg {
         .help(
             "TOML file with any of the settings below; each key is the setting's variable \
              name without CRIER_, in lower case (max_topics, publisher_keys), plus \
-             [[namespace]] tables (docs/configuration.md)",
+             [[namespace]], [[key]] and [[board]] tables (docs/configuration.md)",
         )
 }
 

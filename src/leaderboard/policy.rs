@@ -20,8 +20,8 @@ use crate::error_code::ErrorCode;
 
 /// Most (board, player) pairs the rate table tracks on one node. Past it (after expired
 /// pairs are swept) new players are refused with 429 rather than the table growing: each
-/// pair costs about 300 bytes, so the table stays under ~30 MiB however many names a
-/// client invents.
+/// pair costs under 400 bytes (a 61-bucket window, names of at most 64 + 128 bytes, map
+/// slots), so the table stays under 40 MB however many names a client invents.
 pub const MAX_RATE_ENTRIES: usize = 100_000;
 /// Highest `max_submissions_per_minute`: counts are kept in `u16` buckets.
 pub const MAX_PER_MINUTE: u32 = 10_000;
