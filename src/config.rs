@@ -4,7 +4,8 @@
 //! precedence is flag > variable > file > built-in default. clap reads flags and variables
 //! (so `--help` lists both), the file is read key by key, and `Config::resolve` merges.
 //! What does not fit one line of the list stays explicit in `resolve`: lists are trimmed,
-//! `max_subscriber_topics` follows `max_topics`, `[[namespace]]` tables are TOML-only.
+//! `max_subscriber_topics` follows `max_topics`, `[[namespace]]`, `[[key]]` and `[[board]]`
+//! tables are TOML-only.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -217,11 +218,21 @@ macro_rules! settings {
             $( $(#[doc = $doc])* pub $name: $ty, )*
             /// From the settings file, in file order; `namespace()` picks a topic's.
             pub namespaces: Vec<Namespace>,
+            /// `[[key]]` tables: publisher keys limited to a scope (auth::keys).
+            pub keys: Vec<crate::auth::keys::ScopedKey>,
+            /// `[[board]]` tables, in file order: the first whose pattern matches a board
+            /// applies (leaderboard::policy).
+            pub board_policies: Vec<crate::leaderboard::policy::BoardPolicy>,
         }
 
         impl Default for Config {
             fn default() -> Self {
-                Config { $( $name: $default, )* namespaces: Vec::new() }
+                Config {
+                    $( $name: $default, )*
+                    namespaces: Vec::new(),
+                    keys: Vec::new(),
+                    board_policies: Vec::new(),
+                }
             }
         }
 
@@ -282,11 +293,13 @@ macro_rules! settings {
                 }
             }
 
-            /// The settings of a TOML file (and its namespaces), refusing unknown keys.
-            fn from_file(text: &str) -> anyhow::Result<(ServeArgs, Vec<NamespaceConfig>)> {
+            /// The settings of a TOML file (and its namespaces, keys and board policies),
+            /// refusing unknown keys.
+            fn from_file(text: &str) -> anyhow::Result<(ServeArgs, Vec<NamespaceConfig>, FileTables)> {
                 let table: toml::Table = toml::from_str(text)?;
                 let mut layer = ServeArgs::default();
                 let mut namespaces = Vec::new();
+                let mut tables = FileTables::default();
                 for (key, value) in table {
                     match key.as_str() {
                         $( stringify!($name) => {
@@ -298,13 +311,24 @@ macro_rules! settings {
                             namespaces = Vec::<NamespaceConfig>::deserialize(value)
                                 .context("config key namespace")?;
                         }
+                        "key" => {
+                            tables.keys = Vec::<crate::auth::keys::KeyConfig>::deserialize(value)
+                                .context("[[key]] tables")?;
+                        }
+                        "board" => {
+                            tables.boards =
+                                Vec::<crate::leaderboard::policy::BoardPolicyConfig>::deserialize(
+                                    value,
+                                )
+                                .context("[[board]] tables")?;
+                        }
                         other => anyhow::bail!(
                             "unknown config key {other:?} (keys are the setting names, \
                              e.g. max_topics; see docs/configuration.md)"
                         ),
                     }
                 }
-                Ok((layer, namespaces))
+                Ok((layer, namespaces, tables))
             }
 
             /// This layer over `under`, field by field.
@@ -460,7 +484,7 @@ fn config_arg() -> Arg {
         .help(
             "TOML file with any of the settings below; each key is the setting's variable \
              name without CRIER_, in lower case (max_topics, publisher_keys), plus \
-             [[namespace]] tables (docs/configuration.md)",
+             [[namespace]], [[key]] and [[board]] tables (docs/configuration.md)",
         )
 }
 
@@ -494,6 +518,13 @@ pub fn markdown_table() -> String {
         ));
     }
     out
+}
+
+/// The `[[key]]` and `[[board]]` tables of a settings file, as written.
+#[derive(Default)]
+pub struct FileTables {
+    pub keys: Vec<crate::auth::keys::KeyConfig>,
+    pub boards: Vec<crate::leaderboard::policy::BoardPolicyConfig>,
 }
 
 /// History settings for the topics whose names match `pattern` (TOML `[[namespace]]`,
@@ -537,14 +568,14 @@ pub const MAX_BOARD_TOP: usize = 100;
 impl Config {
     /// Merges flags/variables over the file over the defaults, then checks the result.
     pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
-        let (file, namespaces) = match &args.config {
+        let (file, namespaces, tables) = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
                 ServeArgs::from_file(&text)
                     .with_context(|| format!("parsing config file {}", path.display()))?
             }
-            None => (ServeArgs::default(), Vec::new()),
+            None => (ServeArgs::default(), Vec::new(), FileTables::default()),
         };
         let given = args.over(file);
         let subscriber_topics_given = given.max_subscriber_topics.is_some();
@@ -579,6 +610,13 @@ impl Config {
                 history_ttl: ttl,
                 durable: ns.durable,
             });
+        }
+        for k in tables.keys {
+            cfg.keys.push(k.try_into().map_err(anyhow::Error::msg)?);
+        }
+        for b in tables.boards {
+            cfg.board_policies
+                .push(b.try_into().map_err(anyhow::Error::msg)?);
         }
         cfg.check()?;
         Ok(cfg)
@@ -666,6 +704,8 @@ impl Config {
             self.history_size <= 1_000_000,
             "history_size must be at most 1000000"
         );
+        crate::auth::keys::check_keys(&self.keys, &self.publisher_keys)
+            .map_err(anyhow::Error::msg)?;
         crate::auth::Patterns::parse(&self.private_topics)
             .map_err(|e| anyhow::anyhow!("private_topics: {e}"))?;
         anyhow::ensure!(

@@ -36,6 +36,8 @@ pub struct AppState {
     pub redis: Option<Arc<crate::broker::redis::RedisHealth>>,
     /// Private topics and the keys that check subscriber tokens.
     pub auth: crate::auth::Auth,
+    /// `[[board]]` policies and their per-player rate table.
+    pub board_policies: crate::leaderboard::policy::BoardPolicies,
     connections: AtomicUsize,
 }
 
@@ -49,7 +51,10 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Self {
         let limits = Arc::new(ConnLimits::new(&cfg, &metrics));
+        let board_policies =
+            crate::leaderboard::policy::BoardPolicies::new(cfg.board_policies.clone());
         AppState {
+            board_policies,
             limits,
             cfg,
             broker,

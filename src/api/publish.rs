@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::value::RawValue;
 
-use super::auth::require_publisher;
+use super::auth::{authorize, Scope};
 use super::error::ApiError;
 use crate::broker::PublishRequest;
 use crate::error_code::ErrorCode;
@@ -23,7 +23,7 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_publisher(&state.cfg, &headers)?;
+    authorize(&state.cfg, &headers, Scope::Publish(&topic_name))?;
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
     }

@@ -13,8 +13,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::policy::Refusal;
+use super::ranking::ScoreMode;
 use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_BATCH};
-use crate::api::auth::require_publisher;
+use crate::api::auth::{authorize, Scope};
 use crate::api::error::ApiError;
 use crate::api::publish::read_body;
 use crate::auth::Grant;
@@ -166,13 +168,58 @@ async fn post_scores(
     Path(board): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
-    require_publisher(&state.cfg, &headers)?;
+) -> Result<Json<Value>, Refusal> {
+    let caller = authorize(&state.cfg, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
+    let policy = state.board_policies.for_board(&board);
+    if let Some(p) = policy {
+        p.check_caller(&board, &caller)?;
+    }
     let bytes = read_body(body, MAX_SCORES_BODY).await?;
     let inputs = parse_scores(&bytes)?;
-    let results = state.boards.submit(&board, inputs).await?;
-    Ok(Json(json!({ "board": board, "results": results })))
+    let mut reservation = None;
+    if let Some(p) = policy {
+        check_bounds(&state, p, &board, &inputs)?;
+        reservation = state.board_policies.reserve(p, &board, &inputs)?;
+    }
+    match state.boards.submit(&board, inputs).await {
+        Ok(results) => Ok(Json(json!({ "board": board, "results": results }))),
+        Err(e) => {
+            // Only what was applied counts against the rate; an unconfirmed write may
+            // have been, so it stays counted.
+            if let Some(r) = reservation {
+                if !matches!(e, BoardError::Unconfirmed(_)) {
+                    state.board_policies.release(r);
+                }
+            }
+            Err(ApiError::from(e).into())
+        }
+    }
+}
+
+/// The policy's score bounds; on an `increment` board against each player's stored total
+/// as well (a board not created yet has the default `best` mode).
+fn check_bounds(
+    state: &AppState,
+    policy: &super::policy::BoardPolicy,
+    board: &str,
+    inputs: &[ScoreInput],
+) -> Result<(), ApiError> {
+    if policy.min_score.is_none() && policy.max_score.is_none() {
+        return Ok(());
+    }
+    let checked = state.boards.with_board(board, |b| {
+        if b.options.mode != ScoreMode::Increment {
+            return policy.check_bounds(inputs, None);
+        }
+        let current = |p: &str| b.ranking.get(p).map_or(0.0, |e| e.score);
+        policy.check_bounds(inputs, Some(&current))
+    });
+    match checked {
+        Ok(r) => r,
+        Err(BoardError::NoBoard(_)) => policy.check_bounds(inputs, None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One score object or an array of them, shape-checked; values are validated by `submit`.
@@ -220,7 +267,7 @@ async fn put_board(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    require_publisher(&state.cfg, &headers)?;
+    authorize(&state.cfg, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let bytes = read_body(body, 4096).await?;
     let options: BoardOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -248,7 +295,7 @@ async fn reset(
     Path(board): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    require_publisher(&state.cfg, &headers)?;
+    authorize(&state.cfg, &headers, Scope::Reset(&board))?;
     state.boards.reset(&board).await.map_err(bad_name)?;
     Ok(Json(json!({ "board": board, "reset": true })))
 }

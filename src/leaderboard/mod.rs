@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod demo;
+pub mod policy;
 pub mod ranking;
 pub mod service;
 pub mod shared;

@@ -1,0 +1,361 @@
+//! Scoped publisher keys (`[[key]]` tables, docs/configuration.md). A flat
+//! `publisher_keys` key can do everything, which is too much to hand a game server that
+//! should only post to its own board: a scoped key lists what it may touch, so a leaked
+//! key costs only its scope. A key's `name` shows in errors and logs; its secret never does.
+
+use std::fmt;
+
+use axum::http::{header, HeaderMap};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::Patterns;
+use crate::api::error::ApiError;
+use crate::config::Config;
+use crate::error_code::ErrorCode;
+
+/// The shortest secret a `[[key]]` may have: guessing 128 bits over HTTP is hopeless.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// The longest key name: it is repeated in every error and log line about the key.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// One `[[key]]` table as written in the settings file.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: String,
+    pub secret: String,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub boards: Vec<String>,
+    #[serde(default)]
+    pub reset: Vec<String>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// A checked `[[key]]`: patterns parsed once, so a request only matches.
+#[derive(Clone)]
+pub struct ScopedKey {
+    pub name: Box<str>,
+    secret: Box<str>,
+    pub publish: Patterns,
+    pub boards: Patterns,
+    pub reset: Patterns,
+    pub admin: bool,
+}
+
+/// Without the secret: `Config` is printed in debug logs.
+impl fmt::Debug for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScopedKey")
+            .field("name", &self.name)
+            .field("secret", &"<hidden>")
+            .field("publish", &self.publish)
+            .field("boards", &self.boards)
+            .field("reset", &self.reset)
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+impl TryFrom<KeyConfig> for ScopedKey {
+    type Error = String;
+
+    /// Errors name the key (never its secret) and the field.
+    fn try_from(c: KeyConfig) -> Result<ScopedKey, String> {
+        if c.name.is_empty() || c.name.len() > MAX_NAME_BYTES || !crate::topic::is_valid(&c.name) {
+            return Err(format!(
+                "[[key]] name {:?} must be 1-{MAX_NAME_BYTES} bytes of A-Z a-z 0-9 _ - . :",
+                c.name
+            ));
+        }
+        let name = &c.name;
+        if c.secret.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "[[key]] {name:?}: secret must be at least {MIN_SECRET_BYTES} bytes"
+            ));
+        }
+        if c.secret.trim() != c.secret || c.secret.chars().any(char::is_control) {
+            // A Bearer header cannot carry these, so the key could never be used.
+            return Err(format!(
+                "[[key]] {name:?}: secret must not contain spaces at its ends or control \
+                 characters"
+            ));
+        }
+        let scope = |field: &str, list: &[String]| {
+            Patterns::parse(list).map_err(|e| format!("[[key]] {name:?}: {field}: {e}"))
+        };
+        Ok(ScopedKey {
+            publish: scope("publish", &c.publish)?,
+            boards: scope("boards", &c.boards)?,
+            reset: scope("reset", &c.reset)?,
+            admin: c.admin,
+            secret: c.secret.into(),
+            name: c.name.into(),
+        })
+    }
+}
+
+/// Names and secrets unique, and no secret equal to a flat key (which would make the
+/// key's scope depend on which list is searched first).
+pub fn check_keys(keys: &[ScopedKey], flat: &[String]) -> Result<(), String> {
+    for (i, k) in keys.iter().enumerate() {
+        for other in &keys[..i] {
+            if other.name == k.name {
+                return Err(format!("[[key]] name {:?} is used twice", k.name));
+            }
+            if other.secret == k.secret {
+                return Err(format!(
+                    "[[key]] {:?} and {:?} have the same secret",
+                    other.name, k.name
+                ));
+            }
+        }
+        if flat.iter().any(|f| **f == *k.secret) {
+            return Err(format!(
+                "[[key]] {:?} has the secret of a publisher_keys entry",
+                k.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a write asks for, and of which topic or board.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope<'a> {
+    Publish(&'a str),
+    /// Scores, and creating or configuring the board.
+    Boards(&'a str),
+    Reset(&'a str),
+    /// `GET /metrics`.
+    Admin,
+}
+
+impl Scope<'_> {
+    fn allowed(&self, key: &ScopedKey) -> bool {
+        match *self {
+            Scope::Publish(t) => key.publish.matches(t),
+            Scope::Boards(b) => key.boards.matches(b),
+            Scope::Reset(b) => key.reset.matches(b),
+            Scope::Admin => key.admin,
+        }
+    }
+
+    fn refusal(&self, key: &ScopedKey) -> ApiError {
+        let name = &key.name;
+        match *self {
+            Scope::Publish(t) => ApiError::new(
+                ErrorCode::NoPublishScope,
+                format!(
+                    "key {name:?} may not publish to {t:?} (publish scope: {})",
+                    key.publish
+                ),
+            ),
+            Scope::Boards(b) => ApiError::new(
+                ErrorCode::NoBoardsScope,
+                format!(
+                    "key {name:?} may not post scores to or configure board {b:?} \
+                     (boards scope: {})",
+                    key.boards
+                ),
+            ),
+            Scope::Reset(b) => ApiError::new(
+                ErrorCode::NoResetScope,
+                format!(
+                    "key {name:?} may not reset board {b:?} (reset scope: {})",
+                    key.reset
+                ),
+            ),
+            Scope::Admin => ApiError::new(
+                ErrorCode::NoAdminScope,
+                format!("key {name:?} may not read /metrics (it is not an admin key)"),
+            ),
+        }
+    }
+}
+
+/// Who made a request that passed the key check.
+#[derive(Clone, Copy, Debug)]
+pub enum Caller<'a> {
+    /// No keys are configured: writes are open.
+    Open,
+    /// A flat `publisher_keys` key: every scope.
+    Flat,
+    /// A `[[key]]` whose scope covers the request.
+    Scoped(&'a ScopedKey),
+}
+
+impl Caller<'_> {
+    /// The key's name for logs and policy messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Open => "no key (writes are open)".into(),
+            Caller::Flat => "a publisher_keys key".into(),
+            Caller::Scoped(k) => format!("key {:?}", k.name),
+        }
+    }
+}
+
+/// Checks the request's `Authorization: Bearer` key against every flat and scoped key,
+/// then the scope. No keys configured: open, as before scoped keys existed.
+pub fn authorize<'a>(
+    cfg: &'a Config,
+    headers: &HeaderMap,
+    scope: Scope<'_>,
+) -> Result<Caller<'a>, ApiError> {
+    if cfg.publisher_keys.is_empty() && cfg.keys.is_empty() {
+        return Ok(Caller::Open);
+    }
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "this endpoint needs Authorization: Bearer <publisher key>",
+        ));
+    };
+    let given = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("")
+        .as_bytes();
+    // Every key is compared in full, matched or not, so timing tells nothing about which
+    // key (or which prefix) is close.
+    let mut flat = subtle::Choice::from(0);
+    for k in &cfg.publisher_keys {
+        flat |= k.as_bytes().ct_eq(given);
+    }
+    let mut found = None;
+    for k in &cfg.keys {
+        if bool::from(k.secret.as_bytes().ct_eq(given)) {
+            found = Some(k);
+        }
+    }
+    if bool::from(flat) {
+        return Ok(Caller::Flat);
+    }
+    let Some(key) = found else {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "the publisher key is not valid",
+        ));
+    };
+    if scope.allowed(key) {
+        Ok(Caller::Scoped(key))
+    } else {
+        tracing::debug!(key = %key.name, ?scope, "a scoped key was refused outside its scope");
+        Err(scope.refusal(key))
+    }
+}
+
+/// `GET /metrics`: open unless `[[key]]` tables exist, since scraping was open before
+/// scoped keys and an unscoped setup must not change.
+pub fn require_admin(cfg: &Config, headers: &HeaderMap) -> Result<(), ApiError> {
+    if cfg.keys.is_empty() {
+        return Ok(());
+    }
+    authorize(cfg, headers, Scope::Admin).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn key(name: &str, secret: &str, publish: &[&str], admin: bool) -> ScopedKey {
+        KeyConfig {
+            name: name.into(),
+            secret: secret.into(),
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+            boards: vec!["arena".into()],
+            admin,
+            ..KeyConfig::default()
+        }
+        .try_into()
+        .unwrap()
+    }
+
+    fn bearer(k: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {k}")).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn scopes_flat_and_open() {
+        let mut cfg = Config::default();
+        assert!(matches!(
+            authorize(&cfg, &HeaderMap::new(), Scope::Publish("x")),
+            Ok(Caller::Open)
+        ));
+        cfg.keys = vec![key("game-eu", "0123456789abcdef", &["game:*"], false)];
+        cfg.publisher_keys = vec!["flat-key".into()];
+        let e = authorize(&cfg, &HeaderMap::new(), Scope::Admin).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        let h = bearer("0123456789abcdef");
+        assert!(authorize(&cfg, &h, Scope::Publish("game:1")).is_ok());
+        assert!(authorize(&cfg, &h, Scope::Boards("arena")).is_ok());
+        let e = authorize(&cfg, &h, Scope::Publish("chat:1")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoPublishScope);
+        assert_eq!(
+            e.message,
+            "key \"game-eu\" may not publish to \"chat:1\" (publish scope: game:*)"
+        );
+        assert!(!e.message.contains("0123456789abcdef"));
+        let e = authorize(&cfg, &h, Scope::Reset("arena")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoResetScope);
+        assert!(e.message.contains("reset scope: none"), "{}", e.message);
+        assert_eq!(
+            authorize(&cfg, &h, Scope::Admin).unwrap_err().code,
+            ErrorCode::NoAdminScope
+        );
+        assert!(matches!(
+            authorize(&cfg, &bearer("flat-key"), Scope::Reset("any")),
+            Ok(Caller::Flat)
+        ));
+        let e = authorize(&cfg, &bearer("0123456789abcdeX"), Scope::Admin).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn bad_tables_are_named() {
+        let bad = |c: KeyConfig| ScopedKey::try_from(c).unwrap_err();
+        let ok = KeyConfig {
+            name: "k".into(),
+            secret: "0123456789abcdef".into(),
+            ..KeyConfig::default()
+        };
+        assert!(bad(KeyConfig {
+            name: "a b".into(),
+            ..ok.clone()
+        })
+        .contains("name"));
+        assert!(bad(KeyConfig {
+            secret: "short".into(),
+            ..ok.clone()
+        })
+        .contains("at least 16 bytes"));
+        let e = bad(KeyConfig {
+            publish: vec!["a*b".into()],
+            ..ok.clone()
+        });
+        assert!(e.contains("\"k\": publish"), "{e}");
+        let k: ScopedKey = ok.clone().try_into().unwrap();
+        assert!(format!("{k:?}").contains("<hidden>"));
+        assert!(check_keys(&[k.clone(), k.clone()], &[]).is_err());
+        let mut other = k.clone();
+        other.name = "other".into();
+        let e = check_keys(&[k.clone(), other], &[]).unwrap_err();
+        assert!(e.contains("same secret") && !e.contains("0123"), "{e}");
+        assert!(check_keys(&[k], &["0123456789abcdef".into()]).is_err());
+    }
+}
