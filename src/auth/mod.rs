@@ -2,6 +2,7 @@
 //! signed token (`token`); publishers use keys (`api::auth`). Public topics need nothing,
 //! and a node with no `private_topics` never looks at a token it is not given.
 
+pub mod mint;
 pub mod pattern;
 pub mod token;
 
