@@ -260,3 +260,31 @@ async fn every_minters_token_opens_a_private_topic() {
     }
     server.shutdown().await;
 }
+
+/// docs/auth.md quotes the example files; every quoted line must still be in its file, so
+/// the doc cannot drift from the code the tests above run.
+#[test]
+fn docs_quote_the_example_files() {
+    let doc = std::fs::read_to_string(root().join("docs/auth.md")).unwrap();
+    let mut checked = 0;
+    for file in ["node.mjs", "python.py", "main.go"] {
+        let link = format!("(../examples/auth/{file})):");
+        let at = doc
+            .find(&link)
+            .unwrap_or_else(|| panic!("docs/auth.md quotes {file}"));
+        let block = doc[at..]
+            .split("```")
+            .nth(1)
+            .expect("a code block after the link");
+        let source = std::fs::read_to_string(root().join("examples/auth").join(file)).unwrap();
+        let lines: Vec<&str> = source.lines().collect();
+        for quoted in block.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+            assert!(
+                lines.contains(&quoted),
+                "docs/auth.md quotes a line that examples/auth/{file} lacks: {quoted:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked} lines");
+}

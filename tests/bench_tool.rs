@@ -560,12 +560,12 @@ fn the_server_library_never_names_the_load_tool() {
 async fn token_options_connect_every_subscriber_to_a_private_topic() {
     const SECRET: &str = "bench-secret-of-at-least-32-bytes!";
     let exp = crier::auth::token::unix_now() + 600;
-    let minted = crier_bench::token::Tokens::minted(SECRET, "private:bench", exp);
+    let minted = crier_bench::token::Tokens::minted(SECRET, "private:bench", exp, 100);
     let verifier = crier::auth::Verifier::new(SECRET, &[], None)
         .unwrap()
         .unwrap();
     for i in [0, 7] {
-        let g = verifier.verify(&minted.for_subscriber(i)).unwrap();
+        let g = verifier.verify(minted.for_subscriber(i)).unwrap();
         assert_eq!((&*g.sub, g.exp), (format!("bench-{i}").as_str(), exp));
         assert!(g.allows("private:bench") && !g.allows("private:other"));
     }
@@ -580,7 +580,7 @@ async fn token_options_connect_every_subscriber_to_a_private_topic() {
     };
     let server = Server::start(cfg).await.unwrap();
     let url = format!("http://{}", server.addr);
-    let fixed = minted.for_subscriber(99).into_owned();
+    let fixed = minted.for_subscriber(99).to_string();
     for (flag, value, kind) in [
         ("--token-secret", SECRET, "minted"),
         ("--token", fixed.as_str(), "fixed"),

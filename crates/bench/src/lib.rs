@@ -455,6 +455,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
                 secret,
                 &args.topic,
                 (now + args.token_ttl).as_secs(),
+                args.subscribers + args.stalled + 1,
             ))
         }
         (None, None) => None,

@@ -1,12 +1,11 @@
 //! Subscriber tokens for `--token` / `--token-secret`: each subscriber sends one as
 //! `?token=`, as a browser would. With a secret the tool mints one per subscriber (its own
-//! `sub`), so the server verifies N different tokens, not one it could have cached.
+//! `sub`), so the server verifies N different tokens, not one it could have cached. They
+//! are minted before the connect clock starts.
 //!
 //! A small HS256 encoder over `hmac` + `sha2` rather than the server's JWT library: the tool
 //! stays independent of the server's code (a token the tool signs and the server accepts is
-//! a check of both), and minting costs about a microsecond, well under a handshake.
-
-use std::borrow::Cow;
+//! a check of both), and minting 10,000 takes a few milliseconds.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -17,35 +16,34 @@ use sha2::Sha256;
 pub enum Tokens {
     /// The same token for everyone (`--token`).
     Fixed(String),
-    /// One per subscriber, minted with `--token-secret`: sub `bench-{i}`, the topic, `exp`.
-    Minted {
-        key: Hmac<Sha256>,
-        topic: String,
-        exp: u64,
-    },
+    /// One per subscriber, minted with `--token-secret` before the clock starts, so the
+    /// connect times measure the server, not the tool's HMAC.
+    PerSubscriber(Vec<String>),
 }
 
 impl Tokens {
-    pub fn minted(secret: &str, topic: &str, exp: u64) -> Tokens {
-        Tokens::Minted {
-            key: Hmac::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length"),
-            topic: topic.to_string(),
-            exp,
-        }
+    /// `n` tokens signed with `secret`: sub `bench-{i}`, topics `[topic]`, `exp`.
+    pub fn minted(secret: &str, topic: &str, exp: u64, n: usize) -> Tokens {
+        let key = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+        Tokens::PerSubscriber(
+            (0..n.max(1))
+                .map(|i| {
+                    let claims = serde_json::json!({
+                        "sub": format!("bench-{i}"),
+                        "topics": [topic],
+                        "exp": exp,
+                    });
+                    hs256(&key, &claims)
+                })
+                .collect(),
+        )
     }
 
     /// The token of subscriber `i`.
-    pub fn for_subscriber(&self, i: usize) -> Cow<'_, str> {
+    pub fn for_subscriber(&self, i: usize) -> &str {
         match self {
-            Tokens::Fixed(t) => Cow::Borrowed(t),
-            Tokens::Minted { key, topic, exp } => {
-                let claims = serde_json::json!({
-                    "sub": format!("bench-{i}"),
-                    "topics": [topic],
-                    "exp": exp,
-                });
-                Cow::Owned(hs256(key, &claims))
-            }
+            Tokens::Fixed(t) => t,
+            Tokens::PerSubscriber(all) => &all[i % all.len()],
         }
     }
 
@@ -93,6 +91,7 @@ mod tests {
             "0123456789abcdef0123456789abcdef",
             "private:x",
             2_000_000_000,
+            4,
         );
         let (a, b) = (t.for_subscriber(1), t.for_subscriber(2));
         assert_ne!(a, b);
