@@ -1,4 +1,4 @@
-//! Command-line interface: `crier serve`, `crier publish`, `crier demo`. `crier bench` is
+//! Command-line interface: `crier serve`, `crier publish`, `crier demo`, `crier token`. `crier bench` is
 //! added by the binary (src/main.rs): the load tool is a crate of its own (`crier-bench`)
 //! that this library does not depend on.
 
@@ -28,6 +28,8 @@ pub enum Command {
     Demo(ServeArgs),
     /// Publish one JSON message to a topic on a running server.
     Publish(PublishArgs),
+    /// Print a signed subscriber token (JWT) for private topics, for development.
+    Token(crate::auth::mint::TokenArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,6 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(Config::resolve(&args)?, false).await,
         Command::Demo(args) => serve(Config::resolve(&args)?, true).await,
         Command::Publish(args) => publish(args).await,
+        Command::Token(args) => crate::auth::mint::run(&args),
     }
 }
 

@@ -552,3 +552,107 @@ fn the_server_library_never_names_the_load_tool() {
     let main = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/main.rs"));
     assert!(main.unwrap().contains("crier_bench::run"));
 }
+
+/// `--token-secret` / `--token` (issue 9): every subscriber sends `?token=` (one minted per
+/// subscriber with a secret), connects and gets every message of a private topic. The
+/// tool's own HS256 encoder is checked against the server's verifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_options_connect_every_subscriber_to_a_private_topic() {
+    const SECRET: &str = "bench-secret-of-at-least-32-bytes!";
+    let exp = crier::auth::token::unix_now() + 600;
+    let minted = crier_bench::token::Tokens::minted(SECRET, "private:bench", exp, 100);
+    let verifier = crier::auth::Verifier::new(SECRET, &[], None)
+        .unwrap()
+        .unwrap();
+    for i in [0, 7] {
+        let g = verifier.verify(minted.for_subscriber(i)).unwrap();
+        assert_eq!((&*g.sub, g.exp), (format!("bench-{i}").as_str(), exp));
+        assert!(g.allows("private:bench") && !g.allows("private:other"));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        private_topics: vec!["private:*".into()],
+        jwt_secret: SECRET.into(),
+        ..Config::default()
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let fixed = minted.for_subscriber(99).to_string();
+    for (flag, value, kind) in [
+        ("--token-secret", SECRET, "minted"),
+        ("--token", fixed.as_str(), "fixed"),
+    ] {
+        let args = BenchArgs::from_flags([
+            "--url",
+            &url,
+            "--topic",
+            "private:bench",
+            "--subscribers",
+            "40",
+            "--messages",
+            "20",
+            flag,
+            value,
+            "--timeout",
+            "30s",
+            "--quiet",
+        ])
+        .unwrap();
+        let r = run_with(args).await.unwrap();
+        assert_eq!(r.tokens, kind);
+        assert_eq!((r.connected, r.connect_failed), (40, 0), "{kind}: {r:?}");
+        assert_eq!((r.lost, r.delivered), (0, 40 * 20), "{kind}: {r:?}");
+        assert_eq!(r.connect_ms.count, 40);
+        assert!(r.connect_total_ms > 0.0);
+        assert!(r.to_text().contains(&format!("(tokens: {kind})")));
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+    }
+    // Tokens belong to fanout; other modes refuse them rather than ignore them.
+    let args = BenchArgs::from_flags(["--url", &url, "--mode", "scores", "--token", "x"]).unwrap();
+    let e = run_with(args).await.unwrap_err().to_string();
+    assert!(e.contains("fanout only"), "{e}");
+    server.shutdown().await;
+}
+
+/// The tokens of `--token-secret` are really checked: minted with another secret, every
+/// subscriber of a private topic is refused at the handshake and the run reports it.
+///
+/// Ignored on this branch: the WebSocket handshake check of tokens (h9-ws) is merged
+/// separately; the lead removes the `#[ignore]` after merging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the WebSocket token check (h9-ws); un-ignore after merging"]
+async fn token_secret_of_another_server_is_refused_at_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        private_topics: vec!["private:*".into()],
+        jwt_secret: "the-servers-secret-of-at-least-32-bytes".into(),
+        ..Config::default()
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--topic",
+        "private:bench",
+        "--subscribers",
+        "10",
+        "--idle",
+        "--hold",
+        "0s",
+        "--token-secret",
+        "another-secret-of-at-least-32-bytes!",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    assert_eq!((r.connected, r.connect_failed), (0, 10), "{r:?}");
+    let e = r.first_connect_error.as_deref().unwrap_or_default();
+    assert!(e.contains("401") && e.contains("bad_token"), "{e}");
+    server.shutdown().await;
+}

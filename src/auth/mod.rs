@@ -3,6 +3,7 @@
 //! and a node with no `private_topics` never looks at a token it is not given.
 
 pub mod keys;
+pub mod mint;
 pub mod pattern;
 pub mod token;
 

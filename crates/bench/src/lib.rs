@@ -30,6 +30,7 @@ pub mod report;
 pub mod resume;
 pub mod subscriber;
 pub mod throughput;
+pub mod token;
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -222,6 +223,18 @@ pub struct BenchArgs {
     /// invocation, and report its latency next to the attacked run's.
     #[arg(long)]
     pub baseline: bool,
+    /// A subscriber token every subscriber sends as `?token=` (for a private --topic).
+    /// Fanout mode (with or without --idle) only.
+    #[arg(long, conflicts_with = "token_secret")]
+    pub token: Option<String>,
+    /// Mint one HS256 token per subscriber with this secret (the server's jwt_secret):
+    /// sub `bench-N`, topics [--topic], exp now + --token-ttl; each is sent as `?token=`.
+    /// Fanout mode (with or without --idle) only.
+    #[arg(long)]
+    pub token_secret: Option<String>,
+    /// Lifetime of the tokens of --token-secret.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -398,6 +411,10 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         targets.len() == 1 || (args.attack.is_none() && !args.idle && args.stalled == 0),
         "several --target servers do not combine with --attack, --idle or --stalled"
     );
+    anyhow::ensure!(
+        args.mode == BenchMode::Fanout || (args.token.is_none() && args.token_secret.is_none()),
+        "--token and --token-secret work with --mode fanout only"
+    );
     match args.mode {
         BenchMode::Fanout => {}
         BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr).await,
@@ -423,11 +440,27 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         None
     };
     let hidden = args.quiet || args.json || !std::io::stderr().is_terminal();
-    let shared = Arc::new(Shared::with_targets(
+    let mut shared = Shared::with_targets(
         target_addrs,
         args.topic.clone(),
         sources(addr, args.source_ips),
-    ));
+    );
+    shared.tokens = match (&args.token, &args.token_secret) {
+        (Some(t), _) => Some(token::Tokens::Fixed(t.clone())),
+        (None, Some(secret)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("clock before 1970")?;
+            Some(token::Tokens::minted(
+                secret,
+                &args.topic,
+                (now + args.token_ttl).as_secs(),
+                args.subscribers + args.stalled + 1,
+            ))
+        }
+        (None, None) => None,
+    };
+    let shared = Arc::new(shared);
     let mut report = Report {
         mode: args.mode.name().to_string(),
         url: args.url.clone(),
@@ -439,6 +472,12 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         publish_via: args.publish_via.clone(),
         transport: args.transport.name().to_string(),
         topic: args.topic.clone(),
+        tokens: match (&args.token, &args.token_secret) {
+            (Some(_), _) => "fixed",
+            (None, Some(_)) => "minted",
+            (None, None) => "none",
+        }
+        .to_string(),
         subscribers: args.subscribers,
         messages: if args.idle { 0 } else { args.messages },
         payload_bytes: args.payload,

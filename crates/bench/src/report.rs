@@ -72,6 +72,9 @@ pub struct Report {
     pub per_target: Vec<TargetReport>,
     pub transport: String,
     pub topic: String,
+    /// What subscribers sent as `?token=`: none, fixed (--token) or minted (one per
+    /// subscriber, --token-secret).
+    pub tokens: String,
     pub subscribers: usize,
     pub connected: usize,
     pub connect_failed: usize,
@@ -280,8 +283,15 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "crier bench: {} {} subscribers on {} topic {:?}",
-            self.subscribers, self.transport, self.url, self.topic
+            "crier bench: {} {} subscribers on {} topic {:?}{}",
+            self.subscribers,
+            self.transport,
+            self.url,
+            self.topic,
+            match self.tokens.as_str() {
+                "" | "none" => String::new(),
+                t => format!(" (tokens: {t})"),
+            }
         );
         let _ = writeln!(
             s,

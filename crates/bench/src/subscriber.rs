@@ -57,6 +57,8 @@ pub struct Shared {
     /// New (non-duplicate) deliveries over all subscribers, for progress and completion.
     pub delivered: AtomicU64,
     pub latency: Box<[Mutex<Histogram<u64>>]>,
+    /// `?token=` of each subscriber (`--token`, `--token-secret`), or none.
+    pub tokens: Option<crate::token::Tokens>,
 }
 
 impl Shared {
@@ -79,6 +81,7 @@ impl Shared {
             latency: (0..HIST_SHARDS)
                 .map(|_| Mutex::new(new_histogram()))
                 .collect(),
+            tokens: None,
         }
     }
 
@@ -88,6 +91,13 @@ impl Shared {
             let _ = all.add(&*h.lock());
         }
         all
+    }
+
+    /// `&token=...` of subscriber `i`, or nothing.
+    pub fn token_param(&self, i: usize) -> String {
+        self.tokens
+            .as_ref()
+            .map_or_else(String::new, |t| t.query_param(i))
     }
 
     /// The target subscriber `i` connects to.
@@ -207,7 +217,7 @@ pub async fn ws_open(
     i: usize,
     rcvbuf: Option<u32>,
 ) -> anyhow::Result<(TcpStream, Decoder, u64)> {
-    let target = format!("/ws?topic={}", shared.topic);
+    let target = format!("/ws?topic={}{}", shared.topic, shared.token_param(i));
     let (mut stream, mut decoder) = ws_upgrade(shared, i, rcvbuf, &target).await?;
     loop {
         while let Some(msg) = decoder.next_message()? {
@@ -492,7 +502,7 @@ impl SseReader {
 /// subscriber is in place. Returns the stream, whether the body is chunked, and any body
 /// bytes already read.
 pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
-    let target = format!("/sse?topic={}", shared.topic);
+    let target = format!("/sse?topic={}{}", shared.topic, shared.token_param(i));
     sse_request(shared, i, &target, "").await
 }
 
