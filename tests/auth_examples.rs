@@ -199,12 +199,7 @@ fn crier_token_explains_what_is_wrong() {
 
 /// End to end: each minter's token opens a private topic over a real WebSocket; no token
 /// and a token for other topics do not.
-///
-/// Ignored on this branch: the WebSocket handshake check of tokens (h9-ws) is merged
-/// separately; until then a private topic is open to everyone and the refusals below fail.
-/// The lead removes the `#[ignore]` after merging.
 #[tokio::test]
-#[ignore = "needs the WebSocket token check (h9-ws); un-ignore after merging"]
 async fn every_minters_token_opens_a_private_topic() {
     let server = common::TestServer::start(|cfg| {
         cfg.private_topics = vec!["private:*".into(), "user:*".into()];

@@ -619,11 +619,7 @@ async fn token_options_connect_every_subscriber_to_a_private_topic() {
 
 /// The tokens of `--token-secret` are really checked: minted with another secret, every
 /// subscriber of a private topic is refused at the handshake and the run reports it.
-///
-/// Ignored on this branch: the WebSocket handshake check of tokens (h9-ws) is merged
-/// separately; the lead removes the `#[ignore]` after merging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the WebSocket token check (h9-ws); un-ignore after merging"]
 async fn token_secret_of_another_server_is_refused_at_the_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config {
