@@ -220,6 +220,11 @@ impl SseStream {
         let state = self.reg.state().clone();
         let client = self.reg.client.clone();
         loop {
+            // Checked before each batch too: a stream that always has publications waiting
+            // never reaches the select below, and must still end with its token.
+            if self.expires.is_some_and(|at| Instant::now() >= at) && client.closed().is_none() {
+                client.close(DisconnectReason::TokenExpired);
+            }
             // Every event carries the whole id vector (up to a few KiB for a stream of
             // many topics): the batch's id lines, like its events, stay within BATCH_BYTES,
             // or tiny publications would make a frame far larger than the queue budget.
