@@ -3,26 +3,14 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use common::TestServer;
 use crier::http_client::HttpClient;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 const SECRET: &str = "http-test-secret-of-at-least-32-bytes";
 
 fn token_with(secret: &str, topics: &[&str], exp_in: i64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": "bob", "exp": now + exp_in, "topics": topics}),
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    common::auth::mint(secret, "bob", topics, exp_in)
 }
 
 fn token(topics: &[&str]) -> String {

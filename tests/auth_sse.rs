@@ -4,32 +4,19 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use common::auth::now;
 use common::{within, Sse, TestServer};
 use crier::metrics::{ReasonLabel, Transport};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SECRET: &str = "sse-test-secret-of-at-least-32-bytes";
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 fn token_with(secret: &str, topics: &[&str], exp_in: i64) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": "alice", "exp": now() + exp_in, "topics": topics}),
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    common::auth::mint(secret, "alice", topics, exp_in)
 }
 
 fn token(topics: &[&str]) -> String {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use common::*;
@@ -20,14 +20,11 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef-ws";
 const OTHER_SECRET: &str = "another-secret-of-thirty-two-bytes!!";
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    common::auth::now() as u64
 }
 
 fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/auth/{name}", env!("CARGO_MANIFEST_DIR"))
+    common::auth::fixture(name)
 }
 
 /// Claims for `sub`, valid for `ttl` seconds (negative: expired), allowing `topics`.
@@ -36,12 +33,7 @@ fn claims(sub: &str, ttl: i64, topics: &[&str]) -> Value {
 }
 
 fn hs(claims: &Value, secret: &str) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    common::auth::hs256(claims, secret)
 }
 
 fn token(sub: &str, ttl: i64, topics: &[&str]) -> String {

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
@@ -209,22 +209,14 @@ pub fn authorize<'a>(
     if cfg.publisher_keys.is_empty() && cfg.keys.is_empty() {
         return Ok(Caller::Open);
     }
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+    let Some(given) = super::bearer(headers) else {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "this endpoint needs Authorization: Bearer <publisher key>",
         ));
     };
-    let given = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .unwrap_or("")
-        .as_bytes();
+    // Not a Bearer header: matches no key, so it is refused as an unknown key.
+    let given = given.unwrap_or("").as_bytes();
     // Every key is compared in full, matched or not, so timing tells nothing about which
     // key (or which prefix) is close.
     let mut flat = subtle::Choice::from(0);
@@ -284,7 +276,7 @@ mod tests {
     fn bearer(k: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
-            header::AUTHORIZATION,
+            axum::http::header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {k}")).unwrap(),
         );
         h

@@ -115,6 +115,22 @@ impl Auth {
     }
 }
 
+/// The credential of an `Authorization` header: None without one, `Some(None)` when it is
+/// not `Bearer <credential>`. Publisher keys and subscriber tokens both travel this way.
+pub fn bearer(headers: &HeaderMap) -> Option<Option<&str>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim),
+    )
+}
+
 /// `?token=` (what browsers can send on `/ws` and `/sse`) or `Authorization: Bearer`.
 pub fn token_from_request(
     query: Option<&str>,
@@ -136,21 +152,13 @@ pub fn token_from_request(
             }
         }
     }
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let bearer = v
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::BadToken,
-                    "Authorization must be \"Bearer <token>\"",
-                )
-            })?;
+    if let Some(given) = bearer(headers) {
+        let bearer = given.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadToken,
+                "Authorization must be \"Bearer <token>\"",
+            )
+        })?;
         if found.is_some() {
             return Err(ApiError::new(
                 ErrorCode::BadToken,

@@ -147,16 +147,13 @@ struct Connection {
 /// at on every wake-up, and reading the wall clock each time would cost a syscall.
 struct Authed {
     grant: Grant,
-    /// None when `exp` is too far ahead for the monotonic clock (a valid token whose
-    /// `exp` is, say, u64::MAX must not overflow `Instant`): it never expires here.
-    deadline: Option<Instant>,
+    deadline: Instant,
 }
 
 impl Authed {
     fn new(grant: Grant) -> Box<Authed> {
-        let left = grant.exp.saturating_sub(crate::auth::token::unix_now());
         Box::new(Authed {
-            deadline: Instant::now().checked_add(std::time::Duration::from_secs(left)),
+            deadline: grant.deadline(),
             grant,
         })
     }
@@ -235,7 +232,7 @@ impl Connection {
                 let _ = self.flush();
                 return DisconnectReason::NoPong;
             }
-            let token_deadline = self.authed.as_ref().and_then(|a| a.deadline);
+            let token_deadline = self.authed.as_ref().map(|a| a.deadline);
             if self.closing.is_none() && token_deadline.is_some_and(|d| now >= d) {
                 // No `refresh` came in time: the client's access ends with its token.
                 self.begin_close(DisconnectReason::TokenExpired);

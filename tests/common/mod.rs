@@ -3,6 +3,7 @@
 //! deadline instead of sleeps.
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod disk;
 pub mod eventsource;
 pub mod redis;
