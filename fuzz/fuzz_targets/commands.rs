@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             (protocol::error(code, &message, id), id, "error")
         }
         Parsed::Error(code, message, id) => {
-            assert!(!code.is_empty() && !message.is_empty());
+            assert!(!code.as_str().is_empty() && !message.is_empty());
             (protocol::error(code, &message, id), id, "error")
         }
     };
