@@ -280,6 +280,8 @@ macro_rules! settings {
                             .long(s.flag.clone())
                             .value_name(s.name.to_uppercase())
                             .env(s.env.clone())
+                            // `--help` would print a secret taken from the environment.
+                            .hide_env_values(SECRET_SETTINGS.contains(&s.name))
                             .help(format!("{} [default: {}]", s.help, s.default)),
                     ));
                 )*
@@ -473,6 +475,9 @@ settings! {
     redis_ca: String = String::new(), example "/etc/crier/redis-ca.pem",
         shown "none, the public web roots";
 }
+
+/// Settings whose values are credentials: never shown by `--help`.
+const SECRET_SETTINGS: &[&str] = &["jwt_secret", "publisher_keys"];
 
 /// The `--config` flag: the one argument that is not a setting.
 fn config_arg() -> Arg {

@@ -174,3 +174,21 @@ async fn the_binary_starts_with_every_example_flag() {
         .unwrap();
     assert!(status.is_success(), "{status}");
 }
+
+/// A secret taken from the environment is never printed by `--help` (clap shows other
+/// variables' values there, which is useful for the rest).
+#[test]
+fn help_never_shows_a_secret_from_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["serve", "--help"])
+        .env("CRIER_JWT_SECRET", "env-secret-that-must-not-be-printed-1")
+        .env("CRIER_PUBLISHER_KEYS", "env-key-that-must-not-be-printed")
+        .env("CRIER_MAX_TOPICS", "777")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(!help.contains("must-not-be-printed"), "{help}");
+    assert!(help.contains("CRIER_JWT_SECRET"));
+    assert!(help.contains("CRIER_MAX_TOPICS=777"));
+}
