@@ -59,6 +59,14 @@ fn embedded(content_type: &'static str, body: &'static str) -> Response {
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
             ),
+            // A board page may be opened with `?token=` (docs/auth.md): its requests must
+            // not carry that URL as their Referer, to other sites or into proxy logs.
+            // `strict-origin` sends the origin only; `no-referrer` would make same-origin
+            // writes carry `Origin: null`, which the write-intent check refuses.
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("strict-origin"),
+            ),
         ],
         body,
     )
@@ -167,6 +175,20 @@ mod tests {
                 assert!(acao.is_none(), "{name} must not be readable cross-origin");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn pages_never_send_their_url_as_referer() {
+        let app: Router = routes();
+        let res = app
+            .oneshot(
+                Request::get("/boards/vip?token=abc")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.headers()[header::REFERRER_POLICY], "strict-origin");
     }
 
     #[tokio::test]
