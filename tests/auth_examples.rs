@@ -3,8 +3,8 @@
 //! standard library. Every token they print must pass the server's own `Verifier` with the
 //! claims asked for, and (end to end) open a private topic on a real server.
 //!
-//! A missing interpreter skips its test with a note on stderr; CI has node (scripts/test
-//! installs it) and python3. Go is run only where `go` is on PATH.
+//! A missing interpreter skips its test with a note on stderr; scripts/test installs node
+//! and go when missing, and python3 is part of Debian.
 
 mod common;
 
