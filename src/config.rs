@@ -558,6 +558,8 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// The `auth::TopicPattern` rule (checked by `Config::check`), on the text as written:
+    /// `namespace()` runs per publish and must not parse.
     pub fn matches(&self, topic: &str) -> bool {
         match self.pattern.strip_suffix('*') {
             Some(prefix) => topic.starts_with(prefix),
@@ -693,12 +695,8 @@ impl Config {
             anyhow::ensure!(v >= 1, "{name} must be at least 1");
         }
         for ns in &self.namespaces {
-            let body = ns.pattern.strip_suffix('*').unwrap_or(&ns.pattern);
-            anyhow::ensure!(
-                (body.is_empty() && ns.pattern == "*") || crate::topic::is_valid(body),
-                "namespace pattern {:?} must be a topic name, optionally ending in *",
-                ns.pattern
-            );
+            crate::auth::TopicPattern::parse(&ns.pattern)
+                .map_err(|e| anyhow::anyhow!("namespace pattern: {e}"))?;
             anyhow::ensure!(
                 ns.history_size <= 1_000_000,
                 "namespace {:?}: history_size must be at most 1000000",
@@ -867,6 +865,26 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(&bad).is_err());
+    }
+
+    #[test]
+    fn namespace_patterns_follow_the_topic_pattern_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crier.toml");
+        for (pattern, ok) in [
+            ("chat:*", true),
+            ("*", true),
+            ("news", true),
+            ("a b*", false),
+            ("a*b", false),
+        ] {
+            std::fs::write(&path, format!("[[namespace]]\npattern = \"{pattern}\"\n")).unwrap();
+            let r = Config::resolve(&ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            });
+            assert_eq!(r.is_ok(), ok, "{pattern}");
+        }
     }
 
     #[test]
