@@ -59,10 +59,6 @@ impl Auth {
         !self.private.is_empty() && self.private.matches(topic)
     }
 
-    pub fn has_verifier(&self) -> bool {
-        self.verifier.is_some()
-    }
-
     pub fn verify(&self, token: &str) -> Result<Grant, TokenError> {
         match &self.verifier {
             Some(v) => v.verify(token),

@@ -14,7 +14,7 @@ pub enum TopicPattern {
 
 impl TopicPattern {
     /// Reads `name` or `prefix*`, where the name (or prefix, unless empty) obeys the topic
-    /// name rules; `what` names the source in the error.
+    /// name rules.
     pub fn parse(s: &str) -> Result<TopicPattern, String> {
         match s.strip_suffix('*') {
             Some("") => Ok(TopicPattern::Prefix("".into())),
@@ -68,17 +68,6 @@ impl Patterns {
 
     pub fn len(&self) -> usize {
         self.0.len()
-    }
-
-    /// Bytes held on the heap, for budgets.
-    pub fn heap_bytes(&self) -> usize {
-        self.0
-            .iter()
-            .map(|p| match p {
-                TopicPattern::Exact(s) | TopicPattern::Prefix(s) => s.len(),
-            })
-            .sum::<usize>()
-            + std::mem::size_of_val(&*self.0)
     }
 }
 
