@@ -4,7 +4,7 @@
 //! handlers: it has to describe responses that come from layers and limits outside any
 //! handler (415, 408, 429, the JSON fallback), and a derive macro on every handler would
 //! tie the description to their signatures instead of to what goes over the wire.
-//! tests/openapi.rs keeps it true: its paths and methods equal the router's, every
+//! tests/it/openapi.rs keeps it true: its paths and methods equal the router's, every
 //! documented operation answers, and real responses validate against its schemas;
 //! `scripts/schemathesis` fuzzes the real server with it.
 

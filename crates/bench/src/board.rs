@@ -659,7 +659,7 @@ mod tests {
     #[test]
     fn leader_of_a_board_update() {
         // A board state as the server serializes it (`Boards::publish`: rank, player,
-        // score, meta when set), in its envelope. tests/bench_tool.rs checks the same
+        // score, meta when set), in its envelope. tests/it/bench_tool.rs checks the same
         // against the server's own serializer.
         let envelope = |first: &str| {
             format!(

@@ -1,0 +1,484 @@
+//! Hostile WebSocket clients (issue #6, items 1 and 7): each attack runs next to a healthy
+//! subscriber that must keep receiving every publication, and gets its documented answer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::common::*;
+use crier::http_client::HttpClient;
+use crier::ws::frame::{self, Decoder, Message as Frame, Role};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A subscriber to `t` on `addr` that must see publications `{"i":0..n}` in order.
+async fn healthy(addr: SocketAddr, n: u64) -> tokio::task::JoinHandle<()> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?topic=t"))
+        .await
+        .expect("healthy client connects");
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    tokio::spawn(async move {
+        for i in 0..n {
+            let m = next_json(&mut ws).await;
+            assert_eq!(m["data"]["i"], i, "healthy client missed or reordered: {m}");
+        }
+    })
+}
+
+/// Publishes `{"i":0..n}` to `t`, a few milliseconds apart so they span the attack.
+async fn publish_all(addr: SocketAddr, n: u64) {
+    let http = HttpClient::new(None);
+    for i in 0..n {
+        let (status, body) = http
+            .post(
+                &format!("http://{addr}/api/publish/t"),
+                format!("{{\"i\":{i}}}"),
+            )
+            .await
+            .expect("publish");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Frames the server sent, read until it closes the socket.
+async fn server_frames(stream: &mut TcpStream) -> Vec<Frame> {
+    let bytes = read_to_end(stream).await;
+    let mut d = Decoder::new(Role::Client, 1 << 20);
+    d.buffer_mut(bytes.len()).extend_from_slice(&bytes);
+    let mut frames = Vec::new();
+    while let Ok(Some(f)) = d.next_message() {
+        frames.push(f);
+    }
+    frames
+}
+
+fn close_code(frames: &[Frame]) -> Option<u16> {
+    frames.iter().find_map(|f| match f {
+        Frame::Close(code, _) => *code,
+        _ => None,
+    })
+}
+
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    frame::encode_masked(opcode, payload, [0x11, 0x22, 0x33, 0x44]).to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_from_a_socket_that_never_reads_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    // The command limit is raised so this test exercises the pong/budget/deadline path
+    // rather than the rate limit (tested below).
+    let (proc, addr) = serve_binary(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--write-timeout",
+            "1s",
+            "--max-commands-per-second",
+            "100000000",
+        ],
+    );
+    let pid = proc.0.id();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let rss_before = vm_rss_kib(pid);
+    let n = 300;
+    let subscriber = healthy(addr, n).await;
+
+    let attacker = raw_ws(addr, "", Some(4096)).await;
+    let (mut rd, mut wr) = attacker.into_split();
+    let flood = tokio::spawn(async move {
+        let pings = b"\x89\x80\0\0\0\0".repeat(10_000);
+        let mut sent = 0u64;
+        // 48 MB of pings: 16 MB of pongs, which the old server queued without bound. The
+        // server now answers a few per batch and keeps only the newest beyond that, so its
+        // output stays tiny and it never needs to cut this socket off on its own.
+        while sent < 48_000_000 && wr.write_all(&pings).await.is_ok() {
+            sent += pings.len() as u64;
+        }
+        (sent, wr)
+    });
+    let watch = tokio::spawn(async move {
+        let mut max = 0;
+        loop {
+            max = max.max(vm_rss_kib(pid));
+            if flood_done() {
+                return max;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    publish_all(addr, n).await;
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    let (sent, wr) = tokio::time::timeout(Duration::from_secs(120), flood)
+        .await
+        .expect("the server keeps reading the flood")
+        .unwrap();
+    FLOOD_DONE.store(true, std::sync::atomic::Ordering::SeqCst);
+    let max_rss = watch.await.unwrap();
+    let rss_after = vm_rss_kib(pid);
+    eprintln!(
+        "ping flood: {sent} bytes of pings, RSS {rss_before} KiB before, max {max_rss} KiB, \
+         {rss_after} KiB after"
+    );
+    assert!(sent >= 48_000_000);
+    assert!(max_rss < 200 * 1024, "server grew to {max_rss} KiB");
+    // What it was sent is a few pongs per batch, not one per ping.
+    drop(wr);
+    let mut rest = Vec::new();
+    let _ = within("attacker sees EOF", rd.read_to_end(&mut rest)).await;
+    assert!(
+        (rest.len() as u64) < sent / 3 / 10,
+        "{} bytes of pongs for {} pings",
+        rest.len(),
+        sent / 6
+    );
+    assert!(rest.starts_with(b"\x8a\x00"), "pongs come back");
+    // Still serving.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?topic=u"))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+}
+
+static FLOOD_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+fn flood_done() -> bool {
+    FLOOD_DONE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_flood_gets_an_error_frame_then_close_4500() {
+    let srv = TestServer::start(|_| {}).await;
+    let n = 100;
+    let subscriber = healthy(srv.addr, n).await;
+    let mut attacker = raw_ws(srv.addr, "", None).await;
+    // Far more than the default burst (2 x 100), in one write, as fast as TCP allows.
+    let mut flood = Vec::new();
+    for i in 0..2_000 {
+        let cmd = match i % 3 {
+            0 => format!(r#"{{"op":"subscribe","topic":"x{}"}}"#, i % 50),
+            1 => format!(r#"{{"op":"unsubscribe","topic":"x{}"}}"#, i % 50),
+            _ => r#"{"op":"ping"}"#.to_string(),
+        };
+        flood.extend_from_slice(&masked(frame::OP_TEXT, cmd.as_bytes()));
+        // WebSocket pings count too: a ping flood at the defaults ends the same way.
+        flood.extend_from_slice(&masked(frame::OP_PING, b""));
+    }
+    let (_, frames) = tokio::join!(publish_all(srv.addr, n), async {
+        attacker.write_all(&flood).await.unwrap();
+        let frames = server_frames(&mut attacker).await;
+        frames
+    });
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    let errors: Vec<serde_json::Value> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Text(t) => serde_json::from_slice(t).ok(),
+            _ => None,
+        })
+        .filter(|v: &serde_json::Value| v["op"] == "error")
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["code"], "too_many_commands");
+    assert_eq!(close_code(&frames), Some(4500));
+    // The burst was answered, the rest was not.
+    let replies = frames
+        .iter()
+        .filter(|f| matches!(f, Frame::Text(_) | Frame::Pong(_)))
+        .count();
+    assert!((100..2_000).contains(&replies), "{replies} replies");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc6455_violations_close_with_1002() {
+    let srv = TestServer::start(|_| {}).await;
+    let n = 40;
+    let subscriber = healthy(srv.addr, n).await;
+    let publisher = tokio::spawn(publish_all(srv.addr, n));
+
+    // Close codes that must never appear on the wire.
+    for code in [999u16, 1005, 1006, 1015, 2000, 5000] {
+        let mut s = raw_ws(srv.addr, "", None).await;
+        s.write_all(&masked(frame::OP_CLOSE, &frame::close_payload(code, "")))
+            .await
+            .unwrap();
+        assert_eq!(
+            close_code(&server_frames(&mut s).await),
+            Some(1002),
+            "close code {code}"
+        );
+    }
+    // A registered code is echoed as a normal close.
+    let mut s = raw_ws(srv.addr, "", None).await;
+    s.write_all(&masked(frame::OP_CLOSE, &frame::close_payload(1001, "")))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&server_frames(&mut s).await), Some(1000));
+
+    // A 64-bit length with the top bit set is malformed (1002), not "too large" (1009).
+    let mut s = raw_ws(srv.addr, "", None).await;
+    let mut f = vec![0x81, 0x80 | 127];
+    f.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    f.extend_from_slice(&[1, 2, 3, 4]);
+    s.write_all(&f).await.unwrap();
+    assert_eq!(close_code(&server_frames(&mut s).await), Some(1002));
+
+    // After a protocol error (an unmasked frame) the client's close reply is read as one:
+    // the server ends the connection after it, not after a timeout.
+    let mut s = raw_ws(srv.addr, "", None).await;
+    s.write_all(&frame::encode(frame::OP_TEXT, b"{}"))
+        .await
+        .unwrap();
+    let mut head = [0u8; 2];
+    within("close frame", s.read_exact(&mut head))
+        .await
+        .unwrap();
+    assert_eq!(head[0], 0x80 | frame::OP_CLOSE);
+    let mut body = vec![0u8; head[1] as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(u16::from_be_bytes([body[0], body[1]]), 1002);
+    s.write_all(&masked(frame::OP_CLOSE, &frame::close_payload(1002, "")))
+        .await
+        .unwrap();
+    assert!(read_to_end(&mut s).await.is_empty());
+
+    within("publisher", publisher).await.unwrap();
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    srv.shutdown().await;
+}
+
+/// Sends a raw upgrade request and returns the response head.
+async fn handshake(addr: SocketAddr, key: Option<&str>, version: Option<&str>) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "GET /ws?topic=t HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    );
+    if let Some(k) = key {
+        req += &format!("Sec-WebSocket-Key: {k}\r\n");
+    }
+    if let Some(v) = version {
+        req += &format!("Sec-WebSocket-Version: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = within("handshake answer", s.read(&mut buf)).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn bad_handshakes_are_refused_with_the_right_status() {
+    let srv = TestServer::start(|_| {}).await;
+    let good = "dGhlIHNhbXBsZSBub25jZQ==";
+    let r = handshake(srv.addr, Some(good), Some("8")).await;
+    assert!(r.starts_with("http/1.1 426"), "{r}");
+    assert!(r.contains("sec-websocket-version: 13"), "{r}");
+    assert!(r.contains("\"bad_version\""), "{r}");
+    let r = handshake(srv.addr, Some(good), None).await;
+    assert!(r.starts_with("http/1.1 426"), "{r}");
+    assert!(r.contains("sec-websocket-version: 13"), "{r}");
+    for key in [
+        "short",
+        "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=",
+        "dGhlIHNhbXBsZSBub25jZQ",
+    ] {
+        let r = handshake(srv.addr, Some(key), Some("13")).await;
+        assert!(r.starts_with("http/1.1 400"), "{key}: {r}");
+        assert!(r.contains("\"bad_handshake\""), "{r}");
+    }
+    let r = handshake(srv.addr, None, Some("13")).await;
+    assert!(r.starts_with("http/1.1 400"), "{r}");
+    let r = handshake(srv.addr, Some(good), Some("13")).await;
+    assert!(r.starts_with("http/1.1 101"), "{r}");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn echo_endpoint_echoes_only_when_enabled() {
+    let srv = TestServer::start(|_| {}).await;
+    let (s, b) = srv.get("/echo").await;
+    assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
+    srv.shutdown().await;
+
+    let srv = TestServer::start(|c| c.echo_endpoint = true).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/echo", srv.addr))
+        .await
+        .unwrap();
+    ws.send(Message::Text("héllo".into())).await.unwrap();
+    ws.send(Message::Binary(vec![0u8, 1, 2, 255].into()))
+        .await
+        .unwrap();
+    let big = "z".repeat(60_000);
+    ws.send(Message::Text(big.clone().into())).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match within("echo", ws.next()).await.unwrap().unwrap() {
+            Message::Ping(_) | Message::Pong(_) => {}
+            m => got.push(m),
+        }
+    }
+    assert_eq!(got[0], Message::Text("héllo".into()));
+    assert_eq!(got[1], Message::Binary(vec![0u8, 1, 2, 255].into()));
+    assert_eq!(got[2], Message::Text(big.into()));
+    // The same limits as /ws: a message over max_message_bytes closes with 1009.
+    ws.send(Message::Binary(vec![7u8; 70_000].into()))
+        .await
+        .unwrap();
+    assert_eq!(expect_close(&mut ws).await, 1009);
+    srv.shutdown().await;
+}
+
+fn disconnects(srv: &TestServer, reason: crier::close::DisconnectReason) -> u64 {
+    srv.state()
+        .metrics
+        .disconnects
+        .get_or_create(&crier::metrics::ReasonLabel {
+            transport: crier::metrics::Transport::Ws,
+            reason: reason.label(),
+        })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_message_counts_against_the_same_budget_as_the_queue() {
+    let srv = TestServer::start(|c| {
+        c.max_message_bytes = 150_000;
+        c.queue_max_bytes = 200_000;
+    })
+    .await;
+    let n = 20;
+    let subscriber = healthy(srv.addr, n).await;
+    let mut s = raw_ws(srv.addr, "?topic=big", None).await;
+    let mut head = [0u8; 2];
+    within("subscribed", s.read_exact(&mut head)).await.unwrap();
+    let mut body = vec![0u8; head[1] as usize];
+    s.read_exact(&mut body).await.unwrap();
+    // The first 140 kB fragment of a text message, then a ping: its pong says the server
+    // has taken the fragment in (and counted it).
+    let mut first = masked(frame::OP_TEXT, &vec![b' '; 140_000]);
+    first[0] &= 0x7F;
+    s.write_all(&first).await.unwrap();
+    s.write_all(&masked(frame::OP_PING, b"p")).await.unwrap();
+    let mut pong = [0u8; 3];
+    within("pong", s.read_exact(&mut pong)).await.unwrap();
+    assert_eq!(pong, [0x8A, 1, b'p']);
+    // 70 kB on its own fits the 200 kB budget; beside the 140 kB held, it does not.
+    let big = format!("\"{}\"", "y".repeat(70_000));
+    let (status, _) = srv.publish("big", &big).await;
+    assert_eq!(status, 200);
+    let frames = server_frames(&mut s).await;
+    assert_eq!(close_code(&frames), Some(4001));
+    assert!(!frames.iter().any(|f| matches!(f, Frame::Text(_))));
+    publish_all(srv.addr, n).await;
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_reading_does_not_extend_the_write_deadline() {
+    let srv = TestServer::start(|c| {
+        c.write_timeout = Duration::from_secs(1);
+        c.queue_max_bytes = 32 * 1024 * 1024;
+    })
+    .await;
+    let n = 20;
+    let subscriber = healthy(srv.addr, n).await;
+    let mut s = raw_ws(srv.addr, "?topic=flood", Some(4096)).await;
+    wait_until("subscribed", || {
+        srv.state().hub.subscriber_count("flood") == 1
+    })
+    .await;
+    // More than the kernel buffers hold, all of it within the queue budget: only the write
+    // deadline can end this client.
+    let pad = format!("\"{}\"", "z".repeat(60_000));
+    for _ in 0..150 {
+        let (status, _) = srv.publish("flood", &pad).await;
+        assert_eq!(status, 200);
+    }
+    // Reads a byte every 20 ms: progress, but nowhere near a batch per write_timeout.
+    let trickle = async {
+        let mut byte = [0u8; 1];
+        loop {
+            match s.read(&mut byte).await {
+                Ok(1) => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => return,
+            }
+        }
+    };
+    let cut_off = wait_until("closed for write_timeout", || {
+        disconnects(&srv, crier::close::DisconnectReason::WriteTimeout) == 1
+    });
+    // (What the kernel already buffered for it takes the trickle minutes to read, so the
+    // server's side is what is watched.)
+    let (_, ()) = tokio::join!(publish_all(srv.addr, n), async {
+        tokio::select! {
+            () = cut_off => {}
+            () = trickle => panic!("the socket ended without a write_timeout close"),
+        }
+    });
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    assert_eq!(srv.state().hub.subscriber_count("flood"), 0);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_deadline_fires_while_the_socket_is_always_readable() {
+    let srv = TestServer::start(|c| {
+        c.write_timeout = Duration::from_secs(1);
+        c.queue_max_bytes = 32 * 1024 * 1024;
+        c.max_commands_per_second = 100_000_000;
+    })
+    .await;
+    let n = 20;
+    let subscriber = healthy(srv.addr, n).await;
+    let s = raw_ws(srv.addr, "?topic=flood", Some(4096)).await;
+    wait_until("subscribed", || {
+        srv.state().hub.subscriber_count("flood") == 1
+    })
+    .await;
+    let (_rd, mut wr) = s.into_split();
+    // Pings without end, never reading: the server always has input waiting.
+    let flood = tokio::spawn(async move {
+        let pings = b"\x89\x80\0\0\0\0".repeat(10_000);
+        while wr.write_all(&pings).await.is_ok() {}
+    });
+    // Enough to fill the kernel buffers, so a write batch stalls.
+    let pad = format!("\"{}\"", "z".repeat(60_000));
+    for _ in 0..150 {
+        let (status, _) = srv.publish("flood", &pad).await;
+        assert_eq!(status, 200);
+    }
+    publish_all(srv.addr, n).await;
+    wait_until("closed for write_timeout despite the flood", || {
+        disconnects(&srv, crier::close::DisconnectReason::WriteTimeout) == 1
+    })
+    .await;
+    within("flood ends once the server closed", flood)
+        .await
+        .unwrap();
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    srv.shutdown().await;
+}
