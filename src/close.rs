@@ -18,8 +18,12 @@ pub enum DisconnectReason {
     /// held; the answer says `recovered:false` if the history is gone. Not a shutdown: the
     /// node is fine, and its metrics should say so.
     StreamRestarted,
-    /// More commands than `max_commands_per_second` allows: a buggy or hostile client.
+    /// More frames than `max_commands_per_second` allows (commands, pings, pongs and
+    /// fragments alike): a buggy or hostile client.
     TooManyCommands,
+    /// A message in more frames than `max_fragments_per_message`: no real client splits a
+    /// message that finely, and a message that never ends would cost a decode per frame.
+    TooManyFragments,
     /// The connection's token expired and no `refresh` came first: reconnect with a fresh
     /// token.
     TokenExpired,
@@ -29,7 +33,7 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 12] = [
+    pub const ALL: [DisconnectReason; 13] = [
         Self::Normal,
         Self::Shutdown,
         Self::ProtocolError,
@@ -40,6 +44,7 @@ impl DisconnectReason {
         Self::WriteTimeout,
         Self::StreamRestarted,
         Self::TooManyCommands,
+        Self::TooManyFragments,
         Self::TokenExpired,
         Self::BadToken,
     ];
@@ -59,6 +64,7 @@ impl DisconnectReason {
             // 45xx: reconnecting unchanged would only hit the limit again.
             Self::TooManyCommands => 4500,
             Self::BadToken => 4501,
+            Self::TooManyFragments => 4502,
         }
     }
 
@@ -76,6 +82,7 @@ impl DisconnectReason {
             Self::TooManyCommands => "too_many_commands",
             Self::TokenExpired => "token_expired",
             Self::BadToken => "bad_token",
+            Self::TooManyFragments => "too_many_fragments",
         }
     }
 

@@ -413,11 +413,19 @@ settings! {
     write_timeout: Duration = Duration::from_secs(10), example "20s";
     /// On shutdown, how long to let clients drain their queues.
     drain_timeout: Duration = Duration::from_secs(5), example "1s";
-    /// Commands (and pings) one WebSocket connection may send per second, with bursts of
-    /// twice as many; past it the client gets an error frame and close 4500.
+    /// Frames one WebSocket connection may send per second (each command, ping, pong and
+    /// fragment of a message counts), with bursts of twice as many; past it the client gets
+    /// an error frame and close 4500.
     // A page subscribing its 64 topics at once plus an app-level ping a second stays far
-    // below; a flood from one socket is cut off within a fraction of a second.
+    // below; a flood from one socket is cut off within a fraction of a second. Every frame
+    // counts because each costs a decode, whatever it carries: empty continuations too.
     max_commands_per_second: u32 = 100, example "7";
+    /// Most frames one WebSocket message may arrive in (its first frame and every
+    /// continuation); past it the client is closed with 4502.
+    // Follows max_message_bytes unless set (one fragment per 64 bytes, at least 64), so an
+    // Autobahn run with 16 MiB messages (4 MiB in 64-byte fragments: 65,536) passes on it.
+    max_fragments_per_message: usize = 1024, example "16",
+        shown "one per 64 bytes of max_message_bytes (at least 64), 1024";
     /// Serve `/echo`, a WebSocket that echoes every message: for conformance testing
     /// (Autobahn) only, never in production.
     echo_endpoint: bool = false, example "true";
@@ -568,6 +576,13 @@ impl Namespace {
     }
 }
 
+/// `max_fragments_per_message` when not set: a message of the largest size may come in
+/// fragments of 64 bytes (the smallest the Autobahn suite sends), and a small limit still
+/// leaves room for a client that splits a short command.
+pub fn default_max_fragments(max_message_bytes: usize) -> usize {
+    (max_message_bytes / 64).max(64)
+}
+
 /// The most top entries a board may show watchers: a snapshot is re-sent whole on every
 /// change, so this bounds the size of each update.
 pub const MAX_BOARD_TOP: usize = 100;
@@ -586,11 +601,15 @@ impl Config {
         };
         let given = args.over(file);
         let subscriber_topics_given = given.max_subscriber_topics.is_some();
+        let fragments_given = given.max_fragments_per_message.is_some();
         let mut cfg = Config::default();
         given.apply(&mut cfg);
         // Follows max_topics unless set, so raising one keeps the split.
         if !subscriber_topics_given {
             cfg.max_subscriber_topics = cfg.max_topics / 2;
+        }
+        if !fragments_given {
+            cfg.max_fragments_per_message = default_max_fragments(cfg.max_message_bytes);
         }
         let clean = |list: &mut Vec<String>, trailing: &str| {
             *list = list
@@ -669,6 +688,10 @@ impl Config {
         anyhow::ensure!(
             self.max_commands_per_second >= 1,
             "max_commands_per_second must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_fragments_per_message >= 1,
+            "max_fragments_per_message must be at least 1 (1: messages may not be fragmented)"
         );
         for (name, d) in [
             ("ping_interval", self.ping_interval),
@@ -839,6 +862,39 @@ mod tests {
         assert_eq!((cfg.max_commands_per_second, cfg.echo_endpoint), (9, false));
         assert!(Config::resolve(&ServeArgs {
             max_commands_per_second: Some(0),
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn fragment_cap_follows_max_message_bytes_unless_set() {
+        let d = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(d.max_fragments_per_message, 1024);
+        assert_eq!(Config::default().max_fragments_per_message, 1024);
+        let big = Config::resolve(&ServeArgs {
+            max_message_bytes: Some(16 * 1024 * 1024),
+            queue_max_bytes: Some(64 * 1024 * 1024),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(big.max_fragments_per_message, 262_144);
+        let small = Config::resolve(&ServeArgs {
+            max_message_bytes: Some(16),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(small.max_fragments_per_message, 64);
+        let set = Config::resolve(&ServeArgs {
+            max_message_bytes: Some(16 * 1024 * 1024),
+            queue_max_bytes: Some(64 * 1024 * 1024),
+            max_fragments_per_message: Some(8),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(set.max_fragments_per_message, 8);
+        assert!(Config::resolve(&ServeArgs {
+            max_fragments_per_message: Some(0),
             ..Default::default()
         })
         .is_err());

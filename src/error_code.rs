@@ -118,7 +118,7 @@ error_codes! {
         "the connection holds `max_topics_per_connection` topics (400 on `/sse` and `/ws` queries), \
          or the node holds `max_topics` (or `max_subscriber_topics` never-published) topics and none is idle (503)";
     TooManyCommands = "too_many_commands", WS_ONLY,
-        "more WebSocket commands than `max_commands_per_second`; close 4500 follows";
+        "more WebSocket frames (commands, pings, pongs, fragments) than `max_commands_per_second`; close 4500 follows";
     TooManyConnections = "too_many_connections", http(503),
         "the node already holds `max_connections` subscribers";
     TooManyConnectionsPerIp = "too_many_connections_per_ip", http(429),

@@ -1,9 +1,9 @@
 //! RFC 6455 frame decoder (`crier::ws::frame::Decoder`) fed hostile bytes in hostile chunk
-//! sizes, exactly as `ws::connection` drives it: append a read, drain `next_message` until it
+//! sizes, exactly as `ws::connection` drives it: append a read, drain `next_frame` until it
 //! wants more or fails, give the buffer back when idle.
 #![no_main]
 
-use crier::ws::frame::{Decoder, Message, Role};
+use crier::ws::frame::{Decoded, Decoder, Message, Role};
 use libfuzzer_sys::fuzz_target;
 
 /// Largest frame header: 2 + 8 (length) + 4 (mask).
@@ -11,11 +11,13 @@ const MAX_HEADER: usize = 14;
 
 /// Input layout (hand-written so seeds stay readable): `max_message` as u16 LE (kept small
 /// so the memory bound below means something), a flags byte (bit 0: decode as the client,
-/// as the load tool does), `k` = a byte (mod 17), `k` read sizes as u16 LE cycled over the
-/// data (0 = everything left; none = one read), then the bytes the peer sends.
+/// as the load tool does; bits 1-7: the fragment cap, 0 = none), `k` = a byte (mod 17), `k`
+/// read sizes as u16 LE cycled over the data (0 = everything left; none = one read), then
+/// the bytes the peer sends.
 struct Input<'a> {
     max_message: usize,
     client: bool,
+    max_fragments: Option<usize>,
     chunks: Vec<usize>,
     data: &'a [u8],
 }
@@ -32,6 +34,7 @@ fn split(input: &[u8]) -> Option<Input<'_>> {
     Some(Input {
         max_message: u16::from_le_bytes([*m0, *m1]) as usize,
         client: flags & 1 != 0,
+        max_fragments: Some((flags >> 1) as usize).filter(|&n| n > 0),
         chunks: sizes
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]) as usize)
@@ -51,6 +54,11 @@ fuzz_target!(|input: &[u8]| {
         Role::Server
     };
     let mut d = Decoder::new(role, max_message);
+    if let Some(n) = input.max_fragments {
+        d = d.with_max_fragments(n);
+    }
+    // Frames of the message being assembled; never more than the cap.
+    let mut fragments = 0usize;
     let mut rest = input.data;
     let mut fed = 0usize;
     let mut sizes = input.chunks.iter().cycle();
@@ -64,8 +72,18 @@ fuzz_target!(|input: &[u8]| {
         fed += chunk.len();
         d.buffer_mut(chunk.len()).extend_from_slice(chunk);
         loop {
-            match d.next_message() {
-                Ok(Some(m)) => check(&m, max_message),
+            match d.next_frame() {
+                Ok(Some(Decoded::Fragment)) => {
+                    fragments += 1;
+                    let cap = input.max_fragments.unwrap_or(usize::MAX);
+                    assert!(fragments < cap, "{fragments} fragments, cap {cap}");
+                }
+                Ok(Some(Decoded::Message(m))) => {
+                    if matches!(m, Message::Text(_) | Message::Binary(_)) {
+                        fragments = 0;
+                    }
+                    check(&m, max_message)
+                }
                 Ok(None) => break,
                 // The connection answers with a close frame and stops reading.
                 Err(_) => return,

@@ -11,6 +11,11 @@
 //! outgoing side is full, so a client that sends without reading pushes back on itself
 //! instead of on the server's memory. Deadlines are checked on every wake-up, so a socket
 //! that is always readable cannot starve them.
+//!
+//! What a client can make this task compute is bounded too: every frame it sends (each
+//! command, ping, pong and fragment, an empty continuation as much as a full one) takes a
+//! token of `max_commands_per_second`, also while a close is under way, and a message may
+//! arrive in at most `max_fragments_per_message` frames.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -21,7 +26,7 @@ use bytes::{Buf, BufMut, Bytes};
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 
-use super::frame::{self, Decoder, FrameError, Message, Role};
+use super::frame::{self, Decoded, Decoder, FrameError, Message, Role};
 use super::handshake::Mode;
 use crate::auth::Grant;
 use crate::broker::BrokerError;
@@ -51,7 +56,7 @@ const PONGS_PER_BATCH: usize = 16;
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// `max_commands_per_second`, with bursts of twice as many.
+/// `max_commands_per_second`, with bursts of twice as many: the rate of a client's frames.
 fn command_rate(state: &AppState) -> Rate {
     let per_second = f64::from(state.cfg.max_commands_per_second);
     Rate {
@@ -71,7 +76,8 @@ pub async fn run(
     let now = Instant::now();
     let mut conn = Connection {
         stream,
-        decoder: Decoder::new(Role::Server, state.cfg.max_message_bytes),
+        decoder: Decoder::new(Role::Server, state.cfg.max_message_bytes)
+            .with_max_fragments(state.cfg.max_fragments_per_message),
         out: VecDeque::new(),
         out_bytes: 0,
         batch_started: None,
@@ -127,10 +133,13 @@ struct Connection {
     front_partial: bool,
     /// Set once our close frame is queued in `out`.
     closing: Option<DisconnectReason>,
+    /// The peer's close frame was read, or it is no longer waited for (a framing error, or
+    /// frames over the budget while closing): nothing more is read.
     peer_closed: bool,
     /// A framing error was seen: only the peer's close frame is still of interest.
     broken: bool,
     mode: Mode,
+    /// Every frame the client sends takes a token (`command_rate`).
     commands: TokenBucket,
     reg: Registration,
     state: Arc<AppState>,
@@ -451,9 +460,9 @@ impl Connection {
             if self.closing.is_some() && self.peer_closed {
                 break;
             }
-            let msg = match self.decoder.next_message() {
+            let decoded = match self.decoder.next_frame() {
                 Ok(None) => break,
-                Ok(Some(m)) => m,
+                Ok(Some(d)) => d,
                 Err(_) if self.broken => {
                     // Still garbage after a framing error: the peer is not going to send
                     // a close we can read, so stop waiting for one.
@@ -465,31 +474,45 @@ impl Connection {
                         FrameError::TooLarge(_) => DisconnectReason::MessageTooLarge,
                         FrameError::BadUtf8 => DisconnectReason::BadUtf8,
                         FrameError::Protocol(_) => DisconnectReason::ProtocolError,
+                        FrameError::TooManyFragments(_) => DisconnectReason::TooManyFragments,
                     };
                     // Answers to what came before the bad frame go out first (one batch).
                     self.refill();
                     self.begin_close(reason);
                     // What is buffered is unparseable; a fresh decoder (control-frame
                     // sized) can still read the peer's close reply that follows ours.
-                    self.decoder = Decoder::new(Role::Server, 125);
+                    self.decoder = Decoder::new(Role::Server, 125).with_max_fragments(1);
                     self.broken = true;
                     break;
                 }
             };
-            if let Message::Close(..) = msg {
-                self.peer_closed = true;
-                self.begin_close(DisconnectReason::Normal);
-                continue;
-            }
-            if self.closing.is_some() || matches!(msg, Message::Pong(_)) {
-                continue;
-            }
+            let msg = match decoded {
+                Decoded::Message(Message::Close(..)) => {
+                    self.peer_closed = true;
+                    self.begin_close(DisconnectReason::Normal);
+                    continue;
+                }
+                Decoded::Message(m) => Some(m),
+                Decoded::Fragment => None,
+            };
+            // Every other frame costs a token, whatever it carries: an empty continuation
+            // or an unsolicited pong costs a decode like a command does.
             if !self.commands.take(command_rate(&self.state), now) {
-                self.too_many_commands();
+                if self.closing.is_some() {
+                    // Frames past the budget while our close waits for the peer's: stop
+                    // reading instead of decoding them until the grace period ends.
+                    self.peer_closed = true;
+                } else {
+                    self.too_many_commands();
+                }
                 break;
             }
+            let Some(msg) = msg.filter(|_| self.closing.is_none()) else {
+                continue;
+            };
             match (msg, self.mode) {
                 (Message::Ping(p), _) => self.pong(&p, now),
+                (Message::Pong(_), _) => {}
                 (Message::Text(text), Mode::Commands) => self.command(&text),
                 (Message::Binary(_), Mode::Commands) => {
                     self.reply(protocol::error(
@@ -500,7 +523,7 @@ impl Connection {
                 }
                 (Message::Text(data), Mode::Echo) => self.echo(frame::OP_TEXT, &data),
                 (Message::Binary(data), Mode::Echo) => self.echo(frame::OP_BINARY, &data),
-                (Message::Pong(_) | Message::Close(..), _) => unreachable!("handled above"),
+                (Message::Close(..), _) => unreachable!("handled above"),
             }
         }
         self.decoder.shrink_if_empty();
@@ -519,13 +542,16 @@ impl Connection {
         }
     }
 
-    /// Over the command rate: the replies earned so far (one batch), one error frame,
+    /// Over the frame rate: the replies earned so far (one batch), one error frame,
     /// then close 4500.
     fn too_many_commands(&mut self) {
         // Replies to the commands that were within the limit go out first.
         self.refill();
         let rate = self.state.cfg.max_commands_per_second;
-        let msg = format!("more than {rate} commands per second (max_commands_per_second)");
+        let msg = format!(
+            "more than {rate} frames per second (max_commands_per_second: commands, pings, \
+             pongs and fragments all count)"
+        );
         let err = frame::encode(
             frame::OP_TEXT,
             &protocol::error(ErrorCode::TooManyCommands, &msg, None),

@@ -207,6 +207,7 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         "slow-body",
         "conn-flood",
         "big-frame",
+        "empty-continuation",
     ];
     for kind in kinds {
         let topic = format!("atk-{kind}");
@@ -235,7 +236,7 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
             "256",
             "--quiet",
         ];
-        let with_baseline = kind == "slowloris";
+        let with_baseline = kind == "slowloris" || kind == "empty-continuation";
         if with_baseline {
             flags.push("--baseline");
         }
@@ -272,12 +273,17 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
                     || a.ended_by_server > 0,
                 "{a:?}"
             ),
+            // Every frame counts against the command rate: both are closed at once.
+            "empty-continuation" => assert_eq!(a.ended_by_server, 2, "{a:?}"),
             _ => {}
         }
+        assert!(a.cpu_secs.is_some(), "{kind}: {a:?}");
         assert_eq!(a.baseline.is_some(), with_baseline, "{kind}");
         if let Some(b) = &a.baseline {
             assert_eq!((b.lost, b.delivered), (0, 50 * 20), "{b:?}");
             assert!(b.p99_ratio.is_some(), "{b:?}");
+            assert!(b.server_cpu_cores.is_some(), "{b:?}");
+            assert!(a.cpu_ms_per_attacker.is_some(), "{a:?}");
         }
         let text = r.to_text();
         assert!(text.contains(&format!("attack       {kind} x 2")), "{text}");

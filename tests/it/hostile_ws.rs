@@ -12,16 +12,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A subscriber to `t` on `addr` that must see publications `{"i":0..n}` in order.
+/// A subscriber to `t` on `addr` that must see publications `{"i":0..n}` in order, each
+/// with the next offset after the one its `subscribed` reply named.
 async fn healthy(addr: SocketAddr, n: u64) -> tokio::task::JoinHandle<()> {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?topic=t"))
         .await
         .expect("healthy client connects");
-    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    let subscribed = next_json(&mut ws).await;
+    assert_eq!(subscribed["op"], "subscribed");
+    let start = subscribed["offset"]
+        .as_u64()
+        .expect("subscribed names an offset");
     tokio::spawn(async move {
         for i in 0..n {
             let m = next_json(&mut ws).await;
             assert_eq!(m["data"]["i"], i, "healthy client missed or reordered: {m}");
+            assert_eq!(m["offset"], start + 1 + i, "healthy client's offsets: {m}");
         }
     })
 }
@@ -481,4 +487,328 @@ async fn the_write_deadline_fires_while_the_socket_is_always_readable() {
         .await
         .unwrap();
     srv.shutdown().await;
+}
+
+// Issue 15, finding 3: frames that carry nothing still cost the server a decode each, so
+// every frame counts against the connection's command budget (empty continuations, pings
+// and pongs included), and one message may not be assembled from more than
+// `max_fragments_per_message` fragments (close 4502 past it).
+
+/// A masked data frame; `fin` false makes it a fragment of a message still to be finished.
+fn fragment(opcode: u8, payload: &[u8], fin: bool) -> Vec<u8> {
+    let mut f = masked(opcode, payload);
+    if !fin {
+        f[0] &= 0x7F;
+    }
+    f
+}
+
+/// `text` as one message of exactly `n` fragments (n >= 2): the first and last carry it,
+/// the n - 2 between them are empty continuations.
+fn in_fragments(text: &str, n: usize) -> Vec<u8> {
+    let (head, tail) = text.split_at(text.len() - 1);
+    let mut out = fragment(frame::OP_TEXT, head.as_bytes(), false);
+    for _ in 0..n - 2 {
+        out.extend_from_slice(&fragment(frame::OP_CONT, b"", false));
+    }
+    out.extend_from_slice(&fragment(frame::OP_CONT, tail.as_bytes(), true));
+    out
+}
+
+/// Writes `first` once, then `chunk` again and again (at most 2 GB), while reading what
+/// the server sends until its close frame or EOF, which must come within `WAIT`. Returns
+/// the server's frames and the bytes written.
+async fn flood_until_closed(
+    stream: TcpStream,
+    first: Vec<u8>,
+    chunk: Vec<u8>,
+) -> (Vec<Frame>, u64) {
+    let (mut rd, mut wr) = stream.into_split();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = written.clone();
+    let writer = tokio::spawn(async move {
+        if wr.write_all(&first).await.is_err() {
+            return;
+        }
+        while counter.load(std::sync::atomic::Ordering::Relaxed) < 2_000_000_000 {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+            counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let read = async {
+        let mut d = Decoder::new(Role::Client, 1 << 20);
+        let mut frames = Vec::new();
+        loop {
+            while let Ok(Some(f)) = d.next_message() {
+                let closed = matches!(f, Frame::Close(..));
+                frames.push(f);
+                if closed {
+                    return frames;
+                }
+            }
+            match rd.read_buf(d.buffer_mut(64 * 1024)).await {
+                Ok(0) | Err(_) => return frames,
+                Ok(_) => {}
+            }
+        }
+    };
+    let frames = tokio::time::timeout(WAIT, read).await;
+    writer.abort();
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    let frames = frames.unwrap_or_else(|_| {
+        panic!("the server did not close the flooding socket within {WAIT:?} ({sent} bytes sent)")
+    });
+    (frames, sent)
+}
+
+fn error_codes(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Text(t) => serde_json::from_slice::<serde_json::Value>(t).ok(),
+            _ => None,
+        })
+        .filter(|v| v["op"] == "error")
+        .map(|v| v["code"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The server's next frame on a raw client socket.
+async fn next_server_frame(s: &mut TcpStream, d: &mut Decoder) -> Frame {
+    loop {
+        if let Some(f) = d.next_message().expect("the server's frames decode") {
+            return f;
+        }
+        let n = within("a frame from the server", s.read_buf(d.buffer_mut(4096)))
+            .await
+            .unwrap();
+        assert!(n > 0, "the server closed the socket");
+    }
+}
+
+/// The next text frame as JSON, skipping pings and pongs.
+async fn next_server_json(s: &mut TcpStream, d: &mut Decoder) -> serde_json::Value {
+    loop {
+        match next_server_frame(s, d).await {
+            Frame::Text(t) => return serde_json::from_slice(&t).unwrap(),
+            Frame::Ping(_) | Frame::Pong(_) => {}
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// The `crier_disconnects_total` of WebSocket connections for `reason`, from /metrics.
+async fn ws_disconnects(addr: SocketAddr, reason: &str) -> u64 {
+    let (status, body) = HttpClient::new(None)
+        .get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("GET /metrics");
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body).to_string();
+    text.lines()
+        .filter(|l| l.starts_with("crier_disconnects_total{"))
+        .filter(|l| l.contains("transport=\"ws\"") && l.contains(&format!("reason=\"{reason}\"")))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The finding as reported: a text frame with FIN=0, then empty continuations without end.
+/// Each is a frame, so the defaults' command budget (100/s, bursts of 200) ends it with
+/// `too_many_commands` and close 4500; a healthy subscriber beside it misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_empty_continuations_are_closed_with_4500() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &[]);
+    let addr: SocketAddr = addr.parse().unwrap();
+    let n = 100;
+    let subscriber = healthy(addr, n).await;
+    let publisher = tokio::spawn(publish_all(addr, n));
+
+    let attacker = raw_ws(addr, "", None).await;
+    let first = fragment(frame::OP_TEXT, br#"{"op":"#, false);
+    let empty = fragment(frame::OP_CONT, b"", false).repeat(10_000);
+    let (frames, sent) = flood_until_closed(attacker, first, empty).await;
+    eprintln!(
+        "empty continuations: closed after {sent} bytes sent ({} frames)",
+        sent / 6
+    );
+    assert_eq!(error_codes(&frames), ["too_many_commands"], "{frames:?}");
+    assert_eq!(close_code(&frames), Some(4500), "{frames:?}");
+
+    within("publisher", publisher).await.unwrap();
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    assert_eq!(ws_disconnects(addr, "too_many_commands").await, 1);
+}
+
+/// Pings were counted already; unsolicited pongs are frames too, and a flood of either
+/// ends with close 4500 at the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_pong_floods_count_against_the_command_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &[]);
+    let addr: SocketAddr = addr.parse().unwrap();
+    let n = 100;
+    let subscriber = healthy(addr, n).await;
+    let publisher = tokio::spawn(publish_all(addr, n));
+    for opcode in [frame::OP_PING, frame::OP_PONG] {
+        let attacker = raw_ws(addr, "", None).await;
+        let flood = masked(opcode, b"").repeat(10_000);
+        let (frames, sent) = flood_until_closed(attacker, Vec::new(), flood).await;
+        eprintln!("opcode {opcode:#x}: closed after {sent} bytes sent");
+        assert_eq!(error_codes(&frames), ["too_many_commands"], "{frames:?}");
+        assert_eq!(
+            close_code(&frames),
+            Some(4500),
+            "opcode {opcode:#x}: {frames:?}"
+        );
+        // Pings within the budget were answered, pongs never are.
+        let pongs = frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Pong(_)))
+            .count();
+        if opcode == frame::OP_PONG {
+            assert_eq!(pongs, 0);
+        } else {
+            assert!((1..=200).contains(&pongs), "{pongs} pongs");
+        }
+    }
+    within("publisher", publisher).await.unwrap();
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    assert_eq!(ws_disconnects(addr, "too_many_commands").await, 2);
+}
+
+/// With the command rate out of the way (an operator raised it), a message still cannot be
+/// assembled from more than `max_fragments_per_message` fragments: by default one per 64
+/// bytes of `max_message_bytes`, 1,024 at the default 64 KiB. A message of exactly that
+/// many is answered; one more fragment, or an endless run of empty continuations, gets
+/// close 4502 `too_many_fragments`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_past_the_fragment_cap_is_closed_with_4502() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, addr) = serve_binary(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--max-commands-per-second", "100000000"],
+    );
+    let addr: SocketAddr = addr.parse().unwrap();
+    let n = 100;
+    let subscriber = healthy(addr, n).await;
+    let publisher = tokio::spawn(publish_all(addr, n));
+
+    // At the cap: answered.
+    let mut s = raw_ws(addr, "", None).await;
+    let mut d = Decoder::new(Role::Client, 1 << 20);
+    s.write_all(&in_fragments(r#"{"op":"ping","id":1}"#, 1024))
+        .await
+        .unwrap();
+    let reply = next_server_json(&mut s, &mut d).await;
+    assert_eq!(
+        (&reply["op"], &reply["id"]),
+        (&"pong".into(), &1.into()),
+        "{reply}"
+    );
+    // One past it: closed, at the fragment that goes over.
+    s.write_all(&in_fragments(r#"{"op":"ping","id":2}"#, 1025))
+        .await
+        .unwrap();
+    let frames = server_frames(&mut s).await;
+    assert_eq!(close_code(&frames), Some(4502), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, Frame::Close(_, r) if &r[..] == b"too_many_fragments")),
+        "{frames:?}"
+    );
+    assert_eq!(error_codes(&frames), Vec::<String>::new());
+
+    // The finding's attack, with the rate raised: ended by the fragment cap.
+    let attacker = raw_ws(addr, "", None).await;
+    let first = fragment(frame::OP_TEXT, br#"{"op":"#, false);
+    let empty = fragment(frame::OP_CONT, b"", false).repeat(10_000);
+    let (frames, sent) = flood_until_closed(attacker, first, empty).await;
+    eprintln!("empty continuations, rate raised: closed after {sent} bytes sent");
+    assert_eq!(close_code(&frames), Some(4502), "{frames:?}");
+
+    within("publisher", publisher).await.unwrap();
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
+    assert_eq!(ws_disconnects(addr, "too_many_fragments").await, 2);
+}
+
+/// Legitimate fragmentation keeps working at the default command rate: a subscribe in 16
+/// fragments with a ping between them is answered (pong first, then `subscribed`), and
+/// publications follow. `--max-fragments-per-message 16` makes the 17th fragment of the
+/// next message one too many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_message_under_the_cap_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, addr) = serve_binary(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--max-fragments-per-message", "16"],
+    );
+    let addr: SocketAddr = addr.parse().unwrap();
+    let n = 40;
+    let subscriber = healthy(addr, n).await;
+
+    let mut s = raw_ws(addr, "", None).await;
+    let mut d = Decoder::new(Role::Client, 1 << 20);
+    let cmd = r#"{"op":"subscribe","topic":"frag","id":"f"}"#;
+    // 16 fragments of 2-3 bytes each, a ping after the 8th.
+    let b = cmd.as_bytes();
+    let pieces: Vec<&[u8]> = (0..16)
+        .map(|i| &b[i * b.len() / 16..(i + 1) * b.len() / 16])
+        .collect();
+    let mut msg = Vec::new();
+    for (i, p) in pieces.iter().enumerate() {
+        let op = if i == 0 {
+            frame::OP_TEXT
+        } else {
+            frame::OP_CONT
+        };
+        msg.extend_from_slice(&fragment(op, p, i == 15));
+        if i == 7 {
+            msg.extend_from_slice(&masked(frame::OP_PING, b"mid"));
+        }
+    }
+    s.write_all(&msg).await.unwrap();
+    assert_eq!(
+        next_server_frame(&mut s, &mut d).await,
+        Frame::Pong(bytes::Bytes::from_static(b"mid"))
+    );
+    let reply = next_server_json(&mut s, &mut d).await;
+    assert_eq!(
+        (&reply["op"], &reply["id"]),
+        (&"subscribed".into(), &"f".into()),
+        "{reply}"
+    );
+    let (status, body) = HttpClient::new(None)
+        .post(
+            &format!("http://{addr}/api/publish/frag"),
+            "{\"x\":1}".to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let publication = next_server_json(&mut s, &mut d).await;
+    assert_eq!(publication["data"]["x"], 1, "{publication}");
+
+    // 17 fragments: one too many.
+    s.write_all(&in_fragments(r#"{"op":"ping"}"#, 17))
+        .await
+        .unwrap();
+    let frames = server_frames(&mut s).await;
+    assert_eq!(close_code(&frames), Some(4502), "{frames:?}");
+
+    publish_all(addr, n).await;
+    within("healthy client got everything", subscriber)
+        .await
+        .unwrap();
 }

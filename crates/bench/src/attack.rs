@@ -59,6 +59,10 @@ pub enum AttackKind {
     /// Upgraded /ws socket declaring a 2^62-byte binary frame (64-bit length), then sending
     /// its payload 64 bytes per second.
     BigFrame,
+    /// Upgraded /ws socket sending a text frame without FIN (`{"op":`), then empty masked
+    /// continuation frames without FIN (00 80 + mask, 6 bytes each) in 64 KiB writes as
+    /// fast as it can, never finishing the message (issue 15, finding 3).
+    EmptyContinuation,
 }
 
 impl AttackKind {
@@ -71,6 +75,7 @@ impl AttackKind {
             AttackKind::SlowBody => "slow-body",
             AttackKind::ConnFlood => "conn-flood",
             AttackKind::BigFrame => "big-frame",
+            AttackKind::EmptyContinuation => "empty-continuation",
         }
     }
 }
@@ -213,6 +218,12 @@ pub struct AttackReport {
     /// The attack was cut short because the server's RSS passed this many KiB.
     pub rss_limit_kib: Option<u64>,
     pub rss_limit_hit: bool,
+    /// Server CPU time (user + system, seconds) from the attack's start until its attackers
+    /// are gone (`secs`), healthy load included.
+    pub cpu_secs: Option<f64>,
+    /// With `--baseline`: (cpu_secs - the baseline's CPU per second x secs) / attackers, in
+    /// milliseconds: what one attacking socket cost the server beyond the healthy load.
+    pub cpu_ms_per_attacker: Option<f64>,
     /// The same healthy load without the attack, run first (`--baseline`).
     pub baseline: Option<BaselineReport>,
 }
@@ -220,6 +231,8 @@ pub struct AttackReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BaselineReport {
     pub latency_ms: Percentiles,
+    /// Server CPU per second (cores busy) while the baseline published.
+    pub server_cpu_cores: Option<f64>,
     pub expected_deliveries: u64,
     pub delivered: u64,
     pub lost: u64,
@@ -286,6 +299,21 @@ impl AttackReport {
                 ""
             }
         );
+        if let Some(cpu) = self.cpu_secs {
+            let _ = writeln!(
+                s,
+                "  cpu          server {cpu:.2} s in {:.1} s of attack ({:.2} cores){}",
+                self.secs,
+                cpu / self.secs.max(1e-9),
+                match (&self.baseline, self.cpu_ms_per_attacker) {
+                    (Some(b), Some(ms)) => format!(
+                        ", baseline {:.2} cores: {ms:.2} ms per attacker",
+                        b.server_cpu_cores.unwrap_or_default()
+                    ),
+                    _ => String::new(),
+                }
+            );
+        }
         if let Some(b) = &self.baseline {
             let _ = writeln!(
                 s,
@@ -331,6 +359,7 @@ pub struct Running {
     limit_hit: Arc<AtomicBool>,
     rss_limit_kib: Option<u64>,
     rss_before: Option<u64>,
+    cpu_before: Option<f64>,
     server_pid: Option<u32>,
 }
 
@@ -352,6 +381,7 @@ pub async fn start(plan: Plan, addr: SocketAddr) -> anyhow::Result<Running> {
         "--attack needs an IPv4 loopback server address (attackers bind 127.0.0.6-9)"
     );
     let rss_before = plan.server_pid.and_then(super::rss_kib);
+    let cpu_before = plan.server_pid.and_then(super::cpu_secs);
     let ctx = Arc::new(Ctx {
         kind: plan.kind,
         addr,
@@ -411,6 +441,7 @@ pub async fn start(plan: Plan, addr: SocketAddr) -> anyhow::Result<Running> {
         limit_hit,
         rss_limit_kib: plan.server_pid.map(|_| plan.rss_limit_kib),
         rss_before,
+        cpu_before,
         server_pid: plan.server_pid,
     })
 }
@@ -428,6 +459,7 @@ impl Running {
             }));
         }
         let secs = self.ctx.since_start();
+        let cpu_after = self.server_pid.and_then(super::cpu_secs);
         self.sampler_done.cancel();
         let peak = match self.sampler.take() {
             Some(h) => h.await.ok().flatten(),
@@ -458,6 +490,7 @@ impl Running {
             bytes_per_attacker_after: per(after),
             rss_limit_kib: self.rss_limit_kib,
             rss_limit_hit: self.limit_hit.load(Ordering::Relaxed),
+            cpu_secs: self.cpu_before.zip(cpu_after).map(|(b, a)| a - b),
             ..Default::default()
         };
         let mut ended = super::subscriber::new_histogram();
@@ -590,6 +623,23 @@ async fn attacker(ctx: Arc<Ctx>, i: usize, ready: mpsc::Sender<()>) -> AttackerR
             )
             .await
         }
+        AttackKind::EmptyContinuation => {
+            let mut stream = stream;
+            let mut first = masked_text(br#"{"op":"#);
+            first[0] &= 0x7F; // no FIN: a message the continuations never finish
+            if stream.write_all(&first).await.is_err() {
+                return AttackerResult {
+                    ending: Ending::Reset,
+                    ended_after: Some(ctx.since_start()),
+                    ..Default::default()
+                };
+            }
+            ctx.bytes_sent
+                .fetch_add(first.len() as u64, Ordering::Relaxed);
+            let mut empty = vec![frame::OP_CONT, 0x80];
+            empty.extend_from_slice(&rand::random::<[u8; 4]>());
+            flood(&ctx, stream, rest, repeat_to(&empty, FLOOD_WRITE)).await
+        }
         AttackKind::ConnFlood => unreachable!("handled by open"),
     }
 }
@@ -607,7 +657,9 @@ async fn open(ctx: &Ctx, i: usize) -> Opened {
     let (rcvbuf, upgrade) = match ctx.kind {
         AttackKind::ConnFlood => return Opened::Flood,
         AttackKind::PingFlood | AttackKind::CommandFlood => (Some(FLOOD_RCVBUF), true),
-        AttackKind::TopicFlood | AttackKind::BigFrame => (None, true),
+        AttackKind::TopicFlood | AttackKind::BigFrame | AttackKind::EmptyContinuation => {
+            (None, true)
+        }
         AttackKind::Slowloris | AttackKind::SlowBody => (None, false),
     };
     let mut stream = match connect(ctx, i, rcvbuf).await {
@@ -1042,11 +1094,26 @@ async fn conn_flood(ctx: &Ctx, i: usize) -> AttackerResult {
 pub fn baseline_of(base: &super::report::Report, attacked_p99: f64) -> BaselineReport {
     BaselineReport {
         latency_ms: base.latency_ms,
+        server_cpu_cores: base.server_cpu_cores,
         expected_deliveries: base.expected_deliveries,
         delivered: base.delivered,
         lost: base.lost,
         subscribers_closed: base.subscribers_closed,
         p99_ratio: (base.latency_ms.p99 > 0.0).then(|| attacked_p99 / base.latency_ms.p99),
+    }
+}
+
+impl AttackReport {
+    /// Sets `baseline` and, from its CPU per second, what each attacker cost beyond it.
+    pub fn compare_with(&mut self, base: &super::report::Report, attacked_p99: f64) {
+        let b = baseline_of(base, attacked_p99);
+        self.cpu_ms_per_attacker = match (self.cpu_secs, b.server_cpu_cores) {
+            (Some(cpu), Some(cores)) if self.attackers > 0 => {
+                Some((cpu - cores * self.secs) / self.attackers as f64 * 1000.0)
+            }
+            _ => None,
+        };
+        self.baseline = Some(b);
     }
 }
 

@@ -339,6 +339,17 @@ pub fn loopback_addr(url: &str) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Server CPU time, user + system of all its threads, in seconds from /proc/PID/stat
+/// (Linux counts it in USER_HZ ticks: 100 a second).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2, the command name, may hold spaces: count from the `)` that ends it. After it
+    // come field 3 (state) onwards, so utime (14) and stime (15) are the 12th and 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
 /// Server RSS in KiB from /proc/PID/status.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -612,6 +623,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     // Publish, and wait for the deliveries.
     let published_ok = Arc::new(AtomicU64::new(0));
     let publish_start = Instant::now();
+    let cpu_before = args.server_pid.and_then(cpu_secs);
     let client = HttpClient::new(args.key.clone());
     let publish_urls = args
         .publish_bases()?
@@ -655,6 +667,9 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pb.finish_and_clear();
+    if let Some((b, a)) = cpu_before.zip(args.server_pid.and_then(cpu_secs)) {
+        report.server_cpu_cores = Some((a - b) / publish_start.elapsed().as_secs_f64().max(1e-9));
+    }
     if let Some(a) = attack {
         report.attack = Some(a.finish().await);
     }
@@ -698,7 +713,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
             .collect();
     }
     if let (Some(a), Some(base)) = (report.attack.as_mut(), baseline.as_ref()) {
-        a.baseline = Some(attack::baseline_of(base, report.latency_ms.p99));
+        a.compare_with(base, report.latency_ms.p99);
     }
 
     if args.stalled > 0 {
@@ -944,6 +959,19 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_proc() {
+        let before = cpu_secs(std::process::id()).expect("/proc/self/stat");
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let after = cpu_secs(std::process::id()).unwrap();
+        assert!(after >= before && before >= 0.0, "{before} -> {after}");
+        assert_eq!(cpu_secs(u32::MAX), None);
+    }
 
     #[test]
     fn loopback_only() {

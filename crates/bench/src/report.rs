@@ -107,6 +107,9 @@ pub struct Report {
     pub timed_out: bool,
     /// Publish-to-receive latency, milliseconds.
     pub latency_ms: Percentiles,
+    /// With --server-pid: the server's CPU per second (cores busy) from the first publish
+    /// until the deliveries were in.
+    pub server_cpu_cores: Option<f64>,
     pub stalled: Option<StalledReport>,
     pub idle: Option<IdleReport>,
     /// --mode scores.

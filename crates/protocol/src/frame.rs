@@ -80,6 +80,17 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// What one frame amounted to (`Decoder::next_frame`).
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// A control frame, or the data frame that completed a message.
+    Message(Message),
+    /// A data frame taken into a message still being assembled (a first frame without FIN,
+    /// or a continuation before the last). It carries nothing the caller can use yet, but
+    /// it cost a decode: callers that budget a peer's frames count it.
+    Fragment,
+}
+
 /// A complete message (fragments joined) or a control frame.
 #[derive(Debug, PartialEq)]
 pub enum Message {
@@ -99,6 +110,9 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("text message is not UTF-8")]
     BadUtf8,
+    /// A message needed more frames than the decoder's fragment cap.
+    #[error("message in more than {0} fragments")]
+    TooManyFragments(usize),
 }
 
 /// Which side's frames this decoder reads: servers require masked frames, clients forbid them.
@@ -108,28 +122,48 @@ pub enum Role {
     Client,
 }
 
-/// Incremental decoder. Feed it bytes with `buffer_mut`, take messages with `next`.
-/// Holds no allocation while idle: `shrink_if_empty` gives the buffer back between bursts.
+/// Incremental decoder. Feed it bytes with `buffer_mut`, take messages with `next_message`
+/// (or frame by frame with `next_frame`). Holds no allocation while idle: `shrink_if_empty`
+/// gives the buffer back between bursts.
 pub struct Decoder {
     role: Role,
     max_message: usize,
+    /// Most frames one message may arrive in (`with_max_fragments`).
+    max_fragments: usize,
     buf: BytesMut,
     /// Opcode and data of a fragmented message in progress.
     partial: Option<(u8, BytesMut)>,
+    /// Frames the message in `partial` has arrived in so far.
+    fragments: usize,
     /// How much of a fragmented text message is known to be UTF-8 (always on a character
     /// boundary), so each fragment is checked once and bad text fails at its fragment.
     utf8_checked: usize,
 }
 
 impl Decoder {
+    /// A decoder of messages up to `max_message` bytes, in any number of fragments (see
+    /// `with_max_fragments`).
     pub fn new(role: Role, max_message: usize) -> Self {
         Decoder {
             role,
             max_message,
+            max_fragments: usize::MAX,
             buf: BytesMut::new(),
             partial: None,
+            fragments: 0,
             utf8_checked: 0,
         }
+    }
+
+    /// Caps the frames one message may arrive in (its first frame and every continuation,
+    /// `max_fragments` >= 1; 1 allows no fragmentation). Empty continuations hold no bytes,
+    /// so `max_message` alone would let a message that never ends cost a decode per 6-byte
+    /// frame for ever. The frame that would go past the cap fails at its header with
+    /// `FrameError::TooManyFragments`: the cap's last frame without FIN already does, as
+    /// that message cannot end in time.
+    pub fn with_max_fragments(mut self, max_fragments: usize) -> Self {
+        self.max_fragments = max_fragments.max(1);
+        self
     }
 
     /// The read buffer, with at least `want` bytes of spare capacity.
@@ -157,63 +191,86 @@ impl Decoder {
         }
     }
 
+    /// The next complete message or control frame; fragments are joined on the way.
     pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
         loop {
-            let Some((fin, opcode, payload)) = self.next_frame()? else {
-                return Ok(None);
-            };
-            match opcode {
-                OP_CLOSE => {
-                    if payload.len() == 1 {
-                        return Err(FrameError::Protocol("close payload of one byte"));
-                    }
-                    if payload.len() >= 2 {
-                        let code = u16::from_be_bytes([payload[0], payload[1]]);
-                        if !close_code_allowed(code) {
-                            return Err(FrameError::Protocol("close code not allowed on the wire"));
-                        }
-                        let reason = payload.slice(2..);
-                        if std::str::from_utf8(&reason).is_err() {
-                            return Err(FrameError::BadUtf8);
-                        }
-                        return Ok(Some(Message::Close(Some(code), reason)));
-                    }
-                    return Ok(Some(Message::Close(None, Bytes::new())));
-                }
-                OP_PING => return Ok(Some(Message::Ping(payload))),
-                OP_PONG => return Ok(Some(Message::Pong(payload))),
-                OP_TEXT | OP_BINARY => {
-                    if self.partial.is_some() {
-                        return Err(FrameError::Protocol("new message inside a fragmented one"));
-                    }
-                    if fin {
-                        return self.finish(opcode, payload).map(Some);
-                    }
-                    let data = BytesMut::from(&payload[..]);
-                    self.utf8_checked = 0;
-                    if opcode == OP_TEXT {
-                        self.check_utf8_prefix(&data)?;
-                    }
-                    self.partial = Some((opcode, data));
-                }
-                OP_CONT => {
-                    let Some((op, mut data)) = self.partial.take() else {
-                        return Err(FrameError::Protocol("continuation without a message"));
-                    };
-                    if data.len() + payload.len() > self.max_message {
-                        return Err(FrameError::TooLarge(self.max_message));
-                    }
-                    data.extend_from_slice(&payload);
-                    if fin {
-                        return self.finish(op, data.freeze()).map(Some);
-                    }
-                    if op == OP_TEXT {
-                        self.check_utf8_prefix(&data)?;
-                    }
-                    self.partial = Some((op, data));
-                }
-                _ => return Err(FrameError::Protocol("unknown opcode")),
+            match self.next_frame()? {
+                None => return Ok(None),
+                Some(Decoded::Message(m)) => return Ok(Some(m)),
+                Some(Decoded::Fragment) => {}
             }
+        }
+    }
+
+    /// Decodes one frame, or None when more bytes are needed. A peer's frames can be
+    /// budgeted one by one with this: `next_message` would decode any number of fragments
+    /// in one call.
+    pub fn next_frame(&mut self) -> Result<Option<Decoded>, FrameError> {
+        let Some((fin, opcode, payload)) = self.read_frame()? else {
+            return Ok(None);
+        };
+        self.interpret(fin, opcode, payload).map(Some)
+    }
+
+    /// What one raw frame means, given the message in progress.
+    fn interpret(&mut self, fin: bool, opcode: u8, payload: Bytes) -> Result<Decoded, FrameError> {
+        let message = |m| Ok(Decoded::Message(m));
+        match opcode {
+            OP_CLOSE => {
+                if payload.len() == 1 {
+                    return Err(FrameError::Protocol("close payload of one byte"));
+                }
+                if payload.len() >= 2 {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    if !close_code_allowed(code) {
+                        return Err(FrameError::Protocol("close code not allowed on the wire"));
+                    }
+                    let reason = payload.slice(2..);
+                    if std::str::from_utf8(&reason).is_err() {
+                        return Err(FrameError::BadUtf8);
+                    }
+                    return message(Message::Close(Some(code), reason));
+                }
+                message(Message::Close(None, Bytes::new()))
+            }
+            OP_PING => message(Message::Ping(payload)),
+            OP_PONG => message(Message::Pong(payload)),
+            OP_TEXT | OP_BINARY => {
+                if self.partial.is_some() {
+                    return Err(FrameError::Protocol("new message inside a fragmented one"));
+                }
+                if fin {
+                    return self.finish(opcode, payload).map(Decoded::Message);
+                }
+                let data = BytesMut::from(&payload[..]);
+                self.utf8_checked = 0;
+                if opcode == OP_TEXT {
+                    self.check_utf8_prefix(&data)?;
+                }
+                self.partial = Some((opcode, data));
+                self.fragments = 1;
+                Ok(Decoded::Fragment)
+            }
+            OP_CONT => {
+                let Some((op, mut data)) = self.partial.take() else {
+                    return Err(FrameError::Protocol("continuation without a message"));
+                };
+                if data.len() + payload.len() > self.max_message {
+                    return Err(FrameError::TooLarge(self.max_message));
+                }
+                data.extend_from_slice(&payload);
+                self.fragments += 1;
+                if fin {
+                    self.fragments = 0;
+                    return self.finish(op, data.freeze()).map(Decoded::Message);
+                }
+                if op == OP_TEXT {
+                    self.check_utf8_prefix(&data)?;
+                }
+                self.partial = Some((op, data));
+                Ok(Decoded::Fragment)
+            }
+            _ => Err(FrameError::Protocol("unknown opcode")),
         }
     }
 
@@ -240,7 +297,7 @@ impl Decoder {
     }
 
     /// One raw frame (unmasked payload), or None when more bytes are needed.
-    fn next_frame(&mut self) -> Result<Option<(bool, u8, Bytes)>, FrameError> {
+    fn read_frame(&mut self) -> Result<Option<(bool, u8, Bytes)>, FrameError> {
         let b = &self.buf[..];
         if b.len() < 2 {
             return Ok(None);
@@ -283,12 +340,20 @@ impl Decoder {
                 "control frame fragmented or over 125 bytes",
             ));
         }
-        // A continuation is judged with what its message already holds, as soon as its
-        // header is in: nothing of a message that cannot fit is ever buffered.
-        let so_far = match (&self.partial, opcode) {
-            (Some((_, data)), OP_CONT) => data.len() as u64,
-            _ => 0,
+        // A data frame is judged as soon as its header is in, with what its message holds
+        // already: nothing of a message that cannot fit is ever buffered, and the frame that
+        // takes a message past the fragment cap (a frame without FIN at the cap already: its
+        // message could not end in time) is refused before its payload. Frames that break
+        // the rules (a continuation of nothing, a message inside a message) are left to
+        // `interpret`, as protocol errors.
+        let (so_far, nth) = match (&self.partial, opcode) {
+            (Some((_, data)), OP_CONT) => (data.len() as u64, self.fragments + 1),
+            (None, OP_TEXT | OP_BINARY) => (0, 1),
+            _ => (0, 0),
         };
+        if nth > 0 && nth + usize::from(!fin) > self.max_fragments {
+            return Err(FrameError::TooManyFragments(self.max_fragments));
+        }
         if len + so_far > self.max_message as u64 {
             return Err(FrameError::TooLarge(self.max_message));
         }
@@ -490,6 +555,77 @@ mod tests {
         let mut d = Decoder::new(Role::Server, 1024);
         feed(&mut d, &frag(OP_BINARY, false, b"\xFF"));
         assert_eq!(d.next_message(), Ok(None));
+    }
+
+    fn fragment(op: u8, fin: bool, p: &[u8]) -> Vec<u8> {
+        let mut f = encode_masked(op, p, [5; 4]).to_vec();
+        if !fin {
+            f[0] &= 0x7F;
+        }
+        f
+    }
+
+    #[test]
+    fn each_frame_is_one_step() {
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &fragment(OP_TEXT, false, b"a"));
+        feed(&mut d, &fragment(OP_CONT, false, b""));
+        feed(&mut d, &encode_masked(OP_PONG, b"", [1; 4]));
+        feed(&mut d, &fragment(OP_CONT, true, b"b"));
+        assert_eq!(d.next_frame(), Ok(Some(Decoded::Fragment)));
+        assert_eq!(d.next_frame(), Ok(Some(Decoded::Fragment)));
+        assert_eq!(
+            d.next_frame(),
+            Ok(Some(Decoded::Message(Message::Pong(Bytes::new()))))
+        );
+        assert_eq!(
+            d.next_frame(),
+            Ok(Some(Decoded::Message(Message::Text(Bytes::from("ab")))))
+        );
+        assert_eq!(d.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn fragments_past_the_cap_fail_at_the_header() {
+        let mut d = Decoder::new(Role::Server, 1024).with_max_fragments(3);
+        // Two messages of exactly three fragments, a ping inside one (not a fragment).
+        for _ in 0..2 {
+            feed(&mut d, &fragment(OP_TEXT, false, b"x"));
+            feed(&mut d, &encode_masked(OP_PING, b"", [1; 4]));
+            feed(&mut d, &fragment(OP_CONT, false, b""));
+            feed(&mut d, &fragment(OP_CONT, true, b"y"));
+            assert_eq!(d.next_message(), Ok(Some(Message::Ping(Bytes::new()))));
+            assert_eq!(d.next_message(), Ok(Some(Message::Text(Bytes::from("xy")))));
+        }
+        // A third fragment without FIN leaves the message needing a fourth: refused on its
+        // header, before its 100 payload bytes come.
+        feed(&mut d, &fragment(OP_BINARY, false, b""));
+        feed(&mut d, &fragment(OP_CONT, false, b""));
+        feed(&mut d, &[0x00, 0x80 | 100, 1, 2, 3, 4]);
+        assert_eq!(d.next_frame(), Ok(Some(Decoded::Fragment)));
+        assert_eq!(d.next_frame(), Ok(Some(Decoded::Fragment)));
+        assert_eq!(d.next_frame(), Err(FrameError::TooManyFragments(3)));
+
+        // 1 (or 0, taken as 1) allows no fragmentation; a plain decoder allows any number.
+        let mut d = Decoder::new(Role::Server, 1024).with_max_fragments(0);
+        feed(&mut d, &fragment(OP_TEXT, true, b"whole"));
+        feed(&mut d, &fragment(OP_TEXT, false, b"a"));
+        assert_eq!(
+            d.next_message(),
+            Ok(Some(Message::Text(Bytes::from("whole"))))
+        );
+        assert_eq!(d.next_message(), Err(FrameError::TooManyFragments(1)));
+        // A continuation of nothing stays a protocol error.
+        let mut d = Decoder::new(Role::Server, 1024).with_max_fragments(1);
+        feed(&mut d, &fragment(OP_CONT, false, b""));
+        assert!(matches!(d.next_message(), Err(FrameError::Protocol(_))));
+        let mut d = Decoder::new(Role::Server, 1024);
+        feed(&mut d, &fragment(OP_TEXT, false, b"a"));
+        for _ in 0..10_000 {
+            feed(&mut d, &fragment(OP_CONT, false, b""));
+        }
+        feed(&mut d, &fragment(OP_CONT, true, b"b"));
+        assert_eq!(d.next_message(), Ok(Some(Message::Text(Bytes::from("ab")))));
     }
 
     #[test]
