@@ -75,11 +75,10 @@ fn bad_name(e: BoardError) -> ApiError {
     }
 }
 
-#[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
 #[derive(Deserialize)]
-pub struct ListQuery {
-    pub limit: Option<usize>,
-    pub cursor: Option<String>,
+struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 /// One page of boards in name order: `limit` (default 100, at most 1000, at least 1)
