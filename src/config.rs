@@ -433,6 +433,14 @@ settings! {
     board_top: usize = 10, example "20", invalid "101";
     /// Shortest gap between two live updates of one board; bursts within it coalesce.
     board_update_interval: Duration = Duration::from_millis(50), example "100ms";
+    /// Most leaderboards the node holds (under --redis: all nodes together); past it a new
+    /// board is refused (503 too_many_boards). Boards already stored are kept and stay
+    /// writable when a restart lowers it.
+    max_boards: usize = 10_000, example "100", invalid "0";
+    /// Most players one board holds, unless its [[board]] table sets its own; a score batch
+    /// that would add players past it is refused whole (409 too_many_players). Players
+    /// already on a board keep posting, also when a restart lowers it.
+    max_players_per_board: usize = 100_000, example "1000", invalid "0";
     /// Most open TCP connections (WebSocket, SSE and plain HTTP together) from one client
     /// address; IPv6 addresses count per /64. High because thousands of users can share
     /// one NAT address.
@@ -705,6 +713,11 @@ impl Config {
                 "{name} must be at least 10ms"
             );
         }
+        anyhow::ensure!(self.max_boards >= 1, "max_boards must be at least 1");
+        anyhow::ensure!(
+            self.max_players_per_board >= 1,
+            "max_players_per_board must be at least 1"
+        );
         anyhow::ensure!(
             (1..=MAX_BOARD_TOP).contains(&self.board_top),
             "board_top must be between 1 and {MAX_BOARD_TOP}"

@@ -157,6 +157,10 @@ error_codes! {
         "a player is over the board policy's `max_submissions_per_minute`";
     Conflict = "conflict", http(409),
         "the change would move every rank (changing `order` of a board with players): reset it first";
+    TooManyBoards = "too_many_boards", http(503),
+        "a new board past `max_boards` (under `--redis`: counted over every node); nothing was created, existing boards keep working";
+    TooManyPlayers = "too_many_players", http(409),
+        "the batch would add players past the board's `max_players_per_board` (or its `[[board]]` table's own); nothing of it was applied, players already on the board can still post";
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -41,7 +41,7 @@ impl MemoryBroker {
             log.forget(&t.topic);
             return;
         }
-        if self.reserve(Creator::Publisher).is_err() {
+        if self.reserve(&t.topic, Creator::Publisher).is_err() {
             tracing::warn!(topic = %t.topic, "durable topic not restored: max_topics reached");
             return;
         }
@@ -119,7 +119,7 @@ impl MemoryBroker {
                 if let Some(duplicate) = self.replay_key(stream, st, req.idempotency_key, now)? {
                     return Ok(Some(duplicate));
                 }
-                self.mark_published(st);
+                self.mark_published(stream, st);
                 st.assigned += 1;
                 let p = Arc::new(Publication::new(stream.name.clone(), st.assigned, req.data));
                 let key_tx = req.idempotency_key.map(|key| {

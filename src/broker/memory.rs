@@ -54,6 +54,8 @@ pub struct MemoryBroker {
     pub(super) subscriber_topics: AtomicUsize,
     pub(super) max_topics: usize,
     pub(super) max_subscriber_topics: usize,
+    /// Published `board:*` topics: outside `max_topics` (see `table.rs`).
+    pub(super) board_topics: AtomicUsize,
     /// Everything kept in history, oldest first, for the node-wide byte budget.
     pub(super) kept: Mutex<VecDeque<Kept>>,
     /// Live entries of `kept` (the rest are stale).
@@ -84,6 +86,7 @@ impl MemoryBroker {
             subscriber_topics: AtomicUsize::new(0),
             max_topics: cfg.max_topics,
             max_subscriber_topics: cfg.max_subscriber_topics.min(cfg.max_topics),
+            board_topics: AtomicUsize::new(0),
             kept: Mutex::new(VecDeque::new()),
             kept_live: AtomicUsize::new(0),
             history_bytes: AtomicUsize::new(0),
@@ -143,6 +146,11 @@ impl MemoryBroker {
 
     pub fn topic_count(&self) -> usize {
         self.topic_count.load(Ordering::Relaxed)
+    }
+
+    /// Published `board:*` topics, which `topic_count` leaves out.
+    pub fn board_topic_count(&self) -> usize {
+        self.board_topics.load(Ordering::Relaxed)
     }
 
     /// Topics that exist only because of subscriptions (never published to).

@@ -86,7 +86,7 @@ impl MemoryBroker {
                     "a durable topic is published through the async path only".into(),
                 )));
             }
-            self.mark_published(st);
+            self.mark_published(stream, st);
             // Durable namespaces take the same steps with the log's commit between the
             // assignment and `commit` (`publish_durable`).
             st.assigned += 1;
@@ -106,15 +106,6 @@ impl MemoryBroker {
         }
         self.enforce_budget();
         result?
-    }
-
-    pub(super) fn mark_published(&self, st: &mut StreamState) {
-        if !st.published {
-            // From now on its offsets matter: it leaves the subscribers' budget.
-            st.published = true;
-            self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.subscriber_topics.dec();
-        }
     }
 
     /// Publishes without waiting (memory topics): for callers outside async code.

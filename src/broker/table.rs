@@ -15,6 +15,16 @@
 //!   entry found stale (the topic got a subscriber or retained state since) is dropped when
 //!   popped. Each entry is pushed by one idle transition and popped once, so eviction costs
 //!   amortized O(1) per topic, never a scan of the table.
+//!
+//! Published `board:*` topics are outside `max_topics` altogether. Each holds its board's
+//! retained snapshot, so it is never idle and never evicted: counted in `max_topics`, 1,100
+//! boards on a table of 1,000 would leave publishers nothing, for good. Only the leaderboard
+//! service publishes them (the publish API refuses the names), one per board, so they are
+//! bounded by the boards it holds (`max_boards`, or what the store held at start when a
+//! restart lowered it) and need no cap of their own here: they are counted apart
+//! (`board_topics`). A `board:*` topic that only has subscribers (no such board, or not
+//! published yet) is a subscriber topic like any other, and leaves both subscriber budgets
+//! the moment its board publishes.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -39,6 +49,12 @@ pub(super) enum Creator {
     Subscriber,
 }
 
+/// Whether a published topic of this name counts against the boards' budget rather than
+/// `max_topics` (see the module docs).
+pub(super) fn is_board_topic(name: &str) -> bool {
+    name.starts_with("board:")
+}
+
 /// What a stream needs after a change, done once its lock is released.
 pub(super) enum Settled {
     Kept,
@@ -61,7 +77,7 @@ impl MemoryBroker {
         if let Some(s) = self.lookup(name) {
             return Ok(s);
         }
-        self.reserve(by)?;
+        self.reserve(name, by)?;
         // One allocation of the name, shared by the table key, the stream and subscribers.
         let name: TopicName = name.into();
         let mut created = false;
@@ -89,13 +105,18 @@ impl MemoryBroker {
             }
         } else {
             // Someone created it meanwhile: give the place back.
-            self.release(by);
+            self.release(&s.name, by);
         }
         Ok(s)
     }
 
-    /// Takes a place in the table for a new topic, evicting idle topics if it is full.
-    pub(super) fn reserve(&self, by: Creator) -> Result<(), BrokerError> {
+    /// Takes a place in the table for a new topic, evicting idle topics if it is full. A
+    /// board's topic takes none (see the module docs).
+    pub(super) fn reserve(&self, name: &str, by: Creator) -> Result<(), BrokerError> {
+        if by == Creator::Publisher && is_board_topic(name) {
+            self.board_topics.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         if by == Creator::Subscriber
             && !try_take(&self.subscriber_topics, self.max_subscriber_topics)
         {
@@ -118,7 +139,11 @@ impl MemoryBroker {
         Ok(())
     }
 
-    pub(super) fn release(&self, by: Creator) {
+    pub(super) fn release(&self, name: &str, by: Creator) {
+        if by == Creator::Publisher && is_board_topic(name) {
+            self.board_topics.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         self.topic_count.fetch_sub(1, Ordering::Relaxed);
         if by == Creator::Subscriber {
             self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
@@ -180,10 +205,31 @@ impl MemoryBroker {
             // (A never-published one has nothing on disk: no write for a subscriber alone.)
             log.forget(&stream.name);
         }
+        let board = st.published && is_board_topic(&stream.name);
         drop(st);
-        self.topic_count.fetch_sub(1, Ordering::Relaxed);
+        if board {
+            self.board_topics.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.topic_count.fetch_sub(1, Ordering::Relaxed);
+        }
         self.metrics.topics.dec();
         true
+    }
+
+    /// The first publish to a topic a subscriber created: from now on its offsets matter,
+    /// so it leaves the subscribers' budget (and a board's topic leaves `max_topics` for
+    /// the boards' count). Under the stream lock.
+    pub(super) fn mark_published(&self, stream: &Stream, st: &mut StreamState) {
+        if st.published {
+            return;
+        }
+        st.published = true;
+        self.subscriber_topics.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.subscriber_topics.dec();
+        if is_board_topic(&stream.name) {
+            self.topic_count.fetch_sub(1, Ordering::Relaxed);
+            self.board_topics.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Called under the stream lock after every change: queues a published topic that
@@ -397,7 +443,7 @@ mod tests {
     #[test]
     fn a_full_table_with_nothing_idle_refuses_at_once() {
         let b = broker(3);
-        for t in ["board:a", "board:b", "board:c"] {
+        for t in ["state:a", "state:b", "state:c"] {
             publish_state(&b, t, "{}");
         }
         assert_eq!(idle_len(&b), 0);
@@ -412,9 +458,60 @@ mod tests {
         );
         assert_eq!(b.metrics.topics_refused.get(), 1);
         // Dropping the retained state makes a topic idle and evictable.
-        publish(&b, "board:b", "{}");
+        publish(&b, "state:b", "{}");
         publish(&b, "x", "1");
-        assert!(!exists(&b, "board:b"));
+        assert!(!exists(&b, "state:b"));
+        check_counts(&b);
+    }
+
+    /// Issue 15: board topics are retained, so never idle; counted in `max_topics` they
+    /// would fill it for good. Outside it, any number of boards leaves publishers and
+    /// subscribers their whole budgets.
+    #[test]
+    fn board_topics_never_take_the_table() {
+        let b = broker(4); // subscribers may create 2 topics
+        let watcher = ws_client();
+        // A watcher waiting for a board that has not published yet: a subscriber topic.
+        sub(&b, &watcher, "board:late").unwrap();
+        assert_eq!((b.topic_count(), b.subscriber_topic_count()), (1, 1));
+        for i in 0..100 {
+            publish_state(&b, &format!("board:b{i}"), "{}");
+        }
+        assert_eq!(b.board_topic_count(), 100);
+        assert_eq!(b.topic_count(), 1);
+        publish_state(&b, "board:late", "{}");
+        assert_eq!(
+            (
+                b.topic_count(),
+                b.subscriber_topic_count(),
+                b.board_topic_count()
+            ),
+            (0, 0, 101),
+            "its board published: it left both budgets of the table"
+        );
+        check_counts(&b);
+        for t in ["a", "b", "c", "d", "e", "f"] {
+            assert_eq!(publish(&b, t, "1").offset, 1);
+        }
+        assert_eq!(b.topic_count(), 4);
+        assert_eq!(
+            b.metrics.topics_evicted.get(),
+            2,
+            "only idle published topics"
+        );
+        let c = ws_client();
+        sub(&b, &c, "fresh-1").unwrap();
+        sub(&b, &c, "fresh-2").unwrap();
+        assert_eq!(
+            sub(&b, &c, "fresh-3").unwrap_err(),
+            BrokerError::TooManyTopics(TopicLimit::SubscriberCreated(2))
+        );
+        assert_eq!(b.board_topic_count(), 101, "no board topic was evicted");
+        let late = drain(&watcher);
+        assert_eq!(late.len(), 1, "the late board reached its watcher");
+        check_counts(&b);
+        b.remove_client(&c);
+        b.remove_client(&watcher);
         check_counts(&b);
     }
 

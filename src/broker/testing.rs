@@ -108,7 +108,12 @@ pub(crate) fn check_counts(b: &MemoryBroker) {
         .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
         .collect();
     let unpublished = streams.iter().filter(|t| !t.state.lock().published).count();
-    assert_eq!(b.topic_count(), streams.len());
+    let boards = streams
+        .iter()
+        .filter(|t| t.state.lock().published && t.name.starts_with("board:"))
+        .count();
+    assert_eq!(b.board_topic_count(), boards);
+    assert_eq!(b.topic_count() + boards, streams.len());
     assert_eq!(b.subscriber_topic_count(), unpublished);
     assert_eq!(b.metrics.subscriber_topics.get() as usize, unpublished);
     assert_eq!(b.metrics.topics.get() as usize, streams.len());

@@ -27,6 +27,8 @@ use crate::state::AppState;
 const MAX_SCORES_BODY: usize = 1024 * 1024;
 const MAX_PAGE: usize = 1000;
 const MAX_AROUND: usize = 100;
+/// Boards per page of `GET /api/boards` unless `limit` says otherwise; at most `MAX_PAGE`.
+const DEFAULT_BOARDS_PAGE: usize = 100;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -58,6 +60,10 @@ impl From<BoardError> for ApiError {
                 ErrorCode::StoreUnavailable,
                 "the score store could not commit this write; nothing was applied, retry later",
             ),
+            BoardError::TooManyBoards(_) => ApiError::new(ErrorCode::TooManyBoards, e.to_string()),
+            BoardError::TooManyPlayers { .. } => {
+                ApiError::new(ErrorCode::TooManyPlayers, e.to_string())
+            }
         }
     }
 }
@@ -69,22 +75,43 @@ fn bad_name(e: BoardError) -> ApiError {
     }
 }
 
-/// Private boards are left out for a reader whose token does not allow them, so their
-/// names are not told to whoever asks.
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// One page of boards in name order: `limit` (default 100, at most 1000, at least 1)
+/// boards named after `cursor`, and the `next_cursor` to pass for the next page (absent
+/// on the last). A cursor is a board name (any, not only an existing one), so a board is on
+/// exactly one page however boards come and go meanwhile. Private boards are left out for
+/// a reader whose token does not allow them, so their names are not told to whoever asks.
 async fn list(
     State(state): State<Arc<AppState>>,
+    Query(q): Query<ListQuery>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
-    let mut boards = state.boards.list();
-    if !state.auth.private.is_empty() {
-        boards.retain(|b| {
-            let name = b["name"].as_str().unwrap_or_default();
-            may_read(&state, name, grant.as_ref()).is_ok()
-        });
+    if let Some(c) = &q.cursor {
+        Boards::validate_name(c).map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadQuery,
+                "cursor must be a board name: the next_cursor of the previous page",
+            )
+        })?;
     }
-    Ok(Json(json!({ "boards": boards })))
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    let limit = q.limit.unwrap_or(DEFAULT_BOARDS_PAGE).clamp(1, MAX_PAGE);
+    let private = !state.auth.private.is_empty();
+    let (boards, more) = state.boards.page(q.cursor.as_deref(), limit, |name| {
+        !private || may_read(&state, name, grant.as_ref()).is_ok()
+    });
+    let next = boards.last().filter(|_| more).map(|b| b["name"].clone());
+    let mut page = json!({ "boards": boards });
+    if let Some(next) = next {
+        page["next_cursor"] = next;
+    }
+    Ok(Json(page))
 }
 
 /// A board is private when its topic `board:{name}` is (docs/leaderboards.md). Checked
@@ -182,7 +209,10 @@ async fn post_scores(
         check_bounds(&state, p, &board, &inputs)?;
         reservation = state.board_policies.reserve(p, &board, &inputs)?;
     }
-    match state.boards.submit(&board, inputs).await {
+    let max_players = state
+        .board_policies
+        .max_players(&board, state.cfg.max_players_per_board);
+    match state.boards.submit(&board, inputs, max_players).await {
         Ok(results) => Ok(Json(json!({ "board": board, "results": results }))),
         Err(e) => {
             // Only what was applied counts against the rate; an unconfirmed write may

@@ -68,10 +68,17 @@ pub fn spawn(server: &Server) {
             };
             let lap = (lap * 100.0).round() / 100.0;
             if boards
-                .submit("arena", vec![post(i, arena_scores[i])])
+                .submit(
+                    "arena",
+                    vec![post(i, arena_scores[i])],
+                    boards.max_players(),
+                )
                 .await
                 .is_err()
-                || boards.submit("speedrun", vec![post(i, lap)]).await.is_err()
+                || boards
+                    .submit("speedrun", vec![post(i, lap)], boards.max_players())
+                    .await
+                    .is_err()
             {
                 return; // shutting down
             }

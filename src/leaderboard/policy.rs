@@ -42,6 +42,8 @@ pub struct BoardPolicyConfig {
     pub max_submissions_per_minute: Option<u32>,
     #[serde(default)]
     pub scoped_keys_only: bool,
+    /// This board's own `max_players_per_board` (the node-wide setting otherwise).
+    pub max_players_per_board: Option<usize>,
 }
 
 /// A checked `[[board]]` table.
@@ -52,6 +54,7 @@ pub struct BoardPolicy {
     pub max_score: Option<f64>,
     pub max_per_minute: Option<u32>,
     pub scoped_keys_only: bool,
+    pub max_players: Option<usize>,
 }
 
 impl TryFrom<BoardPolicyConfig> for BoardPolicy {
@@ -86,12 +89,18 @@ impl TryFrom<BoardPolicyConfig> for BoardPolicy {
                 ));
             }
         }
+        if c.max_players_per_board == Some(0) {
+            return Err(format!(
+                "[[board]] {p:?}: max_players_per_board must be at least 1"
+            ));
+        }
         Ok(BoardPolicy {
             pattern,
             min_score: c.min_score,
             max_score: c.max_score,
             max_per_minute: c.max_submissions_per_minute,
             scoped_keys_only: c.scoped_keys_only,
+            max_players: c.max_players_per_board,
         })
     }
 }
@@ -226,6 +235,14 @@ impl BoardPolicies {
     /// The first policy whose pattern matches `board`.
     pub fn for_board(&self, board: &str) -> Option<&BoardPolicy> {
         self.policies.iter().find(|p| p.pattern.matches(board))
+    }
+
+    /// The most players `board` may hold: the first matching table's
+    /// `max_players_per_board`, else the node's (`default`).
+    pub fn max_players(&self, board: &str, default: usize) -> usize {
+        self.for_board(board)
+            .and_then(|p| p.max_players)
+            .unwrap_or(default)
     }
 
     /// Counts the batch's submissions against `max_submissions_per_minute`, all or

@@ -30,7 +30,7 @@
 //! after a quiet spell goes out at once, and any number of changes within
 //! `board_update_interval` after it coalesce into one update carrying the newest state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,6 +122,24 @@ pub enum BoardError {
     /// connection), so Redis may still apply it.
     #[error("the score store did not confirm the write: {0}")]
     Unconfirmed(String),
+    /// A new board past `max_boards`: nothing was created.
+    #[error(
+        "the node holds max_boards ({0}) boards: no new board can be created; \
+         existing boards keep working"
+    )]
+    TooManyBoards(usize),
+    /// The batch would add players past the board's cap: nothing of it was applied.
+    #[error(
+        "board {board:?} holds {players} players and this batch adds {new}, past its \
+         max_players_per_board ({max}); nothing of the batch was applied, and its players \
+         already on the board can still post"
+    )]
+    TooManyPlayers {
+        board: String,
+        players: usize,
+        new: usize,
+        max: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -192,6 +210,10 @@ struct Pending {
     /// A queued reset: durable entries are not part of the view.
     reset: Option<u64>,
     entries: HashMap<Arc<str>, (u64, Entry)>,
+    /// Players in `entries` the durable ranking does not hold, kept while no reset is
+    /// queued (and recounted when the reset applies): the view's size in O(1), which the
+    /// player cap is checked against.
+    fresh: usize,
 }
 
 impl Pending {
@@ -203,6 +225,7 @@ impl Pending {
             options: None,
             reset: None,
             entries: HashMap::new(),
+            fresh: 0,
         }
     }
 }
@@ -235,6 +258,27 @@ impl Board {
             None if self.pending.reset.is_some() => None,
             None => self.ranking.get(player),
         }
+    }
+
+    /// Players the pending view holds: with a reset queued, those queued after it; else
+    /// the durable ranking plus the queued players it does not hold yet.
+    fn view_len(&self) -> usize {
+        if self.pending.reset.is_some() {
+            self.pending.entries.len()
+        } else {
+            self.ranking.len() + self.pending.fresh
+        }
+    }
+
+    /// Records a computed entry in the pending view.
+    fn pend(&mut self, id: u64, e: Entry) {
+        if self.pending.reset.is_none()
+            && !self.pending.entries.contains_key(&e.player)
+            && self.ranking.get(&e.player).is_none()
+        {
+            self.pending.fresh += 1;
+        }
+        self.pending.entries.insert(e.player.clone(), (id, e));
     }
 
     fn view_is_empty(&self) -> bool {
@@ -314,7 +358,8 @@ impl Dirty {
 }
 
 pub struct Boards {
-    boards: RwLock<HashMap<Arc<str>, Arc<Mutex<Board>>>>,
+    /// By name, so that the list pages in name order from a cursor.
+    boards: RwLock<BTreeMap<Arc<str>, Arc<Mutex<Board>>>>,
     dirty: Arc<Dirty>,
     writer: Mutex<Option<StoreWriter>>,
     /// [`MAX_QUEUED_SCORE_BYTES`], held by each queued score batch until it is resolved.
@@ -328,6 +373,10 @@ pub struct Boards {
     counts: Option<Arc<ClusterCounts>>,
     interval: Duration,
     default_top: usize,
+    /// New boards are refused past it (boards already stored are kept).
+    max_boards: usize,
+    /// Players per board unless its `[[board]]` table says otherwise.
+    max_players: usize,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: CancellationToken,
 }
@@ -349,7 +398,7 @@ impl Boards {
             Ok((store, boards))
         })
         .await??;
-        let mut boards = HashMap::new();
+        let mut boards = BTreeMap::new();
         for sb in stored {
             let options: BoardOptions = serde_json::from_str(&sb.options).unwrap_or_default();
             let name: Arc<str> = sb.name.into();
@@ -379,6 +428,8 @@ impl Boards {
             metrics,
             interval: cfg.board_update_interval,
             default_top: cfg.board_top,
+            max_boards: cfg.max_boards,
+            max_players: cfg.max_players_per_board,
             tasks: Mutex::new(vec![writer_task]),
             stop: shutdown.child_token(),
             shared: None,
@@ -408,7 +459,7 @@ impl Boards {
         };
         let this = Arc::new(Boards {
             dirty: Arc::new(Dirty::default()),
-            boards: RwLock::new(HashMap::new()),
+            boards: RwLock::new(BTreeMap::new()),
             writer: Mutex::new(None),
             queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
             hub,
@@ -423,6 +474,8 @@ impl Boards {
             counts: Some(counts),
             interval: cfg.board_update_interval,
             default_top: cfg.board_top,
+            max_boards: cfg.max_boards,
+            max_players: cfg.max_players_per_board,
             tasks: Mutex::new(Vec::new()),
             stop: shutdown.child_token(),
         });
@@ -434,6 +487,15 @@ impl Boards {
 
     pub(super) fn shared(&self) -> Option<&Arc<Shared>> {
         self.shared.as_ref()
+    }
+
+    /// `max_players_per_board` of the node: the cap of boards no `[[board]]` table sets.
+    pub fn max_players(&self) -> usize {
+        self.max_players
+    }
+
+    pub(super) fn max_boards(&self) -> usize {
+        self.max_boards
     }
 
     /// Watchers of a board's topic: on every node under Redis, else on this one.
@@ -509,14 +571,19 @@ impl Boards {
     /// The board, created in memory (with the default options) if needed. A new board stays
     /// invisible until a write creating it is durable; if that write fails, it is left
     /// with the defaults, so a later write does not durably create it with options whose
-    /// write failed.
-    fn get_or_create(&self, name: &str) -> Arc<Mutex<Board>> {
+    /// write failed. Past `max_boards` a new board is refused; the count holds every board
+    /// in memory, so boards a restart loaded over a lowered cap stay, and only new ones
+    /// are refused.
+    fn get_or_create(&self, name: &str) -> Result<Arc<Mutex<Board>>, BoardError> {
         if let Some(b) = self.get(name) {
-            return b;
+            return Ok(b);
         }
         let mut boards = self.boards.write();
         if let Some(b) = boards.get(name) {
-            return b.clone();
+            return Ok(b.clone());
+        }
+        if boards.len() >= self.max_boards {
+            return Err(BoardError::TooManyBoards(self.max_boards));
         }
         let name: Arc<str> = name.into();
         let options = BoardOptions {
@@ -525,7 +592,7 @@ impl Boards {
         };
         let b = Arc::new(Mutex::new(Board::new(name.clone(), options, 1)));
         boards.insert(name, b.clone());
-        b
+        Ok(b)
     }
 
     fn check_options(o: &BoardOptions) -> Result<(), BoardError> {
@@ -551,7 +618,7 @@ impl Boards {
         }
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
-        let board = self.get_or_create(name);
+        let board = self.get_or_create(name)?;
         let done = {
             let mut b = board.lock();
             if b.view_options().order != options.order && !b.view_is_empty() {
@@ -579,11 +646,14 @@ impl Boards {
     }
 
     /// Applies a batch of scores all-or-nothing and returns each player's new rank once the
-    /// batch is durable.
+    /// batch is durable. A batch that would take the board past `max_players` players is
+    /// refused whole; one that adds nobody always fits, so a board over a cap lowered
+    /// since keeps taking its players' scores.
     pub async fn submit(
         &self,
         name: &str,
         inputs: Vec<ScoreInput>,
+        max_players: usize,
     ) -> Result<Vec<ScoreResult>, BoardError> {
         Self::validate_name(name)?;
         if inputs.is_empty() {
@@ -612,14 +682,21 @@ impl Boards {
             .await
             .expect("the budget semaphore is never closed");
         if let Some(shared) = &self.shared {
-            return shared.submit(self, name, &scores).await;
+            return shared.submit(self, name, &scores, max_players).await;
         }
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
-        let board = self.get_or_create(name);
+        if self.get(name).is_none() {
+            // Refused before the board is made: a board held in memory for a batch that
+            // cannot apply would count against max_boards for nothing.
+            check_players(name, 0, new_players(|_| None, &scores), max_players)?;
+        }
+        let board = self.get_or_create(name)?;
         let done = {
             let mut b = board.lock();
             let options = b.view_options();
+            let new = new_players(|p| b.view_entry(p), &scores);
+            check_players(name, b.view_len(), new, max_players)?;
             // The batch's own result so far, on top of the pending view.
             let mut batch: HashMap<Arc<str>, Entry> = HashMap::new();
             if options.mode == ScoreMode::Increment {
@@ -664,7 +741,7 @@ impl Boards {
             });
             b.pending.next_seq = seq;
             for e in batch.values() {
-                b.pending.entries.insert(e.player.clone(), (id, e.clone()));
+                b.pend(id, e.clone());
             }
             let posted = posted
                 .into_iter()
@@ -700,6 +777,7 @@ impl Boards {
             let (id, guard) = b.begin_write();
             b.pending.reset = Some(id);
             b.pending.entries.clear();
+            b.pending.fresh = 0;
             let ops = vec![StoreOp::ResetBoard { board: name.into() }];
             self.queue(slot, &board, id, guard, ops, Write::Reset, None)
         };
@@ -772,27 +850,70 @@ impl Boards {
         }))
     }
 
-    pub fn list(&self) -> Vec<serde_json::Value> {
-        let boards: Vec<Arc<Mutex<Board>>> = self.boards.read().values().cloned().collect();
-        let mut out: Vec<serde_json::Value> = boards
-            .iter()
-            .filter_map(|b| {
-                let b = b.lock();
-                if !b.persisted {
-                    return None;
+    /// One page of the board list, in name order: at most `limit` boards named after
+    /// `after` that a commit has created and `readable` lets the caller see, and whether
+    /// more follow. The board map is read in bounded chunks (its lock is never held while a
+    /// board's is), so a page costs O(limit + boards skipped) and a reader never holds up
+    /// writers for the whole list.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        readable: impl Fn(&str) -> bool,
+    ) -> (Vec<serde_json::Value>, bool) {
+        use std::ops::Bound;
+        let limit = limit.max(1);
+        let chunk = limit.saturating_add(1).min(1024);
+        let mut out = Vec::new();
+        let mut from: Option<Arc<str>> = after.map(Arc::from);
+        loop {
+            let batch: Vec<(Arc<str>, Arc<Mutex<Board>>)> = {
+                let boards = self.boards.read();
+                let start = match &from {
+                    Some(n) => Bound::Excluded(n.clone()),
+                    None => Bound::Unbounded,
+                };
+                boards
+                    .range((start, Bound::Unbounded))
+                    .take(chunk)
+                    .map(|(n, b)| (n.clone(), b.clone()))
+                    .collect()
+            };
+            let Some((last, _)) = batch.last() else {
+                return (out, false);
+            };
+            from = Some(last.clone());
+            let end = batch.len() < chunk;
+            for (name, board) in batch {
+                if !readable(&name) {
+                    continue;
                 }
-                Some(serde_json::json!({
+                let b = board.lock();
+                if !b.persisted {
+                    continue;
+                }
+                if out.len() == limit {
+                    return (out, true);
+                }
+                out.push(serde_json::json!({
                     "name": &*b.name,
                     "players": b.ranking.len(),
                     "watchers": self.watchers(&b.topic),
                     "order": b.options.order,
                     "mode": b.options.mode,
                     "top": b.options.top,
-                }))
-            })
-            .collect();
-        out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        out
+                }));
+            }
+            if end {
+                return (out, false);
+            }
+        }
+    }
+
+    /// Every board (tests).
+    #[cfg(test)]
+    fn list(&self) -> Vec<serde_json::Value> {
+        self.page(None, usize::MAX, |_| true).0
     }
 
     async fn update_loop(self: Arc<Self>) {
@@ -928,11 +1049,12 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             let mut visible = false;
             for e in entries {
                 let old_rank = b.ranking.rank(&e.player);
-                if b.pending
-                    .entries
-                    .get(&e.player)
-                    .is_some_and(|(w, _)| *w == id)
-                {
+                let pending = b.pending.entries.get(&e.player).map(|(w, _)| *w);
+                if old_rank.is_none() && pending.is_some() && b.pending.reset.is_none() {
+                    // Durable now: no longer a player only the view holds.
+                    b.pending.fresh -= 1;
+                }
+                if pending == Some(id) {
                     b.pending.entries.remove(&e.player);
                 }
                 let player = e.player.clone();
@@ -971,6 +1093,10 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             b.ranking.clear();
             if b.pending.reset == Some(id) {
                 b.pending.reset = None;
+            }
+            if b.pending.reset.is_none() {
+                // The ranking is empty: every queued player is one it does not hold.
+                b.pending.fresh = b.pending.entries.len();
             }
             (Applied::Done, true)
         }
@@ -1035,6 +1161,34 @@ pub fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
         }
     };
     Ok((player, score, meta))
+}
+
+/// The distinct players of a batch that `current` does not hold: the players it would add.
+fn new_players<'a>(current: impl Fn(&str) -> Option<&'a Entry>, scores: &[ValidScore]) -> usize {
+    let mut seen: HashSet<&str> = HashSet::new();
+    scores
+        .iter()
+        .filter(|(p, _, _)| current(p).is_none() && seen.insert(p))
+        .count()
+}
+
+/// A batch adding `new` players to a board of `players` fits under `max`; one adding
+/// nobody always does.
+pub(super) fn check_players(
+    board: &str,
+    players: usize,
+    new: usize,
+    max: usize,
+) -> Result<(), BoardError> {
+    if new == 0 || players.saturating_add(new) <= max {
+        return Ok(());
+    }
+    Err(BoardError::TooManyPlayers {
+        board: board.into(),
+        players,
+        new,
+        max,
+    })
 }
 
 /// In `increment` mode the sums must stay in range too; checked before anything is applied
@@ -1118,12 +1272,15 @@ mod tests {
         boards.put_board("inc", increment()).await.unwrap();
         fail_commits(&boards, 1);
         let err = boards
-            .submit("inc", vec![score("p", 10)])
+            .submit("inc", vec![score("p", 10)], 100)
             .await
             .unwrap_err();
         assert!(matches!(err, BoardError::Store(_)), "{err}");
         assert_eq!(shown(&boards, "inc"), Some(vec![]));
-        let r = boards.submit("inc", vec![score("p", 10)]).await.unwrap();
+        let r = boards
+            .submit("inc", vec![score("p", 10)], 100)
+            .await
+            .unwrap();
         assert_eq!((r[0].score, r[0].rank, r[0].changed), (10.0, 1, true));
         assert_eq!(shown(&boards, "inc"), Some(vec![("p".into(), 10.0)]));
         boards.close().await;
@@ -1149,7 +1306,7 @@ mod tests {
                 calls.spawn(async move {
                     let mut results = Vec::new();
                     for _ in 0..20 {
-                        results.push(b.submit("inc", vec![score("p", 1)]).await);
+                        results.push(b.submit("inc", vec![score("p", 1)], 100).await);
                     }
                     results
                 });
@@ -1197,7 +1354,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let boards = open(dir.path()).await;
         boards
-            .submit("b", vec![score("a", 3), score("b", 5)])
+            .submit("b", vec![score("a", 3), score("b", 5)], 100)
             .await
             .unwrap();
         let before = shown(&boards, "b");
@@ -1207,7 +1364,7 @@ mod tests {
         assert!(matches!(err, BoardError::Store(_)), "{err}");
         assert_eq!(shown(&boards, "b"), before);
         // The board still takes scores on top of its entries, and resets for real.
-        let r = boards.submit("b", vec![score("c", 4)]).await.unwrap();
+        let r = boards.submit("b", vec![score("c", 4)], 100).await.unwrap();
         assert_eq!(r[0].rank, 2);
         boards.close().await;
         let boards = open(dir.path()).await;
@@ -1221,7 +1378,7 @@ mod tests {
     async fn failed_put_board_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let boards = open(dir.path()).await;
-        boards.submit("b", vec![score("a", 3)]).await.unwrap();
+        boards.submit("b", vec![score("a", 3)], 100).await.unwrap();
         let opts = |b: &Boards, name: &str| b.with_board(name, |v| v.options).ok();
         let before = opts(&boards, "b");
         fail_commits(&boards, 2);
@@ -1243,7 +1400,10 @@ mod tests {
             Err(BoardError::NoBoard(_))
         ));
         assert!(!boards.list().iter().any(|b| b["name"] == "new"));
-        boards.submit("new", vec![score("x", 1)]).await.unwrap();
+        boards
+            .submit("new", vec![score("x", 1)], 100)
+            .await
+            .unwrap();
         assert_eq!(
             opts(&boards, "new"),
             Some(BoardOptions {
@@ -1251,6 +1411,126 @@ mod tests {
                 ..BoardOptions::default()
             })
         );
+        boards.close().await;
+    }
+
+    /// `view_len` counted the slow way: every player the pending view shows.
+    fn view_len_slow(b: &Board) -> usize {
+        let mut players: HashSet<Arc<str>> = HashSet::new();
+        if b.pending.reset.is_none() {
+            players.extend(b.ranking.top(usize::MAX).into_iter().map(|(_, e)| e.player));
+        }
+        players.extend(b.pending.entries.keys().cloned());
+        players.len()
+    }
+
+    /// The player cap is checked against `view_len`, an O(1) count kept through queued
+    /// writes, commits, failed commits and resets: it must always equal the slow count,
+    /// and no board ever holds more players than the cap, whatever interleaves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_view_count_stays_exact_and_the_cap_holds() {
+        use rand::Rng;
+        const CAP: usize = 20;
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        let check = |boards: &Boards| {
+            let board = boards.get("race").unwrap();
+            let b = board.lock();
+            assert_eq!(b.view_len(), view_len_slow(&b));
+            assert!(b.view_len() <= CAP && b.ranking.len() <= CAP);
+        };
+        let mut calls = tokio::task::JoinSet::new();
+        for t in 0..6u64 {
+            let b = boards.clone();
+            calls.spawn(async move {
+                let mut refused = 0;
+                for i in 0..60u64 {
+                    let (batch, reset, fail) = {
+                        let mut rng = rand::thread_rng();
+                        let n = rng.gen_range(1..4);
+                        let batch: Vec<ScoreInput> = (0..n)
+                            .map(|_| score(&format!("p{}", rng.gen_range(0..30)), 1))
+                            .collect();
+                        (batch, rng.gen_ratio(1, 25), rng.gen_ratio(1, 30))
+                    };
+                    if fail {
+                        fail_commits(&b, 1);
+                    }
+                    let r = if reset && i > 0 {
+                        b.reset("race").await.map(|_| ())
+                    } else {
+                        b.submit("race", batch, CAP).await.map(|_| ())
+                    };
+                    match r {
+                        Ok(()) => {}
+                        Err(BoardError::TooManyPlayers { max, .. }) => {
+                            assert_eq!(max, CAP);
+                            refused += 1;
+                        }
+                        Err(BoardError::Store(_) | BoardError::NoBoard(_)) => {}
+                        Err(e) => panic!("task {t}: {e}"),
+                    }
+                }
+                refused
+            });
+        }
+        let mut refused = 0;
+        loop {
+            if boards.get("race").is_some() {
+                check(&boards);
+            }
+            match tokio::time::timeout(Duration::from_millis(1), calls.join_next()).await {
+                Ok(Some(r)) => refused += r.unwrap(),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+        check(&boards);
+        let board = boards.get("race").unwrap();
+        let b = board.lock();
+        assert!(b.pending.entries.is_empty() && b.pending.fresh == 0);
+        assert!(refused > 0, "the cap was reached at least once");
+    }
+
+    #[tokio::test]
+    async fn pages_skip_unreadable_and_uncreated_boards_and_cross_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        for i in 0..1500 {
+            boards
+                .submit(&format!("b{i:04}"), vec![score("p", 1)], 100)
+                .await
+                .unwrap();
+        }
+        // In memory, not created durably: never listed.
+        fail_commits(&boards, 1);
+        assert!(boards
+            .submit("b0000x", vec![score("p", 1)], 100)
+            .await
+            .is_err());
+        let odd = |n: &str| n.ends_with(['1', '3', '5', '7', '9']);
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let (page, more) = boards.page(cursor.as_deref(), 7, |n| odd(n));
+            assert!(page.len() <= 7);
+            seen.extend(page.iter().map(|b| b["name"].as_str().unwrap().to_string()));
+            if !more {
+                break;
+            }
+            assert_eq!(page.len(), 7, "a page followed by more is full");
+            cursor = seen.last().cloned();
+        }
+        let want: Vec<String> = (0..1500)
+            .map(|i| format!("b{i:04}"))
+            .filter(|n| odd(n))
+            .collect();
+        assert_eq!(seen, want);
+        // Nothing readable past the first chunk of the map: one page, no more.
+        let (page, more) = boards.page(None, 1000, |n| n == "b1499");
+        assert_eq!((page.len(), more), (1, false));
+        let (page, more) = boards.page(Some("b1499"), 10, |_| true);
+        assert!(page.is_empty() && !more);
         boards.close().await;
     }
 }

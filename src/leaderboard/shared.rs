@@ -49,7 +49,10 @@ const PATTERN: &str = "crier:{board:*}:bc";
 const BOARDS: &str = "crier:boards";
 
 /// Shared prologue: reads the board (creating it with ARGV[1] options and ARGV[2] epoch
-/// when `create`), and `emit(op)`, which records and publishes the next op.
+/// when `create`), `emit(op)`, which records and publishes the next op, and `full()`:
+/// whether the board is new and `crier:boards` already names ARGV[5] (`max_boards`)
+/// boards. Every script takes the same first six ARGV: options, epoch, name, kept ops,
+/// max boards, max players.
 const PROLOGUE: &str = r#"
 local bo, bz, bl, bc = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
 local meta = redis.call('HMGET', bo, 'opt', 'seq', 'v', 'e')
@@ -68,17 +71,24 @@ local function save()
   redis.call('HSET', bo, 'opt', opt, 'seq', string.format('%d', seq), 'v', string.format('%d', v), 'e', e)
   if created then redis.call('SADD', KEYS[6], ARGV[3]) end
 end
+local function full()
+  return created and redis.call('SCARD', KEYS[6]) >= tonumber(ARGV[5])
+end
 "#;
 
-/// KEYS: bo bp bz bl bc boards. ARGV: default options, new epoch, name, kept ops, then
-/// (player, score, meta or '') per entry. Returns {0, i} when entry i (0-based) would take
-/// an increment total out of range, else {1, v, e, then rank, score, changed per entry}.
+/// KEYS: bo bp bz bl bc boards. ARGV: default options, new epoch, name, kept ops, max
+/// boards, max players, then (player, score, meta or '') per entry. Returns {2} for a new
+/// board past max boards, {3, players, new} when the batch would add players past max
+/// players, {0, i} when entry i (0-based) would take an increment total out of range,
+/// else {1, v, e, then rank, score, changed per entry}. Every refusal is made before
+/// anything is written.
 const SCORES: &str = r#"
+if full() then return {2} end
 local bp = KEYS[2]
 local o = cjson.decode(opt)
 local high = o.order ~= 'low'
 local mode = o.mode
-local n = (#ARGV - 4) / 3
+local n = (#ARGV - 6) / 3
 local function member(en) return string.format('%020d', en[2]) .. en[4] end
 local cur = {}
 local function get(p)
@@ -96,23 +106,35 @@ local function get(p)
   end
   return c
 end
+local fresh, added = {}, 0
+for i = 0, n - 1 do
+  local p = ARGV[7 + 3 * i]
+  if not fresh[p] and not get(p) then
+    fresh[p] = true
+    added = added + 1
+  end
+end
+if added > 0 then
+  local players = redis.call('HLEN', bp)
+  if players + added > tonumber(ARGV[6]) then return {3, players, added} end
+end
 if mode == 'increment' then
   local sums = {}
   for i = 0, n - 1 do
-    local p = ARGV[5 + 3 * i]
+    local p = ARGV[7 + 3 * i]
     local s = sums[p]
     if s == nil then
       local c = get(p)
       if c then s = c[1] else s = 0 end
     end
-    s = s + tonumber(ARGV[6 + 3 * i])
+    s = s + tonumber(ARGV[8 + 3 * i])
     sums[p] = s
     if s > 1e15 or s < -1e15 then return {0, i} end
   end
 end
 local changed, order = {}, {}
 for i = 0, n - 1 do
-  local p, sc, m = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
+  local p, sc, m = ARGV[7 + 3 * i], tonumber(ARGV[8 + 3 * i]), ARGV[9 + 3 * i]
   if sc == 0 then sc = 0 end
   local old = changed[p] or get(p)
   local new = nil
@@ -162,7 +184,7 @@ if #entries > 0 then emit(cjson.encode({k = 's', e = entries})) end
 save()
 local out = {1, string.format('%d', v), e}
 for i = 0, n - 1 do
-  local p = ARGV[5 + 3 * i]
+  local p = ARGV[7 + 3 * i]
   local en = changed[p] or get(p)
   out[#out + 1] = redis.call('ZRANK', bz, member(en)) + 1
   out[#out + 1] = string.format('%.17g', en[1])
@@ -171,10 +193,12 @@ end
 return out
 "#;
 
-/// KEYS: bo bp bz bl bc boards. ARGV: new options, new epoch, name, kept ops, new order.
-/// Returns {0} when the order of a board with players would change, else {1, v, e}.
+/// KEYS: bo bp bz bl bc boards. ARGV: new options, new epoch, name, kept ops, max boards,
+/// (unused), new order. Returns {2} for a new board past max boards, {0} when the order
+/// of a board with players would change, else {1, v, e}.
 const OPTIONS: &str = r#"
-if not created and cjson.decode(opt).order ~= ARGV[5] and redis.call('ZCARD', bz) > 0 then
+if full() then return {2} end
+if not created and cjson.decode(opt).order ~= ARGV[7] and redis.call('ZCARD', bz) > 0 then
   return {0}
 end
 opt = ARGV[1]
@@ -183,8 +207,8 @@ save()
 return {1, string.format('%d', v), e}
 "#;
 
-/// KEYS: bo bp bz bl bc boards. ARGV: (unused), (unused), name, kept ops. Returns {0} for
-/// an unknown board, else {1, v, e}.
+/// KEYS: bo bp bz bl bc boards. ARGV: (unused), (unused), name, kept ops, (unused),
+/// (unused). Returns {0} for an unknown board, else {1, v, e}.
 const RESET: &str = r#"
 if created then return {0} end
 redis.call('DEL', KEYS[2], bz)
@@ -400,19 +424,35 @@ impl Shared {
         boards: &Boards,
         name: &str,
         scores: &[ValidScore],
+        max_players: usize,
     ) -> Result<Vec<ScoreResult>, BoardError> {
         let mut inv = self.invocation(&self.scores, name);
         inv.arg(&self.default_options)
             .arg(&*new_epoch())
             .arg(name)
-            .arg(KEPT_OPS);
+            .arg(KEPT_OPS)
+            .arg(boards.max_boards())
+            .arg(max_players);
         for (player, score, meta) in scores {
             inv.arg(player)
                 .arg(format!("{score}"))
                 .arg(meta.as_deref().unwrap_or(""));
         }
         let reply = self.run(inv).await?;
-        if num::<u8>(reply.first().ok_or_else(bad_reply)?) == Some(0) {
+        let status = num::<u8>(reply.first().ok_or_else(bad_reply)?);
+        if status == Some(2) {
+            return Err(BoardError::TooManyBoards(boards.max_boards()));
+        }
+        if status == Some(3) {
+            let at = |k: usize| reply.get(k).and_then(num).ok_or_else(bad_reply);
+            return Err(BoardError::TooManyPlayers {
+                board: name.into(),
+                players: at(1)?,
+                new: at(2)?,
+                max: max_players,
+            });
+        }
+        if status == Some(0) {
             let i: usize = reply.get(1).and_then(num).ok_or_else(bad_reply)?;
             let player = &scores.get(i).ok_or_else(bad_reply)?.0;
             return Err(BoardError::Invalid(format!(
@@ -448,9 +488,15 @@ impl Shared {
             .arg(&*new_epoch())
             .arg(name)
             .arg(KEPT_OPS)
+            .arg(boards.max_boards())
+            .arg("")
             .arg(order.as_str().unwrap_or("high"));
         let reply = self.run(inv).await?;
-        if num::<u8>(reply.first().ok_or_else(bad_reply)?) == Some(0) {
+        let status = num::<u8>(reply.first().ok_or_else(bad_reply)?);
+        if status == Some(2) {
+            return Err(BoardError::TooManyBoards(boards.max_boards()));
+        }
+        if status == Some(0) {
             return Err(BoardError::Conflict(
                 "the sort order of a board with players cannot change; reset it first".into(),
             ));
@@ -462,7 +508,7 @@ impl Shared {
 
     pub async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
         let mut inv = self.invocation(&self.reset, name);
-        inv.arg("").arg("").arg(name).arg(KEPT_OPS);
+        inv.arg("").arg("").arg(name).arg(KEPT_OPS).arg("").arg("");
         let reply = self.run(inv).await?;
         if num::<u8>(reply.first().ok_or_else(bad_reply)?) == Some(0) {
             return Err(BoardError::NoBoard(name.into()));

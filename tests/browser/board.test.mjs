@@ -241,3 +241,36 @@ test('index: / lists the boards and links to them', { timeout: 60_000 }, async (
     await page.context().close();
   });
 });
+
+test('index: the list pages, and "Show more" loads the next page', { timeout: 90_000 }, async () => {
+  await withServer(async (server) => {
+    const names = Array.from({ length: 130 }, (_, i) => `many-${String(i).padStart(3, '0')}`);
+    for (let i = 0; i < names.length; i += 10) {
+      await Promise.all(names.slice(i, i + 10).map((n) => postScores(server.baseURL, n, { player: 'p', score: 1 })));
+    }
+    const page = await newPage();
+    await page.goto(`${server.baseURL}/`);
+    const items = page.locator('#boards li.board-item');
+    const more = page.locator('#more');
+    await more.waitFor({ state: 'visible', timeout: WAIT });
+    assert.equal(await items.count(), 100, 'the first page');
+    assert.equal(await items.first().getAttribute('data-board'), 'many-000');
+    await more.click();
+    await page.waitForFunction(() => document.querySelectorAll('#boards li.board-item').length === 130, null, {
+      timeout: WAIT,
+    });
+    await more.waitFor({ state: 'hidden', timeout: WAIT });
+    const shown = await items.evaluateAll((lis) => lis.map((li) => li.dataset.board));
+    assert.deepEqual(shown, names, 'every board once, in name order');
+    // The next poll (every 5 s) keeps both pages.
+    const label = await page.locator('#status .status-label').textContent();
+    await page.waitForFunction(
+      (label) => document.querySelector('#status .status-label').textContent !== label,
+      label,
+      { timeout: WAIT },
+    );
+    assert.equal(await items.count(), 130, 'a poll refreshes every page shown');
+    assert.deepEqual(page.errors, [], 'no uncaught page errors');
+    await page.context().close();
+  });
+});

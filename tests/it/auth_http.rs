@@ -161,7 +161,7 @@ async fn the_board_list_shows_private_boards_only_to_tokens_allowing_them() {
             .collect()
     };
     crate::common::wait_until("the boards are listed", || {
-        server.state().boards.list().len() == 3
+        server.state().boards.page(None, 10, |_| true).0.len() == 3
     })
     .await;
     let (s, body) = server.get("/api/boards").await;
@@ -170,6 +170,23 @@ async fn the_board_list_shows_private_boards_only_to_tokens_allowing_them() {
     let (s, body) = get_bearer(&server, "/api/boards", &token(&["board:vip"])).await;
     assert_eq!(s, 200);
     assert_eq!(names(&body), ["arena", "vip"]);
+    // Pages hold readable boards only, and say "more" only when a readable one follows.
+    let vip = token(&["board:vip"]);
+    let (s, body) = get_bearer(&server, "/api/boards?limit=1", &vip).await;
+    assert_eq!((s, names(&body)), (200, vec!["arena".to_string()]));
+    assert_eq!(body["next_cursor"], "arena");
+    let (s, body) = get_bearer(&server, "/api/boards?limit=1&cursor=arena", &vip).await;
+    assert_eq!((s, names(&body)), (200, vec!["vip".to_string()]));
+    assert!(
+        body.get("next_cursor").is_none(),
+        "vip2 is not readable: {body}"
+    );
+    let (s, body) = server.get("/api/boards?limit=1&cursor=arena").await;
+    assert_eq!(s, 200);
+    assert!(
+        names(&body).is_empty() && body.get("next_cursor").is_none(),
+        "{body}"
+    );
     let (s, body) = server
         .get(&format!("/api/boards?token={}", token(&["board:*"])))
         .await;

@@ -416,6 +416,10 @@ fn bad_board_tables_are_refused_naming_the_problem() {
             "[[board]]\npattern = \"a\"\nmax_submissions_per_minute = 0\n",
             "max_submissions_per_minute must be 1-10000",
         ),
+        (
+            "[[board]]\npattern = \"a\"\nmax_players_per_board = 0\n",
+            "max_players_per_board must be at least 1",
+        ),
         ("[[board]]\npattern = \"a:b\"\n", "must be a board name"),
         (
             "[[board]]\npattern = \"a\"\nmax = 1\n",

@@ -319,7 +319,12 @@ fn validator(doc: &Value, schema: &Value) -> jsonschema::Validator {
 
 #[tokio::test]
 async fn real_responses_match_the_document() {
-    let server = TestServer::start(|_| {}).await;
+    // Small board caps, so that their refusals are walked too.
+    let server = TestServer::start(|c| {
+        c.max_boards = 2;
+        c.max_players_per_board = 2;
+    })
+    .await;
     let doc = fetch_document(&server).await;
     let a = server.addr;
     // (documented path, method, concrete URL, body, expected status)
@@ -385,6 +390,44 @@ async fn real_responses_match_the_document() {
             409,
         ),
         ("/api/boards", "get", "/api/boards", None, 200),
+        (
+            "/api/boards/{board}/scores",
+            "post",
+            "/api/boards/arena/scores",
+            Some(r#"{"player":"p3","score":1}"#),
+            409,
+        ),
+        (
+            "/api/boards/{board}/scores",
+            "post",
+            "/api/boards/zeta/scores",
+            Some(r#"{"player":"z","score":1}"#),
+            200,
+        ),
+        (
+            "/api/boards/{board}/scores",
+            "post",
+            "/api/boards/gamma/scores",
+            Some(r#"{"player":"g","score":1}"#),
+            503,
+        ),
+        (
+            "/api/boards/{board}",
+            "put",
+            "/api/boards/gamma",
+            Some("{}"),
+            503,
+        ),
+        ("/api/boards", "get", "/api/boards?limit=1", None, 200),
+        (
+            "/api/boards",
+            "get",
+            "/api/boards?limit=1&cursor=arena",
+            None,
+            200,
+        ),
+        ("/api/boards", "get", "/api/boards?cursor=a%2Fb", None, 400),
+        ("/api/boards", "get", "/api/boards?limit=x", None, 400),
         (
             "/api/boards/{board}",
             "get",

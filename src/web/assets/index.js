@@ -1,13 +1,20 @@
-// crier: the list of leaderboards (served at /). Polls GET /api/boards every few seconds.
+// crier: the list of leaderboards (served at /). Polls GET /api/boards every few seconds:
+// the first page, plus as many more as "Show more" asked for (the API pages by cursor).
 "use strict";
 
 (() => {
   const REFRESH_MS = 5000;
+  const PAGE = 100;
+  const MAX_PAGES = 100; // 10,000 boards at most on screen
   const status = document.querySelector("#status");
   const statusLabel = document.querySelector("#status .status-label");
   const list = document.querySelector("#boards");
   const empty = document.querySelector("#empty");
+  const more = document.querySelector("#more");
   const items = new Map(); // board name -> <li>
+  let pages = 1; // pages shown
+  let timer = null;
+  let latest = 0; // the newest refresh: an older one finishing later must not render
 
   function setStatus(state, label) {
     status.dataset.state = state;
@@ -75,19 +82,44 @@
     empty.hidden = seen.size > 0;
   }
 
-  async function refresh() {
-    try {
-      const res = await fetch("/api/boards", { headers: { Accept: "application/json" }, cache: "no-store" });
+  // The first `pages` pages, following next_cursor; whether more boards follow them.
+  async function load() {
+    const boards = [];
+    let cursor = null;
+    for (let i = 0; i < pages; i++) {
+      const q = "?limit=" + PAGE + (cursor === null ? "" : "&cursor=" + encodeURIComponent(cursor));
+      const res = await fetch("/api/boards" + q, { headers: { Accept: "application/json" }, cache: "no-store" });
       if (!res.ok) throw new Error("HTTP " + res.status);
       const body = await res.json();
-      render(Array.isArray(body.boards) ? body.boards : []);
+      if (Array.isArray(body.boards)) boards.push(...body.boards);
+      cursor = typeof body.next_cursor === "string" ? body.next_cursor : null;
+      if (cursor === null) break;
+    }
+    return { boards, hasMore: cursor !== null };
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    const mine = ++latest;
+    try {
+      const { boards, hasMore } = await load();
+      if (mine !== latest) return;
+      render(boards);
+      more.hidden = !hasMore || pages >= MAX_PAGES;
       setStatus("live", "Updated " + new Date().toLocaleTimeString());
     } catch (e) {
+      if (mine !== latest) return;
       setStatus(items.size ? "reconnecting" : "offline", "Cannot load boards (" + e.message + ")");
     } finally {
-      setTimeout(refresh, document.hidden ? REFRESH_MS * 3 : REFRESH_MS);
+      if (mine === latest) timer = setTimeout(refresh, document.hidden ? REFRESH_MS * 3 : REFRESH_MS);
     }
   }
+
+  more.addEventListener("click", () => {
+    pages = Math.min(pages + 1, MAX_PAGES);
+    more.hidden = true;
+    refresh();
+  });
 
   refresh();
 })();
