@@ -10,3 +10,4 @@ pub mod intent;
 pub mod json_errors;
 pub mod openapi;
 pub mod publish;
+pub mod single_headers;
