@@ -207,6 +207,10 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         "slow-body",
         "conn-flood",
         "big-frame",
+        "trickle-publish",
+        "trickle-publish-chunked",
+        "trickle-scores",
+        "trickle-scores-chunked",
     ];
     for kind in kinds {
         let topic = format!("atk-{kind}");
@@ -235,7 +239,7 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
             "256",
             "--quiet",
         ];
-        let with_baseline = kind == "slowloris";
+        let with_baseline = kind == "slowloris" || kind == "trickle-publish";
         if with_baseline {
             flags.push("--baseline");
         }
@@ -267,6 +271,7 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         );
         match kind {
             "conn-flood" => assert!(a.connections > 0, "{a:?}"),
+            k if k.starts_with("trickle-") => assert!(a.connections >= 2, "{a:?}"),
             "topic-flood" => assert!(
                 a.topics_subscribed + a.error_codes.values().sum::<u64>() > 0
                     || a.ended_by_server > 0,
@@ -278,6 +283,11 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         if let Some(b) = &a.baseline {
             assert_eq!((b.lost, b.delivered), (0, 50 * 20), "{b:?}");
             assert!(b.p99_ratio.is_some(), "{b:?}");
+            // The server is this process: its CPU is read under attack and without.
+            assert!(
+                a.server_cpu_cores.is_some() && a.cpu_per_attacker_pct.is_some(),
+                "{a:?}"
+            );
         }
         let text = r.to_text();
         assert!(text.contains(&format!("attack       {kind} x 2")), "{text}");

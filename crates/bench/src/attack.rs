@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod trickle;
+
 use super::report::Percentiles;
 use super::subscriber::read_head;
 use crier_protocol::frame::{self, Decoder, Message, Role};
@@ -59,6 +61,16 @@ pub enum AttackKind {
     /// Upgraded /ws socket declaring a 2^62-byte binary frame (64-bit length), then sending
     /// its payload 64 bytes per second.
     BigFrame,
+    /// POST /api/publish/x, Content-Length 44,000 (under the default 64 KiB limit), then
+    /// the body one byte per TCP segment (TCP_NODELAY), a byte every millisecond; after the
+    /// server's answer (408 at `body_read_timeout`) again on a new connection (issue 15).
+    TricklePublish,
+    /// The same, `Transfer-Encoding: chunked`: one 1-byte chunk per segment.
+    TricklePublishChunked,
+    /// As trickle-publish, on POST /api/boards/trickle/scores.
+    TrickleScores,
+    /// As trickle-publish-chunked, on POST /api/boards/trickle/scores.
+    TrickleScoresChunked,
 }
 
 impl AttackKind {
@@ -71,6 +83,10 @@ impl AttackKind {
             AttackKind::SlowBody => "slow-body",
             AttackKind::ConnFlood => "conn-flood",
             AttackKind::BigFrame => "big-frame",
+            AttackKind::TricklePublish => "trickle-publish",
+            AttackKind::TricklePublishChunked => "trickle-publish-chunked",
+            AttackKind::TrickleScores => "trickle-scores",
+            AttackKind::TrickleScoresChunked => "trickle-scores-chunked",
         }
     }
 }
@@ -215,6 +231,11 @@ pub struct AttackReport {
     pub rss_limit_hit: bool,
     /// The same healthy load without the attack, run first (`--baseline`).
     pub baseline: Option<BaselineReport>,
+    /// With --server-pid and --baseline: the server's CPU during the attack and during the
+    /// baseline (cores), and the difference per attacker, in percent of one core.
+    pub server_cpu_cores: Option<f64>,
+    pub baseline_cpu_cores: Option<f64>,
+    pub cpu_per_attacker_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -229,6 +250,18 @@ pub struct BaselineReport {
 }
 
 impl AttackReport {
+    /// The CPU an attacker costs: the server's CPU under attack less the baseline's.
+    pub fn cpu_against(&mut self, attacked: Option<f64>, baseline: Option<f64>) {
+        self.server_cpu_cores = attacked;
+        self.baseline_cpu_cores = baseline;
+        self.cpu_per_attacker_pct = match (attacked, baseline) {
+            (Some(a), Some(b)) if self.attackers > 0 => {
+                Some((a - b) * 100.0 / self.attackers as f64)
+            }
+            _ => None,
+        };
+    }
+
     /// The attack lines of the text report.
     pub fn write_text(&self, s: &mut String) {
         use std::fmt::Write as _;
@@ -286,6 +319,16 @@ impl AttackReport {
                 ""
             }
         );
+        if let (Some(a), Some(b), Some(per)) = (
+            self.server_cpu_cores,
+            self.baseline_cpu_cores,
+            self.cpu_per_attacker_pct,
+        ) {
+            let _ = writeln!(
+                s,
+                "  cpu          server {a:.2} cores under attack, {b:.2} in the baseline: {per:.2} % of a core per attacker"
+            );
+        }
         if let Some(b) = &self.baseline {
             let _ = writeln!(
                 s,
@@ -591,6 +634,10 @@ async fn attacker(ctx: Arc<Ctx>, i: usize, ready: mpsc::Sender<()>) -> AttackerR
             .await
         }
         AttackKind::ConnFlood => unreachable!("handled by open"),
+        AttackKind::TricklePublish
+        | AttackKind::TricklePublishChunked
+        | AttackKind::TrickleScores
+        | AttackKind::TrickleScoresChunked => trickle::attack(&ctx, i, stream).await,
     }
 }
 
@@ -609,6 +656,10 @@ async fn open(ctx: &Ctx, i: usize) -> Opened {
         AttackKind::PingFlood | AttackKind::CommandFlood => (Some(FLOOD_RCVBUF), true),
         AttackKind::TopicFlood | AttackKind::BigFrame => (None, true),
         AttackKind::Slowloris | AttackKind::SlowBody => (None, false),
+        AttackKind::TricklePublish
+        | AttackKind::TricklePublishChunked
+        | AttackKind::TrickleScores
+        | AttackKind::TrickleScoresChunked => (None, false),
     };
     let mut stream = match connect(ctx, i, rcvbuf).await {
         Ok(s) => s,

@@ -339,6 +339,18 @@ pub fn loopback_addr(url: &str) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// CPU seconds (user + system, all threads) the process has used, from /proc/PID/stat
+/// (its fields 14 and 15 count ticks of USER_HZ, 100 per second on Linux).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) may hold spaces; the fields after its closing parenthesis don't.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// Server RSS in KiB from /proc/PID/status.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -603,6 +615,10 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         return Ok(report);
     }
 
+    let cpu_start = args
+        .server_pid
+        .and_then(cpu_secs)
+        .map(|c| (c, Instant::now()));
     // Attackers go in once the healthy subscribers are in place.
     let attack = match attack_plan {
         Some(plan) => Some(attack::start(plan, addr).await?),
@@ -655,6 +671,10 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pb.finish_and_clear();
+    report.server_cpu_cores = cpu_start.and_then(|(c0, t0)| {
+        let c1 = cpu_secs(args.server_pid?)?;
+        Some((c1 - c0) / t0.elapsed().as_secs_f64())
+    });
     if let Some(a) = attack {
         report.attack = Some(a.finish().await);
     }
@@ -699,6 +719,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     }
     if let (Some(a), Some(base)) = (report.attack.as_mut(), baseline.as_ref()) {
         a.baseline = Some(attack::baseline_of(base, report.latency_ms.p99));
+        a.cpu_against(report.server_cpu_cores, base.server_cpu_cores);
     }
 
     if args.stalled > 0 {

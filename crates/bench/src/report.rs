@@ -107,6 +107,10 @@ pub struct Report {
     pub timed_out: bool,
     /// Publish-to-receive latency, milliseconds.
     pub latency_ms: Percentiles,
+    /// With --server-pid: the server's CPU (user + system) from the publications' start
+    /// (with --attack: the attackers') until the deliveries are in, in cores (1.0 = one
+    /// core busy the whole time).
+    pub server_cpu_cores: Option<f64>,
     pub stalled: Option<StalledReport>,
     pub idle: Option<IdleReport>,
     /// --mode scores.
