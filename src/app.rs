@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::error::ApiError;
-use crate::api::{health, history, intent, json_errors, openapi, publish};
+use crate::api::{health, history, intent, json_errors, openapi, publish, single_headers};
 use crate::state::AppState;
 use crate::{leaderboard, sse, web, ws};
 
@@ -36,6 +36,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::new(crate::error_code::ErrorCode::NotFound, "no such endpoint")
         })
+        // Every request, matched or not: a header that must be single, sent twice, is
+        // refused before anything reads it (api::single_headers).
+        .layer(axum::middleware::from_fn(single_headers::refuse_repeats))
         .layer(map_response(json_errors::json_errors))
         .with_state(state)
 }

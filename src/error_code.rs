@@ -48,8 +48,10 @@ error_codes! {
     // Requests and commands that are malformed.
     BadRequest = "bad_request", http(400),
         "the framework refused the request before any handler read it (a path or query that does not parse)";
+    DuplicateHeader = "duplicate_header", http(400),
+        "a header that must be sent once (`Authorization`, `Origin`, `Content-Type`, `Content-Length`, `Host`, `Idempotency-Key`) was sent more than once";
     BadTopic = "bad_topic", http(400),
-        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . :";
+        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . :, not `.` or `..`";
     BadJson = "bad_json", http(400),
         "the body or the WebSocket command is not valid JSON, or not the expected shape";
     BadBody = "bad_body", http(400),
@@ -59,7 +61,7 @@ error_codes! {
     BadSince = "bad_since", WS_ONLY,
         "a subscribe command's `since` is not `{\"offset\":N,\"epoch\":\"...\"}`";
     BadLastEventId = "bad_last_event_id", http(400),
-        "the SSE `Last-Event-ID` header or `lastEventId` parameter is not a list of `EPOCH:OFFSET` entries";
+        "the SSE `Last-Event-ID` header or `lastEventId` parameter is not a list of `EPOCH:OFFSET` entries, or is sent more than once";
     BadIdempotencyKey = "bad_idempotency_key", http(400),
         "the `Idempotency-Key` header is not 1-128 visible ASCII characters";
     ReservedTopic = "reserved_topic", http(400),
@@ -71,7 +73,7 @@ error_codes! {
     UnsupportedMediaType = "unsupported_media_type", http(415),
         "a write (`POST`/`PUT`) without `Content-Type: application/json`";
     MessageTooLarge = "message_too_large", http(413),
-        "the body is larger than `max_message_bytes` (or the endpoint's own limit)";
+        "the body is larger than `max_message_bytes` (or the endpoint's own limit); a `Content-Length` over it is answered before any body byte is read";
     BodyTimeout = "body_timeout", http(408),
         "the body did not arrive within `body_read_timeout`";
     MethodNotAllowed = "method_not_allowed", http(405),

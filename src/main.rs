@@ -2,6 +2,13 @@ use clap::{Args, CommandFactory, FromArgMatches};
 
 /// `crier bench` joins the library's commands here, in the binary, so the server library
 /// never depends on the load tool (`crier-bench`).
+/// jemalloc returns freed memory to the system (background threads purge it after its
+/// decay time), so an attack's peak does not stay with the node for good as it did with
+/// glibc malloc (issue 15; docs/BENCHMARKS.md, "Memory after an attack").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const BENCH_ABOUT: &str =
     "Load-test a running server (loopback only): subscribers, publications, latency";
 

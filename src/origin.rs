@@ -40,10 +40,21 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// Parses `scheme://host[:port]` (a trailing `/` is tolerated, as in configuration).
+    /// Parses a configured origin: `scheme://host[:port]`, a trailing `/` tolerated.
     /// `null`, paths, queries, user info and schemes other than http/https are not origins.
     pub fn parse(s: &str) -> Option<Origin> {
         let s = s.trim();
+        Self::parse_serialized(s.strip_suffix('/').unwrap_or(s))
+    }
+
+    /// Parses an `Origin` header: a serialized origin, `scheme://host[:port]` and nothing
+    /// after it, not even a `/` (RFC 6454 7.1). A browser never sends anything else, so
+    /// anything else did not come from one and is not trusted as one.
+    pub fn parse_header(s: &str) -> Option<Origin> {
+        Self::parse_serialized(s)
+    }
+
+    fn parse_serialized(s: &str) -> Option<Origin> {
         let uri: Uri = s.parse().ok()?;
         let scheme = match uri.scheme()?.as_str() {
             x if x.eq_ignore_ascii_case("http") => "http",
@@ -51,11 +62,7 @@ impl Origin {
             _ => return None,
         };
         let rest = &s[scheme.len() + "://".len()..];
-        if rest
-            .strip_suffix('/')
-            .unwrap_or(rest)
-            .contains(['/', '?', '#'])
-        {
+        if rest.contains(['/', '?', '#']) || rest.trim() != rest {
             return None;
         }
         let (host, port) = host_port(uri.authority()?, scheme)?;
@@ -120,7 +127,11 @@ pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, ApiError> {
             Ok(Access::NotBrowser)
         };
     };
-    let Some(origin) = origin.to_str().ok().and_then(Origin::parse) else {
+    if headers.get_all(header::ORIGIN).iter().nth(1).is_some() {
+        // api::single_headers refuses this first; never pick one of two here either.
+        return Err(origin_refused());
+    }
+    let Some(origin) = origin.to_str().ok().and_then(Origin::parse_header) else {
         return Err(origin_refused());
     };
     if listed(&origin, cfg) {
@@ -225,6 +236,33 @@ mod tests {
         ] {
             assert_eq!(o(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_header_origin_has_nothing_after_the_port() {
+        let h = |s: &str| Origin::parse_header(s).map(|o| o.to_string());
+        assert_eq!(
+            h("http://127.0.0.1:7700").as_deref(),
+            Some("http://127.0.0.1:7700")
+        );
+        assert_eq!(
+            h("https://example.com").as_deref(),
+            Some("https://example.com:443")
+        );
+        for bad in [
+            "http://127.0.0.1:7700/",
+            "https://example.com/",
+            "http://example.com/path",
+            "http://example.com?",
+            "http://example.com#",
+            " http://example.com",
+            "http://example.com ",
+            "http://a.example, http://b.example",
+        ] {
+            assert_eq!(h(bad), None, "{bad:?}");
+        }
+        // Configuration still takes the trailing slash people write.
+        assert!(Origin::parse("https://example.com/").is_some());
     }
 
     #[test]

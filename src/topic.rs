@@ -9,7 +9,8 @@ pub use crier_protocol::names::{is_valid_topic as is_valid, MAX_TOPIC_LEN};
 /// A validated topic name, cheap to clone into many registries.
 pub type TopicName = Arc<str>;
 
-pub const BAD_TOPIC_MESSAGE: &str = "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . :";
+pub const BAD_TOPIC_MESSAGE: &str =
+    "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . :, and not . or ..";
 
 /// Why topic names were refused. A domain error: the HTTP layer (`api::error`) and the
 /// WebSocket layer each map it to their own answer.

@@ -2,6 +2,7 @@
 //! validate, then hand work to the broker or the leaderboard service.
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod health;
 pub mod history;
@@ -9,3 +10,4 @@ pub mod intent;
 pub mod json_errors;
 pub mod openapi;
 pub mod publish;
+pub mod single_headers;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +11,8 @@ use axum::Json;
 use serde_json::value::RawValue;
 
 use super::auth::{authorize, Scope};
+/// Where the board routes have always found it.
+pub use super::body::read_body;
 use super::error::ApiError;
 use crate::broker::PublishRequest;
 use crate::error_code::ErrorCode;
@@ -59,28 +61,6 @@ pub async fn publish(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
-}
-
-/// Reads a body of at most `max` bytes, answering 413 (as JSON) past it, and 408 when the
-/// server's `TimedBody` deadline (body_read_timeout) passes before the body is complete.
-pub async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
-    to_bytes(body, max).await.map_err(|e| {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(c) = cause {
-            if c.is::<crate::net::BodyTimeout>() {
-                return ApiError::body_timeout();
-            }
-            if c.is::<http_body_util::LengthLimitError>() {
-                return ApiError::too_large(max);
-            }
-            cause = c.source();
-        }
-        if e.to_string().contains("length limit") {
-            ApiError::too_large(max)
-        } else {
-            ApiError::new(ErrorCode::BadBody, format!("could not read the body: {e}"))
-        }
-    })
 }
 
 /// Validates one JSON value; its text (outer whitespace trimmed) is embedded verbatim.

@@ -9,9 +9,11 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::pattern::Patterns;
 
@@ -58,14 +60,16 @@ fn bad(msg: impl Into<String>) -> TokenError {
     TokenError::Bad(msg.into())
 }
 
-/// The claims crier reads; others are ignored.
+/// The claims crier reads; others are ignored. Taken as any JSON here and checked by
+/// `grant`: a signed token whose `exp` does not fit (a float, a negative number, past
+/// 2^64) then says which claim is wrong, instead of failing to deserialize into the same
+/// error as a forged signature.
 #[derive(Deserialize)]
 struct Claims {
-    sub: Option<String>,
-    exp: Option<u64>,
-    nbf: Option<u64>,
-    #[serde(default)]
-    topics: Vec<String>,
+    sub: Option<Value>,
+    exp: Option<Value>,
+    nbf: Option<Value>,
+    topics: Option<Value>,
 }
 
 /// The node's verification keys. Built once at startup: a key that does not parse stops
@@ -190,38 +194,76 @@ impl Verifier {
             .position(|a| *a == header.alg)
             .expect("the match above passes only accepted algorithms")];
         let mut claims = None;
+        // A JSON error comes only after a key's signature matched.
+        let mut signed_but_not_json = false;
         for key in keys {
-            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, validation) {
-                claims = Some(data.claims);
-                break;
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) => {
+                    signed_but_not_json |=
+                        matches!(e.kind(), ErrorKind::Json(_) | ErrorKind::Utf8(_))
+                }
             }
         }
-        let claims =
-            claims.ok_or_else(|| bad("the token's signature does not match any configured key, or its claims are malformed"))?;
+        let claims = claims.ok_or_else(|| {
+            if signed_but_not_json {
+                bad("the token's claims are not a JSON object")
+            } else {
+                bad("the token's signature does not match any configured key")
+            }
+        })?;
         grant(claims, unix_now())
     }
 }
 
+/// A NumericDate claim crier can compare: whole unix seconds that fit in a u64.
+fn seconds(claim: &str, v: &Value) -> Result<u64, TokenError> {
+    v.as_u64().ok_or_else(|| {
+        bad(format!(
+            "the token's \"{claim}\" claim is out of range: {v} is not a whole number of unix \
+             seconds from 0 to {}",
+            u64::MAX
+        ))
+    })
+}
+
 fn grant(c: Claims, now: u64) -> Result<Grant, TokenError> {
-    let sub = c
-        .sub
-        .filter(|s| !s.is_empty() && s.len() <= 256)
-        .ok_or_else(|| bad("the token needs a \"sub\" claim of 1-256 bytes"))?;
+    let sub = match c.sub {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s,
+        _ => return Err(bad("the token needs a \"sub\" claim of 1-256 bytes")),
+    };
     let exp = c
         .exp
         .ok_or_else(|| bad("the token needs an \"exp\" claim (unix seconds)"))?;
+    let exp = seconds("exp", &exp)?;
     if exp <= now {
         return Err(TokenError::Expired);
     }
-    if c.nbf.is_some_and(|nbf| nbf > now) {
-        return Err(bad("the token is not valid yet (nbf)"));
+    if let Some(nbf) = c.nbf {
+        if seconds("nbf", &nbf)? > now {
+            return Err(bad("the token is not valid yet (nbf)"));
+        }
     }
-    if c.topics.len() > MAX_TOKEN_TOPICS {
-        return Err(bad(format!(
-            "the token's \"topics\" has more than {MAX_TOKEN_TOPICS} patterns"
-        )));
-    }
-    let topics = Patterns::parse(&c.topics).map_err(|e| bad(format!("\"topics\": {e}")))?;
+    let topics: Vec<String> = match c.topics {
+        None => Vec::new(),
+        Some(Value::Array(items)) if items.len() > MAX_TOKEN_TOPICS => {
+            return Err(bad(format!(
+                "the token's \"topics\" has more than {MAX_TOKEN_TOPICS} patterns"
+            )))
+        }
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad("the token's \"topics\" must be a list of strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("the token's \"topics\" must be a list of strings")),
+    };
+    let topics = Patterns::parse(&topics).map_err(|e| bad(format!("\"topics\": {e}")))?;
     Ok(Grant {
         sub: sub.into(),
         exp,
@@ -313,6 +355,24 @@ mod tests {
                 "{c}"
             );
         }
+        // Signed, but `exp` or `nbf` does not fit: the claim is named, not the signature.
+        for c in [
+            json!({"sub": "a", "exp": 1e300}),
+            json!({"sub": "a", "exp": -1}),
+            json!({"sub": "a", "exp": 18446744073709551615.0 * 2.0}),
+            json!({"sub": "a", "exp": unix_now() as f64 + 60.5}),
+            json!({"sub": "a", "exp": "soon"}),
+            json!({"sub": "a", "exp": unix_now() + 60, "nbf": -5}),
+        ] {
+            let e = v.verify(&hs(&c, SECRET)).unwrap_err();
+            assert!(
+                matches!(&e, TokenError::Bad(m) if m.contains("out of range") && !m.contains("signature")),
+                "{c}: {e}"
+            );
+        }
+        assert!(
+            matches!(v.verify(&hs(&claims(60), other)), Err(TokenError::Bad(m)) if m.contains("signature"))
+        );
         for junk in ["", "abc", "a.b.c", &"x".repeat(MAX_TOKEN_BYTES + 1)] {
             assert!(matches!(v.verify(junk), Err(TokenError::Bad(_))));
         }

@@ -552,7 +552,7 @@ impl Boards {
             Ok(())
         } else {
             Err(BoardError::Invalid(format!(
-                "board name must be 1-{MAX_BOARD_NAME} bytes of A-Z a-z 0-9 _ - ."
+                "board name must be 1-{MAX_BOARD_NAME} bytes of A-Z a-z 0-9 _ - ., and not . or .."
             )))
         }
     }

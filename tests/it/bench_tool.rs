@@ -208,6 +208,10 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         "conn-flood",
         "big-frame",
         "empty-continuation",
+        "trickle-publish",
+        "trickle-publish-chunked",
+        "trickle-scores",
+        "trickle-scores-chunked",
     ];
     for kind in kinds {
         let topic = format!("atk-{kind}");
@@ -268,6 +272,7 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         );
         match kind {
             "conn-flood" => assert!(a.connections > 0, "{a:?}"),
+            k if k.starts_with("trickle-") => assert!(a.connections >= 2, "{a:?}"),
             "topic-flood" => assert!(
                 a.topics_subscribed + a.error_codes.values().sum::<u64>() > 0
                     || a.ended_by_server > 0,

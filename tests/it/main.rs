@@ -21,6 +21,8 @@ mod fuzz_regressions;
 mod help;
 mod history_api;
 mod history_durability;
+mod hostile_bodies;
+mod hostile_headers;
 mod hostile_http;
 mod hostile_limits;
 mod hostile_topics;

@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod trickle;
+
 use super::report::Percentiles;
 use super::subscriber::read_head;
 use crier_protocol::frame::{self, Decoder, Message, Role};
@@ -63,6 +65,16 @@ pub enum AttackKind {
     /// continuation frames without FIN (00 80 + mask, 6 bytes each) in 64 KiB writes as
     /// fast as it can, never finishing the message (issue 15, finding 3).
     EmptyContinuation,
+    /// POST /api/publish/x, Content-Length 44,000 (under the default 64 KiB limit), then
+    /// the body one byte per TCP segment (TCP_NODELAY), a byte every millisecond; after the
+    /// server's answer (408 at `body_read_timeout`) again on a new connection (issue 15).
+    TricklePublish,
+    /// The same, `Transfer-Encoding: chunked`: one 1-byte chunk per segment.
+    TricklePublishChunked,
+    /// As trickle-publish, on POST /api/boards/trickle/scores.
+    TrickleScores,
+    /// As trickle-publish-chunked, on POST /api/boards/trickle/scores.
+    TrickleScoresChunked,
 }
 
 impl AttackKind {
@@ -76,6 +88,10 @@ impl AttackKind {
             AttackKind::ConnFlood => "conn-flood",
             AttackKind::BigFrame => "big-frame",
             AttackKind::EmptyContinuation => "empty-continuation",
+            AttackKind::TricklePublish => "trickle-publish",
+            AttackKind::TricklePublishChunked => "trickle-publish-chunked",
+            AttackKind::TrickleScores => "trickle-scores",
+            AttackKind::TrickleScoresChunked => "trickle-scores-chunked",
         }
     }
 }
@@ -641,6 +657,10 @@ async fn attacker(ctx: Arc<Ctx>, i: usize, ready: mpsc::Sender<()>) -> AttackerR
             flood(&ctx, stream, rest, repeat_to(&empty, FLOOD_WRITE)).await
         }
         AttackKind::ConnFlood => unreachable!("handled by open"),
+        AttackKind::TricklePublish
+        | AttackKind::TricklePublishChunked
+        | AttackKind::TrickleScores
+        | AttackKind::TrickleScoresChunked => trickle::attack(&ctx, i, stream).await,
     }
 }
 
@@ -661,6 +681,10 @@ async fn open(ctx: &Ctx, i: usize) -> Opened {
             (None, true)
         }
         AttackKind::Slowloris | AttackKind::SlowBody => (None, false),
+        AttackKind::TricklePublish
+        | AttackKind::TricklePublishChunked
+        | AttackKind::TrickleScores
+        | AttackKind::TrickleScoresChunked => (None, false),
     };
     let mut stream = match connect(ctx, i, rcvbuf).await {
         Ok(s) => s,

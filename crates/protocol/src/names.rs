@@ -6,20 +6,29 @@ pub const MAX_TOPIC_LEN: usize = 128;
 
 pub const MAX_BOARD_NAME: usize = 64;
 
-/// A topic name: 1-128 bytes of `A-Z a-z 0-9 _ - . :`.
+/// `.` and `..` are path segments, not names: a URL holding them is rewritten by clients,
+/// proxies and file-system-minded code on the way (`/api/boards/../scores`), so the name a
+/// client meant and the one the server sees could differ.
+fn is_dot_segment(name: &str) -> bool {
+    name == "." || name == ".."
+}
+
+/// A topic name: 1-128 bytes of `A-Z a-z 0-9 _ - . :`, and not `.` or `..`.
 pub fn is_valid_topic(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_TOPIC_LEN
+        && !is_dot_segment(name)
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
 /// A leaderboard name: 1-64 bytes of `A-Z a-z 0-9 _ - .` (no `:`, as its topic is
-/// `board:NAME`).
+/// `board:NAME`), and not `.` or `..`.
 pub fn is_valid_board(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_BOARD_NAME
+        && !is_dot_segment(name)
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
@@ -40,6 +49,10 @@ mod tests {
         assert!(!is_valid_topic("quote\""));
         assert!(!is_valid_topic("slash/x"));
         assert!(!is_valid_topic("é"));
+        assert!(!is_valid_topic("."));
+        assert!(!is_valid_topic(".."));
+        assert!(is_valid_topic("..."));
+        assert!(is_valid_topic("a.."));
     }
 
     #[test]
@@ -49,5 +62,8 @@ mod tests {
         assert!(!is_valid_board(&"b".repeat(65)));
         assert!(!is_valid_board(""));
         assert!(!is_valid_board("board:x"));
+        assert!(!is_valid_board("."));
+        assert!(!is_valid_board(".."));
+        assert!(is_valid_board(".a"));
     }
 }
