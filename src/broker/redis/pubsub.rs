@@ -18,8 +18,8 @@ pub(super) enum Control {
 /// unsubscribe in the order the topic table asked for them. When the connection is lost
 /// (Redis down, `CLIENT KILL TYPE pubsub`, an output-buffer limit), whatever was published
 /// meanwhile never arrives: the connection is made again with backoff, every topic still in
-/// the table subscribed again, and the gap filled from history (`fill_gaps`). Local
-/// subscribers stay connected throughout.
+/// the table subscribed again, and the hub told that each may have missed publications (it
+/// fills the gap from history). Local subscribers stay connected throughout.
 pub(super) async fn run_pubsub(
     client: redis::Client,
     first: redis::aio::PubSub,
@@ -59,7 +59,9 @@ pub(super) async fn run_pubsub(
                 broker.health.set_subscribed(true);
                 if !first_time {
                     tracing::info!("redis pub/sub connection back: filling gaps from history");
-                    tokio::spawn(broker.fill_gaps());
+                    // Before any message of the new connection is handed on: the hub holds
+                    // what arrives from now on until its history read is in.
+                    broker.resubscribed();
                 }
             }
             first_time = false;
