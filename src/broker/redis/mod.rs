@@ -142,12 +142,15 @@ impl RedisBroker {
                 redis::aio::ConnectionManagerConfig::new()
                     .set_response_timeout(cfg.redis_timeout)
                     .set_connection_timeout(cfg.redis_timeout)
-                    // The crate's default backoff between reconnect attempts grows from
-                    // 1 s to 60 s (and more with jitter): after Redis comes back a node
-                    // would stay unable to publish for up to two minutes. Capped at 1 s,
-                    // it is back within about 2 s.
-                    .set_max_delay(1000)
-                    .set_number_of_retries(2),
+                    // One connection attempt per reconnect, no backoff between retries:
+                    // every command issued while the manager reconnects waits for that
+                    // reconnect, so retries with backoff (the crate's default, 1 s to 60 s)
+                    // made publishes wait out `redis_timeout` for the first seconds of an
+                    // outage whenever subscriptions and resumes kept the manager
+                    // reconnecting (issue 15). A refused connection now answers at once;
+                    // the health monitor probes a down Redis every 100 ms, so the node
+                    // is back within about that once Redis answers.
+                    .set_number_of_retries(0),
             ),
         )
         .await

@@ -8,6 +8,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::scripts::channel;
 use super::RedisBroker;
+/// The longest pause between two attempts to make the pub/sub connection: a node whose
+/// Redis is back listens again (and takes subscriptions again) within about this.
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Subscribe and unsubscribe, in the order the topic table asked for them.
 pub(super) enum Control {
     Subscribe(String, watch::Sender<Option<Result<(), String>>>),
@@ -37,7 +41,7 @@ pub(super) async fn run_pubsub(
                 Ok(Ok(p)) => p,
                 _ => {
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             },
@@ -95,7 +99,7 @@ pub(super) async fn run_pubsub(
             // Redis took the connection but refused SUBSCRIBE (a full output buffer, an
             // ACL, a Redis still loading): reconnecting at once would spin.
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
