@@ -253,10 +253,14 @@ impl Hub {
         if topics.iter().any(|t| &**t == name) {
             return Err(HubError::ClientClosed);
         }
-        let name: TopicName = name.into();
         // Under the shard lock, so a concurrent `leave` cannot drop the entry between
         // finding it and adding to it.
-        let mut shard = self.shard(&name).lock();
+        let mut shard = self.shard(name).lock();
+        // The entry's own name when there is one: every subscriber of a topic shares it.
+        let name = match shard.get_key_value(name) {
+            Some((n, _)) => n.clone(),
+            None => TopicName::from(name),
+        };
         let local = shard
             .entry(name.clone())
             .or_insert_with(|| Arc::new(Mutex::new(Local::new())));
