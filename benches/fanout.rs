@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crier::broker::memory::MemoryBroker;
-use crier::broker::{Broker, PublishRequest};
+use crier::broker::PublishRequest;
 use crier::client::{Batch, Client};
 use crier::config::Config;
 use crier::hub::Hub;
@@ -22,7 +22,10 @@ fn fanout(c: &mut Criterion) {
             history_size: history,
             ..Config::default()
         };
-        let broker = MemoryBroker::new(&cfg, hub, metrics);
+        let broker = MemoryBroker::new(&cfg, hub.clone(), metrics);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let clients: Vec<Arc<Client>> = (0..subscribers)
             .map(|i| {
                 let t = if i % 10 == 0 {
@@ -31,7 +34,15 @@ fn fanout(c: &mut Criterion) {
                     Transport::Ws
                 };
                 let c = Arc::new(Client::new(t, 1 << 30));
-                broker.subscribe(&c, "bench", None, &|_| None).unwrap();
+                rt.block_on(crier::subscribe::subscribe(
+                    &hub,
+                    &broker,
+                    &c,
+                    "bench",
+                    None,
+                    &|_| None,
+                ))
+                .unwrap();
                 c
             })
             .collect();

@@ -9,7 +9,7 @@
 //! the memory a client, hostile or slow, can make the server keep for it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -77,8 +77,11 @@ pub struct Client {
     /// Bytes the writer holds for this client outside the queue (see `set_held`).
     held: AtomicUsize,
     notify: Notify,
-    /// Topics held; guarded separately from the queue so fan-out never waits on it.
+    /// Topics held (joined or joining); guarded separately from the queue so fan-out never
+    /// waits on it.
     pub(crate) topics: Mutex<Vec<TopicName>>,
+    /// Set (under `topics`) once its connection is gone: no topic may be entered after.
+    pub(crate) retired: AtomicBool,
 }
 
 /// What `enqueue` did.
@@ -119,6 +122,7 @@ impl Client {
             held: AtomicUsize::new(0),
             notify: Notify::new(),
             topics: Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
         }
     }
 

@@ -29,6 +29,7 @@ pub mod redb_file;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod subscribe;
 pub mod topic;
 pub mod web;
 pub mod writer;

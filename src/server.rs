@@ -52,8 +52,7 @@ async fn start_shared(
     let (client, conn, health) = (redis.client(), redis.connection(), redis.health());
     let node = redis.node_id().to_string();
     let local = Arc::new(MemoryBroker::new(cfg, hub.clone(), metrics.clone()));
-    let broker: Arc<dyn crate::broker::Broker> =
-        Arc::new(RoutedBroker::new(local, redis, hub.clone()));
+    let broker: Arc<dyn crate::broker::Broker> = Arc::new(RoutedBroker::new(local, redis));
     let counts = ClusterCounts::spawn(conn.clone(), node, hub.clone(), shutdown.clone());
     let boards = Boards::open_shared(
         cfg,
@@ -121,6 +120,8 @@ impl Server {
                     .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
             (broker, None, boards, Some(health))
         };
+        // The hub fills gaps in its deliveries from the broker's history.
+        hub.attach(Arc::downgrade(&broker));
         let state = Arc::new(
             AppState::new(cfg, metrics, broker, hub, boards, shutdown)
                 .with_redis(redis_health)

@@ -128,15 +128,20 @@ async fn open(
     for (i, (t, since)) in topics.iter().zip(&since).enumerate() {
         // The `subscribed` event is queued under the topic's lock, before the replay and
         // anything live; the writer gives it its id line when it goes out.
-        let sub = state
-            .broker
-            .subscribe_async(&reg.client, t, since.as_ref(), &|sub| {
+        let sub = crate::subscribe::subscribe(
+            &state.hub,
+            &*state.broker,
+            &reg.client,
+            t,
+            since.as_ref(),
+            &|sub| {
                 Some(event::encode(
                     Some("subscribed"),
                     &crate::protocol::subscribed(t, sub, None),
                 ))
-            })
-            .await?;
+            },
+        )
+        .await?;
         ids.joined(i, &sub);
     }
     let stream = SseStream {

@@ -20,9 +20,10 @@ use crate::metrics::{Metrics, Transport};
 
 pub struct AppState {
     pub cfg: Config,
-    /// Where publications and subscriptions go (offsets, history, resume).
+    /// Where publications go and history comes from (offsets, epochs, resume reads).
     pub broker: Arc<dyn Broker>,
-    /// The local registry behind the broker: counts and shutdown only.
+    /// The node's subscribers and its deliveries (the broker's sink); subscriptions go
+    /// through `crate::subscribe` with both.
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// Cancelled once on SIGTERM/Ctrl-C: listeners stop, connections drain and close.
@@ -132,7 +133,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.state.broker.remove_client(&self.client);
+        crate::subscribe::remove_client(&self.state.hub, &*self.state.broker, &self.client);
         self.gauge.dec();
         self.state.connections.fetch_sub(1, Ordering::AcqRel);
     }

@@ -188,7 +188,7 @@ impl MemoryBroker {
     /// queued on top of the failed record fails too) and forget its key.
     pub(super) fn settle_durable(&self, p: Pending, result: Result<(), DurableError>) {
         let stream = &p.stream;
-        let mut to_wake = Vec::new();
+        let mut to_wake = crate::hub::Wakeups::default();
         let mut st = stream.state.lock();
         let answer = match result {
             Ok(()) => {
@@ -225,9 +225,7 @@ impl MemoryBroker {
         };
         self.settle(stream, &mut st);
         drop(st);
-        for client in to_wake {
-            client.wake();
-        }
+        to_wake.wake();
         self.enforce_budget();
         let _ = p.answer.send(answer);
     }

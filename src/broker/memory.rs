@@ -12,13 +12,16 @@
 //! - `history.rs`: the per-namespace count and age limits of a stream's history.
 //! - `budget.rs`: the node-wide history byte budget, one FIFO over every topic.
 //!
-//! A stream's own mutex orders everything about it: offsets are assigned, history kept,
-//! publications handed to the hub and subscribers acknowledged and replayed under it, so a
-//! subscriber sees its `subscribed` reply, then the replay, then live publications, with
-//! no gap and no duplicate. The lock is held only for non-blocking work (queue pushes);
-//! never across an `.await` or a socket write. Lock order: shard lock -> stream lock -> hub
-//! topic lock -> client queue lock; the idle and history queues are leaves (nothing is
-//! locked under them).
+//! A stream's own mutex orders everything about it: offsets are assigned, history kept and
+//! publications handed to the hub (the broker's sink) under it, so the hub receives them
+//! in offset order, and a subscriber's replay is read under it at one instant
+//! ([`Broker::replay`]); the merge of the two is `crate::subscribe`'s, as for every
+//! broker. The node's interest in a topic (`subscribe_topic`) is a count on its stream: a
+//! topic with local subscribers is never idle, so never evicted, and one that only
+//! subscribers asked for counts against their budget. The lock is held only for
+//! non-blocking work (queue pushes); never across an `.await` or a socket write. Lock
+//! order: shard lock -> stream lock -> hub locks -> client queue lock; the idle and
+//! history queues are leaves (nothing is locked under them).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,10 +37,7 @@ use super::publish::Attempt;
 use super::stream::new_epoch;
 use super::stream::Stream;
 use super::table::{Creator, Settled, Shard, SHARDS};
-use super::{
-    Ack, Broker, BrokerError, History, PublishRequest, Receipt, StreamPosition, Subscribed,
-};
-use crate::client::{Client, Item};
+use super::{Broker, BrokerError, History, PublishRequest, Receipt, Replay, StreamPosition};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -162,23 +162,6 @@ impl MemoryBroker {
     pub fn history_bytes(&self) -> usize {
         self.history_bytes.load(Ordering::Relaxed)
     }
-
-    fn leave(&self, client: &Arc<Client>, name: &str) -> bool {
-        let Some(stream) = self.lookup(name) else {
-            return self.hub.leave(client, name);
-        };
-        let mut st = stream.state.lock();
-        let held = self.hub.leave(client, name);
-        if held && !stream.dead.load(Ordering::Acquire) {
-            st.subscribers -= 1;
-        }
-        let settled = self.settle(&stream, &mut st);
-        drop(st);
-        if let Settled::Unused = settled {
-            self.remove_unused(&stream);
-        }
-        held
-    }
 }
 
 #[async_trait::async_trait]
@@ -209,81 +192,67 @@ impl Broker for MemoryBroker {
         }
     }
 
-    fn subscribe(
+    async fn subscribe_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        self.with_stream(topic, Creator::Subscriber, |_, st| st.subscribers += 1)
+    }
+
+    fn unsubscribe_topic(&self, topic: &str) {
+        let Some(stream) = self.lookup(topic) else {
+            return;
+        };
+        let mut st = stream.state.lock();
+        if stream.dead.load(Ordering::Acquire) {
+            // A subscribed stream is never removed: nothing to count out.
+            return;
+        }
+        debug_assert!(
+            st.subscribers > 0,
+            "one unsubscribe_topic per subscribe_topic"
+        );
+        st.subscribers = st.subscribers.saturating_sub(1);
+        let settled = self.settle(&stream, &mut st);
+        drop(st);
+        if let Settled::Unused = settled {
+            self.remove_unused(&stream);
+        }
+    }
+
+    async fn replay(
         &self,
-        client: &Arc<Client>,
         topic: &str,
         since: Option<&StreamPosition>,
-        ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError> {
-        let already = self.hub.admit(client, topic)?;
-        let sub = self.with_stream(topic, Creator::Subscriber, |stream, st| {
+        max_bytes: usize,
+    ) -> Result<Replay, BrokerError> {
+        self.with_stream(topic, Creator::Subscriber, |stream, st| {
             self.trim_expired(stream, st, Instant::now());
             let position = StreamPosition {
                 offset: st.last_offset,
                 epoch: stream.epoch.clone(),
             };
-            let mut replay = None;
-            // Subscribing again to a held topic repeats the acknowledgement only: the
-            // client already has everything since it joined.
-            let recovered = match since {
-                Some(since) if !already => {
-                    let budget = client.budget() / 2;
-                    // Stops at the budget: a resume from far back in a long history
-                    // (history_size may be 1,000,000) costs at most a budget's worth of
-                    // work under the stream lock, however often a client asks.
-                    replay = stream.resume_point(st, since).filter(|&start| {
-                        let mut bytes = 0usize;
-                        st.history.range(start..).all(|p| {
-                            bytes += p.wire(client.transport).len();
-                            bytes <= budget
-                        })
-                    });
-                    Some(replay.is_some())
+            let mut publications = Vec::new();
+            let recovered = since.map(|since| {
+                // Stops at the budget: a resume from far back in a long history
+                // (history_size may be 1,000,000) costs at most a budget's worth of work
+                // under the stream lock, however often a client asks.
+                let mut bytes = 0usize;
+                let start = stream.resume_point(st, since).filter(|&start| {
+                    st.history.range(start..).all(|p| {
+                        bytes += p.envelope().len();
+                        bytes <= max_bytes
+                    })
+                });
+                if let Some(start) = start {
+                    publications.extend(st.history.range(start..).cloned());
                 }
-                _ => None,
-            };
-            let sub = Subscribed {
+                start.is_some()
+            });
+            Replay {
                 position,
                 recovered,
-            };
-            if let Some(bytes) = ack(&sub) {
-                client.push(Item::control(bytes), &self.metrics);
+                publications,
+                retained: st.retained.clone(),
             }
-            if !already {
-                if let Some(start) = replay {
-                    for p in st.history.range(start..) {
-                        let item = Item::publication(p, p.wire(client.transport), false, false);
-                        client.push(item, &self.metrics);
-                    }
-                }
-                if let Some((p, conflate)) = &st.retained {
-                    let item = Item::publication(p, p.wire(client.transport), *conflate, false);
-                    client.push(item, &self.metrics);
-                }
-                if self.hub.join(client, &stream.name, st.last_offset) {
-                    st.subscribers += 1;
-                }
-            }
-            sub
-        })?;
-        self.metrics.record_resume(sub.recovered);
-        if client.closed().is_some() {
-            // Closed concurrently (or by this very push): undo so nothing is left behind.
-            self.remove_client(client);
-            return Err(BrokerError::ClientClosed);
-        }
-        Ok(sub)
-    }
-
-    fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool {
-        self.leave(client, topic)
-    }
-
-    fn remove_client(&self, client: &Arc<Client>) {
-        for name in self.hub.topics_of(client) {
-            self.leave(client, &name);
-        }
+        })
     }
 
     async fn history(
@@ -344,6 +313,7 @@ impl Broker for MemoryBroker {
 mod tests {
     use super::*;
     use crate::broker::testing::*;
+    use crate::client::Client;
     use crate::metrics::Transport;
 
     #[test]

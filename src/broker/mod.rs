@@ -1,12 +1,18 @@
 //! The broker: the one place where a publication gets its offset and epoch, where history
-//! is kept, and from where publications reach the local hub. The API talks to a broker,
-//! never to the hub directly, so a second implementation (Redis, for many nodes) can take
-//! the place of the in-process one without the API or the transports noticing.
+//! is kept, and from where publications reach this node. It works per node, never per
+//! client: it publishes, reads history, and keeps the node's interest in topics
+//! ([`Broker::subscribe_topic`]); what it receives comes back through one [`BrokerSink`],
+//! which the hub implements. Clients, their acknowledgements and the merge of replay and
+//! live publications live above it, written once for every broker (`crate::subscribe`).
+//! So a second implementation (Redis, for many nodes) takes the place of the in-process
+//! one without the API, the transports or the merge noticing.
 //!
-//! Dependencies run one way: `api` -> `broker` -> `hub` -> transports (`ws`, `sse`).
+//! Dependencies run one way: `api`/transports -> `subscribe` -> `broker` -> `hub` (as
+//! the sink) -> client queues.
 //!
-//! Modelled on centrifuge's `Broker` interface (publish with history, history reads,
-//! stream positions with an epoch); see docs/architecture.md.
+//! Modelled on centrifuge's `Broker` interface and `BrokerEventHandler` (publish with
+//! history, history reads, node-level subscribe, events back through a handler, stream
+//! positions with an epoch); see docs/architecture.md.
 
 mod budget;
 pub mod cluster_counts;
@@ -21,7 +27,7 @@ pub mod routed;
 mod stream;
 mod table;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::sync::Arc;
 
@@ -30,7 +36,6 @@ pub use stream::new_epoch;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::client::Client;
 use crate::hub::TopicLimit;
 use crate::publication::Publication;
 
@@ -119,51 +124,57 @@ impl From<crate::hub::HubError> for BrokerError {
 /// Builds the acknowledgement queued for a subscriber before anything published after it.
 pub type Ack<'a> = &'a (dyn Fn(&Subscribed) -> Option<Bytes> + Sync);
 
-/// What a broker does. Implementations: [`memory::MemoryBroker`] (one node); a Redis one
-/// for many nodes must fit the same methods.
+/// What a subscriber joining now is given before live publications: the topic's position,
+/// and, when it resumes from `since`, every publication after it if they can all be
+/// served, plus the retained state of a state topic.
+#[derive(Clone)]
+pub struct Replay {
+    pub position: StreamPosition,
+    /// None: no `since` was given. Some(true): `publications` are everything after `since`
+    /// up to `position`, in order. Some(false): they cannot be served (trimmed, expired,
+    /// another epoch, from the future, or larger than `max_bytes`); `publications` is empty.
+    pub recovered: Option<bool>,
+    pub publications: Vec<Arc<Publication>>,
+    /// A state topic's newest publication and whether it conflates: given to every new
+    /// subscriber after the replay.
+    pub retained: Option<(Arc<Publication>, bool)>,
+}
+
+/// What a broker hands its node: publications in offset order per topic, and what it
+/// knows about their continuity. Implemented by the hub; a broker never sees a client.
+pub trait BrokerSink: Send + Sync {
+    /// One publication of the topic's stream in `epoch`, handed over in offset order. The
+    /// sink checks that it is the very next offset: a duplicate is dropped, a gap is
+    /// filled from the broker's history (or the subscribers are told). Writers to wake
+    /// are collected in `wake`, for the broker to wake once it has released its locks.
+    /// Returns the number of local subscribers it reached.
+    fn deliver(
+        &self,
+        p: &Arc<Publication>,
+        epoch: &str,
+        conflate: bool,
+        wake: &mut crate::hub::Wakeups,
+    ) -> usize;
+
+    /// The topic's deliveries may have missed publications (the broker's connection to its
+    /// source was lost and is back): the sink checks against history.
+    fn may_have_missed(&self, topic: &str);
+
+    /// The topic's stream restarted under a new epoch (its history was lost): what the
+    /// node delivered says nothing about the new offsets, so its subscribers start over.
+    fn restarted(&self, topic: &str);
+}
+
+/// What a broker does, per node. Implementations: [`memory::MemoryBroker`] (one node,
+/// memory and durable namespaces), [`redis::RedisBroker`] (many nodes over one Redis),
+/// [`routed::RoutedBroker`] (board topics local, the rest through Redis). The contract
+/// every one of them meets is tested once, against all (tests/broker_contract.rs).
 #[async_trait::async_trait]
 pub trait Broker: Send + Sync {
     /// Assigns the next offset, keeps the publication in history and hands it to every
-    /// local subscriber, in offset order. Returns once it is as durable as the topic's
-    /// namespace promises.
+    /// node subscribed to the topic (this one through its sink), in offset order. Returns
+    /// once it is as durable as the topic's namespace promises.
     async fn publish(&self, req: PublishRequest<'_>) -> Result<Receipt, BrokerError>;
-
-    /// Adds a local subscriber. The acknowledgement built by `ack`, then (with `since`) the
-    /// replay of every publication after `since`, then live publications are queued with
-    /// no gap and no duplicate between them.
-    fn subscribe(
-        &self,
-        client: &Arc<Client>,
-        topic: &str,
-        since: Option<&StreamPosition>,
-        ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError>;
-
-    /// `subscribe` for a broker that must wait before a subscriber can join (the Redis
-    /// broker: its node's subscription to the topic, then a history read), with the same
-    /// guarantees. Callers that can wait call this one; the default is the synchronous
-    /// `subscribe`, so the in-process broker needs nothing more.
-    async fn subscribe_async(
-        &self,
-        client: &Arc<Client>,
-        topic: &str,
-        since: Option<&StreamPosition>,
-        ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError> {
-        self.subscribe(client, topic, since, ack)
-    }
-
-    /// Whether `subscribe_async` may wait: callers that cannot wait in place (a
-    /// WebSocket connection's command loop) then run it as a task, in command order.
-    fn subscribe_waits(&self) -> bool {
-        false
-    }
-
-    /// Returns whether the client was subscribed.
-    fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool;
-
-    /// Removes the client from every topic it holds. Idempotent.
-    fn remove_client(&self, client: &Arc<Client>);
 
     /// Publications after `since` (or the oldest kept), at most `limit`.
     async fn history(
@@ -172,4 +183,24 @@ pub trait Broker: Send + Sync {
         since: Option<&StreamPosition>,
         limit: usize,
     ) -> Result<History, BrokerError>;
+
+    /// One more local subscription of the topic: once this returns, every publication of
+    /// the topic reaches the sink (Redis: the node's one subscription to the topic's
+    /// channel is confirmed; memory: the topic is kept in the table, counted against the
+    /// subscribers' budget if nobody published to it). Each success is matched by one
+    /// `unsubscribe_topic`; the last one drops the node's interest.
+    async fn subscribe_topic(&self, topic: &str) -> Result<(), BrokerError>;
+
+    /// One local subscription of the topic fewer (see `subscribe_topic`).
+    fn unsubscribe_topic(&self, topic: &str);
+
+    /// The position, the replay after `since` (all of it within `max_bytes` of encoded
+    /// publications, or none: `recovered:false`) and the retained state, read at one
+    /// instant of the stream.
+    async fn replay(
+        &self,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        max_bytes: usize,
+    ) -> Result<Replay, BrokerError>;
 }

@@ -15,7 +15,8 @@ use super::memory::MemoryBroker;
 use super::stream::{Stream, StreamState};
 use super::table::Creator;
 use super::{BrokerError, PublishRequest, Receipt};
-use crate::client::Client;
+use crate::broker::BrokerSink;
+use crate::hub::Wakeups;
 use crate::publication::Publication;
 
 /// Why a publish attempt did not finish under the stream lock.
@@ -42,11 +43,11 @@ impl MemoryBroker {
         st: &mut StreamState,
         p: &Arc<Publication>,
         req: &PublishRequest<'_>,
-        to_wake: &mut Vec<Arc<Client>>,
+        to_wake: &mut Wakeups,
     ) -> usize {
         let now = Instant::now();
         st.last_offset = p.offset;
-        let reached = self.hub.deliver(p, req.conflate, to_wake);
+        let reached = self.hub.deliver(p, &stream.epoch, req.conflate, to_wake);
         if req.retain {
             st.retained = Some((p.clone(), req.conflate));
             // A state topic's newest publication is all a subscriber needs.
@@ -73,7 +74,7 @@ impl MemoryBroker {
 
     /// One publish attempt, entirely under the stream lock (memory topics).
     pub(super) fn try_publish(&self, req: &PublishRequest<'_>) -> Result<Receipt, Attempt> {
-        let mut to_wake: Vec<Arc<Client>> = Vec::new();
+        let mut to_wake = Wakeups::default();
         let result = self.with_stream(req.topic, Creator::Publisher, |stream, st| {
             if let Some(duplicate) =
                 self.replay_key(stream, st, req.idempotency_key, Instant::now())?
@@ -101,9 +102,7 @@ impl MemoryBroker {
         });
         // Waking schedules each writer task: done after the stream lock is released so the
         // next publication of this topic does not wait behind 10,000 wake-ups.
-        for client in to_wake {
-            client.wake();
-        }
+        to_wake.wake();
         self.enforce_budget();
         result?
     }
@@ -135,7 +134,7 @@ impl MemoryBroker {
 mod tests {
     use super::*;
     use crate::broker::testing::*;
-    use crate::broker::Broker;
+    use crate::client::Client;
     use crate::metrics::Transport;
     use bytes::Bytes;
 

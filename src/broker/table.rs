@@ -294,7 +294,7 @@ pub(super) fn try_take(counter: &AtomicUsize, max: usize) -> bool {
 mod tests {
     use super::*;
     use crate::broker::testing::*;
-    use crate::broker::{Broker, PublishRequest};
+    use crate::broker::PublishRequest;
     use crate::client::Client;
     use crate::metrics::Transport;
 

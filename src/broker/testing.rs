@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::idempotency::KEY_COST;
 use super::memory::MemoryBroker;
 use super::stream::Stream;
-use super::{Broker, BrokerError, PublishRequest, Receipt, StreamPosition, Subscribed};
+use super::{Ack, BrokerError, PublishRequest, Receipt, StreamPosition, Subscribed};
 use crate::client::{Batch, Client, Item};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -49,6 +49,50 @@ pub(crate) fn publish_state(b: &MemoryBroker, topic: &str, data: &str) -> Receip
         idempotency_key: None,
     })
     .unwrap()
+}
+
+/// The one subscribe path (`crate::subscribe`) on a memory broker and its hub, run in
+/// place: the in-process broker never waits, so each call completes on its first poll.
+pub(crate) trait Subscribing {
+    fn subscribe(
+        &self,
+        c: &Arc<Client>,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        ack: Ack<'_>,
+    ) -> Result<Subscribed, BrokerError>;
+    fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool;
+    fn remove_client(&self, c: &Arc<Client>);
+}
+
+impl Subscribing for MemoryBroker {
+    fn subscribe(
+        &self,
+        c: &Arc<Client>,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        ack: Ack<'_>,
+    ) -> Result<Subscribed, BrokerError> {
+        let fut = crate::subscribe::subscribe(&self.hub, self, c, topic, since, ack);
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(fut.as_mut(), &mut cx) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("the memory broker never waits"),
+        }
+    }
+
+    fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {
+        crate::subscribe::unsubscribe(&self.hub, self, c, topic)
+    }
+
+    /// Leaves every topic the client holds; unlike a connection's cleanup it does not
+    /// retire the client, so a test can subscribe it again.
+    fn remove_client(&self, c: &Arc<Client>) {
+        for t in self.hub.topics_of(c) {
+            crate::subscribe::unsubscribe(&self.hub, self, c, &t);
+        }
+    }
 }
 
 pub(crate) fn sub(
@@ -130,7 +174,7 @@ pub(crate) fn check_counts(b: &MemoryBroker) {
             "unused topic {} left behind",
             t.name
         );
-        assert_eq!(st.subscribers, b.hub.subscriber_count(&t.name));
+        assert_eq!(st.subscribers, b.hub.local_count(&t.name));
         // History is contiguous and ends at the newest offset.
         for (i, p) in st.history.iter().enumerate() {
             assert_eq!(

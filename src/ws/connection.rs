@@ -37,6 +37,7 @@ use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
 use crate::rate::{Rate, TokenBucket};
 use crate::state::{AppState, Registration};
+use crate::subscribe;
 use crate::writer::Batch;
 
 /// Most bytes and frames taken from the queue for one batch of writes. A batch must be
@@ -143,9 +144,9 @@ struct Connection {
     commands: TokenBucket,
     reg: Registration,
     state: Arc<AppState>,
-    /// With a broker that waits to subscribe (Redis): the latest subscribe or unsubscribe
-    /// task. Each next one awaits it first, so a connection's commands on topics take
-    /// effect, and are answered, in the order they were sent.
+    /// The latest topic command that had to wait (a subscribe under Redis waits for it): each
+    /// next one awaits it first, so a connection's commands on topics take effect, and are
+    /// answered, in the order they were sent.
     chain: Option<tokio::task::JoinHandle<()>>,
     /// The verified token (handshake, `auth` or `refresh`). Boxed: most connections have
     /// none, and an idle connection's size is what 10k of them cost (docs/BENCHMARKS.md).
@@ -576,61 +577,39 @@ impl Connection {
                 return;
             }
         }
-        let broker = &self.state.broker;
-        let client = &self.reg.client;
         match parsed {
-            Parsed::Subscribe(topic, since, id) if broker.subscribe_waits() => {
-                let (broker, client) = (broker.clone(), client.clone());
-                let metrics = self.state.metrics.clone();
+            Parsed::Subscribe(topic, since, id) => {
+                let (state, client) = (self.state.clone(), self.reg.client.clone());
                 let id = id.map(|id| id.to_owned());
-                self.chained(async move {
+                self.in_order(async move {
                     let id = id.as_deref();
-                    let result = broker
-                        .subscribe_async(&client, &topic, since.as_ref(), &|sub| {
-                            Some(frame::encode(
-                                frame::OP_TEXT,
-                                &protocol::subscribed(&topic, sub, id),
-                            ))
-                        })
-                        .await;
+                    let ack = |sub: &_| {
+                        Some(frame::encode(
+                            frame::OP_TEXT,
+                            &protocol::subscribed(&topic, sub, id),
+                        ))
+                    };
+                    let (hub, broker) = (&state.hub, &*state.broker);
+                    let result =
+                        subscribe::subscribe(hub, broker, &client, &topic, since.as_ref(), &ack)
+                            .await;
                     if let Err(e) = result {
                         if let Some(json) = subscribe_error(&e, id) {
                             let item = Item::control(frame::encode(frame::OP_TEXT, &json));
-                            client.push(item, &metrics);
+                            client.push(item, &state.metrics);
                         }
                     }
                 });
             }
-            Parsed::Unsubscribe(topic, id) if self.chain.is_some() => {
-                let (broker, client) = (broker.clone(), client.clone());
-                let metrics = self.state.metrics.clone();
-                let id = id.map(|id| id.to_owned());
-                self.chained(async move {
-                    let id = id.as_deref();
-                    broker.unsubscribe(&client, &topic);
-                    let json = protocol::unsubscribed(&topic, id);
-                    client.push(
-                        Item::control(frame::encode(frame::OP_TEXT, &json)),
-                        &metrics,
-                    );
-                });
-            }
-            Parsed::Subscribe(topic, since, id) => {
-                let result = broker.subscribe(client, &topic, since.as_ref(), &|sub| {
-                    Some(frame::encode(
-                        frame::OP_TEXT,
-                        &protocol::subscribed(&topic, sub, id),
-                    ))
-                });
-                if let Err(e) = result {
-                    if let Some(json) = subscribe_error(&e, id) {
-                        self.reply(json);
-                    }
-                }
-            }
             Parsed::Unsubscribe(topic, id) => {
-                broker.unsubscribe(client, &topic);
-                self.reply(protocol::unsubscribed(&topic, id));
+                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let id = id.map(|id| id.to_owned());
+                self.in_order(async move {
+                    subscribe::unsubscribe(&state.hub, &*state.broker, &client, &topic);
+                    let json = protocol::unsubscribed(&topic, id.as_deref());
+                    let item = Item::control(frame::encode(frame::OP_TEXT, &json));
+                    client.push(item, &state.metrics);
+                });
             }
             Parsed::Ping(id) => self.reply(protocol::pong(id)),
             Parsed::Auth(token, id) => self.auth(&token, id),
@@ -680,20 +659,15 @@ impl Connection {
             return self.auth_failed(ErrorCode::BadToken, &msg, id);
         }
         let reply = protocol::authed("refreshed", &grant, id);
-        if self.chain.is_some() {
-            // Subscribes still in flight were allowed by the old grant: drop what the new
-            // one refuses only once they have landed.
-            let (state, client) = (self.state.clone(), self.reg.client.clone());
-            let new = grant.clone();
-            self.chained(async move {
-                leave_refused(&state, &client, &new);
-                let item = Item::control(frame::encode(frame::OP_TEXT, &reply));
-                client.push(item, &state.metrics);
-            });
-        } else {
-            leave_refused(&self.state, &self.reg.client, &grant);
-            self.reply(reply);
-        }
+        // Subscribes still in flight were allowed by the old grant: drop what the new one
+        // refuses only once they have landed.
+        let (state, client) = (self.state.clone(), self.reg.client.clone());
+        let new = grant.clone();
+        self.in_order(async move {
+            leave_refused(&state, &client, &new);
+            let item = Item::control(frame::encode(frame::OP_TEXT, &reply));
+            client.push(item, &state.metrics);
+        });
         self.authed = Some(Authed::new(grant));
     }
 
@@ -711,8 +685,24 @@ impl Connection {
         self.begin_close(DisconnectReason::BadToken);
     }
 
-    /// Runs `task` after the connection's previous topic command (see `chain`).
-    fn chained(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Runs a topic command in the order the commands came: at once when nothing before
+    /// it is still running and it does not wait (the in-process broker never does: its
+    /// reply is queued before the next command is read), otherwise as a task after the
+    /// previous one (see `chain`).
+    fn in_order(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.chain.as_ref().is_some_and(|c| c.is_finished()) {
+            self.chain = None;
+        }
+        let mut task = Box::pin(task);
+        if self.chain.is_none() {
+            // One poll in place: a command that completes without waiting costs no task.
+            // One that waits is spawned as it is: its first poll by the runtime registers
+            // a real waker.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if task.as_mut().poll(&mut cx).is_ready() {
+                return;
+            }
+        }
         let prev = self.chain.take();
         self.chain = Some(tokio::spawn(async move {
             if let Some(prev) = prev {
@@ -740,7 +730,7 @@ fn leave_refused(state: &AppState, client: &Arc<Client>, grant: &Grant) {
         .cloned()
         .collect();
     for topic in refused {
-        if state.broker.unsubscribe(client, &topic) {
+        if crate::subscribe::unsubscribe(&state.hub, &*state.broker, client, &topic) {
             let json = protocol::unsubscribed(&topic, None);
             client.push(
                 Item::control(frame::encode(frame::OP_TEXT, &json)),

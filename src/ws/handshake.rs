@@ -83,15 +83,13 @@ async fn prepare(
     }
     let reg = Registration::new(state, Transport::Ws)?;
     for t in &topics {
-        state
-            .broker
-            .subscribe_async(&reg.client, t, None, &|sub| {
-                Some(frame::encode(
-                    frame::OP_TEXT,
-                    &protocol::subscribed(t, sub, None),
-                ))
-            })
-            .await?;
+        let ack = |sub: &_| {
+            Some(frame::encode(
+                frame::OP_TEXT,
+                &protocol::subscribed(t, sub, None),
+            ))
+        };
+        crate::subscribe::subscribe(&state.hub, &*state.broker, &reg.client, t, None, &ack).await?;
     }
     let on_upgrade = hyper::upgrade::on(req);
     let task_state = state.clone();

@@ -14,6 +14,7 @@ mod board_durability;
 mod board_limits;
 mod board_policy;
 mod broadcast;
+mod broker_contract;
 mod common;
 mod deploy_nginx;
 mod docs_tables;

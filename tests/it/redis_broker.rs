@@ -14,17 +14,55 @@ use crier::config::Config;
 use crier::hub::Hub;
 use crier::metrics::{Metrics, Transport};
 
-async fn node(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Arc<RedisBroker> {
+/// A node: the Redis broker and its hub, subscribed to through the one subscribe path.
+struct Node {
+    broker: Arc<RedisBroker>,
+    hub: Arc<Hub>,
+}
+
+impl std::ops::Deref for Node {
+    type Target = RedisBroker;
+    fn deref(&self) -> &RedisBroker {
+        &self.broker
+    }
+}
+
+impl Node {
+    async fn subscribe_async(
+        &self,
+        c: &Arc<Client>,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        ack: crier::broker::Ack<'_>,
+    ) -> Result<Subscribed, crier::broker::BrokerError> {
+        crier::subscribe::subscribe(&self.hub, &*self.broker, c, topic, since, ack).await
+    }
+
+    fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {
+        crier::subscribe::unsubscribe(&self.hub, &*self.broker, c, topic)
+    }
+
+    /// Leaves every topic (without retiring the client, so a test may use it again).
+    fn remove_client(&self, c: &Arc<Client>) {
+        for t in self.hub.topics_of(c) {
+            self.unsubscribe(c, &t);
+        }
+    }
+}
+
+async fn node(redis: &RedisServer, tweak: impl FnOnce(&mut Config)) -> Arc<Node> {
     let mut cfg = Config::default();
     tweak(&mut cfg);
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::new(8, metrics.clone()));
-    RedisBroker::connect(&cfg, &redis.url(), hub, metrics)
+    let broker = RedisBroker::connect(&cfg, &redis.url(), hub.clone(), metrics)
         .await
-        .expect("connects to redis")
+        .expect("connects to redis");
+    hub.attach(Arc::downgrade(&broker) as std::sync::Weak<dyn Broker>);
+    Arc::new(Node { broker, hub })
 }
 
-async fn publish(b: &RedisBroker, topic: &str, data: &str) -> crier::broker::Receipt {
+async fn publish(b: &Node, topic: &str, data: &str) -> crier::broker::Receipt {
     b.publish(PublishRequest {
         topic,
         data: data.as_bytes(),

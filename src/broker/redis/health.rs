@@ -1,10 +1,11 @@
 //! Whether this node can reach Redis right now, as the load balancer (`/readyz`), the
 //! metrics and the write path see it.
 //!
-//! One task PINGs Redis every second on the command connection, each PING bounded by
-//! `redis_timeout`. Its last answer is the truth the write path acts on: while it says
-//! down, publishes and subscribes fail at once with 503 instead of each waiting out
-//! `redis_timeout` on a dead or stalled server. A single slow command does not flip the
+//! One task PINGs Redis every second on the command connection (every 100 ms while it is
+//! down), each PING bounded by `redis_timeout`. Its last answer is the truth the write path
+//! acts on: while it says down, publishes and subscribes fail at once with 503 instead of
+//! each waiting out `redis_timeout` on a dead or stalled server, and once a probe is
+//! answered they go through again. A single slow command does not flip the
 //! state (that would flap under load); a PING that fails or stalls does, and the next one
 //! that answers flips it back. The pub/sub task reports separately whether its connection
 //! is subscribed, since either half down means this node cannot serve a topic correctly.
@@ -18,6 +19,9 @@ use redis::aio::ConnectionManager;
 use crate::metrics::Metrics;
 
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// While Redis does not answer: how often it is tried again, so that publishes (refused at
+/// once meanwhile) succeed again within about this once it does.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 pub struct RedisHealth {
     node: String,
@@ -133,14 +137,14 @@ impl RedisHealth {
     }
 }
 
-/// PINGs every second until the broker is gone. The connection manager reconnects by itself
-/// on the next command after an error, so the PING is also what brings a lost command
-/// connection back when no request is coming.
+/// PINGs every second (every `PROBE_EVERY` while Redis does not answer) until the broker is
+/// gone. The connection manager reconnects by itself on the next command after an error,
+/// so the PING is also what brings a lost command connection back when no request is
+/// coming.
 pub(super) async fn monitor(health: Weak<RedisHealth>, mut conn: ConnectionManager) {
-    let mut tick = tokio::time::interval(PING_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = PING_EVERY;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(wait).await;
         let Some(h) = health.upgrade() else { return };
         let timeout = h.timeout;
         drop(h);
@@ -152,5 +156,6 @@ pub(super) async fn monitor(health: Weak<RedisHealth>, mut conn: ConnectionManag
             h.record_error();
         }
         h.set_up(ok);
+        wait = if ok { PING_EVERY } else { PROBE_EVERY };
     }
 }

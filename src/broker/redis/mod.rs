@@ -12,21 +12,16 @@
 //!   `offset:epoch:data` to the topic's channel. Offsets are therefore one contiguous
 //!   sequence per topic, whichever node publishes.
 //! - **Live delivery**: one Redis subscription per topic that has local subscribers (never
-//!   per client), all on one pub/sub connection, dropped when the last local subscriber
-//!   leaves. Subscribe and unsubscribe commands go through one ordered task, so an
-//!   unsubscribe can never overtake the subscribe that follows it. Messages arrive in
-//!   publish order (Redis runs scripts one at a time, one connection delivers them) and are
-//!   handed to the hub's `deliver` under the topic's lock; an offset already delivered is
-//!   dropped.
-//! - **Subscribe with resume** is asynchronous ([`Broker::subscribe_async`]): the client
-//!   first joins the topic as *pending* (live publications are buffered for it), then the
-//!   node's Redis subscription is confirmed, then the position and history are read (one
-//!   script, atomic). Everything published after that read reaches the node's pub/sub
-//!   connection, hence the buffer. Under the topic's lock the acknowledgement, the replay,
-//!   then the buffered publications past the read position are queued and the client joins
-//!   the hub: no gap, no duplicate. If the node has not yet delivered everything up to the
-//!   read position (messages in flight), the client stays pending in a catching-up phase
-//!   and joins once the node's deliveries reach it.
+//!   per client), all on one pub/sub connection ([`Broker::subscribe_topic`] counts them;
+//!   the first confirms the channel subscription, the last drops it). Subscribe and
+//!   unsubscribe commands go through one ordered task, so an unsubscribe can never overtake
+//!   the subscribe that follows it. Messages arrive in publish order (Redis runs scripts
+//!   one at a time, one connection delivers them) and are handed to the hub, the broker's
+//!   sink, which checks that each is the very next offset.
+//! - **Subscribe with resume** is the node's one merge (`crate::subscribe`): this broker
+//!   confirms the channel subscription, then reads the position and history in one script
+//!   (atomic, [`Broker::replay`]); everything published after that read reaches the node's
+//!   pub/sub connection.
 //! - **History** (`GET /api/topics/{topic}/history`) is `XRANGE` from `<since+1>-0`.
 //!   Entries carry Redis's own clock (`TIME`) so the age limit does not depend on the
 //!   nodes' clocks agreeing.
@@ -43,8 +38,10 @@
 //!
 //! Failures (`health`, `pubsub`): a monitor PINGs Redis every second; while it does not
 //! answer, publishes and subscribes fail at once with 503. A lost pub/sub connection keeps
-//! the clients: the node reconnects, subscribes again and fills the gap from history
-//! (`fill_gaps`); only a gap history no longer holds closes a topic's subscribers.
+//! the clients: the node reconnects, subscribes again and tells the hub that every topic
+//! may have missed publications; the hub fills each gap from history (however often the
+//! connection flaps), and only a gap history no longer holds closes a topic's
+//! subscribers. A message in another epoch (Redis lost the stream) closes them too.
 
 mod health;
 mod pubsub;
@@ -68,56 +65,21 @@ use scripts::{
 
 use super::stream::new_epoch;
 use super::{
-    Ack, Broker, BrokerError, History, PublishRequest, Receipt, StreamPosition, Subscribed,
+    Broker, BrokerError, BrokerSink, History, PublishRequest, Receipt, Replay, StreamPosition,
 };
-use crate::client::{Client, Item};
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Hub, Wakeups};
 use crate::metrics::Metrics;
 use crate::publication::Publication;
 use crate::topic::TopicName;
 
-/// A client that asked for a topic and has not joined the hub yet.
-enum Pending {
-    /// Waiting for the Redis subscription and the history read: live publications are
-    /// kept for it (within its queue budget).
-    Buffering(Vec<Arc<Publication>>, usize),
-    /// Given everything up to this offset; the node has not delivered that far yet.
-    CatchingUp(u64),
-}
-
-/// Publications that arrived while the topic's gap (a lost pub/sub connection) is being
-/// filled from history: handed on, in order, once the gap is filled.
-struct Recovering {
-    buffered: Vec<(u64, Arc<str>, bytes::Bytes)>,
-    bytes: usize,
-}
-
-/// Past this many buffered bytes per topic, a gap fill gives up and closes the topic's
-/// subscribers (they resume from history on their own), so a slow history read never
-/// lets the buffer grow without bound.
-const RECOVERY_BUFFER_BYTES: usize = 8 << 20;
-
-struct TopicState {
-    /// Some while the node fills a gap in this topic's deliveries from history.
-    recovering: Option<Recovering>,
-    /// The epoch of what this node delivered: a message of another one means the stream
-    /// restarted (Redis lost it), see `restart`.
-    epoch: Option<Arc<str>>,
-    /// The newest offset handed to the hub for this topic.
-    last_delivered: u64,
-    /// Local subscribers, joined and pending: the Redis subscription lives while > 0.
-    locals: usize,
-    pending: HashMap<u64, (Arc<Client>, Pending)>,
-}
-
+/// A topic with local subscribers.
 struct Topic {
-    state: Mutex<TopicState>,
+    /// Local subscriptions: the node's channel subscription lives while > 0.
+    locals: usize,
+    /// Whether the channel subscription was confirmed.
     ready: watch::Receiver<Option<Result<(), String>>>,
 }
-
-/// How often `fill_gaps` tries a failed history read (200 ms apart) before giving up.
-const GAP_READ_ATTEMPTS: u32 = 25;
 
 pub struct RedisBroker {
     client: redis::Client,
@@ -128,11 +90,7 @@ pub struct RedisBroker {
     publish_script: Script,
     read_script: Script,
     /// Topics with local subscribers. A leaf lock except for the control queue push.
-    topics: Mutex<HashMap<TopicName, Arc<Topic>>>,
-    /// Per client, the topics it entered and has not left (joined or pending), so a client
-    /// that goes away leaves exactly those instead of scanning every topic. Bounded by
-    /// `max_topics_per_connection` per client. A leaf lock.
-    entered: Mutex<HashMap<u64, Vec<TopicName>>>,
+    topics: Mutex<HashMap<TopicName, Topic>>,
     /// Bounded by the subscriptions in flight: each entry follows a topic gaining its first
     /// or losing its last local subscriber.
     control: mpsc::UnboundedSender<Control>,
@@ -184,12 +142,15 @@ impl RedisBroker {
                 redis::aio::ConnectionManagerConfig::new()
                     .set_response_timeout(cfg.redis_timeout)
                     .set_connection_timeout(cfg.redis_timeout)
-                    // The crate's default backoff between reconnect attempts grows from
-                    // 1 s to 60 s (and more with jitter): after Redis comes back a node
-                    // would stay unable to publish for up to two minutes. Capped at 1 s,
-                    // it is back within about 2 s.
-                    .set_max_delay(1000)
-                    .set_number_of_retries(2),
+                    // One connection attempt per reconnect, no backoff between retries:
+                    // every command issued while the manager reconnects waits for that
+                    // reconnect, so retries with backoff (the crate's default, 1 s to 60 s)
+                    // made publishes wait out `redis_timeout` for the first seconds of an
+                    // outage whenever subscriptions and resumes kept the manager
+                    // reconnecting (issue 15). A refused connection now answers at once;
+                    // the health monitor probes a down Redis every 100 ms, so the node
+                    // is back within about that once Redis answers.
+                    .set_number_of_retries(0),
             ),
         )
         .await
@@ -211,7 +172,6 @@ impl RedisBroker {
             publish_script: Script::new(PUBLISH),
             read_script: Script::new(READ),
             topics: Mutex::new(HashMap::new()),
-            entered: Mutex::new(HashMap::new()),
             control,
             tasks: Mutex::new(Vec::new()),
             health: health.clone(),
@@ -274,17 +234,17 @@ impl RedisBroker {
         unavailable(e)
     }
 
-    /// A publication from the topic's channel: `offset:epoch:data`.
+    /// A publication from the topic's channel: `offset:epoch:data`, for the hub.
     fn on_message(&self, channel: &str, payload: &[u8]) {
         let Some(name) = topic_of(channel) else {
             return;
         };
         // The table's own name: the publication shares it instead of allocating one.
-        let Some((name, topic)) = self
+        let Some(name) = self
             .topics
             .lock()
             .get_key_value(name)
-            .map(|(n, t)| (n.clone(), t.clone()))
+            .map(|(n, _)| n.clone())
         else {
             return;
         };
@@ -294,296 +254,36 @@ impl RedisBroker {
             tracing::warn!(channel, "malformed message on a crier channel");
             return;
         };
-        let Some(offset) = std::str::from_utf8(offset)
-            .ok()
-            .and_then(|o| o.parse::<u64>().ok())
-        else {
+        let (Some(offset), Ok(epoch)) = (
+            std::str::from_utf8(offset)
+                .ok()
+                .and_then(|o| o.parse::<u64>().ok()),
+            std::str::from_utf8(epoch),
+        ) else {
             return;
         };
-        let epoch = String::from_utf8_lossy(epoch);
-        let mut to_wake = Vec::new();
-        let mut st = topic.state.lock();
-        if let Some(rec) = &mut st.recovering {
-            rec.bytes += data.len();
-            if rec.bytes <= RECOVERY_BUFFER_BYTES {
-                rec.buffered
-                    .push((offset, epoch.into(), bytes::Bytes::copy_from_slice(data)));
-                return;
-            }
-            tracing::warn!(
-                topic = &*name,
-                "gap fill too slow: closing the topic's subscribers"
-            );
-            st.recovering = None;
-            self.give_up(&mut st, &name);
-        }
-        self.deliver_locked(&mut st, &name, offset, &epoch, data, &mut to_wake);
-        drop(st);
-        for c in to_wake {
-            c.wake();
-        }
-    }
-
-    /// Hands one publication of the topic's stream to its local subscribers (joined and
-    /// pending), in offset order; the topic's lock is held by the caller.
-    /// Per message: the epoch is compared in place and only copied when it changes.
-    fn deliver_locked(
-        &self,
-        st: &mut TopicState,
-        name: &TopicName,
-        offset: u64,
-        epoch: &str,
-        data: &[u8],
-        to_wake: &mut Vec<Arc<Client>>,
-    ) {
-        match &st.epoch {
-            Some(e) if **e != *epoch => self.restart(st, name, epoch.into()),
-            Some(_) => {}
-            None => st.epoch = Some(epoch.into()),
-        }
-        if offset <= st.last_delivered {
-            return;
-        }
-        let p = Arc::new(Publication::new(name.clone(), offset, data));
-        st.last_delivered = offset;
-        self.hub.deliver(&p, false, to_wake);
-        let mut joined = Vec::new();
-        for (id, (client, pending)) in st.pending.iter_mut() {
-            match pending {
-                Pending::Buffering(buf, bytes) => {
-                    *bytes += p.cost();
-                    if *bytes > client.budget() {
-                        // The history read took longer than its queue could wait.
-                        client.close(crate::close::DisconnectReason::SlowConsumer);
-                    } else {
-                        buf.push(p.clone());
-                    }
-                }
-                Pending::CatchingUp(upto) => {
-                    if offset > *upto {
-                        let item = Item::publication(&p, p.wire(client.transport), false, true);
-                        client.push(item, &self.metrics);
-                    }
-                    if offset >= *upto {
-                        joined.push(*id);
-                    }
-                }
-            }
-        }
-        for id in joined {
-            if let Some((client, _)) = st.pending.remove(&id) {
-                self.hub.join(&client, &p.topic, offset);
-            }
-        }
-    }
-
-    /// What this node delivered of the topic can no longer be continued exactly: its local
-    /// subscribers, joined and pending, are closed and resume from history themselves (on
-    /// any node), which tells them `recovered:false` if the gap is gone from history too.
-    fn give_up(&self, st: &mut TopicState, name: &str) {
-        let reason = crate::close::DisconnectReason::StreamRestarted;
-        self.hub.restart(name, reason);
-        for (client, _) in st.pending.values() {
-            client.close(reason);
-        }
-    }
-
-    /// The topic's stream restarted under a new epoch (Redis lost it: a restart without
-    /// persistence, a flush). Offsets begin again at 1, so what this node delivered says
-    /// nothing about them: every local subscriber is closed (they resume, and hear
-    /// `recovered:false`) and delivery starts over. Never silent loss.
-    fn restart(&self, st: &mut TopicState, name: &str, epoch: Arc<str>) {
-        tracing::warn!(topic = name, %epoch, "topic stream restarted under a new epoch");
-        self.give_up(st, name);
-        st.epoch = Some(epoch);
-        st.last_delivered = 0;
+        let p = Arc::new(Publication::new(name, offset, data));
+        let mut wake = Wakeups::default();
+        self.hub.deliver(&p, epoch, false, &mut wake);
+        wake.wake();
     }
 
     fn topic_names(&self) -> Vec<TopicName> {
         self.topics.lock().keys().cloned().collect()
     }
 
-    /// The pub/sub connection was lost: every topic may miss publications until it is
-    /// back. Clients stay connected; each topic buffers what arrives after the new
-    /// subscription and, once subscribed again, fills the gap from history
-    /// ([`Self::fill_gaps`]).
+    /// The pub/sub connection was lost: nothing published meanwhile arrives until it is
+    /// back (`resubscribed`).
     fn lost_pubsub(&self) {
         self.health.set_subscribed(false);
-        let topics: Vec<Arc<Topic>> = self.topics.lock().values().cloned().collect();
-        for topic in topics {
-            let mut st = topic.state.lock();
-            if st.recovering.is_none() {
-                st.recovering = Some(Recovering {
-                    buffered: Vec::new(),
-                    bytes: 0,
-                });
-            }
-        }
     }
 
-    /// Every topic subscribed again after a lost pub/sub connection: reads what was
-    /// published meanwhile (after the last offset this node delivered) and delivers it,
-    /// then what arrived during the read. If history no longer holds the gap (trimmed,
-    /// expired, or Redis lost the stream), the topic's subscribers are closed and resume
-    /// on their own, hearing `recovered:false`. One read per topic, bounded by its
-    /// `history_size`.
-    async fn fill_gaps(self: Arc<Self>) {
-        let topics: Vec<(TopicName, Arc<Topic>)> = self
-            .topics
-            .lock()
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
-        for (name, topic) in topics {
-            let (from, epoch) = {
-                let st = topic.state.lock();
-                if st.recovering.is_none() {
-                    continue;
-                }
-                (st.last_delivered, st.epoch.clone())
-            };
-            let ns = self.cfg.namespace(&name);
-            let read = match &epoch {
-                Some(_) => Some(self.read_gap(&name, from + 1, ns.history_size).await),
-                None => None,
-            };
-            let ttl_ms = ns.history_ttl.as_millis() as u64;
-            let mut to_wake = Vec::new();
-            let mut st = topic.state.lock();
-            let Some(rec) = st.recovering.take() else {
-                continue;
-            };
-            let filled = match (read, epoch) {
-                (Some(Ok(read)), Some(epoch)) => {
-                    let since = StreamPosition {
-                        offset: from,
-                        epoch,
-                    };
-                    match continues(&read, &since, ttl_ms) {
-                        Some(entries) => {
-                            for e in entries {
-                                self.deliver_locked(
-                                    &mut st,
-                                    &name,
-                                    e.offset,
-                                    &read.epoch,
-                                    &e.data,
-                                    &mut to_wake,
-                                );
-                            }
-                            true
-                        }
-                        None => false,
-                    }
-                }
-                _ => false,
-            };
-            if !filled {
-                tracing::warn!(topic = %name, "a gap in deliveries is not in history: closing the topic's subscribers");
-                self.give_up(&mut st, &name);
-                // Whatever comes next starts this node's deliveries of the topic afresh.
-                st.epoch = None;
-                st.last_delivered = 0;
-            }
-            for (offset, epoch, data) in rec.buffered {
-                self.deliver_locked(&mut st, &name, offset, &epoch, &data, &mut to_wake);
-            }
-            drop(st);
-            for c in to_wake {
-                c.wake();
-            }
+    /// Every topic is subscribed again after a lost pub/sub connection: each may have
+    /// missed publications, which the hub reads from history.
+    fn resubscribed(&self) {
+        for name in self.topic_names() {
+            self.hub.may_have_missed(&name);
         }
-    }
-
-    /// The history read of `fill_gaps`. The pub/sub connection often comes back before the
-    /// command connection does (it reconnects on its own schedule): a failed read is tried
-    /// again for a while, so a Redis restart does not close subscribers whose gap history
-    /// still holds. Only an answer that lacks the gap closes them.
-    async fn read_gap(&self, name: &str, from: u64, count: usize) -> Result<Read, BrokerError> {
-        let mut attempt = 0;
-        loop {
-            match self.read(name, false, Some(from), count).await {
-                Err(e) if attempt < GAP_READ_ATTEMPTS => {
-                    attempt += 1;
-                    tracing::debug!(topic = name, "reading a gap failed, trying again: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-                r => return r,
-            }
-        }
-    }
-
-    /// The topic's entry, created (and its Redis subscription asked for) on first use; the
-    /// client is counted as a pending local subscriber.
-    fn enter(&self, client: &Arc<Client>, name: &str) -> Result<Arc<Topic>, BrokerError> {
-        let mut topics = self.topics.lock();
-        if topics.len() >= self.cfg.max_topics && !topics.contains_key(name) {
-            self.metrics.topics_refused.inc();
-            return Err(BrokerError::TooManyTopics(crate::hub::TopicLimit::All(
-                self.cfg.max_topics,
-            )));
-        }
-        let topic = topics
-            .entry(TopicName::from(name))
-            .or_insert_with(|| {
-                let (tx, rx) = watch::channel(None);
-                let _ = self.control.send(Control::Subscribe(channel(name), tx));
-                Arc::new(Topic {
-                    state: Mutex::new(TopicState {
-                        recovering: None,
-                        epoch: None,
-                        last_delivered: 0,
-                        locals: 0,
-                        pending: HashMap::new(),
-                    }),
-                    ready: rx,
-                })
-            })
-            .clone();
-        let mut st = topic.state.lock();
-        st.locals += 1;
-        st.pending.insert(
-            client.id,
-            (client.clone(), Pending::Buffering(Vec::new(), 0)),
-        );
-        drop(st);
-        drop(topics);
-        let mut entered = self.entered.lock();
-        let names = entered.entry(client.id).or_default();
-        if !names.iter().any(|n| &**n == name) {
-            names.push(TopicName::from(name));
-        }
-        drop(entered);
-        Ok(topic)
-    }
-
-    /// Takes one local subscriber (joined or pending) off the topic; the last one drops the
-    /// node's Redis subscription.
-    fn leave(&self, client: &Arc<Client>, name: &str) -> bool {
-        {
-            let mut entered = self.entered.lock();
-            if let Some(names) = entered.get_mut(&client.id) {
-                names.retain(|n| &**n != name);
-                if names.is_empty() {
-                    entered.remove(&client.id);
-                }
-            }
-        }
-        let mut topics = self.topics.lock();
-        let Some(topic) = topics.get(name).cloned() else {
-            return self.hub.leave(client, name);
-        };
-        let mut st = topic.state.lock();
-        let held = self.hub.leave(client, name);
-        let pending = st.pending.remove(&client.id).is_some();
-        if held || pending {
-            st.locals -= 1;
-            if st.locals == 0 {
-                topics.remove(name);
-                let _ = self.control.send(Control::Unsubscribe(channel(name)));
-            }
-        }
-        held
     }
 
     async fn read(
@@ -628,15 +328,6 @@ impl RedisBroker {
                     "timed out",
                 )))
             })
-    }
-
-    fn pending_gone(&self, client: &Arc<Client>, name: &str) -> BrokerError {
-        self.leave(client, name);
-        if client.closed().is_some() {
-            BrokerError::ClientClosed
-        } else {
-            BrokerError::Unavailable("subscription interrupted".into())
-        }
     }
 }
 
@@ -700,168 +391,92 @@ impl Broker for RedisBroker {
         })
     }
 
-    /// Resume needs the Redis subscription and a history read: see
-    /// [`Broker::subscribe_async`].
-    fn subscribe(
-        &self,
-        _client: &Arc<Client>,
-        _topic: &str,
-        _since: Option<&StreamPosition>,
-        _ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError> {
-        Err(BrokerError::Unavailable(
-            "the redis broker subscribes asynchronously".into(),
-        ))
-    }
-
-    fn subscribe_waits(&self) -> bool {
-        true
-    }
-
-    async fn subscribe_async(
-        &self,
-        client: &Arc<Client>,
-        name: &str,
-        since: Option<&StreamPosition>,
-        ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError> {
+    async fn subscribe_topic(&self, name: &str) -> Result<(), BrokerError> {
         self.check_up()?;
-        let already = self.hub.admit(client, name)?;
-        if already {
-            // Held: repeat the acknowledgement with the current position only.
-            let read = self.read(name, true, None, 0).await?;
-            let sub = Subscribed {
-                position: StreamPosition {
-                    offset: read.offset,
-                    epoch: read.epoch,
-                },
-                recovered: None,
-            };
-            if let Some(bytes) = ack(&sub) {
-                client.push(Item::control(bytes), &self.metrics);
+        let mut ready = {
+            let mut topics = self.topics.lock();
+            if topics.len() >= self.cfg.max_topics && !topics.contains_key(name) {
+                self.metrics.topics_refused.inc();
+                return Err(BrokerError::TooManyTopics(crate::hub::TopicLimit::All(
+                    self.cfg.max_topics,
+                )));
             }
-            return Ok(sub);
-        }
-        let topic = self.enter(client, name)?;
-        let mut ready = topic.ready.clone();
+            let topic = topics.entry(TopicName::from(name)).or_insert_with(|| {
+                let (tx, rx) = watch::channel(None);
+                let _ = self.control.send(Control::Subscribe(channel(name), tx));
+                Topic {
+                    locals: 0,
+                    ready: rx,
+                }
+            });
+            topic.locals += 1;
+            topic.ready.clone()
+        };
         let confirmed = tokio::time::timeout(self.cfg.redis_timeout, async {
-            ready.wait_for(|r| r.is_some()).await.ok().and_then(|r| {
-                r.as_ref()
-                    .map(|r| r.clone().map_err(BrokerError::Unavailable))
-            })
+            match ready.wait_for(|r| r.is_some()).await {
+                Ok(r) => r.clone().expect("waited for Some"),
+                Err(_) => Err("subscription interrupted".into()),
+            }
         })
         .await
-        .unwrap_or_else(|_| {
-            Some(Err(BrokerError::Unavailable(
-                "redis: subscribe timed out".into(),
-            )))
-        });
-        match confirmed {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                self.leave(client, name);
-                return Err(e);
-            }
-            None => return Err(self.pending_gone(client, name)),
+        .unwrap_or_else(|_| Err("redis: subscribe timed out".into()));
+        confirmed.map_err(|e| {
+            self.unsubscribe_topic(name);
+            BrokerError::Unavailable(e)
+        })
+    }
+
+    fn unsubscribe_topic(&self, name: &str) {
+        let mut topics = self.topics.lock();
+        let Some(topic) = topics.get_mut(name) else {
+            return;
+        };
+        topic.locals -= 1;
+        if topic.locals == 0 {
+            topics.remove(name);
+            let _ = self.control.send(Control::Unsubscribe(channel(name)));
         }
+    }
+
+    async fn replay(
+        &self,
+        name: &str,
+        since: Option<&StreamPosition>,
+        max_bytes: usize,
+    ) -> Result<Replay, BrokerError> {
         let ns = self.cfg.namespace(name);
         let read = match since {
             Some(s) => {
                 self.read(name, true, Some(s.offset + 1), ns.history_size)
-                    .await
+                    .await?
             }
-            None => self.read(name, true, None, 0).await,
-        };
-        let read = match read {
-            Ok(r) => r,
-            Err(e) => {
-                self.leave(client, name);
-                return Err(e);
-            }
-        };
-        let position = StreamPosition {
-            offset: read.offset,
-            epoch: read.epoch.clone(),
+            None => self.read(name, true, None, 0).await?,
         };
         let ttl_ms = ns.history_ttl.as_millis() as u64;
-        let replay: Option<Vec<Arc<Publication>>> = since
-            .and_then(|s| continues(&read, s, ttl_ms))
-            .map(|entries| {
-                entries
-                    .into_iter()
-                    .map(|e| Arc::new(Publication::new(TopicName::from(name), e.offset, &e.data)))
-                    .collect()
-            })
-            .filter(|ps: &Vec<Arc<Publication>>| {
-                let bytes: usize = ps.iter().map(|p| p.wire(client.transport).len()).sum();
-                bytes <= client.budget() / 2
-            });
-        let sub = Subscribed {
-            position,
-            recovered: since.map(|_| replay.is_some()),
-        };
-        let mut st = topic.state.lock();
-        let Some((_, Pending::Buffering(buffered, _))) = st.pending.remove(&client.id) else {
-            drop(st);
-            return Err(self.pending_gone(client, name));
-        };
-        match &st.epoch {
-            // The stream restarted between the read and now (or before it): which side is
-            // newer is unknown, so this subscriber starts again, like the others.
-            Some(e) if *e != read.epoch => {
-                client.close(crate::close::DisconnectReason::StreamRestarted);
-                drop(st);
-                return Err(self.pending_gone(client, name));
+        let mut publications = Vec::new();
+        let recovered = since.map(|s| {
+            let Some(entries) = continues(&read, s, ttl_ms) else {
+                return false;
+            };
+            let bytes: usize = entries.iter().map(|e| e.data.len() + 40).sum();
+            if bytes > max_bytes {
+                return false;
             }
-            Some(_) => {}
-            None => st.epoch = Some(read.epoch.clone()),
-        }
-        if let Some(bytes) = ack(&sub) {
-            client.push(Item::control(bytes), &self.metrics);
-        }
-        for p in replay.iter().flatten() {
-            client.push(
-                Item::publication(p, p.wire(client.transport), false, false),
-                &self.metrics,
-            );
-        }
-        if st.last_delivered >= read.offset {
-            for p in buffered.iter().filter(|p| p.offset > read.offset) {
-                client.push(
-                    Item::publication(p, p.wire(client.transport), false, true),
-                    &self.metrics,
-                );
-            }
-            let at = st.last_delivered;
-            self.hub.join(client, &TopicName::from(name), at);
-        } else {
-            st.pending.insert(
-                client.id,
-                (client.clone(), Pending::CatchingUp(read.offset)),
-            );
-        }
-        drop(st);
-        self.metrics.record_resume(sub.recovered);
-        if client.closed().is_some() {
-            self.leave(client, name);
-            return Err(BrokerError::ClientClosed);
-        }
-        Ok(sub)
-    }
-
-    fn unsubscribe(&self, client: &Arc<Client>, topic: &str) -> bool {
-        self.leave(client, topic)
-    }
-
-    fn remove_client(&self, client: &Arc<Client>) {
-        for name in self.hub.topics_of(client) {
-            self.leave(client, &name);
-        }
-        // Subscriptions still pending are not in the hub yet.
-        let entered = self.entered.lock().remove(&client.id).unwrap_or_default();
-        for name in entered {
-            self.leave(client, &name);
-        }
+            publications = entries
+                .into_iter()
+                .map(|e| Arc::new(Publication::new(TopicName::from(name), e.offset, &e.data)))
+                .collect();
+            true
+        });
+        Ok(Replay {
+            position: StreamPosition {
+                offset: read.offset,
+                epoch: read.epoch,
+            },
+            recovered,
+            publications,
+            retained: None,
+        })
     }
 
     async fn history(

@@ -8,6 +8,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::scripts::channel;
 use super::RedisBroker;
+/// The longest pause between two attempts to make the pub/sub connection: a node whose
+/// Redis is back listens again (and takes subscriptions again) within about this.
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Subscribe and unsubscribe, in the order the topic table asked for them.
 pub(super) enum Control {
     Subscribe(String, watch::Sender<Option<Result<(), String>>>),
@@ -18,8 +22,8 @@ pub(super) enum Control {
 /// unsubscribe in the order the topic table asked for them. When the connection is lost
 /// (Redis down, `CLIENT KILL TYPE pubsub`, an output-buffer limit), whatever was published
 /// meanwhile never arrives: the connection is made again with backoff, every topic still in
-/// the table subscribed again, and the gap filled from history (`fill_gaps`). Local
-/// subscribers stay connected throughout.
+/// the table subscribed again, and the hub told that each may have missed publications (it
+/// fills the gap from history). Local subscribers stay connected throughout.
 pub(super) async fn run_pubsub(
     client: redis::Client,
     first: redis::aio::PubSub,
@@ -37,7 +41,7 @@ pub(super) async fn run_pubsub(
                 Ok(Ok(p)) => p,
                 _ => {
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             },
@@ -59,7 +63,9 @@ pub(super) async fn run_pubsub(
                 broker.health.set_subscribed(true);
                 if !first_time {
                     tracing::info!("redis pub/sub connection back: filling gaps from history");
-                    tokio::spawn(broker.fill_gaps());
+                    // Before any message of the new connection is handed on: the hub holds
+                    // what arrives from now on until its history read is in.
+                    broker.resubscribed();
                 }
             }
             first_time = false;
@@ -93,7 +99,7 @@ pub(super) async fn run_pubsub(
             // Redis took the connection but refused SUBSCRIBE (a full output buffer, an
             // ACL, a Redis still loading): reconnecting at once would spin.
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

@@ -14,6 +14,12 @@ pub struct RedisServer {
     pub dir: tempfile::TempDir,
 }
 
+/// Whether `redis-server` is installed, under the one missing-tool policy of
+/// `common::tools` (a failure under CI, a noted skip elsewhere).
+pub fn available() -> bool {
+    super::tools::require("redis-server", "apt-get install -y redis-server").is_some()
+}
+
 impl RedisServer {
     /// Starts `redis-server` (scripts/test installs it when missing). A port taken between
     /// finding it free and redis binding it makes redis exit: then another port is tried.
