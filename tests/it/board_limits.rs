@@ -9,7 +9,6 @@
 //!   the board keep posting, also when a restart lowered the cap.
 //! - `GET /api/boards` pages with `limit` and `cursor`: every board exactly once.
 
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 

@@ -13,13 +13,12 @@
 //! sequence; and the node's deliveries are contiguous or say they are not: a gap is filled
 //! from history, a gap history no longer holds closes the subscribers (4004).
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use crate::common::redis::{self as redis_server, RedisServer};
 use crate::common::within;
+use bytes::Bytes;
 use crier::broker::memory::MemoryBroker;
 use crier::broker::redis::RedisBroker;
 use crier::broker::routed::RoutedBroker;

@@ -4,7 +4,6 @@
 //! limit. Each attack runs beside a healthy subscriber that must see every legitimate
 //! publication and nothing else.
 
-
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

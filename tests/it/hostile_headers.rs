@@ -3,7 +3,6 @@
 //! and names made of dots. Each is refused with its own code before anything is done, and a
 //! healthy subscriber next to them sees only the legitimate publications.
 
-
 use std::net::SocketAddr;
 
 use crate::common::auth::{hs256, now};
