@@ -1346,11 +1346,13 @@ async fn flap(nodes_n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_pubsub_connection_loses_nothing_on_one_node() {
+    crate::need_redis!();
     bounded("flapping pub/sub, one node", flap(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_pubsub_connection_loses_nothing_on_three_nodes() {
+    crate::need_redis!();
     bounded("flapping pub/sub, three nodes", flap(3)).await;
 }
 
@@ -1410,6 +1412,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// succeed again within a second. The figures are printed (docs/scaling.md quotes them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_fail_fast_while_redis_is_down_and_succeed_once_it_is_back() {
+    crate::need_redis!();
     bounded("fail fast during an outage", async {
         const CLIENTS: usize = 80;
         let mut redis = RedisServer::start_with_aof();

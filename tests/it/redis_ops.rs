@@ -319,6 +319,7 @@ async fn started(url: &str) {
 
 #[tokio::test]
 async fn a_unix_socket_redis_works() {
+    crate::need_redis!();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("redis.sock");
     let _redis = own_redis(
@@ -335,6 +336,7 @@ async fn a_unix_socket_redis_works() {
 /// given as `redis_ca`. The certificates are made with the `openssl` command line.
 #[tokio::test]
 async fn a_tls_redis_works_with_a_private_ca() {
+    crate::need_redis!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let openssl = |args: &[&str]| {
