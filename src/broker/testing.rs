@@ -16,15 +16,31 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Transport};
 
-pub(crate) fn broker_with(tweak: impl FnOnce(&mut Config)) -> MemoryBroker {
+/// A memory broker and the hub it delivers to (the broker itself sees only a sink).
+pub(crate) struct TestBroker {
+    pub(crate) broker: MemoryBroker,
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = MemoryBroker;
+    fn deref(&self) -> &MemoryBroker {
+        &self.broker
+    }
+}
+
+pub(crate) fn broker_with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     let mut cfg = Config::default();
     tweak(&mut cfg);
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::new(3, metrics.clone()));
-    MemoryBroker::new(&cfg, hub, metrics)
+    TestBroker {
+        broker: MemoryBroker::new(&cfg, hub.clone(), metrics),
+        hub,
+    }
 }
 
-pub(crate) fn broker(max_topics: usize) -> MemoryBroker {
+pub(crate) fn broker(max_topics: usize) -> TestBroker {
     broker_with(|c| {
         c.max_topics = max_topics;
         c.max_subscriber_topics = max_topics / 2;
@@ -65,7 +81,7 @@ pub(crate) trait Subscribing {
     fn remove_client(&self, c: &Arc<Client>);
 }
 
-impl Subscribing for MemoryBroker {
+impl Subscribing for TestBroker {
     fn subscribe(
         &self,
         c: &Arc<Client>,
@@ -73,7 +89,7 @@ impl Subscribing for MemoryBroker {
         since: Option<&StreamPosition>,
         ack: Ack<'_>,
     ) -> Result<Subscribed, BrokerError> {
-        let fut = crate::subscribe::subscribe(&self.hub, self, c, topic, since, ack);
+        let fut = crate::subscribe::subscribe(&self.hub, &self.broker, c, topic, since, ack);
         let mut fut = std::pin::pin!(fut);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match std::future::Future::poll(fut.as_mut(), &mut cx) {
@@ -83,28 +99,24 @@ impl Subscribing for MemoryBroker {
     }
 
     fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {
-        crate::subscribe::unsubscribe(&self.hub, self, c, topic)
+        crate::subscribe::unsubscribe(&self.hub, &self.broker, c, topic)
     }
 
     /// Leaves every topic the client holds; unlike a connection's cleanup it does not
     /// retire the client, so a test can subscribe it again.
     fn remove_client(&self, c: &Arc<Client>) {
         for t in self.hub.topics_of(c) {
-            crate::subscribe::unsubscribe(&self.hub, self, c, &t);
+            crate::subscribe::unsubscribe(&self.hub, &self.broker, c, &t);
         }
     }
 }
 
-pub(crate) fn sub(
-    b: &MemoryBroker,
-    c: &Arc<Client>,
-    topic: &str,
-) -> Result<Subscribed, BrokerError> {
+pub(crate) fn sub(b: &TestBroker, c: &Arc<Client>, topic: &str) -> Result<Subscribed, BrokerError> {
     b.subscribe(c, topic, None, &|_| None)
 }
 
 pub(crate) fn resume(
-    b: &MemoryBroker,
+    b: &TestBroker,
     c: &Arc<Client>,
     topic: &str,
     since: StreamPosition,
@@ -145,7 +157,7 @@ pub(crate) fn idle_len(b: &MemoryBroker) -> usize {
 }
 
 /// The counters agree with the table, and the queues are no longer than what they track.
-pub(crate) fn check_counts(b: &MemoryBroker) {
+pub(crate) fn check_counts(b: &TestBroker) {
     let streams: Vec<Arc<Stream>> = b
         .shards
         .iter()
