@@ -313,6 +313,7 @@ mod tests {
     use crate::broker::testing::*;
     use crate::client::Client;
     use crate::metrics::Transport;
+    use crate::subscribe::testing::*;
 
     #[test]
     fn resume_replays_then_goes_live_and_refuses_what_it_cannot_serve() {

@@ -135,6 +135,7 @@ mod tests {
     use crate::broker::testing::*;
     use crate::client::Client;
     use crate::metrics::Transport;
+    use crate::subscribe::testing::*;
     use bytes::Bytes;
 
     #[test]
