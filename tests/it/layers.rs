@@ -65,6 +65,14 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// here is a cycle waiting to happen.
 const SAME_LAYER_ALLOWED: &[(&str, &str)] = &[];
 
+/// Downward pairs that are still refused, `(from, to)`, each for a reason the layers alone
+/// do not say.
+const NEVER: &[(&str, &str, &str)] = &[(
+    "broker",
+    "client",
+    "a broker works per node: it hands publications to its sink (the hub), never to a client",
+)];
+
 /// Upward imports that are known and being removed, `(file, module it uses)`. Every entry
 /// must still occur (a removed one fails the test until it leaves this list), and the list
 /// only ever shrinks.
@@ -147,6 +155,15 @@ fn modules_import_only_from_layers_below() {
             let Some(&(to_layer, to_name)) = layer_of.get(imp.module.as_str()) else {
                 continue;
             };
+            if let Some((_, _, why)) = NEVER.iter().find(|(f, t, _)| *f == top && *t == imp.module)
+            {
+                problems.push(format!(
+                    "{rel}:{line}: `{top}` uses crate::{to}: {why}",
+                    line = imp.line,
+                    to = imp.module,
+                ));
+                continue;
+            }
             let upward = to_layer > from_layer
                 || (to_layer == from_layer
                     && !SAME_LAYER_ALLOWED.contains(&(top.as_str(), imp.module.as_str())));
