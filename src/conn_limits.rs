@@ -35,6 +35,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::Config;
 use crate::error_code::ErrorCode;
+use crate::fd_limit::FILE_HEADROOM;
 use crate::metrics::{Metrics, RefusalLabel};
 use crate::rate::{Rate, TokenBucket};
 
@@ -287,10 +288,6 @@ impl ConnLimits {
         self.max_sockets as u64 + FILE_HEADROOM
     }
 }
-
-/// Descriptors besides client sockets: the data store, the listener, the runtime's epoll
-/// and wake-up descriptors, stdio, with room to spare.
-pub const FILE_HEADROOM: u64 = 256;
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,10 @@
 //! `rlimit` rather than `nix`: it does only this, is small, keeps up with each platform's
 //! quirks (macOS caps the soft limit at `kern.maxfilesperproc`), and depends on `libc` alone.
 
+/// Descriptors besides client sockets: the data store, the listener, the runtime's epoll
+/// and wake-up descriptors, stdio, with room to spare.
+pub const FILE_HEADROOM: u64 = 256;
+
 /// What happened, for the log and for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileLimit {
@@ -43,7 +47,7 @@ pub fn raise(needed: u64) -> Option<FileLimit> {
             "open-file limit {soft} is below the {needed} files the limits need \
              (max_sockets + {}): accept will fail with EMFILE before max_sockets is reached; \
              raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower max_sockets",
-            crate::conn_limits::FILE_HEADROOM
+            FILE_HEADROOM
         );
     }
     Some(FileLimit { before, soft, hard })

@@ -15,6 +15,7 @@ pub mod config;
 pub mod conn_limits;
 pub mod error_code;
 pub mod fd_limit;
+pub mod framing;
 /// Shared with the load tool (`crier-protocol`); `crier publish` and the tests use it.
 pub use crier_protocol::http_client;
 pub mod hub;

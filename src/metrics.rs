@@ -81,6 +81,7 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     pub scores: Counter,
     pub board_updates: Counter,
+    /// Its label sets are created by `ConnLimits::new`, so dashboards see zeros.
     pub refused_connections: Family<RefusalLabel, Counter>,
     pub sockets: Gauge,
     pub tracked_ips: Gauge,
@@ -291,11 +292,6 @@ impl Metrics {
             "Redis commands that failed or timed out (publishes, reads, health checks)",
             m.redis_errors.clone(),
         );
-        for reason in crate::conn_limits::Refusal::ALL {
-            let _ = m.refused_connections.get_or_create(&RefusalLabel {
-                reason: reason.label(),
-            });
-        }
         // Pre-create label sets so dashboards see zeros rather than missing series.
         for transport in [Transport::Ws, Transport::Sse] {
             let _ = m.connections.get_or_create(&TransportLabel { transport });

@@ -1,5 +1,6 @@
 //! A publication, encoded once. The envelope JSON is built a single time, then framed once
-//! per transport; every subscriber's queue gets a clone of the same `Bytes` (a refcount
+//! per transport (`crate::framing`, below it: a publication knows the frames, never the
+//! transports); every subscriber's queue gets a clone of the same `Bytes` (a refcount
 //! bump), so fan-out cost does not grow with the message size.
 
 use std::fmt::Write;
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::framing;
 use crate::metrics::Transport;
 use crate::topic::TopicName;
 
@@ -62,16 +64,18 @@ impl Publication {
         3 * self.envelope.len() + 160
     }
 
-    /// The bytes a subscriber of `transport` receives, framed by the transport
-    /// (`writer::frame`) on first use and then shared. They are the same for every
-    /// subscriber: anything per-client (the SSE `id:` line) is written beside them.
+    /// The bytes a subscriber of `transport` receives: the envelope as a WebSocket text
+    /// frame or an unnamed SSE event, framed on first use and then shared. They are the
+    /// same for every subscriber: anything per-client (the SSE `id:` line) is written
+    /// beside them by the SSE writer.
     pub fn wire(&self, transport: Transport) -> Bytes {
-        let cell = match transport {
-            Transport::Ws => &self.ws,
-            Transport::Sse => &self.sse,
-        };
-        cell.get_or_init(|| crate::writer::frame(transport, &self.envelope))
-            .clone()
+        match transport {
+            Transport::Ws => self.ws.get_or_init(|| framing::ws_text(&self.envelope)),
+            Transport::Sse => self
+                .sse
+                .get_or_init(|| framing::sse_event(None, &self.envelope)),
+        }
+        .clone()
     }
 }
 
@@ -98,5 +102,44 @@ mod tests {
         for t in [Transport::Ws, Transport::Sse] {
             assert_eq!(p.wire(t).as_ptr(), p.wire(t).as_ptr());
         }
+    }
+
+    /// Reads an event the way the EventSource spec does: lines end at CR, LF or CRLF, and
+    /// the `data` fields are joined with LF.
+    fn eventsource_data(event: &[u8]) -> String {
+        let text = std::str::from_utf8(event).unwrap().replace("\r\n", "\n");
+        let data: Vec<&str> = text
+            .split(['\r', '\n'])
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        data.join("\n")
+    }
+
+    #[test]
+    fn line_breaks_of_every_kind_keep_the_json_whole() {
+        let e = framing::sse_event(None, b"{\"a\":1,\r\"b\":2}");
+        assert_eq!(&e[..], b"data: {\"a\":1,\ndata: \"b\":2}\n\n");
+        for payload in [
+            &b"{\"a\":1,\r\"b\":2}"[..],
+            b"\r{\r\n\"a\"\n:\r\r[1,\n\n2]\r\n}\r",
+            b"{\"s\":\"x\\r\\ny\"}\n",
+            b"1",
+        ] {
+            let p = Publication::new("t".into(), 1, payload);
+            let got = eventsource_data(&p.wire(Transport::Sse));
+            let want: serde_json::Value = serde_json::from_slice(p.envelope()).unwrap();
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&got).unwrap(),
+                want
+            );
+            assert!(!got.contains('\r'));
+        }
+    }
+
+    #[test]
+    fn a_websocket_subscriber_gets_one_text_frame_of_the_envelope() {
+        let p = Publication::new("t".into(), 1, b"{\"a\":1}");
+        let ws = p.wire(Transport::Ws);
+        assert_eq!(&ws[2..], &p.envelope()[..]);
     }
 }

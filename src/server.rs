@@ -81,7 +81,7 @@ pub struct Server {
 impl Server {
     /// Binds, opens the data store and starts serving in the background.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
-        let needed = cfg.max_sockets as u64 + crate::conn_limits::FILE_HEADROOM;
+        let needed = cfg.max_sockets as u64 + crate::fd_limit::FILE_HEADROOM;
         crate::fd_limit::raise(needed);
         // Keys are read before anything is opened: a bad key stops the start cleanly.
         let auth = crate::auth::Auth::from_config(&cfg)?;

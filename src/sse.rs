@@ -13,7 +13,6 @@
 //! A private topic needs a token allowing it (`?token=` or `Authorization: Bearer`,
 //! docs/auth.md); the stream then ends at the token's `exp` with `: close token_expired`.
 
-pub mod event;
 pub mod event_id;
 
 use std::collections::VecDeque;
@@ -135,7 +134,7 @@ async fn open(
             t,
             since.as_ref(),
             &|sub| {
-                Some(event::encode(
+                Some(crate::framing::sse_event(
                     Some("subscribed"),
                     &crate::protocol::subscribed(t, sub, None),
                 ))

@@ -92,3 +92,83 @@ pub fn remove_client(hub: &Hub, broker: &dyn Broker, client: &Client) {
         unsubscribe(hub, broker, client, &topic);
     }
 }
+
+/// The broker's unit tests subscribe through here: the one path, on the broker's test
+/// harness (`broker/testing.rs`), which sits below it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::broker::testing::TestBroker;
+    use crate::broker::{Ack, BrokerError, StreamPosition, Subscribed};
+    use crate::client::Client;
+
+    /// The one subscribe path on a memory broker and its hub, run in place: the
+    /// in-process broker never waits, so each call completes on its first poll.
+    pub(crate) trait Subscribing {
+        fn subscribe(
+            &self,
+            c: &Arc<Client>,
+            topic: &str,
+            since: Option<&StreamPosition>,
+            ack: Ack<'_>,
+        ) -> Result<Subscribed, BrokerError>;
+        fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool;
+        fn remove_client(&self, c: &Arc<Client>);
+    }
+
+    impl Subscribing for TestBroker {
+        fn subscribe(
+            &self,
+            c: &Arc<Client>,
+            topic: &str,
+            since: Option<&StreamPosition>,
+            ack: Ack<'_>,
+        ) -> Result<Subscribed, BrokerError> {
+            let fut = super::subscribe(&self.hub, &self.broker, c, topic, since, ack);
+            let mut fut = std::pin::pin!(fut);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match std::future::Future::poll(fut.as_mut(), &mut cx) {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => panic!("the memory broker never waits"),
+            }
+        }
+
+        fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {
+            super::unsubscribe(&self.hub, &self.broker, c, topic)
+        }
+
+        /// Leaves every topic the client holds; unlike a connection's cleanup it does not
+        /// retire the client, so a test can subscribe it again.
+        fn remove_client(&self, c: &Arc<Client>) {
+            for t in self.hub.topics_of(c) {
+                super::unsubscribe(&self.hub, &self.broker, c, &t);
+            }
+        }
+    }
+
+    pub(crate) fn sub(
+        b: &TestBroker,
+        c: &Arc<Client>,
+        topic: &str,
+    ) -> Result<Subscribed, BrokerError> {
+        b.subscribe(c, topic, None, &|_| None)
+    }
+
+    pub(crate) fn resume(
+        b: &TestBroker,
+        c: &Arc<Client>,
+        topic: &str,
+        since: StreamPosition,
+    ) -> Subscribed {
+        b.subscribe(c, topic, Some(&since), &|s| {
+            Some(Bytes::from(format!(
+                "ack {} {:?}",
+                s.position.offset, s.recovered
+            )))
+        })
+        .unwrap()
+    }
+}

@@ -1,10 +1,7 @@
-//! What both transports' writers share: how a publication is framed for each transport,
-//! and the accounting of one write batch (deliveries, bytes, the oldest publication's
-//! age), reported to the metrics once per batch rather than once per message.
-//!
-//! Framing lives here, with the transports, so the hub and `Publication` never need to
-//! know what a WebSocket frame or an SSE event looks like: they ask for
-//! `Publication::wire(transport)` and get shared bytes.
+//! What both transports' writers share: the accounting of one write batch (deliveries,
+//! bytes, the oldest publication's age), reported to the metrics once per batch rather
+//! than once per message. (A publication frames itself, once per transport:
+//! `Publication::wire` with `crate::framing`.)
 
 use std::time::Instant;
 
@@ -12,16 +9,6 @@ use bytes::Bytes;
 
 use crate::client::Item;
 use crate::metrics::{Metrics, Transport};
-
-/// A publication's envelope JSON as one transport sends it: a WebSocket text frame, or an
-/// unnamed SSE event (its `data:` lines; the per-client `id:` line is written next to it
-/// by the SSE writer, so these bytes stay the same for every subscriber).
-pub fn frame(transport: Transport, envelope: &[u8]) -> Bytes {
-    match transport {
-        Transport::Ws => crate::ws::frame::encode(crate::ws::frame::OP_TEXT, envelope),
-        Transport::Sse => crate::sse::event::encode(None, envelope),
-    }
-}
 
 /// One write batch: the queue items taken for it and the bytes that went out. A writer
 /// feeds it every item it takes (`add`), tells it what the socket took (`wrote`), and
@@ -83,15 +70,5 @@ mod tests {
         // Reported and reset: a second report of an empty batch records nothing.
         batch.report(&metrics, Transport::Ws);
         assert_eq!(metrics.encode(), text);
-    }
-
-    #[test]
-    fn frames_share_one_envelope_per_transport() {
-        let ws = frame(Transport::Ws, b"{\"a\":1}");
-        assert_eq!(&ws[2..], b"{\"a\":1}");
-        assert_eq!(
-            &frame(Transport::Sse, b"{\"a\":1}")[..],
-            b"data: {\"a\":1}\n\n"
-        );
     }
 }

@@ -123,6 +123,7 @@ mod tests {
     use crate::broker::testing::*;
     use crate::broker::{Broker, PublishRequest, StreamPosition};
     use crate::publication::Publication;
+    use crate::subscribe::testing::*;
 
     #[test]
     fn the_byte_cap_evicts_the_oldest_history_of_any_topic() {

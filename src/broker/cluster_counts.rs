@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::hub::BrokerSink;
 use crate::topic::TopicName;
 
 /// How often totals are read (and changed local counts written).
@@ -85,7 +85,7 @@ pub fn key(topic: &str) -> String {
 }
 
 pub struct ClusterCounts {
-    hub: Arc<Hub>,
+    hub: Arc<dyn BrokerSink>,
     totals: Mutex<HashMap<TopicName, usize>>,
     asked: Mutex<HashMap<TopicName, Instant>>,
     /// Whether the last refresh reached Redis; if not, totals fall back to local counts.
@@ -96,7 +96,7 @@ impl ClusterCounts {
     pub fn spawn(
         conn: ConnectionManager,
         node: String,
-        hub: Arc<Hub>,
+        hub: Arc<dyn BrokerSink>,
         stop: CancellationToken,
     ) -> Arc<ClusterCounts> {
         let this = Arc::new(ClusterCounts {

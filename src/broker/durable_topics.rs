@@ -188,7 +188,7 @@ impl MemoryBroker {
     /// queued on top of the failed record fails too) and forget its key.
     pub(super) fn settle_durable(&self, p: Pending, result: Result<(), DurableError>) {
         let stream = &p.stream;
-        let mut to_wake = crate::hub::Wakeups::default();
+        let mut to_wake = super::Wakeups::default();
         let mut st = stream.state.lock();
         let answer = match result {
             Ok(()) => {

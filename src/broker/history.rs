@@ -54,6 +54,7 @@ mod tests {
     use crate::broker::testing::*;
     use crate::broker::{Broker, StreamPosition};
     use crate::config::Namespace;
+    use crate::subscribe::testing::*;
     use std::time::Duration;
 
     #[test]

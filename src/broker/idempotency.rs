@@ -157,7 +157,7 @@ mod tests {
     async fn retries_wait_for_a_pending_first_publish() {
         let b = Arc::new(broker(10));
         publish(&b, "t", "1");
-        let keyed = |b: Arc<MemoryBroker>| async move {
+        let keyed = |b: Arc<TestBroker>| async move {
             b.publish(PublishRequest {
                 topic: "t",
                 data: b"2",

@@ -15,8 +15,8 @@
 //! A stream's own mutex orders everything about it: offsets are assigned, history kept and
 //! publications handed to the hub (the broker's sink) under it, so the hub receives them
 //! in offset order, and a subscriber's replay is read under it at one instant
-//! ([`Broker::replay`]); the merge of the two is `crate::subscribe`'s, as for every
-//! broker. The node's interest in a topic (`subscribe_topic`) is a count on its stream: a
+//! ([`Broker::replay`]); the merge of the two is the subscribe path's (`subscribe.rs`), as
+//! for every broker. The node's interest in a topic (`subscribe_topic`) is a count on its stream: a
 //! topic with local subscribers is never idle, so never evicted, and one that only
 //! subscribers asked for counts against their budget. The lock is held only for
 //! non-blocking work (queue pushes); never across an `.await` or a socket write. Lock
@@ -37,14 +37,16 @@ use super::publish::Attempt;
 use super::stream::new_epoch;
 use super::stream::Stream;
 use super::table::{Creator, Settled, Shard, SHARDS};
-use super::{Broker, BrokerError, History, PublishRequest, Receipt, Replay, StreamPosition};
+use super::{
+    Broker, BrokerError, BrokerSink, History, PublishRequest, Receipt, Replay, StreamPosition,
+};
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 pub struct MemoryBroker {
     pub(super) cfg: Config,
-    pub(super) hub: Arc<Hub>,
+    /// Where publications go on this node: the hub, one call per topic per publication.
+    pub(super) sink: Arc<dyn BrokerSink>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) shards: Box<[Shard]>,
     /// Idle published topics, oldest first (lazy deletion, see the module docs).
@@ -75,10 +77,10 @@ pub struct MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub fn new(cfg: &Config, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: &Config, sink: Arc<dyn BrokerSink>, metrics: Arc<Metrics>) -> Self {
         MemoryBroker {
             cfg: cfg.clone(),
-            hub,
+            sink,
             metrics,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             idle: Mutex::new(VecDeque::new()),
@@ -102,7 +104,7 @@ impl MemoryBroker {
     /// idempotency keys within `idempotency_window`).
     pub fn open(
         cfg: &Config,
-        hub: Arc<Hub>,
+        sink: Arc<dyn BrokerSink>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<MemoryBroker>, DurableError> {
         let (log, recovered) = if cfg.namespaces.iter().any(|n| n.durable) {
@@ -117,7 +119,7 @@ impl MemoryBroker {
             (None, Vec::new())
         };
         let broker = Arc::new_cyclic(|me| {
-            let mut b = MemoryBroker::new(cfg, hub, metrics);
+            let mut b = MemoryBroker::new(cfg, sink, metrics);
             b.log = log;
             b.me = me.clone();
             b
@@ -138,10 +140,6 @@ impl MemoryBroker {
         if let Some(log) = &self.log {
             log.close().await;
         }
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
     }
 
     pub fn topic_count(&self) -> usize {
@@ -315,6 +313,7 @@ mod tests {
     use crate::broker::testing::*;
     use crate::client::Client;
     use crate::metrics::Transport;
+    use crate::subscribe::testing::*;
 
     #[test]
     fn resume_replays_then_goes_live_and_refuses_what_it_cannot_serve() {

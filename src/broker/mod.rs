@@ -3,12 +3,14 @@
 //! client: it publishes, reads history, and keeps the node's interest in topics
 //! ([`Broker::subscribe_topic`]); what it receives comes back through one [`BrokerSink`],
 //! which the hub implements. Clients, their acknowledgements and the merge of replay and
-//! live publications live above it, written once for every broker (`crate::subscribe`).
+//! live publications live above it, written once for every broker (`subscribe.rs`).
 //! So a second implementation (Redis, for many nodes) takes the place of the in-process
 //! one without the API, the transports or the merge noticing.
 //!
 //! Dependencies run one way: `api`/transports -> `subscribe` -> `broker` -> `hub` (as
-//! the sink) -> client queues.
+//! the sink) -> client queues. The broker holds the sink as `Arc<dyn BrokerSink>` (one
+//! call per topic per publication) and never names the hub's type; what the two exchange
+//! (`StreamPosition`, `Replay`, `BrokerSink`, `Wakeups`) is the hub's, re-exported here.
 //!
 //! Modelled on centrifuge's `Broker` interface and `BrokerEventHandler` (publish with
 //! history, history reads, node-level subscribe, events back through a handler, stream
@@ -29,25 +31,15 @@ mod table;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 pub use stream::new_epoch;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-use crate::hub::TopicLimit;
+pub use crate::hub::{BrokerSink, Replay, StreamPosition, Wakeups};
+use crate::hub::{GapSource, TopicLimit};
 use crate::publication::Publication;
-
-/// Where a topic's stream stands: the offset of its newest publication, in an epoch. A
-/// topic's epoch changes whenever its history could have been lost (an evicted topic, a
-/// restart of memory-only history), so an offset from an older epoch is never mistaken
-/// for one of the current stream.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamPosition {
-    pub offset: u64,
-    pub epoch: Arc<str>,
-}
 
 /// One publication to make.
 #[derive(Clone, Copy, Debug, Default)]
@@ -124,47 +116,6 @@ impl From<crate::hub::HubError> for BrokerError {
 /// Builds the acknowledgement queued for a subscriber before anything published after it.
 pub type Ack<'a> = &'a (dyn Fn(&Subscribed) -> Option<Bytes> + Sync);
 
-/// What a subscriber joining now is given before live publications: the topic's position,
-/// and, when it resumes from `since`, every publication after it if they can all be
-/// served, plus the retained state of a state topic.
-#[derive(Clone)]
-pub struct Replay {
-    pub position: StreamPosition,
-    /// None: no `since` was given. Some(true): `publications` are everything after `since`
-    /// up to `position`, in order. Some(false): they cannot be served (trimmed, expired,
-    /// another epoch, from the future, or larger than `max_bytes`); `publications` is empty.
-    pub recovered: Option<bool>,
-    pub publications: Vec<Arc<Publication>>,
-    /// A state topic's newest publication and whether it conflates: given to every new
-    /// subscriber after the replay.
-    pub retained: Option<(Arc<Publication>, bool)>,
-}
-
-/// What a broker hands its node: publications in offset order per topic, and what it
-/// knows about their continuity. Implemented by the hub; a broker never sees a client.
-pub trait BrokerSink: Send + Sync {
-    /// One publication of the topic's stream in `epoch`, handed over in offset order. The
-    /// sink checks that it is the very next offset: a duplicate is dropped, a gap is
-    /// filled from the broker's history (or the subscribers are told). Writers to wake
-    /// are collected in `wake`, for the broker to wake once it has released its locks.
-    /// Returns the number of local subscribers it reached.
-    fn deliver(
-        &self,
-        p: &Arc<Publication>,
-        epoch: &str,
-        conflate: bool,
-        wake: &mut crate::hub::Wakeups,
-    ) -> usize;
-
-    /// The topic's deliveries may have missed publications (the broker's connection to its
-    /// source was lost and is back): the sink checks against history.
-    fn may_have_missed(&self, topic: &str);
-
-    /// The topic's stream restarted under a new epoch (its history was lost): what the
-    /// node delivered says nothing about the new offsets, so its subscribers start over.
-    fn restarted(&self, topic: &str);
-}
-
 /// What a broker does, per node. Implementations: [`memory::MemoryBroker`] (one node,
 /// memory and durable namespaces), [`redis::RedisBroker`] (many nodes over one Redis),
 /// [`routed::RoutedBroker`] (board topics local, the rest through Redis). The contract
@@ -203,4 +154,20 @@ pub trait Broker: Send + Sync {
         since: Option<&StreamPosition>,
         max_bytes: usize,
     ) -> Result<Replay, BrokerError>;
+}
+
+/// The hub reads a gap in its deliveries through a `Weak` handle on the node's broker
+/// (`Hub::attach`): it never keeps the broker alive, and stops once the broker is gone.
+#[async_trait::async_trait]
+impl<B: Broker + ?Sized + 'static> GapSource for Weak<B> {
+    async fn replay(
+        &self,
+        topic: &str,
+        since: &StreamPosition,
+        max_bytes: usize,
+    ) -> Option<Result<Replay, String>> {
+        let broker = self.upgrade()?;
+        let read = broker.replay(topic, Some(since), max_bytes).await;
+        Some(read.map_err(|e| e.to_string()))
+    }
 }

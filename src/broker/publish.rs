@@ -15,8 +15,7 @@ use super::memory::MemoryBroker;
 use super::stream::{Stream, StreamState};
 use super::table::Creator;
 use super::{BrokerError, PublishRequest, Receipt};
-use crate::broker::BrokerSink;
-use crate::hub::Wakeups;
+use crate::broker::Wakeups;
 use crate::publication::Publication;
 
 /// Why a publish attempt did not finish under the stream lock.
@@ -47,7 +46,7 @@ impl MemoryBroker {
     ) -> usize {
         let now = Instant::now();
         st.last_offset = p.offset;
-        let reached = self.hub.deliver(p, &stream.epoch, req.conflate, to_wake);
+        let reached = self.sink.deliver(p, &stream.epoch, req.conflate, to_wake);
         if req.retain {
             st.retained = Some((p.clone(), req.conflate));
             // A state topic's newest publication is all a subscriber needs.
@@ -136,6 +135,7 @@ mod tests {
     use crate::broker::testing::*;
     use crate::client::Client;
     use crate::metrics::Transport;
+    use crate::subscribe::testing::*;
     use bytes::Bytes;
 
     #[test]

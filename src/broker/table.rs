@@ -297,6 +297,7 @@ mod tests {
     use crate::broker::PublishRequest;
     use crate::client::Client;
     use crate::metrics::Transport;
+    use crate::subscribe::testing::*;
 
     #[test]
     fn caps_and_cleanup() {

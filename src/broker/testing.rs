@@ -1,30 +1,45 @@
-//! What the broker's unit tests share: a broker on the default config, publishing,
-//! subscribing and reading a client's queue, and a check that every counter agrees with
-//! the table.
+//! What the broker's unit tests share: a broker on the default config and the hub it
+//! delivers to, publishing, reading a client's queue, and a check that every counter
+//! agrees with the table. Subscribing goes through the one subscribe path, whose harness
+//! lives with it (`subscribe.rs`, `testing`), above the broker.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use super::idempotency::KEY_COST;
 use super::memory::MemoryBroker;
 use super::stream::Stream;
-use super::{Ack, BrokerError, PublishRequest, Receipt, StreamPosition, Subscribed};
+use super::{PublishRequest, Receipt};
 use crate::client::{Batch, Client, Item};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Transport};
 
-pub(crate) fn broker_with(tweak: impl FnOnce(&mut Config)) -> MemoryBroker {
+/// A memory broker and the hub it delivers to (the broker itself sees only a sink).
+pub(crate) struct TestBroker {
+    pub(crate) broker: MemoryBroker,
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = MemoryBroker;
+    fn deref(&self) -> &MemoryBroker {
+        &self.broker
+    }
+}
+
+pub(crate) fn broker_with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     let mut cfg = Config::default();
     tweak(&mut cfg);
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::new(3, metrics.clone()));
-    MemoryBroker::new(&cfg, hub, metrics)
+    TestBroker {
+        broker: MemoryBroker::new(&cfg, hub.clone(), metrics),
+        hub,
+    }
 }
 
-pub(crate) fn broker(max_topics: usize) -> MemoryBroker {
+pub(crate) fn broker(max_topics: usize) -> TestBroker {
     broker_with(|c| {
         c.max_topics = max_topics;
         c.max_subscriber_topics = max_topics / 2;
@@ -47,73 +62,6 @@ pub(crate) fn publish_state(b: &MemoryBroker, topic: &str, data: &str) -> Receip
         retain: true,
         conflate: true,
         idempotency_key: None,
-    })
-    .unwrap()
-}
-
-/// The one subscribe path (`crate::subscribe`) on a memory broker and its hub, run in
-/// place: the in-process broker never waits, so each call completes on its first poll.
-pub(crate) trait Subscribing {
-    fn subscribe(
-        &self,
-        c: &Arc<Client>,
-        topic: &str,
-        since: Option<&StreamPosition>,
-        ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError>;
-    fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool;
-    fn remove_client(&self, c: &Arc<Client>);
-}
-
-impl Subscribing for MemoryBroker {
-    fn subscribe(
-        &self,
-        c: &Arc<Client>,
-        topic: &str,
-        since: Option<&StreamPosition>,
-        ack: Ack<'_>,
-    ) -> Result<Subscribed, BrokerError> {
-        let fut = crate::subscribe::subscribe(&self.hub, self, c, topic, since, ack);
-        let mut fut = std::pin::pin!(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match std::future::Future::poll(fut.as_mut(), &mut cx) {
-            std::task::Poll::Ready(r) => r,
-            std::task::Poll::Pending => panic!("the memory broker never waits"),
-        }
-    }
-
-    fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {
-        crate::subscribe::unsubscribe(&self.hub, self, c, topic)
-    }
-
-    /// Leaves every topic the client holds; unlike a connection's cleanup it does not
-    /// retire the client, so a test can subscribe it again.
-    fn remove_client(&self, c: &Arc<Client>) {
-        for t in self.hub.topics_of(c) {
-            crate::subscribe::unsubscribe(&self.hub, self, c, &t);
-        }
-    }
-}
-
-pub(crate) fn sub(
-    b: &MemoryBroker,
-    c: &Arc<Client>,
-    topic: &str,
-) -> Result<Subscribed, BrokerError> {
-    b.subscribe(c, topic, None, &|_| None)
-}
-
-pub(crate) fn resume(
-    b: &MemoryBroker,
-    c: &Arc<Client>,
-    topic: &str,
-    since: StreamPosition,
-) -> Subscribed {
-    b.subscribe(c, topic, Some(&since), &|s| {
-        Some(Bytes::from(format!(
-            "ack {} {:?}",
-            s.position.offset, s.recovered
-        )))
     })
     .unwrap()
 }
@@ -145,7 +93,7 @@ pub(crate) fn idle_len(b: &MemoryBroker) -> usize {
 }
 
 /// The counters agree with the table, and the queues are no longer than what they track.
-pub(crate) fn check_counts(b: &MemoryBroker) {
+pub(crate) fn check_counts(b: &TestBroker) {
     let streams: Vec<Arc<Stream>> = b
         .shards
         .iter()

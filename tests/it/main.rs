@@ -29,6 +29,7 @@ mod hostile_limits;
 mod hostile_topics;
 mod hostile_ws;
 mod idempotency;
+mod layers;
 mod leaderboard;
 mod openapi;
 mod reconnect_storm;

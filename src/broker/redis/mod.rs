@@ -18,7 +18,7 @@
 //!   the subscribe that follows it. Messages arrive in publish order (Redis runs scripts
 //!   one at a time, one connection delivers them) and are handed to the hub, the broker's
 //!   sink, which checks that each is the very next offset.
-//! - **Subscribe with resume** is the node's one merge (`crate::subscribe`): this broker
+//! - **Subscribe with resume** is the node's one merge (`subscribe.rs`): this broker
 //!   confirms the channel subscription, then reads the position and history in one script
 //!   (atomic, [`Broker::replay`]); everything published after that read reaches the node's
 //!   pub/sub connection.
@@ -68,7 +68,7 @@ use super::{
     Broker, BrokerError, BrokerSink, History, PublishRequest, Receipt, Replay, StreamPosition,
 };
 use crate::config::Config;
-use crate::hub::{Hub, Wakeups};
+use crate::hub::Wakeups;
 use crate::metrics::Metrics;
 use crate::publication::Publication;
 use crate::topic::TopicName;
@@ -84,7 +84,7 @@ struct Topic {
 pub struct RedisBroker {
     client: redis::Client,
     cfg: Config,
-    hub: Arc<Hub>,
+    hub: Arc<dyn BrokerSink>,
     metrics: Arc<Metrics>,
     conn: ConnectionManager,
     publish_script: Script,
@@ -111,7 +111,7 @@ impl RedisBroker {
     pub async fn connect(
         cfg: &Config,
         url: &str,
-        hub: Arc<Hub>,
+        hub: Arc<dyn BrokerSink>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisBroker>, redis::RedisError> {
         // The CA only means something to a TLS connection.
@@ -187,10 +187,6 @@ impl RedisBroker {
         let keeper = tokio::spawn(keep_topics_alive(Arc::downgrade(&broker)));
         broker.tasks.lock().extend([task, monitor, keeper]);
         Ok(broker)
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
     }
 
     /// This process's random id among the nodes sharing the Redis, made at connect.

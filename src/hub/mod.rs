@@ -8,7 +8,7 @@
 //! and takes a publication only if it is the very next one: an offset already delivered is
 //! dropped (a broker fed by two sources, Redis pub/sub beside a history read, may hand one
 //! over twice), and an offset past the next one opens a *gap*. The hub then fills it from
-//! the broker's history ([`Hub::attach`] names the broker), holding what arrives meanwhile
+//! the broker's history ([`Hub::attach`] names it, as a [`GapSource`]), holding what arrives meanwhile
 //! (at most `FILL_BUFFER_BYTES` per topic), and delivers the history read and then what it
 //! held, again through the same check; a gap history no longer holds, or a topic whose
 //! stream restarted under a new epoch, closes the topic's subscribers with 4004
@@ -19,8 +19,8 @@
 //! every report is followed by a read that started after it, however often they come.
 //!
 //! **Joining.** A subscriber first *joins*: it is held beside the topic's subscribers and
-//! keeps the publications the topic receives meanwhile, while `crate::subscribe` reads its
-//! position and replay from the broker. [`Hub::merge`] then queues its acknowledgement, the
+//! keeps the publications the topic receives meanwhile, while the subscribe path
+//! (`subscribe.rs`) reads its position and replay from the broker. [`Hub::merge`] then queues its acknowledgement, the
 //! replay and whatever it still lacks up to the topic's position, and it becomes a
 //! subscriber; if it is ahead of the topic (a read newer than the deliveries), it skips
 //! what it already has. Nothing of this depends on which broker feeds the hub.
@@ -28,6 +28,13 @@
 //! A topic's lock is held only for non-blocking queue pushes; never across an `.await` or
 //! a socket write. Lock order: broker locks (a memory stream lock) -> client topic list ->
 //! hub shard lock -> hub topic lock -> client queue lock.
+//!
+//! The hub sits below the broker: what they exchange (`sink.rs`: the sink, the gap source,
+//! positions and replays) is the hub's, and the broker implements or carries it.
+
+mod sink;
+
+pub use sink::{BrokerSink, GapSource, Replay, StreamPosition, Wakeups};
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -40,7 +47,6 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
-use crate::broker::{Broker, BrokerError, BrokerSink, Replay, StreamPosition};
 use crate::client::{Client, Item, Pushed};
 use crate::close::DisconnectReason;
 use crate::metrics::Metrics;
@@ -82,19 +88,6 @@ pub enum TopicLimit {
          to yet); subscribe to topics that are published to"
     )]
     SubscriberCreated(usize),
-}
-
-/// Writers to wake once the caller has released its locks (so the next publication does
-/// not wait behind 10,000 wake-ups). Opaque to brokers: they only carry it.
-#[derive(Default)]
-pub struct Wakeups(Vec<Arc<Client>>);
-
-impl Wakeups {
-    pub fn wake(self) {
-        for c in self.0 {
-            c.wake();
-        }
-    }
 }
 
 /// A subscriber that has not joined yet.
@@ -171,10 +164,10 @@ impl Local {
     }
 }
 
-/// The broker a hub reads gaps from, and the runtime its fills run on.
+/// Where a hub reads gaps from, and the runtime its fills run on.
 struct Source {
     hub: Weak<Hub>,
-    broker: Weak<dyn Broker>,
+    gaps: Arc<dyn GapSource>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -195,15 +188,16 @@ impl Hub {
         }
     }
 
-    /// Names the broker this hub fills gaps from (called once the node's broker exists, on
-    /// the runtime the fills run on). Without it a gap closes the topic's subscribers.
-    pub fn attach(self: &Arc<Self>, broker: Weak<dyn Broker>) {
+    /// Names where this hub fills gaps from: the node's broker, as a `Weak` handle
+    /// (called once the broker exists, on the runtime the fills run on). Without it a gap
+    /// closes the topic's subscribers.
+    pub fn attach(self: &Arc<Self>, gaps: impl GapSource + 'static) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let _ = self.source.set(Source {
             hub: Arc::downgrade(self),
-            broker,
+            gaps: Arc::new(gaps),
             runtime,
         });
     }
@@ -580,7 +574,7 @@ impl Hub {
     fn spawn_fill(&self, name: TopicName, local: &Arc<Mutex<Local>>) {
         match self.source.get() {
             Some(src) => {
-                let task = fill(src.hub.clone(), src.broker.clone(), name, local.clone());
+                let task = fill(src.hub.clone(), src.gaps.clone(), name, local.clone());
                 src.runtime.spawn(task);
             }
             None => {
@@ -602,7 +596,7 @@ impl Hub {
         local: &Arc<Mutex<Local>>,
         id: u64,
         from: &StreamPosition,
-        read: Result<Replay, BrokerError>,
+        read: Result<Replay, String>,
     ) -> bool {
         let mut wake = Wakeups::default();
         let mut l = local.lock();
@@ -779,11 +773,20 @@ impl BrokerSink for Hub {
             self.start_over(&mut local.lock());
         }
     }
+
+    fn subscriber_count(&self, topic: &str) -> usize {
+        Hub::subscriber_count(self, topic)
+    }
+
+    fn topic_counts(&self) -> Vec<(TopicName, usize)> {
+        Hub::topic_counts(self)
+    }
 }
 
 /// Fills the topic's gap from the broker's history until nothing is left to read (see the
-/// module docs). One task per topic at a time; it stops when the topic's entry goes.
-async fn fill(hub: Weak<Hub>, broker: Weak<dyn Broker>, name: TopicName, local: Arc<Mutex<Local>>) {
+/// module docs). One task per topic at a time; it stops when the topic's entry goes, or
+/// the broker does.
+async fn fill(hub: Weak<Hub>, gaps: Arc<dyn GapSource>, name: TopicName, local: Arc<Mutex<Local>>) {
     let hub_ref = hub.clone();
     let mut stalls = 0;
     loop {
@@ -805,10 +808,12 @@ async fn fill(hub: Weak<Hub>, broker: Weak<dyn Broker>, name: TopicName, local: 
                 },
             )
         };
-        let Some(b) = broker.upgrade() else { return };
         let mut attempt = 0;
         let read = loop {
-            match b.replay(&name, Some(&from), FILL_READ_BYTES).await {
+            let Some(read) = gaps.replay(&name, &from, FILL_READ_BYTES).await else {
+                return;
+            };
+            match read {
                 Err(e) if attempt < FILL_READ_ATTEMPTS && !local.lock().removed => {
                     // The pub/sub connection often comes back before the command connection
                     // does: a failed read is tried again for a while, so a Redis restart
@@ -820,7 +825,6 @@ async fn fill(hub: Weak<Hub>, broker: Weak<dyn Broker>, name: TopicName, local: 
                 r => break r,
             }
         };
-        drop(b);
         let progress = read.as_ref().is_ok_and(|r| r.position.offset > from.offset);
         let Some(hub) = hub.upgrade() else { return };
         if !hub.fill_apply(&name, &local, id, &from, read) {

@@ -1,0 +1,98 @@
+//! What passes between the node's broker and its hub, owned by the hub so the hub never
+//! depends on the broker: the broker hands publications to a [`BrokerSink`] (the hub) and
+//! is read for gaps through a [`GapSource`]; both speak in [`StreamPosition`]s and
+//! [`Replay`]s. The broker module re-exports these, so its callers keep their paths.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::publication::Publication;
+use crate::topic::TopicName;
+
+/// Where a topic's stream stands: the offset of its newest publication, in an epoch. A
+/// topic's epoch changes whenever its history could have been lost (an evicted topic, a
+/// restart of memory-only history), so an offset from an older epoch is never mistaken
+/// for one of the current stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// What a subscriber joining now is given before live publications: the topic's position,
+/// and, when it resumes from `since`, every publication after it if they can all be
+/// served, plus the retained state of a state topic.
+#[derive(Clone)]
+pub struct Replay {
+    pub position: StreamPosition,
+    /// None: no `since` was given. Some(true): `publications` are everything after `since`
+    /// up to `position`, in order. Some(false): they cannot be served (trimmed, expired,
+    /// another epoch, from the future, or larger than `max_bytes`); `publications` is empty.
+    pub recovered: Option<bool>,
+    pub publications: Vec<Arc<Publication>>,
+    /// A state topic's newest publication and whether it conflates: given to every new
+    /// subscriber after the replay.
+    pub retained: Option<(Arc<Publication>, bool)>,
+}
+
+/// Writers to wake once the caller has released its locks (so the next publication does
+/// not wait behind 10,000 wake-ups). Opaque to brokers: they only carry it.
+#[derive(Default)]
+pub struct Wakeups(pub(super) Vec<Arc<Client>>);
+
+impl Wakeups {
+    pub fn wake(self) {
+        for c in self.0 {
+            c.wake();
+        }
+    }
+}
+
+/// What a broker hands its node: publications in offset order per topic, and what it
+/// knows about their continuity. Implemented by the hub; a broker never sees a client.
+/// Called once per topic per publication (never per subscriber).
+pub trait BrokerSink: Send + Sync {
+    /// One publication of the topic's stream in `epoch`, handed over in offset order. The
+    /// sink checks that it is the very next offset: a duplicate is dropped, a gap is
+    /// filled from the broker's history (or the subscribers are told). Writers to wake
+    /// are collected in `wake`, for the broker to wake once it has released its locks.
+    /// Returns the number of local subscribers it reached.
+    fn deliver(
+        &self,
+        p: &Arc<Publication>,
+        epoch: &str,
+        conflate: bool,
+        wake: &mut Wakeups,
+    ) -> usize;
+
+    /// The topic's deliveries may have missed publications (the broker's connection to its
+    /// source was lost and is back): the sink checks against history.
+    fn may_have_missed(&self, topic: &str);
+
+    /// The topic's stream restarted under a new epoch (its history was lost): what the
+    /// node delivered says nothing about the new offsets, so its subscribers start over.
+    fn restarted(&self, topic: &str);
+
+    /// This node's subscribers of the topic (for a receipt's and the cluster's counts).
+    fn subscriber_count(&self, topic: &str) -> usize;
+
+    /// Every topic with local subscribers and how many (for cluster-wide counts).
+    fn topic_counts(&self) -> Vec<(TopicName, usize)>;
+}
+
+/// Where the hub reads a gap in its deliveries from: the node's broker, seen only through
+/// its replay. The broker module implements it for a `Weak` handle on any broker, so the
+/// hub never keeps the broker alive.
+#[async_trait::async_trait]
+pub trait GapSource: Send + Sync {
+    /// The topic's replay after `since`, within `max_bytes` of encoded publications (see
+    /// `Broker::replay`). None: the source is gone (shutdown), the fill stops.
+    async fn replay(
+        &self,
+        topic: &str,
+        since: &StreamPosition,
+        max_bytes: usize,
+    ) -> Option<Result<Replay, String>>;
+}
