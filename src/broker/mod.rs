@@ -119,7 +119,7 @@ pub type Ack<'a> = &'a (dyn Fn(&Subscribed) -> Option<Bytes> + Sync);
 /// What a broker does, per node. Implementations: [`memory::MemoryBroker`] (one node,
 /// memory and durable namespaces), [`redis::RedisBroker`] (many nodes over one Redis),
 /// [`routed::RoutedBroker`] (board topics local, the rest through Redis). The contract
-/// every one of them meets is tested once, against all (tests/broker_contract.rs).
+/// every one of them meets is tested once, against all (tests/it/broker_contract.rs).
 #[async_trait::async_trait]
 pub trait Broker: Send + Sync {
     /// Assigns the next offset, keeps the publication in history and hands it to every
