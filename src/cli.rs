@@ -61,7 +61,8 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<()> {
     }
     let server = Server::start(cfg).await?;
     if demo {
-        crate::leaderboard::demo::spawn(&server);
+        let state = &server.state;
+        crate::leaderboard::demo::spawn(state.boards.clone(), state.shutdown.clone(), server.addr);
     }
     wait_for_signal().await;
     tracing::info!("shutting down");

@@ -27,9 +27,8 @@ use std::net::IpAddr;
 use axum::http::uri::Authority;
 use axum::http::{header, HeaderMap, Uri};
 
-use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
 
 /// A normalised web origin: scheme, lower-case host (IPv6 in brackets) and explicit port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +112,7 @@ pub enum Access {
 }
 
 /// The one origin rule for every endpoint that opens a stream or writes (module docs).
-pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, ApiError> {
+pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, Refusal> {
     let cross_site = headers
         .get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
@@ -171,16 +170,16 @@ pub fn startup_warning(cfg: &Config) -> Option<String> {
     })
 }
 
-fn origin_refused() -> ApiError {
-    ApiError::new(
+fn origin_refused() -> Refusal {
+    Refusal::new(
         ErrorCode::OriginNotAllowed,
         "pages from this Origin may not use this endpoint (the operator lists the service's own \
          origin with --public-origin and other trusted sites with --allowed-origin)",
     )
 }
 
-fn cross_site_refused() -> ApiError {
-    ApiError::new(
+fn cross_site_refused() -> Refusal {
+    Refusal::new(
         ErrorCode::CrossSiteRequest,
         "cross-site browser requests are refused (Sec-Fetch-Site: cross-site)",
     )

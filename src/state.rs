@@ -9,11 +9,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::error::ApiError;
 use crate::broker::Broker;
 use crate::client::Client;
 use crate::config::Config;
 use crate::conn_limits::{ConnLimits, ConnSlot, CONN_SLOT};
+use crate::error_code::{ErrorCode, Refusal};
 use crate::hub::Hub;
 use crate::leaderboard::service::Boards;
 use crate::metrics::{Metrics, Transport};
@@ -101,9 +101,12 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn new(state: &Arc<AppState>, transport: Transport) -> Result<Self, ApiError> {
+    pub fn new(state: &Arc<AppState>, transport: Transport) -> Result<Self, Refusal> {
         if state.shutdown.is_cancelled() {
-            return Err(ApiError::shutting_down());
+            return Err(Refusal::new(
+                ErrorCode::ShuttingDown,
+                "the node is shutting down",
+            ));
         }
         let max = state.cfg.max_connections;
         if state
@@ -114,7 +117,10 @@ impl Registration {
             .is_err()
         {
             state.metrics.rejected_connections.inc();
-            return Err(ApiError::too_many_connections(max));
+            return Err(Refusal::new(
+                ErrorCode::TooManyConnections,
+                format!("this node already holds its maximum of {max} connections"),
+            ));
         }
         let gauge = state.metrics.connections(transport);
         gauge.inc();

@@ -29,7 +29,7 @@ pub async fn publish(
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
     }
-    if topic_name.starts_with("board:") {
+    if topic::is_board_topic(&topic_name) {
         return Err(ApiError::new(
             ErrorCode::ReservedTopic,
             "board:* topics are written by the leaderboard API (POST /api/boards/{board}/scores)",

@@ -10,9 +10,8 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::Patterns;
-use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
 
 /// The shortest secret a `[[key]]` may have: guessing 128 bits over HTTP is hopeless.
 pub const MIN_SECRET_BYTES: usize = 16;
@@ -144,17 +143,17 @@ impl Scope<'_> {
         }
     }
 
-    fn refusal(&self, key: &ScopedKey) -> ApiError {
+    fn refusal(&self, key: &ScopedKey) -> Refusal {
         let name = &key.name;
         match *self {
-            Scope::Publish(t) => ApiError::new(
+            Scope::Publish(t) => Refusal::new(
                 ErrorCode::NoPublishScope,
                 format!(
                     "key {name:?} may not publish to {t:?} (publish scope: {})",
                     key.publish
                 ),
             ),
-            Scope::Boards(b) => ApiError::new(
+            Scope::Boards(b) => Refusal::new(
                 ErrorCode::NoBoardsScope,
                 format!(
                     "key {name:?} may not post scores to or configure board {b:?} \
@@ -162,14 +161,14 @@ impl Scope<'_> {
                     key.boards
                 ),
             ),
-            Scope::Reset(b) => ApiError::new(
+            Scope::Reset(b) => Refusal::new(
                 ErrorCode::NoResetScope,
                 format!(
                     "key {name:?} may not reset board {b:?} (reset scope: {})",
                     key.reset
                 ),
             ),
-            Scope::Admin => ApiError::new(
+            Scope::Admin => Refusal::new(
                 ErrorCode::NoAdminScope,
                 format!("key {name:?} may not read /metrics (it is not an admin key)"),
             ),
@@ -205,12 +204,12 @@ pub fn authorize<'a>(
     cfg: &'a Config,
     headers: &HeaderMap,
     scope: Scope<'_>,
-) -> Result<Caller<'a>, ApiError> {
+) -> Result<Caller<'a>, Refusal> {
     if cfg.publisher_keys.is_empty() && cfg.keys.is_empty() {
         return Ok(Caller::Open);
     }
     let Some(given) = super::bearer(headers) else {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             ErrorCode::Unauthorized,
             "this endpoint needs Authorization: Bearer <publisher key>",
         ));
@@ -233,7 +232,7 @@ pub fn authorize<'a>(
         return Ok(Caller::Flat);
     }
     let Some(key) = found else {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             ErrorCode::Forbidden,
             "the publisher key is not valid",
         ));
@@ -248,7 +247,7 @@ pub fn authorize<'a>(
 
 /// `GET /metrics`: open unless `[[key]]` tables exist, since scraping was open before
 /// scoped keys and an unscoped setup must not change.
-pub fn require_admin(cfg: &Config, headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn require_admin(cfg: &Config, headers: &HeaderMap) -> Result<(), Refusal> {
     if cfg.keys.is_empty() {
         return Ok(());
     }

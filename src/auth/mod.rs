@@ -9,9 +9,8 @@ pub mod token;
 
 use axum::http::{header, HeaderMap};
 
-use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
 pub use pattern::{Patterns, TopicPattern};
 pub use token::{Grant, TokenError, Verifier};
 
@@ -69,20 +68,20 @@ impl Auth {
     }
 
     /// Ok when `topic` is public or `grant` allows it.
-    pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), ApiError> {
+    pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
         if !self.is_private(topic) {
             return Ok(());
         }
         match grant {
             Some(g) if g.allows(topic) => Ok(()),
-            Some(g) => Err(ApiError::new(
+            Some(g) => Err(Refusal::new(
                 ErrorCode::TopicForbidden,
                 format!(
                     "topic {topic:?} is private and the token of {:?} does not allow it",
                     g.sub
                 ),
             )),
-            None => Err(ApiError::new(
+            None => Err(Refusal::new(
                 ErrorCode::TokenRequired,
                 format!(
                     "topic {topic:?} is private: send a token allowing it (?token=, \
@@ -100,14 +99,14 @@ impl Auth {
         &self,
         query: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<Option<Grant>, ApiError> {
+    ) -> Result<Option<Grant>, Refusal> {
         if self.verifier.is_none() {
             return Ok(None);
         }
         let Some(token) = token_from_request(query, headers)? else {
             return Ok(None);
         };
-        self.verify(&token).map(Some).map_err(ApiError::from)
+        self.verify(&token).map(Some).map_err(Refusal::from)
     }
 }
 
@@ -131,15 +130,15 @@ pub fn bearer(headers: &HeaderMap) -> Option<Option<&str>> {
 pub fn token_from_request(
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, Refusal> {
     let mut found = None;
     if let Some(q) = query.filter(|q| q.contains("token=")) {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::new(ErrorCode::BadQuery, format!("bad query string: {e}")))?;
+            .map_err(|e| Refusal::new(ErrorCode::BadQuery, format!("bad query string: {e}")))?;
         for (k, v) in pairs {
             if k == "token" {
                 if found.is_some() {
-                    return Err(ApiError::new(
+                    return Err(Refusal::new(
                         ErrorCode::BadToken,
                         "token given more than once",
                     ));
@@ -150,13 +149,13 @@ pub fn token_from_request(
     }
     if let Some(given) = bearer(headers) {
         let bearer = given.ok_or_else(|| {
-            ApiError::new(
+            Refusal::new(
                 ErrorCode::BadToken,
                 "Authorization must be \"Bearer <token>\"",
             )
         })?;
         if found.is_some() {
-            return Err(ApiError::new(
+            return Err(Refusal::new(
                 ErrorCode::BadToken,
                 "send the token once: in ?token= or in Authorization, not both",
             ));
@@ -166,11 +165,11 @@ pub fn token_from_request(
     Ok(found)
 }
 
-impl From<TokenError> for ApiError {
+impl From<TokenError> for Refusal {
     fn from(e: TokenError) -> Self {
         match e {
-            TokenError::Expired => ApiError::new(ErrorCode::TokenExpired, e.to_string()),
-            TokenError::Bad(m) => ApiError::new(ErrorCode::BadToken, m),
+            TokenError::Expired => Refusal::new(ErrorCode::TokenExpired, e.to_string()),
+            TokenError::Bad(m) => Refusal::new(ErrorCode::BadToken, m),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! Live leaderboards: pure ranking logic, its durable store, and the service that
 //! publishes rankings to the hub.
 
-pub mod api;
 pub mod demo;
 pub mod policy;
 pub mod ranking;

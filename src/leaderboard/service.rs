@@ -233,7 +233,7 @@ impl Pending {
 impl Board {
     fn new(name: Arc<str>, options: BoardOptions, next_seq: u64) -> Self {
         Board {
-            topic: format!("board:{name}"),
+            topic: crate::topic::board_topic(&name),
             name,
             ranking: Ranking::new(options.order),
             options,
