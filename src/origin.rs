@@ -156,6 +156,24 @@ fn listed(origin: &Origin, cfg: &Config) -> bool {
         .any(|o| Origin::parse(o).as_ref() == Some(origin))
 }
 
+/// `allowed_origins` and `public_origins` as `Config::resolve` cannot judge them: each must
+/// be an origin. `server::check_config` runs it before anything starts.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    for (name, list) in [
+        ("allowed_origins", &cfg.allowed_origins),
+        ("public_origins", &cfg.public_origins),
+    ] {
+        for o in list {
+            anyhow::ensure!(
+                Origin::parse(o).is_some(),
+                "{name}: {o:?} must be scheme://host[:port] with scheme http or https \
+                 and no path"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The default trusts only pages opened by IP address or localhost; a node that listens
 /// beyond loopback with no public origin is probably reached by a domain name, whose pages
 /// would all get 403. Say so at start rather than leave the operator to find out.
@@ -382,5 +400,23 @@ mod tests {
             ("origin", "http://crier.example"),
         ];
         assert_eq!(verdict(&wrong_scheme, &listed), Err("origin_not_allowed"));
+    }
+
+    #[test]
+    fn settings_must_be_origins() {
+        let mut cfg = Config {
+            public_origins: vec!["https://crier.example".into()],
+            allowed_origins: vec!["http://127.0.0.1:8080".into()],
+            ..Config::default()
+        };
+        assert!(check_config(&cfg).is_ok());
+        for bad in ["crier.example", "https://crier.example/app", "null"] {
+            cfg.public_origins = vec![bad.into()];
+            let e = check_config(&cfg).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("public_origins: {bad:?} must be")),
+                "{e}"
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::conn_limits::{ConnLimits, ConnSlot, CONN_SLOT};
 use crate::error_code::{ErrorCode, Refusal};
 use crate::hub::Hub;
+use crate::leaderboard::policy::BoardPolicies;
 use crate::leaderboard::service::Boards;
 use crate::metrics::{Metrics, Transport};
 
@@ -38,7 +39,7 @@ pub struct AppState {
     /// Private topics and the keys that check subscriber tokens.
     pub auth: crate::auth::Auth,
     /// `[[board]]` policies and their per-player rate table.
-    pub board_policies: crate::leaderboard::policy::BoardPolicies,
+    pub board_policies: BoardPolicies,
     connections: AtomicUsize,
 }
 
@@ -52,10 +53,8 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Self {
         let limits = Arc::new(ConnLimits::new(&cfg, &metrics));
-        let board_policies =
-            crate::leaderboard::policy::BoardPolicies::new(cfg.board_policies.clone());
         AppState {
-            board_policies,
+            board_policies: BoardPolicies::new(Vec::new()),
             limits,
             cfg,
             broker,
@@ -79,6 +78,13 @@ impl AppState {
     /// The access policy `Auth::from_config` built (`Server::start` always sets it).
     pub fn with_auth(mut self, auth: crate::auth::Auth) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// The `[[board]]` policies `BoardPolicies::from_config` built (`Server::start` always
+    /// sets them).
+    pub fn with_board_policies(mut self, policies: BoardPolicies) -> Self {
+        self.board_policies = policies;
         self
     }
 

@@ -200,7 +200,7 @@ async fn post_scores(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authorize(&state.cfg, &headers, Scope::Boards(&board))?;
+    let caller = authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let policy = state.board_policies.for_board(&board);
     if let Some(p) = policy {
@@ -301,7 +301,7 @@ async fn put_board(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state.cfg, &headers, Scope::Boards(&board))?;
+    authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let bytes = read_body(body, 4096).await?;
     let options: BoardOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -329,7 +329,7 @@ async fn reset(
     Path(board): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state.cfg, &headers, Scope::Reset(&board))?;
+    authorize(&state.auth.publishers, &headers, Scope::Reset(&board))?;
     state.boards.reset(&board).await.map_err(bad_name)?;
     Ok(Json(json!({ "board": board, "reset": true })))
 }

@@ -25,7 +25,11 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(&state.cfg, &headers, Scope::Publish(&topic_name))?;
+    authorize(
+        &state.auth.publishers,
+        &headers,
+        Scope::Publish(&topic_name),
+    )?;
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
     }

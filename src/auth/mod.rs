@@ -1,28 +1,47 @@
 //! Who may read what (docs/auth.md). Subscribers prove access to private topics with a
-//! signed token (`token`); publishers use keys (`api::auth`). Public topics need nothing,
-//! and a node with no `private_topics` never looks at a token it is not given.
+//! signed token (`token`); publishers use keys (`keys`, asked for by `api::auth`). Public
+//! topics need nothing, and a node with no `private_topics` never looks at a token it is
+//! not given. Refusals are `Refusal`s (a code and a message); the edges answer them.
 
 pub mod keys;
 pub mod mint;
-pub mod pattern;
 pub mod token;
 
 use axum::http::{header, HeaderMap};
 
 use crate::config::Config;
 use crate::error_code::{ErrorCode, Refusal};
-pub use pattern::{Patterns, TopicPattern};
+pub use crate::topic::{Patterns, TopicPattern};
 pub use token::{Grant, TokenError, Verifier};
 
-/// The node's read-access policy, built once from the settings.
+/// The node's access policy, built once from the settings: who may read which topics, and
+/// which keys may write.
 pub struct Auth {
     /// Topics that need a token allowing them.
     pub private: Patterns,
     verifier: Option<Verifier>,
+    /// Publisher keys, flat and scoped.
+    pub publishers: keys::Publishers,
+}
+
+/// The auth settings (`publisher_keys`, `[[key]]`, `private_topics`, `jwt_secret`) as
+/// `Config::resolve` cannot judge them, without reading any file; `server::check_config`
+/// runs it before anything starts.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    keys::Publishers::from_config(cfg).map_err(anyhow::Error::msg)?;
+    Patterns::parse(&cfg.private_topics).map_err(|e| anyhow::anyhow!("private_topics: {e}"))?;
+    anyhow::ensure!(
+        cfg.jwt_secret.is_empty() || cfg.jwt_secret.len() >= token::MIN_SECRET_BYTES,
+        "jwt_secret must be at least {} bytes (HS256 needs a 256-bit secret)",
+        token::MIN_SECRET_BYTES
+    );
+    Ok(())
 }
 
 impl Auth {
     pub fn from_config(cfg: &Config) -> anyhow::Result<Auth> {
+        check_config(cfg)?;
+        let publishers = keys::Publishers::from_config(cfg).map_err(anyhow::Error::msg)?;
         let private = Patterns::parse(&cfg.private_topics)
             .map_err(|e| anyhow::anyhow!("private_topics: {e}"))?;
         let mut pems = Vec::new();
@@ -43,7 +62,11 @@ impl Auth {
             private.is_empty() || verifier.is_some(),
             "private_topics need a way to check tokens: set jwt_secret, jwt_public_key or jwt_jwks"
         );
-        Ok(Auth { private, verifier })
+        Ok(Auth {
+            private,
+            verifier,
+            publishers,
+        })
     }
 
     /// Everything public, no keys: what a node without auth settings runs with.
@@ -51,6 +74,7 @@ impl Auth {
         Auth {
             private: Patterns::default(),
             verifier: None,
+            publishers: keys::Publishers::default(),
         }
     }
 
@@ -203,6 +227,7 @@ mod tests {
         let auth = Auth {
             private: Patterns::parse(&["private:*"]).unwrap(),
             verifier: None,
+            publishers: keys::Publishers::default(),
         };
         assert!(auth.check_read("news", None).is_ok());
         let e = auth.check_read("private:a", None).unwrap_err();

@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use serde::Deserialize;
 
 use super::service::{ScoreInput, MAX_PLAYER_LEN};
 use crate::auth::keys::Caller;
 use crate::auth::TopicPattern;
+pub use crate::config::BoardPolicyConfig;
+use crate::config::Config;
 use crate::error_code::{ErrorCode, Refusal};
 
 /// Most (board, player) pairs the rate table tracks on one node. Past it (after expired
@@ -28,20 +29,6 @@ pub const MAX_PER_MINUTE: u32 = 10_000;
 const BUCKETS: usize = 61;
 /// How often expired pairs are swept when the table is not full.
 const SWEEP_EVERY_SECS: u64 = 60;
-
-/// One `[[board]]` table as written.
-#[derive(Deserialize, Default, Clone, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct BoardPolicyConfig {
-    pub pattern: String,
-    pub min_score: Option<f64>,
-    pub max_score: Option<f64>,
-    pub max_submissions_per_minute: Option<u32>,
-    #[serde(default)]
-    pub scoped_keys_only: bool,
-    /// This board's own `max_players_per_board` (the node-wide setting otherwise).
-    pub max_players_per_board: Option<usize>,
-}
 
 /// A checked `[[board]]` table.
 #[derive(Clone, Debug)]
@@ -193,7 +180,25 @@ pub struct BoardPolicies {
     rate: Mutex<RateTable>,
 }
 
+/// The `[[board]]` tables as `Config::resolve` cannot judge them; `server::check_config`
+/// runs it before anything starts.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    BoardPolicies::from_config(cfg).map(drop)
+}
+
 impl BoardPolicies {
+    /// The settings' `[[board]]` tables, each checked; the first error names its table.
+    pub fn from_config(cfg: &Config) -> anyhow::Result<Self> {
+        let policies = cfg
+            .board_policies
+            .iter()
+            .cloned()
+            .map(BoardPolicy::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        Ok(BoardPolicies::new(policies))
+    }
+
     pub fn new(policies: Vec<BoardPolicy>) -> Self {
         BoardPolicies {
             policies,

@@ -3,6 +3,9 @@
 
 use std::sync::Arc;
 
+pub mod pattern;
+pub use pattern::{Patterns, TopicPattern};
+
 /// The name rules live in `crier-protocol`, so the load tool checks its flags by them too.
 pub use crier_protocol::names::{is_valid_topic as is_valid, MAX_TOPIC_LEN};
 
