@@ -6,4 +6,5 @@ pub mod policy;
 pub mod ranking;
 pub mod service;
 pub mod shared;
+pub mod storage;
 pub mod store;
