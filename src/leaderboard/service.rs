@@ -415,7 +415,7 @@ impl Boards {
             }
             boards.insert(name, Arc::new(Mutex::new(board)));
         }
-        let (writer, writer_task) = StoreWriter::spawn(store, 4096);
+        let (writer, writer_task) = StoreWriter::spawn(store, 4096)?;
         let this = Arc::new(Boards {
             dirty: Arc::new(Dirty {
                 names: Mutex::new(boards.keys().cloned().collect()),
@@ -1067,7 +1067,7 @@ fn stored(e: &Entry) -> StoredEntry {
     }
 }
 
-/// Applies a committed write to the durable board (on the writer task, in commit order).
+/// Applies a committed write to the durable board (on the writer thread, in commit order).
 /// Returns the board's name, the write's results and whether the live top changed.
 fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
     b.persisted = true;
