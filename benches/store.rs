@@ -70,7 +70,9 @@ fn bench(c: &mut Criterion) {
             .build()
             .unwrap();
         let (_dir, store) = open_store();
-        let (writer, task) = rt.block_on(async { StoreWriter::spawn(store, 1024) });
+        let (writer, task) = rt
+            .block_on(async { StoreWriter::spawn(store, 1024) })
+            .unwrap();
         let writer = Arc::new(writer);
         let before = writer.stats();
         g.throughput(Throughput::Elements(CALLERS));

@@ -9,7 +9,7 @@ use axum::Router;
 use crate::api::error::ApiError;
 use crate::api::{health, history, intent, json_errors, openapi, publish, single_headers};
 use crate::state::AppState;
-use crate::{leaderboard, sse, web, ws};
+use crate::{sse, web, ws};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
@@ -26,7 +26,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/openapi.json", get(openapi::document))
-        .merge(leaderboard::api::routes())
+        .merge(crate::api::boards::routes())
         .merge(web::routes())
         // Every route above: writes need intent (api::intent).
         .route_layer(axum::middleware::from_fn_with_state(

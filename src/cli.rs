@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ServeArgs};
 use crate::http_client::HttpClient;
-use crate::server::Server;
+use crate::server::{resolve_config, Server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,8 +48,8 @@ pub struct PublishArgs {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(Config::resolve(&args)?, false).await,
-        Command::Demo(args) => serve(Config::resolve(&args)?, true).await,
+        Command::Serve(args) => serve(resolve_config(&args)?, false).await,
+        Command::Demo(args) => serve(resolve_config(&args)?, true).await,
         Command::Publish(args) => publish(args).await,
         Command::Token(args) => crate::auth::mint::run(&args),
     }
@@ -61,7 +61,8 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<()> {
     }
     let server = Server::start(cfg).await?;
     if demo {
-        crate::leaderboard::demo::spawn(&server);
+        let state = &server.state;
+        crate::leaderboard::demo::spawn(state.boards.clone(), state.shutdown.clone(), server.addr);
     }
     wait_for_signal().await;
     tracing::info!("shutting down");

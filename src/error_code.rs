@@ -188,6 +188,45 @@ pub fn markdown_table() -> String {
     out
 }
 
+/// A refusal by the domain (who may connect, read or write; board policies; admission):
+/// the code and message the client is told, and when it may try again. It names no
+/// transport: the HTTP edge (`api::error`) answers it with the code's status and a
+/// WebSocket error frame carries the code and message as they are, so the modules that
+/// decide never build a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Seconds until the same request may pass (`Retry-After` over HTTP).
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same refusal, telling the client to wait `secs` seconds.
+    pub fn retry_after(self, secs: u64) -> Self {
+        Refusal {
+            retry_after: Some(secs),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

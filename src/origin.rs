@@ -27,9 +27,8 @@ use std::net::IpAddr;
 use axum::http::uri::Authority;
 use axum::http::{header, HeaderMap, Uri};
 
-use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
 
 /// A normalised web origin: scheme, lower-case host (IPv6 in brackets) and explicit port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +112,7 @@ pub enum Access {
 }
 
 /// The one origin rule for every endpoint that opens a stream or writes (module docs).
-pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, ApiError> {
+pub fn check(headers: &HeaderMap, cfg: &Config) -> Result<Access, Refusal> {
     let cross_site = headers
         .get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
@@ -157,6 +156,24 @@ fn listed(origin: &Origin, cfg: &Config) -> bool {
         .any(|o| Origin::parse(o).as_ref() == Some(origin))
 }
 
+/// `allowed_origins` and `public_origins` as `Config::resolve` cannot judge them: each must
+/// be an origin. `server::check_config` runs it before anything starts.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    for (name, list) in [
+        ("allowed_origins", &cfg.allowed_origins),
+        ("public_origins", &cfg.public_origins),
+    ] {
+        for o in list {
+            anyhow::ensure!(
+                Origin::parse(o).is_some(),
+                "{name}: {o:?} must be scheme://host[:port] with scheme http or https \
+                 and no path"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The default trusts only pages opened by IP address or localhost; a node that listens
 /// beyond loopback with no public origin is probably reached by a domain name, whose pages
 /// would all get 403. Say so at start rather than leave the operator to find out.
@@ -171,16 +188,16 @@ pub fn startup_warning(cfg: &Config) -> Option<String> {
     })
 }
 
-fn origin_refused() -> ApiError {
-    ApiError::new(
+fn origin_refused() -> Refusal {
+    Refusal::new(
         ErrorCode::OriginNotAllowed,
         "pages from this Origin may not use this endpoint (the operator lists the service's own \
          origin with --public-origin and other trusted sites with --allowed-origin)",
     )
 }
 
-fn cross_site_refused() -> ApiError {
-    ApiError::new(
+fn cross_site_refused() -> Refusal {
+    Refusal::new(
         ErrorCode::CrossSiteRequest,
         "cross-site browser requests are refused (Sec-Fetch-Site: cross-site)",
     )
@@ -383,5 +400,23 @@ mod tests {
             ("origin", "http://crier.example"),
         ];
         assert_eq!(verdict(&wrong_scheme, &listed), Err("origin_not_allowed"));
+    }
+
+    #[test]
+    fn settings_must_be_origins() {
+        let mut cfg = Config {
+            public_origins: vec!["https://crier.example".into()],
+            allowed_origins: vec!["http://127.0.0.1:8080".into()],
+            ..Config::default()
+        };
+        assert!(check_config(&cfg).is_ok());
+        for bad in ["crier.example", "https://crier.example/app", "null"] {
+            cfg.public_origins = vec![bad.into()];
+            let e = check_config(&cfg).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("public_origins: {bad:?} must be")),
+                "{e}"
+            );
+        }
     }
 }

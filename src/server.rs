@@ -30,6 +30,7 @@ use crate::close::DisconnectReason;
 use crate::config::Config;
 use crate::conn_limits::{Refusal, CONN_SLOT};
 use crate::hub::Hub;
+use crate::leaderboard::policy::BoardPolicies;
 use crate::leaderboard::service::Boards;
 use crate::metrics::Metrics;
 use crate::net::{DeadlineStream, TimedBody};
@@ -68,6 +69,24 @@ async fn start_shared(
     Ok((broker, boards, health))
 }
 
+/// The settings with flags over variables over the file (`Config::resolve`), checked as a
+/// whole: what the cli serves with.
+pub fn resolve_config(args: &crate::config::ServeArgs) -> anyhow::Result<Config> {
+    let cfg = Config::resolve(args)?;
+    check_config(&cfg)?;
+    Ok(cfg)
+}
+
+/// What `Config::resolve` cannot judge: each module checks the settings it reads (keys and
+/// tokens, origins, board policies), so `config` holds plain data and imports none of them.
+/// Reads no file and opens nothing.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    crate::auth::check_config(cfg)?;
+    crate::origin::check_config(cfg)?;
+    crate::leaderboard::policy::check_config(cfg)?;
+    Ok(())
+}
+
 /// A running server. Dropping it without `shutdown` cancels it too.
 pub struct Server {
     pub addr: SocketAddr,
@@ -83,8 +102,11 @@ impl Server {
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         let needed = cfg.max_sockets as u64 + crate::fd_limit::FILE_HEADROOM;
         crate::fd_limit::raise(needed);
-        // Keys are read before anything is opened: a bad key stops the start cleanly.
+        // Settings are checked and keys read before anything is opened: a bad key stops the
+        // start cleanly.
+        check_config(&cfg)?;
         let auth = crate::auth::Auth::from_config(&cfg)?;
+        let board_policies = BoardPolicies::from_config(&cfg)?;
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
@@ -125,7 +147,8 @@ impl Server {
         let state = Arc::new(
             AppState::new(cfg, metrics, broker, hub, boards, shutdown)
                 .with_redis(redis_health)
-                .with_auth(auth),
+                .with_auth(auth)
+                .with_board_policies(board_policies),
         );
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         tracing::info!("listening on http://{addr}");

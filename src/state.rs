@@ -9,12 +9,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::error::ApiError;
 use crate::broker::Broker;
 use crate::client::Client;
 use crate::config::Config;
 use crate::conn_limits::{ConnLimits, ConnSlot, CONN_SLOT};
+use crate::error_code::{ErrorCode, Refusal};
 use crate::hub::Hub;
+use crate::leaderboard::policy::BoardPolicies;
 use crate::leaderboard::service::Boards;
 use crate::metrics::{Metrics, Transport};
 
@@ -38,7 +39,7 @@ pub struct AppState {
     /// Private topics and the keys that check subscriber tokens.
     pub auth: crate::auth::Auth,
     /// `[[board]]` policies and their per-player rate table.
-    pub board_policies: crate::leaderboard::policy::BoardPolicies,
+    pub board_policies: BoardPolicies,
     connections: AtomicUsize,
 }
 
@@ -52,10 +53,8 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Self {
         let limits = Arc::new(ConnLimits::new(&cfg, &metrics));
-        let board_policies =
-            crate::leaderboard::policy::BoardPolicies::new(cfg.board_policies.clone());
         AppState {
-            board_policies,
+            board_policies: BoardPolicies::new(Vec::new()),
             limits,
             cfg,
             broker,
@@ -82,6 +81,13 @@ impl AppState {
         self
     }
 
+    /// The `[[board]]` policies `BoardPolicies::from_config` built (`Server::start` always
+    /// sets them).
+    pub fn with_board_policies(mut self, policies: BoardPolicies) -> Self {
+        self.board_policies = policies;
+        self
+    }
+
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
@@ -101,9 +107,12 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn new(state: &Arc<AppState>, transport: Transport) -> Result<Self, ApiError> {
+    pub fn new(state: &Arc<AppState>, transport: Transport) -> Result<Self, Refusal> {
         if state.shutdown.is_cancelled() {
-            return Err(ApiError::shutting_down());
+            return Err(Refusal::new(
+                ErrorCode::ShuttingDown,
+                "the node is shutting down",
+            ));
         }
         let max = state.cfg.max_connections;
         if state
@@ -114,7 +123,10 @@ impl Registration {
             .is_err()
         {
             state.metrics.rejected_connections.inc();
-            return Err(ApiError::too_many_connections(max));
+            return Err(Refusal::new(
+                ErrorCode::TooManyConnections,
+                format!("this node already holds its maximum of {max} connections"),
+            ));
         }
         let gauge = state.metrics.connections(transport);
         gauge.inc();

@@ -4,13 +4,14 @@
 use clap::Parser;
 use crier::cli::{Cli, Command};
 use crier::config::{settings, Config};
+use crier::server::resolve_config;
 
 fn resolve_serve() -> Result<Config, String> {
     let cli = Cli::try_parse_from(["crier", "serve"]).map_err(|e| e.to_string())?;
     let Command::Serve(args) = cli.command else {
         unreachable!()
     };
-    Config::resolve(&args).map_err(|e| format!("{e:#}"))
+    resolve_config(&args).map_err(|e| format!("{e:#}"))
 }
 
 #[test]
@@ -41,7 +42,7 @@ fn every_setting_is_read_from_its_variable_and_a_bad_value_is_refused() {
     let Command::Serve(args) = cli.command else {
         unreachable!()
     };
-    assert_eq!(Config::resolve(&args).unwrap().max_topics, 2000);
+    assert_eq!(resolve_config(&args).unwrap().max_topics, 2000);
     assert_eq!(resolve_serve().unwrap().max_subscriber_topics, 500);
     std::env::remove_var("CRIER_MAX_TOPICS");
 }

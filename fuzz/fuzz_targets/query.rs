@@ -6,12 +6,12 @@
 //! query string.
 #![no_main]
 
-use crier::leaderboard::api::{AroundQuery, PageQuery};
+use crier::api::boards::{AroundQuery, PageQuery};
 use crier::leaderboard::ranking::{Entry, Ranking, SortOrder};
 use crier::topic::{is_valid, topics_from_query};
 use libfuzzer_sys::fuzz_target;
 
-/// The clamps in `leaderboard::api` (private there).
+/// The clamps in `api::boards` (private there).
 const MAX_PAGE: usize = 1000;
 const MAX_AROUND: usize = 100;
 

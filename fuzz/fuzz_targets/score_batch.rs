@@ -1,4 +1,4 @@
-//! Score posts: the body parser (`leaderboard::api::parse_scores`), the per-entry validation
+//! Score posts: the body parser (`api::boards::parse_scores`), the per-entry validation
 //! (`service::validate`, `check_increments`) and the ranking they feed, as
 //! `Boards::submit` runs them. Accepted scores must be finite and within ±MAX_ABS_SCORE,
 //! players and meta within their limits, and the ranking must stay ordered.
@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crier::leaderboard::api::parse_scores;
+use crier::api::boards::parse_scores;
 use crier::leaderboard::ranking::{Ranking, ScoreMode, SortOrder};
 use crier::leaderboard::service::{
     check_increments, ranked, validate, ValidScore, MAX_ABS_SCORE, MAX_BATCH, MAX_META_BYTES,

@@ -4,8 +4,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::auth::TokenError;
 use crate::broker::BrokerError;
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
 use crate::hub::HubError;
 use crate::topic::{TopicError, BAD_TOPIC_MESSAGE};
 
@@ -14,6 +15,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCode,
     pub message: String,
+    /// Sent as `Retry-After` (seconds) when set.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -33,19 +36,11 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn bad_topic() -> Self {
         Self::new(ErrorCode::BadTopic, BAD_TOPIC_MESSAGE)
-    }
-    pub fn too_many_connections(max: usize) -> Self {
-        Self::new(
-            ErrorCode::TooManyConnections,
-            format!("this node already holds its maximum of {max} connections"),
-        )
-    }
-    pub fn shutting_down() -> Self {
-        Self::new(ErrorCode::ShuttingDown, "the node is shutting down")
     }
     pub fn too_large(max: usize) -> Self {
         Self::new(
@@ -61,6 +56,23 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// The domain's refusals (auth, origin, board policies, admission) keep their code,
+/// message and `Retry-After`; the status is the code's.
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        ApiError {
+            retry_after: r.retry_after,
+            ..Self::new(r.code, r.message)
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        Refusal::from(e).into()
     }
 }
 
@@ -127,6 +139,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static(c),
+            );
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
             );
         }
         resp

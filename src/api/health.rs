@@ -59,7 +59,7 @@ pub async fn metrics(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    super::auth::require_admin(&state.cfg, &headers)?;
+    super::auth::require_admin(&state.auth.publishers, &headers)?;
     Ok((
         [(
             header::CONTENT_TYPE,

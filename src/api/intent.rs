@@ -28,6 +28,7 @@ use crate::state::AppState;
 pub async fn require(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if writes(req.method()) {
         if let Err(e) = crate::origin::check(req.headers(), &state.cfg)
+            .map_err(ApiError::from)
             .and_then(|_| json_content_type(req.headers()))
         {
             return e.into_response();

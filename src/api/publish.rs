@@ -25,11 +25,15 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(&state.cfg, &headers, Scope::Publish(&topic_name))?;
+    authorize(
+        &state.auth.publishers,
+        &headers,
+        Scope::Publish(&topic_name),
+    )?;
     if !topic::is_valid(&topic_name) {
         return Err(ApiError::bad_topic());
     }
-    if topic_name.starts_with("board:") {
+    if topic::is_board_topic(&topic_name) {
         return Err(ApiError::new(
             ErrorCode::ReservedTopic,
             "board:* topics are written by the leaderboard API (POST /api/boards/{board}/scores)",

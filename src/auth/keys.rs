@@ -6,34 +6,17 @@
 use std::fmt;
 
 use axum::http::HeaderMap;
-use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::Patterns;
-use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error_code::ErrorCode;
+pub use crate::config::KeyConfig;
+use crate::error_code::{ErrorCode, Refusal};
+use crate::topic::Patterns;
 
 /// The shortest secret a `[[key]]` may have: guessing 128 bits over HTTP is hopeless.
 pub const MIN_SECRET_BYTES: usize = 16;
 /// The longest key name: it is repeated in every error and log line about the key.
 pub const MAX_NAME_BYTES: usize = 64;
-
-/// One `[[key]]` table as written in the settings file.
-#[derive(Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    pub name: String,
-    pub secret: String,
-    #[serde(default)]
-    pub publish: Vec<String>,
-    #[serde(default)]
-    pub boards: Vec<String>,
-    #[serde(default)]
-    pub reset: Vec<String>,
-    #[serde(default)]
-    pub admin: bool,
-}
 
 /// A checked `[[key]]`: patterns parsed once, so a request only matches.
 #[derive(Clone)]
@@ -123,6 +106,47 @@ pub fn check_keys(keys: &[ScopedKey], flat: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// The node's publisher keys, checked once before the server starts: flat
+/// `publisher_keys` and `[[key]]` tables.
+#[derive(Clone, Default)]
+pub struct Publishers {
+    flat: Vec<String>,
+    scoped: Vec<ScopedKey>,
+}
+
+/// Without the secrets.
+impl fmt::Debug for Publishers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publishers")
+            .field("flat", &self.flat.len())
+            .field("scoped", &self.scoped)
+            .finish()
+    }
+}
+
+impl Publishers {
+    /// Every `[[key]]` table parsed, then `check_keys`; errors name the key, never its
+    /// secret.
+    pub fn from_config(cfg: &Config) -> Result<Publishers, String> {
+        let scoped = cfg
+            .keys
+            .iter()
+            .cloned()
+            .map(ScopedKey::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        check_keys(&scoped, &cfg.publisher_keys)?;
+        Ok(Publishers {
+            flat: cfg.publisher_keys.clone(),
+            scoped,
+        })
+    }
+
+    /// Whether any `[[key]]` table exists.
+    pub fn has_scoped(&self) -> bool {
+        !self.scoped.is_empty()
+    }
+}
+
 /// What a write asks for, and of which topic or board.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope<'a> {
@@ -144,17 +168,17 @@ impl Scope<'_> {
         }
     }
 
-    fn refusal(&self, key: &ScopedKey) -> ApiError {
+    fn refusal(&self, key: &ScopedKey) -> Refusal {
         let name = &key.name;
         match *self {
-            Scope::Publish(t) => ApiError::new(
+            Scope::Publish(t) => Refusal::new(
                 ErrorCode::NoPublishScope,
                 format!(
                     "key {name:?} may not publish to {t:?} (publish scope: {})",
                     key.publish
                 ),
             ),
-            Scope::Boards(b) => ApiError::new(
+            Scope::Boards(b) => Refusal::new(
                 ErrorCode::NoBoardsScope,
                 format!(
                     "key {name:?} may not post scores to or configure board {b:?} \
@@ -162,14 +186,14 @@ impl Scope<'_> {
                     key.boards
                 ),
             ),
-            Scope::Reset(b) => ApiError::new(
+            Scope::Reset(b) => Refusal::new(
                 ErrorCode::NoResetScope,
                 format!(
                     "key {name:?} may not reset board {b:?} (reset scope: {})",
                     key.reset
                 ),
             ),
-            Scope::Admin => ApiError::new(
+            Scope::Admin => Refusal::new(
                 ErrorCode::NoAdminScope,
                 format!("key {name:?} may not read /metrics (it is not an admin key)"),
             ),
@@ -202,15 +226,15 @@ impl Caller<'_> {
 /// Checks the request's `Authorization: Bearer` key against every flat and scoped key,
 /// then the scope. No keys configured: open, as before scoped keys existed.
 pub fn authorize<'a>(
-    cfg: &'a Config,
+    keys: &'a Publishers,
     headers: &HeaderMap,
     scope: Scope<'_>,
-) -> Result<Caller<'a>, ApiError> {
-    if cfg.publisher_keys.is_empty() && cfg.keys.is_empty() {
+) -> Result<Caller<'a>, Refusal> {
+    if keys.flat.is_empty() && keys.scoped.is_empty() {
         return Ok(Caller::Open);
     }
     let Some(given) = super::bearer(headers) else {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             ErrorCode::Unauthorized,
             "this endpoint needs Authorization: Bearer <publisher key>",
         ));
@@ -220,11 +244,11 @@ pub fn authorize<'a>(
     // Every key is compared in full, matched or not, so timing tells nothing about which
     // key (or which prefix) is close.
     let mut flat = subtle::Choice::from(0);
-    for k in &cfg.publisher_keys {
+    for k in &keys.flat {
         flat |= k.as_bytes().ct_eq(given);
     }
     let mut found = None;
-    for k in &cfg.keys {
+    for k in &keys.scoped {
         if bool::from(k.secret.as_bytes().ct_eq(given)) {
             found = Some(k);
         }
@@ -233,7 +257,7 @@ pub fn authorize<'a>(
         return Ok(Caller::Flat);
     }
     let Some(key) = found else {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             ErrorCode::Forbidden,
             "the publisher key is not valid",
         ));
@@ -248,11 +272,11 @@ pub fn authorize<'a>(
 
 /// `GET /metrics`: open unless `[[key]]` tables exist, since scraping was open before
 /// scoped keys and an unscoped setup must not change.
-pub fn require_admin(cfg: &Config, headers: &HeaderMap) -> Result<(), ApiError> {
-    if cfg.keys.is_empty() {
+pub fn require_admin(keys: &Publishers, headers: &HeaderMap) -> Result<(), Refusal> {
+    if keys.scoped.is_empty() {
         return Ok(());
     }
-    authorize(cfg, headers, Scope::Admin).map(|_| ())
+    authorize(keys, headers, Scope::Admin).map(|_| ())
 }
 
 #[cfg(test)]
@@ -260,7 +284,7 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
-    fn key(name: &str, secret: &str, publish: &[&str], admin: bool) -> ScopedKey {
+    fn key(name: &str, secret: &str, publish: &[&str], admin: bool) -> KeyConfig {
         KeyConfig {
             name: name.into(),
             secret: secret.into(),
@@ -269,8 +293,6 @@ mod tests {
             admin,
             ..KeyConfig::default()
         }
-        .try_into()
-        .unwrap()
     }
 
     fn bearer(k: &str) -> HeaderMap {
@@ -285,12 +307,15 @@ mod tests {
     #[test]
     fn scopes_flat_and_open() {
         let mut cfg = Config::default();
+        let open = Publishers::from_config(&cfg).unwrap();
         assert!(matches!(
-            authorize(&cfg, &HeaderMap::new(), Scope::Publish("x")),
+            authorize(&open, &HeaderMap::new(), Scope::Publish("x")),
             Ok(Caller::Open)
         ));
         cfg.keys = vec![key("game-eu", "0123456789abcdef", &["game:*"], false)];
         cfg.publisher_keys = vec!["flat-key".into()];
+        let cfg = Publishers::from_config(&cfg).unwrap();
+        assert!(!format!("{cfg:?}").contains("flat-key"));
         let e = authorize(&cfg, &HeaderMap::new(), Scope::Admin).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unauthorized);
         let h = bearer("0123456789abcdef");
@@ -349,5 +374,11 @@ mod tests {
         let e = check_keys(&[k.clone(), other], &[]).unwrap_err();
         assert!(e.contains("same secret") && !e.contains("0123"), "{e}");
         assert!(check_keys(&[k], &["0123456789abcdef".into()]).is_err());
+        let cfg = Config {
+            keys: vec![ok.clone(), ok],
+            ..Config::default()
+        };
+        let e = Publishers::from_config(&cfg).unwrap_err();
+        assert_eq!(e, "[[key]] name \"k\" is used twice");
     }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 
-use super::pattern::Patterns;
 use super::token::{unix_now, MAX_TOKEN_BYTES, MAX_TOKEN_TOPICS, MIN_SECRET_BYTES};
+use crate::topic::Patterns;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TokenArgs {

@@ -1,29 +1,47 @@
 //! Who may read what (docs/auth.md). Subscribers prove access to private topics with a
-//! signed token (`token`); publishers use keys (`api::auth`). Public topics need nothing,
-//! and a node with no `private_topics` never looks at a token it is not given.
+//! signed token (`token`); publishers use keys (`keys`, asked for by `api::auth`). Public
+//! topics need nothing, and a node with no `private_topics` never looks at a token it is
+//! not given. Refusals are `Refusal`s (a code and a message); the edges answer them.
 
 pub mod keys;
 pub mod mint;
-pub mod pattern;
 pub mod token;
 
 use axum::http::{header, HeaderMap};
 
-use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error_code::ErrorCode;
-pub use pattern::{Patterns, TopicPattern};
+use crate::error_code::{ErrorCode, Refusal};
+pub use crate::topic::{Patterns, TopicPattern};
 pub use token::{Grant, TokenError, Verifier};
 
-/// The node's read-access policy, built once from the settings.
+/// The node's access policy, built once from the settings: who may read which topics, and
+/// which keys may write.
 pub struct Auth {
     /// Topics that need a token allowing them.
     pub private: Patterns,
     verifier: Option<Verifier>,
+    /// Publisher keys, flat and scoped.
+    pub publishers: keys::Publishers,
+}
+
+/// The auth settings (`publisher_keys`, `[[key]]`, `private_topics`, `jwt_secret`) as
+/// `Config::resolve` cannot judge them, without reading any file; `server::check_config`
+/// runs it before anything starts.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    keys::Publishers::from_config(cfg).map_err(anyhow::Error::msg)?;
+    Patterns::parse(&cfg.private_topics).map_err(|e| anyhow::anyhow!("private_topics: {e}"))?;
+    anyhow::ensure!(
+        cfg.jwt_secret.is_empty() || cfg.jwt_secret.len() >= token::MIN_SECRET_BYTES,
+        "jwt_secret must be at least {} bytes (HS256 needs a 256-bit secret)",
+        token::MIN_SECRET_BYTES
+    );
+    Ok(())
 }
 
 impl Auth {
     pub fn from_config(cfg: &Config) -> anyhow::Result<Auth> {
+        check_config(cfg)?;
+        let publishers = keys::Publishers::from_config(cfg).map_err(anyhow::Error::msg)?;
         let private = Patterns::parse(&cfg.private_topics)
             .map_err(|e| anyhow::anyhow!("private_topics: {e}"))?;
         let mut pems = Vec::new();
@@ -44,7 +62,11 @@ impl Auth {
             private.is_empty() || verifier.is_some(),
             "private_topics need a way to check tokens: set jwt_secret, jwt_public_key or jwt_jwks"
         );
-        Ok(Auth { private, verifier })
+        Ok(Auth {
+            private,
+            verifier,
+            publishers,
+        })
     }
 
     /// Everything public, no keys: what a node without auth settings runs with.
@@ -52,6 +74,7 @@ impl Auth {
         Auth {
             private: Patterns::default(),
             verifier: None,
+            publishers: keys::Publishers::default(),
         }
     }
 
@@ -69,20 +92,20 @@ impl Auth {
     }
 
     /// Ok when `topic` is public or `grant` allows it.
-    pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), ApiError> {
+    pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
         if !self.is_private(topic) {
             return Ok(());
         }
         match grant {
             Some(g) if g.allows(topic) => Ok(()),
-            Some(g) => Err(ApiError::new(
+            Some(g) => Err(Refusal::new(
                 ErrorCode::TopicForbidden,
                 format!(
                     "topic {topic:?} is private and the token of {:?} does not allow it",
                     g.sub
                 ),
             )),
-            None => Err(ApiError::new(
+            None => Err(Refusal::new(
                 ErrorCode::TokenRequired,
                 format!(
                     "topic {topic:?} is private: send a token allowing it (?token=, \
@@ -100,14 +123,14 @@ impl Auth {
         &self,
         query: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<Option<Grant>, ApiError> {
+    ) -> Result<Option<Grant>, Refusal> {
         if self.verifier.is_none() {
             return Ok(None);
         }
         let Some(token) = token_from_request(query, headers)? else {
             return Ok(None);
         };
-        self.verify(&token).map(Some).map_err(ApiError::from)
+        self.verify(&token).map(Some).map_err(Refusal::from)
     }
 }
 
@@ -131,15 +154,15 @@ pub fn bearer(headers: &HeaderMap) -> Option<Option<&str>> {
 pub fn token_from_request(
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, Refusal> {
     let mut found = None;
     if let Some(q) = query.filter(|q| q.contains("token=")) {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::new(ErrorCode::BadQuery, format!("bad query string: {e}")))?;
+            .map_err(|e| Refusal::new(ErrorCode::BadQuery, format!("bad query string: {e}")))?;
         for (k, v) in pairs {
             if k == "token" {
                 if found.is_some() {
-                    return Err(ApiError::new(
+                    return Err(Refusal::new(
                         ErrorCode::BadToken,
                         "token given more than once",
                     ));
@@ -150,13 +173,13 @@ pub fn token_from_request(
     }
     if let Some(given) = bearer(headers) {
         let bearer = given.ok_or_else(|| {
-            ApiError::new(
+            Refusal::new(
                 ErrorCode::BadToken,
                 "Authorization must be \"Bearer <token>\"",
             )
         })?;
         if found.is_some() {
-            return Err(ApiError::new(
+            return Err(Refusal::new(
                 ErrorCode::BadToken,
                 "send the token once: in ?token= or in Authorization, not both",
             ));
@@ -166,11 +189,11 @@ pub fn token_from_request(
     Ok(found)
 }
 
-impl From<TokenError> for ApiError {
+impl From<TokenError> for Refusal {
     fn from(e: TokenError) -> Self {
         match e {
-            TokenError::Expired => ApiError::new(ErrorCode::TokenExpired, e.to_string()),
-            TokenError::Bad(m) => ApiError::new(ErrorCode::BadToken, m),
+            TokenError::Expired => Refusal::new(ErrorCode::TokenExpired, e.to_string()),
+            TokenError::Bad(m) => Refusal::new(ErrorCode::BadToken, m),
         }
     }
 }
@@ -204,6 +227,7 @@ mod tests {
         let auth = Auth {
             private: Patterns::parse(&["private:*"]).unwrap(),
             verifier: None,
+            publishers: keys::Publishers::default(),
         };
         assert!(auth.check_read("news", None).is_ok());
         let e = auth.check_read("private:a", None).unwrap_err();

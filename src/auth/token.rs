@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::pattern::Patterns;
+use crate::topic::Patterns;
 
 /// The longest token accepted: a grant is held for the connection's life.
 pub const MAX_TOKEN_BYTES: usize = 8192;

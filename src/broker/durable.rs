@@ -13,14 +13,13 @@
 //!
 //! # Group commit
 //!
-//! One writer thread owns the file. Appends wait in a bounded queue ([`DurableLog::reserve`]
-//! waits for room, outside the caller's locks; [`AppendSlot::append`] never blocks, so the
-//! broker appends under its topic lock and the queue order is the offset order). The
-//! writer takes everything waiting (up to [`MAX_BATCH_RECORDS`] / [`MAX_BATCH_BYTES`])
-//! into ONE write transaction with [`Durability::Immediate`] (fsync), commits, then runs
-//! every callback in append order before it takes the next batch. While one batch is on
-//! its way to the disk the next one forms, so the batch size follows the load and the
-//! fsync latency: one fsync acknowledges many publications.
+//! The shared group-commit writer ([`crate::redb_file::group_commit`]) owns the file.
+//! Appends wait in its bounded queue ([`DurableLog::reserve`] waits for room, outside the
+//! caller's locks; [`AppendSlot::append`] never blocks, so the broker appends under its
+//! topic lock and the queue order is the offset order). The writer takes everything
+//! waiting (up to [`MAX_BATCH_RECORDS`] / [`MAX_BATCH_BYTES`]) into ONE write transaction
+//! with [`Durability::Immediate`] (fsync), commits, then runs every callback in append
+//! order before it takes the next batch: one fsync acknowledges many publications.
 //!
 //! # No gap, even after a failure
 //!
@@ -42,19 +41,17 @@
 //! right without a queue slot for each.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::redb_file::group_commit::{Committer, GroupCommit, Limits, Slot};
+use crate::redb_file::RedbFile;
+use crate::topic::TopicName;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
-use tokio::sync::{mpsc, watch};
-
-use crate::redb_file::RedbFile;
-use crate::topic::TopicName;
 
 /// File name of the history database inside the data directory.
 pub const HISTORY_FILE: &str = "history.redb";
@@ -107,6 +104,10 @@ pub enum DurableError {
     NotOpen,
     #[error("the history log is closed")]
     Closed,
+    /// The writer failed without an answer from the database (a bug): nothing of the
+    /// batch is known to be written.
+    #[error("the history writer failed: {0}")]
+    WriterFailed(String),
 }
 
 impl DurableError {
@@ -157,14 +158,10 @@ pub type Done = Box<dyn FnOnce(Result<(), DurableError>) + Send>;
 /// Sees each committed transaction: how long the commit took and how many records it held.
 pub type CommitObserver = Box<dyn Fn(Duration, usize) + Send + Sync>;
 
-enum Msg {
-    Append {
-        seq: u64,
-        rec: Record,
-        done: Done,
-    },
-    /// Wakes the writer so noted trims/forgets reach the disk without waiting for an append.
-    Nudge,
+/// One queued append: the record and its place among appends (for side ops).
+struct Append {
+    seq: u64,
+    rec: Record,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,16 +233,16 @@ struct Shared {
 
 /// The durable history log (see the module docs). Shared as `Arc<DurableLog>`.
 pub struct DurableLog {
-    /// Taken by [`DurableLog::close`]; the writer stops once every sender (queued slots
-    /// included) is gone and the queue is drained.
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    /// Closed by [`DurableLog::close`]; the writer stops once every queued slot is sent
+    /// and the queue is drained. Woken (with nothing queued) so noted trims/forgets reach
+    /// the disk without waiting for an append.
+    writer: GroupCommit<Append, DurableError>,
     shared: Arc<Shared>,
-    stopped: watch::Receiver<bool>,
 }
 
 /// A reserved place in the log's bounded queue.
 pub struct AppendSlot {
-    permit: mpsc::OwnedPermit<Msg>,
+    slot: Slot<Append, DurableError>,
     shared: Arc<Shared>,
 }
 
@@ -257,7 +254,7 @@ impl AppendSlot {
         let mut next = self.shared.next_seq.lock();
         let seq = *next;
         *next += 1;
-        self.permit.send(Msg::Append { seq, rec, done });
+        self.slot.send(Append { seq, rec }, done);
     }
 }
 
@@ -286,38 +283,32 @@ impl DurableLog {
             #[cfg(test)]
             gate: Mutex::new(()),
         });
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let (stopped_tx, stopped) = watch::channel(false);
         let writer = Writer {
             file,
             shared: shared.clone(),
             topics,
             received_next: 0,
         };
-        std::thread::Builder::new()
-            .name("crier-history".into())
-            .spawn(move || {
-                writer.run(rx);
-                let _ = stopped_tx.send(true);
-            })
-            .map_err(|e| DurableError::CreateDir {
+        let limits = Limits {
+            capacity: QUEUE_CAPACITY,
+            max_requests: MAX_BATCH_RECORDS,
+            max_weight: MAX_BATCH_BYTES,
+        };
+        let writer = GroupCommit::spawn("crier-history", limits, writer).map_err(|e| {
+            DurableError::CreateDir {
                 path: path.to_owned(),
                 source: Arc::new(e),
-            })?;
-        let log = Arc::new(DurableLog {
-            tx: Mutex::new(Some(tx)),
-            shared,
-            stopped,
-        });
+            }
+        })?;
+        let log = Arc::new(DurableLog { writer, shared });
         Ok((log, recovered))
     }
 
     /// Waits for room in the queue (call it before taking any lock).
     pub async fn reserve(&self) -> Result<AppendSlot, DurableError> {
-        let tx = self.tx.lock().clone().ok_or(DurableError::Closed)?;
-        let permit = tx.reserve_owned().await.map_err(|_| DurableError::Closed)?;
+        let slot = self.writer.reserve().await.ok_or(DurableError::Closed)?;
         Ok(AppendSlot {
-            permit,
+            slot,
             shared: self.shared.clone(),
         })
     }
@@ -332,10 +323,7 @@ impl DurableLog {
     /// from its first append, in its new epoch.
     pub fn forget(&self, topic: &str) {
         self.note(topic, SideKind::Forget);
-        if let Some(tx) = self.tx.lock().as_ref() {
-            // A full queue means a commit is coming anyway.
-            let _ = tx.try_send(Msg::Nudge);
-        }
+        self.writer.wake();
     }
 
     fn note(&self, topic: &str, kind: SideKind) {
@@ -351,12 +339,9 @@ impl DurableLog {
     /// Commits everything queued (and noted), then stops the writer. Later reserves get
     /// [`DurableError::Closed`].
     pub async fn close(&self) {
-        if let Some(tx) = self.tx.lock().take() {
-            // Makes the writer apply pending trims/forgets even with nothing queued.
-            let _ = tx.try_send(Msg::Nudge);
-        }
-        let mut stopped = self.stopped.clone();
-        let _ = stopped.wait_for(|s| *s).await;
+        // The writer applies pending trims/forgets as it stops, even with nothing queued.
+        self.writer.close();
+        self.writer.stopped().await;
     }
 
     /// Calls `f` after each committed transaction (for the commit-time histogram). Only
@@ -383,8 +368,8 @@ impl DurableLog {
 
 impl Drop for DurableLog {
     fn drop(&mut self) {
-        // Dropping the sender lets the writer drain the queue and stop by itself.
-        self.tx.lock().take();
+        // The writer drains the queue and stops by itself.
+        self.writer.close();
     }
 }
 
@@ -564,43 +549,52 @@ struct Writer {
     received_next: u64,
 }
 
-/// One append of a batch; `ok` false once it is refused.
+/// One append of a batch; `refused` once it is.
 struct Pending {
     seq: u64,
     rec: Record,
-    done: Done,
     refused: Option<DurableError>,
 }
 
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        while let Some(first) = rx.blocking_recv() {
-            #[cfg(test)]
-            drop(self.shared.gate.lock());
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                if let Msg::Append { seq, rec, done } = msg {
-                    self.received_next = seq + 1;
-                    bytes += rec.data.len();
-                    batch.push(Pending {
-                        seq,
-                        rec,
-                        done,
-                        refused: None,
-                    });
-                }
-                if batch.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
-                    next = rx.try_recv().ok();
-                }
-            }
-            self.commit_batch(batch);
-        }
-        // Senders are gone: apply what was noted since the last batch.
-        self.commit_batch(Vec::new());
+impl Committer for Writer {
+    type Request = Append;
+    type Error = DurableError;
+
+    fn weight(a: &Append) -> usize {
+        a.rec.data.len()
     }
 
+    fn commit(&mut self, batch: Vec<Append>) -> Vec<Result<(), DurableError>> {
+        if let Some(last) = batch.last() {
+            self.received_next = last.seq + 1;
+        }
+        let batch = batch
+            .into_iter()
+            .map(|Append { seq, rec }| Pending {
+                seq,
+                rec,
+                refused: None,
+            })
+            .collect();
+        self.commit_batch(batch)
+    }
+
+    fn panicked(message: String) -> DurableError {
+        DurableError::WriterFailed(message)
+    }
+
+    fn forming(&mut self) {
+        #[cfg(test)]
+        drop(self.shared.gate.lock());
+    }
+
+    /// Senders are gone: apply what was noted since the last batch.
+    fn finish(&mut self) {
+        self.commit_batch(Vec::new());
+    }
+}
+
+impl Writer {
     /// Takes the side ops whose place is within what was received.
     fn take_side_ops(&self) -> Vec<(u64, TopicName, SideKind)> {
         let mut side = self.shared.side.lock();
@@ -633,10 +627,11 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, mut batch: Vec<Pending>) {
+    /// Commits the batch with the side ops due; one outcome per record, in order.
+    fn commit_batch(&mut self, mut batch: Vec<Pending>) -> Vec<Result<(), DurableError>> {
         let side = self.take_side_ops();
         if batch.is_empty() && side.is_empty() {
-            return;
+            return Vec::new();
         }
         let started = Instant::now();
         let result = self.transaction(&mut batch, &side);
@@ -666,21 +661,20 @@ impl Writer {
                 Some(e)
             }
         };
-        for p in batch {
-            let r = match (&outcome, &p.refused) {
-                (Some(e), _) | (None, Some(e)) => {
+        batch
+            .into_iter()
+            .map(|p| match (&outcome, p.refused) {
+                (Some(e), _) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     Err(e.clone())
                 }
+                (None, Some(e)) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    Err(e)
+                }
                 (None, None) => Ok(()),
-            };
-            let done = p.done;
-            // A panicking callback must not take the writer (and every later publication)
-            // down with it.
-            if std::panic::catch_unwind(AssertUnwindSafe(move || done(r))).is_err() {
-                tracing::error!("history append callback panicked");
-            }
-        }
+            })
+            .collect()
     }
 
     /// Writes the batch and the side ops in one durable transaction. Returns the topic

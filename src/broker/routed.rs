@@ -21,7 +21,7 @@ impl RoutedBroker {
     }
 
     fn broker_for(&self, topic: &str) -> &dyn Broker {
-        if topic.starts_with("board:") {
+        if crate::topic::is_board_topic(topic) {
             &*self.local
         } else {
             &*self.shared

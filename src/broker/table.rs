@@ -52,7 +52,7 @@ pub(super) enum Creator {
 /// Whether a published topic of this name counts against the boards' budget rather than
 /// `max_topics` (see the module docs).
 pub(super) fn is_board_topic(name: &str) -> bool {
-    name.starts_with("board:")
+    crate::topic::is_board_topic(name)
 }
 
 /// What a stream needs after a change, done once its lock is released.

@@ -1,13 +1,16 @@
 //! `crier demo`: a simulated game so a newcomer sees a live board within seconds. Bots post
-//! scores through the same service the HTTP API uses (durable, ranked, published).
+//! scores through the same service the HTTP API uses (durable, ranked, published). The
+//! command line starts it once the server runs; it knows only the boards it plays on.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 
 use super::ranking::{ScoreMode, SortOrder};
-use super::service::{BoardOptions, ScoreInput};
-use crate::server::Server;
+use super::service::{BoardOptions, Boards, ScoreInput};
+use tokio_util::sync::CancellationToken;
 
 const NAMES: [&str; 24] = [
     "Ada", "Blaze", "Cosmo", "Dune", "Echo", "Fable", "Ghost", "Halo", "Iris", "Jinx", "Kite",
@@ -15,11 +18,11 @@ const NAMES: [&str; 24] = [
     "Wren", "Zephyr",
 ];
 
-pub fn spawn(server: &Server) {
-    let state = server.state.clone();
-    let addr = server.addr;
+/// Plays on `boards` until `shutdown`; `addr` is where the server listens, for the log
+/// line pointing at the live board.
+pub fn spawn(boards: Arc<Boards>, shutdown: CancellationToken, addr: SocketAddr) {
     tokio::spawn(async move {
-        let boards = &state.boards;
+        let boards = &boards;
         let arena = BoardOptions {
             order: SortOrder::High,
             mode: ScoreMode::Best,
@@ -43,7 +46,7 @@ pub fn spawn(server: &Server) {
         let mut ticker = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
-                _ = state.shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
             let (i, gain, lap) = {

@@ -1,10 +1,10 @@
 //! Live leaderboards: pure ranking logic, its durable store, and the service that
 //! publishes rankings to the hub.
 
-pub mod api;
 pub mod demo;
 pub mod policy;
 pub mod ranking;
 pub mod service;
 pub mod shared;
+pub mod storage;
 pub mod store;

@@ -7,16 +7,14 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
-use serde::Deserialize;
 
 use super::service::{ScoreInput, MAX_PLAYER_LEN};
-use crate::api::error::ApiError;
 use crate::auth::keys::Caller;
 use crate::auth::TopicPattern;
-use crate::error_code::ErrorCode;
+pub use crate::config::BoardPolicyConfig;
+use crate::config::Config;
+use crate::error_code::{ErrorCode, Refusal};
 
 /// Most (board, player) pairs the rate table tracks on one node. Past it (after expired
 /// pairs are swept) new players are refused with 429 rather than the table growing: each
@@ -31,20 +29,6 @@ pub const MAX_PER_MINUTE: u32 = 10_000;
 const BUCKETS: usize = 61;
 /// How often expired pairs are swept when the table is not full.
 const SWEEP_EVERY_SECS: u64 = 60;
-
-/// One `[[board]]` table as written.
-#[derive(Deserialize, Default, Clone, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct BoardPolicyConfig {
-    pub pattern: String,
-    pub min_score: Option<f64>,
-    pub max_score: Option<f64>,
-    pub max_submissions_per_minute: Option<u32>,
-    #[serde(default)]
-    pub scoped_keys_only: bool,
-    /// This board's own `max_players_per_board` (the node-wide setting otherwise).
-    pub max_players_per_board: Option<usize>,
-}
 
 /// A checked `[[board]]` table.
 #[derive(Clone, Debug)]
@@ -106,13 +90,13 @@ impl TryFrom<BoardPolicyConfig> for BoardPolicy {
 }
 
 impl BoardPolicy {
-    fn refuse(&self, code: ErrorCode, what: String) -> ApiError {
-        ApiError::new(code, format!("board policy \"{}\": {what}", self.pattern))
+    fn refuse(&self, code: ErrorCode, what: String) -> Refusal {
+        Refusal::new(code, format!("board policy \"{}\": {what}", self.pattern))
     }
 
     /// `scoped_keys_only`: `authorize` has already checked that a scoped key's `boards`
     /// scope covers the board, so any scoped caller here qualifies.
-    pub fn check_caller(&self, board: &str, caller: &Caller<'_>) -> Result<(), ApiError> {
+    pub fn check_caller(&self, board: &str, caller: &Caller<'_>) -> Result<(), Refusal> {
         if !self.scoped_keys_only || matches!(caller, Caller::Scoped(_)) {
             return Ok(());
         }
@@ -126,7 +110,7 @@ impl BoardPolicy {
         ))
     }
 
-    fn check_one(&self, what: &str, player: &str, v: f64) -> Result<(), ApiError> {
+    fn check_one(&self, what: &str, player: &str, v: f64) -> Result<(), Refusal> {
         let fail = |side: &str, limit: f64| {
             self.refuse(
                 ErrorCode::ScoreOutOfBounds,
@@ -155,7 +139,7 @@ impl BoardPolicy {
         &self,
         inputs: &[ScoreInput],
         current: Option<&dyn Fn(&str) -> f64>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Refusal> {
         if self.min_score.is_none() && self.max_score.is_none() {
             return Ok(());
         }
@@ -180,33 +164,6 @@ impl BoardPolicy {
     }
 }
 
-/// A refusal that may tell the client when to retry (`Retry-After`, in seconds).
-#[derive(Debug)]
-pub struct Refusal {
-    pub error: ApiError,
-    pub retry_after: Option<u64>,
-}
-
-impl From<ApiError> for Refusal {
-    fn from(error: ApiError) -> Self {
-        Refusal {
-            error,
-            retry_after: None,
-        }
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        let mut resp = self.error.into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
-}
-
 /// Submissions counted for a batch that was let through; handed back with `release` when
 /// the batch turned out not to be applied, so only accepted submissions count.
 #[derive(Debug)]
@@ -223,7 +180,25 @@ pub struct BoardPolicies {
     rate: Mutex<RateTable>,
 }
 
+/// The `[[board]]` tables as `Config::resolve` cannot judge them; `server::check_config`
+/// runs it before anything starts.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    BoardPolicies::from_config(cfg).map(drop)
+}
+
 impl BoardPolicies {
+    /// The settings' `[[board]]` tables, each checked; the first error names its table.
+    pub fn from_config(cfg: &Config) -> anyhow::Result<Self> {
+        let policies = cfg
+            .board_policies
+            .iter()
+            .cloned()
+            .map(BoardPolicy::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        Ok(BoardPolicies::new(policies))
+    }
+
     pub fn new(policies: Vec<BoardPolicy>) -> Self {
         BoardPolicies {
             policies,
@@ -280,10 +255,9 @@ impl BoardPolicies {
                 sec: now,
                 players: batch.into_iter().map(|(p, n)| (p.into(), n)).collect(),
             })),
-            Err(over) => Err(Refusal {
-                error: policy.refuse(ErrorCode::TooManySubmissions, over.message(limit)),
-                retry_after: Some(over.retry_after()),
-            }),
+            Err(over) => Err(policy
+                .refuse(ErrorCode::TooManySubmissions, over.message(limit))
+                .retry_after(over.retry_after())),
         }
     }
 

@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
 use super::shared::Shared;
+use super::storage::BoardStorage;
 use super::store::{Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
 use crate::broker::cluster_counts::ClusterCounts;
 use crate::broker::{Broker, PublishRequest};
@@ -233,7 +234,7 @@ impl Pending {
 impl Board {
     fn new(name: Arc<str>, options: BoardOptions, next_seq: u64) -> Self {
         Board {
-            topic: format!("board:{name}"),
+            topic: crate::topic::board_topic(&name),
             name,
             ranking: Ranking::new(options.order),
             options,
@@ -361,15 +362,15 @@ pub struct Boards {
     /// By name, so that the list pages in name order from a cursor.
     boards: RwLock<BTreeMap<Arc<str>, Arc<Mutex<Board>>>>,
     dirty: Arc<Dirty>,
-    writer: Mutex<Option<StoreWriter>>,
+    /// Where writes are made durable: the local redb store, or Redis under `--redis`.
+    storage: Arc<dyn BoardStorage>,
     /// [`MAX_QUEUED_SCORE_BYTES`], held by each queued score batch until it is resolved.
     queued_bytes: Arc<Semaphore>,
     /// Subscriber counts (watchers) only; updates go out through the broker.
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
     pub(super) metrics: Arc<Metrics>,
-    /// Under Redis: where writes go (Redis), and the cluster-wide watcher counts.
-    shared: Option<Arc<Shared>>,
+    /// Under Redis: the cluster-wide watcher counts.
     counts: Option<Arc<ClusterCounts>>,
     interval: Duration,
     default_top: usize,
@@ -414,14 +415,16 @@ impl Boards {
             }
             boards.insert(name, Arc::new(Mutex::new(board)));
         }
-        let (writer, writer_task) = StoreWriter::spawn(store, 4096);
+        let (writer, writer_task) = StoreWriter::spawn(store, 4096)?;
         let this = Arc::new(Boards {
             dirty: Arc::new(Dirty {
                 names: Mutex::new(boards.keys().cloned().collect()),
                 wake: Notify::new(),
             }),
             boards: RwLock::new(boards),
-            writer: Mutex::new(Some(writer)),
+            storage: Arc::new(LocalStore {
+                writer: Mutex::new(Some(writer)),
+            }),
             queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
             hub,
             broker,
@@ -432,7 +435,6 @@ impl Boards {
             max_players: cfg.max_players_per_board,
             tasks: Mutex::new(vec![writer_task]),
             stop: shutdown.child_token(),
-            shared: None,
             counts: None,
         });
         let updater = tokio::spawn(this.clone().update_loop());
@@ -457,20 +459,15 @@ impl Boards {
             top: cfg.board_top,
             ..BoardOptions::default()
         };
+        let shared = Arc::new(Shared::new(conn, client, cfg.redis_timeout, defaults));
         let this = Arc::new(Boards {
             dirty: Arc::new(Dirty::default()),
             boards: RwLock::new(BTreeMap::new()),
-            writer: Mutex::new(None),
+            storage: shared.clone(),
             queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_SCORE_BYTES)),
             hub,
             broker,
             metrics,
-            shared: Some(Arc::new(Shared::new(
-                conn,
-                client,
-                cfg.redis_timeout,
-                defaults,
-            ))),
             counts: Some(counts),
             interval: cfg.board_update_interval,
             default_top: cfg.board_top,
@@ -479,14 +476,10 @@ impl Boards {
             tasks: Mutex::new(Vec::new()),
             stop: shutdown.child_token(),
         });
-        let follower = Shared::start(&this, this.stop.clone()).await?;
+        let follower = shared.start(&this, this.stop.clone()).await?;
         let updater = tokio::spawn(this.clone().update_loop());
         this.tasks.lock().extend([follower, updater]);
         Ok(this)
-    }
-
-    pub(super) fn shared(&self) -> Option<&Arc<Shared>> {
-        self.shared.as_ref()
     }
 
     /// `max_players_per_board` of the node: the cap of boards no `[[board]]` table sets.
@@ -533,18 +526,11 @@ impl Boards {
     /// Stops publishing and lets the store writer commit what it holds, then waits for it.
     pub async fn close(&self) {
         self.stop.cancel();
-        self.writer.lock().take();
+        self.storage.close();
         let tasks = std::mem::take(&mut *self.tasks.lock());
         for t in tasks {
             let _ = t.await;
         }
-    }
-
-    fn writer(&self) -> Result<StoreWriter, BoardError> {
-        self.writer
-            .lock()
-            .clone()
-            .ok_or_else(|| BoardError::Store("the server is shutting down".into()))
     }
 
     pub fn validate_name(name: &str) -> Result<(), BoardError> {
@@ -613,36 +599,7 @@ impl Boards {
     ) -> Result<BoardOptions, BoardError> {
         Self::validate_name(name)?;
         Self::check_options(&options)?;
-        if let Some(shared) = &self.shared {
-            return shared.put_options(self, name, options).await;
-        }
-        let writer = self.writer()?;
-        let slot = writer.reserve().await.map_err(store_error)?;
-        let board = self.get_or_create(name)?;
-        let done = {
-            let mut b = board.lock();
-            if b.view_options().order != options.order && !b.view_is_empty() {
-                return Err(BoardError::Conflict(
-                    "the sort order of a board with players cannot change; reset it first".into(),
-                ));
-            }
-            let (id, guard) = b.begin_write();
-            b.pending.options = Some((id, options));
-            let ops = vec![
-                StoreOp::PutBoard {
-                    board: name.into(),
-                    options: serde_json::to_string(&options).expect("options"),
-                },
-                // A board created by this write gets the clock memory has, not 0.
-                StoreOp::SetSeq {
-                    board: name.into(),
-                    next_seq: b.pending.next_seq,
-                },
-            ];
-            self.queue(slot, &board, id, guard, ops, Write::Options(options), None)
-        };
-        done.await?;
-        Ok(options)
+        self.storage.put_options(self, name, options).await
     }
 
     /// Applies a batch of scores all-or-nothing and returns each player's new rank once the
@@ -681,108 +638,15 @@ impl Boards {
             .acquire_many_owned(cost.min(MAX_QUEUED_SCORE_BYTES) as u32)
             .await
             .expect("the budget semaphore is never closed");
-        if let Some(shared) = &self.shared {
-            return shared.submit(self, name, &scores, max_players).await;
-        }
-        let writer = self.writer()?;
-        let slot = writer.reserve().await.map_err(store_error)?;
-        if self.get(name).is_none() {
-            // Refused before the board is made: a board held in memory for a batch that
-            // cannot apply would count against max_boards for nothing.
-            check_players(name, 0, new_players(|_| None, &scores), max_players)?;
-        }
-        let board = self.get_or_create(name)?;
-        let done = {
-            let mut b = board.lock();
-            let options = b.view_options();
-            let new = new_players(|p| b.view_entry(p), &scores);
-            check_players(name, b.view_len(), new, max_players)?;
-            // The batch's own result so far, on top of the pending view.
-            let mut batch: HashMap<Arc<str>, Entry> = HashMap::new();
-            if options.mode == ScoreMode::Increment {
-                check_increments(|p| batch_entry(&b, &batch, p), &scores)?;
-            }
-            let mut seq = b.pending.next_seq;
-            let mut posted = Vec::with_capacity(scores.len());
-            for (player, score, meta) in &scores {
-                let old = batch_entry(&b, &batch, player);
-                let new = combine(
-                    options.order,
-                    options.mode,
-                    old,
-                    player,
-                    *score,
-                    seq,
-                    meta.clone(),
-                );
-                seq += 1;
-                let key = match new {
-                    Some(e) => {
-                        let key = e.player.clone();
-                        batch.insert(key.clone(), e);
-                        key
-                    }
-                    None => old.map_or_else(|| Arc::from(player.as_str()), |e| e.player.clone()),
-                };
-                posted.push(key);
-            }
-            let (id, guard) = b.begin_write();
-            let mut ops = Vec::with_capacity(batch.len() + 2);
-            b.create_ops(&mut ops);
-            for e in batch.values() {
-                ops.push(StoreOp::PutEntry {
-                    board: name.into(),
-                    entry: stored(e),
-                });
-            }
-            ops.push(StoreOp::SetSeq {
-                board: name.into(),
-                next_seq: seq,
-            });
-            b.pending.next_seq = seq;
-            for e in batch.values() {
-                b.pend(id, e.clone());
-            }
-            let posted = posted
-                .into_iter()
-                .map(|p| {
-                    let changed = batch.contains_key(&p);
-                    (p, changed)
-                })
-                .collect();
-            let write = Write::Scores {
-                entries: batch.into_values().collect(),
-                next_seq: seq,
-                posted,
-            };
-            self.queue(slot, &board, id, guard, ops, write, Some(budget))
-        };
-        match done.await? {
-            Applied::Scores(results) => Ok(results),
-            Applied::Done => unreachable!("a score write reports scores"),
-        }
+        self.storage
+            .submit(self, name, scores, max_players, budget)
+            .await
     }
 
     /// Empties a board, keeping its options and clock.
     pub async fn reset(&self, name: &str) -> Result<(), BoardError> {
         Self::validate_name(name)?;
-        if let Some(shared) = &self.shared {
-            return shared.reset(self, name).await;
-        }
-        let writer = self.writer()?;
-        let slot = writer.reserve().await.map_err(store_error)?;
-        let board = self.get_persisted(name)?;
-        let done = {
-            let mut b = board.lock();
-            let (id, guard) = b.begin_write();
-            b.pending.reset = Some(id);
-            b.pending.entries.clear();
-            b.pending.fresh = 0;
-            let ops = vec![StoreOp::ResetBoard { board: name.into() }];
-            self.queue(slot, &board, id, guard, ops, Write::Reset, None)
-        };
-        done.await?;
-        Ok(())
+        self.storage.reset(self, name).await
     }
 
     /// Queues a write's ops (the caller holds the board's lock, see the module docs) with
@@ -1005,6 +869,174 @@ impl Boards {
     }
 }
 
+/// The node's own store: its redb file, written through the group-commit writer, each
+/// write computed against its board's pending view (see the module docs).
+pub struct LocalStore {
+    /// Taken by `close`: the writer commits what it holds and stops once every handle
+    /// is gone.
+    writer: Mutex<Option<StoreWriter>>,
+}
+
+impl LocalStore {
+    fn writer(&self) -> Result<StoreWriter, BoardError> {
+        self.writer
+            .lock()
+            .clone()
+            .ok_or_else(|| BoardError::Store("the server is shutting down".into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl BoardStorage for LocalStore {
+    async fn put_options(
+        &self,
+        boards: &Boards,
+        name: &str,
+        options: BoardOptions,
+    ) -> Result<BoardOptions, BoardError> {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = boards.get_or_create(name)?;
+        let done = {
+            let mut b = board.lock();
+            if b.view_options().order != options.order && !b.view_is_empty() {
+                return Err(BoardError::Conflict(
+                    "the sort order of a board with players cannot change; reset it first".into(),
+                ));
+            }
+            let (id, guard) = b.begin_write();
+            b.pending.options = Some((id, options));
+            let ops = vec![
+                StoreOp::PutBoard {
+                    board: name.into(),
+                    options: serde_json::to_string(&options).expect("options"),
+                },
+                // A board created by this write gets the clock memory has, not 0.
+                StoreOp::SetSeq {
+                    board: name.into(),
+                    next_seq: b.pending.next_seq,
+                },
+            ];
+            boards.queue(slot, &board, id, guard, ops, Write::Options(options), None)
+        };
+        done.await?;
+        Ok(options)
+    }
+
+    async fn submit(
+        &self,
+        boards: &Boards,
+        name: &str,
+        scores: Vec<ValidScore>,
+        max_players: usize,
+        budget: OwnedSemaphorePermit,
+    ) -> Result<Vec<ScoreResult>, BoardError> {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        if boards.get(name).is_none() {
+            // Refused before the board is made: a board held in memory for a batch that
+            // cannot apply would count against max_boards for nothing.
+            check_players(name, 0, new_players(|_| None, &scores), max_players)?;
+        }
+        let board = boards.get_or_create(name)?;
+        let done = {
+            let mut b = board.lock();
+            let options = b.view_options();
+            let new = new_players(|p| b.view_entry(p), &scores);
+            check_players(name, b.view_len(), new, max_players)?;
+            // The batch's own result so far, on top of the pending view.
+            let mut batch: HashMap<Arc<str>, Entry> = HashMap::new();
+            if options.mode == ScoreMode::Increment {
+                check_increments(|p| batch_entry(&b, &batch, p), &scores)?;
+            }
+            let mut seq = b.pending.next_seq;
+            let mut posted = Vec::with_capacity(scores.len());
+            for (player, score, meta) in &scores {
+                let old = batch_entry(&b, &batch, player);
+                let new = combine(
+                    options.order,
+                    options.mode,
+                    old,
+                    player,
+                    *score,
+                    seq,
+                    meta.clone(),
+                );
+                seq += 1;
+                let key = match new {
+                    Some(e) => {
+                        let key = e.player.clone();
+                        batch.insert(key.clone(), e);
+                        key
+                    }
+                    None => old.map_or_else(|| Arc::from(player.as_str()), |e| e.player.clone()),
+                };
+                posted.push(key);
+            }
+            let (id, guard) = b.begin_write();
+            let mut ops = Vec::with_capacity(batch.len() + 2);
+            b.create_ops(&mut ops);
+            for e in batch.values() {
+                ops.push(StoreOp::PutEntry {
+                    board: name.into(),
+                    entry: stored(e),
+                });
+            }
+            ops.push(StoreOp::SetSeq {
+                board: name.into(),
+                next_seq: seq,
+            });
+            b.pending.next_seq = seq;
+            for e in batch.values() {
+                b.pend(id, e.clone());
+            }
+            let posted = posted
+                .into_iter()
+                .map(|p| {
+                    let changed = batch.contains_key(&p);
+                    (p, changed)
+                })
+                .collect();
+            let write = Write::Scores {
+                entries: batch.into_values().collect(),
+                next_seq: seq,
+                posted,
+            };
+            boards.queue(slot, &board, id, guard, ops, write, Some(budget))
+        };
+        match done.await? {
+            Applied::Scores(results) => Ok(results),
+            Applied::Done => unreachable!("a score write reports scores"),
+        }
+    }
+
+    async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = boards.get_persisted(name)?;
+        let done = {
+            let mut b = board.lock();
+            let (id, guard) = b.begin_write();
+            b.pending.reset = Some(id);
+            b.pending.entries.clear();
+            b.pending.fresh = 0;
+            let ops = vec![StoreOp::ResetBoard { board: name.into() }];
+            boards.queue(slot, &board, id, guard, ops, Write::Reset, None)
+        };
+        done.await?;
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.writer.lock().take();
+    }
+
+    #[cfg(test)]
+    fn local_writer(&self) -> Option<StoreWriter> {
+        self.writer.lock().clone()
+    }
+}
+
 /// A live update's `data`, fields in the documented order (a struct, not `json!`, which
 /// would sort the keys and build a value tree per update).
 #[derive(Serialize)]
@@ -1035,7 +1067,7 @@ fn stored(e: &Entry) -> StoredEntry {
     }
 }
 
-/// Applies a committed write to the durable board (on the writer task, in commit order).
+/// Applies a committed write to the durable board (on the writer thread, in commit order).
 /// Returns the board's name, the write's results and whether the live top changed.
 fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
     b.persisted = true;
@@ -1236,7 +1268,7 @@ mod tests {
 
     /// Makes the next `n` store commits fail as a full disk would.
     fn fail_commits(boards: &Boards, n: u64) {
-        let writer = boards.writer().unwrap();
+        let writer = boards.storage.local_writer().unwrap();
         writer.store().fail_commits.store(n, Ordering::SeqCst);
     }
 

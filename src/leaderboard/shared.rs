@@ -34,11 +34,12 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::ranking::{Entry, Ranking};
 use super::service::{Board, BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
+use super::storage::BoardStorage;
 use crate::broker::new_epoch;
 
 /// Ops kept per board for mirrors that fell behind; one further behind reloads the board.
@@ -357,14 +358,47 @@ fn parse_ops(v: Value) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Writes are scripts on Redis; a write returns once this node's mirror shows it.
+#[async_trait::async_trait]
+impl BoardStorage for Shared {
+    async fn put_options(
+        &self,
+        boards: &Boards,
+        name: &str,
+        options: BoardOptions,
+    ) -> Result<BoardOptions, BoardError> {
+        self.put_board(boards, name, options).await
+    }
+
+    /// The budget is held until Redis answers and the mirror shows the batch.
+    async fn submit(
+        &self,
+        boards: &Boards,
+        name: &str,
+        scores: Vec<ValidScore>,
+        max_players: usize,
+        _budget: OwnedSemaphorePermit,
+    ) -> Result<Vec<ScoreResult>, BoardError> {
+        self.submit_scores(boards, name, &scores, max_players).await
+    }
+
+    async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
+        self.reset_board(boards, name).await
+    }
+
+    /// Writes are answered by Redis as they come; the follower task stops with `Boards`.
+    fn close(&self) {}
+}
+
 impl Shared {
     /// Subscribes to every board's ops, loads every board into `boards`, then keeps the
     /// mirrors following Redis on a task until `stop`.
     pub async fn start(
+        self: &Arc<Self>,
         boards: &Arc<Boards>,
         stop: CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let shared = boards.shared().expect("shared boards").clone();
+        let shared = self.clone();
         let mut pubsub = shared.client.get_async_pubsub().await?;
         pubsub.psubscribe(PATTERN).await?;
         shared.load_all(boards).await?;
@@ -419,7 +453,7 @@ impl Shared {
         }
     }
 
-    pub async fn submit(
+    pub async fn submit_scores(
         &self,
         boards: &Boards,
         name: &str,
@@ -476,7 +510,7 @@ impl Shared {
         Ok(results)
     }
 
-    pub async fn put_options(
+    pub async fn put_board(
         &self,
         boards: &Boards,
         name: &str,
@@ -506,7 +540,7 @@ impl Shared {
         Ok(options)
     }
 
-    pub async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
+    pub async fn reset_board(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
         let mut inv = self.invocation(&self.reset, name);
         inv.arg("").arg("").arg(name).arg(KEPT_OPS).arg("").arg("");
         let reply = self.run(inv).await?;

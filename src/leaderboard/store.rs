@@ -34,18 +34,18 @@
 //! durable, or none is applied. Checkpoints are transactions of their own and change no
 //! logical content, so a crash at any point loses nothing acknowledged.
 //!
-//! [`StoreWriter`] is the group-commit front end: one task owns the store, callers send
-//! their ops through a bounded channel and await an acknowledgement. Everything waiting in
-//! the channel (up to [`MAX_GROUP_OPS`] ops) is committed in a single transaction on a
-//! blocking thread, then every caller of that group is acknowledged. Callers' ops are
-//! applied in channel (arrival) order, so one caller's successive commits are applied in
-//! order.
+//! [`StoreWriter`] is the group-commit front end, on the writer both durable stores share
+//! ([`crate::redb_file::group_commit`]): one thread owns the store, callers send their ops
+//! through a bounded queue and await an acknowledgement. Everything waiting in the queue
+//! (up to [`MAX_GROUP_OPS`] ops) is committed in a single transaction, then every caller of
+//! that group is acknowledged. Callers' ops are applied in queue (arrival) order, so one
+//! caller's successive commits are applied in order.
 //!
 //! A caller that keeps state derived from its queued ops (the leaderboard service computes
 //! each score against the not yet durable result of the scores queued before it) needs two
 //! more things, which [`StoreWriter::reserve`] gives it:
 //!
-//! * a completion callback run *by the writer task*, in channel order, before the next group
+//! * a completion callback run *by the writer thread*, in queue order, before the next group
 //!   is formed, so the caller can apply a commit's effect to its own state in exactly the
 //!   order the commits reached the disk (acknowledgements wake tasks in any order);
 //! * a [`Guard`]: an op list computed on top of a write that then failed must not reach the
@@ -64,12 +64,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::redb_file::group_commit::{self, Committer, GroupCommit, Limits};
+use crate::redb_file::RedbFile;
 use redb::{
     Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
-use tokio::sync::{mpsc, oneshot};
-
-use crate::redb_file::RedbFile;
 
 /// File name of the database inside the store directory.
 pub const DB_FILE: &str = "crier.redb";
@@ -757,29 +756,10 @@ fn apply<'a>(
 
 // ---- StoreWriter (group commit) ----------------------------------------------------------
 
-/// What the writer calls with a request's outcome, on its own task and in channel order.
-pub type OnDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-
-struct Request {
+/// One caller's ops, committed together (with other callers') unless its guard failed.
+pub struct Request {
     ops: Vec<StoreOp>,
     guard: Option<Guard>,
-    done: Done,
-}
-
-enum Done {
-    Ack(oneshot::Sender<Result<(), StoreError>>),
-    Call(OnDone),
-}
-
-impl Done {
-    fn finish(self, result: Result<(), StoreError>) {
-        match self {
-            Done::Ack(ack) => {
-                let _ = ack.send(result); // the caller may have gone away
-            }
-            Done::Call(f) => f(result),
-        }
-    }
 }
 
 /// A condition on a queued request: commit it only if `generation` still holds the value it
@@ -800,7 +780,7 @@ impl Guard {
 /// A reserved place in the writer's queue (see [`StoreWriter::reserve`]). Sending is
 /// synchronous, so it can happen under the caller's own lock, which makes the queue order
 /// equal the order in which the caller computed its requests.
-pub struct Slot(mpsc::OwnedPermit<Request>);
+pub struct Slot(group_commit::Slot<Request, StoreError>);
 
 impl Slot {
     /// Queues `ops`; `on_done` later gets the outcome (see [`StoreWriter::reserve`]).
@@ -810,11 +790,7 @@ impl Slot {
         guard: Option<Guard>,
         on_done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
     ) {
-        self.0.send(Request {
-            ops,
-            guard,
-            done: Done::Call(Box::new(on_done)),
-        });
+        self.0.send(Request { ops, guard }, on_done);
     }
 }
 
@@ -846,14 +822,14 @@ pub struct WriterStats {
     pub logged_entries: u64,
 }
 
-/// Group-commit handle: cheap to clone; all clones feed one background task that owns the
-/// [`Store`]. The task ends (after committing everything already sent) once every handle
-/// is dropped.
+/// Group-commit handle: cheap to clone; all clones feed one writer thread
+/// ([`crate::redb_file::group_commit`]) that owns the [`Store`]. The thread ends (after
+/// committing everything already sent) once every handle is dropped.
 #[derive(Clone)]
 pub struct StoreWriter {
-    tx: mpsc::Sender<Request>,
+    inner: Arc<GroupCommit<Request, StoreError>>,
     counters: Arc<Counters>,
-    /// For reading stats only; all writes go through the task.
+    /// For reading stats only; all writes go through the writer thread.
     store: Arc<Store>,
 }
 
@@ -866,21 +842,35 @@ impl std::fmt::Debug for StoreWriter {
 }
 
 impl StoreWriter {
-    /// Spawns the writer task on the current tokio runtime. `capacity` bounds the number of
-    /// queued requests (callers wait when it is full); it is raised to at least 1.
-    pub fn spawn(store: Store, capacity: usize) -> (StoreWriter, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    /// Starts the writer thread; the task returned ends once it has stopped. `capacity`
+    /// bounds the number of queued requests (callers wait when it is full); it is raised
+    /// to at least 1.
+    pub fn spawn(
+        store: Store,
+        capacity: usize,
+    ) -> Result<(StoreWriter, tokio::task::JoinHandle<()>), StoreError> {
         let counters = Arc::new(Counters::default());
         let store = Arc::new(store);
-        let handle = tokio::spawn(run(store.clone(), rx, counters.clone()));
-        (
+        let limits = Limits {
+            capacity,
+            max_requests: usize::MAX,
+            max_weight: MAX_GROUP_OPS,
+        };
+        let committer = Writer {
+            store: store.clone(),
+            counters: counters.clone(),
+        };
+        let inner = GroupCommit::spawn("crier-boards", limits, committer)
+            .map_err(|e| StoreError::WriterFailed(format!("starting the writer: {e}")))?;
+        let handle = tokio::spawn(inner.stopped());
+        Ok((
             StoreWriter {
-                tx,
+                inner: Arc::new(inner),
                 counters,
                 store,
             },
             handle,
-        )
+        ))
     }
 
     /// Resolves once `ops` are durable on disk (or with the commit error, in which case none
@@ -888,21 +878,15 @@ impl StoreWriter {
     /// other callers' ops. An empty `ops` resolves immediately.
     ///
     /// Cancel safety: if this future is dropped after the request was queued, the ops are
-    /// still committed; dropped while waiting for channel capacity, nothing is sent.
+    /// still committed; dropped while waiting for queue capacity, nothing is sent.
     pub async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Request {
-                ops,
-                guard: None,
-                done: Done::Ack(ack),
-            })
+        self.inner
+            .commit(Request { ops, guard: None })
             .await
-            .map_err(|_| StoreError::Closed)?;
-        done.await.map_err(|_| StoreError::Closed)?
+            .unwrap_or(Err(StoreError::Closed))
     }
 
     /// Waits for room in the queue and reserves it, for a caller that must compute its ops
@@ -910,18 +894,17 @@ impl StoreWriter {
     /// room must happen before taking such a lock.
     ///
     /// The request sent through the [`Slot`] is committed like [`StoreWriter::commit`]'s,
-    /// unless its [`Guard`] no longer holds when the writer takes it from the queue (then
-    /// [`StoreError::Aborted`]). `on_done` runs on the writer task right after the commit
+    /// unless its [`Guard`] no longer holds when its group is committed (then
+    /// [`StoreError::Aborted`]). `on_done` runs on the writer thread right after the commit
     /// (or refusal), strictly in queue order and before the next group is taken, so it
     /// must be quick and must not block; it runs even if the caller has gone away. An
     /// empty op list is queued and answered in order like any other.
     pub async fn reserve(&self) -> Result<Slot, StoreError> {
-        self.tx
-            .clone()
-            .reserve_owned()
+        self.inner
+            .reserve()
             .await
             .map(Slot)
-            .map_err(|_| StoreError::Closed)
+            .ok_or(StoreError::Closed)
     }
 
     #[cfg(test)]
@@ -948,77 +931,78 @@ impl StoreWriter {
     }
 }
 
-async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, counters: Arc<Counters>) {
-    // While a group is being committed, new requests queue up in the channel and form the
-    // next group, so the group size adapts to the load and the fsync latency.
-    while let Some(first) = rx.recv().await {
+/// The store's side of the group commit.
+struct Writer {
+    store: Arc<Store>,
+    counters: Arc<Counters>,
+}
+
+impl Committer for Writer {
+    type Request = Request;
+    type Error = StoreError;
+
+    fn weight(r: &Request) -> usize {
+        r.ops.len()
+    }
+
+    fn commit(&mut self, batch: Vec<Request>) -> Vec<Result<(), StoreError>> {
+        let counters = &self.counters;
+        let mut results: Vec<Option<Result<(), StoreError>>> = Vec::with_capacity(batch.len());
+        let (mut ops, mut guards, mut taken) = (Vec::new(), Vec::new(), Vec::new());
         let mut n_ops = 0;
-        let mut ops = Vec::new();
-        let mut guards = Vec::new();
-        let mut dones = Vec::new();
-        let mut next = Some(first);
-        while let Some(r) = next.take() {
+        for (i, r) in batch.into_iter().enumerate() {
             // A stale guard means an earlier write of the same owner failed, and its
-            // callback (which bumped the generation) already ran: refuse it here, in order.
+            // callback (which bumped the generation) already ran: refuse it, in order.
             if r.guard.as_ref().is_some_and(|g| !g.holds()) {
                 counters.requests.fetch_add(1, Ordering::Relaxed);
                 counters.failed_requests.fetch_add(1, Ordering::Relaxed);
-                r.done.finish(Err(StoreError::Aborted));
+                results.push(Some(Err(StoreError::Aborted)));
             } else {
                 n_ops += r.ops.len();
                 ops.push(r.ops);
                 guards.push(r.guard.map(|g| g.generation));
-                dones.push(r.done);
-            }
-            if n_ops < MAX_GROUP_OPS {
-                next = rx.try_recv().ok();
+                taken.push(i);
+                results.push(None);
             }
         }
-        if ops.is_empty() {
-            continue;
-        }
-        let s = store.clone();
-        let results = match tokio::task::spawn_blocking(move || s.commit_group(&ops, &guards)).await
-        {
-            Ok((results, txns)) => {
-                counters.transactions.fetch_add(txns, Ordering::Relaxed);
-                results
+        if !ops.is_empty() {
+            let (group, txns) = self.store.commit_group(&ops, &guards);
+            counters.transactions.fetch_add(txns, Ordering::Relaxed);
+            let failed = group.iter().filter(|r| r.is_err()).count() as u64;
+            if let Some(Err(e)) = group.iter().find(|r| r.is_err()) {
+                tracing::warn!(error = %e, failed, group = ops.len(), "store group commit failed");
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit task failed");
-                let err = StoreError::WriterFailed(e.to_string());
-                vec![Err(err); dones.len()]
+            counters.groups.fetch_add(1, Ordering::Relaxed);
+            counters
+                .requests
+                .fetch_add(ops.len() as u64, Ordering::Relaxed);
+            counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
+            counters
+                .failed_requests
+                .fetch_add(failed, Ordering::Relaxed);
+            for (i, r) in taken.into_iter().zip(group) {
+                results[i] = Some(r);
             }
-        };
-        let failed = results.iter().filter(|r| r.is_err()).count() as u64;
-        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-            tracing::warn!(error = %e, failed, group = dones.len(), "store group commit failed");
         }
-        counters.groups.fetch_add(1, Ordering::Relaxed);
-        counters
-            .requests
-            .fetch_add(dones.len() as u64, Ordering::Relaxed);
-        counters.ops.fetch_add(n_ops as u64, Ordering::Relaxed);
-        counters
-            .failed_requests
-            .fetch_add(failed, Ordering::Relaxed);
-        for (done, result) in dones.into_iter().zip(results) {
-            done.finish(result);
-        }
-        // Checkpoint after acknowledging, so only callers arriving meanwhile wait for it
-        // (their requests queue up and form the next, larger group).
-        if store.needs_checkpoint() {
-            let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.checkpoint()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "store checkpoint failed; entries stay in the log")
-                }
-                Err(e) => tracing::error!(error = %e, "store checkpoint task failed"),
+        results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
+    }
+
+    fn panicked(message: String) -> StoreError {
+        StoreError::WriterFailed(message)
+    }
+
+    /// Checkpoint after acknowledging, so only callers arriving meanwhile wait for it
+    /// (their requests queue up and form the next, larger group).
+    fn answered(&mut self) {
+        if self.store.needs_checkpoint() {
+            if let Err(e) = self.store.checkpoint() {
+                tracing::warn!(error = %e, "store checkpoint failed; entries stay in the log");
             }
         }
     }
-    tracing::debug!("store writer: all handles dropped, shutting down");
 }
 
 #[cfg(test)]
@@ -1290,7 +1274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 100); // checkpoint after each group of >= 100
         store.commit(&[put_board("b", "{}")]).unwrap();
-        let (writer, task) = StoreWriter::spawn(store, 1024);
+        let (writer, task) = StoreWriter::spawn(store, 1024).unwrap();
 
         const N: u64 = 1000;
         let mut calls = tokio::task::JoinSet::new();
@@ -1341,7 +1325,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.commit(&[put_board("b", "{}")]).unwrap();
-        let (writer, task) = StoreWriter::spawn(store, 4);
+        let (writer, task) = StoreWriter::spawn(store, 4).unwrap();
 
         // Fire many requests (one of them bad) without awaiting in between, so they group.
         let mut calls = Vec::new();

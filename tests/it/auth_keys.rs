@@ -3,8 +3,8 @@
 //! unchanged, and a bad key table refused at startup by the real binary.
 
 use crate::common::*;
-use crier::auth::keys::{KeyConfig, ScopedKey};
-use crier::config::{Config, ServeArgs};
+use crier::auth::keys::ScopedKey;
+use crier::config::{Config, KeyConfig, ServeArgs};
 use crier::http_client::HttpClient;
 use serde_json::Value;
 
@@ -12,14 +12,15 @@ const GAME: &str = "game-eu-secret-0123456789";
 const OPS: &str = "ops-secret-0123456789abcdef";
 const FLAT: &str = "flat-publisher-key";
 
-fn key(name: &str, secret: &str, f: impl FnOnce(&mut KeyConfig)) -> ScopedKey {
+fn key(name: &str, secret: &str, f: impl FnOnce(&mut KeyConfig)) -> KeyConfig {
     let mut c = KeyConfig {
         name: name.into(),
         secret: secret.into(),
         ..KeyConfig::default()
     };
     f(&mut c);
-    c.try_into().expect("a valid key table")
+    ScopedKey::try_from(c.clone()).expect("a valid key table");
+    c
 }
 
 fn scoped(c: &mut Config) {
@@ -199,7 +200,7 @@ fn resolve(toml: &str) -> Result<Config, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crier.toml");
     std::fs::write(&path, toml).unwrap();
-    Config::resolve(&ServeArgs {
+    crier::server::resolve_config(&ServeArgs {
         config: Some(path),
         ..ServeArgs::default()
     })

@@ -5,22 +5,20 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crier::auth::keys::{KeyConfig, ScopedKey};
-use crier::config::Config;
-use crier::leaderboard::policy::{BoardPolicy, BoardPolicyConfig};
+use crier::config::{BoardPolicyConfig, Config, KeyConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FLAT: &str = "flat-publisher-key";
 const ARENA: &str = "arena-server-0123456789";
 
-fn policy(pattern: &str, f: impl FnOnce(&mut BoardPolicyConfig)) -> BoardPolicy {
+fn policy(pattern: &str, f: impl FnOnce(&mut BoardPolicyConfig)) -> BoardPolicyConfig {
     let mut c = BoardPolicyConfig {
         pattern: pattern.into(),
         ..BoardPolicyConfig::default()
     };
     f(&mut c);
-    c.try_into().expect("a valid board table")
+    c
 }
 
 struct Reply {
@@ -175,13 +173,12 @@ async fn bounds_refuse_the_whole_batch() {
 async fn scoped_keys_only_takes_a_key_whose_scope_names_the_board() {
     let srv = TestServer::start(|c: &mut Config| {
         c.publisher_keys = vec![FLAT.into()];
-        c.keys = vec![ScopedKey::try_from(KeyConfig {
+        c.keys = vec![KeyConfig {
             name: "arena-server".into(),
             secret: ARENA.into(),
             boards: vec!["arena*".into()],
             ..KeyConfig::default()
-        })
-        .unwrap()];
+        }];
         c.board_policies = vec![policy("arena*", |p| p.scoped_keys_only = true)];
     })
     .await;
@@ -430,7 +427,7 @@ fn bad_board_tables_are_refused_naming_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crier.toml");
         std::fs::write(&path, toml).unwrap();
-        let e = Config::resolve(&crier::config::ServeArgs {
+        let e = crier::server::resolve_config(&crier::config::ServeArgs {
             config: Some(path),
             ..Default::default()
         })

@@ -50,7 +50,7 @@ fn the_example_file_in_configuration_md_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("crier.toml");
     std::fs::write(&file, &text[start..start + len]).unwrap();
-    let cfg = crier::config::Config::resolve(&crier::config::ServeArgs {
+    let cfg = crier::server::resolve_config(&crier::config::ServeArgs {
         config: Some(file),
         ..Default::default()
     })

@@ -90,7 +90,7 @@ fn a_query_with_far_too_many_topics_is_refused_early() {
 /// same answer `submit` gives.
 #[test]
 fn a_score_batch_over_the_limit_is_refused_before_conversion() {
-    use crier::leaderboard::api::parse_scores;
+    use crier::api::boards::parse_scores;
     use crier::leaderboard::service::MAX_BATCH;
     let batch = |n: usize| format!("[{}]", vec![r#"{"player":"p","score":1}"#; n].join(","));
     assert_eq!(

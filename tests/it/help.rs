@@ -9,6 +9,7 @@ use std::process::Command;
 use clap::{CommandFactory, Parser};
 use crier::cli::{Cli, Command as Sub};
 use crier::config::{settings, Config, ServeArgs, Setting};
+use crier::server::resolve_config;
 
 const SUBCOMMANDS: [&str; 2] = ["serve", "demo"];
 
@@ -99,7 +100,7 @@ fn every_flag_takes_its_example_and_refuses_a_bad_value_naming_the_flag() {
             // `--flag=value`, so a value such as `-1` is not taken for another flag.
             let cli = Cli::try_parse_from(["crier", sub, &format!("{flag}={}", s.example)])
                 .unwrap_or_else(|e| panic!("{flag} {}: {e}", s.example));
-            let cfg = Config::resolve(&serve_args(cli))
+            let cfg = resolve_config(&serve_args(cli))
                 .unwrap_or_else(|e| panic!("{flag} {}: {e:#}", s.example));
             assert_eq!(cfg.shown(s.name).unwrap(), normalized(&s), "{flag}");
 
@@ -108,7 +109,7 @@ fn every_flag_takes_its_example_and_refuses_a_bad_value_naming_the_flag() {
                 Err(e) => e.to_string(),
                 Ok(cli) => format!(
                     "{:#}",
-                    Config::resolve(&serve_args(cli))
+                    resolve_config(&serve_args(cli))
                         .expect_err(&format!("{flag} {bad} is refused"))
                 ),
             };
@@ -132,14 +133,14 @@ fn every_setting_is_a_toml_key_and_a_bad_value_names_it() {
         let mut table = toml::Table::new();
         table.insert(s.name.into(), s.toml_example.clone());
         std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
-        let cfg = Config::resolve(&with_file()).unwrap_or_else(|e| panic!("{}: {e:#}", s.name));
+        let cfg = resolve_config(&with_file()).unwrap_or_else(|e| panic!("{}: {e:#}", s.name));
         assert_eq!(cfg.shown(s.name).unwrap(), normalized(&s), "{}", s.name);
 
         let Some(bad) = &s.toml_invalid else { continue };
         let mut table = toml::Table::new();
         table.insert(s.name.into(), bad.clone());
         std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
-        let err = format!("{:#}", Config::resolve(&with_file()).unwrap_err());
+        let err = format!("{:#}", resolve_config(&with_file()).unwrap_err());
         assert!(err.contains(s.name), "{}: {err}", s.name);
     }
 }

@@ -76,22 +76,7 @@ const NEVER: &[(&str, &str, &str)] = &[(
 /// Upward imports that are known and being removed, `(file, module it uses)`. Every entry
 /// must still occur (a removed one fails the test until it leaves this list), and the list
 /// only ever shrinks.
-const KNOWN_UPWARD: &[(&str, &str)] = &[
-    // `config` holds plain data; the domain validates it.
-    ("src/config.rs", "auth"),        // layers-domain removes this
-    ("src/config.rs", "origin"),      // layers-domain removes this
-    ("src/config.rs", "leaderboard"), // layers-domain removes this
-    // Domain errors carry an `ErrorCode`; only the HTTP edge builds responses.
-    ("src/auth/mod.rs", "api"),           // layers-domain removes this
-    ("src/auth/keys.rs", "api"),          // layers-domain removes this
-    ("src/origin.rs", "api"),             // layers-domain removes this
-    ("src/state.rs", "api"),              // layers-domain removes this
-    ("src/leaderboard/policy.rs", "api"), // layers-domain removes this
-    // The leaderboard's HTTP handlers and demo reach up into the edges and the server.
-    ("src/leaderboard/api.rs", "api"), // layers-domain removes this
-    ("src/leaderboard/api.rs", "state"), // layers-domain removes this
-    ("src/leaderboard/demo.rs", "server"), // layers-domain removes this
-];
+const KNOWN_UPWARD: &[(&str, &str)] = &[];
 
 /// One `crate::<module>` path in a file's non-test code.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -55,7 +55,7 @@ fn crash_child() {
         let mut store = Store::open(Path::new(&dir)).unwrap();
         // Checkpoint often, so kills also land during checkpoints.
         store.set_checkpoint_threshold(2_000);
-        let (writer, _task) = StoreWriter::spawn(store, 256);
+        let (writer, _task) = StoreWriter::spawn(store, 256).unwrap();
         writer
             .commit(vec![StoreOp::PutBoard {
                 board: BOARD.into(),

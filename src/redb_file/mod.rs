@@ -4,7 +4,10 @@
 //! database is opened again; opening repairs the file to its last durable commit. A
 //! writer that hit a full disk or a transient I/O error therefore marks the file broken,
 //! and its next transaction reopens it first, so clearing the disk is enough: no restart.
-//! Both durable stores (leaderboards, topic history) keep their file this way.
+//! Both durable stores (leaderboards, topic history) keep their file this way, and write
+//! it through one [`group_commit`] writer.
+
+pub mod group_commit;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,6 +3,9 @@
 
 use std::sync::Arc;
 
+pub mod pattern;
+pub use pattern::{Patterns, TopicPattern};
+
 /// The name rules live in `crier-protocol`, so the load tool checks its flags by them too.
 pub use crier_protocol::names::{is_valid_topic as is_valid, MAX_TOPIC_LEN};
 
@@ -11,6 +14,21 @@ pub type TopicName = Arc<str>;
 
 pub const BAD_TOPIC_MESSAGE: &str =
     "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . :, and not . or ..";
+
+/// What every leaderboard's topic starts with. Only the leaderboard API writes these
+/// topics (a publish to one is refused), and the routed broker sends them to the board
+/// store's broker, so the prefix is spelled here once.
+pub const BOARD_PREFIX: &str = "board:";
+
+/// The topic watchers of leaderboard `board` subscribe to: `board:{board}`.
+pub fn board_topic(board: &str) -> String {
+    format!("{BOARD_PREFIX}{board}")
+}
+
+/// Whether `topic` is a leaderboard's topic (`board_topic` of some board).
+pub fn is_board_topic(topic: &str) -> bool {
+    topic.starts_with(BOARD_PREFIX)
+}
 
 /// Why topic names were refused. A domain error: the HTTP layer (`api::error`) and the
 /// WebSocket layer each map it to their own answer.

@@ -1,5 +1,6 @@
-//! Leaderboard HTTP API (docs/leaderboards.md). Writes need a publisher key when keys are
-//! configured: game servers write, browsers only read. Before any handler here runs, the
+//! Leaderboard HTTP API (docs/leaderboards.md): the boards' HTTP edge, over the
+//! `leaderboard` service. Writes need a publisher key when keys are configured: game
+//! servers write, browsers only read. Before any handler here runs, the
 //! `api::intent` layer has refused writes without a JSON content type or from another
 //! site's page, so a reset or a score cannot be forged through a visitor's browser.
 
@@ -13,14 +14,15 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::policy::Refusal;
-use super::ranking::ScoreMode;
-use super::service::{ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_BATCH};
-use crate::api::auth::{authorize, Scope};
-use crate::api::error::ApiError;
-use crate::api::publish::read_body;
+use super::auth::{authorize, Scope};
+use super::error::ApiError;
+use super::publish::read_body;
 use crate::auth::Grant;
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
+use crate::leaderboard::ranking::ScoreMode;
+use crate::leaderboard::service::{
+    ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_BATCH,
+};
 use crate::state::AppState;
 
 /// Score batches may be larger than one publication: up to 1000 entries with metadata.
@@ -116,8 +118,10 @@ async fn list(
 
 /// A board is private when its topic `board:{name}` is (docs/leaderboards.md). Checked
 /// before the board is looked up, so a refused reader cannot tell which boards exist.
-fn may_read(state: &AppState, board: &str, grant: Option<&Grant>) -> Result<(), ApiError> {
-    state.auth.check_read(&format!("board:{board}"), grant)
+fn may_read(state: &AppState, board: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
+    state
+        .auth
+        .check_read(&crate::topic::board_topic(board), grant)
 }
 
 #[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
@@ -195,8 +199,8 @@ async fn post_scores(
     Path(board): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, Refusal> {
-    let caller = authorize(&state.cfg, &headers, Scope::Boards(&board))?;
+) -> Result<Json<Value>, ApiError> {
+    let caller = authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let policy = state.board_policies.for_board(&board);
     if let Some(p) = policy {
@@ -222,7 +226,7 @@ async fn post_scores(
                     state.board_policies.release(r);
                 }
             }
-            Err(ApiError::from(e).into())
+            Err(e.into())
         }
     }
 }
@@ -231,7 +235,7 @@ async fn post_scores(
 /// as well (a board not created yet has the default `best` mode).
 fn check_bounds(
     state: &AppState,
-    policy: &super::policy::BoardPolicy,
+    policy: &crate::leaderboard::policy::BoardPolicy,
     board: &str,
     inputs: &[ScoreInput],
 ) -> Result<(), ApiError> {
@@ -246,8 +250,8 @@ fn check_bounds(
         policy.check_bounds(inputs, Some(&current))
     });
     match checked {
-        Ok(r) => r,
-        Err(BoardError::NoBoard(_)) => policy.check_bounds(inputs, None),
+        Ok(r) => Ok(r?),
+        Err(BoardError::NoBoard(_)) => Ok(policy.check_bounds(inputs, None)?),
         Err(e) => Err(e.into()),
     }
 }
@@ -297,7 +301,7 @@ async fn put_board(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state.cfg, &headers, Scope::Boards(&board))?;
+    authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
     let bytes = read_body(body, 4096).await?;
     let options: BoardOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -325,7 +329,7 @@ async fn reset(
     Path(board): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state.cfg, &headers, Scope::Reset(&board))?;
+    authorize(&state.auth.publishers, &headers, Scope::Reset(&board))?;
     state.boards.reset(&board).await.map_err(bad_name)?;
     Ok(Json(json!({ "board": board, "reset": true })))
 }

@@ -1,6 +1,7 @@
 //! Topic patterns: an exact name, or a prefix ending in `*` (`chat:*`), and `*` alone for
 //! everything. One syntax for token `topics`, `private_topics`, key scopes and board
-//! policies, the same as `[[namespace]]` patterns, so an operator learns it once.
+//! policies, the same as `[[namespace]]` patterns, so an operator learns it once. A rule
+//! about topic names, so it sits with them, below the settings and everyone who reads them.
 
 use std::fmt;
 
@@ -18,10 +19,8 @@ impl TopicPattern {
     pub fn parse(s: &str) -> Result<TopicPattern, String> {
         match s.strip_suffix('*') {
             Some("") => Ok(TopicPattern::Prefix("".into())),
-            Some(prefix) if crate::topic::is_valid(prefix) => {
-                Ok(TopicPattern::Prefix(prefix.into()))
-            }
-            None if crate::topic::is_valid(s) => Ok(TopicPattern::Exact(s.into())),
+            Some(prefix) if super::is_valid(prefix) => Ok(TopicPattern::Prefix(prefix.into())),
+            None if super::is_valid(s) => Ok(TopicPattern::Exact(s.into())),
             _ => Err(format!(
                 "{s:?} is not a topic pattern: a topic name, optionally ending in * (chat:*), or *"
             )),
