@@ -48,15 +48,6 @@ async fn publish_all(addr: SocketAddr, n: u64) {
     }
 }
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 /// Frames the server sent, read until it closes the socket.
 async fn server_frames(stream: &mut TcpStream) -> Vec<Frame> {
     let bytes = read_to_end(stream).await;
