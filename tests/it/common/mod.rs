@@ -154,17 +154,25 @@ pub async fn send_json(ws: &mut Ws, v: &str) {
     ws.send(Message::Text(v.into())).await.expect("ws send");
 }
 
-/// Reads until the server's close frame; returns its code.
+/// Reads until the server's close frame; returns its code. The close is answered, as a
+/// client does (tungstenite sends the answer on the next read), and the socket read to its
+/// end: the server then ends the connection at once instead of waiting out its close
+/// grace (2 s), so what a test checks next (a disconnect counted) is not held up.
 pub async fn expect_close(ws: &mut Ws) -> u16 {
-    loop {
+    let code = loop {
         match within("close frame", ws.next()).await {
-            Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
-            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(Message::Close(Some(f)))) => break f.code.into(),
+            Some(Ok(Message::Close(None))) => break 1005,
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("connection failed before a close frame: {e}"),
             None => panic!("stream ended without a close frame"),
         }
-    }
+    };
+    within("the end of the connection", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    code
 }
 
 /// A minimal SSE reader on a raw socket: returns events' data lines as JSON.
