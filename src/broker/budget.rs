@@ -172,9 +172,10 @@ mod tests {
 
     #[test]
     fn expired_history_of_untouched_topics_is_freed_by_later_publishing() {
+        let ttl = Duration::from_secs(60);
         let b = broker_with(|c| {
-            c.history_ttl = Duration::from_millis(20);
-            c.idempotency_window = Duration::from_millis(20);
+            c.history_ttl = ttl;
+            c.idempotency_window = ttl;
         });
         for i in 0..5 {
             b.publish_now(PublishRequest {
@@ -186,13 +187,25 @@ mod tests {
             .unwrap();
         }
         assert!(b.history_bytes() > 0);
-        std::thread::sleep(Duration::from_millis(30));
+        // Their age limits pass on an injected clock, no sleep: what the FIFO kept is dated
+        // one `ttl` back, as if it had been published that long ago.
+        age_fifo(&b, ttl);
         // "quiet" is never touched again; another topic's publication frees its history.
         publish(&b, "busy", "1");
         let busy = Publication::new("busy".into(), 1, b"1").cost();
         assert_eq!(b.history_bytes(), busy);
         assert_eq!(b.metrics.history_publications.get(), 1);
         check_counts(&b);
+    }
+
+    /// Dates every entry of the node-wide FIFO `by` earlier: the sweep (`enforce_budget`)
+    /// reads only these dates.
+    fn age_fifo(b: &MemoryBroker, by: Duration) {
+        for k in b.kept.lock().iter_mut() {
+            k.at =
+                k.at.checked_sub(by)
+                    .expect("the clock started long enough ago");
+        }
     }
 
     #[test]

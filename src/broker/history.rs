@@ -55,7 +55,7 @@ mod tests {
     use crate::broker::{Broker, StreamPosition};
     use crate::config::Namespace;
     use crate::subscribe::testing::*;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn history_keeps_the_namespace_count() {
@@ -88,7 +88,8 @@ mod tests {
 
     #[test]
     fn history_ages_out() {
-        let b = broker_with(|c| c.history_ttl = Duration::from_millis(30));
+        let ttl = Duration::from_secs(60);
+        let b = broker_with(|c| c.history_ttl = ttl);
         let r = publish(&b, "t", "1");
         publish(&b, "t", "2");
         let since = StreamPosition {
@@ -99,7 +100,11 @@ mod tests {
         assert_eq!(resume(&b, &c, "t", since.clone()).recovered, Some(true));
         assert_eq!(offsets(&drain(&c)), [1, 2]);
         b.remove_client(&c);
-        std::thread::sleep(Duration::from_millis(40));
+        // The age limit on an injected clock: exactly one `history_ttl` later, no sleep (and
+        // no race with a slow machine, as a real window this short would have).
+        let later = Instant::now() + ttl;
+        let s = b.lookup("t").unwrap();
+        b.trim_expired(&s, &mut s.state.lock(), later);
         let s = resume(&b, &c, "t", since);
         assert_eq!(s.recovered, Some(false));
         assert_eq!(

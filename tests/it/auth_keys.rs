@@ -2,11 +2,11 @@
 //! `/metrics` with and without key tables, flat keys keeping every power, open mode
 //! unchanged, and a bad key table refused at startup by the real binary.
 
+use crate::common::http::code;
 use crate::common::*;
 use crier::auth::keys::ScopedKey;
 use crier::config::{Config, KeyConfig, ServeArgs};
 use crier::http_client::HttpClient;
-use serde_json::Value;
 
 const GAME: &str = "game-eu-secret-0123456789";
 const OPS: &str = "ops-secret-0123456789abcdef";
@@ -35,10 +35,6 @@ fn scoped(c: &mut Config) {
     ];
 }
 
-async fn post(srv: &TestServer, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
-    srv.post_with_key(path, body, key).await
-}
-
 async fn get(srv: &TestServer, path: &str, key: Option<&str>) -> (u16, String) {
     let (status, bytes) = HttpClient::new(key.map(String::from))
         .get(&srv.url(path))
@@ -50,20 +46,20 @@ async fn get(srv: &TestServer, path: &str, key: Option<&str>) -> (u16, String) {
     )
 }
 
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("")
-}
-
 #[tokio::test]
 async fn a_scoped_key_may_do_its_job_and_nothing_else() {
     let srv = TestServer::start(scoped).await;
     let publications = || srv.state().metrics.publications.get();
 
     // publish scope
-    let (s, b) = post(&srv, "/api/publish/game:1", r#"{"a":1}"#, Some(GAME)).await;
+    let (s, b) = srv
+        .post_with_key("/api/publish/game:1", r#"{"a":1}"#, Some(GAME))
+        .await;
     assert_eq!(s, 200, "{b}");
     let before = publications();
-    let (s, b) = post(&srv, "/api/publish/chat:1", r#"{"a":1}"#, Some(GAME)).await;
+    let (s, b) = srv
+        .post_with_key("/api/publish/chat:1", r#"{"a":1}"#, Some(GAME))
+        .await;
     assert_eq!((s, code(&b)), (403, "no_publish_scope"), "{b}");
     assert_eq!(
         b["error"]["message"],
@@ -79,21 +75,21 @@ async fn a_scoped_key_may_do_its_job_and_nothing_else() {
     );
 
     // boards scope: scores and board options
-    let (s, b) = post(
-        &srv,
-        "/api/boards/arena/scores",
-        r#"{"player":"ann","score":5}"#,
-        Some(GAME),
-    )
-    .await;
+    let (s, b) = srv
+        .post_with_key(
+            "/api/boards/arena/scores",
+            r#"{"player":"ann","score":5}"#,
+            Some(GAME),
+        )
+        .await;
     assert_eq!(s, 200, "{b}");
-    let (s, b) = post(
-        &srv,
-        "/api/boards/other/scores",
-        r#"{"player":"ann","score":5}"#,
-        Some(GAME),
-    )
-    .await;
+    let (s, b) = srv
+        .post_with_key(
+            "/api/boards/other/scores",
+            r#"{"player":"ann","score":5}"#,
+            Some(GAME),
+        )
+        .await;
     assert_eq!((s, code(&b)), (403, "no_boards_scope"), "{b}");
     assert!(
         b["error"]["message"]
@@ -104,23 +100,33 @@ async fn a_scoped_key_may_do_its_job_and_nothing_else() {
     );
     let (s, _) = srv.get("/api/boards/other").await;
     assert_eq!(s, 404, "the refused post created no board");
-    let (s, b) = post(&srv, "/api/boards/season-3", r#"{"top":5}"#, Some(GAME)).await;
+    let (s, b) = srv
+        .post_with_key("/api/boards/season-3", r#"{"top":5}"#, Some(GAME))
+        .await;
     assert_eq!(s, 200, "{b}");
-    let (s, b) = post(&srv, "/api/boards/other", r#"{"top":5}"#, Some(GAME)).await;
+    let (s, b) = srv
+        .post_with_key("/api/boards/other", r#"{"top":5}"#, Some(GAME))
+        .await;
     assert_eq!((s, code(&b)), (403, "no_boards_scope"), "{b}");
 
     // reset scope
-    let (s, b) = post(&srv, "/api/boards/season-3/reset", "{}", Some(GAME)).await;
+    let (s, b) = srv
+        .post_with_key("/api/boards/season-3/reset", "{}", Some(GAME))
+        .await;
     assert_eq!((s, code(&b)), (403, "no_reset_scope"), "{b}");
     assert!(b["error"]["message"]
         .as_str()
         .unwrap()
         .contains("may not reset board \"season-3\" (reset scope: arena)"));
-    let (s, b) = post(&srv, "/api/boards/arena/reset", "{}", Some(GAME)).await;
+    let (s, b) = srv
+        .post_with_key("/api/boards/arena/reset", "{}", Some(GAME))
+        .await;
     assert_eq!(s, 200, "{b}");
 
     // An admin key with no other scope publishes nothing.
-    let (s, b) = post(&srv, "/api/publish/game:1", "1", Some(OPS)).await;
+    let (s, b) = srv
+        .post_with_key("/api/publish/game:1", "1", Some(OPS))
+        .await;
     assert_eq!((s, code(&b)), (403, "no_publish_scope"), "{b}");
     assert!(b["error"]["message"]
         .as_str()
@@ -128,15 +134,11 @@ async fn a_scoped_key_may_do_its_job_and_nothing_else() {
         .contains("(publish scope: none)"));
 
     // No key, an unknown key: as before scoped keys.
-    let (s, b) = post(&srv, "/api/publish/game:1", "1", None).await;
+    let (s, b) = srv.post_with_key("/api/publish/game:1", "1", None).await;
     assert_eq!((s, code(&b)), (401, "unauthorized"), "{b}");
-    let (s, b) = post(
-        &srv,
-        "/api/publish/game:1",
-        "1",
-        Some("nope-nope-nope-nope"),
-    )
-    .await;
+    let (s, b) = srv
+        .post_with_key("/api/publish/game:1", "1", Some("nope-nope-nope-nope"))
+        .await;
     assert_eq!((s, code(&b)), (403, "forbidden"), "{b}");
     srv.shutdown().await;
 }
@@ -179,7 +181,7 @@ async fn flat_keys_keep_every_power_and_open_mode_is_unchanged() {
         ("/api/boards/anything", r#"{"top":3}"#),
         ("/api/boards/anything/reset", "{}"),
     ] {
-        let (s, b) = post(&srv, path, body, Some(FLAT)).await;
+        let (s, b) = srv.post_with_key(path, body, Some(FLAT)).await;
         assert_eq!(s, 200, "{path}: {b}");
     }
     srv.shutdown().await;
@@ -190,7 +192,7 @@ async fn flat_keys_keep_every_power_and_open_mode_is_unchanged() {
         ("/api/boards/anything/scores", r#"{"player":"p","score":1}"#),
         ("/api/boards/anything/reset", "{}"),
     ] {
-        let (s, b) = post(&srv, path, body, None).await;
+        let (s, b) = srv.post_with_key(path, body, None).await;
         assert_eq!(s, 200, "{path}: {b}");
     }
     srv.shutdown().await;

@@ -2,15 +2,9 @@
 //! real `redis-server`, subscribers spread over both, publications through one node or
 //! round robin. Tiny counts: this checks the tool's bookkeeping across nodes, not speed.
 
-use crate::common::redis::RedisServer;
-use crate::common::{serve_binary, within, Proc};
+use crate::common::redis::{node, RedisServer};
+use crate::common::within;
 use crier_bench::{run_with, BenchArgs};
-
-fn node(redis: &RedisServer) -> (Proc, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let (proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &["--redis", &redis.url()]);
-    (proc, format!("http://{addr}"), dir)
-}
 
 async fn bench(flags: &[&str]) -> crier_bench::report::Report {
     let args = BenchArgs::from_flags(flags.iter().chain(&["--quiet", "--timeout", "30s"]))
@@ -26,6 +20,7 @@ async fn bench_spreads_subscribers_and_publications_over_two_redis_nodes() {
     let redis = RedisServer::start();
     let (_a, a, _da) = node(&redis);
     let (_b, b, _db) = node(&redis);
+    let (a, b) = (format!("http://{a}"), format!("http://{b}"));
     let both = format!("{a},{b}");
 
     // Fan-out, subscribers alternating a, b; publications through both nodes in turn: every

@@ -224,8 +224,10 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
             "50",
             "--messages",
             "20",
+            // 20 publications in half a second: the checks count them, not their pace,
+            // and the attack runs from before the first to after the last.
             "--rate",
-            "10",
+            "40",
             "--timeout",
             "20s",
             "--attack",

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::disk::{fill_disk, Tmpfs};
+use crate::common::http::post_acked;
 use crate::common::{next_json, serve_binary, wait_until, WAIT};
 use crier::http_client::HttpClient;
 use parking_lot::Mutex;
@@ -56,16 +57,6 @@ struct Log {
     read: HashMap<(&'static str, String), f64>,
 }
 
-/// POSTs `body` and returns the JSON answer if it was a 200. A connection error means the
-/// server died mid-request: not acknowledged (in flight). Any other status is a bug.
-async fn post(http: &HttpClient, url: &str, body: String) -> Option<Value> {
-    match http.post(url, body).await {
-        Ok((s, b)) if s == 200 => Some(serde_json::from_slice(&b).expect("JSON answer")),
-        Ok((s, b)) => panic!("{url}: unexpected {s}: {}", String::from_utf8_lossy(&b)),
-        Err(_) => None,
-    }
-}
-
 async fn board_scores(http: &HttpClient, addr: &str, board: &str) -> HashMap<String, f64> {
     let (status, body) = http
         .get(&format!("http://{addr}/api/boards/{board}?limit=1000"))
@@ -102,7 +93,7 @@ fn spawn_writer(
             let v = value(idx);
             let send = Instant::now();
             let body = json!([{ "player": player, "score": v }]).to_string();
-            let answer = post(&http, &url, body).await;
+            let answer = post_acked(&http, &url, body).await;
             let ack = answer.map(|a| (Instant::now(), a["results"][0]["score"].as_f64().unwrap()));
             let done = ack.is_none();
             log.lock().posts.push(Post {
@@ -139,7 +130,7 @@ async fn sigkill_leaves_every_board_as_acknowledged() {
                 ("rst", "increment"),
             ] {
                 let url = format!("http://{addr}/api/boards/{board}");
-                post(&http, &url, json!({ "mode": mode }).to_string())
+                post_acked(&http, &url, json!({ "mode": mode }).to_string())
                     .await
                     .expect("board created");
             }
@@ -195,7 +186,7 @@ async fn sigkill_leaves_every_board_as_acknowledged() {
                     let pause = rand::thread_rng().gen_range(5..60);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                     let send = Instant::now();
-                    let ack = post(&http, &url, String::new())
+                    let ack = post_acked(&http, &url, String::new())
                         .await
                         .map(|_| Instant::now());
                     let done = ack.is_none();
@@ -456,10 +447,10 @@ async fn full_disk_gets_503_and_changes_nothing() {
     let http = HttpClient::new(None);
     let (mut proc, addr) = serve_binary(&data, "127.0.0.1:0", &[]);
     let base = format!("http://{addr}/api/boards/inc");
-    post(&http, &base, json!({ "mode": "increment" }).to_string())
+    post_acked(&http, &base, json!({ "mode": "increment" }).to_string())
         .await
         .expect("board created");
-    let r = post(
+    let r = post_acked(
         &http,
         &format!("{base}/scores"),
         json!([{ "player": "p", "score": 10 }]).to_string(),
@@ -502,7 +493,7 @@ async fn full_disk_gets_503_and_changes_nothing() {
     let mut publish_and_receive = async |healthy: &mut crate::common::Ws| {
         published += 1;
         let url = format!("http://{addr}/api/publish/news");
-        post(&http, &url, json!({ "n": published }).to_string())
+        post_acked(&http, &url, json!({ "n": published }).to_string())
             .await
             .expect("publish works");
         let got = next_json(healthy).await;
@@ -526,7 +517,7 @@ async fn full_disk_gets_503_and_changes_nothing() {
 
     // The fault clears; the retried batch counts once.
     std::fs::remove_file(filler).unwrap();
-    let r = post(&http, &format!("{base}/scores"), big_batch())
+    let r = post_acked(&http, &format!("{base}/scores"), big_batch())
         .await
         .expect("the write works once the disk has room");
     assert_eq!(r["results"][0]["score"], 20, "{r}");

@@ -12,36 +12,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::common::http::{code, get, post};
 use crate::common::{next_json, serve_binary, within, Ws, WAIT};
 use crier::http_client::HttpClient;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
-
-async fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
-    let (status, bytes) = HttpClient::new(None)
-        .post(&format!("http://{addr}{path}"), body.to_string())
-        .await
-        .expect("http post");
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-async fn get(addr: &str, path: &str) -> (u16, Value) {
-    let (status, bytes) = HttpClient::new(None)
-        .get(&format!("http://{addr}{path}"))
-        .await
-        .expect("http get");
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("")
-}
 
 /// A counter or gauge from `/metrics` (0 when absent).
 async fn metric(addr: &str, name: &str) -> f64 {
@@ -98,9 +73,7 @@ async fn create_boards(addr: &str, names: Vec<String>) {
 }
 
 async fn ws(addr: &str, topic: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?topic={topic}"))
-        .await
-        .expect("ws connects");
+    let mut ws = crate::common::http::ws(addr, &format!("?topic={topic}")).await;
     let ack = next_json(&mut ws).await;
     assert_eq!(ack["op"], "subscribed", "{ack}");
     ws

@@ -66,7 +66,7 @@ async fn scores(srv: &TestServer, board: &str, body: Value, key: Option<&str>) -
 }
 
 fn code(r: &Reply) -> &str {
-    r.body["error"]["code"].as_str().unwrap_or("")
+    crate::common::http::code(&r.body)
 }
 
 fn message(r: &Reply) -> &str {

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{next_json, send_json, serve_binary, within, Proc, Ws};
+use crate::common::http::post;
+use crate::common::{next_json, offsets_until, send_json, serve_binary, within, Proc, Ws};
 use crier::http_client::HttpClient;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -198,17 +199,6 @@ async fn get(url: &str) -> (u16, Vec<u8>) {
     (status.as_u16(), body.to_vec())
 }
 
-async fn post(url: &str, body: &Value) -> (u16, Value) {
-    let (status, bytes) = HttpClient::new(None)
-        .post(url, body.to_string())
-        .await
-        .expect("http post");
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 /// A node's `crier_subscriptions` gauge, read from the node itself.
 async fn subscriptions(node: &str) -> i64 {
     let (status, body) = get(&format!("http://{node}/metrics")).await;
@@ -253,23 +243,8 @@ async fn ws_through(nginx: &Nginx, nodes: &[String], topic: &str) -> (Ws, usize)
     }
 }
 
-/// Reads publications until offset `last`; returns their offsets.
-async fn offsets_until(ws: &mut Ws, last: u64) -> Vec<u64> {
-    let mut got = Vec::new();
-    within("publications through nginx", async {
-        while got.last() != Some(&last) {
-            let v = next_json(ws).await;
-            if let Some(o) = v["offset"].as_u64().filter(|_| v["data"].is_object()) {
-                got.push(o);
-            }
-        }
-    })
-    .await;
-    got
-}
-
 async fn publish(nginx: &Nginx, i: u64) -> Value {
-    let (status, r) = post(&nginx.url("/api/publish/news"), &json!({ "i": i })).await;
+    let (status, r) = post(nginx.addr, "/api/publish/news", &json!({ "i": i })).await;
     assert_eq!(status, 200, "publish {i} through nginx: {r}");
     assert_eq!(r["offset"], i, "{r}");
     r
@@ -353,7 +328,8 @@ async fn three_nodes_behind_the_shipped_nginx_config() {
 
     // Leaderboards through nginx: a score, the list, the live page.
     let (status, r) = post(
-        &nginx.url("/api/boards/arena/scores"),
+        nginx.addr,
+        "/api/boards/arena/scores",
         &json!({"player":"p1","score":10}),
     )
     .await;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::disk::{fill_disk, Tmpfs};
+use crate::common::http::{post_acked, publish_keyed, ws};
 use crate::common::{next_json, send_json, serve_binary, wait_until, Ws};
 use crier::http_client::HttpClient;
 use parking_lot::Mutex;
@@ -54,24 +55,8 @@ fn serve(data: &std::path::Path, settings: &std::path::Path) -> (crate::common::
 /// POSTs a publication; Some(answer) on 200, None if the server died mid-request. Any
 /// other status fails the test.
 async fn publish(http: &HttpClient, addr: &str, topic: &str, body: &Value) -> Option<Value> {
-    match http
-        .post(
-            &format!("http://{addr}/api/publish/{topic}"),
-            body.to_string(),
-        )
-        .await
-    {
-        Ok((s, b)) if s == 200 => Some(serde_json::from_slice(&b).unwrap()),
-        Ok((s, b)) => panic!("publish {topic}: {s}: {}", String::from_utf8_lossy(&b)),
-        Err(_) => None,
-    }
-}
-
-async fn ws(addr: &str) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
-    ws
+    let url = format!("http://{addr}/api/publish/{topic}");
+    post_acked(http, &url, body.to_string()).await
 }
 
 /// Subscribes with a resume position and returns the `subscribed` reply.
@@ -156,7 +141,7 @@ async fn sigkill_while_publishing_loses_nothing_acknowledged() {
     );
 
     let (_proc, addr) = serve(&data, &settings);
-    let mut sub = ws(&addr).await;
+    let mut sub = ws(&addr, "").await;
     let reply = resume(&mut sub, "d:stream", 0, &epoch).await;
     assert_eq!(reply["recovered"], true, "{reply}");
     assert_eq!(reply["epoch"], epoch.as_str(), "{reply}");
@@ -290,25 +275,6 @@ async fn full_disk_gets_503_and_leaves_no_gap() {
     drop(disk);
 }
 
-/// POSTs JSON with an `Idempotency-Key`; returns status and body.
-async fn publish_keyed(url: &str, body: &str, key: &str) -> (u16, Value) {
-    use http_body_util::{BodyExt, Full};
-    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = crate::common::within("publish", client.request(req))
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
-}
-
 /// Concurrent retries of a durable publication yield one publication, and its key is
 /// still remembered after a restart: a late retry gets the first receipt back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,12 +294,12 @@ async fn durable_idempotency_keys_hold_across_concurrent_retries_and_a_restart()
     let retries: Vec<_> = (0..8)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { publish_keyed(&url, r#"{"order":1}"#, "order-1").await })
+            tokio::spawn(async move { publish_keyed(&url, r#"{"order":1}"#, b"order-1").await })
         })
         .collect();
     let mut answers = Vec::new();
     for r in retries {
-        let (status, answer) = r.await.unwrap();
+        let (status, _, answer) = r.await.unwrap();
         assert_eq!(status, 200, "{answer}");
         answers.push(answer);
     }
@@ -343,19 +309,19 @@ async fn durable_idempotency_keys_hold_across_concurrent_retries_and_a_restart()
     );
     assert!(answers.iter().all(|a| a["offset"] == 1), "{answers:?}");
     let epoch = answers[0]["epoch"].clone();
-    let (status, second) = publish_keyed(&url, r#"{"order":2}"#, "order-2").await;
+    let (status, _, second) = publish_keyed(&url, r#"{"order":2}"#, b"order-2").await;
     assert_eq!((status, &second["offset"]), (200, &json!(2)));
     srv.shutdown().await;
 
     let srv = crate::common::TestServer::start(durable).await;
     let url = srv.url("/api/publish/d:orders");
-    let (status, late) = publish_keyed(&url, r#"{"order":1}"#, "order-1").await;
+    let (status, _, late) = publish_keyed(&url, r#"{"order":1}"#, b"order-1").await;
     assert_eq!(status, 200, "{late}");
     assert_eq!(
         (&late["offset"], &late["epoch"], &late["duplicate"]),
         (&json!(1), &epoch, &json!(true))
     );
-    let (_, third) = publish_keyed(&url, r#"{"order":3}"#, "order-3").await;
+    let (_, _, third) = publish_keyed(&url, r#"{"order":3}"#, b"order-3").await;
     assert_eq!((&third["offset"], &third["epoch"]), (&json!(3), &epoch));
     let (_, page) = srv.get("/api/topics/d:orders/history").await;
     let orders: Vec<&Value> = page["publications"]

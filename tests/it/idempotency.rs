@@ -4,37 +4,9 @@
 
 use std::time::Duration;
 
+use crate::common::http::publish_keyed;
 use crate::common::*;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
-
-/// POSTs JSON with an `Idempotency-Key`; returns status, the replay header and the body.
-async fn publish_keyed(srv_url: &str, body: &str, key: &[u8]) -> (u16, Option<String>, Value) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = hyper::Request::post(srv_url)
-        .header("content-type", "application/json")
-        .header(
-            "idempotency-key",
-            hyper::header::HeaderValue::from_bytes(key).unwrap(),
-        )
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = within("publish", client.request(req)).await.unwrap();
-    let status = resp.status().as_u16();
-    let replayed = resp
-        .headers()
-        .get("idempotent-replayed")
-        .map(|v| v.to_str().unwrap().to_string());
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        replayed,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_gets_the_first_receipt_and_publishes_nothing() {

@@ -8,38 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::redis::RedisServer;
-use crate::common::{next_json, serve_binary, within, Proc, Ws, WAIT};
-use crier::http_client::HttpClient;
+use crate::common::http::{get, post, ws};
+use crate::common::redis::{node, RedisServer};
+use crate::common::{next_json, serve_binary, within, Ws, WAIT};
 use serde_json::{json, Value};
-
-fn node(redis: &RedisServer) -> (Proc, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let (proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &["--redis", &redis.url()]);
-    (proc, addr, dir)
-}
-
-async fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
-    let (status, bytes) = HttpClient::new(None)
-        .post(&format!("http://{addr}{path}"), body.to_string())
-        .await
-        .expect("http post");
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-async fn get(addr: &str, path: &str) -> (u16, Value) {
-    let (status, bytes) = HttpClient::new(None)
-        .get(&format!("http://{addr}{path}"))
-        .await
-        .expect("http get");
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
 
 /// The whole ranking as a node shows it: (rank, player, score).
 async fn ranking(addr: &str, board: &str) -> Vec<(u64, String, f64)> {
@@ -281,13 +253,6 @@ async fn one_leaderboard_across_nodes_survives_a_restart_of_everything() {
     );
     let (_, inc) = get(&b2, "/api/boards/inc").await;
     assert_eq!(inc["mode"], "increment");
-}
-
-async fn ws(addr: &str, query: &str) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws{query}"))
-        .await
-        .expect("ws connects");
-    ws
 }
 
 /// Reads the board's updates until one satisfies `want`.

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::http::get;
 use crate::common::redis::RedisServer;
 use crate::common::{eventsource, spawn_logged, within, Proc};
 use crier::http_client::HttpClient;
@@ -109,17 +110,6 @@ async fn publish(http: &HttpClient, addr: SocketAddr, topic: &str, body: &str) -
     (
         v["offset"].as_u64().unwrap(),
         v["epoch"].as_str().unwrap().to_string(),
-    )
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let (status, bytes) = HttpClient::new(None)
-        .get(&format!("http://{addr}{path}"))
-        .await
-        .expect("http get");
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
 

@@ -3,51 +3,11 @@
 
 use std::time::Duration;
 
-use crate::common::redis::RedisServer;
-use crate::common::{next_json, send_json, serve_binary, within, Proc, Ws};
+use crate::common::http::{publish, ws};
+use crate::common::redis::{node, RedisServer};
+use crate::common::{next_json, offsets_until, send_json, within};
 use crier::http_client::HttpClient;
 use serde_json::{json, Value};
-
-fn node(redis: &RedisServer) -> (Proc, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let (proc, addr) = serve_binary(dir.path(), "127.0.0.1:0", &["--redis", &redis.url()]);
-    (proc, addr, dir)
-}
-
-async fn publish(addr: &str, topic: &str, body: &Value) -> Value {
-    let (status, bytes) = HttpClient::new(None)
-        .post(
-            &format!("http://{addr}/api/publish/{topic}"),
-            body.to_string(),
-        )
-        .await
-        .expect("http post");
-    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    assert_eq!(status.as_u16(), 200, "{v}");
-    v
-}
-
-async fn ws(addr: &str, query: &str) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws{query}"))
-        .await
-        .expect("ws connects");
-    ws
-}
-
-/// Reads publications of `topic` until `last`, returning their offsets.
-async fn offsets_until(ws: &mut Ws, last: u64) -> Vec<u64> {
-    let mut got = Vec::new();
-    within("publications up to the last", async {
-        while got.last() != Some(&last) {
-            let v = next_json(ws).await;
-            if let Some(o) = v["offset"].as_u64().filter(|_| v["data"].is_object()) {
-                got.push(o);
-            }
-        }
-    })
-    .await;
-    got
-}
 
 #[tokio::test]
 async fn two_nodes_act_as_one_server() {

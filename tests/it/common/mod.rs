@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod disk;
 pub mod eventsource;
+pub mod http;
 pub mod redis;
 pub mod tools;
 
@@ -16,7 +17,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crier::config::Config;
-use crier::http_client::HttpClient;
 use crier::server::Server;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -86,32 +86,15 @@ impl TestServer {
     }
 
     pub async fn post_with_key(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
-        let (status, bytes) = HttpClient::new(key.map(String::from))
-            .post(&self.url(path), body.to_string())
-            .await
-            .expect("http post");
-        (
-            status.as_u16(),
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        http::post_url(&self.url(path), body.to_string(), key).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let (status, bytes) = HttpClient::new(None)
-            .get(&self.url(path))
-            .await
-            .expect("http get");
-        (
-            status.as_u16(),
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        http::get(self.addr, path).await
     }
 
     pub async fn ws(&self, query: &str) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws{}", self.addr, query))
-            .await
-            .expect("ws connects");
-        ws
+        http::ws(self.addr, query).await
     }
 
     /// Waits until the server holds no connection and no subscription, and every
@@ -171,17 +154,25 @@ pub async fn send_json(ws: &mut Ws, v: &str) {
     ws.send(Message::Text(v.into())).await.expect("ws send");
 }
 
-/// Reads until the server's close frame; returns its code.
+/// Reads until the server's close frame; returns its code. The close is answered, as a
+/// client does (tungstenite sends the answer on the next read), and the socket read to its
+/// end: the server then ends the connection at once instead of waiting out its close
+/// grace (2 s), so what a test checks next (a disconnect counted) is not held up.
 pub async fn expect_close(ws: &mut Ws) -> u16 {
-    loop {
+    let code = loop {
         match within("close frame", ws.next()).await {
-            Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
-            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(Message::Close(Some(f)))) => break f.code.into(),
+            Some(Ok(Message::Close(None))) => break 1005,
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("connection failed before a close frame: {e}"),
             None => panic!("stream ended without a close frame"),
         }
-    }
+    };
+    within("the end of the connection", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    code
 }
 
 /// A minimal SSE reader on a raw socket: returns events' data lines as JSON.
@@ -303,6 +294,32 @@ pub async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
     let mut all = Vec::new();
     let _ = within("socket closed by server", stream.read_to_end(&mut all)).await;
     all
+}
+
+/// Reads publications (frames with an object `data`) until offset `last`; returns their
+/// offsets, in the order they came.
+pub async fn offsets_until(ws: &mut Ws, last: u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    within("publications up to the last", async {
+        while got.last() != Some(&last) {
+            let v = next_json(ws).await;
+            if let Some(o) = v["offset"].as_u64().filter(|_| v["data"].is_object()) {
+                got.push(o);
+            }
+        }
+    })
+    .await;
+    got
+}
+
+/// The resident memory of process `pid`, in KiB (Linux: `/proc/PID/status`).
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
 }
 
 /// The real `crier` binary, killed when dropped.

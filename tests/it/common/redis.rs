@@ -20,6 +20,14 @@ pub fn available() -> bool {
     super::tools::require("redis-server", "apt-get install -y redis-server").is_some()
 }
 
+/// A node started as the real binary, `crier serve --redis URL`, on a free port: the
+/// process (killed when dropped), its address and its data directory.
+pub fn node(redis: &RedisServer) -> (super::Proc, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, addr) = super::serve_binary(dir.path(), "127.0.0.1:0", &["--redis", &redis.url()]);
+    (proc, addr, dir)
+}
+
 impl RedisServer {
     /// Starts `redis-server` (scripts/test installs it when missing). A port taken between
     /// finding it free and redis binding it makes redis exit: then another port is tried.
