@@ -13,7 +13,8 @@ use crate::server::Server;
 #[command(
     name = "crier",
     version,
-    about = "Real-time broadcast server: WebSocket and SSE fan-out with live leaderboards"
+    about = "Real-time broadcast server: WebSocket and SSE fan-out with live leaderboards",
+    after_help = crate::logging::HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -23,8 +24,10 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server.
+    #[command(after_help = crate::logging::HELP)]
     Serve(ServeArgs),
     /// Run the server with a simulated game posting scores, to watch a live board.
+    #[command(after_help = crate::logging::HELP)]
     Demo(ServeArgs),
     /// Publish one JSON message to a topic on a running server.
     Publish(PublishArgs),
@@ -50,12 +53,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(Config::resolve(&args)?, false).await,
         Command::Demo(args) => serve(Config::resolve(&args)?, true).await,
-        Command::Publish(args) => publish(args).await,
-        Command::Token(args) => crate::auth::mint::run(&args),
+        other => {
+            crate::logging::init(crate::logging::LogFormat::Text);
+            match other {
+                Command::Publish(args) => publish(args).await,
+                Command::Token(args) => crate::auth::mint::run(&args),
+                Command::Serve(_) | Command::Demo(_) => unreachable!("matched above"),
+            }
+        }
     }
 }
 
 async fn serve(cfg: Config, demo: bool) -> anyhow::Result<()> {
+    crate::logging::init(cfg.log_format);
     if let Some(note) = crate::origin::startup_warning(&cfg) {
         tracing::warn!("{note}");
     }

@@ -490,6 +490,9 @@ settings! {
     /// with a private CA (ignored for other URLs); unset, the public web roots are trusted.
     redis_ca: String = String::new(), example "/etc/crier/redis-ca.pem",
         shown "none, the public web roots";
+    /// Shape of each log line on stdout: `text` for people, `json` for log pipelines (one
+    /// object per line). Which lines is the CRIER_LOG variable (`info` unless set).
+    log_format: crate::logging::LogFormat = crate::logging::LogFormat::Text, example "json";
 }
 
 /// Settings whose values are credentials: never shown by `--help`.

@@ -200,6 +200,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
             _ = state.shutdown.cancelled() => break,
             _ = sweep.tick() => {
                 state.limits.sweep();
+                crate::refusal_log::flush();
                 continue;
             }
             r = listener.accept() => match r {
@@ -225,6 +226,11 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
         let slot = match state.limits.admit(peer.ip()) {
             Ok(slot) => Arc::new(slot),
             Err(why) => {
+                crate::refusal_log::note(
+                    why.label(),
+                    Some(peer.ip()),
+                    "connection refused at accept",
+                );
                 refuse(tcp, why);
                 continue;
             }

@@ -30,6 +30,7 @@ mod hostile_topics;
 mod hostile_ws;
 mod idempotency;
 mod leaderboard;
+mod logs;
 mod openapi;
 mod reconnect_storm;
 mod redis_boards;
