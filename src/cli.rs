@@ -33,6 +33,22 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print a signed subscriber token (JWT) for private topics, for development.
     Token(crate::auth::mint::TokenArgs),
+    /// Check a settings file, or print an example of one.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a settings file without starting a server: every error at once, each with its
+    /// line; exits non-zero when there is any.
+    Check {
+        /// The settings file.
+        #[arg(env = "CRIER_CONFIG")]
+        file: std::path::PathBuf,
+    },
+    /// Print a commented settings file with every setting at its default.
+    Example,
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match other {
                 Command::Publish(args) => publish(args).await,
                 Command::Token(args) => crate::auth::mint::run(&args),
+                Command::Config(c) => config_command(c),
                 Command::Serve(_) | Command::Demo(_) => unreachable!("matched above"),
             }
         }
@@ -77,6 +94,29 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+fn config_command(c: ConfigCommand) -> anyhow::Result<()> {
+    match c {
+        ConfigCommand::Example => {
+            print!("{}", crate::config_example::example());
+            Ok(())
+        }
+        ConfigCommand::Check { file } => {
+            let problems = crate::config_check::check(&file)?;
+            if problems.is_empty() {
+                println!("{}: ok", file.display());
+                return Ok(());
+            }
+            eprint!("{}", crate::config_check::report(&file, &problems));
+            anyhow::bail!(
+                "{} problem{} in {}",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" },
+                file.display()
+            )
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -12,6 +12,8 @@ pub mod cli;
 pub mod client;
 pub mod close;
 pub mod config;
+pub mod config_check;
+pub mod config_example;
 pub mod conn_limits;
 pub mod error_code;
 pub mod fd_limit;

@@ -16,6 +16,7 @@ mod board_policy;
 mod broadcast;
 mod broker_contract;
 mod common;
+mod config_cmd;
 mod deploy_nginx;
 mod docs_tables;
 mod fuzz_regressions;
