@@ -5,7 +5,7 @@
 # docs/operations.md: install, TLS, logs, backup and upgrade.
 
 # --- build: the release binary, with the crates cached apart from the sources ---------
-FROM rust:1.85-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
