@@ -493,6 +493,12 @@ settings! {
     /// Shape of each log line on stdout: `text` for people, `json` for log pipelines (one
     /// object per line). Which lines is the CRIER_LOG variable (`info` unless set).
     log_format: crate::logging::LogFormat = crate::logging::LogFormat::Text, example "json";
+    /// PEM certificate chain for TLS on the listener (HTTPS, wss://), leaf first; with
+    /// tls_key. Reloaded on SIGHUP and when the file changes; an invalid or expired one
+    /// stops the start.
+    tls_cert: String = String::new(), example "/etc/crier/cert.pem", shown "none, plain HTTP";
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of tls_cert.
+    tls_key: String = String::new(), example "/etc/crier/key.pem", shown "none";
 }
 
 /// Settings whose values are credentials: never shown by `--help`.

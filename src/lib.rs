@@ -34,6 +34,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod subscribe;
+pub mod tls;
 pub mod topic;
 pub mod web;
 pub mod writer;

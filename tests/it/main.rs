@@ -43,3 +43,4 @@ mod resume_sse;
 mod resume_ws;
 mod robustness;
 mod store_crash;
+mod tls;
