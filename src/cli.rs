@@ -63,6 +63,10 @@ pub struct PublishArgs {
     /// Publisher key, if the server requires one.
     #[arg(long, env = "CRIER_KEY")]
     pub key: Option<String>,
+    /// PEM file of the CA that signed the server's certificate, for an https:// URL with a
+    /// private CA; the public web roots are trusted either way.
+    #[arg(long, env = "CRIER_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -142,9 +146,11 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         args.url.trim_end_matches('/'),
         args.topic
     );
-    let (status, body) = HttpClient::new(args.key)
-        .post(&url, Bytes::from(args.json))
-        .await?;
+    let mut client = HttpClient::new(args.key);
+    if let Some(ca) = &args.ca_file {
+        client = client.with_ca_file(ca)?;
+    }
+    let (status, body) = client.post(&url, Bytes::from(args.json)).await?;
     let text = String::from_utf8_lossy(&body);
     if status.is_success() {
         println!("{text}");

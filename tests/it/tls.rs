@@ -176,6 +176,30 @@ async fn websocket_sse_and_publish_over_tls_and_a_cert_swap_drops_nothing() {
     })
     .await;
     assert_eq!(got["data"]["n"], 1);
+    // `crier publish` speaks https:// with a private CA.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["publish", "news", r#"{"n":"cli"}"#, "--url"])
+        .arg(format!("https://localhost:{}", addr.port()))
+        .arg("--ca-file")
+        .arg(&ca_one)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(next_text(&mut ws).await["data"]["n"], "cli");
+    // Without the CA it is refused, saying why.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["publish", "news", "{}", "--url"])
+        .arg(format!("https://localhost:{}", addr.port()))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"));
     // Plain HTTP on the TLS port gets no answer it could mistake for one.
     let plain = crier::http_client::HttpClient::new(None)
         .get(&format!("http://{addr}/healthz"))
