@@ -7,6 +7,7 @@ mod auth_http;
 mod auth_keys;
 mod auth_sse;
 mod auth_ws;
+mod backup_restore;
 mod bench_redis;
 mod bench_tool;
 mod binary;
