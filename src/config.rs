@@ -493,6 +493,15 @@ settings! {
     /// with a private CA (ignored for other URLs); unset, the public web roots are trusted.
     redis_ca: String = String::new(), example "/etc/crier/redis-ca.pem",
         shown "none, the public web roots";
+    /// Shape of each log line on stdout: `text` for people, `json` for log pipelines (one
+    /// object per line). Which lines is the CRIER_LOG variable (`info` unless set).
+    log_format: LogFormat = LogFormat::Text, example "json";
+    /// PEM certificate chain for TLS on the listener (HTTPS, wss://), leaf first; with
+    /// tls_key. Reloaded on SIGHUP and when the file changes; an invalid or expired one
+    /// stops the start.
+    tls_cert: String = String::new(), example "/etc/crier/cert.pem", shown "none, plain HTTP";
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of tls_cert.
+    tls_key: String = String::new(), example "/etc/crier/key.pem", shown "none";
 }
 
 /// Settings whose values are credentials: never shown by `--help`.
@@ -789,6 +798,52 @@ impl Config {
             "history_size must be at most 1000000"
         );
         Ok(())
+    }
+}
+
+/// The shape of each log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable, coloured on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields.message` and
+    /// the event's other fields.
+    Json,
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+impl SettingValue for LogFormat {
+    const INVALID: Option<&'static str> = Some("xml");
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format (text or json)")),
+        }
+    }
+    fn from_toml(v: toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::String(s) => Self::parse(&s),
+            other => Err(format!(
+                "a log format is the string \"text\" or \"json\", not {}",
+                other.type_str()
+            )),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(self.to_string())
     }
 }
 

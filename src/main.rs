@@ -13,23 +13,19 @@ const BENCH_ABOUT: &str =
     "Load-test a running server (loopback only): subscribers, publications, latency";
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRIER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stdout)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
     let command = crier::cli::Cli::command().subcommand(crier_bench::BenchArgs::augment_args(
         clap::Command::new("bench").about(BENCH_ABOUT),
     ));
     let matches = command.get_matches();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = match matches.subcommand() {
-        Some(("bench", m)) => crier_bench::BenchArgs::from_arg_matches(m)
-            .map_err(anyhow::Error::from)
-            .map(|args| runtime.block_on(crier_bench::run(args))),
+        Some(("bench", m)) => {
+            crier::logging::init(crier::logging::LogFormat::Text);
+            crier_bench::BenchArgs::from_arg_matches(m)
+                .map_err(anyhow::Error::from)
+                .map(|args| runtime.block_on(crier_bench::run(args)))
+        }
+        // The server's commands install logging once their settings say in which format.
         _ => crier::cli::Cli::from_arg_matches(&matches)
             .map_err(anyhow::Error::from)
             .map(|cli| runtime.block_on(crier::cli::run(cli))),

@@ -345,6 +345,7 @@ impl Metrics {
         if reason == DisconnectReason::SlowConsumer {
             self.slow_consumer_disconnects.inc();
         }
+        crate::refusal_log::disconnect(reason);
     }
 
     pub fn record_write(

@@ -107,6 +107,8 @@ impl Server {
         check_config(&cfg)?;
         let auth = crate::auth::Auth::from_config(&cfg)?;
         let board_policies = BoardPolicies::from_config(&cfg)?;
+        // So is a bad certificate.
+        let tls = crate::tls::Tls::from_config(&cfg)?;
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
@@ -150,8 +152,12 @@ impl Server {
                 .with_auth(auth)
                 .with_board_policies(board_policies),
         );
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
-        tracing::info!("listening on http://{addr}");
+        if let Some(tls) = &tls {
+            tls.spawn_watcher(state.shutdown.clone());
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), tls));
+        tracing::info!("listening on {scheme}://{addr}");
         Ok(Server {
             addr,
             state,
@@ -209,7 +215,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    tls: Option<Arc<crate::tls::Tls>>,
+) {
     let router = app::router(state.clone());
     let body_timeout = state.cfg.body_read_timeout;
     let router = tower::ServiceExt::map_request(router, move |req: hyper::Request<Incoming>| {
@@ -223,6 +233,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
             _ = state.shutdown.cancelled() => break,
             _ = sweep.tick() => {
                 state.limits.sweep();
+                crate::refusal_log::flush();
                 continue;
             }
             r = listener.accept() => match r {
@@ -248,36 +259,79 @@ async fn accept_loop(listener: TcpListener, state: Arc<AppState>) {
         let slot = match state.limits.admit(peer.ip()) {
             Ok(slot) => Arc::new(slot),
             Err(why) => {
+                crate::refusal_log::note(
+                    why.label(),
+                    Some(peer.ip()),
+                    "connection refused at accept",
+                );
                 refuse(tcp, why);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
-        let io = TokioIo::new(DeadlineStream::new(tcp, state.cfg.write_timeout));
+        let io = DeadlineStream::new(tcp, state.cfg.write_timeout);
         let service = TowerToHyperService::new(router.clone());
         let shutdown = state.shutdown.clone();
         let header_timeout = state.cfg.header_read_timeout;
+        let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
         state.tracker.spawn(CONN_SLOT.scope(slot, async move {
-            // header_read_timeout also runs while a kept-alive connection waits for its
-            // next request, so it bounds idle connections too.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(io, service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!("http connection ended: {e}");
+            match acceptor {
+                None => serve_http(TokioIo::new(io), service, shutdown, header_timeout).await,
+                Some(acceptor) => {
+                    // The handshake gets the time a request's headers get.
+                    let tls = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = tokio::time::timeout(header_timeout, acceptor.accept(io)) => r,
+                    };
+                    match tls {
+                        Ok(Ok(tls)) => {
+                            serve_http(TokioIo::new(tls), service, shutdown, header_timeout).await
+                        }
+                        Ok(Err(e)) => crate::refusal_log::note(
+                            "tls_handshake",
+                            Some(peer.ip()),
+                            &format!("TLS handshake failed: {e}"),
+                        ),
+                        Err(_) => crate::refusal_log::note(
+                            "tls_handshake",
+                            Some(peer.ip()),
+                            "TLS handshake not done within header_read_timeout",
+                        ),
                     }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
                 }
             }
         }));
+    }
+}
+
+/// One HTTP/1.1 connection, plain or TLS, until it ends or the node shuts down.
+async fn serve_http<I, S>(io: I, service: S, shutdown: CancellationToken, header_timeout: Duration)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // header_read_timeout also runs while a kept-alive connection waits for its next
+    // request, so it bounds idle connections too.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("http connection ended: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 

@@ -123,6 +123,7 @@ impl From<BrokerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        crate::refusal_log::http(self.code, &self.message);
         let body =
             serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
         let mut resp = (self.status, Json(body)).into_response();

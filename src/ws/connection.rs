@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes};
 use serde_json::value::RawValue;
-use tokio::net::TcpStream;
 
 use super::frame::{self, Decoded, Decoder, FrameError, Message, Role};
 use super::handshake::Mode;
@@ -39,6 +38,7 @@ use crate::rate::{Rate, TokenBucket};
 use crate::state::{AppState, Registration};
 use crate::subscribe;
 use crate::writer::Batch;
+use crate::ws::stream::WsStream;
 
 /// Most bytes and frames taken from the queue for one batch of writes. A batch must be
 /// written whole within `write_timeout`, so this also sets the slowest reader tolerated:
@@ -67,7 +67,7 @@ fn command_rate(state: &AppState) -> Rate {
 }
 
 pub async fn run(
-    stream: TcpStream,
+    stream: WsStream,
     leftover: Bytes,
     reg: Registration,
     state: Arc<AppState>,
@@ -115,7 +115,7 @@ pub async fn run(
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: WsStream,
     decoder: Decoder,
     /// Whole frames being written; the first may be partly written already.
     out: VecDeque<Bytes>,
@@ -303,9 +303,16 @@ impl Connection {
                         self.begin_close(reason);
                     }
                 }
-                r = self.stream.writable(), if !self.out.is_empty() => {
+                r = self.stream.writable(), if !self.out.is_empty() || self.stream.pending_write() => {
                     if r.is_err() {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
+                    }
+                    // TLS records of frames already taken from `out` (none for plain TCP).
+                    match self.stream.flush_pending() {
+                        Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                            return self.closing.unwrap_or(DisconnectReason::Normal);
+                        }
+                        _ => {}
                     }
                 }
                 r = self.stream.readable(), if want_read => {

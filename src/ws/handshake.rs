@@ -20,6 +20,8 @@ use crate::net::DeadlineStream;
 use crate::protocol;
 use crate::state::{AppState, Registration};
 use crate::topic::topics_from_query;
+use crate::ws::stream::WsStream;
+use tokio_rustls::server::TlsStream;
 
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
@@ -101,13 +103,23 @@ async fn prepare(
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<DeadlineStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner().into_inner();
-                connection::run(stream, parts.read_buf, reg, task_state, mode, grant).await;
-            }
-            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
-        }
+        let (stream, read_buf) = match upgraded.downcast::<TokioIo<DeadlineStream>>() {
+            Ok(parts) => (
+                WsStream::Plain(parts.io.into_inner().into_inner()),
+                parts.read_buf,
+            ),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<DeadlineStream>>>() {
+                Ok(parts) => {
+                    let (tcp, tls) = parts.io.into_inner().into_inner();
+                    (WsStream::tls(tcp.into_inner(), tls), parts.read_buf)
+                }
+                Err(_) => {
+                    tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+                    return;
+                }
+            },
+        };
+        connection::run(stream, read_buf, reg, task_state, mode, grant).await;
     });
     let accept = accept_key(key.as_bytes());
     let mut resp = Response::new(axum::body::Body::empty());

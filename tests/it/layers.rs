@@ -42,10 +42,17 @@ const LAYERS: &[(&str, &[&str])] = &[
             "framing",
         ],
     ),
+    ("the refusal log", &["refusal_log"]),
     ("settings and counters", &["metrics", "config"]),
     (
-        "admission and the encoded message",
-        &["conn_limits", "publication"],
+        "what the settings set up: admission, logs, TLS, the example file; the encoded message",
+        &[
+            "conn_limits",
+            "publication",
+            "logging",
+            "tls",
+            "config_example",
+        ],
     ),
     ("a client's queue", &["client"]),
     ("the node's delivery", &["hub"]),
@@ -58,6 +65,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the transports", &["ws", "sse"]),
     ("the router", &["app"]),
     ("the server", &["server"]),
+    (
+        "checking a settings file as the server would",
+        &["config_check"],
+    ),
     ("the command line", &["cli"]),
 ];
 

@@ -356,8 +356,15 @@ pub fn spawn_logged(mut cmd: Command) -> (Proc, String, std::sync::mpsc::Receive
     let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let _ = addr_tx.send(line[i + "listening on http://".len()..].trim().to_string());
+            if let Some(i) = line.find("listening on http") {
+                // Text or JSON lines, http:// or https://: the address ends where its
+                // characters do.
+                let rest = line[i..].split("://").nth(1).unwrap_or_default();
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c))
+                    .collect();
+                let _ = addr_tx.send(addr);
             }
             // Go on draining when nobody listens: a full pipe would block the server.
             let _ = log_tx.send(line);

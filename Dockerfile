@@ -1,0 +1,38 @@
+# crier in a container: `docker build -t crier .` then
+#   docker run -p 7700:7700 -v crier-data:/data crier
+# Settings come as CRIER_* variables (docker run -e CRIER_PUBLISHER_KEYS=...) or a file
+# mounted at /etc/crier/crier.toml with CRIER_CONFIG=/etc/crier/crier.toml.
+# docs/operations.md: install, TLS, logs, backup and upgrade.
+
+# --- build: the release binary, with the crates cached apart from the sources ---------
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin crier \
+ && cp target/release/crier /usr/local/bin/crier
+
+# --- run: Debian slim, the binary, a user without privileges --------------------------
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin crier \
+ && mkdir -p /data /etc/crier && chown crier:crier /data
+COPY --from=build /usr/local/bin/crier /usr/local/bin/crier
+USER crier
+WORKDIR /data
+# The data directory (leaderboards, durable history): a volume, so it outlives the
+# container. Back it up as docs/operations.md says.
+VOLUME ["/data"]
+ENV CRIER_LISTEN=0.0.0.0:7700 \
+    CRIER_DATA_DIR=/data \
+    CRIER_LOG_FORMAT=json
+EXPOSE 7700
+# /healthz answers 200 while the process serves; bash's /dev/tcp needs no extra package.
+# (With --tls-cert, probe from outside or use the orchestrator's HTTPS check instead.)
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/7700 && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -c 12 <&3 | grep -q ' 200'"]
+# SIGTERM is the graceful drain: stop accepting, let clients drain for drain_timeout
+# (default 5 s), close them with 1001. Keep `docker stop -t` (default 10 s) above it.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/crier"]
+CMD ["serve"]
