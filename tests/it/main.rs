@@ -32,6 +32,7 @@ mod idempotency;
 mod layers;
 mod leaderboard;
 mod openapi;
+mod presence;
 mod reconnect_storm;
 mod redis_boards;
 mod redis_broker;
