@@ -32,6 +32,9 @@ use crate::hub::{Notice, Wakeups};
 use crate::topic::TopicName;
 
 const SHARDS: usize = 16;
+/// The most bytes of members one page holds (at least one member is always given), so a
+/// read of a topic whose members carry large `info`s still fits a client's queue.
+pub const MAX_PAGE_BYTES: usize = 256 * 1024;
 
 /// Who a connection is, as presence shows it: taken from its token when it subscribes
 /// (none: anonymous).
@@ -66,6 +69,11 @@ impl Member {
             r#"{{"client":{},"user":{user},"info":{info}}}"#,
             self.client
         );
+    }
+
+    /// About the length of `write_json`'s output (user escapes aside).
+    fn json_len(&self) -> usize {
+        40 + self.user.as_ref().map_or(0, |u| u.len()) + self.info.as_ref().map_or(0, |i| i.len())
     }
 
     pub fn to_json(&self) -> String {
@@ -188,26 +196,27 @@ impl Presence {
         wake.wake();
     }
 
-    /// Up to `limit` members with a client id after `after`, in client-id order.
+    /// Up to `limit` members with a client id after `after`, in client-id order, within
+    /// `MAX_PAGE_BYTES` of JSON.
     pub fn members(&self, topic: &str, after: Option<u64>, limit: usize) -> PresencePage {
         let shard = self.shard(topic).lock();
         let Some(t) = shard.get(topic) else {
             return PresencePage::default();
         };
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut members: Vec<Member> = t
-            .members
-            .range((from, Bound::Unbounded))
-            .take(limit.saturating_add(1))
-            .map(|(_, m)| m.clone())
-            .collect();
+        let mut members = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for m in t.members.range((from, Bound::Unbounded)).map(|(_, m)| m) {
+            bytes += m.json_len();
+            if members.len() == limit || (!members.is_empty() && bytes > MAX_PAGE_BYTES) {
+                more = true;
+                break;
+            }
+            members.push(m.clone());
+        }
         drop(shard);
-        let next = if members.len() > limit {
-            members.truncate(limit);
-            members.last().map(|m| m.client)
-        } else {
-            None
-        };
+        let next = more.then(|| members.last().map(|m| m.client)).flatten();
         PresencePage { members, next }
     }
 
@@ -343,6 +352,26 @@ mod tests {
             [3, 4, 5]
         );
         assert_eq!(rest.next, None);
+        let all = p.members("p:a", None, 5);
+        assert_eq!((all.members.len(), all.next), (5, None));
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget() {
+        let (p, _) = presence();
+        let big = Identity {
+            user: None,
+            info: Some(format!("\"{}\"", "x".repeat(1000)).into()),
+        };
+        for c in 1..=400 {
+            p.join("p:big", c, &big);
+        }
+        let page = p.members("p:big", None, 1000);
+        let n = page.members.len();
+        assert!((200..=260).contains(&n), "{n} members of ~1 KiB in 256 KiB");
+        assert_eq!(page.next, Some(n as u64));
+        let rest = p.members("p:big", page.next, 1000);
+        assert_eq!(rest.members.len() + n, 400);
     }
 
     #[test]

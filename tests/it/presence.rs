@@ -470,3 +470,55 @@ async fn a_flapping_subscriber_is_bounded_by_the_command_rate() {
     server.assert_clean().await;
     server.shutdown().await;
 }
+
+/// Under `--redis` presence is per node for now (docs/scaling.md): each node keeps,
+/// counts and announces the members connected to it, through the Redis broker's seam.
+#[tokio::test]
+async fn under_redis_each_node_keeps_its_own_members() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::start(|c| {
+        setup(c);
+        c.redis = url.clone();
+    })
+    .await;
+    let b = TestServer::start(|c| {
+        setup(c);
+        c.redis = url.clone();
+    })
+    .await;
+    let mut on_a = a.ws("").await;
+    subscribe(&mut on_a, "lobby:r").await;
+    let (kind, _) = next_notice(&mut on_a, "lobby:r").await;
+    assert_eq!(kind, "join");
+    let alice = token("alice", &[], None);
+    let mut on_b = b.ws(&format!("?token={alice}")).await;
+    subscribe(&mut on_b, "lobby:r").await;
+    let (kind, m) = next_notice(&mut on_b, "lobby:r").await;
+    assert_eq!((kind, m["user"].as_str()), ("join", Some("alice")));
+    let mut second_on_a = a.ws("").await;
+    subscribe(&mut second_on_a, "lobby:r").await;
+    let (kind, _) = next_notice(&mut on_a, "lobby:r").await;
+    assert_eq!(kind, "join");
+    let (_, sa) = a.get("/api/topics/lobby:r/presence/stats").await;
+    let (_, sb) = b.get("/api/topics/lobby:r/presence/stats").await;
+    assert_eq!(sa, json!({"topic": "lobby:r", "clients": 2, "users": 0}));
+    assert_eq!(sb, json!({"topic": "lobby:r", "clients": 1, "users": 1}));
+    // Publications still cross nodes; notices stay on theirs.
+    a.publish("lobby:r", r#"{"n":1}"#).await;
+    let v = next_json(&mut on_b).await;
+    assert_eq!(
+        v["data"],
+        json!({"n": 1}),
+        "node b saw no notice from node a: {v}"
+    );
+    drop(second_on_a);
+    let (kind, _) = next_notice(&mut on_a, "lobby:r").await;
+    assert_eq!(kind, "leave");
+    drop((on_a, on_b));
+    a.assert_clean().await;
+    b.assert_clean().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
