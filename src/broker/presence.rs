@@ -56,7 +56,9 @@ pub struct Member {
 }
 
 impl Member {
-    /// `{"client":N,"user":"..."|null,"info":...|null}`.
+    /// `{"client":"N","user":"..."|null,"info":...|null}`. The client id is a string on
+    /// the wire: clients treat it as opaque, so a cluster-wide presence can make it
+    /// unique across nodes (a node prefix) without changing its type.
     pub fn write_json(&self, out: &mut String) {
         use std::fmt::Write;
         let user = match &self.user {
@@ -66,14 +68,14 @@ impl Member {
         let info = self.info.as_deref().unwrap_or("null");
         let _ = write!(
             out,
-            r#"{{"client":{},"user":{user},"info":{info}}}"#,
+            r#"{{"client":"{}","user":{user},"info":{info}}}"#,
             self.client
         );
     }
 
     /// About the length of `write_json`'s output (user escapes aside).
     fn json_len(&self) -> usize {
-        40 + self.user.as_ref().map_or(0, |u| u.len()) + self.info.as_ref().map_or(0, |i| i.len())
+        42 + self.user.as_ref().map_or(0, |u| u.len()) + self.info.as_ref().map_or(0, |i| i.len())
     }
 
     pub fn to_json(&self) -> String {
@@ -383,8 +385,8 @@ mod tests {
         assert_eq!(
             *rec.0.lock(),
             [
-                r#"{"topic":"j:a","join":{"client":7,"user":"al\"ice","info":{"n":1}}}"#,
-                r#"{"topic":"j:a","leave":{"client":7,"user":"al\"ice","info":{"n":1}}}"#,
+                r#"{"topic":"j:a","join":{"client":"7","user":"al\"ice","info":{"n":1}}}"#,
+                r#"{"topic":"j:a","leave":{"client":"7","user":"al\"ice","info":{"n":1}}}"#,
             ]
         );
     }

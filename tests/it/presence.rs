@@ -46,6 +46,15 @@ fn token(sub: &str, topics: &[&str], info: Option<Value>) -> String {
     hs256(&claims, SECRET)
 }
 
+/// A member's client id (a string on the wire) as a number, for ordering.
+fn client(m: &Value) -> u64 {
+    m["client"]
+        .as_str()
+        .expect("client is a string")
+        .parse()
+        .unwrap()
+}
+
 /// Subscribes and returns the `subscribed` reply.
 async fn subscribe(ws: &mut Ws, topic: &str) -> Value {
     let cmd = format!(r#"{{"op":"subscribe","topic":"{topic}","id":"s"}}"#);
@@ -90,7 +99,7 @@ async fn joins_and_leaves_are_seen_live_on_websocket_and_sse() {
     assert_eq!(kind, "join");
     assert_eq!(me["user"], Value::Null);
     assert_eq!(me["info"], Value::Null);
-    let my_id = me["client"].as_u64().unwrap();
+    let my_id = client(&me);
 
     // A token's sub and info claim become the member's user and info.
     let alice = token("alice", &[], Some(json!({"name": "Alice", "level": 3})));
@@ -100,7 +109,7 @@ async fn joins_and_leaves_are_seen_live_on_websocket_and_sse() {
     assert_eq!(kind, "join");
     assert_eq!(m["user"], "alice");
     assert_eq!(m["info"], json!({"name": "Alice", "level": 3}));
-    let alice_id = m["client"].as_u64().unwrap();
+    let alice_id = client(&m);
     assert_ne!(alice_id, my_id);
 
     // SSE: named events `join` and `leave`, without an id (they move no position).
@@ -112,20 +121,20 @@ async fn joins_and_leaves_are_seen_live_on_websocket_and_sse() {
     let own = within("sse own join", es.next()).await.unwrap();
     assert_eq!(own.event.as_deref(), Some("join"), "{own:?}");
     assert!(own.id.is_none(), "a notice carries no id: {own:?}");
-    let sse_id = own.json()["join"]["client"].as_u64().unwrap();
+    let sse_id = client(&own.json()["join"]);
     let (kind, m) = next_notice(&mut watcher, "lobby:a").await;
-    assert_eq!((kind, m["client"].as_u64()), ("join", Some(sse_id)));
+    assert_eq!((kind, client(&m)), ("join", sse_id));
 
     send_json(&mut other, r#"{"op":"unsubscribe","topic":"lobby:a"}"#).await;
     let (kind, m) = next_notice(&mut watcher, "lobby:a").await;
     assert_eq!(kind, "leave");
     assert_eq!(
         m,
-        json!({"client": alice_id, "user": "alice", "info": {"name": "Alice", "level": 3}})
+        json!({"client": alice_id.to_string(), "user": "alice", "info": {"name": "Alice", "level": 3}})
     );
     let left = within("sse leave", es.next()).await.unwrap();
     assert_eq!(left.event.as_deref(), Some("leave"));
-    assert_eq!(left.json()["leave"]["client"].as_u64(), Some(alice_id));
+    assert_eq!(client(&left.json()["leave"]), alice_id);
 
     // Notices are not publications: nothing in history, no offset.
     let (s, page) = server.get("/api/topics/lobby:a/history").await;
@@ -192,10 +201,7 @@ async fn members_and_stats_over_websocket_and_http() {
     assert!(members
         .iter()
         .any(|m| m["user"] == "alice" && m["info"] == "first tab"));
-    let ids: Vec<u64> = members
-        .iter()
-        .map(|m| m["client"].as_u64().unwrap())
-        .collect();
+    let ids: Vec<u64> = members.iter().map(client).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "client-id order");
 
     // Paged over HTTP, and over WS with limit + cursor.
@@ -216,7 +222,7 @@ async fn members_and_stats_over_websocket_and_http() {
         .unwrap()
         .iter()
         .chain(p2["members"].as_array().unwrap())
-        .map(|m| m["client"].as_u64().unwrap())
+        .map(client)
         .collect();
     assert_eq!(all, ids);
     let w1 = ask(&mut anon, r#"{"op":"presence","topic":"room:1","limit":2}"#).await;
@@ -279,7 +285,7 @@ async fn a_killed_connection_leaves_every_topic() {
     subscribe(&mut victim, "room:k").await;
     let (kind, m) = next_notice(&mut watcher, "lobby:k").await;
     assert_eq!((kind, m["user"].as_str()), ("join", Some("carol")));
-    let victim_id = m["client"].as_u64().unwrap();
+    let victim_id = client(&m);
     let (_, stats) = server.get("/api/topics/room:k/presence/stats").await;
     assert_eq!(stats["clients"], 1);
 
@@ -287,7 +293,7 @@ async fn a_killed_connection_leaves_every_topic() {
     // Dropping the TCP stream under the WebSocket sends no close frame.
     drop(victim.into_inner());
     let (kind, m) = next_notice(&mut watcher, "lobby:k").await;
-    assert_eq!((kind, m["client"].as_u64()), ("leave", Some(victim_id)));
+    assert_eq!((kind, client(&m)), ("leave", victim_id));
     let state = server.state().clone();
     wait_until("the victim's connection is cleaned up", || {
         state.connection_count() == 1
