@@ -41,6 +41,7 @@ fn fanout(c: &mut Criterion) {
                     "bench",
                     None,
                     &|_| None,
+                    &Default::default(),
                 ))
                 .unwrap();
                 c

@@ -7,7 +7,9 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::error::ApiError;
-use crate::api::{health, history, intent, json_errors, openapi, publish, single_headers};
+use crate::api::{
+    health, history, intent, json_errors, openapi, presence, publish, single_headers,
+};
 use crate::state::AppState;
 use crate::{sse, web, ws};
 
@@ -22,6 +24,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sse", get(sse::subscribe))
         .route("/api/publish/{topic}", post(publish::publish))
         .route("/api/topics/{topic}/history", get(history::history))
+        .route("/api/topics/{topic}/presence", get(presence::members))
+        .route("/api/topics/{topic}/presence/stats", get(presence::stats))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

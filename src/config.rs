@@ -620,6 +620,14 @@ pub struct NamespaceConfig {
     /// once on disk; offsets and epoch survive a restart [default: false].
     #[serde(default)]
     pub durable: bool,
+    /// Keep the topic's members (who is subscribed), readable over WebSocket and HTTP
+    /// [default: false].
+    #[serde(default)]
+    pub presence: bool,
+    /// Also push each join and leave to the topic's subscribers; needs `presence`
+    /// [default: false].
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 /// A namespace with its defaults filled in.
@@ -629,6 +637,17 @@ pub struct Namespace {
     pub history_size: usize,
     pub history_ttl: Duration,
     pub durable: bool,
+    pub presence: bool,
+    pub join_leave: bool,
+}
+
+/// A topic's presence settings (`Config::presence`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PresenceMode {
+    /// Members are kept.
+    pub members: bool,
+    /// Joins and leaves are pushed to subscribers.
+    pub join_leave: bool,
 }
 
 impl Namespace {
@@ -702,6 +721,8 @@ impl Config {
                 history_size: ns.history_size.unwrap_or(cfg.history_size),
                 history_ttl: ttl,
                 durable: ns.durable,
+                presence: ns.presence,
+                join_leave: ns.join_leave,
             });
         }
         cfg.keys = tables.keys;
@@ -722,7 +743,21 @@ impl Config {
                 history_size: self.history_size,
                 history_ttl: self.history_ttl,
                 durable: false,
+                presence: false,
+                join_leave: false,
             })
+    }
+
+    /// The presence settings of `topic` (its first matching `[[namespace]]`), without
+    /// cloning the namespace: asked on every subscribe and unsubscribe.
+    pub fn presence(&self, topic: &str) -> PresenceMode {
+        match self.namespaces.iter().find(|n| n.matches(topic)) {
+            Some(n) => PresenceMode {
+                members: n.presence,
+                join_leave: n.join_leave,
+            },
+            None => PresenceMode::default(),
+        }
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -790,6 +825,11 @@ impl Config {
             anyhow::ensure!(
                 ns.history_size <= 1_000_000,
                 "namespace {:?}: history_size must be at most 1000000",
+                ns.pattern
+            );
+            anyhow::ensure!(
+                ns.presence || !ns.join_leave,
+                "namespace {:?}: join_leave needs presence = true",
                 ns.pattern
             );
         }

@@ -80,6 +80,8 @@ error_codes! {
         "the path exists but not with this method (see the `Allow` header)";
     NotFound = "not_found", http(404),
         "no such endpoint";
+    PresenceDisabled = "presence_disabled", http(404),
+        "a presence read of a topic whose `[[namespace]]` has no `presence = true`: it keeps no members";
     // WebSocket handshake.
     UpgradeRequired = "upgrade_required", http(426),
         "a plain request on `/ws`, which speaks WebSocket only";

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::auth::Grant;
-use crate::broker::{StreamPosition, Subscribed};
+use crate::broker::{PresencePage, PresenceStats, StreamPosition, Subscribed};
 use crate::error_code::ErrorCode;
 
 #[derive(Deserialize)]
@@ -23,6 +23,11 @@ pub struct Command<'a> {
     /// `auth` and `refresh`: a JWT. Borrowed when it has no escapes (a JWT never does).
     #[serde(borrow)]
     pub token: Option<Cow<'a, str>>,
+    /// `presence`: the most members in the reply (1-1000, default 1000).
+    pub limit: Option<u64>,
+    /// `presence`: the `next_cursor` of the previous reply.
+    #[serde(borrow)]
+    pub cursor: Option<&'a RawValue>,
 }
 
 #[derive(Serialize)]
@@ -111,10 +116,59 @@ pub fn error(code: ErrorCode, message: &str, id: Option<&RawValue>) -> Vec<u8> {
     .encode()
 }
 
+/// The most members one `presence` reply (or HTTP page) holds, and its default size.
+pub const MAX_PRESENCE_PAGE: usize = 1000;
+
+/// The answer to `presence`: `{"op":"presence","topic":"t","members":[...],"next_cursor":"N"}`
+/// (`next_cursor` only when more members follow: send it back as `cursor`).
+pub fn presence(topic: &str, page: &PresencePage, id: Option<&RawValue>) -> Vec<u8> {
+    // Topic names need no escaping (topic.rs charset).
+    let mut out = format!(r#"{{"op":"presence","topic":"{topic}","members":["#);
+    for (i, m) in page.members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        m.write_json(&mut out);
+    }
+    out.push(']');
+    if let Some(next) = page.next {
+        out.push_str(&format!(r#","next_cursor":"{next}""#));
+    }
+    if let Some(id) = id {
+        out.push_str(r#","id":"#);
+        out.push_str(id.get());
+    }
+    out.push('}');
+    out.into_bytes()
+}
+
+/// The answer to `presence_stats`: `{"op":"presence_stats","topic":"t","clients":N,"users":M}`.
+pub fn presence_stats(topic: &str, stats: &PresenceStats, id: Option<&RawValue>) -> Vec<u8> {
+    let mut out = format!(
+        r#"{{"op":"presence_stats","topic":"{topic}","clients":{},"users":{}"#,
+        stats.clients, stats.users
+    );
+    if let Some(id) = id {
+        out.push_str(r#","id":"#);
+        out.push_str(id.get());
+    }
+    out.push('}');
+    out.into_bytes()
+}
+
+/// A `presence` read: the topic, the cursor (a client id) and the page size.
+pub struct PresenceRead {
+    pub topic: String,
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
 /// What a text frame asks for, or the error reply it earns.
 pub enum Parsed<'a> {
     Subscribe(String, Option<StreamPosition>, Option<&'a RawValue>),
     Unsubscribe(String, Option<&'a RawValue>),
+    Presence(PresenceRead, Option<&'a RawValue>),
+    PresenceStats(String, Option<&'a RawValue>),
     Ping(Option<&'a RawValue>),
     /// `auth` with its token (not yet verified).
     Auth(Cow<'a, str>, Option<&'a RawValue>),
@@ -176,6 +230,43 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
         Some("unsubscribe") => topic()
             .map(|t| Parsed::Unsubscribe(t, id))
             .unwrap_or_else(|e| e),
+        Some("presence") => {
+            let topic = match topic() {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            let limit = match cmd.limit {
+                None => MAX_PRESENCE_PAGE,
+                Some(n) if (1..=MAX_PRESENCE_PAGE as u64).contains(&n) => n as usize,
+                Some(_) => {
+                    return Parsed::Error(
+                        ErrorCode::BadQuery,
+                        format!("limit must be 1-{MAX_PRESENCE_PAGE}"),
+                        id,
+                    )
+                }
+            };
+            let after = match cmd.cursor {
+                None => None,
+                Some(c) => match serde_json::from_str::<&str>(c.get())
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    Some(n) => Some(n),
+                    None => {
+                        return Parsed::Error(
+                            ErrorCode::BadQuery,
+                            "cursor must be the \"next_cursor\" of the previous presence reply".into(),
+                            id,
+                        )
+                    }
+                },
+            };
+            Parsed::Presence(PresenceRead { topic, after, limit }, id)
+        }
+        Some("presence_stats") => topic()
+            .map(|t| Parsed::PresenceStats(t, id))
+            .unwrap_or_else(|e| e),
         Some("ping") => Parsed::Ping(id),
         Some("auth") => match cmd.token {
             Some(t) => Parsed::Auth(t, id),
@@ -187,12 +278,12 @@ pub fn parse(text: &[u8]) -> Parsed<'_> {
         },
         Some(other) => Parsed::Error(
             ErrorCode::UnknownOp,
-            format!("unknown op {other:?}: use subscribe, unsubscribe, ping, auth or refresh"),
+            format!("unknown op {other:?}: use subscribe, unsubscribe, presence, presence_stats, ping, auth or refresh"),
             id,
         ),
         None => Parsed::Error(
             ErrorCode::UnknownOp,
-            "missing \"op\": use subscribe, unsubscribe, ping, auth or refresh".into(),
+            "missing \"op\": use subscribe, unsubscribe, presence, presence_stats, ping, auth or refresh".into(),
             id,
         ),
     }
@@ -295,6 +386,7 @@ mod tests {
             sub: "alice".into(),
             exp: 1767225600,
             topics: crate::auth::Patterns::default(),
+            info: None,
         };
         let id: &RawValue = serde_json::from_str("4").unwrap();
         assert_eq!(

@@ -123,6 +123,7 @@ async fn open(
         Item::control(Bytes::from_static(b"retry: 2000\n\n")),
         &state.metrics,
     );
+    let who = crate::auth::identity(grant.as_ref());
     let mut ids = IdVector::new(&topics, since.clone());
     for (i, (t, since)) in topics.iter().zip(&since).enumerate() {
         // The `subscribed` event is queued under the topic's lock, before the replay and
@@ -139,6 +140,7 @@ async fn open(
                     &crate::protocol::subscribed(t, sub, None),
                 ))
             },
+            &who,
         )
         .await?;
         ids.joined(i, &sub);

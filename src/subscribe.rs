@@ -15,6 +15,11 @@
 //! 4. under the topic's hub lock, [`Hub::merge`] queues the acknowledgement, the replay and
 //!    what the client kept past the read position, and the client becomes a subscriber.
 //!
+//! 5. the broker adds the client to the topic's members ([`Broker::presence_join`]; only
+//!    in `presence` namespaces), after the merge, so a join announced to the topic
+//!    follows the joiner's own acknowledgement. Every leave (unsubscribe, a connection
+//!    gone) takes it out again ([`Broker::presence_leave`]).
+//!
 //! `recovered:false` (the replay cannot be served: trimmed, expired, another epoch, more
 //! than half the client's queue) still acknowledges with the current position and the
 //! retained state. Modelled on centrifuge's `handleSubscribe` and its buffered recovery
@@ -22,12 +27,13 @@
 
 use std::sync::Arc;
 
-use crate::broker::{Ack, Broker, BrokerError, StreamPosition, Subscribed};
+use crate::broker::{Ack, Broker, BrokerError, Identity, StreamPosition, Subscribed};
 use crate::client::{Client, Item};
 use crate::hub::Hub;
 
-/// Subscribes `client` to `topic` (see the module docs). A topic it already holds gets
-/// the acknowledgement again, with the current position, and nothing else.
+/// Subscribes `client` to `topic` (see the module docs), as the member `who` of a
+/// presence topic. A topic it already holds gets the acknowledgement again, with the
+/// current position, and nothing else.
 pub async fn subscribe(
     hub: &Hub,
     broker: &dyn Broker,
@@ -35,6 +41,7 @@ pub async fn subscribe(
     topic: &str,
     since: Option<&StreamPosition>,
     ack: Ack<'_>,
+    who: &Identity,
 ) -> Result<Subscribed, BrokerError> {
     if hub.admit(client, topic)? {
         let read = broker.replay(topic, None, 0).await?;
@@ -73,6 +80,12 @@ pub async fn subscribe(
         });
     }
     hub.metrics().record_resume(sub.recovered);
+    broker.presence_join(topic, client.id, who).await;
+    // A leave that ran while the join waited (a broker that waits: the connection went
+    // away) found no member to remove: take it out now. A leave after this check finds it.
+    if !hub.holds(client, topic) {
+        broker.presence_leave(topic, client.id);
+    }
     Ok(sub)
 }
 
@@ -80,6 +93,7 @@ pub async fn subscribe(
 pub fn unsubscribe(hub: &Hub, broker: &dyn Broker, client: &Client, topic: &str) -> bool {
     let held = hub.leave(client, topic);
     if held {
+        broker.presence_leave(topic, client.id);
         broker.unsubscribe_topic(topic);
     }
     held
@@ -127,7 +141,8 @@ pub(crate) mod testing {
             since: Option<&StreamPosition>,
             ack: Ack<'_>,
         ) -> Result<Subscribed, BrokerError> {
-            let fut = super::subscribe(&self.hub, &self.broker, c, topic, since, ack);
+            let anonymous = crate::broker::Identity::default();
+            let fut = super::subscribe(&self.hub, &self.broker, c, topic, since, ack, &anonymous);
             let mut fut = std::pin::pin!(fut);
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             match std::future::Future::poll(fut.as_mut(), &mut cx) {

@@ -10,5 +10,6 @@ pub mod history;
 pub mod intent;
 pub mod json_errors;
 pub mod openapi;
+pub mod presence;
 pub mod publish;
 pub mod single_headers;

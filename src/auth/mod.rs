@@ -134,6 +134,15 @@ impl Auth {
     }
 }
 
+/// Who a connection holding `grant` is, as presence shows it: the token's `sub` and
+/// `info` claim, or an anonymous member without a token.
+pub fn identity(grant: Option<&Grant>) -> crate::broker::Identity {
+    grant.map_or_else(Default::default, |g| crate::broker::Identity {
+        user: Some(g.sub.as_ref().into()),
+        info: g.info.clone(),
+    })
+}
+
 /// The credential of an `Authorization` header: None without one, `Some(None)` when it is
 /// not `Bearer <credential>`. Publisher keys and subscriber tokens both travel this way.
 pub fn bearer(headers: &HeaderMap) -> Option<Option<&str>> {
@@ -236,6 +245,7 @@ mod tests {
             sub: "alice".into(),
             exp: u64::MAX,
             topics: Patterns::parse(&["private:a"]).unwrap(),
+            info: None,
         };
         assert!(auth.check_read("private:a", Some(&g)).is_ok());
         let e = auth.check_read("private:b", Some(&g)).unwrap_err();

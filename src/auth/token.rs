@@ -21,6 +21,9 @@ use crate::topic::Patterns;
 pub const MAX_TOKEN_BYTES: usize = 8192;
 /// The most `topics` patterns one token may carry.
 pub const MAX_TOKEN_TOPICS: usize = 256;
+/// The largest `info` claim kept, in bytes of JSON: a member's `info` travels with every
+/// join, leave and presence read of each topic it holds.
+pub const MAX_INFO_BYTES: usize = 1024;
 /// The shortest HS256 secret accepted: RFC 7518 3.2 asks for at least the hash size.
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -31,6 +34,9 @@ pub struct Grant {
     /// Unix seconds.
     pub exp: u64,
     pub topics: Patterns,
+    /// The `info` claim as compact JSON (at most `MAX_INFO_BYTES`): what presence shows
+    /// of the member beside its `sub`.
+    pub info: Option<std::sync::Arc<str>>,
 }
 
 impl Grant {
@@ -70,6 +76,7 @@ struct Claims {
     exp: Option<Value>,
     nbf: Option<Value>,
     topics: Option<Value>,
+    info: Option<Value>,
 }
 
 /// The node's verification keys. Built once at startup: a key that does not parse stops
@@ -264,10 +271,24 @@ fn grant(c: Claims, now: u64) -> Result<Grant, TokenError> {
         Some(_) => return Err(bad("the token's \"topics\" must be a list of strings")),
     };
     let topics = Patterns::parse(&topics).map_err(|e| bad(format!("\"topics\": {e}")))?;
+    let info = match c.info {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let json = v.to_string();
+            if json.len() > MAX_INFO_BYTES {
+                return Err(bad(format!(
+                    "the token's \"info\" claim is {} bytes of JSON: at most {MAX_INFO_BYTES}",
+                    json.len()
+                )));
+            }
+            Some(json.into())
+        }
+    };
     Ok(Grant {
         sub: sub.into(),
         exp,
         topics,
+        info,
     })
 }
 

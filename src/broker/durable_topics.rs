@@ -255,6 +255,8 @@ mod tests {
             history_size: 10_000,
             history_ttl: Duration::from_secs(3600),
             durable: true,
+            presence: false,
+            join_leave: false,
         });
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(3, metrics.clone()));

@@ -66,6 +66,8 @@ mod tests {
                 history_size: 5,
                 history_ttl: Duration::from_secs(60),
                 durable: false,
+                presence: false,
+                join_leave: false,
             });
         });
         for i in 0..10 {

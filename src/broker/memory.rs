@@ -33,12 +33,14 @@ use parking_lot::Mutex;
 use super::budget::Kept;
 use super::durable::{DurableError, DurableLog, HISTORY_FILE};
 pub use super::idempotency::{KeyState, MAX_KEYS_PER_TOPIC};
+use super::presence::Presence;
 use super::publish::Attempt;
 use super::stream::new_epoch;
 use super::stream::Stream;
 use super::table::{Creator, Settled, Shard, SHARDS};
 use super::{
-    Broker, BrokerError, BrokerSink, History, PublishRequest, Receipt, Replay, StreamPosition,
+    Broker, BrokerError, BrokerSink, History, Identity, PresencePage, PresenceStats,
+    PublishRequest, Receipt, Replay, StreamPosition,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -74,13 +76,15 @@ pub struct MemoryBroker {
     pub(super) log: Option<Arc<DurableLog>>,
     /// This broker, for the log's commit callbacks (set by [`MemoryBroker::open`]).
     pub(super) me: Weak<MemoryBroker>,
+    /// The node's members of presence topics (`presence.rs`).
+    pub(super) presence: Presence,
 }
 
 impl MemoryBroker {
     pub fn new(cfg: &Config, sink: Arc<dyn BrokerSink>, metrics: Arc<Metrics>) -> Self {
         MemoryBroker {
             cfg: cfg.clone(),
-            sink,
+            sink: sink.clone(),
             metrics,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             idle: Mutex::new(VecDeque::new()),
@@ -95,6 +99,7 @@ impl MemoryBroker {
             fresh_epoch: Mutex::new(new_epoch()),
             log: None,
             me: Weak::new(),
+            presence: Presence::new(cfg, sink.clone()),
         }
     }
 
@@ -304,6 +309,27 @@ impl Broker for MemoryBroker {
                 publications: st.history.range(start..).take(limit).cloned().collect(),
             });
         }
+    }
+
+    async fn presence_join(&self, topic: &str, client: u64, who: &Identity) {
+        self.presence.join(topic, client, who)
+    }
+
+    fn presence_leave(&self, topic: &str, client: u64) {
+        self.presence.leave(topic, client)
+    }
+
+    async fn presence(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, BrokerError> {
+        Ok(self.presence.members(topic, after, limit))
+    }
+
+    async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError> {
+        Ok(self.presence.stats(topic))
     }
 }
 

@@ -23,6 +23,7 @@ mod durable_topics;
 mod history;
 mod idempotency;
 pub mod memory;
+pub mod presence;
 mod publish;
 pub mod redis;
 pub mod routed;
@@ -37,9 +38,10 @@ pub use stream::new_epoch;
 
 use bytes::Bytes;
 
-pub use crate::hub::{BrokerSink, Replay, StreamPosition, Wakeups};
+pub use crate::hub::{BrokerSink, Notice, Replay, StreamPosition, Wakeups};
 use crate::hub::{GapSource, TopicLimit};
 use crate::publication::Publication;
+pub use presence::{Identity, Member, PresencePage, PresenceStats};
 
 /// One publication to make.
 #[derive(Clone, Copy, Debug, Default)]
@@ -154,6 +156,27 @@ pub trait Broker: Send + Sync {
         since: Option<&StreamPosition>,
         max_bytes: usize,
     ) -> Result<Replay, BrokerError>;
+
+    /// The connection `client` joined `topic`: a member from now on if the topic's
+    /// namespace has `presence` (and its join announced with `join_leave`); otherwise
+    /// nothing. Called by the one subscribe path once the client is a subscriber.
+    async fn presence_join(&self, topic: &str, client: u64, who: &Identity);
+
+    /// The connection `client` left `topic` (unsubscribed or gone); nothing if it was
+    /// no member. Never waits, like `unsubscribe_topic`.
+    fn presence_leave(&self, topic: &str, client: u64);
+
+    /// Up to `limit` of the topic's members after the client id `after`, in client-id
+    /// order. The caller checks that the topic has presence.
+    async fn presence(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, BrokerError>;
+
+    /// The topic's member counts, O(1).
+    async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError>;
 }
 
 /// The hub reads a gap in its deliveries through a `Weak` handle on the node's broker

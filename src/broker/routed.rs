@@ -8,7 +8,10 @@
 
 use std::sync::Arc;
 
-use super::{Broker, BrokerError, History, PublishRequest, Receipt, Replay, StreamPosition};
+use super::{
+    Broker, BrokerError, History, Identity, PresencePage, PresenceStats, PublishRequest, Receipt,
+    Replay, StreamPosition,
+};
 
 pub struct RoutedBroker {
     local: Arc<dyn Broker>,
@@ -59,5 +62,28 @@ impl Broker for RoutedBroker {
         max_bytes: usize,
     ) -> Result<Replay, BrokerError> {
         self.broker_for(topic).replay(topic, since, max_bytes).await
+    }
+
+    async fn presence_join(&self, topic: &str, client: u64, who: &Identity) {
+        self.broker_for(topic)
+            .presence_join(topic, client, who)
+            .await
+    }
+
+    fn presence_leave(&self, topic: &str, client: u64) {
+        self.broker_for(topic).presence_leave(topic, client)
+    }
+
+    async fn presence(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, BrokerError> {
+        self.broker_for(topic).presence(topic, after, limit).await
+    }
+
+    async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError> {
+        self.broker_for(topic).presence_stats(topic).await
     }
 }

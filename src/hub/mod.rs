@@ -34,7 +34,7 @@
 
 mod sink;
 
-pub use sink::{BrokerSink, GapSource, Replay, StreamPosition, Wakeups};
+pub use sink::{BrokerSink, GapSource, Notice, Replay, StreamPosition, Wakeups};
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -49,7 +49,7 @@ use parking_lot::Mutex;
 
 use crate::client::{Client, Item, Pushed};
 use crate::close::DisconnectReason;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 use crate::publication::Publication;
 use crate::topic::TopicName;
 
@@ -426,6 +426,11 @@ impl Hub {
         topics.clone()
     }
 
+    /// Whether the client holds the topic (joined or joining).
+    pub fn holds(&self, client: &Client, name: &str) -> bool {
+        client.topics.lock().iter().any(|t| &**t == name)
+    }
+
     /// The topics the client holds (a snapshot; `leave` each to remove it everywhere).
     pub fn topics_of(&self, client: &Client) -> Vec<TopicName> {
         client.topics.lock().clone()
@@ -771,6 +776,25 @@ impl BrokerSink for Hub {
         if let Some(local) = self.local(topic) {
             tracing::warn!(topic, "topic stream restarted under a new epoch");
             self.start_over(&mut local.lock());
+        }
+    }
+
+    fn announce(&self, topic: &str, notice: &Notice, wake: &mut Wakeups) {
+        let Some(local) = self.local(topic) else {
+            return;
+        };
+        let l = local.lock();
+        for client in l.subscribers.values() {
+            let bytes = match client.transport {
+                Transport::Ws => notice.ws.clone(),
+                Transport::Sse => notice.sse.clone(),
+            };
+            if matches!(
+                client.enqueue(Item::control(bytes), &self.metrics),
+                Pushed::Wake | Pushed::Overflowed
+            ) {
+                wake.0.push(client.clone());
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
@@ -50,6 +51,16 @@ impl Wakeups {
     }
 }
 
+/// What a topic's local subscribers are told that is not a publication: no offset, not
+/// in history, never replayed (presence joins and leaves). Framed once per transport and
+/// shared by every subscriber, like a publication.
+pub struct Notice {
+    /// A WebSocket text frame.
+    pub ws: Bytes,
+    /// An SSE event (named, without an `id:` line: it moves no position).
+    pub sse: Bytes,
+}
+
 /// What a broker hands its node: publications in offset order per topic, and what it
 /// knows about their continuity. Implemented by the hub; a broker never sees a client.
 /// Called once per topic per publication (never per subscriber).
@@ -74,6 +85,11 @@ pub trait BrokerSink: Send + Sync {
     /// The topic's stream restarted under a new epoch (its history was lost): what the
     /// node delivered says nothing about the new offsets, so its subscribers start over.
     fn restarted(&self, topic: &str);
+
+    /// A notice for the topic's joined local subscribers (not those still joining: they
+    /// read the state it describes after their acknowledgement). Writers to wake are
+    /// collected in `wake`, as for `deliver`.
+    fn announce(&self, topic: &str, notice: &Notice, wake: &mut Wakeups);
 
     /// This node's subscribers of the topic (for a receipt's and the cluster's counts).
     fn subscriber_count(&self, topic: &str) -> usize;

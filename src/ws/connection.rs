@@ -575,18 +575,70 @@ impl Connection {
 
     fn command(&mut self, text: &[u8]) {
         let parsed = protocol::parse(text);
-        if let Parsed::Subscribe(topic, _, id) = &parsed {
+        let read = match &parsed {
+            Parsed::Subscribe(topic, _, id) => Some((topic, *id)),
+            Parsed::Presence(r, id) => Some((&r.topic, *id)),
+            Parsed::PresenceStats(topic, id) => Some((topic, *id)),
+            _ => None,
+        };
+        if let Some((topic, id)) = read {
             // Checked here, before any broker (or its chained task) sees the topic: the
-            // hub and brokers never learn about tokens.
+            // hub and brokers never learn about tokens. Presence needs what reading the
+            // topic needs.
             let grant = self.authed.as_ref().map(|a| &a.grant);
             if let Err(e) = self.state.auth.check_read(topic, grant) {
-                self.reply(protocol::error(e.code, &e.message, *id));
+                self.reply(protocol::error(e.code, &e.message, id));
                 return;
+            }
+            if !matches!(parsed, Parsed::Subscribe(..)) {
+                if let Err(e) = crate::api::presence::check_enabled(&self.state, topic) {
+                    self.reply(protocol::error(e.code, &e.message, id));
+                    return;
+                }
             }
         }
         match parsed {
+            Parsed::Presence(read, id) => {
+                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let id = id.map(|id| id.to_owned());
+                self.in_order(async move {
+                    let page = state
+                        .broker
+                        .presence(&read.topic, read.after, read.limit)
+                        .await;
+                    let json = match page {
+                        Ok(page) => protocol::presence(&read.topic, &page, id.as_deref()),
+                        Err(e) => match subscribe_error(&e, id.as_deref()) {
+                            Some(json) => json,
+                            None => return,
+                        },
+                    };
+                    client.push(
+                        Item::control(frame::encode(frame::OP_TEXT, &json)),
+                        &state.metrics,
+                    );
+                });
+            }
+            Parsed::PresenceStats(topic, id) => {
+                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let id = id.map(|id| id.to_owned());
+                self.in_order(async move {
+                    let json = match state.broker.presence_stats(&topic).await {
+                        Ok(stats) => protocol::presence_stats(&topic, &stats, id.as_deref()),
+                        Err(e) => match subscribe_error(&e, id.as_deref()) {
+                            Some(json) => json,
+                            None => return,
+                        },
+                    };
+                    client.push(
+                        Item::control(frame::encode(frame::OP_TEXT, &json)),
+                        &state.metrics,
+                    );
+                });
+            }
             Parsed::Subscribe(topic, since, id) => {
                 let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let who = crate::auth::identity(self.authed.as_ref().map(|a| &a.grant));
                 let id = id.map(|id| id.to_owned());
                 self.in_order(async move {
                     let id = id.as_deref();
@@ -597,9 +649,9 @@ impl Connection {
                         ))
                     };
                     let (hub, broker) = (&state.hub, &*state.broker);
+                    let since = since.as_ref();
                     let result =
-                        subscribe::subscribe(hub, broker, &client, &topic, since.as_ref(), &ack)
-                            .await;
+                        subscribe::subscribe(hub, broker, &client, &topic, since, &ack, &who).await;
                     if let Err(e) = result {
                         if let Some(json) = subscribe_error(&e, id) {
                             let item = Item::control(frame::encode(frame::OP_TEXT, &json));

@@ -84,6 +84,7 @@ async fn prepare(
         state.auth.check_read(t, grant.as_ref())?;
     }
     let reg = Registration::new(state, Transport::Ws)?;
+    let who = crate::auth::identity(grant.as_ref());
     for t in &topics {
         let ack = |sub: &_| {
             Some(frame::encode(
@@ -91,7 +92,8 @@ async fn prepare(
                 &protocol::subscribed(t, sub, None),
             ))
         };
-        crate::subscribe::subscribe(&state.hub, &*state.broker, &reg.client, t, None, &ack).await?;
+        crate::subscribe::subscribe(&state.hub, &*state.broker, &reg.client, t, None, &ack, &who)
+            .await?;
     }
     let on_upgrade = hyper::upgrade::on(req);
     let task_state = state.clone();

@@ -12,6 +12,8 @@ fn durable(cfg: &mut crier::config::Config) {
         history_size: 1000,
         history_ttl: Duration::from_secs(3600),
         durable: true,
+        presence: false,
+        join_leave: false,
     });
 }
 

@@ -344,6 +344,8 @@ fn history_server_config(dir: &std::path::Path) -> Config {
             history_size: 5,
             history_ttl: std::time::Duration::from_secs(300),
             durable: false,
+            presence: false,
+            join_leave: false,
         }],
         ..Config::default()
     }

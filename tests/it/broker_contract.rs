@@ -66,6 +66,8 @@ impl Node {
                 history_size: cfg.history_size,
                 history_ttl: cfg.history_ttl,
                 durable: true,
+                presence: false,
+                join_leave: false,
             });
         }
         let metrics = Arc::new(Metrics::new());
@@ -150,7 +152,16 @@ impl Node {
                 s.position.offset, s.recovered
             )))
         };
-        crier::subscribe::subscribe(&self.hub, &*self.broker, c, topic, since.as_ref(), &ack).await
+        crier::subscribe::subscribe(
+            &self.hub,
+            &*self.broker,
+            c,
+            topic,
+            since.as_ref(),
+            &ack,
+            &Default::default(),
+        )
+        .await
     }
 
     fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {

@@ -287,6 +287,8 @@ async fn durable_idempotency_keys_hold_across_concurrent_retries_and_a_restart()
             history_size: 1000,
             history_ttl: Duration::from_secs(3600),
             durable: true,
+            presence: false,
+            join_leave: false,
         });
     };
     let srv = crate::common::TestServer::start(durable).await;

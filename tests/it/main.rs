@@ -35,6 +35,7 @@ mod layers;
 mod leaderboard;
 mod logs;
 mod openapi;
+mod presence;
 mod reconnect_storm;
 mod redis_boards;
 mod redis_broker;

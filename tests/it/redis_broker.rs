@@ -35,7 +35,16 @@ impl Node {
         since: Option<&StreamPosition>,
         ack: crier::broker::Ack<'_>,
     ) -> Result<Subscribed, crier::broker::BrokerError> {
-        crier::subscribe::subscribe(&self.hub, &*self.broker, c, topic, since, ack).await
+        crier::subscribe::subscribe(
+            &self.hub,
+            &*self.broker,
+            c,
+            topic,
+            since,
+            ack,
+            &Default::default(),
+        )
+        .await
     }
 
     fn unsubscribe(&self, c: &Arc<Client>, topic: &str) -> bool {

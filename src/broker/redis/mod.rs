@@ -65,7 +65,8 @@ use scripts::{
 
 use super::stream::new_epoch;
 use super::{
-    Broker, BrokerError, BrokerSink, History, PublishRequest, Receipt, Replay, StreamPosition,
+    Broker, BrokerError, BrokerSink, History, Identity, PresencePage, PresenceStats,
+    PublishRequest, Receipt, Replay, StreamPosition,
 };
 use crate::config::Config;
 use crate::hub::Wakeups;
@@ -96,6 +97,9 @@ pub struct RedisBroker {
     control: mpsc::UnboundedSender<Control>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     health: Arc<RedisHealth>,
+    /// Presence is per node under `--redis` for now: this node's members of its presence
+    /// topics, announced to this node's subscribers only (docs/scaling.md).
+    presence: crate::broker::presence::Presence,
 }
 
 impl Drop for RedisBroker {
@@ -163,6 +167,7 @@ impl RedisBroker {
         let node = format!("{:016x}", rand::random::<u64>());
         tracing::info!(node = %node, "joined redis as crier node {node}");
         let health = Arc::new(RedisHealth::new(node, timeout, metrics.clone()));
+        let presence = crate::broker::presence::Presence::new(cfg, hub.clone());
         let broker = Arc::new(RedisBroker {
             client: client.clone(),
             cfg: cfg.clone(),
@@ -175,6 +180,7 @@ impl RedisBroker {
             control,
             tasks: Mutex::new(Vec::new()),
             health: health.clone(),
+            presence,
         });
         // Spawned once the broker exists: the task's first look at the topic table must
         // find it, or it would take the broker for gone and stop.
@@ -531,6 +537,27 @@ impl Broker for RedisBroker {
             recovered,
             publications,
         })
+    }
+
+    async fn presence_join(&self, topic: &str, client: u64, who: &Identity) {
+        self.presence.join(topic, client, who)
+    }
+
+    fn presence_leave(&self, topic: &str, client: u64) {
+        self.presence.leave(topic, client)
+    }
+
+    async fn presence(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, BrokerError> {
+        Ok(self.presence.members(topic, after, limit))
+    }
+
+    async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError> {
+        Ok(self.presence.stats(topic))
     }
 }
 
