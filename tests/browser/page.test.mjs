@@ -114,12 +114,25 @@ test('after a reconnect the fresh snapshot is shown and status goes live again',
     ws.send(JSON.stringify(update(n === 1 ? 10 : 11, [entry(1, n === 1 ? 'first' : 'second', n)])));
     if (n === 1) setTimeout(() => ws.close({ code: 1001, reason: 'shutdown' }), 300);
   });
+  // Every status the page shows, recorded as it changes: "reconnecting" may last only as
+  // long as the jittered backoff (0-250 ms), too short to be sure a poll would see it.
+  await page.addInitScript(() => {
+    window.__states = [];
+    new MutationObserver((records) => {
+      for (const r of records) {
+        if (r.target.id === 'status') window.__states.push(r.target.dataset.state);
+      }
+    }).observe(document, { subtree: true, attributes: true, attributeFilter: ['data-state'] });
+  });
   await page.goto(`${ORIGIN}/boards/mock`);
   await page.waitForFunction(() => document.querySelector('tr[data-player="first"]'));
-  await page.waitForFunction(() => document.querySelector('#status').dataset.state === 'reconnecting');
   await page.waitForFunction(
     () => document.querySelector('#status').dataset.state === 'live' && document.querySelector('tr[data-player="second"]'),
   );
+  const states = await page.evaluate(() => window.__states);
+  const reconnecting = states.indexOf('reconnecting');
+  assert.ok(reconnecting >= 0, `the page said it was reconnecting: ${states}`);
+  assert.ok(states.lastIndexOf('live') > reconnecting, `then live again: ${states}`);
   assert.equal(connections, 2);
   assert.deepEqual(page.errors, []);
   await page.context().close();
