@@ -31,6 +31,15 @@ async fn ranking(addr: &str, board: &str) -> Vec<(u64, String, f64)> {
         .collect()
 }
 
+/// The ranking, or the status a node answered instead.
+async fn ranking_or_status(addr: &str, board: &str) -> Result<Vec<(u64, String, f64)>, u16> {
+    let (status, _) = get(addr, &format!("/api/boards/{board}?limit=1")).await;
+    if status != 200 {
+        return Err(status);
+    }
+    Ok(ranking(addr, board).await)
+}
+
 /// One acknowledged post: what was sent, the answer, and when (on a counter every task
 /// bumps) it was sent and acknowledged, so "acknowledged before the other was sent" is
 /// known without clocks.
@@ -349,6 +358,14 @@ async fn redis_down_fails_scores_fast_and_changes_nothing() {
     .await;
     assert_eq!(status, 200);
     let before = ranking(&a, "d").await;
+    // Node b learns of the board over pub/sub: it shows it before Redis goes away, or
+    // there would be no mirror to read from while Redis is down.
+    within("node b mirrors the board", async {
+        while ranking_or_status(&b, "d").await.ok() != Some(before.clone()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 
     redis.kill();
     for n in [&a, &b] {
