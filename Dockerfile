@@ -4,8 +4,18 @@
 # mounted at /etc/crier/crier.toml with CRIER_CONFIG=/etc/crier/crier.toml.
 # docs/operations.md: install, TLS, logs, backup and upgrade.
 
+# Base images, replaceable with --build-arg (scripts/image-check builds on a local Debian
+# root made with mmdebstrap when no registry can be reached):
+#   BUILD_BASE  has Rust 1.85+ and a C compiler (ring, jemalloc);
+#   RUN_BASE    is Debian 12 (bookworm) or a glibc as new, with bash and useradd.
+# BINARY=context takes a crier binary already built for that Debian from dist/crier in
+# the build context instead of compiling (the build stage is then skipped).
+ARG BUILD_BASE=rust:1.95-bookworm
+ARG RUN_BASE=debian:bookworm-slim
+ARG BINARY=build
+
 # --- build: the release binary, with the crates cached apart from the sources ---------
-FROM rust:1.95-bookworm AS build
+FROM ${BUILD_BASE} AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -13,11 +23,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin crier \
  && cp target/release/crier /usr/local/bin/crier
 
+# --- or: a binary built outside (BINARY=context) ----------------------------------------
+FROM ${RUN_BASE} AS context
+COPY dist/crier /usr/local/bin/crier
+
+FROM ${BINARY} AS binary
+
 # --- run: Debian slim, the binary, a user without privileges --------------------------
-FROM debian:bookworm-slim
+FROM ${RUN_BASE}
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin crier \
  && mkdir -p /data /etc/crier && chown crier:crier /data
-COPY --from=build /usr/local/bin/crier /usr/local/bin/crier
+COPY --from=binary /usr/local/bin/crier /usr/local/bin/crier
 USER crier
 WORKDIR /data
 # The data directory (leaderboards, durable history): a volume, so it outlives the
