@@ -9,31 +9,29 @@
 #   BUILD_BASE  has Rust 1.85+ and a C compiler (ring, jemalloc);
 #   RUN_BASE    is Debian 12 (bookworm) or a glibc as new, with bash and useradd.
 # BINARY=context takes a crier binary already built for that Debian from dist/crier in
-# the build context instead of compiling (the build stage is then skipped).
+# the build context instead of compiling (then BUILD_BASE needs no Rust: the run base does).
 ARG BUILD_BASE=rust:1.95-bookworm
 ARG RUN_BASE=debian:bookworm-slim
-ARG BINARY=build
 
 # --- build: the release binary, with the crates cached apart from the sources ---------
 FROM ${BUILD_BASE} AS build
+ARG BINARY=build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin crier \
- && cp target/release/crier /usr/local/bin/crier
-
-# --- or: a binary built outside (BINARY=context) ----------------------------------------
-FROM ${RUN_BASE} AS context
-COPY dist/crier /usr/local/bin/crier
-
-FROM ${BINARY} AS binary
+    if [ "$BINARY" = context ]; then \
+        install -m 755 dist/crier /usr/local/bin/crier; \
+    else \
+        cargo build --release --locked --bin crier \
+        && cp target/release/crier /usr/local/bin/crier; \
+    fi
 
 # --- run: Debian slim, the binary, a user without privileges --------------------------
 FROM ${RUN_BASE}
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin crier \
  && mkdir -p /data /etc/crier && chown crier:crier /data
-COPY --from=binary /usr/local/bin/crier /usr/local/bin/crier
+COPY --from=build /usr/local/bin/crier /usr/local/bin/crier
 USER crier
 WORKDIR /data
 # The data directory (leaderboards, durable history): a volume, so it outlives the
