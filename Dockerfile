@@ -9,7 +9,7 @@
 #   BUILD_BASE  has Rust 1.85+ and a C compiler (ring, jemalloc);
 #   RUN_BASE    is Debian 12 (bookworm) or a glibc as new, with bash and useradd.
 # BINARY=context takes a crier binary already built for that Debian from dist/crier in
-# the build context instead of compiling (then BUILD_BASE needs no Rust: the run base does).
+# the build context instead of compiling; BUILD_BASE then needs no Rust (pass the run base).
 ARG BUILD_BASE=rust:1.95-bookworm
 ARG RUN_BASE=debian:bookworm-slim
 
