@@ -4,17 +4,31 @@
 # mounted at /etc/crier/crier.toml with CRIER_CONFIG=/etc/crier/crier.toml.
 # docs/operations.md: install, TLS, logs, backup and upgrade.
 
+# Base images, replaceable with --build-arg (scripts/image-check builds on a local Debian
+# root made with mmdebstrap when no registry can be reached):
+#   BUILD_BASE  has Rust 1.85+ and a C compiler (ring, jemalloc);
+#   RUN_BASE    is Debian 12 (bookworm) or a glibc as new, with bash and useradd.
+# BINARY=context takes a crier binary already built for that Debian from dist/crier in
+# the build context instead of compiling; BUILD_BASE then needs no Rust (pass the run base).
+ARG BUILD_BASE=rust:1.95-bookworm
+ARG RUN_BASE=debian:bookworm-slim
+
 # --- build: the release binary, with the crates cached apart from the sources ---------
-FROM rust:1.95-bookworm AS build
+FROM ${BUILD_BASE} AS build
+ARG BINARY=build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin crier \
- && cp target/release/crier /usr/local/bin/crier
+    if [ "$BINARY" = context ]; then \
+        install -m 755 dist/crier /usr/local/bin/crier; \
+    else \
+        cargo build --release --locked --bin crier \
+        && cp target/release/crier /usr/local/bin/crier; \
+    fi
 
 # --- run: Debian slim, the binary, a user without privileges --------------------------
-FROM debian:bookworm-slim
+FROM ${RUN_BASE}
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin crier \
  && mkdir -p /data /etc/crier && chown crier:crier /data
 COPY --from=build /usr/local/bin/crier /usr/local/bin/crier

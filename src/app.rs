@@ -8,7 +8,7 @@ use axum::Router;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    health, history, intent, json_errors, openapi, presence, publish, single_headers,
+    health, history, intent, json_errors, openapi, presence, publish, publish_batch, single_headers,
 };
 use crate::state::AppState;
 use crate::{sse, web, ws};
@@ -22,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     router
         .route("/ws", get(ws::handshake::upgrade))
         .route("/sse", get(sse::subscribe))
+        .route("/api/publish", post(publish_batch::publish_batch))
         .route("/api/publish/{topic}", post(publish::publish))
         .route("/api/topics/{topic}/history", get(history::history))
         .route("/api/topics/{topic}/presence", get(presence::members))

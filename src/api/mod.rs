@@ -12,4 +12,5 @@ pub mod json_errors;
 pub mod openapi;
 pub mod presence;
 pub mod publish;
+pub mod publish_batch;
 pub mod single_headers;

@@ -36,6 +36,7 @@ mod leaderboard;
 mod logs;
 mod openapi;
 mod presence;
+mod publish_batch;
 mod reconnect_storm;
 mod redis_boards;
 mod redis_broker;

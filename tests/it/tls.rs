@@ -268,3 +268,140 @@ async fn bad_or_expired_certificates_stop_the_start_with_the_reason() {
     let err = crier::server::Server::start(cfg).await.err().unwrap();
     assert!(format!("{err:#}").contains("go together"));
 }
+
+/// `crier bench` over TLS (issue 21): `wss://` and SSE over `https://` subscribers, publishes
+/// over HTTPS, the private CA given with `--ca-file`; every subscriber gets every
+/// publication once and in order. Without the CA the handshake is refused, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_over_wss_and_https_delivers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "bench", false);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let (c, k) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let server = TestServer::start(|cfg| {
+        cfg.tls_cert = c;
+        cfg.tls_key = k;
+    })
+    .await;
+    let url = format!("https://localhost:{}", server.addr.port());
+    let ca_arg = ca.display().to_string();
+    let flags = |transport: &'static str, topic: &'static str| {
+        vec![
+            "--url".to_string(),
+            url.clone(),
+            "--ca-file".into(),
+            ca_arg.clone(),
+            "--transport".into(),
+            transport.into(),
+            "--topic".into(),
+            topic.into(),
+            "--subscribers".into(),
+            "40".into(),
+            "--messages".into(),
+            "100".into(),
+            "--timeout".into(),
+            "30s".into(),
+            "--quiet".into(),
+        ]
+    };
+    for (transport, topic) in [("ws", "tls-ws"), ("sse", "tls-sse")] {
+        let args = crier_bench::BenchArgs::from_flags(flags(transport, topic)).unwrap();
+        let r = crier_bench::run_with(args).await.unwrap();
+        assert_eq!((r.connected, r.published), (40, 100), "{transport}: {r:?}");
+        assert_eq!(r.delivered, 40 * 100, "{transport}: {r:?}");
+        assert_eq!(
+            (r.lost, r.duplicates, r.out_of_order, r.unexpected),
+            (0, 0, 0, 0),
+            "{transport}: {r:?}"
+        );
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+    }
+    // Without --ca-file the test CA is unknown: every connection fails the handshake.
+    let mut no_ca = flags("ws", "tls-none");
+    no_ca.drain(2..4);
+    let args = crier_bench::BenchArgs::from_flags(no_ca).unwrap();
+    let r = crier_bench::run_with(args).await.unwrap();
+    assert_eq!(r.connected, 0, "{r:?}");
+    assert!(
+        r.first_connect_error
+            .as_deref()
+            .is_some_and(|e| e.contains("TLS")),
+        "{r:?}"
+    );
+    server.shutdown().await;
+}
+
+/// A certificate swap under load (issue 21): 300 open `wss://` connections across a
+/// reload, and every one of them still delivers the publications made after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cert_swap_under_300_open_wss_connections_drops_none() {
+    const N: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let one = make_pki(dir.path(), "one", false);
+    let two = make_pki(dir.path(), "two", false);
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&one.cert, &cert).unwrap();
+    std::fs::copy(&one.key, &key).unwrap();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let server = TestServer::start(|cfg| {
+        cfg.tls_cert = c;
+        cfg.tls_key = k;
+    })
+    .await;
+    let addr = server.addr;
+    let (ca_one, ca_two) = (dir.path().join("ca-one.pem"), dir.path().join("ca-two.pem"));
+    std::fs::write(&ca_one, &one.ca_pem).unwrap();
+    std::fs::write(&ca_two, &two.ca_pem).unwrap();
+    let url = format!("https://localhost:{}/api/publish/swap", addr.port());
+    let publish = |n: u64, ca: &Path| {
+        let client = crier::http_client::HttpClient::new(None)
+            .with_ca_file(ca)
+            .unwrap();
+        let url = url.clone();
+        async move {
+            let (status, body) = client.post(&url, format!("{{\"n\":{n}}}")).await.unwrap();
+            assert!(status.is_success(), "{status} {body:?}");
+        }
+    };
+
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut ws = wss(addr, &one.ca_pem, "topic=swap").await;
+        assert_eq!(next_text(&mut ws).await["op"], "subscribed");
+        conns.push(ws);
+    }
+    publish(1, &ca_one).await;
+    // Swap while all of them are open.
+    std::fs::copy(&two.key, &key).unwrap();
+    std::fs::copy(&two.cert, &cert).unwrap();
+    let mut swapped = false;
+    for _ in 0..100 {
+        if tls_connect(addr, &two.ca_pem).await.is_ok() {
+            swapped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(swapped, "new handshakes never saw the new certificate");
+    publish(2, &ca_two).await;
+    // Every connection opened under the old certificate gets both publications, in order.
+    let mut readers = tokio::task::JoinSet::new();
+    for mut ws in conns {
+        readers.spawn(async move {
+            let a = next_text(&mut ws).await;
+            let b = next_text(&mut ws).await;
+            (a["data"]["n"].as_u64(), b["data"]["n"].as_u64())
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = readers.join_next().await {
+        assert_eq!(r.unwrap(), (Some(1), Some(2)));
+        ok += 1;
+    }
+    assert_eq!(ok, N);
+    server.shutdown().await;
+}

@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::subscriber::Conn;
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -178,7 +178,7 @@ pub async fn run_scores(args: &BenchArgs) -> anyhow::Result<ScoresReport> {
             .all(|b| crier_protocol::names::is_valid_board(b)),
         "--board with its .N suffix must be 1-64 bytes of A-Z a-z 0-9 _ - ."
     );
-    let client = HttpClient::new(args.key.clone());
+    let client = crate::http_client(args)?;
     let bases = args.publish_bases()?;
     // Request r goes to board r mod K through server r mod S; with K a multiple of S
     // that would pin each board to one server, so the server index skips by r / K.
@@ -292,18 +292,13 @@ struct WatchResult {
 }
 
 /// One watcher: reads board updates until `stop`, recording each new leader of ours.
-async fn watch(
-    mut stream: TcpStream,
-    mut decoder: Decoder,
-    w: Arc<Watch>,
-    i: usize,
-) -> WatchResult {
+async fn watch(mut stream: Conn, mut decoder: Decoder, w: Arc<Watch>, i: usize) -> WatchResult {
     let mut r = WatchResult::default();
     let mask = rand::random::<[u8; 4]>();
     let mut pending = decoder.buffered() > 0;
     'outer: loop {
         if !pending {
-            match wait_readable(&stream, &w.stop).await {
+            match wait_readable(&mut stream, &w.stop).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -314,7 +309,7 @@ async fn watch(
         }
         loop {
             if !pending {
-                match fill(&stream, decoder.buffer_mut(READ_BUF)) {
+                match fill(&mut stream, decoder.buffer_mut(READ_BUF)) {
                     Filled::Data => {}
                     Filled::Drained => break,
                     Filled::Closed => {
@@ -408,7 +403,7 @@ pub async fn run_board(
     conn: &mut super::report::Report,
 ) -> anyhow::Result<BoardReport> {
     let base_url = args.url.trim_end_matches('/').to_string();
-    let client = HttpClient::new(args.key.clone());
+    let client = crate::http_client(args)?;
     let rate = if args.rate > 0.0 { args.rate } else { 5.0 };
     let post_url = format!("{base_url}/api/boards/{}/scores", args.board);
     let base = base_score(&client, &base_url, &args.board).await?;

@@ -42,7 +42,6 @@ use anyhow::{bail, Context};
 use clap::{Args, FromArgMatches};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
@@ -120,8 +119,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
     /// Server base URL; must be a loopback address (127.0.0.0/8, ::1 or localhost).
+    /// `https://` makes every subscriber `wss://` (or SSE over HTTPS) and publishes over
+    /// HTTPS; the certificate is checked (--ca-file for a private CA).
     #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
     pub url: String,
+    /// PEM file of CA certificates to trust for an `https://` --url (besides the public
+    /// web roots), e.g. the CA of a self-signed loopback test certificate.
+    #[arg(long, env = "CRIER_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Several servers (nodes sharing one Redis) instead of --url, comma separated, e.g.
     /// `http://127.0.0.1:7701,http://127.0.0.1:7702`: fanout spreads its subscribers over
     /// them round robin and reports latency per node; publications (and scores) go through
@@ -316,18 +321,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server address of `url`, refused unless it is loopback.
+/// The server address of `url` (`http://` or `https://`), refused unless it is loopback.
 pub fn loopback_addr(url: &str) -> anyhow::Result<SocketAddr> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// URLs are supported"))?;
+    let (rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, 80)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, 443)
+    } else {
+        bail!("{url}: only http:// and https:// URLs are supported");
+    };
     let authority = rest.split('/').next().unwrap_or("");
     let with_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
         !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
     }) {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let addr = with_port
         .to_socket_addrs()
@@ -337,6 +346,51 @@ pub fn loopback_addr(url: &str) -> anyhow::Result<SocketAddr> {
             format!("{authority} is not a loopback address: bench runs on loopback only")
         })?;
     Ok(addr)
+}
+
+/// The subscribers' TLS for `https://` targets (all of them, or none: a run does not mix
+/// schemes), checking the certificate against the public roots plus `ca_file`. The name
+/// checked is the first target's host.
+pub fn tls_target(
+    targets: &[String],
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<subscriber::TlsTarget>> {
+    let https = targets.iter().filter(|t| t.starts_with("https://")).count();
+    if https == 0 {
+        anyhow::ensure!(
+            ca_file.is_none(),
+            "--ca-file needs an https:// --url or --target"
+        );
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        https == targets.len(),
+        "--target mixes http:// and https:// servers"
+    );
+    let authority = targets[0]["https://".len()..]
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .with_context(|| format!("{host}: not a TLS server name"))?;
+    let config = crier_protocol::http_client::tls_config(ca_file)?;
+    Ok(Some(subscriber::TlsTarget {
+        connector: tokio_rustls::TlsConnector::from(config),
+        name,
+    }))
+}
+
+/// The publishers' HTTP client: `--key`, and `--ca-file` for an `https://` server.
+pub fn http_client(args: &BenchArgs) -> anyhow::Result<HttpClient> {
+    let client = HttpClient::new(args.key.clone());
+    match &args.ca_file {
+        Some(ca) => client.with_ca_file(ca),
+        None => Ok(client),
+    }
 }
 
 /// Server CPU time, user + system of all its threads, in seconds from /proc/PID/stat
@@ -396,6 +450,11 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         .map(|t| loopback_addr(t))
         .collect::<anyhow::Result<Vec<_>>>()?;
     args.publish_bases()?;
+    let tls = tls_target(&targets, args.ca_file.as_deref())?;
+    anyhow::ensure!(
+        tls.is_none() || args.attack.is_none(),
+        "--attack speaks plain TCP: use an http:// --url"
+    );
     let addr = target_addrs[0];
     if !args.target.is_empty() {
         args.url = targets[0].clone();
@@ -428,9 +487,9 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     );
     match args.mode {
         BenchMode::Fanout => {}
-        BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr).await,
+        BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr, tls).await,
         BenchMode::ResumeStorm | BenchMode::PublishThroughput => {
-            return run_history(args, addr).await
+            return run_history(args, addr, tls).await
         }
     }
     anyhow::ensure!(
@@ -471,6 +530,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         }
         (None, None) => None,
     };
+    shared.tls = tls;
     let shared = Arc::new(shared);
     let mut report = Report {
         mode: args.mode.name().to_string(),
@@ -577,7 +637,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     pb.finish_and_clear();
 
     // Stalled subscribers: WebSocket, tiny receive buffer, never read after `subscribed`.
-    let mut stalled: Vec<TcpStream> = Vec::new();
+    let mut stalled: Vec<subscriber::Conn> = Vec::new();
     let mut stalled_failed = 0;
     if args.stalled > 0 {
         let mut set = JoinSet::new();
@@ -624,7 +684,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     let published_ok = Arc::new(AtomicU64::new(0));
     let publish_start = Instant::now();
     let cpu_before = args.server_pid.and_then(cpu_secs);
-    let client = HttpClient::new(args.key.clone());
+    let client = http_client(&args)?;
     let publish_urls = args
         .publish_bases()?
         .iter()
@@ -748,7 +808,11 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
 }
 
 /// `--mode scores` and `--mode board`.
-async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report> {
+async fn run_leaderboard(
+    args: BenchArgs,
+    addr: SocketAddr,
+    tls: Option<subscriber::TlsTarget>,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(
         crier_protocol::names::is_valid_board(&args.board),
         "--board must be 1-64 bytes of A-Z a-z 0-9 _ - ."
@@ -769,11 +833,10 @@ async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Re
         }
         BenchMode::Board => {
             report.subscribers = args.subscribers;
-            let shared = Arc::new(Shared::new(
-                addr,
-                report.topic.clone(),
-                sources(addr, args.source_ips),
-            ));
+            let mut shared =
+                Shared::new(addr, report.topic.clone(), sources(addr, args.source_ips));
+            shared.tls = tls;
+            let shared = Arc::new(shared);
             report.board = Some(board::run_board(&args, shared, &mut report).await?);
         }
         _ => unreachable!("handled by run_with"),
@@ -782,7 +845,11 @@ async fn run_leaderboard(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Re
 }
 
 /// `--mode resume-storm` and `--mode publish-throughput` (issue 7).
-async fn run_history(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report> {
+async fn run_history(
+    args: BenchArgs,
+    addr: SocketAddr,
+    tls: Option<subscriber::TlsTarget>,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(
         crier_protocol::names::is_valid_topic(&args.topic),
         "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
@@ -801,11 +868,9 @@ async fn run_history(args: BenchArgs, addr: SocketAddr) -> anyhow::Result<Report
         BenchMode::ResumeStorm => {
             report.transport = args.transport.name().to_string();
             report.subscribers = args.subscribers;
-            let shared = Arc::new(Shared::new(
-                addr,
-                args.topic.clone(),
-                sources(addr, args.source_ips),
-            ));
+            let mut shared = Shared::new(addr, args.topic.clone(), sources(addr, args.source_ips));
+            shared.tls = tls;
+            let shared = Arc::new(shared);
             report.resume = Some(resume::run(&args, shared, hidden).await?);
         }
         BenchMode::PublishThroughput => {
@@ -985,7 +1050,12 @@ mod tests {
             .ip()
             .is_loopback());
         assert!(loopback_addr("http://10.0.0.1:7700").is_err());
-        assert!(loopback_addr("https://127.0.0.1:7700").is_err());
+        assert_eq!(
+            loopback_addr("https://127.0.0.1:7700").unwrap(),
+            loopback_addr("http://127.0.0.1:7700").unwrap()
+        );
+        assert_eq!(loopback_addr("https://localhost/").unwrap().port(), 443);
+        assert!(loopback_addr("ftp://127.0.0.1:7700").is_err());
     }
 
     #[test]

@@ -25,11 +25,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::subscriber::Conn;
 use anyhow::{bail, Context};
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -219,7 +219,7 @@ struct ErrorReply {
 
 /// Sends `{"op":"subscribe","topic":..,"since":..}` and reads up to its reply.
 async fn subscribe(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     decoder: &mut Decoder,
     topic: &str,
     since: Option<(u64, &str)>,
@@ -277,7 +277,7 @@ pub fn last_event_id(epoch: &str, offset: u64) -> String {
 /// Reads an SSE stream until its `subscribed` event, feeding publications that follow
 /// it in the same read to `on_pub`. Gives up when `stop` is cancelled.
 async fn sse_until_subscribed(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     reader: &mut SseReader,
     first: Vec<u8>,
     stop: &CancellationToken,
@@ -330,7 +330,7 @@ async fn first_subscribe(
     shared: &Shared,
     i: usize,
     transport: BenchTransport,
-) -> anyhow::Result<(TcpStream, u64, Option<String>)> {
+) -> anyhow::Result<(Conn, u64, Option<String>)> {
     match transport {
         BenchTransport::Ws => {
             let (mut stream, mut decoder) = subscriber::ws_upgrade(shared, i, None, "/ws").await?;
@@ -350,8 +350,8 @@ async fn first_subscribe(
 }
 
 /// Resets the connection, as a dropped network leaves it: no close frame, no FIN.
-fn cut(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+fn cut(stream: Conn) {
+    let _ = socket2::SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
     drop(stream);
 }
 
@@ -408,8 +408,8 @@ impl Catching<'_> {
 
 /// An open resumed connection, past its `subscribed` reply.
 enum Open {
-    Ws(TcpStream, Decoder),
-    Sse(TcpStream, SseReader),
+    Ws(Conn, Decoder),
+    Sse(Conn, SseReader),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -501,7 +501,7 @@ async fn resume_one(
 
 /// Reads a resumed WebSocket until the run stops or the server closes it.
 async fn ws_catch_up(
-    mut stream: TcpStream,
+    mut stream: Conn,
     mut decoder: Decoder,
     shared: &Shared,
     c: &mut Catching<'_>,
@@ -510,14 +510,14 @@ async fn ws_catch_up(
     let mut pending = decoder.buffered() > 0;
     'outer: loop {
         if !pending {
-            match wait_readable(&stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop).await {
                 Ok(true) => {}
                 Ok(false) | Err(()) => break,
             }
         }
         loop {
             if !pending {
-                match fill(&stream, decoder.buffer_mut(READ_BUF)) {
+                match fill(&mut stream, decoder.buffer_mut(READ_BUF)) {
                     Filled::Data => {}
                     Filled::Drained => break,
                     Filled::Closed => break 'outer,
@@ -559,20 +559,20 @@ async fn ws_catch_up(
 
 /// Reads a resumed SSE stream until the run stops or the server ends it.
 async fn sse_catch_up(
-    stream: TcpStream,
+    mut stream: Conn,
     mut reader: SseReader,
     shared: &Shared,
     c: &mut Catching<'_>,
 ) {
     let mut raw = BytesMut::new();
     'outer: loop {
-        match wait_readable(&stream, &shared.stop).await {
+        match wait_readable(&mut stream, &shared.stop).await {
             Ok(true) => {}
             Ok(false) | Err(()) => break,
         }
         loop {
             raw.reserve(READ_BUF);
-            match fill(&stream, &mut raw) {
+            match fill(&mut stream, &mut raw) {
                 Filled::Data => {}
                 Filled::Drained => break,
                 Filled::Closed => break 'outer,
@@ -725,7 +725,7 @@ pub async fn run(
     // 0. One publication first, so the topic exists with a history: a memory topic with
     //    neither history nor subscribers is dropped when the last subscriber leaves, and
     //    comes back under a new epoch (a position in it cannot be resumed).
-    let client = HttpClient::new(args.key.clone());
+    let client = crate::http_client(args)?;
     let url = format!(
         "{}/api/publish/{}",
         args.url.trim_end_matches('/'),
@@ -751,7 +751,7 @@ pub async fn run(
     }
     let pb = super::progress(n as u64, "subscribe", hidden);
     let deadline = tokio::time::Instant::now() + args.timeout;
-    let mut clients: Vec<(usize, TcpStream, u64, String)> = Vec::with_capacity(n);
+    let mut clients: Vec<(usize, Conn, u64, String)> = Vec::with_capacity(n);
     let mut first_error = None;
     loop {
         match tokio::time::timeout_at(deadline, set.join_next()).await {

@@ -1,5 +1,5 @@
-//! The subscribers of the load tool: raw `TcpStream`s, the WebSocket handshake written by
-//! hand, frames read with the server's own `ws::frame::Decoder` (role Client), SSE read
+//! The subscribers of the load tool: raw `TcpStream`s (or rustls over them, for an
+//! `https://` server: see `Conn`), the WebSocket handshake written by hand, frames read with the server's own `ws::frame::Decoder` (role Client), SSE read
 //! through a small chunked-transfer decoder. One task per subscriber; each waits for
 //! readiness with no buffer, then reads up to 64 KiB at a time, so 10,000 idle subscribers
 //! cost the tool almost nothing and busy ones one syscall per 64 KiB.
@@ -15,8 +15,13 @@ use base64::Engine;
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::{self, Frame};
@@ -59,6 +64,77 @@ pub struct Shared {
     pub latency: Box<[Mutex<Histogram<u64>>]>,
     /// `?token=` of each subscriber (`--token`, `--token-secret`), or none.
     pub tokens: Option<crate::token::Tokens>,
+    /// TLS towards an `https://` server: every subscriber connection is `wss://` (or SSE
+    /// over HTTPS). None for `http://`.
+    pub tls: Option<TlsTarget>,
+}
+
+/// How subscribers reach an `https://` server: the client configuration (the public roots
+/// plus `--ca-file`) and the name its certificate must hold (the URL's host).
+#[derive(Clone)]
+pub struct TlsTarget {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: rustls_pki_types::ServerName<'static>,
+}
+
+/// One subscriber connection: plain TCP, or TLS over it.
+///
+/// Both are read the same way (`wait_readable`, then `fill` until it drains), so the
+/// subscriber loops hold no read buffer while idle either way. A TLS connection's idle
+/// cost on the tool's side is rustls's session state and buffers.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// The TCP socket under the connection (socket options, readiness).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl Shared {
@@ -82,6 +158,7 @@ impl Shared {
                 .map(|_| Mutex::new(new_histogram()))
                 .collect(),
             tokens: None,
+            tls: None,
         }
     }
 
@@ -154,8 +231,27 @@ pub async fn connect_tcp(shared: &Shared, i: usize, rcvbuf: Option<u32>) -> io::
     Ok(stream)
 }
 
+/// Opens subscriber `i`'s connection: TCP from its source address, then the TLS
+/// handshake when the server is `https://`.
+pub async fn connect(shared: &Shared, i: usize, rcvbuf: Option<u32>) -> anyhow::Result<Conn> {
+    let tcp = connect_tcp(shared, i, rcvbuf).await.context("connect")?;
+    match &shared.tls {
+        None => Ok(Conn::Plain(tcp)),
+        Some(t) => {
+            let tls = t
+                .connector
+                .connect(t.name.clone(), tcp)
+                .await
+                .context("TLS handshake")?;
+            Ok(Conn::Tls(Box::new(tls)))
+        }
+    }
+}
+
 /// Reads an HTTP response head (up to the blank line). Returns the head and what followed.
-pub(crate) async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(String, Vec<u8>)> {
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> anyhow::Result<(String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if let Some(end) = envelope::find(&buf, b"\r\n\r\n") {
@@ -186,8 +282,8 @@ pub async fn ws_upgrade(
     i: usize,
     rcvbuf: Option<u32>,
     target: &str,
-) -> anyhow::Result<(TcpStream, Decoder)> {
-    let mut stream = connect_tcp(shared, i, rcvbuf).await.context("connect")?;
+) -> anyhow::Result<(Conn, Decoder)> {
+    let mut stream = connect(shared, i, rcvbuf).await?;
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let req = format!(
         "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -216,7 +312,7 @@ pub async fn ws_open(
     shared: &Shared,
     i: usize,
     rcvbuf: Option<u32>,
-) -> anyhow::Result<(TcpStream, Decoder, u64)> {
+) -> anyhow::Result<(Conn, Decoder, u64)> {
     let target = format!("/ws?topic={}{}", shared.topic, shared.token_param(i));
     let (mut stream, mut decoder) = ws_upgrade(shared, i, rcvbuf, &target).await?;
     loop {
@@ -244,7 +340,7 @@ pub async fn ws_open(
 
 /// Reads publications until `stop`, the server closing, or an error.
 pub async fn ws_run(
-    mut stream: TcpStream,
+    mut stream: Conn,
     mut decoder: Decoder,
     start: u64,
     shared: Arc<Shared>,
@@ -260,7 +356,7 @@ pub async fn ws_run(
     let mut pending = decoder.buffered() > 0;
     'outer: loop {
         if !pending {
-            match wait_readable(&stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -271,7 +367,7 @@ pub async fn ws_run(
         }
         loop {
             if !pending {
-                match fill(&stream, decoder.buffer_mut(READ_BUF)) {
+                match fill(&mut stream, decoder.buffer_mut(READ_BUF)) {
                     Filled::Data => {}
                     Filled::Drained => break,
                     Filled::Closed => {
@@ -342,22 +438,42 @@ pub(crate) enum Filled {
     Closed,
 }
 
-/// Waits until the socket is readable, holding no buffer meanwhile. False when the run is
-/// stopping or the socket failed.
-pub(crate) async fn wait_readable(
-    stream: &TcpStream,
-    stop: &CancellationToken,
-) -> Result<bool, ()> {
+/// Waits until the connection has something to read, holding no buffer meanwhile. False
+/// when the run is stopping; an error when the socket failed.
+pub(crate) async fn wait_readable(stream: &mut Conn, stop: &CancellationToken) -> Result<bool, ()> {
+    if let Conn::Tls(t) = stream {
+        // Plaintext rustls already decrypted (a record larger than the last read) is
+        // readable now, whatever the socket says.
+        match t.get_mut().1.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() > 0 => return Ok(true),
+            Ok(_) => {}
+            Err(_) => return Err(()),
+        }
+    }
+    let tcp = stream.tcp();
     tokio::select! {
         biased;
         _ = stop.cancelled() => Ok(false),
-        ready = stream.readable() => ready.map(|_| true).map_err(|_| ()),
+        ready = tcp.readable() => ready.map(|_| true).map_err(|_| ()),
     }
 }
 
 /// One non-blocking read into `buf`.
-pub(crate) fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Filled {
-    match stream.try_read_buf(buf) {
+pub(crate) fn fill(stream: &mut Conn, buf: &mut BytesMut) -> Filled {
+    let read = match stream {
+        Conn::Plain(s) => s.try_read_buf(buf),
+        // One poll of the TLS read: rustls reads the socket until it would block and
+        // decrypts what came. Pending means the socket drained (its readiness is cleared,
+        // so `wait_readable` then waits for more).
+        Conn::Tls(s) => {
+            let mut cx = TaskContext::from_waker(Waker::noop());
+            match std::pin::pin!(s.read_buf(buf)).as_mut().poll(&mut cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => return Filled::Drained,
+            }
+        }
+    };
+    match read {
         Ok(0) => Filled::Closed,
         Ok(_) => Filled::Data,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Filled::Drained,
@@ -501,7 +617,7 @@ impl SseReader {
 /// Opens an SSE stream. The server subscribes before it answers, so a 200 means the
 /// subscriber is in place. Returns the stream, whether the body is chunked, and any body
 /// bytes already read.
-pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
+pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(Conn, bool, Vec<u8>)> {
     let target = format!("/sse?topic={}{}", shared.topic, shared.token_param(i));
     sse_request(shared, i, &target, "").await
 }
@@ -513,8 +629,8 @@ pub async fn sse_request(
     i: usize,
     target: &str,
     headers: &str,
-) -> anyhow::Result<(TcpStream, bool, Vec<u8>)> {
-    let mut stream = connect_tcp(shared, i, None).await.context("connect")?;
+) -> anyhow::Result<(Conn, bool, Vec<u8>)> {
+    let mut stream = connect(shared, i, None).await?;
     let req = format!(
         "GET {target} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{headers}\r\n",
         shared.target(i)
@@ -535,7 +651,7 @@ pub async fn sse_request(
 }
 
 pub async fn sse_run(
-    stream: TcpStream,
+    mut stream: Conn,
     chunked: bool,
     first: Vec<u8>,
     start: u64,
@@ -554,7 +670,7 @@ pub async fn sse_run(
     let mut pending = !raw.is_empty();
     'outer: loop {
         if !pending {
-            match wait_readable(&stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -566,7 +682,7 @@ pub async fn sse_run(
         loop {
             if !pending {
                 raw.reserve(READ_BUF);
-                match fill(&stream, &mut raw) {
+                match fill(&mut stream, &mut raw) {
                     Filled::Data => {}
                     Filled::Drained => break,
                     Filled::Closed => {
@@ -625,7 +741,7 @@ pub async fn sse_run(
 /// (which lets the server finish writing) until a close frame, EOF or error (closed), or
 /// until `quiet` passes with nothing arriving (still open). Returns (closed, close code).
 pub async fn stalled_check(
-    mut stream: TcpStream,
+    mut stream: Conn,
     quiet: Duration,
     deadline: Instant,
 ) -> (bool, Option<u16>) {

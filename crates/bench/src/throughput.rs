@@ -24,7 +24,6 @@ use super::report::Percentiles;
 use super::resume::Receipt;
 use super::subscriber::{new_histogram, unix_us};
 use super::BenchArgs;
-use crier_protocol::http_client::HttpClient;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ThroughputReport {
@@ -164,7 +163,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ThroughputReport> {
     );
     let servers: Arc<Vec<String>> = Arc::new(bases);
     let shared_names = Arc::new(names.clone());
-    let client = HttpClient::new(args.key.clone());
+    let client = crate::http_client(args)?;
     let total = args.messages;
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();

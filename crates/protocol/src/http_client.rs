@@ -1,21 +1,123 @@
 //! A small HTTP/1 client for the command line (`crier publish`) and the load tool, on the
 //! hyper stack the server already links, so no second HTTP implementation is pulled in.
-//! `https://` URLs go over rustls (the server's TLS stack), one connection per request,
-//! trusting the public web roots plus a private CA given with `with_ca_file`.
+//! `https://` URLs go over rustls (the server's TLS stack), kept alive and pooled like
+//! plain ones, trusting the public web roots plus a private CA given with `with_ca_file`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Client<Connector, Full<Bytes>>,
     key: Option<String>,
+}
+
+/// Plain TCP for `http://`, rustls over it for `https://`, behind one pooled client: both
+/// keep their connections alive, so a publisher over TLS pays one handshake per
+/// connection, not one per request.
+#[derive(Clone)]
+struct Connector {
+    http: HttpConnector,
     tls: Arc<rustls::ClientConfig>,
+}
+
+/// A pooled connection of either kind.
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Io;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Io, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (mut http, tls) = (self.http.clone(), self.tls.clone());
+        Box::pin(async move {
+            let https = uri.scheme_str() == Some("https");
+            let tcp = http.call(uri.clone()).await?;
+            if !https {
+                return Ok(Io::Plain(tcp));
+            }
+            let host = uri
+                .host()
+                .unwrap_or("")
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let name = rustls_pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("{host}: {e}"))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp.into_inner())
+                .await
+                .map_err(|e| format!("TLS with {host}: {e}"))?;
+            Ok(Io::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+impl Connection for Io {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// The public web roots, plus the certificates of `ca_file` (PEM) when given.
@@ -51,58 +153,23 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<rustl
 
 impl HttpClient {
     pub fn new(key: Option<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        Self::with_tls(key, tls_config(None).expect("the built-in roots load"))
+    }
+
+    fn with_tls(key: Option<String>, tls: Arc<rustls::ClientConfig>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        // https:// URLs reach the connector too; it adds the TLS layer.
+        http.enforce_http(false);
         HttpClient {
-            inner: Client::builder(TokioExecutor::new()).build(connector),
+            inner: Client::builder(TokioExecutor::new()).build(Connector { http, tls }),
             key,
-            tls: tls_config(None).expect("the built-in roots load"),
         }
     }
 
     /// Trusts the CA certificates of a PEM file too, for a server with a private CA.
-    pub fn with_ca_file(mut self, path: &std::path::Path) -> anyhow::Result<Self> {
-        self.tls = tls_config(Some(path))?;
-        Ok(self)
-    }
-
-    /// One request over a fresh TLS connection.
-    async fn request_tls(&self, req: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Bytes)> {
-        let uri = req.uri().clone();
-        let host = uri
-            .host()
-            .ok_or_else(|| anyhow::anyhow!("{uri}: no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = uri.port_u16().unwrap_or(443);
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to {host}:{port}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| anyhow::anyhow!("{host}: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| anyhow::anyhow!("TLS with {host}:{port}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
-        let driver = tokio::spawn(conn);
-        // An origin-form target and a Host header, as on any HTTP/1.1 connection.
-        let (mut parts, body) = req.into_parts();
-        let authority = uri.authority().map(|a| a.to_string()).unwrap_or(host);
-        parts.uri = uri.path_and_query().map_or("/", |p| p.as_str()).parse()?;
-        parts
-            .headers
-            .insert(hyper::header::HOST, authority.parse()?);
-        let resp = sender
-            .send_request(Request::from_parts(parts, body))
-            .await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        driver.abort();
-        Ok((status, body))
+    pub fn with_ca_file(self, path: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(Self::with_tls(self.key, tls_config(Some(path))?))
     }
 
     pub async fn request(
@@ -121,9 +188,6 @@ impl HttpClient {
             req = req.header("authorization", format!("Bearer {k}"));
         }
         let req = req.body(Full::new(body.unwrap_or_default()))?;
-        if req.uri().scheme_str() == Some("https") {
-            return self.request_tls(req).await;
-        }
         let resp = self.inner.request(req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
