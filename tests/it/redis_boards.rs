@@ -233,17 +233,17 @@ async fn one_leaderboard_across_nodes_survives_a_restart_of_everything() {
     );
     // Node b follows over pub/sub (the documented hop): wait for it, then compare.
     let want = ["tie1", "tie2", "tie3", "tie0", "x"];
-    let order = within("node b shows the ties", async {
+    let ties = within("node b shows the ties", async {
         loop {
             let ties = ranking(&b, "ties").await;
-            let order: Vec<String> = ties.into_iter().map(|(_, p, _)| p).collect();
-            if order.len() >= want.len() {
-                return order;
+            if ties.len() >= want.len() {
+                return ties;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
+    let order: Vec<&str> = ties.iter().map(|(_, p, _)| p.as_str()).collect();
     assert_eq!(order, want);
 
     // SIGKILL every node and Redis, then start it all again.
