@@ -114,6 +114,9 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
         let shutdown = CancellationToken::new();
+        if let Some(webhooks) = crate::webhook::Webhooks::spawn(&cfg, &metrics, shutdown.clone()) {
+            hub.set_events(webhooks);
+        }
         let (broker, memory_broker, boards, redis_health): (
             Arc<dyn crate::broker::Broker>,
             _,

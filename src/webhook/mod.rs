@@ -1,0 +1,167 @@
+//! Webhooks (docs/webhooks.md): the node POSTs signed batches of events to each
+//! `webhook_url` when a topic is occupied or vacated and when a presence member joins or
+//! leaves.
+//!
+//! The hub and the subscribe path report transitions through `hub::TopicEvents`, under
+//! their locks: [`Webhooks`] only turns them into event JSON and pushes it onto each URL's
+//! bounded queue (`batch.rs`), and one task per URL delivers (`deliver.rs`), so nothing a
+//! receiver does reaches fan-out. Modules: `events` (the JSON), `occupancy` (the vacate
+//! grace), `batch` (the queue and the body), `sign` (the HMAC), `deliver` (POST and retry).
+//!
+//! Occupied and vacated are per node: a topic is occupied while this node holds a
+//! subscriber of it. Member events are sent by the node the member joined or left.
+
+pub mod batch;
+pub mod deliver;
+pub mod events;
+pub mod occupancy;
+pub mod sign;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::hub::TopicEvents;
+use crate::metrics::Metrics;
+use crate::topic::TopicName;
+use deliver::{Counters, Settings, Target};
+use events::Filter;
+use occupancy::Occupancy;
+
+/// A member's identity, kept from its join to its leave (only when `member_left` is sent):
+/// `(user, info)`.
+type Who = (Option<Arc<str>>, Option<Arc<str>>);
+
+pub struct Webhooks {
+    cfg: Config,
+    filter: Filter,
+    targets: Vec<Arc<Target>>,
+    occupancy: Occupancy,
+    /// The members of presence topics, for their `member_left` (bounded by presence's
+    /// own bound: one per subscription of a presence topic).
+    members: Mutex<HashMap<(TopicName, u64), Who>>,
+}
+
+impl Webhooks {
+    /// Starts one delivery task per URL and the grace timer; None without `webhook_url`.
+    pub fn spawn(
+        cfg: &Config,
+        metrics: &Metrics,
+        stop: CancellationToken,
+    ) -> Option<Arc<Webhooks>> {
+        if cfg.webhook_urls.is_empty() {
+            return None;
+        }
+        let settings = Arc::new(Settings {
+            signer: sign::Signer::new(cfg.webhook_secret.as_bytes()),
+            batch_max: cfg.webhook_batch_max,
+            linger: cfg.webhook_linger,
+            timeout: cfg.webhook_timeout,
+        });
+        let targets: Vec<Arc<Target>> = cfg
+            .webhook_urls
+            .iter()
+            .map(|url| {
+                Arc::new(Target {
+                    url: url.clone(),
+                    queue: batch::Queue::new(cfg.webhook_queue_max),
+                    counters: Counters::new(metrics, url),
+                    unlogged_drops: Default::default(),
+                })
+            })
+            .collect();
+        for t in &targets {
+            tokio::spawn(deliver::run(t.clone(), settings.clone(), stop.clone()));
+        }
+        let this = Arc::new(Webhooks {
+            cfg: cfg.clone(),
+            filter: Filter::new(&cfg.webhook_events),
+            targets,
+            occupancy: Occupancy::new(cfg.webhook_vacate_grace, cfg.max_topics),
+            members: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(grace_timer(this.clone(), stop));
+        Some(this)
+    }
+
+    /// Queues one event for every URL.
+    fn emit(&self, json: String) {
+        for t in &self.targets {
+            t.counters.queued.inc();
+            if t.queue.push(json.clone()) > 0 {
+                t.counters.dropped.inc();
+                t.unlogged_drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn grace_timer(this: Arc<Webhooks>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(this.occupancy.tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for topic in this.occupancy.due(Instant::now()) {
+            if this.filter.vacated {
+                this.emit(events::topic("topic_vacated", &topic));
+            }
+        }
+    }
+}
+
+impl TopicEvents for Webhooks {
+    fn occupied(&self, topic: &str) {
+        if self.filter.topics() && self.occupancy.occupied(topic) && self.filter.occupied {
+            self.emit(events::topic("topic_occupied", topic));
+        }
+    }
+
+    fn vacated(&self, topic: &str) {
+        if self.filter.topics()
+            && self.occupancy.vacated(topic, Instant::now())
+            && self.filter.vacated
+        {
+            self.emit(events::topic("topic_vacated", topic));
+        }
+    }
+
+    fn member_joined(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {
+        if !self.filter.members() || !self.cfg.presence(topic).members {
+            return;
+        }
+        if self.filter.left {
+            self.members.lock().insert(
+                (topic.into(), client),
+                (user.map(Arc::from), info.map(Arc::from)),
+            );
+        }
+        if self.filter.joined {
+            self.emit(events::member("member_joined", topic, client, user, info));
+        }
+    }
+
+    fn member_left(&self, topic: &str, client: u64) {
+        if !self.filter.left || !self.cfg.presence(topic).members {
+            return;
+        }
+        let key = (TopicName::from(topic), client);
+        let Some((user, info)) = self.members.lock().remove(&key) else {
+            return;
+        };
+        self.emit(events::member(
+            "member_left",
+            topic,
+            client,
+            user.as_deref(),
+            info.as_deref(),
+        ));
+    }
+}
