@@ -8,10 +8,13 @@
 //! receiver does reaches fan-out. Modules: `events` (the JSON), `occupancy` (the vacate
 //! grace), `batch` (the queue and the body), `sign` (the HMAC), `deliver` (POST and retry).
 //!
-//! Occupied and vacated are per node: a topic is occupied while this node holds a
-//! subscriber of it. Member events are sent by the node the member joined or left.
+//! On a node alone a topic is occupied while the node holds a subscriber of it; under
+//! `--redis`, while any node does (`cluster.rs`: once per cluster). Either way a topic
+//! left is let go only after `webhook_vacate_grace` (`occupancy.rs`). Member events are
+//! sent by the node the member joined or left.
 
 pub mod batch;
+pub mod cluster;
 pub mod deliver;
 pub mod events;
 pub mod occupancy;
@@ -19,7 +22,7 @@ pub mod sign;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -45,6 +48,30 @@ pub struct Webhooks {
     /// The members of presence topics, for their `member_left` (bounded by presence's
     /// own bound: one per subscription of a presence topic).
     members: Mutex<HashMap<(TopicName, u64), Who>>,
+    /// Under `--redis`: where the cluster decides occupied and vacated.
+    cluster: OnceLock<Arc<cluster::Cluster>>,
+}
+
+/// What `Config::check` says of a value alone, again for a `Config` built by hand, plus
+/// each URL as the HTTP client will read it.
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.webhook_urls.is_empty() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        cfg.webhook_secret.len() >= 32,
+        "webhook_secret must be at least 32 bytes when webhook_url is set (it signs each delivery)"
+    );
+    for url in &cfg.webhook_urls {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("webhook_url {url:?}: {e}"))?;
+        anyhow::ensure!(
+            uri.scheme_str() == Some("http") && uri.host().is_some(),
+            "webhook_url {url:?}: must be an http:// URL with a host"
+        );
+    }
+    Ok(())
 }
 
 impl Webhooks {
@@ -84,9 +111,46 @@ impl Webhooks {
             targets,
             occupancy: Occupancy::new(cfg.webhook_vacate_grace, cfg.max_topics),
             members: Mutex::new(HashMap::new()),
+            cluster: OnceLock::new(),
         });
         tokio::spawn(grace_timer(this.clone(), stop));
         Some(this)
+    }
+
+    /// Under `--redis` (before the node serves): topics are occupied and vacated once per
+    /// cluster, decided in Redis over `conn`; `node` is this node's id there.
+    pub fn share(
+        self: &Arc<Self>,
+        conn: redis::aio::ConnectionManager,
+        node: String,
+        stop: CancellationToken,
+    ) {
+        if !self.filter.topics() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let c = cluster::Cluster::spawn(conn, node, stop, move |topic, change| {
+            if let Some(me) = me.upgrade() {
+                me.announce(topic, change == cluster::Change::Occupied);
+            }
+        });
+        let _ = self.cluster.set(c);
+    }
+
+    /// This node's view changed, after the grace: the cluster decides, or it is the news.
+    fn held(&self, topic: &str, held: bool) {
+        match self.cluster.get() {
+            Some(c) => c.want(topic, held),
+            None => self.announce(topic, held),
+        }
+    }
+
+    fn announce(&self, topic: &str, occupied: bool) {
+        if occupied && self.filter.occupied {
+            self.emit(events::topic("topic_occupied", topic));
+        } else if !occupied && self.filter.vacated {
+            self.emit(events::topic("topic_vacated", topic));
+        }
     }
 
     /// Queues one event for every URL.
@@ -110,26 +174,21 @@ async fn grace_timer(this: Arc<Webhooks>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         for topic in this.occupancy.due(Instant::now()) {
-            if this.filter.vacated {
-                this.emit(events::topic("topic_vacated", &topic));
-            }
+            this.held(&topic, false);
         }
     }
 }
 
 impl TopicEvents for Webhooks {
     fn occupied(&self, topic: &str) {
-        if self.filter.topics() && self.occupancy.occupied(topic) && self.filter.occupied {
-            self.emit(events::topic("topic_occupied", topic));
+        if self.filter.topics() && self.occupancy.occupied(topic) {
+            self.held(topic, true);
         }
     }
 
     fn vacated(&self, topic: &str) {
-        if self.filter.topics()
-            && self.occupancy.vacated(topic, Instant::now())
-            && self.filter.vacated
-        {
-            self.emit(events::topic("topic_vacated", topic));
+        if self.filter.topics() && self.occupancy.vacated(topic, Instant::now()) {
+            self.held(topic, false);
         }
     }
 

