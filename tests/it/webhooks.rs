@@ -408,3 +408,93 @@ async fn a_short_secret_is_refused_at_start() {
         "a short secret stops the start"
     );
 }
+
+/// `crier serve --redis ... --webhook-url ...`, the real binary.
+fn cluster_node(
+    redis: &crate::common::redis::RedisServer,
+    url: &str,
+) -> (crate::common::Proc, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, addr) = crate::common::serve_binary(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--redis",
+            &redis.url(),
+            "--webhook-url",
+            url,
+            "--webhook-secret",
+            SECRET,
+            "--webhook-vacate-grace",
+            "200ms",
+            "--webhook-linger",
+            "5ms",
+        ],
+    );
+    (proc, addr, dir)
+}
+
+/// Two nodes on one redis-server: a topic held on both is occupied and vacated once for
+/// the cluster, and the topics of a node killed with SIGKILL are vacated, once, by the
+/// survivor's sweep.
+#[tokio::test]
+async fn two_nodes_occupy_and_vacate_once_per_cluster() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let (r, url, _, _stop) = receiver().await;
+    let (_a, a, _da) = cluster_node(&redis, &url);
+    let (mut b_proc, b, _db) = cluster_node(&redis, &url);
+
+    let mut on_a = crate::common::http::ws(&a, "").await;
+    subscribe(&mut on_a, "lobby").await;
+    r.wait_for("occupied", |n| !n.is_empty()).await;
+    let mut on_b = crate::common::http::ws(&b, "").await;
+    subscribe(&mut on_b, "lobby").await;
+    drop(on_a);
+    // No event can be awaited here: give node A well past its 200 ms grace to (wrongly)
+    // report the topic vacated while B still holds it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(on_b);
+    r.wait_for("vacated", |n| n.len() >= 2).await;
+    assert_eq!(
+        r.names(),
+        [
+            pair("topic_occupied", "lobby"),
+            pair("topic_vacated", "lobby")
+        ]
+    );
+
+    // Only B holds the arena; B dies without a word.
+    let mut on_b = crate::common::http::ws(&b, "").await;
+    subscribe(&mut on_b, "arena").await;
+    r.wait_for("arena occupied", |n| n.len() >= 3).await;
+    let killed = Instant::now();
+    let _ = b_proc.0.kill();
+    let _ = b_proc.0.wait();
+    drop(on_b);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.names().len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's topic was never vacated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(9),
+        "vacated {took:?} after the kill"
+    );
+    assert_eq!(
+        r.names()[2..],
+        [
+            pair("topic_occupied", "arena"),
+            pair("topic_vacated", "arena")
+        ]
+    );
+    // A sweep runs every second on the survivor: give it three more to (wrongly) repeat it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(r.names().len(), 4, "once per cluster: {:?}", r.names());
+    assert_eq!(r.bad.load(Ordering::SeqCst), 0);
+    eprintln!("a SIGKILLed node's topic was vacated {took:?} after the kill");
+}
