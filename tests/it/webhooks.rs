@@ -498,3 +498,185 @@ async fn two_nodes_occupy_and_vacate_once_per_cluster() {
     assert_eq!(r.bad.load(Ordering::SeqCst), 0);
     eprintln!("a SIGKILLed node's topic was vacated {took:?} after the kill");
 }
+
+/// One of the docs' receivers (examples/webhooks/), run for real: its stdout lines (the
+/// events it took) and its port.
+struct Example {
+    child: crate::common::Proc,
+    port: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn example(lang: &str) -> Option<Example> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let (bin, install, args): (&str, &str, &[&str]) = match lang {
+        "node" => (
+            "node",
+            "apt-get install -y nodejs",
+            &["examples/webhooks/verify.mjs"],
+        ),
+        "python" => (
+            "python3",
+            "apt-get install -y python3",
+            &["examples/webhooks/verify.py"],
+        ),
+        _ => (
+            "go",
+            "apt-get install -y golang-go",
+            &["run", "examples/webhooks/verify.go"],
+        ),
+    };
+    let bin = crate::common::tools::require(bin, install)?;
+    let mut child = Command::new(bin)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .arg("0")
+        .env("CRIER_WEBHOOK_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the example starts");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let (ptx, prx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(p) = l.strip_prefix("listening on ") {
+                let _ = ptx.send(p.trim().parse::<u16>().unwrap());
+            } else {
+                eprintln!("example: {l}");
+            }
+        }
+    });
+    // `go run` compiles first: allow it a minute on a shared machine.
+    let port = prx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("the {lang} example logs its port"));
+    Some(Example {
+        child: crate::common::Proc(child),
+        port,
+        lines,
+    })
+}
+
+/// POSTs `body` to the example with the given timestamp and signature; its status.
+async fn post_signed(port: u16, timestamp: &str, signature: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /hook HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+         x-crier-timestamp: {timestamp}\r\nx-crier-signature: {signature}\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    within("the example answers", s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// The example's next stdout line, without blocking the runtime the server runs on.
+async fn next_line(ex: &Example, lang: &str) -> String {
+    within(&format!("{lang}: an event printed"), async {
+        loop {
+            if let Ok(l) = ex.lines.try_recv() {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+async fn example_takes_deliveries_and_refuses_tampering(lang: &str) {
+    let Some(ex) = example(lang) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{}/hook", ex.port);
+    let server = TestServer::start(|c| webhooks(c, &url)).await;
+    let mut ws = server.ws("").await;
+    subscribe(&mut ws, "game:7").await;
+    drop(ws);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let line = next_line(&ex, lang).await;
+        got.push(serde_json::from_str::<Value>(&line).expect("one JSON event per line"));
+    }
+    assert_eq!(got[0]["name"], "topic_occupied", "{lang}");
+    assert_eq!(got[1]["name"], "topic_vacated", "{lang}");
+    assert!(got.iter().all(|e| e["topic"] == "game:7"));
+    let url_label = url.clone();
+    assert_eq!(
+        counter(&server, &url_label, "delivered"),
+        2,
+        "{lang}: answered 2xx"
+    );
+
+    // A delivery signed as crier signs, then tampered with, replayed, or too old.
+    let ts = now().to_string();
+    let body = r#"{"time_ms":1,"events":[{"name":"topic_occupied","topic":"x","time_ms":1}]}"#;
+    let sig = signature(SECRET.as_bytes(), &ts, body.as_bytes());
+    let tampered = body.replace("\"x\"", "\"y\"");
+    assert_eq!(
+        post_signed(ex.port, &ts, &sig, &tampered).await,
+        401,
+        "{lang}: tampered"
+    );
+    assert_eq!(
+        post_signed(ex.port, &ts, &sig, body).await,
+        204,
+        "{lang}: genuine"
+    );
+    assert_eq!(
+        post_signed(ex.port, &ts, &sig, body).await,
+        409,
+        "{lang}: replayed"
+    );
+    let old = (now() - 3600).to_string();
+    let old_sig = signature(SECRET.as_bytes(), &old, body.as_bytes());
+    assert_eq!(
+        post_signed(ex.port, &old, &old_sig, body).await,
+        400,
+        "{lang}: too old"
+    );
+    let line = next_line(&ex, lang).await;
+    assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["topic"], "x");
+    assert!(
+        ex.lines.try_recv().is_err(),
+        "{lang}: only the genuine one printed"
+    );
+    drop(ex.child);
+}
+
+#[tokio::test]
+async fn node_example_verifies_deliveries() {
+    example_takes_deliveries_and_refuses_tampering("node").await;
+}
+
+#[tokio::test]
+async fn python_example_verifies_deliveries() {
+    example_takes_deliveries_and_refuses_tampering("python").await;
+}
+
+#[tokio::test]
+async fn go_example_verifies_deliveries() {
+    example_takes_deliveries_and_refuses_tampering("go").await;
+}
