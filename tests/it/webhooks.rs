@@ -680,3 +680,45 @@ async fn python_example_verifies_deliveries() {
 async fn go_example_verifies_deliveries() {
     example_takes_deliveries_and_refuses_tampering("go").await;
 }
+
+/// docs/BENCHMARKS.md, "Webhooks": events/s from the hub's hook to a local receiver that
+/// checks every signature, for the default batch (100) and for one event per POST.
+/// `cargo test --test it webhook_throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn webhook_throughput() {
+    const N: usize = 100_000;
+    for batch in [100, 1] {
+        let n = if batch == 1 { N / 10 } else { N };
+        let (r, url, _, _stop) = receiver().await;
+        let server = TestServer::start(|c| {
+            webhooks(c, &url);
+            c.webhook_vacate_grace = Duration::ZERO;
+            c.webhook_batch_max = batch;
+            c.webhook_linger = Duration::from_millis(1);
+            c.webhook_queue_max = N;
+        })
+        .await;
+        let events = server.state().hub.events().unwrap().clone();
+        let started = Instant::now();
+        for i in 0..n / 2 {
+            let t = format!("bench:{i}");
+            events.occupied(&t);
+            events.vacated(&t);
+        }
+        let queued = started.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while r.events.lock().len() < n {
+            assert!(Instant::now() < deadline, "all delivered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        assert_eq!(r.bad.load(Ordering::SeqCst), 0);
+        println!(
+            "batch {batch}: {n} events in {took:?} ({:.0} events/s, {:.0} POSTs/s; queued in {queued:?}), dropped {}",
+            n as f64 / took.as_secs_f64(),
+            r.taken.load(Ordering::SeqCst) as f64 / took.as_secs_f64(),
+            counter(&server, &url, "dropped")
+        );
+    }
+}
