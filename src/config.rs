@@ -837,12 +837,12 @@ impl Config {
                 "{name} must be at least 10ms"
             );
         }
-        if !self.webhook_urls.is_empty() {
-            anyhow::ensure!(
-                self.webhook_secret.len() >= 32,
-                "webhook_secret must be at least 32 bytes when webhook_url is set (it signs each delivery)"
-            );
-        }
+        // Missing while webhook_url is set: refused at start (`webhook::check_start`), so
+        // each setting can still be checked alone.
+        anyhow::ensure!(
+            self.webhook_secret.is_empty() || self.webhook_secret.len() >= 32,
+            "webhook_secret must be at least 32 bytes (it signs each webhook delivery)"
+        );
         for url in &self.webhook_urls {
             anyhow::ensure!(
                 url.starts_with("http://") && url.len() > "http://".len(),

@@ -111,6 +111,7 @@ impl Server {
         // Settings are checked and keys read before anything is opened: a bad key stops the
         // start cleanly.
         check_config(&cfg)?;
+        crate::webhook::check_start(&cfg)?;
         let auth = crate::auth::Auth::from_config(&cfg)?;
         let board_policies = BoardPolicies::from_config(&cfg)?;
         // So is a bad certificate.

@@ -404,8 +404,38 @@ async fn a_short_secret_is_refused_at_start() {
     // Config::resolve checks it; Server::start on a hand-built config does too.
     let err = crier::server::Server::start(cfg).await.err();
     assert!(
-        err.is_some_and(|e| format!("{e:#}").contains("webhook_secret")),
+        err.is_some_and(|e| format!("{e:#}").contains("at least 32 bytes")),
         "a short secret stops the start"
+    );
+    // And no secret at all.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        webhook_urls: vec!["http://127.0.0.1:9/hook".into()],
+        ..Config::default()
+    };
+    let err = crier::server::Server::start(cfg).await.err();
+    assert!(
+        err.is_some_and(|e| format!("{e:#}").contains("webhook_secret is not")),
+        "no secret stops the start"
+    );
+    // The binary says so too, before it listens.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--webhook-url"])
+        .arg("http://127.0.0.1:9/hook")
+        .args(["--webhook-secret", "too-short"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("webhook_secret must be at least 32 bytes"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("too-short"),
+        "the secret is never printed: {stderr}"
     );
 }
 
