@@ -502,10 +502,43 @@ settings! {
     tls_cert: String = String::new(), example "/etc/crier/cert.pem", shown "none, plain HTTP";
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of tls_cert.
     tls_key: String = String::new(), example "/etc/crier/key.pem", shown "none";
+    /// URL each webhook event is POSTed to (http:// only; put TLS in front of a receiver on
+    /// another host); repeatable: every URL gets every event, from its own queue. See
+    /// docs/webhooks.md.
+    webhook_urls: Vec<String> = Vec::new(), example "http://127.0.0.1:9000/crier",
+        flag "webhook-url", shown "none, no webhooks";
+    /// Key of each delivery's `X-Crier-Signature` (HMAC-SHA256), at least 32 bytes; needed
+    /// with webhook_url.
+    webhook_secret: String = String::new(), example "0123456789abcdef0123456789abcdef",
+        shown "none";
+    /// Which events are sent: any of topic_occupied, topic_vacated, member_joined,
+    /// member_left; repeatable or comma-separated.
+    webhook_events: Vec<String> = Vec::new(), example "topic_occupied,topic_vacated",
+        shown "all";
+    /// How long a topic stays empty before topic_vacated is sent; a subscriber back within
+    /// it cancels both (a page reload does not flap).
+    webhook_vacate_grace: Duration = Duration::from_secs(5), example "2s";
+    /// Most events in one POST.
+    webhook_batch_max: usize = 100, example "500";
+    /// How long the first event of a batch waits for more before the POST.
+    webhook_linger: Duration = Duration::from_millis(50), example "10ms";
+    /// Events each URL's queue holds while its receiver is slow or down; past it the oldest
+    /// are dropped (counted in crier_webhook_events_total{outcome="dropped"}).
+    webhook_queue_max: usize = 10_000, example "100000";
+    /// How long one POST may take before it counts as failed and is retried.
+    webhook_timeout: Duration = Duration::from_secs(5), example "2s";
 }
 
+/// The webhook events `webhook_events` may name (docs/webhooks.md).
+pub const WEBHOOK_EVENTS: &[&str] = &[
+    "topic_occupied",
+    "topic_vacated",
+    "member_joined",
+    "member_left",
+];
+
 /// Settings whose values are credentials: never shown by `--help`.
-const SECRET_SETTINGS: &[&str] = &["jwt_secret", "publisher_keys"];
+const SECRET_SETTINGS: &[&str] = &["jwt_secret", "publisher_keys", "webhook_secret"];
 
 /// The `--config` flag: the one argument that is not a setting.
 fn config_arg() -> Arg {
@@ -709,6 +742,8 @@ impl Config {
         clean(&mut cfg.jwt_public_key, "");
         clean(&mut cfg.allowed_origins, "/");
         clean(&mut cfg.public_origins, "/");
+        clean(&mut cfg.webhook_urls, "");
+        clean(&mut cfg.webhook_events, "");
         for ns in &namespaces {
             let ttl = match &ns.history_ttl {
                 Some(s) => humantime::parse_duration(s).with_context(|| {
@@ -802,6 +837,37 @@ impl Config {
                 "{name} must be at least 10ms"
             );
         }
+        // Missing while webhook_url is set: refused at start (`webhook::check_start`), so
+        // each setting can still be checked alone.
+        anyhow::ensure!(
+            self.webhook_secret.is_empty() || self.webhook_secret.len() >= 32,
+            "webhook_secret must be at least 32 bytes (it signs each webhook delivery)"
+        );
+        for url in &self.webhook_urls {
+            anyhow::ensure!(
+                url.starts_with("http://") && url.len() > "http://".len(),
+                "webhook_url {url:?}: must be an http:// URL"
+            );
+        }
+        for e in &self.webhook_events {
+            anyhow::ensure!(
+                WEBHOOK_EVENTS.contains(&e.as_str()),
+                "webhook_events: unknown event {e:?} (known: {})",
+                WEBHOOK_EVENTS.join(", ")
+            );
+        }
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.webhook_batch_max),
+            "webhook_batch_max must be between 1 and 10000"
+        );
+        anyhow::ensure!(
+            self.webhook_queue_max >= 1,
+            "webhook_queue_max must be at least 1"
+        );
+        anyhow::ensure!(
+            self.webhook_timeout >= Duration::from_millis(10),
+            "webhook_timeout must be at least 10ms"
+        );
         anyhow::ensure!(self.max_boards >= 1, "max_boards must be at least 1");
         anyhow::ensure!(
             self.max_players_per_board >= 1,

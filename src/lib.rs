@@ -38,5 +38,6 @@ pub mod subscribe;
 pub mod tls;
 pub mod topic;
 pub mod web;
+pub mod webhook;
 pub mod writer;
 pub mod ws;

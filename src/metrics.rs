@@ -50,6 +50,15 @@ pub struct ResumeLabel {
     pub result: &'static str,
 }
 
+/// One webhook URL and what happened to its events (`crier_webhook_events_total`):
+/// `queued`, `delivered`, `dropped` (queue full), `refused` (a 4xx answer), and
+/// `retried` (events in a POST that failed and is sent again).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub url: String,
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabel {
     pub reason: &'static str,
@@ -89,6 +98,7 @@ pub struct Metrics {
     pub redis_up: Gauge,
     pub redis_reconnects: Counter,
     pub redis_errors: Counter,
+    pub webhook_events: Family<WebhookLabel, Counter>,
     /// Handles into the families above, fetched once so the write path does no lookup.
     per_transport: [PerTransport; 2],
 }
@@ -138,6 +148,7 @@ impl Metrics {
             redis_up: Gauge::default(),
             redis_reconnects: Counter::default(),
             redis_errors: Counter::default(),
+            webhook_events: Family::default(),
             registry: Registry::default(),
             per_transport: Default::default(),
         };
@@ -291,6 +302,12 @@ impl Metrics {
             "redis_errors",
             "Redis commands that failed or timed out (publishes, reads, health checks)",
             m.redis_errors.clone(),
+        );
+        registry.register(
+            "webhook_events",
+            "Webhook events per URL and outcome: queued, delivered, dropped (queue full), \
+             refused (4xx), retried",
+            m.webhook_events.clone(),
         );
         // Pre-create label sets so dashboards see zeros rather than missing series.
         for transport in [Transport::Ws, Transport::Sse] {

@@ -44,6 +44,7 @@ async fn start_shared(
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    webhooks: Option<Arc<crate::webhook::Webhooks>>,
 ) -> anyhow::Result<(
     Arc<dyn crate::broker::Broker>,
     Arc<Boards>,
@@ -52,6 +53,10 @@ async fn start_shared(
     let redis = RedisBroker::connect(cfg, &cfg.redis, hub.clone(), metrics.clone()).await?;
     let (client, conn, health) = (redis.client(), redis.connection(), redis.health());
     let node = redis.node_id().to_string();
+    if let Some(w) = webhooks {
+        // Occupied and vacated once per cluster (webhook/cluster.rs).
+        w.share(conn.clone(), node.clone(), shutdown.clone());
+    }
     let local = Arc::new(MemoryBroker::new(cfg, hub.clone(), metrics.clone()));
     let broker: Arc<dyn crate::broker::Broker> = Arc::new(RoutedBroker::new(local, redis));
     let counts = ClusterCounts::spawn(conn.clone(), node, hub.clone(), shutdown.clone());
@@ -84,6 +89,7 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
     crate::auth::check_config(cfg)?;
     crate::origin::check_config(cfg)?;
     crate::leaderboard::policy::check_config(cfg)?;
+    crate::webhook::check_config(cfg)?;
     Ok(())
 }
 
@@ -105,6 +111,7 @@ impl Server {
         // Settings are checked and keys read before anything is opened: a bad key stops the
         // start cleanly.
         check_config(&cfg)?;
+        crate::webhook::check_start(&cfg)?;
         let auth = crate::auth::Auth::from_config(&cfg)?;
         let board_policies = BoardPolicies::from_config(&cfg)?;
         // So is a bad certificate.
@@ -114,6 +121,10 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(cfg.max_topics_per_connection, metrics.clone()));
         let shutdown = CancellationToken::new();
+        let webhooks = crate::webhook::Webhooks::spawn(&cfg, &metrics, shutdown.clone());
+        if let Some(w) = &webhooks {
+            hub.set_events(w.clone());
+        }
         let (broker, memory_broker, boards, redis_health): (
             Arc<dyn crate::broker::Broker>,
             _,
@@ -138,10 +149,15 @@ impl Server {
             .await?;
             (memory_broker.clone(), Some(memory_broker), boards, None)
         } else {
-            let (broker, boards, health) =
-                start_shared(&cfg, hub.clone(), metrics.clone(), shutdown.clone())
-                    .await
-                    .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
+            let (broker, boards, health) = start_shared(
+                &cfg,
+                hub.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                webhooks,
+            )
+            .await
+            .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
             (broker, None, boards, Some(health))
         };
         // The hub fills gaps in its deliveries from the broker's history.

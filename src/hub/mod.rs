@@ -32,8 +32,10 @@
 //! The hub sits below the broker: what they exchange (`sink.rs`: the sink, the gap source,
 //! positions and replays) is the hub's, and the broker implements or carries it.
 
+mod events;
 mod sink;
 
+pub use events::TopicEvents;
 pub use sink::{BrokerSink, GapSource, Notice, Replay, StreamPosition, Wakeups};
 
 use std::collections::hash_map::DefaultHasher;
@@ -176,6 +178,8 @@ pub struct Hub {
     max_topics_per_connection: usize,
     metrics: Arc<Metrics>,
     source: OnceLock<Source>,
+    /// Who hears of topics occupied and vacated (webhooks), if anyone.
+    events: OnceLock<std::sync::Arc<dyn TopicEvents>>,
 }
 
 impl Hub {
@@ -185,6 +189,7 @@ impl Hub {
             max_topics_per_connection,
             metrics,
             source: OnceLock::new(),
+            events: OnceLock::new(),
         }
     }
 
@@ -200,6 +205,17 @@ impl Hub {
             gaps: Arc::new(gaps),
             runtime,
         });
+    }
+
+    /// Sets who hears of topic and member transitions (once, before serving).
+    pub fn set_events(&self, events: Arc<dyn TopicEvents>) {
+        let _ = self.events.set(events);
+    }
+
+    /// Who hears of topic and member transitions, if anyone (the subscribe path reports
+    /// presence joins and leaves here).
+    pub fn events(&self) -> Option<&Arc<dyn TopicEvents>> {
+        self.events.get()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -255,9 +271,12 @@ impl Hub {
             Some((n, _)) => n.clone(),
             None => TopicName::from(name),
         };
-        let local = shard
-            .entry(name.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(Local::new())));
+        let local = shard.entry(name.clone()).or_insert_with(|| {
+            if let Some(ev) = self.events.get() {
+                ev.occupied(&name);
+            }
+            Arc::new(Mutex::new(Local::new()))
+        });
         local.lock().joining.push(Joiner {
             client: client.clone(),
             state: Joining::Buffering {
@@ -410,6 +429,9 @@ impl Hub {
                 l.removed = true;
                 drop(l);
                 shard.remove(name);
+                if let Some(ev) = self.events.get() {
+                    ev.vacated(name);
+                }
             }
         }
         drop(shard);

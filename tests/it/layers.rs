@@ -56,7 +56,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("a client's queue", &["client"]),
     ("the node's delivery", &["hub"]),
-    ("the broker", &["broker"]),
+    ("the broker; webhooks", &["broker", "webhook"]),
     ("the one subscribe path", &["subscribe"]),
     ("who may connect and do what", &["auth", "origin"]),
     ("domain", &["leaderboard"]),

@@ -48,3 +48,4 @@ mod resume_ws;
 mod robustness;
 mod store_crash;
 mod tls;
+mod webhooks;

@@ -1,0 +1,22 @@
+//! What the node tells the outside about its topics (webhooks, `crate::webhook`): a topic
+//! gaining its first local subscriber or losing its last, and a presence member joining
+//! or leaving. Owned by the hub, like its sink, so the hub and the subscribe path can call
+//! it without naming who listens.
+//!
+//! Every call is made under a hub lock (`occupied` / `vacated` under the topic's shard
+//! lock, so a topic's transitions reach the listener in the order they happened), so an
+//! implementation must only record and return: no `.await`, no I/O, leaf locks only.
+
+/// Listens to topic and member transitions on this node.
+pub trait TopicEvents: Send + Sync {
+    /// The topic's local subscriptions went from 0 to 1.
+    fn occupied(&self, topic: &str);
+    /// The topic's local subscriptions went from 1 to 0.
+    fn vacated(&self, topic: &str);
+    /// A connection joined a topic's presence (called for every topic: the listener
+    /// picks the presence ones). `info` is JSON text.
+    fn member_joined(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>);
+    /// A connection left a topic (called for every leave: the listener knows which were
+    /// members).
+    fn member_left(&self, topic: &str, client: u64);
+}

@@ -1,0 +1,234 @@
+//! Webhooks (docs/webhooks.md): the node POSTs signed batches of events to each
+//! `webhook_url` when a topic is occupied or vacated and when a presence member joins or
+//! leaves.
+//!
+//! The hub and the subscribe path report transitions through `hub::TopicEvents`, under
+//! their locks: [`Webhooks`] only turns them into event JSON and pushes it onto each URL's
+//! bounded queue (`batch.rs`), and one task per URL delivers (`deliver.rs`), so nothing a
+//! receiver does reaches fan-out. Modules: `events` (the JSON), `occupancy` (the vacate
+//! grace), `batch` (the queue and the body), `sign` (the HMAC), `deliver` (POST and retry).
+//!
+//! On a node alone a topic is occupied while the node holds a subscriber of it; under
+//! `--redis`, while any node does (`cluster.rs`: once per cluster). Either way a topic
+//! left is let go only after `webhook_vacate_grace` (`occupancy.rs`). Member events are
+//! sent by the node the member joined or left.
+
+pub mod batch;
+pub mod cluster;
+pub mod deliver;
+pub mod events;
+pub mod occupancy;
+pub mod sign;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::hub::TopicEvents;
+use crate::metrics::Metrics;
+use crate::topic::TopicName;
+use deliver::{Counters, Settings, Target};
+use events::Filter;
+use occupancy::Occupancy;
+
+/// A member's identity, kept from its join to its leave (only when `member_left` is sent):
+/// `(user, info)`.
+type Who = (Option<Arc<str>>, Option<Arc<str>>);
+
+pub struct Webhooks {
+    cfg: Config,
+    filter: Filter,
+    targets: Vec<Arc<Target>>,
+    occupancy: Occupancy,
+    /// The members of presence topics, for their `member_left` (bounded by presence's
+    /// own bound: one per subscription of a presence topic).
+    members: Mutex<HashMap<(TopicName, u64), Who>>,
+    /// Under `--redis`: where the cluster decides occupied and vacated.
+    cluster: OnceLock<Arc<cluster::Cluster>>,
+}
+
+/// Each URL as the HTTP client will read it, and a secret given too short (again for a
+/// `Config` built by hand).
+pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.webhook_secret.is_empty() || cfg.webhook_secret.len() >= 32,
+        "webhook_secret must be at least 32 bytes (it signs each webhook delivery)"
+    );
+    for url in &cfg.webhook_urls {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("webhook_url {url:?}: {e}"))?;
+        anyhow::ensure!(
+            uri.scheme_str() == Some("http") && uri.host().is_some(),
+            "webhook_url {url:?}: must be an http:// URL with a host"
+        );
+    }
+    Ok(())
+}
+
+/// At start: webhooks need their secret (checked here rather than with each setting, so
+/// `webhook_url` alone still resolves for `crier config check` of one key).
+pub fn check_start(cfg: &Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.webhook_urls.is_empty() || cfg.webhook_secret.len() >= 32,
+        "webhook_url is set but webhook_secret is not: give a secret of at least 32 bytes \
+         (it signs each delivery)"
+    );
+    Ok(())
+}
+
+impl Webhooks {
+    /// Starts one delivery task per URL and the grace timer; None without `webhook_url`.
+    pub fn spawn(
+        cfg: &Config,
+        metrics: &Metrics,
+        stop: CancellationToken,
+    ) -> Option<Arc<Webhooks>> {
+        if cfg.webhook_urls.is_empty() {
+            return None;
+        }
+        let settings = Arc::new(Settings {
+            signer: sign::Signer::new(cfg.webhook_secret.as_bytes()),
+            batch_max: cfg.webhook_batch_max,
+            linger: cfg.webhook_linger,
+            timeout: cfg.webhook_timeout,
+        });
+        let targets: Vec<Arc<Target>> = cfg
+            .webhook_urls
+            .iter()
+            .map(|url| {
+                Arc::new(Target {
+                    url: url.clone(),
+                    queue: batch::Queue::new(cfg.webhook_queue_max),
+                    counters: Counters::new(metrics, url),
+                    unlogged_drops: Default::default(),
+                })
+            })
+            .collect();
+        for t in &targets {
+            tokio::spawn(deliver::run(t.clone(), settings.clone(), stop.clone()));
+        }
+        let this = Arc::new(Webhooks {
+            cfg: cfg.clone(),
+            filter: Filter::new(&cfg.webhook_events),
+            targets,
+            occupancy: Occupancy::new(cfg.webhook_vacate_grace, cfg.max_topics),
+            members: Mutex::new(HashMap::new()),
+            cluster: OnceLock::new(),
+        });
+        tokio::spawn(grace_timer(this.clone(), stop));
+        Some(this)
+    }
+
+    /// Under `--redis` (before the node serves): topics are occupied and vacated once per
+    /// cluster, decided in Redis over `conn`; `node` is this node's id there.
+    pub fn share(
+        self: &Arc<Self>,
+        conn: redis::aio::ConnectionManager,
+        node: String,
+        stop: CancellationToken,
+    ) {
+        if !self.filter.topics() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let c = cluster::Cluster::spawn(conn, node, stop, move |topic, change| {
+            if let Some(me) = me.upgrade() {
+                me.announce(topic, change == cluster::Change::Occupied);
+            }
+        });
+        let _ = self.cluster.set(c);
+    }
+
+    /// This node's view changed, after the grace: the cluster decides, or it is the news.
+    fn held(&self, topic: &str, held: bool) {
+        match self.cluster.get() {
+            Some(c) => c.want(topic, held),
+            None => self.announce(topic, held),
+        }
+    }
+
+    fn announce(&self, topic: &str, occupied: bool) {
+        if occupied && self.filter.occupied {
+            self.emit(events::topic("topic_occupied", topic));
+        } else if !occupied && self.filter.vacated {
+            self.emit(events::topic("topic_vacated", topic));
+        }
+    }
+
+    /// Queues one event for every URL.
+    fn emit(&self, json: String) {
+        for t in &self.targets {
+            t.counters.queued.inc();
+            if t.queue.push(json.clone()) > 0 {
+                t.counters.dropped.inc();
+                t.unlogged_drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn grace_timer(this: Arc<Webhooks>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(this.occupancy.tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for topic in this.occupancy.due(Instant::now()) {
+            this.held(&topic, false);
+        }
+    }
+}
+
+impl TopicEvents for Webhooks {
+    fn occupied(&self, topic: &str) {
+        if self.filter.topics() && self.occupancy.occupied(topic) {
+            self.held(topic, true);
+        }
+    }
+
+    fn vacated(&self, topic: &str) {
+        if self.filter.topics() && self.occupancy.vacated(topic, Instant::now()) {
+            self.held(topic, false);
+        }
+    }
+
+    fn member_joined(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {
+        if !self.filter.members() || !self.cfg.presence(topic).members {
+            return;
+        }
+        if self.filter.left {
+            self.members.lock().insert(
+                (topic.into(), client),
+                (user.map(Arc::from), info.map(Arc::from)),
+            );
+        }
+        if self.filter.joined {
+            self.emit(events::member("member_joined", topic, client, user, info));
+        }
+    }
+
+    fn member_left(&self, topic: &str, client: u64) {
+        if !self.filter.left || !self.cfg.presence(topic).members {
+            return;
+        }
+        let key = (TopicName::from(topic), client);
+        let Some((user, info)) = self.members.lock().remove(&key) else {
+            return;
+        };
+        self.emit(events::member(
+            "member_left",
+            topic,
+            client,
+            user.as_deref(),
+            info.as_deref(),
+        ));
+    }
+}
