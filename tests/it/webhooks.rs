@@ -311,12 +311,15 @@ async fn a_receiver_down_for_ten_seconds_gets_every_event_afterwards() {
     let listener = TcpListener::bind(addr).await.unwrap();
     r.status.store(200, Ordering::SeqCst);
     serve(listener, r.clone(), CancellationToken::new());
-    within("every event delivered after the outage", async {
+    // The next retry may be a whole backoff away: after 10 s of failures its ceiling is
+    // about 13 s (100 ms doubling, full jitter), so wait past the longest backoff (30 s).
+    tokio::time::timeout(Duration::from_secs(40), async {
         while r.names().len() < 60 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
-    .await;
+    .await
+    .expect("every event delivered within one longest backoff after the outage");
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for n in r.names() {
         *seen.entry(n).or_default() += 1;
@@ -654,6 +657,12 @@ async fn example_takes_deliveries_and_refuses_tampering(lang: &str) {
     assert_eq!(got[1]["name"], "topic_vacated", "{lang}");
     assert!(got.iter().all(|e| e["topic"] == "game:7"));
     let url_label = url.clone();
+    // The receiver prints an event before it answers; the counter moves once crier has
+    // the answer.
+    wait_until("the receiver's 2xx counted", || {
+        counter(&server, &url_label, "delivered") >= 2
+    })
+    .await;
     assert_eq!(
         counter(&server, &url_label, "delivered"),
         2,
