@@ -23,7 +23,10 @@
 //! (`subscribe.rs`) reads its position and replay from the broker. [`Hub::merge`] then queues its acknowledgement, the
 //! replay and whatever it still lacks up to the topic's position, and it becomes a
 //! subscriber; if it is ahead of the topic (a read newer than the deliveries), it skips
-//! what it already has. Nothing of this depends on which broker feeds the hub.
+//! what it already has. The first join sets the topic's position to its read, which may be
+//! ahead of the deliveries too: offsets up to it can still arrive late, and a joiner whose
+//! read was older takes them as they come (`Local::seen` tells late from lost). Nothing of
+//! this depends on which broker feeds the hub.
 //!
 //! A topic's lock is held only for non-blocking queue pushes; never across an `.await` or
 //! a socket write. Lock order: broker locks (a memory stream lock) -> client topic list ->
@@ -105,7 +108,10 @@ enum Joining {
         held: Vec<(Arc<Publication>, bool)>,
         bytes: usize,
     },
-    /// Given everything up to this offset, which the topic has not reached yet.
+    /// Given everything up to this offset, but not at the topic's position: ahead of it
+    /// (its read was newer than the deliveries), or behind it with the rest still to
+    /// arrive (see `Local::seen`). Takes each next offset as it comes, and joins once it
+    /// holds the topic's position.
     CatchingUp(u64),
 }
 
@@ -126,8 +132,16 @@ struct Local {
     joining: Vec<Joiner>,
     /// The stream's epoch, from the first delivery or read; None after a restart.
     epoch: Option<Arc<str>>,
-    /// The newest offset delivered; None until the first subscriber joins.
+    /// The topic's position: every subscriber has everything up to it. None until the
+    /// first subscriber joins, which sets it to its read position, and that may be ahead
+    /// of what pub/sub has handed over yet (Redis answers a read on another connection):
+    /// offsets up to it can still arrive *late*, and a joiner whose read was older needs
+    /// them.
     last: Option<u64>,
+    /// The newest offset the topic handed on (to subscribers or joiners). Offsets past it
+    /// and up to `last` are still to arrive late; a joiner that lacks one at or below it
+    /// missed it for good.
+    seen: Option<u64>,
     fill: Option<Fill>,
     fills: u64,
     /// A loss was reported before anyone had joined: the first join checks history.
@@ -143,6 +157,7 @@ impl Local {
             joining: Vec::new(),
             epoch: None,
             last: None,
+            seen: None,
             fill: None,
             fills: 0,
             unsure: false,
@@ -155,6 +170,17 @@ impl Local {
     }
 
     fn open_fill(&mut self, first: Option<(Arc<Publication>, bool)>) {
+        // A joiner behind the topic waits for late offsets up to `last`; a loss may have
+        // taken some, and the fill reads only past `last`: it starts again instead.
+        if let Some(last) = self.last {
+            self.joining.retain(|j| match j.state {
+                Joining::CatchingUp(pos) if pos < last => {
+                    j.client.close(DisconnectReason::StreamRestarted);
+                    false
+                }
+                _ => true,
+            });
+        }
         self.fills += 1;
         let bytes = first.as_ref().map_or(0, |(p, _)| p.cost());
         self.fill = Some(Fill {
@@ -325,14 +351,12 @@ impl Hub {
         enum Plan {
             /// Nobody had joined: its position becomes the topic's.
             Establish,
-            /// Behind the topic: these from what it kept, then it joins.
-            Tail(Vec<(Arc<Publication>, bool)>),
-            /// At or ahead of the topic: skips up to its position.
-            AtOrAhead,
+            /// These from what it kept, after which it holds everything up to the offset:
+            /// the topic's position (it joins), or not yet (it catches up).
+            Meet(Vec<(Arc<Publication>, bool)>, u64),
         }
         let plan = match l.last {
             None => Plan::Establish,
-            Some(last) if at >= last => Plan::AtOrAhead,
             Some(last) => {
                 let mut pos = at;
                 let mut tail = Vec::new();
@@ -342,8 +366,9 @@ impl Hub {
                         tail.push((p.clone(), *conflate));
                     }
                 }
-                if pos != last {
-                    // Only a lost delivery while it joined does this; rare, never silent.
+                if pos < last && l.seen.is_some_and(|seen| pos < seen) {
+                    // The topic handed on an offset it lacks while it joined: only a
+                    // lost delivery does this; rare, never silent.
                     tracing::warn!(
                         topic = name,
                         "a joining subscriber missed publications: closing it"
@@ -351,7 +376,7 @@ impl Hub {
                     client.close(DisconnectReason::StreamRestarted);
                     return Err(());
                 }
-                Plan::Tail(tail)
+                Plan::Meet(tail, pos)
             }
         };
         if let Some(bytes) = ack {
@@ -385,20 +410,17 @@ impl Hub {
                     self.spawn_fill(name.into(), &local);
                 }
             }
-            Plan::Tail(tail) => {
+            Plan::Meet(tail, pos) => {
                 for (p, conflate) in tail {
                     let item = Item::publication(&p, p.wire(client.transport), conflate, true);
                     client.push(item, &self.metrics);
                 }
-                l.subscribers.insert(client.id, client.clone());
-            }
-            Plan::AtOrAhead => {
-                if Some(at) == l.last {
+                if Some(pos) == l.last {
                     l.subscribers.insert(client.id, client.clone());
                 } else {
                     l.joining.push(Joiner {
                         client: client.clone(),
-                        state: Joining::CatchingUp(at),
+                        state: Joining::CatchingUp(pos),
                     });
                 }
             }
@@ -486,6 +508,7 @@ impl Hub {
         }
         let Some(last) = l.last else {
             // Nobody has joined yet: only joiners keep it.
+            l.seen = l.seen.max(Some(p.offset));
             self.hand_to_joiners(l, p, conflate, wake);
             return 0;
         };
@@ -503,6 +526,13 @@ impl Hub {
             return 0;
         }
         if p.offset <= last {
+            // Subscribers have it. A late one (see `last`) is the next for a joiner behind.
+            if l.seen.is_none_or(|seen| p.offset > seen) {
+                l.seen = Some(p.offset);
+                if !l.joining.is_empty() {
+                    self.hand_to_joiners(l, p, conflate, wake);
+                }
+            }
             return l.subscribers.len();
         }
         if p.offset > last + 1 {
@@ -516,6 +546,7 @@ impl Hub {
             return l.subscribers.len();
         }
         l.last = Some(p.offset);
+        l.seen = Some(p.offset);
         let mut frames: [Option<Bytes>; 2] = [None, None];
         wake.0.reserve(l.subscribers.len());
         for client in l.subscribers.values() {
@@ -536,7 +567,8 @@ impl Hub {
     }
 
     /// A publication the topic took, for each joiner: kept while it reads its position,
-    /// queued if it is catching up and past its position (joining once it is there).
+    /// queued if it is catching up and it is the next one it needs (joining once it holds
+    /// the topic's position). A catching-up joiner that sees a hole is closed.
     fn hand_to_joiners(
         &self,
         l: &mut Local,
@@ -544,7 +576,9 @@ impl Hub {
         conflate: bool,
         wake: &mut Wakeups,
     ) {
-        let mut joined = Vec::new();
+        let last = l.last;
+        // Indices (ascending) of joiners that leave `joining`: true when they join.
+        let mut done = Vec::new();
         for (i, j) in l.joining.iter_mut().enumerate() {
             match &mut j.state {
                 Joining::Buffering { held, bytes } => {
@@ -556,8 +590,9 @@ impl Hub {
                         held.push((p.clone(), conflate));
                     }
                 }
-                Joining::CatchingUp(upto) => {
-                    if p.offset > *upto {
+                Joining::CatchingUp(pos) => {
+                    if p.offset == *pos + 1 {
+                        *pos = p.offset;
                         let item = Item::publication(p, p.wire(j.client.transport), conflate, true);
                         if matches!(
                             j.client.enqueue(item, &self.metrics),
@@ -565,16 +600,26 @@ impl Hub {
                         ) {
                             wake.0.push(j.client.clone());
                         }
+                    } else if p.offset > *pos + 1 {
+                        tracing::warn!(
+                            topic = &*p.topic,
+                            "a joining subscriber missed publications: closing it"
+                        );
+                        j.client.close(DisconnectReason::StreamRestarted);
+                        done.push((i, false));
+                        continue;
                     }
-                    if p.offset >= *upto {
-                        joined.push(i);
+                    if Some(*pos) == last {
+                        done.push((i, true));
                     }
                 }
             }
         }
-        for i in joined.into_iter().rev() {
+        for (i, joins) in done.into_iter().rev() {
             let j = l.joining.swap_remove(i);
-            l.subscribers.insert(j.client.id, j.client);
+            if joins {
+                l.subscribers.insert(j.client.id, j.client);
+            }
         }
     }
 
@@ -594,6 +639,7 @@ impl Hub {
         l.joining.clear();
         l.epoch = None;
         l.last = None;
+        l.seen = None;
         l.fill = None;
         l.unsure = false;
     }
@@ -1018,6 +1064,64 @@ mod tests {
             assert!(h.leave(x, "t"));
         }
         assert_eq!(h.total_subscriptions(), 0);
+    }
+
+    /// Two joiners before anyone has joined; the first to merge read a position the
+    /// deliveries have not reached yet (its read was later, and pub/sub lags the command
+    /// connection). The other read an earlier position: what lies between the two still
+    /// arrives late, and it must get it, whenever it merges (seen in a reconnect storm on
+    /// two nodes: it was closed with 4004 as if it had missed them).
+    #[test]
+    fn a_joiner_behind_a_first_join_ahead_of_the_deliveries_misses_nothing() {
+        let h = Hub::new(3, Arc::new(Metrics::new()));
+        let t: TopicName = "t".into();
+        let (a, b, c) = (
+            Arc::new(Client::new(Transport::Ws, 1 << 20)),
+            Arc::new(Client::new(Transport::Ws, 1 << 20)),
+            Arc::new(Client::new(Transport::Sse, 1 << 20)),
+        );
+        for x in [&a, &b, &c] {
+            h.enter(x, "t").unwrap();
+        }
+        deliver(&h, &t, 3);
+        // a read 6: 4..=6 are published, not delivered yet.
+        h.merge(&a, "t", &replay_at(6), None).unwrap();
+        // b read 3 and merges before 4 arrives: it waits for 4..=6.
+        h.merge(&b, "t", &replay_at(3), None).unwrap();
+        deliver(&h, &t, 4);
+        // c read 2, kept 3 and 4, merges before 5 arrives.
+        h.merge(&c, "t", &replay_at(2), None).unwrap();
+        for o in 5..=8 {
+            deliver(&h, &t, o);
+        }
+        assert_eq!(got(&a), [7, 8]);
+        assert_eq!(got(&b), [4, 5, 6, 7, 8]);
+        assert_eq!(got(&c), [3, 4, 5, 6, 7, 8]);
+        for x in [&a, &b, &c] {
+            assert_eq!(x.closed(), None);
+        }
+        assert_eq!(h.subscriber_count("t"), 3);
+    }
+
+    /// A joiner behind the topic whose missing publications are skipped (a lost delivery)
+    /// is closed, never continued past the hole.
+    #[test]
+    fn a_joiner_behind_that_sees_a_hole_is_closed() {
+        let h = Hub::new(3, Arc::new(Metrics::new()));
+        let t: TopicName = "t".into();
+        let (a, b) = (
+            Arc::new(Client::new(Transport::Ws, 1 << 20)),
+            Arc::new(Client::new(Transport::Ws, 1 << 20)),
+        );
+        h.enter(&a, "t").unwrap();
+        h.enter(&b, "t").unwrap();
+        h.merge(&a, "t", &replay_at(6), None).unwrap();
+        h.merge(&b, "t", &replay_at(3), None).unwrap();
+        deliver(&h, &t, 4);
+        deliver(&h, &t, 6);
+        assert_eq!(b.closed(), Some(DisconnectReason::StreamRestarted));
+        assert_eq!(a.closed(), None);
+        assert_eq!(h.subscriber_count("t"), 1);
     }
 
     #[test]

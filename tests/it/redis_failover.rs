@@ -271,13 +271,14 @@ enum End {
 /// What a connection's reading loop waits for next.
 enum Next<T> {
     Message(Option<T>),
+    /// Nothing for `STALL`: the caller panics with where it stands.
+    Stalled,
     Cut,
     FinalKnown,
 }
 
 /// The next message, the cut (once every topic is acknowledged), or the final offsets.
 async fn next_or<T>(
-    client: usize,
     msg: impl std::future::Future<Output = Option<T>>,
     cut: Option<Instant>,
     settled: bool,
@@ -287,9 +288,10 @@ async fn next_or<T>(
     let deadline = cut.unwrap_or_else(Instant::now);
     let final_open = fin.borrow().is_none();
     tokio::select! {
-        m = tokio::time::timeout(STALL, msg) => {
-            Next::Message(m.unwrap_or_else(|_| panic!("client {client} stalled")))
-        }
+        m = tokio::time::timeout(STALL, msg) => match m {
+            Ok(m) => Next::Message(m),
+            Err(_) => Next::Stalled,
+        },
         _ = tokio::time::sleep_until(deadline), if cut_armed => Next::Cut,
         _ = fin.changed(), if final_open => Next::FinalKnown,
     }
@@ -370,7 +372,13 @@ async fn ws_session(
         if acks == n && lifetime.is_none() && at.done(f.fin.borrow().as_ref()) {
             return End::Done;
         }
-        let msg = match next_or(f.id, ws.next(), cut, acks == n, &mut f.fin).await {
+        let msg = match next_or(ws.next(), cut, acks == n, &mut f.fin).await {
+            Next::Stalled => panic!(
+                "client {} (WebSocket) stalled on node {node}: {acks} of {n} topics \
+                 acknowledged, at {at:?}, final {:?}",
+                f.id,
+                f.fin.borrow()
+            ),
             Next::Cut => return End::Cut, // dropped without a close frame: abrupt
             Next::FinalKnown => continue,
             Next::Message(Some(Ok(m))) => m,
@@ -379,6 +387,7 @@ async fn ws_session(
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(frame) => {
+                eprintln!("client {} closed by node {node}: {frame:?}", f.id);
                 at.announced = frame.is_some_and(|f| u16::from(f.code) == 4004);
                 return End::Closed;
             }
@@ -456,11 +465,18 @@ async fn sse_session(
         if acks == n && lifetime.is_none() && at.done(f.fin.borrow().as_ref()) {
             return End::Done;
         }
-        let e = match next_or(f.id, es.next(), cut, acks == n, &mut f.fin).await {
+        let e = match next_or(es.next(), cut, acks == n, &mut f.fin).await {
+            Next::Stalled => panic!(
+                "client {} (SSE) stalled on node {node}: {acks} of {n} topics acknowledged, \
+                 at {at:?}, final {:?}",
+                f.id,
+                f.fin.borrow()
+            ),
             Next::Cut => return End::Cut,
             Next::FinalKnown => continue,
             Next::Message(Some(e)) => e,
             Next::Message(None) => {
+                eprintln!("client {} closed by node {node}: {:?}", f.id, es.comments);
                 at.announced = es.comments.iter().any(|c| c == "close stream_restarted");
                 return End::Closed;
             }

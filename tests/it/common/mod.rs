@@ -352,6 +352,10 @@ pub fn spawn_logged(mut cmd: Command) -> (Proc, String, std::sync::mpsc::Receive
         .spawn()
         .expect("crier starts");
     let stdout = child.stdout.take().unwrap();
+    // CRIER_TEST_LOGS=1 prints every server line too, prefixed with its process id: the
+    // way to see what the nodes did when a test that failed rarely fails again.
+    let echo = std::env::var_os("CRIER_TEST_LOGS").is_some();
+    let pid = child.id();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -365,6 +369,9 @@ pub fn spawn_logged(mut cmd: Command) -> (Proc, String, std::sync::mpsc::Receive
                     .take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c))
                     .collect();
                 let _ = addr_tx.send(addr);
+            }
+            if echo {
+                eprintln!("[{pid}] {line}");
             }
             // Go on draining when nobody listens: a full pipe would block the server.
             let _ = log_tx.send(line);
