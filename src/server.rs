@@ -290,33 +290,53 @@ async fn accept_loop(
         let shutdown = state.shutdown.clone();
         let header_timeout = state.cfg.header_read_timeout;
         let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
-        state.tracker.spawn(CONN_SLOT.scope(slot, async move {
-            match acceptor {
-                None => serve_http(TokioIo::new(io), service, shutdown, header_timeout).await,
-                Some(acceptor) => {
-                    // The handshake gets the time a request's headers get.
-                    let tls = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = tokio::time::timeout(header_timeout, acceptor.accept(io)) => r,
-                    };
-                    match tls {
-                        Ok(Ok(tls)) => {
-                            serve_http(TokioIo::new(tls), service, shutdown, header_timeout).await
-                        }
-                        Ok(Err(e)) => crate::refusal_log::note(
-                            "tls_handshake",
-                            Some(peer.ip()),
-                            &format!("TLS handshake failed: {e}"),
-                        ),
-                        Err(_) => crate::refusal_log::note(
-                            "tls_handshake",
-                            Some(peer.ip()),
-                            "TLS handshake not done within header_read_timeout",
-                        ),
-                    }
-                }
+        // One task shape per kind: a plain connection's task must not carry room for a
+        // TLS session it never has (the task's future is allocated whole, for the
+        // connection's life: a SSE stream, a kept-alive client).
+        match acceptor {
+            None => {
+                let conn = serve_http(TokioIo::new(io), service, shutdown, header_timeout);
+                state.tracker.spawn(CONN_SLOT.scope(slot, conn));
             }
-        }));
+            Some(acceptor) => {
+                let conn = serve_tls(acceptor, io, peer, service, shutdown, header_timeout);
+                state.tracker.spawn(CONN_SLOT.scope(slot, conn));
+            }
+        }
+    }
+}
+
+/// The TLS handshake (it gets the time a request's headers get), then HTTP over it.
+async fn serve_tls<S>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    io: DeadlineStream,
+    peer: SocketAddr,
+    service: S,
+    shutdown: CancellationToken,
+    header_timeout: Duration,
+) where
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(header_timeout, acceptor.accept(io)) => r,
+    };
+    match tls {
+        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), service, shutdown, header_timeout).await,
+        Ok(Err(e)) => crate::refusal_log::note(
+            "tls_handshake",
+            Some(peer.ip()),
+            &format!("TLS handshake failed: {e}"),
+        ),
+        Err(_) => crate::refusal_log::note(
+            "tls_handshake",
+            Some(peer.ip()),
+            "TLS handshake not done within header_read_timeout",
+        ),
     }
 }
 

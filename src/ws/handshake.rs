@@ -105,21 +105,9 @@ async fn prepare(
                 return;
             }
         };
-        let (stream, read_buf) = match upgraded.downcast::<TokioIo<DeadlineStream>>() {
-            Ok(parts) => (
-                WsStream::Plain(parts.io.into_inner().into_inner()),
-                parts.read_buf,
-            ),
-            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<DeadlineStream>>>() {
-                Ok(parts) => {
-                    let (tcp, tls) = parts.io.into_inner().into_inner();
-                    (WsStream::tls(tcp.into_inner(), tls), parts.read_buf)
-                }
-                Err(_) => {
-                    tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
-                    return;
-                }
-            },
+        let Some((stream, read_buf)) = into_socket(upgraded) else {
+            tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+            return;
         };
         connection::run(stream, read_buf, reg, task_state, mode, grant).await;
     });
@@ -184,6 +172,26 @@ fn key_is_valid(key: &str) -> bool {
 
 /// Shared with the load tool, which checks the server's answer with it.
 pub use crier_protocol::handshake::accept_key;
+
+/// The socket under an upgraded connection, and what hyper read past the request. Not
+/// async on purpose: the TLS session it unpacks is large, and inside the connection's task
+/// the compiler would keep room for it across the connection's whole life, in every plain
+/// connection too (an idle WebSocket cost twice as much that way, docs/BENCHMARKS.md).
+fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(WsStream, bytes::Bytes)> {
+    match upgraded.downcast::<TokioIo<DeadlineStream>>() {
+        Ok(parts) => Some((
+            WsStream::Plain(parts.io.into_inner().into_inner()),
+            parts.read_buf,
+        )),
+        Err(upgraded) => {
+            let parts = upgraded
+                .downcast::<TokioIo<TlsStream<DeadlineStream>>>()
+                .ok()?;
+            let (tcp, tls) = parts.io.into_inner().into_inner();
+            Some((WsStream::tls(tcp.into_inner(), tls), parts.read_buf))
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
