@@ -977,6 +977,12 @@ mod tests {
         n
     }
 
+    /// Two WebSocket clients and an SSE one, each with a 1 MiB queue.
+    fn three_clients() -> (Arc<Client>, Arc<Client>, Arc<Client>) {
+        let c = |t| Arc::new(Client::new(t, 1 << 20));
+        (c(Transport::Ws), c(Transport::Ws), c(Transport::Sse))
+    }
+
     fn got(c: &Client) -> Vec<u64> {
         drain(c)
             .iter()
@@ -1035,11 +1041,7 @@ mod tests {
     fn joiners_meet_the_topic_with_no_gap_and_no_duplicate() {
         let h = Hub::new(3, Arc::new(Metrics::new()));
         let t: TopicName = "t".into();
-        let (a, b, c) = (
-            Arc::new(Client::new(Transport::Ws, 1 << 20)),
-            Arc::new(Client::new(Transport::Ws, 1 << 20)),
-            Arc::new(Client::new(Transport::Sse, 1 << 20)),
-        );
+        let (a, b, c) = three_clients();
         h.enter(&a, "t").unwrap();
         h.merge(&a, "t", &replay_at(2), None).unwrap();
         h.enter(&b, "t").unwrap();
@@ -1075,11 +1077,7 @@ mod tests {
     fn a_joiner_behind_a_first_join_ahead_of_the_deliveries_misses_nothing() {
         let h = Hub::new(3, Arc::new(Metrics::new()));
         let t: TopicName = "t".into();
-        let (a, b, c) = (
-            Arc::new(Client::new(Transport::Ws, 1 << 20)),
-            Arc::new(Client::new(Transport::Ws, 1 << 20)),
-            Arc::new(Client::new(Transport::Sse, 1 << 20)),
-        );
+        let (a, b, c) = three_clients();
         for x in [&a, &b, &c] {
             h.enter(x, "t").unwrap();
         }
