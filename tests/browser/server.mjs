@@ -41,7 +41,7 @@ process.on('exit', () => {
   }
 });
 
-const LISTENING = /listening on http:\/\/127\.0\.0\.1:(\d+)/;
+const LISTENING = /listening on (https?):\/\/127\.0\.0\.1:(\d+)/;
 // eslint-disable-next-line no-control-regex
 const ANSI = /\x1b\[[0-9;]*m/g;
 
@@ -106,7 +106,7 @@ function spawnOnce(port, dataDir, timeoutMs, extra = []) {
           if (log.length > 200) log.shift();
           if (process.env.CRIER_E2E_LOG) process.stderr.write(`[crier ${child.pid}] ${line}\n`);
           const m = line.match(LISTENING);
-          if (m) settle(resolveStart, makeServer(child, Number(m[1]), dataDir, log, exited));
+          if (m) settle(resolveStart, makeServer(child, Number(m[2]), dataDir, log, exited, m[1]));
         }
       });
     };
@@ -127,8 +127,9 @@ function spawnOnce(port, dataDir, timeoutMs, extra = []) {
   });
 }
 
-function makeServer(child, port, dataDir, log, exited) {
-  const baseURL = `http://127.0.0.1:${port}`;
+function makeServer(child, port, dataDir, log, exited, scheme = 'http') {
+  // A TLS server's certificate names localhost (tls.test.mjs).
+  const baseURL = scheme === 'https' ? `https://localhost:${port}` : `http://127.0.0.1:${port}`;
   return {
     child,
     port,
