@@ -666,6 +666,14 @@ async fn redis_killed_and_restarted_with_persistence_loses_nothing() {
         })
         .await;
         assert_eq!((o, e.as_str()), (11, epoch.as_str()));
+        // Node a fails fast until its own health check sees Redis again (on a loaded
+        // machine, a while after node b took a publish): the publishes below go to both.
+        within("node a is ready again", async {
+            while get(a.addr, "/readyz").await.0 != 200 {
+                tokio::time::sleep(RETRY).await;
+            }
+        })
+        .await;
         let (status, h) = get(
             a.addr,
             &format!("/api/topics/p/history?since=0&epoch={epoch}"),
