@@ -62,7 +62,7 @@ impl RedisServer {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port was taken: try another
                 }
-                if ping(port) {
+                if ping(port, child.id()) {
                     return RedisServer { child, port, dir };
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -85,7 +85,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.child = spawn(self.port, self.dir.path());
         let deadline = Instant::now() + super::WAIT;
-        while !ping(self.port) {
+        while !ping(self.port, self.child.id()) {
             assert!(Instant::now() < deadline, "redis-server did not restart");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -123,16 +123,30 @@ fn spawn(port: u16, dir: &std::path::Path) -> Child {
 }
 
 /// Whether redis answers PING on the port.
-fn ping(port: u16) -> bool {
+/// Whether the Redis answering on `port` is the process `pid`. A port picked by binding
+/// port 0 and letting go can be picked by another test (or test process) meanwhile: its
+/// Redis answers PING as well, and a test that took it for its own would see it killed
+/// under it ("broken pipe") when the other test ends.
+fn ping(port: u16, pid: u32) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"PING\r\n").is_err() {
+    if s.write_all(b"INFO server\r\n").is_err() {
         return false;
     }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    // A bulk string: `$LEN\r\n` then the text, which names the server's process id.
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !text.ends_with(b"\r\n\r\n") && text.len() < 64 * 1024 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&text)
+        .lines()
+        .any(|l| l.trim() == format!("process_id:{pid}"))
 }
 
 impl Drop for RedisServer {
