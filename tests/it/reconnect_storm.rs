@@ -89,7 +89,10 @@ async fn next_or<T>(
 ) -> Next<T> {
     let cut_armed = cut.is_some() && subscribed;
     let deadline = cut.unwrap_or_else(tokio::time::Instant::now);
-    let final_open = fin.borrow().is_none();
+    // Also when the final offsets came after the caller looked (they are not seen yet):
+    // the caller must look again, or a client already holding them waits for a message
+    // that never comes.
+    let final_open = fin.borrow().is_none() || fin.has_changed().unwrap_or(false);
     tokio::select! {
         m = tokio::time::timeout(STALL, msg) => Next::Message(
             m.unwrap_or_else(|_| panic!("client {client} stalled"))
