@@ -59,6 +59,23 @@ fn make_pki(dir: &Path, name: &str, expired: bool) -> Pki {
     }
 }
 
+/// A server on a certificate from a fresh test CA, and the CA's PEM file for clients.
+async fn tls_server(dir: &Path, name: &str) -> (TestServer, PathBuf) {
+    let pki = make_pki(dir, name, false);
+    let ca = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let (c, k) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let server = TestServer::start(|cfg| {
+        cfg.tls_cert = c;
+        cfg.tls_key = k;
+    })
+    .await;
+    (server, ca)
+}
+
 fn connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -276,18 +293,7 @@ async fn bad_or_expired_certificates_stop_the_start_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_over_wss_and_https_delivers_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(dir.path(), "bench", false);
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let (c, k) = (
-        pki.cert.display().to_string(),
-        pki.key.display().to_string(),
-    );
-    let server = TestServer::start(|cfg| {
-        cfg.tls_cert = c;
-        cfg.tls_key = k;
-    })
-    .await;
+    let (server, ca) = tls_server(dir.path(), "bench").await;
     let url = format!("https://localhost:{}", server.addr.port());
     let ca_arg = ca.display().to_string();
     let flags = |transport: &'static str, topic: &'static str| {
@@ -416,18 +422,7 @@ async fn python_ssl_speaks_websocket_sse_and_publish() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(dir.path(), "py", false);
-    let (c, k) = (
-        pki.cert.display().to_string(),
-        pki.key.display().to_string(),
-    );
-    let server = TestServer::start(|cfg| {
-        cfg.tls_cert = c;
-        cfg.tls_key = k;
-    })
-    .await;
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let (server, ca) = tls_server(dir.path(), "py").await;
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(30),
         tokio::process::Command::new(python)
