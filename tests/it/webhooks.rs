@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::auth::{hs256, now};
-use crate::common::{next_json, send_json, wait_until, within, TestServer, Ws};
+use crate::common::{next_json, topic_command, wait_until, within, TestServer, Ws};
 
 const SECRET: &str = "webhook-tests-secret-of-32-bytes!!!";
 const JWT: &str = "webhook-tests-jwt-secret-32-bytes!!!!";
@@ -147,33 +147,11 @@ fn webhooks(c: &mut Config, url: &str) {
 }
 
 async fn subscribe(ws: &mut Ws, topic: &str) {
-    send_json(
-        ws,
-        &format!(r#"{{"op":"subscribe","topic":"{topic}","id":"s"}}"#),
-    )
-    .await;
-    loop {
-        let v = next_json(ws).await;
-        if v["op"] == "subscribed" {
-            return;
-        }
-        assert_ne!(v["op"], "error", "{v}");
-    }
+    topic_command(ws, "subscribe", topic).await;
 }
 
 async fn unsubscribe(ws: &mut Ws, topic: &str) {
-    send_json(
-        ws,
-        &format!(r#"{{"op":"unsubscribe","topic":"{topic}","id":"u"}}"#),
-    )
-    .await;
-    loop {
-        let v = next_json(ws).await;
-        if v["op"] == "unsubscribed" {
-            return;
-        }
-        assert_ne!(v["op"], "error", "{v}");
-    }
+    topic_command(ws, "unsubscribe", topic).await;
 }
 
 fn pair(name: &str, topic: &str) -> (String, String) {

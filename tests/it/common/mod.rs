@@ -154,6 +154,25 @@ pub async fn send_json(ws: &mut Ws, v: &str) {
     ws.send(Message::Text(v.into())).await.expect("ws send");
 }
 
+/// Sends `{"op":op,"topic":topic}` (`subscribe`, `unsubscribe`) and returns its reply
+/// (`subscribed`, `unsubscribed`), skipping publications and notices that come first; an
+/// error reply fails the test.
+pub async fn topic_command(ws: &mut Ws, op: &str, topic: &str) -> Value {
+    send_json(
+        ws,
+        &format!(r#"{{"op":"{op}","topic":"{topic}","id":"{op}"}}"#),
+    )
+    .await;
+    let reply = format!("{op}d");
+    loop {
+        let v = next_json(ws).await;
+        if v["op"] == reply.as_str() {
+            return v;
+        }
+        assert_ne!(v["op"], "error", "{v}");
+    }
+}
+
 /// Reads until the server's close frame; returns its code. The close is answered, as a
 /// client does (tungstenite sends the answer on the next read), and the socket read to its
 /// end: the server then ends the connection at once instead of waiting out its close
