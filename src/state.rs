@@ -40,6 +40,11 @@ pub struct AppState {
     pub auth: crate::auth::Auth,
     /// `[[board]]` policies and their per-player rate table.
     pub board_policies: BoardPolicies,
+    /// The node's durable files by name (`crier.redb`, `history.redb`), for online
+    /// backups (`api/backup.rs`); empty under `--redis`, where Redis holds the state.
+    pub durable_files: Vec<(&'static str, crate::redb_file::RedbFile)>,
+    /// One backup at a time: each keeps a copy of its file on disk until it is sent.
+    pub backup_slot: Arc<tokio::sync::Semaphore>,
     connections: AtomicUsize,
 }
 
@@ -65,6 +70,8 @@ impl AppState {
             boards,
             redis: None,
             auth: crate::auth::Auth::open(),
+            durable_files: Vec::new(),
+            backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             connections: AtomicUsize::new(0),
         }
     }
@@ -85,6 +92,15 @@ impl AppState {
     /// sets them).
     pub fn with_board_policies(mut self, policies: BoardPolicies) -> Self {
         self.board_policies = policies;
+        self
+    }
+
+    /// The durable files an online backup may copy.
+    pub fn with_durable_files(
+        mut self,
+        files: Vec<(&'static str, crate::redb_file::RedbFile)>,
+    ) -> Self {
+        self.durable_files = files;
         self
     }
 
