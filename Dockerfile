@@ -10,6 +10,8 @@
 #   RUN_BASE    is Debian 12 (bookworm) or a glibc as new, with bash and useradd.
 # BINARY=context takes a crier binary already built for that Debian from dist/crier in
 # the build context instead of compiling; BUILD_BASE then needs no Rust (pass the run base).
+# Behind a proxy that re-signs TLS, give the compile stage its CA bundle as a build secret
+# (it is not kept in the image): `--secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt`.
 ARG BUILD_BASE=rust:1.95-bookworm
 ARG RUN_BASE=debian:bookworm-slim
 
@@ -20,6 +22,10 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
+    --mount=type=secret,id=cacert,required=false \
+    if [ -f /run/secrets/cacert ]; then \
+        export CARGO_HTTP_CAINFO=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert; \
+    fi; \
     if [ "$BINARY" = context ]; then \
         install -m 755 dist/crier /usr/local/bin/crier; \
     else \

@@ -8,15 +8,14 @@
 //! order it was acknowledged (a prefix of the node's history), which is exactly what a
 //! restore must give back.
 //!
-//! The copy is written in chunks (non-durable commits, then one durable commit at the end)
-//! so memory stays bounded whatever the file's size; it is a database only once the last
-//! commit has reached the disk, which the caller learns from `Ok`.
+//! The copy is written in chunks, each its own transaction, through a small cache, so
+//! memory stays bounded whatever the file's size; the caller learns from `Ok` that the
+//! last commit has reached the disk.
 
 use std::path::Path;
 
 use redb::{
-    Database, Durability, Key, ReadTransaction, ReadableTable, TableDefinition, TableError,
-    TableHandle, Value,
+    Database, Key, ReadTransaction, ReadableTable, TableDefinition, TableError, TableHandle, Value,
 };
 
 use super::RedbFile;
@@ -24,6 +23,8 @@ use super::RedbFile;
 /// Entries and bytes one write transaction of the copy takes before it commits.
 const CHUNK_ENTRIES: u64 = 65_536;
 const CHUNK_BYTES: u64 = 32 << 20;
+/// The copy's page cache.
+const COPY_CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -78,7 +79,10 @@ pub fn copy_to(file: &RedbFile, dest: &Path) -> Result<Copied, BackupError> {
             path: dest.to_owned(),
             source,
         })?;
+    // A small cache: the copy is written once and never read back, and redb's default
+    // (1 GiB) would let a backup grow the node's memory by as much as it writes.
     let out = Database::builder()
+        .set_cache_size(COPY_CACHE_BYTES)
         .create_file(out_file)
         .map_err(|e| db(format!("creating {}", dest.display()))(e.into()))?;
     let mut copied = Copied::default();
@@ -99,7 +103,8 @@ pub fn copy_to(file: &RedbFile, dest: &Path) -> Result<Copied, BackupError> {
         copied.entries += copy_table(&snapshot, &out, name)?;
         copied.tables += 1;
     }
-    // One durable commit makes every chunk before it durable too.
+    // Every chunk is committed durably already; this last commit also covers a file
+    // with no table at all.
     let txn = out
         .begin_write()
         .map_err(|e| db("finishing the copy")(e.into()))?;
@@ -139,10 +144,8 @@ fn copy_as<K: Key + 'static, V: Value + 'static>(
     let mut entries = 0u64;
     let mut rows = table.iter().map_err(|e| db(context())(e.into()))?;
     loop {
-        // One write transaction per chunk: a non-durable commit each (the final commit in
-        // `copy_to` makes them durable), so a large table never sits in memory at once.
-        let mut txn = out.begin_write().map_err(|e| db(context())(e.into()))?;
-        txn.set_durability(Durability::None);
+        // One write transaction per chunk, so a large table never sits in memory at once.
+        let txn = out.begin_write().map_err(|e| db(context())(e.into()))?;
         let mut done = true;
         {
             let mut dest = txn.open_table(def).map_err(|e| db(context())(e.into()))?;
