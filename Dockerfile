@@ -16,6 +16,8 @@ ARG BUILD_BASE=rust:1.95-bookworm
 ARG RUN_BASE=debian:bookworm-slim
 
 # --- build: the release binary, with the crates cached apart from the sources ---------
+# Without its debug info (the repository's release profile keeps it for profiling): 20 MB
+# instead of 114 MB.
 FROM ${BUILD_BASE} AS build
 ARG BINARY=build
 WORKDIR /src
@@ -29,7 +31,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     if [ "$BINARY" = context ]; then \
         install -m 755 dist/crier /usr/local/bin/crier; \
     else \
-        cargo build --release --locked --bin crier \
+        cargo build --release --locked --bin crier --config 'profile.release.strip="debuginfo"' \
         && cp target/release/crier /usr/local/bin/crier; \
     fi
 
