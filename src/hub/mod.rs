@@ -39,7 +39,9 @@ mod events;
 mod sink;
 
 pub use events::TopicEvents;
-pub use sink::{BrokerSink, GapSource, Notice, Replay, StreamPosition, Wakeups};
+pub use sink::{
+    BrokerSink, GapSource, MemberChange, MemberEvent, Notice, Replay, StreamPosition, Wakeups,
+};
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
