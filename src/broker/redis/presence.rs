@@ -129,6 +129,21 @@ fn parse_tail(t: &[u8]) -> Option<Member> {
     Some(Member { client, user, info })
 }
 
+/// A notice as the scripts publish it: `p`, `j`/`l`, `1`/`0` (the user's first join / last
+/// leave), the member's tail.
+fn read_notice(topic: &str, payload: &[u8]) -> Option<crate::hub::Notice> {
+    let change = match payload.get(1)? {
+        b'j' => MemberChange::Join,
+        b'l' => MemberChange::Leave,
+        _ => return None,
+    };
+    let edge = *payload.get(2)? == b'1';
+    let m = parse_tail(payload.get(3..)?)?;
+    // Anonymous members are nobody's first or last (the scripts never say so either).
+    let edge = edge && m.user.is_some();
+    Some(notice(topic, change, &m, edge))
+}
+
 enum Op {
     Join {
         topic: TopicName,
@@ -363,21 +378,12 @@ impl ClusterPresence {
     /// A notice from the topic's channel (`p...`): framed as one node frames it, for the
     /// node's subscribers.
     pub(super) fn on_notice(&self, hub: &dyn BrokerSink, topic: &str, payload: &[u8]) {
-        let (Some(kind), Some(edge), Some(m)) = (
-            payload.get(1),
-            payload.get(2),
-            payload.get(3..).and_then(parse_tail),
-        ) else {
+        let Some(n) = read_notice(topic, payload) else {
             tracing::warn!(topic, "malformed presence notice");
             return;
         };
-        let change = if *kind == b'j' {
-            MemberChange::Join
-        } else {
-            MemberChange::Leave
-        };
         let mut wake = Wakeups::default();
-        hub.announce(topic, &notice(topic, change, &m, *edge == b'1'), &mut wake);
+        hub.announce(topic, &n, &mut wake);
         wake.wake();
     }
 
@@ -711,6 +717,28 @@ mod tests {
         }
         assert_eq!(parse_tail(b"+9:ab1:"), None);
         assert_eq!(parse_tail(b"x"), None);
+    }
+
+    #[test]
+    fn a_notice_from_redis_is_framed_as_one_node_frames_it() {
+        let n = read_notice("lobby:a", br#"pj1+5:alice7:{"n":1}"#).unwrap();
+        assert_eq!(
+            &n.ws[2..],
+            br#"{"topic":"lobby:a","join":{"client":"7","user":"alice","info":{"n":1}}}"#
+        );
+        let e = n.member.unwrap();
+        assert_eq!(
+            (e.kind, e.client, e.user_first, e.user_last),
+            (MemberChange::Join, 7, true, false)
+        );
+        let n = read_notice("lobby:a", b"pl1-9:").unwrap();
+        let e = n.member.unwrap();
+        assert_eq!(
+            (e.kind, e.client, e.user.as_deref(), e.user_last),
+            (MemberChange::Leave, 9, None, false)
+        );
+        assert!(read_notice("lobby:a", b"px0-9:").is_none());
+        assert!(read_notice("lobby:a", b"pj").is_none());
     }
 
     #[test]
