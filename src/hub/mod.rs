@@ -875,6 +875,10 @@ impl BrokerSink for Hub {
     fn topic_counts(&self) -> Vec<(TopicName, usize)> {
         Hub::topic_counts(self)
     }
+
+    fn events(&self) -> Option<Arc<dyn TopicEvents>> {
+        Hub::events(self).cloned()
+    }
 }
 
 /// Fills the topic's gap from the broker's history until nothing is left to read (see the

@@ -124,6 +124,12 @@ pub trait BrokerSink: Send + Sync {
 
     /// Every topic with local subscribers and how many (for cluster-wide counts).
     fn topic_counts(&self) -> Vec<(TopicName, usize)>;
+
+    /// Who hears of member transitions on this node (webhooks), for the members a broker
+    /// removes itself (a dead node's, under `--redis`).
+    fn events(&self) -> Option<Arc<dyn super::TopicEvents>> {
+        None
+    }
 }
 
 /// Where the hub reads a gap in its deliveries from: the node's broker, seen only through

@@ -186,6 +186,8 @@ pub(super) struct ClusterPresence {
     health: Arc<RedisHealth>,
     scripts: Scripts,
     timeout: Duration,
+    /// The node's hub: who hears of the dead nodes' members this node removes (webhooks).
+    hub: Arc<dyn BrokerSink>,
 }
 
 impl ClusterPresence {
@@ -221,7 +223,8 @@ impl ClusterPresence {
         let (ops, rx) = mpsc::unbounded_channel();
         let this = Arc::new(ClusterPresence {
             any,
-            local: Presence::quiet(cfg, hub),
+            local: Presence::quiet(cfg, hub.clone()),
+            hub,
             tag,
             node: Mutex::new(node),
             ops,
@@ -606,9 +609,21 @@ impl ClusterPresence {
                         .arg(channel(topic))
                         .arg(self.join_leave(topic))
                         .arg(REAP_CHUNK);
-                    let n: usize = self.timed(inv.invoke_async(&mut c)).await?;
-                    gone += n;
-                    if n < REAP_CHUNK {
+                    let got: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
+                    let popped: usize = got.first().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    let events = self.hub.events();
+                    for m in got.iter().skip(1).filter_map(|t| parse_tail(t.as_bytes())) {
+                        gone += 1;
+                        if let Some(ev) = &events {
+                            ev.member_removed(
+                                topic,
+                                m.client,
+                                m.user.as_deref(),
+                                m.info.as_deref(),
+                            );
+                        }
+                    }
+                    if popped < REAP_CHUNK {
                         break;
                     }
                 }

@@ -52,13 +52,14 @@ local function join(f, v, channel, announce, ttl)
   end
   return 1
 end
--- Removes the member if `owner` (a node id) still owns it; announces its leave.
+-- Removes the member if `owner` (a node id) still owns it; announces its leave. Returns
+-- the removed member's tail, or false.
 local function remove(f, owner, channel, announce)
   redis.call('SREM', KEYS[4], f)
   local v = redis.call('HGET', KEYS[1], f)
-  if not v then return 0 end
+  if not v then return false end
   local node, user = parse(v)
-  if node ~= owner then return 0 end
+  if node ~= owner then return false end
   redis.call('HDEL', KEYS[1], f)
   redis.call('ZREM', KEYS[3], f)
   local last = '0'
@@ -69,7 +70,7 @@ local function remove(f, owner, channel, announce)
   if announce == '1' then
     redis.call('PUBLISH', channel, 'pl' .. last .. string.sub(v, 17))
   end
-  return 1
+  return string.sub(v, 17)
 end
 "#;
 
@@ -80,16 +81,22 @@ return join(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 
 /// ARGV: member id, node, channel, announce.
 const LEAVE: &str = r#"
-return remove(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if remove(ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 1 end
+return 0
 "#;
 
 /// A dead node's members, up to ARGV[4] of them per call (KEYS[4]: its set). ARGV: dead
-/// node, channel, announce, count. Returns how many ids it took off the set: the caller
-/// calls again until that is less than the count.
+/// node, channel, announce, count. Returns how many ids it took off the set (the caller
+/// calls again until that is less than the count), then the tail of each member it
+/// removed (this call alone removed them: their webhooks are the caller's to send).
 const REAP: &str = r#"
 local ids = redis.call('SPOP', KEYS[4], tonumber(ARGV[4]))
-for _, f in ipairs(ids) do remove(f, ARGV[1], ARGV[2], ARGV[3]) end
-return #ids
+local out = {tostring(#ids)}
+for _, f in ipairs(ids) do
+  local t = remove(f, ARGV[1], ARGV[2], ARGV[3])
+  if t then out[#out + 1] = t end
+end
+return out
 "#;
 
 /// Makes the node's members of the topic exactly the ones given (what the node holds),
