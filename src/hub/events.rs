@@ -19,4 +19,9 @@ pub trait TopicEvents: Send + Sync {
     /// A connection left a topic (called for every leave: the listener knows which were
     /// members).
     fn member_left(&self, topic: &str, client: u64);
+    /// A member of another node left because that node died (under `--redis`, told once,
+    /// by the survivor that removed it): the listener never saw it join, so it is given
+    /// whole. Called outside any hub lock.
+    fn member_removed(&self, _topic: &str, _client: u64, _user: Option<&str>, _info: Option<&str>) {
+    }
 }

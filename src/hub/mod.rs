@@ -39,7 +39,9 @@ mod events;
 mod sink;
 
 pub use events::TopicEvents;
-pub use sink::{BrokerSink, GapSource, Notice, Replay, StreamPosition, Wakeups};
+pub use sink::{
+    BrokerSink, GapSource, MemberChange, MemberEvent, Notice, Replay, StreamPosition, Wakeups,
+};
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -872,6 +874,10 @@ impl BrokerSink for Hub {
 
     fn topic_counts(&self) -> Vec<(TopicName, usize)> {
         Hub::topic_counts(self)
+    }
+
+    fn events(&self) -> Option<Arc<dyn TopicEvents>> {
+        Hub::events(self).cloned()
     }
 }
 

@@ -59,6 +59,34 @@ pub struct Notice {
     pub ws: Bytes,
     /// An SSE event (named, without an `id:` line: it moves no position).
     pub sse: Bytes,
+    /// The presence change this notice tells, for protocols that frame it their own way
+    /// (Pusher's `member_added` / `member_removed` need the user's first join and last
+    /// leave). None for notices that are no presence change.
+    pub member: Option<Arc<MemberEvent>>,
+}
+
+/// A presence join or leave, as data (docs/protocol.md, "Presence").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberEvent {
+    pub kind: MemberChange,
+    /// The member's client id: unique across the cluster under `--redis`.
+    pub client: u64,
+    /// The token's `sub`; None for an anonymous connection.
+    pub user: Option<Arc<str>>,
+    /// The token's `info` claim, JSON text.
+    pub info: Option<Arc<str>>,
+    /// On a join: this connection is the user's first in the topic (across the cluster
+    /// under `--redis`). Always false for anonymous members and on leaves.
+    pub user_first: bool,
+    /// On a leave: this connection was the user's last in the topic (across the cluster
+    /// under `--redis`). Always false for anonymous members and on joins.
+    pub user_last: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    Join,
+    Leave,
 }
 
 /// What a broker hands its node: publications in offset order per topic, and what it
@@ -96,6 +124,12 @@ pub trait BrokerSink: Send + Sync {
 
     /// Every topic with local subscribers and how many (for cluster-wide counts).
     fn topic_counts(&self) -> Vec<(TopicName, usize)>;
+
+    /// Who hears of member transitions on this node (webhooks), for the members a broker
+    /// removes itself (a dead node's, under `--redis`).
+    fn events(&self) -> Option<Arc<dyn super::TopicEvents>> {
+        None
+    }
 }
 
 /// Where the hub reads a gap in its deliveries from: the node's broker, seen only through

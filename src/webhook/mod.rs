@@ -231,4 +231,11 @@ impl TopicEvents for Webhooks {
             info.as_deref(),
         ));
     }
+
+    fn member_removed(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {
+        if !self.filter.left || !self.cfg.presence(topic).members {
+            return;
+        }
+        self.emit(events::member("member_left", topic, client, user, info));
+    }
 }
