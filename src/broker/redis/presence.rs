@@ -55,6 +55,11 @@ const KEY_TTL: Duration = Duration::from_secs(60);
 const REFRESH: Duration = Duration::from_secs(15);
 /// Scripts per pipeline.
 const BATCH: usize = 256;
+/// Joins and leaves waiting for Redis. Past it (Redis slow or away while clients churn)
+/// an op is not queued: the node's own record has it, and the next heartbeat writes every
+/// topic again (`resync`, whose script announces what changed), so a client cycling its
+/// subscriptions cannot make the queue grow.
+const OPS_MAX: usize = 16_384;
 /// A dead node's members removed per script call (one call never runs long in Redis).
 const REAP_CHUNK: usize = 500;
 /// Local client ids take the low 40 bits of a member id.
@@ -177,9 +182,10 @@ pub(super) struct ClusterPresence {
     tag: u64,
     /// This node's id in the presence keys; a new one if it was taken for dead.
     node: Mutex<Arc<str>>,
-    /// Bounded by the subscriptions: each op is a join its subscribe waits for, or the
-    /// leave of a member (a churning client waits behind its own earlier leaves).
-    ops: mpsc::UnboundedSender<Op>,
+    /// A churning client waits behind its own earlier leaves (each subscribe waits for
+    /// its join), but only for 2 × `redis_timeout` when Redis is slow: so the queue is
+    /// also capped ([`OPS_MAX`]), past which the heartbeat's resync takes over.
+    ops: mpsc::Sender<Op>,
     /// A write failed: every topic is written again at the next heartbeat that can.
     dirty: AtomicBool,
     conn: ConnectionManager,
@@ -220,7 +226,7 @@ impl ClusterPresence {
                 }
             }
         }
-        let (ops, rx) = mpsc::unbounded_channel();
+        let (ops, rx) = mpsc::channel(OPS_MAX);
         let this = Arc::new(ClusterPresence {
             any,
             local: Presence::quiet(cfg, hub.clone()),
@@ -281,7 +287,10 @@ impl ClusterPresence {
             tail: tail(&m),
             done,
         };
-        if self.ops.send(op).is_err() {
+        if let Err(e) = self.ops.try_send(op) {
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                self.dirty.store(true, Ordering::Release);
+            }
             return;
         }
         if tokio::time::timeout(self.timeout * 2, wait).await.is_err() {
@@ -294,10 +303,13 @@ impl ClusterPresence {
         if !self.any || self.local.leave(topic, client).is_none() {
             return;
         }
-        let _ = self.ops.send(Op::Leave {
+        let op = Op::Leave {
             topic: topic.into(),
             field: field(self.member_id(client)),
-        });
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.ops.try_send(op) {
+            self.dirty.store(true, Ordering::Release);
+        }
     }
 
     fn check_up(&self) -> Result<(), BrokerError> {
@@ -646,7 +658,7 @@ impl ClusterPresence {
 
 /// The node's one writer: batches of joins and leaves in order, the heartbeat, and the
 /// writes again after a failure.
-async fn write(me: Weak<ClusterPresence>, mut rx: mpsc::UnboundedReceiver<Op>) {
+async fn write(me: Weak<ClusterPresence>, mut rx: mpsc::Receiver<Op>) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = Instant::now();
