@@ -42,7 +42,7 @@ pub struct AppState {
     pub board_policies: BoardPolicies,
     /// The node's durable files by name (`crier.redb`, `history.redb`), for online
     /// backups (`api/backup.rs`); empty under `--redis`, where Redis holds the state.
-    pub durable_files: Vec<(&'static str, crate::redb_file::RedbFile)>,
+    pub durable_files: Vec<(&'static str, crate::redb_file::WeakRedbFile)>,
     /// One backup at a time: each keeps a copy of its file on disk until it is sent.
     pub backup_slot: Arc<tokio::sync::Semaphore>,
     connections: AtomicUsize,
@@ -98,7 +98,7 @@ impl AppState {
     /// The durable files an online backup may copy.
     pub fn with_durable_files(
         mut self,
-        files: Vec<(&'static str, crate::redb_file::RedbFile)>,
+        files: Vec<(&'static str, crate::redb_file::WeakRedbFile)>,
     ) -> Self {
         self.durable_files = files;
         self

@@ -94,6 +94,10 @@ pub async fn file(
     let made = {
         let copy = copy.clone();
         tokio::task::spawn_blocking(move || {
+            // Gone only once the node's writer has closed it (shutdown).
+            let Some(live) = live.upgrade() else {
+                return Err(crate::redb_file::backup::BackupError::NotOpen);
+            };
             let made = crate::redb_file::backup::copy_to(&live, &copy);
             if made.is_err() {
                 let _ = std::fs::remove_file(&copy);

@@ -239,7 +239,7 @@ pub struct DurableLog {
     writer: GroupCommit<Append, DurableError>,
     shared: Arc<Shared>,
     /// The file the writer owns, for online backups (`redb_file::backup`).
-    file: RedbFile,
+    file: crate::redb_file::WeakRedbFile,
 }
 
 /// A reserved place in the log's bounded queue.
@@ -285,7 +285,7 @@ impl DurableLog {
             #[cfg(test)]
             gate: Mutex::new(()),
         });
-        let backup_handle = file.clone();
+        let backup_handle = file.downgrade();
         let writer = Writer {
             file,
             shared: shared.clone(),
@@ -312,8 +312,8 @@ impl DurableLog {
     }
 
     /// The history file, for an online backup.
-    pub fn file(&self) -> &RedbFile {
-        &self.file
+    pub fn file(&self) -> crate::redb_file::WeakRedbFile {
+        self.file.clone()
     }
 
     /// Waits for room in the queue (call it before taking any lock).

@@ -141,8 +141,8 @@ impl MemoryBroker {
     }
 
     /// The durable history file (`history.redb`), when a namespace is `durable`.
-    pub fn history_file(&self) -> Option<crate::redb_file::RedbFile> {
-        self.log.as_ref().map(|l| l.file().clone())
+    pub fn history_file(&self) -> Option<crate::redb_file::WeakRedbFile> {
+        self.log.as_ref().map(|l| l.file())
     }
 
     /// Commits what the history log holds and stops it (graceful shutdown).

@@ -381,12 +381,12 @@ pub struct Boards {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: CancellationToken,
     /// The local store's file (`crier.redb`), for online backups; None under `--redis`.
-    local_file: Option<crate::redb_file::RedbFile>,
+    local_file: Option<crate::redb_file::WeakRedbFile>,
 }
 
 impl Boards {
     /// The local store's file, for an online backup (None under `--redis`).
-    pub fn local_file(&self) -> Option<crate::redb_file::RedbFile> {
+    pub fn local_file(&self) -> Option<crate::redb_file::WeakRedbFile> {
         self.local_file.clone()
     }
 
@@ -422,7 +422,7 @@ impl Boards {
             }
             boards.insert(name, Arc::new(Mutex::new(board)));
         }
-        let local_file = store.file().clone();
+        let local_file = store.file().downgrade();
         let (writer, writer_task) = StoreWriter::spawn(store, 4096)?;
         let this = Arc::new(Boards {
             dirty: Arc::new(Dirty {

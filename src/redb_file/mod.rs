@@ -17,11 +17,23 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use redb::Database;
 
-/// Cloning gives another handle on the same open file: the writer thread owns one, and
-/// the online backup (`backup`) reads through another, so a reopen after an I/O error is
-/// seen by both.
+/// Cloning gives another handle on the same open file, so a reopen after an I/O error is
+/// seen by every handle. The writer thread owns the file; anyone else (the online backup,
+/// `backup`) keeps a [`WeakRedbFile`], so the file still closes when its writer is done
+/// (a store opened again in the same process would find it locked otherwise).
 #[derive(Clone)]
 pub struct RedbFile(Arc<Inner>);
+
+/// A handle that does not keep the file open: see [`RedbFile::downgrade`].
+#[derive(Clone)]
+pub struct WeakRedbFile(std::sync::Weak<Inner>);
+
+impl WeakRedbFile {
+    /// The file, unless its writer has closed it.
+    pub fn upgrade(&self) -> Option<RedbFile> {
+        self.0.upgrade().map(RedbFile)
+    }
+}
 
 struct Inner {
     /// `None` only between closing after an I/O error and a successful reopen. Only the
@@ -50,6 +62,10 @@ impl RedbFile {
             broken: AtomicBool::new(false),
             path: path.to_owned(),
         })))
+    }
+
+    pub fn downgrade(&self) -> WeakRedbFile {
+        WeakRedbFile(Arc::downgrade(&self.0))
     }
 
     pub fn path(&self) -> &Path {
