@@ -14,6 +14,8 @@ use crate::close::DisconnectReason;
 pub enum Transport {
     Ws,
     Sse,
+    /// A WebSocket speaking the Pusher Channels protocol (`/app/{key}`, src/pusher/).
+    Pusher,
 }
 
 impl EncodeLabelValue for Transport {
@@ -24,10 +26,13 @@ impl EncodeLabelValue for Transport {
 }
 
 impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::Ws, Transport::Sse, Transport::Pusher];
+
     pub fn name(self) -> &'static str {
         match self {
             Transport::Ws => "ws",
             Transport::Sse => "sse",
+            Transport::Pusher => "pusher",
         }
     }
 }
@@ -100,7 +105,7 @@ pub struct Metrics {
     pub redis_errors: Counter,
     pub webhook_events: Family<WebhookLabel, Counter>,
     /// Handles into the families above, fetched once so the write path does no lookup.
-    per_transport: [PerTransport; 2],
+    per_transport: [PerTransport; 3],
 }
 
 #[derive(Clone, Default)]
@@ -310,7 +315,7 @@ impl Metrics {
             m.webhook_events.clone(),
         );
         // Pre-create label sets so dashboards see zeros rather than missing series.
-        for transport in [Transport::Ws, Transport::Sse] {
+        for transport in Transport::ALL {
             let _ = m.connections.get_or_create(&TransportLabel { transport });
             let _ = m.deliveries.get_or_create(&TransportLabel { transport });
             for reason in DisconnectReason::ALL {
@@ -320,7 +325,7 @@ impl Metrics {
                 });
             }
         }
-        let per_transport = [Transport::Ws, Transport::Sse].map(|transport| PerTransport {
+        let per_transport = Transport::ALL.map(|transport| PerTransport {
             deliveries: m
                 .deliveries
                 .get_or_create(&TransportLabel { transport })

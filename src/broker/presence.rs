@@ -120,7 +120,10 @@ pub struct Presence {
 impl Presence {
     pub fn new(cfg: &Config, sink: Arc<dyn BrokerSink>) -> Self {
         Presence {
-            any: cfg.namespaces.iter().any(|n| n.presence),
+            // Pusher presence channels need no namespace: any app turns presence on.
+            any: cfg.namespaces.iter().any(|n| n.presence)
+                || !cfg.apps.is_empty()
+                || !cfg.pusher_app_id.is_empty(),
             cfg: cfg.clone(),
             sink,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -154,12 +157,15 @@ impl Presence {
         if t.members.contains_key(&client) {
             return;
         }
+        let mut first = false;
         if let Some(u) = &member.user {
-            *t.users.entry(u.clone()).or_insert(0) += 1;
+            let n = t.users.entry(u.clone()).or_insert(0);
+            *n += 1;
+            first = *n == 1;
         }
         if mode.join_leave {
             self.sink
-                .announce(topic, &notice(topic, "join", &member), &mut wake);
+                .announce(topic, &notice(topic, "join", &member, first), &mut wake);
         }
         t.members.insert(client, member);
         drop(shard);
@@ -179,11 +185,13 @@ impl Presence {
         let Some(member) = t.members.remove(&client) else {
             return;
         };
+        let mut last = false;
         if let Some(u) = &member.user {
             if let Some(n) = t.users.get_mut(u) {
                 *n -= 1;
                 if *n == 0 {
                     t.users.remove(u);
+                    last = true;
                 }
             }
         }
@@ -192,7 +200,7 @@ impl Presence {
         }
         if self.cfg.presence(topic).join_leave {
             self.sink
-                .announce(topic, &notice(topic, "leave", &member), &mut wake);
+                .announce(topic, &notice(topic, "leave", &member, last), &mut wake);
         }
         drop(shard);
         wake.wake();
@@ -235,8 +243,38 @@ impl Presence {
 }
 
 /// `{"topic":"t","join":{member}}` (or `leave`), framed for each transport; on SSE a
-/// named event (`join` / `leave`).
-fn notice(topic: &str, kind: &'static str, member: &Member) -> Notice {
+/// named event (`join` / `leave`). On a Pusher presence channel (no crier client can
+/// hold one) only Pusher's frame, and only for the user's first join or last leave
+/// (`user_edge`).
+fn notice(topic: &str, kind: &'static str, member: &Member, user_edge: bool) -> Notice {
+    if let Some(channel) = crate::topic::pusher_channel(topic) {
+        let pusher = user_edge
+            .then_some(member.user.as_deref())
+            .flatten()
+            .map(|user| {
+                let user = serde_json::to_string(user).expect("a string serializes");
+                let data = if kind == "join" {
+                    let info = member.info.as_deref().unwrap_or("null");
+                    format!(r#"{{"user_id":{user},"user_info":{info}}}"#)
+                } else {
+                    format!(r#"{{"user_id":{user}}}"#)
+                };
+                let event = if kind == "join" {
+                    "pusher_internal:member_added"
+                } else {
+                    "pusher_internal:member_removed"
+                };
+                let data = serde_json::to_string(&data).expect("a string serializes");
+                let json = format!(r#"{{"event":"{event}","channel":"{channel}","data":{data}}}"#);
+                crate::framing::ws_text(json.as_bytes())
+            });
+        return Notice {
+            ws: bytes::Bytes::new(),
+            sse: bytes::Bytes::new(),
+            pusher,
+            about: member.client,
+        };
+    }
     let mut json = String::with_capacity(64 + topic.len());
     // Topic names need no escaping (topic.rs charset).
     json.push_str(r#"{"topic":""#);
@@ -249,6 +287,8 @@ fn notice(topic: &str, kind: &'static str, member: &Member) -> Notice {
     Notice {
         ws: crate::framing::ws_text(json.as_bytes()),
         sse: crate::framing::sse_event(Some(kind), json.as_bytes()),
+        pusher: None,
+        about: member.client,
     }
 }
 

@@ -412,6 +412,9 @@ impl Hub {
             }
             Plan::Meet(tail, pos) => {
                 for (p, conflate) in tail {
+                    if !p.reaches(client.id) {
+                        continue;
+                    }
                     let item = Item::publication(&p, p.wire(client.transport), conflate, true);
                     client.push(item, &self.metrics);
                 }
@@ -547,9 +550,12 @@ impl Hub {
         }
         l.last = Some(p.offset);
         l.seen = Some(p.offset);
-        let mut frames: [Option<Bytes>; 2] = [None, None];
+        let mut frames: [Option<Bytes>; 3] = [None, None, None];
         wake.0.reserve(l.subscribers.len());
         for client in l.subscribers.values() {
+            if !p.reaches(client.id) {
+                continue;
+            }
             let slot = &mut frames[client.transport as usize];
             let bytes = slot.get_or_insert_with(|| p.wire(client.transport)).clone();
             let item = Item::publication(p, bytes, conflate, true);
@@ -594,10 +600,12 @@ impl Hub {
                     if p.offset == *pos + 1 {
                         *pos = p.offset;
                         let item = Item::publication(p, p.wire(j.client.transport), conflate, true);
-                        if matches!(
-                            j.client.enqueue(item, &self.metrics),
-                            Pushed::Wake | Pushed::Overflowed
-                        ) {
+                        if p.reaches(j.client.id)
+                            && matches!(
+                                j.client.enqueue(item, &self.metrics),
+                                Pushed::Wake | Pushed::Overflowed
+                            )
+                        {
                             wake.0.push(j.client.clone());
                         }
                     } else if p.offset > *pos + 1 {
@@ -856,6 +864,12 @@ impl BrokerSink for Hub {
             let bytes = match client.transport {
                 Transport::Ws => notice.ws.clone(),
                 Transport::Sse => notice.sse.clone(),
+                // Pusher presence is told in Pusher's own words, once per user, never
+                // to the member itself.
+                Transport::Pusher => match &notice.pusher {
+                    Some(b) if client.id != notice.about => b.clone(),
+                    _ => continue,
+                },
             };
             if matches!(
                 client.enqueue(Item::control(bytes), &self.metrics),

@@ -59,6 +59,11 @@ pub struct Notice {
     pub ws: Bytes,
     /// An SSE event (named, without an `id:` line: it moves no position).
     pub sse: Bytes,
+    /// Pusher's `pusher_internal:member_added` / `member_removed`, for a user's first join
+    /// or last leave of a Pusher presence channel (None: Pusher clients hear nothing).
+    pub pusher: Option<Bytes>,
+    /// The client the notice is about: a Pusher client is not told of its own join.
+    pub about: u64,
 }
 
 /// What a broker hands its node: publications in offset order per topic, and what it

@@ -37,6 +37,7 @@ mod logs;
 mod openapi;
 mod presence;
 mod publish_batch;
+mod pusher;
 mod reconnect_storm;
 mod redis_boards;
 mod redis_broker;
