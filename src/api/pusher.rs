@@ -137,6 +137,7 @@ async fn publish(state: &AppState, app: &App, e: &Checked<'_>) -> Result<(), Api
             .publish(PublishRequest {
                 topic: &app.topic(channel),
                 data: &json,
+                retain: messages::is_cache_channel(channel),
                 ..PublishRequest::default()
             })
             .await?;

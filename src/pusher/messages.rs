@@ -219,6 +219,24 @@ pub enum Data<'a> {
     Json(&'a str),
 }
 
+/// A cache channel (`cache-`, `private-cache-`, `presence-cache-`, also encrypted): its
+/// last event is retained and given to each new subscriber, or `pusher:cache_miss`.
+pub fn is_cache_channel(channel: &str) -> bool {
+    [
+        "cache-",
+        "private-cache-",
+        "private-encrypted-cache-",
+        "presence-cache-",
+    ]
+    .iter()
+    .any(|p| channel.starts_with(p))
+}
+
+/// `pusher:cache_miss`: a cache channel with no event to give yet.
+pub fn cache_miss(channel: &str) -> Vec<u8> {
+    format!(r#"{{"event":"pusher:cache_miss","channel":"{channel}","data":"{{}}"}}"#).into_bytes()
+}
+
 /// A socket id as a server SDK sends it: `DIGITS.DIGITS`.
 pub fn is_socket_id(s: &str) -> bool {
     s.len() <= 41

@@ -216,6 +216,48 @@ try {
   if (r2.id !== "bob") fail(JSON.stringify(r2));
   if (dup.length) fail(`a second connection of bob was announced: ${JSON.stringify(dup)}`);
 
+  step = "cache channel: pusher:cache_miss, then the last event on subscribe";
+  {
+    const miss = within(
+      new Promise((res) => {
+        const ch = a.subscribe("cache-scores");
+        ch.bind("pusher:cache_miss", () => res(ch));
+      }),
+      "cache_miss",
+    );
+    const cch = await miss;
+    got = next(cch, "score");
+    await server.trigger("cache-scores", "score", { v: 1 });
+    await got;
+    await server.trigger("cache-scores", "score", { v: 2 });
+    const late = client();
+    await connected(late);
+    const ch = late.subscribe("cache-scores");
+    const cached = await next(ch, "score");
+    if (cached.v !== 2) fail(`cached ${JSON.stringify(cached)}`);
+    late.disconnect();
+  }
+
+  step = "a leaderboard watched as channel board@NAME";
+  {
+    const post = (score) =>
+      fetch(`http://${host}:${port}/api/boards/arena/scores`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ player: "p1", score }),
+      });
+    const r0 = await post(10);
+    if (!r0.ok) fail(`score: ${r0.status} ${await r0.text()}`);
+    const ch = a.subscribe("board@arena");
+    const snap = await next(ch, "crier:publication");
+    const board = typeof snap === "string" ? JSON.parse(snap) : snap;
+    if (!JSON.stringify(board).includes("p1")) fail(`snapshot ${JSON.stringify(board)}`);
+    const upd = next(ch, "crier:publication");
+    await post(20);
+    const u = await upd;
+    if (!JSON.stringify(u).includes("20")) fail(`update ${JSON.stringify(u)}`);
+  }
+
   step = "an unknown app key gets 4001";
   {
     const ws = new WebSocket(`ws://${host}:${port}/app/nope?protocol=7&client=js&version=8.4.0`);

@@ -176,6 +176,13 @@ impl Connection {
         let Some(topic) = self.pusher_topic(&channel) else {
             return;
         };
+        // A watched crier topic (`board@NAME`) is read as crier reads it: a private one
+        // needs a token, which a Pusher connection never has.
+        if let Err(e) = self.state.auth.check_read(&topic, None) {
+            self.pusher_reply(messages::subscription_error(&channel, 403, &e.message));
+            return self.pusher_error(Some(code::UNAUTHORIZED), &e.message);
+        }
+        let cache = messages::is_cache_channel(&channel);
         let (state, client) = (self.state.clone(), self.reg.client.clone());
         self.in_order(async move {
             let succeeded = |data: &str| {
@@ -187,6 +194,15 @@ impl Connection {
             let ack = |_: &_| (!presence).then(|| succeeded("{}"));
             let (hub, broker) = (&state.hub, &*state.broker);
             let result = subscribe::subscribe(hub, broker, &client, &topic, None, &ack, &who).await;
+            // Nothing was ever published (or it is gone with the topic): the retained
+            // event a cache channel would give does not exist.
+            if cache && result.as_ref().is_ok_and(|s| s.position.offset == 0) {
+                let miss = messages::cache_miss(&channel);
+                client.push(
+                    Item::control(frame::encode(frame::OP_TEXT, &miss)),
+                    &state.metrics,
+                );
+            }
             if let Err(e) = result {
                 if let Some(json) = subscribe_error(&e, None) {
                     let msg = String::from_utf8_lossy(&json).into_owned();
@@ -242,6 +258,7 @@ impl Connection {
             let req = PublishRequest {
                 topic: &topic,
                 data: &json,
+                retain: messages::is_cache_channel(&channel),
                 ..PublishRequest::default()
             };
             if let Err(e) = state.broker.publish(req).await {
