@@ -627,6 +627,9 @@ pub struct AppConfig {
     pub enable_client_events: bool,
     /// Most connections of this app on this node (the node's max_connections otherwise).
     pub max_connections: Option<usize>,
+    /// URLs that get this app's webhooks in Pusher's format (docs/pusher.md).
+    #[serde(default)]
+    pub webhooks: Vec<String>,
 }
 
 /// Without the secret: `Config` is printed in debug logs.
@@ -638,6 +641,7 @@ impl fmt::Debug for AppConfig {
             .field("secret", &"<hidden>")
             .field("enable_client_events", &self.enable_client_events)
             .field("max_connections", &self.max_connections)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }

@@ -90,6 +90,7 @@ impl Apps {
                 secret: cfg.pusher_secret.clone(),
                 enable_client_events: false,
                 max_connections: None,
+                webhooks: Vec::new(),
             });
         }
         let mut apps = Apps::default();

@@ -1,5 +1,6 @@
 //! crier as a Pusher Channels server (docs/pusher.md), driven by the real libraries from
-//! the registries, unchanged: pusher-js and the `pusher` Node SDK (tests/pusher/drive.mjs)
+//! the registries, unchanged: pusher-js and the `pusher` Node SDK (tests/pusher/drive.mjs,
+//! which also checks app 1's webhooks with the SDK's own `webhook().isValid()`)
 //! and the `pusher` PyPI SDK (tests/pusher/trigger.py); and hostile Pusher clients, each
 //! next to a healthy one that must not notice.
 //!
@@ -77,10 +78,22 @@ async fn pusher_js_and_the_node_sdk() {
         );
         return;
     }
-    let server = TestServer::start(apps).await;
+    // The driver receives app 1's webhooks on this port.
+    let hook_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = TestServer::start(|c| {
+        apps(c);
+        c.apps[0].webhooks = vec![format!("http://127.0.0.1:{hook_port}/")];
+        c.webhook_vacate_grace = Duration::from_millis(100);
+    })
+    .await;
     let mut cmd = tokio::process::Command::new(node);
     // Node 20 has its WebSocket behind this flag (the driver's raw-protocol steps use it).
-    cmd.args(["--experimental-websocket", "--no-warnings", "drive.mjs"]);
+    cmd.args(["--experimental-websocket", "--no-warnings", "drive.mjs"])
+        .env("CRIER_WEBHOOK_PORT", hook_port.to_string());
     run_driver(cmd, server.addr).await;
     server.shutdown().await;
 }

@@ -66,6 +66,30 @@ const subscribed = (c, name) =>
 const next = (ch, event, ms = 5000) =>
   within(new Promise((res) => ch.bind(event, function h(d) { ch.unbind(event, h); res(d); })), `${event} on ${ch.name}`, ms);
 
+// Webhooks of app 1 (when CRIER_WEBHOOK_PORT is given): every delivery must pass the SDK's
+// own check (X-Pusher-Key, X-Pusher-Signature); its events are collected.
+const hooks = [];
+if (process.env.CRIER_WEBHOOK_PORT) {
+  const http = await import("node:http");
+  await new Promise((res) =>
+    http
+      .createServer((req, resp) => {
+        let body = "";
+        req.on("data", (c) => (body += c));
+        req.on("end", () => {
+          const wh = server.webhook({ headers: req.headers, rawBody: body });
+          if (!wh.isValid()) {
+            hooks.push({ name: "INVALID" });
+          } else {
+            hooks.push(...wh.getEvents());
+          }
+          resp.end("ok");
+        });
+      })
+      .listen(Number(process.env.CRIER_WEBHOOK_PORT), "127.0.0.1", res),
+  );
+}
+
 const t0 = Date.now();
 try {
   step = "connect";
@@ -308,6 +332,29 @@ try {
   }
   a.disconnect();
   b.disconnect();
+  if (process.env.CRIER_WEBHOOK_PORT) {
+    step = "webhooks in Pusher's format, validated by the SDK";
+    const want = [
+      "channel_occupied my-channel",
+      "member_added presence-lobby alice",
+      "member_added presence-lobby bob",
+      "member_removed presence-lobby bob",
+      "client_event private-room client-typing",
+      "cache_miss cache-scores",
+      "channel_vacated my-channel",
+    ];
+    const key = (e) => [e.name, e.channel, e.user_id ?? e.event].filter(Boolean).join(" ");
+    const deadline = Date.now() + 10000;
+    while (!want.every((w) => hooks.map(key).includes(w))) {
+      if (Date.now() > deadline) fail(`got ${JSON.stringify(hooks.map(key))}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    if (hooks.some((h) => h.name === "INVALID")) fail("a delivery failed the SDK's check");
+    const bobAdded = hooks.filter((h) => key(h) === "member_added presence-lobby bob");
+    if (bobAdded.length !== 1) fail(`bob added ${bobAdded.length} times`);
+    const ce = hooks.find((h) => h.name === "client_event");
+    if (ce.socket_id !== sa || JSON.parse(ce.data).who !== "alice") fail(JSON.stringify(ce));
+  }
   console.log(`ok: every step in ${Date.now() - t0} ms`);
   process.exit(0);
 } catch (e) {

@@ -197,6 +197,9 @@ impl Connection {
             // Nothing was ever published (or it is gone with the topic): the retained
             // event a cache channel would give does not exist.
             if cache && result.as_ref().is_ok_and(|s| s.position.offset == 0) {
+                if let Some(ev) = hub.events() {
+                    ev.cache_miss(&topic);
+                }
                 let miss = messages::cache_miss(&channel);
                 client.push(
                     Item::control(frame::encode(frame::OP_TEXT, &miss)),
@@ -261,7 +264,11 @@ impl Connection {
                 retain: messages::is_cache_channel(&channel),
                 ..PublishRequest::default()
             };
-            if let Err(e) = state.broker.publish(req).await {
+            let published = state.broker.publish(req).await;
+            if let (Ok(_), Some(ev)) = (&published, state.hub.events()) {
+                ev.client_event(&topic, &event, &data, &socket_id, None);
+            }
+            if let Err(e) = published {
                 let err = messages::error(None, &format!("client event not sent: {e}"));
                 client.push(
                     Item::control(frame::encode(frame::OP_TEXT, &err)),
