@@ -64,6 +64,20 @@ pub struct WebhookLabel {
     pub outcome: &'static str,
 }
 
+/// A Pusher app (`crier_pusher_connections`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    pub app: String,
+}
+
+/// A Pusher app's events by where they came from (`crier_pusher_events_total`): `api`
+/// (one per channel of a trigger) or `client` (client events).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppEventLabel {
+    pub app: String,
+    pub source: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabel {
     pub reason: &'static str,
@@ -104,6 +118,8 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub redis_errors: Counter,
     pub webhook_events: Family<WebhookLabel, Counter>,
+    pub pusher_connections: Family<AppLabel, Gauge>,
+    pub pusher_events: Family<AppEventLabel, Counter>,
     /// Handles into the families above, fetched once so the write path does no lookup.
     per_transport: [PerTransport; 3],
 }
@@ -154,6 +170,8 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             redis_errors: Counter::default(),
             webhook_events: Family::default(),
+            pusher_connections: Family::default(),
+            pusher_events: Family::default(),
             registry: Registry::default(),
             per_transport: Default::default(),
         };
@@ -313,6 +331,17 @@ impl Metrics {
             "Webhook events per URL and outcome: queued, delivered, dropped (queue full), \
              refused (4xx), retried",
             m.webhook_events.clone(),
+        );
+        registry.register(
+            "pusher_connections",
+            "Open Pusher protocol connections per app (docs/pusher.md)",
+            m.pusher_connections.clone(),
+        );
+        registry.register(
+            "pusher_events",
+            "Events published per Pusher app: source api (one per channel of a trigger) or \
+             client (client events)",
+            m.pusher_events.clone(),
         );
         // Pre-create label sets so dashboards see zeros rather than missing series.
         for transport in Transport::ALL {

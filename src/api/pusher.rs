@@ -141,6 +141,11 @@ async fn publish(state: &AppState, app: &App, e: &Checked<'_>) -> Result<(), Api
                 ..PublishRequest::default()
             })
             .await?;
+        let label = crate::metrics::AppEventLabel {
+            app: app.id.clone(),
+            source: "api",
+        };
+        state.metrics.pusher_events.get_or_create(&label).inc();
     }
     Ok(())
 }

@@ -71,7 +71,7 @@ fn admit(state: &Arc<AppState>, key: &str, query: Option<&str>) -> Outcome {
         return Outcome::Refuse(code::OVER_CAPACITY, msg);
     };
     match Registration::new(state, Transport::Pusher) {
-        Ok(reg) => Outcome::Run(reg, PusherSession::new(slot)),
+        Ok(reg) => Outcome::Run(reg, PusherSession::new(slot, &state.metrics)),
         Err(e) => Outcome::Refuse(code::OVER_CAPACITY, e.message.to_string()),
     }
 }

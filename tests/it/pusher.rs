@@ -337,6 +337,16 @@ async fn apps_and_crier_topics_never_meet() {
     event(addr, "room", "fence", "1").await;
     let v = next_json(&mut one).await;
     assert_eq!(v["event"], "fence", "app 1 heard only its own event: {v}");
+    // Per-app metrics.
+    let text = server.state().metrics.encode();
+    for line in [
+        r#"crier_pusher_connections{app="1"} 1"#,
+        r#"crier_pusher_connections{app="2"} 1"#,
+        r#"crier_pusher_events_total{app="2",source="api"} 1"#,
+        r#"crier_pusher_events_total{app="1",source="api"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
     // crier's own door cannot name a Pusher topic.
     let (status, _) = server.get("/sse?topic=pusher/1/room").await;
     assert_eq!(status, 400);

@@ -35,14 +35,30 @@ pub const MAX_CHANNEL_DATA: usize = 2048;
 pub struct Session {
     slot: AppSlot,
     client_events: TokenBucket,
+    /// `crier_pusher_connections{app}`, given back on drop.
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Session {
-    pub fn new(slot: AppSlot) -> Box<Session> {
+    pub fn new(slot: AppSlot, metrics: &crate::metrics::Metrics) -> Box<Session> {
+        let gauge = metrics
+            .pusher_connections
+            .get_or_create(&crate::metrics::AppLabel {
+                app: slot.0.id.clone(),
+            })
+            .clone();
+        gauge.inc();
         Box::new(Session {
             slot,
             client_events: TokenBucket::full(CLIENT_EVENTS, Instant::now()),
+            gauge,
         })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 
@@ -265,6 +281,13 @@ impl Connection {
                 ..PublishRequest::default()
             };
             let published = state.broker.publish(req).await;
+            if published.is_ok() {
+                let label = crate::metrics::AppEventLabel {
+                    app: app.id.clone(),
+                    source: "client",
+                };
+                state.metrics.pusher_events.get_or_create(&label).inc();
+            }
             if let (Ok(_), Some(ev)) = (&published, state.hub.events()) {
                 ev.client_event(&topic, &event, &data, &socket_id, None);
             }
