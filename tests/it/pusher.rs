@@ -354,3 +354,58 @@ async fn apps_and_crier_topics_never_meet() {
     assert!(status == 400 || status == 404, "{status}");
     server.shutdown().await;
 }
+
+/// Under `--redis`, an event triggered on one node reaches the subscribers of every node,
+/// and `socket_id` excludes a socket of another node (its id names its node's run). The
+/// app comes from the flags here.
+#[tokio::test]
+async fn two_nodes_over_redis() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let flags = [
+        "--redis",
+        &redis.url(),
+        "--pusher-app-id",
+        "1",
+        "--pusher-key",
+        "key1",
+        "--pusher-secret",
+        "secret1",
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = crate::common::serve_binary(dir_a.path(), "127.0.0.1:0", &flags);
+    let (_b, addr_b) = crate::common::serve_binary(dir_b.path(), "127.0.0.1:0", &flags);
+    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
+        (addr_a.parse().unwrap(), addr_b.parse().unwrap());
+    let (mut on_a, _) = pusher_ws(addr_a, "key1").await;
+    let (mut on_b, sid_b) = pusher_ws(addr_b, "key1").await;
+    subscribe(&mut on_a, "room").await;
+    subscribe(&mut on_b, "room").await;
+    let body = |name: &str, exclude: Option<&str>| {
+        let mut v = serde_json::json!({"name": name, "channel": "room", "data": name});
+        if let Some(s) = exclude {
+            v["socket_id"] = s.into();
+        }
+        v.to_string()
+    };
+    assert_eq!(
+        trigger(addr_a, "1", "key1", "secret1", &body("one", None)).await,
+        200
+    );
+    assert_eq!(next_event(&mut on_a, "one").await["data"], "one");
+    assert_eq!(next_event(&mut on_b, "one").await["data"], "one");
+    // Excluding B's socket from node A: A's client gets it, B's does not.
+    let two = body("two", Some(&sid_b));
+    assert_eq!(trigger(addr_a, "1", "key1", "secret1", &two).await, 200);
+    next_event(&mut on_a, "two").await;
+    assert_eq!(
+        trigger(addr_b, "1", "key1", "secret1", &body("three", None)).await,
+        200
+    );
+    let v = next_json(&mut on_b).await;
+    assert_eq!(
+        v["event"], "three",
+        "the excluded socket got nothing before: {v}"
+    );
+    next_event(&mut on_a, "three").await;
+}
