@@ -1,6 +1,7 @@
 //! crier as a Pusher Channels server (docs/pusher.md), driven by the real libraries from
 //! the registries, unchanged: pusher-js and the `pusher` Node SDK (tests/pusher/drive.mjs,
-//! which also checks app 1's webhooks with the SDK's own `webhook().isValid()`)
+//! which also checks app 1's webhooks with the SDK's own `webhook().isValid()`), Laravel
+//! Echo in headless Chromium (tests/pusher/echo.mjs)
 //! and the `pusher` PyPI SDK (tests/pusher/trigger.py); and hostile Pusher clients, each
 //! next to a healthy one that must not notice.
 //!
@@ -79,11 +80,7 @@ async fn pusher_js_and_the_node_sdk() {
         return;
     }
     // The driver receives app 1's webhooks on this port.
-    let hook_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let hook_port = free_port();
     let server = TestServer::start(|c| {
         apps(c);
         c.apps[0].webhooks = vec![format!("http://127.0.0.1:{hook_port}/")];
@@ -94,6 +91,47 @@ async fn pusher_js_and_the_node_sdk() {
     // Node 20 has its WebSocket behind this flag (the driver's raw-protocol steps use it).
     cmd.args(["--experimental-websocket", "--no-warnings", "drive.mjs"])
         .env("CRIER_WEBHOOK_PORT", hook_port.to_string());
+    run_driver(cmd, server.addr).await;
+    server.shutdown().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Laravel Echo over pusher-js, both their browser builds, in headless Chromium
+/// (tests/pusher/echo.mjs serves the page and the app's /broadcasting/auth).
+#[tokio::test]
+async fn laravel_echo_in_chromium() {
+    let Some(node) = tools::require("node", "apt-get install -y nodejs npm") else {
+        return;
+    };
+    if tools::require("chromium", "apt-get install -y chromium").is_none() {
+        return;
+    }
+    if !root()
+        .join("tests/pusher/node_modules/laravel-echo")
+        .is_dir()
+    {
+        tools::missing(
+            "the npm packages of tests/pusher",
+            "cd tests/pusher && npm ci",
+        );
+        return;
+    }
+    let page_port = free_port();
+    let server = TestServer::start(|c| {
+        apps(c);
+        c.allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
+    })
+    .await;
+    let mut cmd = tokio::process::Command::new(node);
+    cmd.arg("echo.mjs")
+        .env("CRIER_PAGE_PORT", page_port.to_string());
     run_driver(cmd, server.addr).await;
     server.shutdown().await;
 }
