@@ -131,6 +131,7 @@ async fn publish(state: &AppState, app: &App, e: &Checked<'_>) -> Result<(), Api
             channel,
             &Data::Text(&e.data),
             e.socket_id.as_deref(),
+            None,
         );
         state
             .broker

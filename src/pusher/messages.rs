@@ -194,8 +194,15 @@ pub fn subscription_succeeded(channel: &str, data: &str) -> Vec<u8> {
 
 /// An event as the hub fans it out on a channel's topic (`Publication::wire`):
 /// `{"x":"SOCKET",` marks the socket it skips (taken out before anyone receives it).
-/// `data` is sent as a string; a client event's object data is sent as it came.
-pub fn event(event: &str, channel: &str, data: &Data<'_>, exclude: Option<&str>) -> Vec<u8> {
+/// `data` is sent as a string; a client event's object data is sent as it came. A client
+/// event on a presence channel names its sender's `user_id`.
+pub fn event(
+    event: &str,
+    channel: &str,
+    data: &Data<'_>,
+    exclude: Option<&str>,
+    user: Option<&str>,
+) -> Vec<u8> {
     let mut out = String::with_capacity(64 + event.len() + channel.len());
     out.push('{');
     if let Some(socket) = exclude {
@@ -208,6 +215,10 @@ pub fn event(event: &str, channel: &str, data: &Data<'_>, exclude: Option<&str>)
     match data {
         Data::Text(s) => out.push_str(&json_string(s)),
         Data::Json(raw) => out.push_str(raw),
+    }
+    if let Some(u) = user {
+        out.push_str(r#","user_id":"#);
+        out.push_str(&json_string(u));
     }
     out.push('}');
     out.into_bytes()
@@ -287,7 +298,7 @@ mod tests {
             serde_json::from_slice(&connection_established("1.2", 120)).unwrap();
         let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
         assert_eq!(d["socket_id"], "1.2");
-        let e = event("my-event", "c", &Data::Text("{\"a\":1}"), Some("1.2"));
+        let e = event("my-event", "c", &Data::Text("{\"a\":1}"), Some("1.2"), None);
         assert!(e.starts_with(br#"{"x":"1.2","event":"my-event""#));
         let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
         assert_eq!(v["data"], "{\"a\":1}");

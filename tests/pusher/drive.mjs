@@ -207,11 +207,18 @@ try {
   const [pra, membersA] = await subscribed(a, "presence-lobby");
   if (membersA.count !== 1 || membersA.me.id !== "alice") fail(`alice alone: ${membersA.count}`);
   const added = next(pra, "pusher:member_added");
-  const [, membersB] = await subscribed(b, "presence-lobby");
+  const [prb, membersB] = await subscribed(b, "presence-lobby");
   const m = await added;
   if (m.id !== "bob" || m.info.name !== "Bob") fail(`member_added ${JSON.stringify(m)}`);
   if (membersB.count !== 2 || membersB.get("alice").info.name !== "Alice")
     fail(`bob sees ${membersB.count}`);
+  step = "presence: a client event names its sender's user_id";
+  {
+    const hi = within(new Promise((res) => prb.bind("client-hi", (d, meta) => res([d, meta]))), "client-hi");
+    pra.trigger("client-hi", { x: 1 });
+    const [d, meta] = await hi;
+    if (d.x !== 1 || meta?.user_id !== "alice") fail(`${JSON.stringify(d)} ${JSON.stringify(meta)}`);
+  }
   step = "presence: a second connection of the same user adds no member";
   const b2c = client(APP.key, { id: "bob", info: { name: "Bob" } });
   await connected(b2c);

@@ -34,6 +34,9 @@ pub const MAX_CHANNEL_DATA: usize = 2048;
 /// A Pusher connection's app (its share of the app's connections) and its own limits.
 pub struct Session {
     slot: AppSlot,
+    /// The user this connection is on each presence channel it subscribed (the `user_id`
+    /// of its client events there); at most `max_topics_per_connection` entries.
+    users: Vec<(String, Arc<str>)>,
     client_events: TokenBucket,
     /// `crier_pusher_connections{app}`, given back on drop.
     gauge: prometheus_client::metrics::gauge::Gauge,
@@ -50,6 +53,7 @@ impl Session {
         gauge.inc();
         Box::new(Session {
             slot,
+            users: Vec::new(),
             client_events: TokenBucket::full(CLIENT_EVENTS, Instant::now()),
             gauge,
         })
@@ -132,6 +136,9 @@ impl Connection {
                 let Some(topic) = self.pusher_topic(&channel) else {
                     return;
                 };
+                if let Some(s) = self.pusher.as_mut() {
+                    s.users.retain(|(c, _)| *c != channel);
+                }
                 let (state, client) = (self.state.clone(), self.reg.client.clone());
                 self.in_order(async move {
                     subscribe::unsubscribe(&state.hub, &*state.broker, &client, &topic);
@@ -181,7 +188,17 @@ impl Connection {
             }
             if presence {
                 match presence_identity(data.unwrap_or("")) {
-                    Ok(w) => who = w,
+                    Ok(w) => {
+                        let user = w.user.clone().expect("a presence identity has a user");
+                        let limit = self.state.cfg.max_topics_per_connection;
+                        if let Some(s) = self.pusher.as_mut() {
+                            s.users.retain(|(c, _)| *c != channel);
+                            if s.users.len() < limit {
+                                s.users.push((channel.clone(), user));
+                            }
+                        }
+                        who = w;
+                    }
                     Err(msg) => {
                         self.pusher_reply(messages::subscription_error(&channel, 400, &msg));
                         return self.pusher_error(Some(code::UNAUTHORIZED), &msg);
@@ -271,7 +288,18 @@ impl Connection {
             );
         }
         let socket_id = crate::publication::socket_id(self.reg.client.id);
-        let json = messages::event(&event, &channel, &Data::Json(&data), Some(&socket_id));
+        let user = session
+            .users
+            .iter()
+            .find(|(c, _)| *c == channel)
+            .map(|(_, u)| u.clone());
+        let json = messages::event(
+            &event,
+            &channel,
+            &Data::Json(&data),
+            Some(&socket_id),
+            user.as_deref(),
+        );
         let (state, client) = (self.state.clone(), self.reg.client.clone());
         self.in_order(async move {
             let req = PublishRequest {
@@ -289,7 +317,7 @@ impl Connection {
                 state.metrics.pusher_events.get_or_create(&label).inc();
             }
             if let (Ok(_), Some(ev)) = (&published, state.hub.events()) {
-                ev.client_event(&topic, &event, &data, &socket_id, None);
+                ev.client_event(&topic, &event, &data, &socket_id, user.as_deref());
             }
             if let Err(e) = published {
                 let err = messages::error(None, &format!("client event not sent: {e}"));
