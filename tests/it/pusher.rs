@@ -227,11 +227,27 @@ async fn hostile_pusher_clients_next_to_a_healthy_one() {
         c.max_commands_per_second = 50;
         c.queue_max_bytes = 64 * 1024;
         c.max_message_bytes = 16 * 1024;
+        c.max_topics_per_connection = 4;
     })
     .await;
     let addr = server.addr;
     let (mut healthy, _) = pusher_ws(addr, "key1").await;
     subscribe(&mut healthy, "news").await;
+
+    // Past max_topics_per_connection: pusher:subscription_error, the rest kept.
+    let (mut greedy, _) = pusher_ws(addr, "key1").await;
+    for i in 0..4 {
+        subscribe(&mut greedy, &format!("g{i}")).await;
+    }
+    send(
+        &mut greedy,
+        r#"{"event":"pusher:subscribe","data":{"channel":"g4"}}"#,
+    )
+    .await;
+    let v = next_json(&mut greedy).await;
+    assert_eq!(v["event"], "pusher:subscription_error", "{v}");
+    assert_eq!(v["channel"], "g4");
+    assert_eq!(v["data"]["status"], 503);
 
     // A frame flood: pusher:error 4301, then close 4301.
     let (mut flood, _) = pusher_ws(addr, "key1").await;

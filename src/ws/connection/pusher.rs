@@ -23,9 +23,10 @@ const CLIENT_EVENTS: Rate = Rate {
     burst: 10.0,
 };
 
-/// The most members a presence subscription's `subscription_succeeded` lists (Pusher
-/// allows 100 per channel by default); past it the hash is cut, `count` stays true.
-pub const MAX_PRESENCE_HASH: usize = 1000;
+/// The most users a presence subscription's `subscription_succeeded` lists (Pusher's
+/// limit of a presence channel); past it the hash is cut, `count` stays true. Keeps the
+/// frame (at most 100 × `MAX_CHANNEL_DATA`) well inside a client's queue.
+pub const MAX_PRESENCE_HASH: usize = 100;
 
 /// Longest `channel_data` of a presence subscription (user id and info), which the node
 /// keeps for as long as the member stays.
@@ -240,9 +241,9 @@ impl Connection {
                 );
             }
             if let Err(e) = result {
-                if let Some(json) = subscribe_error(&e, None) {
-                    let msg = String::from_utf8_lossy(&json).into_owned();
-                    let err = messages::subscription_error(&channel, 503, &msg);
+                // None: the client is gone, nobody to tell.
+                if subscribe_error(&e, None).is_some() {
+                    let err = messages::subscription_error(&channel, 503, &e.to_string());
                     client.push(
                         Item::control(frame::encode(frame::OP_TEXT, &err)),
                         &state.metrics,
