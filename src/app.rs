@@ -8,8 +8,8 @@ use axum::Router;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    health, history, intent, json_errors, openapi, presence, publish, publish_batch, pusher,
-    single_headers,
+    backup, health, history, intent, json_errors, openapi, presence, publish, publish_batch,
+    pusher, single_headers,
 };
 use crate::state::AppState;
 use crate::{sse, web, ws};
@@ -28,6 +28,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/topics/{topic}/history", get(history::history))
         .route("/api/topics/{topic}/presence", get(presence::members))
         .route("/api/topics/{topic}/presence/stats", get(presence::stats))
+        .route("/api/backup", get(backup::list))
+        .route("/api/backup/{file}", get(backup::file))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -31,6 +31,9 @@ pub enum Command {
     Demo(ServeArgs),
     /// Publish one JSON message to a topic on a running server.
     Publish(PublishArgs),
+    /// Copy a running node's durable files (boards, durable history) into a directory,
+    /// consistent as of the request, without stopping the node (docs/operations.md).
+    Backup(BackupArgs),
     /// Print a signed subscriber token (JWT) for private topics, for development.
     Token(crate::auth::mint::TokenArgs),
     /// Check a settings file, or print an example of one.
@@ -69,6 +72,23 @@ pub struct PublishArgs {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    /// The directory to write the files into (created if missing; files already there
+    /// are never overwritten).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Server base URL.
+    #[arg(long, env = "CRIER_URL", default_value = "http://127.0.0.1:7700")]
+    pub url: String,
+    /// A publisher key (flat, or a `[[key]]` with `admin = true`): backups always need one.
+    #[arg(long, env = "CRIER_KEY")]
+    pub key: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (https:// with a private CA).
+    #[arg(long, env = "CRIER_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(resolve_config(&args)?, false).await,
@@ -77,6 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(crate::logging::LogFormat::Text);
             match other {
                 Command::Publish(args) => publish(args).await,
+                Command::Backup(args) => backup(args).await,
                 Command::Token(args) => crate::auth::mint::run(&args),
                 Command::Config(c) => config_command(c),
                 Command::Serve(_) | Command::Demo(_) => unreachable!("matched above"),
@@ -159,4 +180,68 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("{status}: {text}")
     }
+}
+
+/// Fetches every durable file of the node (`GET /api/backup`, then each file) into
+/// `--out`, each written to `<name>.partial`, synced, then renamed: a file named
+/// `crier.redb` in the directory is always a whole copy.
+async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let base = args.url.trim_end_matches('/');
+    let mut client = HttpClient::new(args.key);
+    if let Some(ca) = &args.ca_file {
+        client = client.with_ca_file(ca)?;
+    }
+    let (status, body) = client.get(&format!("{base}/api/backup")).await?;
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body));
+    }
+    #[derive(serde::Deserialize)]
+    struct Files {
+        files: Vec<String>,
+    }
+    let files: Files = serde_json::from_slice(&body).context("the file list")?;
+    if files.files.is_empty() {
+        println!(
+            "the node keeps no durable files (under --redis the state is in Redis: back up Redis)"
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for name in &files.files {
+        anyhow::ensure!(
+            !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\']),
+            "the server named an unexpected file {name:?}"
+        );
+        let dest = args.out.join(name);
+        anyhow::ensure!(
+            !dest.exists(),
+            "{} exists: back up into an empty directory",
+            dest.display()
+        );
+        let partial = args.out.join(format!("{name}.partial"));
+        let mut f = std::fs::File::create(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        let got = client
+            .get_each(&format!("{base}/api/backup/{name}"), |chunk| {
+                f.write_all(chunk)
+            })
+            .await;
+        let n = match got.and_then(|n| f.sync_all().map(|_| n).map_err(Into::into)) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.context(format!("copying {name}")));
+            }
+        };
+        drop(f);
+        std::fs::rename(&partial, &dest)
+            .with_context(|| format!("renaming {}", partial.display()))?;
+        println!("{}: {n} bytes", dest.display());
+    }
+    // The renames reach the disk too.
+    std::fs::File::open(&args.out)?.sync_all()?;
+    Ok(())
 }

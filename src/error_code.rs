@@ -142,6 +142,12 @@ error_codes! {
         "the node cannot serve the request right now; retry later";
     StoreUnavailable = "store_unavailable", http(503),
         "the store could not commit the write; nothing was applied or published, retry later";
+    BackupNeedsKey = "backup_needs_key", http(403),
+        "`/api/backup` on a node without publisher keys: a backup reads every durable file, so it always needs an admin-capable key";
+    NoDurableFile = "no_durable_file", http(404),
+        "`/api/backup/{file}` names a file this node does not keep (under `--redis` Redis holds the state)";
+    BackupInProgress = "backup_in_progress", http(409),
+        "another backup of the node is being copied or sent; retry after it (`Retry-After`)";
     Internal = "internal", http(500),
         "a bug: the server failed in a way it did not expect";
     // Leaderboards (docs/leaderboards.md).

@@ -164,12 +164,21 @@ impl Server {
         };
         // The hub fills gaps in its deliveries from the broker's history.
         hub.attach(Arc::downgrade(&broker));
+        let mut durable_files = Vec::new();
+        if let Some(f) = boards.local_file() {
+            durable_files.push((crate::leaderboard::store::DB_FILE, f));
+        }
+        if let Some(f) = memory_broker.as_ref().and_then(|b| b.history_file()) {
+            durable_files.push((crate::broker::durable::HISTORY_FILE, f));
+        }
+        crate::api::backup::remove_stale_copies(&cfg.data_dir);
         let state = Arc::new(
             AppState::new(cfg, metrics, broker, hub, boards, shutdown)
                 .with_pusher(pusher_apps)
                 .with_redis(redis_health)
                 .with_auth(auth)
-                .with_board_policies(board_policies),
+                .with_board_policies(board_policies)
+                .with_durable_files(durable_files),
         );
         if let Some(tls) = &tls {
             tls.spawn_watcher(state.shutdown.clone());

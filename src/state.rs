@@ -42,6 +42,11 @@ pub struct AppState {
     pub board_policies: BoardPolicies,
     /// Pusher Channels apps (`[[app]]`, `pusher_*`): none unless configured.
     pub pusher: Arc<crate::pusher::Apps>,
+    /// The node's durable files by name (`crier.redb`, `history.redb`), for online
+    /// backups (`api/backup.rs`); empty under `--redis`, where Redis holds the state.
+    pub durable_files: Vec<(&'static str, crate::redb_file::RedbFile)>,
+    /// One backup at a time: each keeps a copy of its file on disk until it is sent.
+    pub backup_slot: Arc<tokio::sync::Semaphore>,
     connections: AtomicUsize,
 }
 
@@ -68,6 +73,8 @@ impl AppState {
             redis: None,
             auth: crate::auth::Auth::open(),
             pusher: Arc::default(),
+            durable_files: Vec::new(),
+            backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             connections: AtomicUsize::new(0),
         }
     }
@@ -94,6 +101,15 @@ impl AppState {
     /// The Pusher apps `pusher::Apps::from_config` built (`Server::start` always sets them).
     pub fn with_pusher(mut self, apps: crate::pusher::Apps) -> Self {
         self.pusher = Arc::new(apps);
+        self
+    }
+
+    /// The durable files an online backup may copy.
+    pub fn with_durable_files(
+        mut self,
+        files: Vec<(&'static str, crate::redb_file::RedbFile)>,
+    ) -> Self {
+        self.durable_files = files;
         self
     }
 

@@ -39,6 +39,11 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// The same error, telling the client to wait `secs` seconds (`Retry-After`).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
     pub fn bad_topic() -> Self {
         Self::new(ErrorCode::BadTopic, BAD_TOPIC_MESSAGE)
     }

@@ -2,6 +2,7 @@
 //! validate, then hand work to the broker or the leaderboard service.
 
 pub mod auth;
+pub mod backup;
 pub mod boards;
 pub mod body;
 pub mod error;

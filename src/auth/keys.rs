@@ -142,6 +142,11 @@ impl Publishers {
     }
 
     /// Whether any `[[key]]` table exists.
+    /// No key at all: writes are open (development).
+    pub fn is_empty(&self) -> bool {
+        self.flat.is_empty() && self.scoped.is_empty()
+    }
+
     pub fn has_scoped(&self) -> bool {
         !self.scoped.is_empty()
     }

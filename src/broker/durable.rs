@@ -238,6 +238,8 @@ pub struct DurableLog {
     /// the disk without waiting for an append.
     writer: GroupCommit<Append, DurableError>,
     shared: Arc<Shared>,
+    /// The file the writer owns, for online backups (`redb_file::backup`).
+    file: RedbFile,
 }
 
 /// A reserved place in the log's bounded queue.
@@ -283,6 +285,7 @@ impl DurableLog {
             #[cfg(test)]
             gate: Mutex::new(()),
         });
+        let backup_handle = file.clone();
         let writer = Writer {
             file,
             shared: shared.clone(),
@@ -300,8 +303,17 @@ impl DurableLog {
                 source: Arc::new(e),
             }
         })?;
-        let log = Arc::new(DurableLog { writer, shared });
+        let log = Arc::new(DurableLog {
+            writer,
+            shared,
+            file: backup_handle,
+        });
         Ok((log, recovered))
+    }
+
+    /// The history file, for an online backup.
+    pub fn file(&self) -> &RedbFile {
+        &self.file
     }
 
     /// Waits for room in the queue (call it before taking any lock).

@@ -140,6 +140,11 @@ impl MemoryBroker {
         Ok(broker)
     }
 
+    /// The durable history file (`history.redb`), when a namespace is `durable`.
+    pub fn history_file(&self) -> Option<crate::redb_file::RedbFile> {
+        self.log.as_ref().map(|l| l.file().clone())
+    }
+
     /// Commits what the history log holds and stops it (graceful shutdown).
     pub async fn close(&self) {
         if let Some(log) = &self.log {

@@ -380,9 +380,16 @@ pub struct Boards {
     max_players: usize,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: CancellationToken,
+    /// The local store's file (`crier.redb`), for online backups; None under `--redis`.
+    local_file: Option<crate::redb_file::RedbFile>,
 }
 
 impl Boards {
+    /// The local store's file, for an online backup (None under `--redis`).
+    pub fn local_file(&self) -> Option<crate::redb_file::RedbFile> {
+        self.local_file.clone()
+    }
+
     /// Opens the store in `data_dir`, loads every board and publishes each one's snapshot
     /// so the first watcher gets it at once.
     pub async fn open(
@@ -415,6 +422,7 @@ impl Boards {
             }
             boards.insert(name, Arc::new(Mutex::new(board)));
         }
+        let local_file = store.file().clone();
         let (writer, writer_task) = StoreWriter::spawn(store, 4096)?;
         let this = Arc::new(Boards {
             dirty: Arc::new(Dirty {
@@ -436,6 +444,7 @@ impl Boards {
             tasks: Mutex::new(vec![writer_task]),
             stop: shutdown.child_token(),
             counts: None,
+            local_file: Some(local_file),
         });
         let updater = tokio::spawn(this.clone().update_loop());
         this.tasks.lock().push(updater);
@@ -475,6 +484,7 @@ impl Boards {
             max_players: cfg.max_players_per_board,
             tasks: Mutex::new(Vec::new()),
             stop: shutdown.child_token(),
+            local_file: None,
         });
         let follower = shared.start(&this, this.stop.clone()).await?;
         let updater = tokio::spawn(this.clone().update_loop());

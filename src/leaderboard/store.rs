@@ -378,6 +378,11 @@ impl Store {
         self.file.path()
     }
 
+    /// The database file, for an online backup.
+    pub fn file(&self) -> &RedbFile {
+        &self.file
+    }
+
     /// Number of logged entries after which [`Store::commit`] (and the [`StoreWriter`],
     /// after acknowledging) folds the entry log into the per-board tables. Larger values
     /// amortize the page writes of a checkpoint over more entries, at the price of a longer

@@ -7,15 +7,23 @@
 //! Both durable stores (leaderboards, topic history) keep their file this way, and write
 //! it through one [`group_commit`] writer.
 
+pub mod backup;
 pub mod group_commit;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 use redb::Database;
 
-pub struct RedbFile {
+/// Cloning gives another handle on the same open file: the writer thread owns one, and
+/// the online backup (`backup`) reads through another, so a reopen after an I/O error is
+/// seen by both.
+#[derive(Clone)]
+pub struct RedbFile(Arc<Inner>);
+
+struct Inner {
     /// `None` only between closing after an I/O error and a successful reopen. Only the
     /// one thread writing ever takes the write lock.
     db: RwLock<Option<Database>>,
@@ -26,8 +34,8 @@ pub struct RedbFile {
 impl std::fmt::Debug for RedbFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbFile")
-            .field("path", &self.path)
-            .field("broken", &self.broken)
+            .field("path", &self.0.path)
+            .field("broken", &self.0.broken)
             .finish()
     }
 }
@@ -37,32 +45,32 @@ impl RedbFile {
     /// repaired first, which walks the whole database.
     pub fn create(path: &Path) -> Result<RedbFile, redb::DatabaseError> {
         let db = Database::create(path)?;
-        Ok(RedbFile {
+        Ok(RedbFile(Arc::new(Inner {
             db: RwLock::new(Some(db)),
             broken: AtomicBool::new(false),
             path: path.to_owned(),
-        })
+        })))
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.0.path
     }
 
     /// Runs `f` on the open database; `None` while it is closed after an error that a
     /// reopen could not repair yet. The read lock is held only for the call, so keep `f`
     /// to beginning a transaction.
     pub fn with_db<T>(&self, f: impl FnOnce(&Database) -> T) -> Option<T> {
-        self.db.read().as_ref().map(f)
+        self.0.db.read().as_ref().map(f)
     }
 
     /// Remembers that redb must be reopened before the next write (call it when a
     /// transaction failed inside redb, not for a caller's logical mistake).
     pub fn mark_broken(&self) {
-        self.broken.store(true, Ordering::Release);
+        self.0.broken.store(true, Ordering::Release);
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
+        self.0.broken.load(Ordering::Acquire)
     }
 
     /// Closes and opens the file again if it was marked broken. On error it stays closed
@@ -71,13 +79,13 @@ impl RedbFile {
         if !self.is_broken() {
             return Ok(());
         }
-        let mut db = self.db.write();
+        let mut db = self.0.db.write();
         // The old handle must be gone first: it holds the file lock.
         drop(db.take());
-        *db = Some(Database::create(&self.path)?);
+        *db = Some(Database::create(&self.0.path)?);
         drop(db);
-        self.broken.store(false, Ordering::Release);
-        tracing::info!(path = %self.path.display(), "database reopened after an I/O error");
+        self.0.broken.store(false, Ordering::Release);
+        tracing::info!(path = %self.0.path.display(), "database reopened after an I/O error");
         Ok(())
     }
 }

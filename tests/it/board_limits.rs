@@ -307,8 +307,9 @@ async fn max_players_refuses_the_whole_batch_and_keeps_the_board() {
         "{msg}"
     );
     let (_, after) = get(&addr, "/api/boards/small").await;
+    // Scores only: `version` numbers the node's published snapshots, and the update loop
+    // may publish the first batch's snapshot between the two reads (seen under load).
     assert_eq!(scores_of(&after), scores_of(&before), "nothing was applied");
-    assert_eq!(after["version"], before["version"]);
 
     let (s, _) = post(
         &addr,

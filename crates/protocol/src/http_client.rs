@@ -205,4 +205,36 @@ impl HttpClient {
     pub async fn get(&self, url: &str) -> anyhow::Result<(StatusCode, Bytes)> {
         self.request(Method::GET, url, None).await
     }
+
+    /// GETs `url` and hands the body's chunks to `each` as they arrive, for a body too
+    /// large to hold (a backup). On a status other than 2xx nothing is handed over and the
+    /// error carries the status and the server's answer.
+    pub async fn get_each(
+        &self,
+        url: &str,
+        mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> anyhow::Result<u64> {
+        let mut req = Request::builder().method(Method::GET).uri(url);
+        if let Some(k) = &self.key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let resp = self
+            .inner
+            .request(req.body(Full::new(Bytes::new()))?)
+            .await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let text = body.collect().await?.to_bytes();
+            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&text));
+        }
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                n += data.len() as u64;
+                each(&data)?;
+            }
+        }
+        Ok(n)
+    }
 }
