@@ -61,6 +61,23 @@ pub fn watched_topic(channel: &str) -> Option<String> {
     is_valid(&board_topic(name)).then(|| board_topic(name))
 }
 
+/// A Pusher topic or the start of one, as a pattern names it (`[[namespace]]`):
+/// `pusher/APP/` then part of a channel name (`pusher/1/presence-`).
+pub fn is_pusher_pattern(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix(PUSHER_PREFIX) else {
+        return false;
+    };
+    let Some((app, channel)) = rest.split_once('/') else {
+        return false;
+    };
+    !app.is_empty()
+        && app.len() <= 64
+        && app
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && (channel.is_empty() || is_valid_pusher_channel(channel))
+}
+
 /// The topic of `channel` in Pusher app `app` (both already valid).
 pub fn pusher_topic(app: &str, channel: &str) -> String {
     format!("{PUSHER_PREFIX}{app}/{channel}")
