@@ -839,6 +839,14 @@ impl Config {
 
     /// The presence settings of `topic` (its first matching `[[namespace]]`), without
     /// cloning the namespace: asked on every subscribe and unsubscribe.
+    /// Whether any topic can have presence: a `presence` namespace, or a Pusher app (its
+    /// `presence-` channels need no namespace).
+    pub fn presence_anywhere(&self) -> bool {
+        self.namespaces.iter().any(|n| n.presence)
+            || !self.apps.is_empty()
+            || !self.pusher_app_id.is_empty()
+    }
+
     pub fn presence(&self, topic: &str) -> PresenceMode {
         // A Pusher presence channel: members, and Pusher's member_added / member_removed.
         if crate::topic::pusher_channel(topic).is_some_and(|c| c.starts_with("presence-")) {

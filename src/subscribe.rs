@@ -82,14 +82,15 @@ pub async fn subscribe(
     hub.metrics().record_resume(sub.recovered);
     broker.presence_join(topic, client.id, who).await;
     if let Some(ev) = hub.events() {
-        ev.member_joined(topic, client.id, who.user.as_deref(), who.info.as_deref());
+        let id = broker.member_id(topic, client.id);
+        ev.member_joined(topic, id, who.user.as_deref(), who.info.as_deref());
     }
     // A leave that ran while the join waited (a broker that waits: the connection went
     // away) found no member to remove: take it out now. A leave after this check finds it.
     if !hub.holds(client, topic) {
         broker.presence_leave(topic, client.id);
         if let Some(ev) = hub.events() {
-            ev.member_left(topic, client.id);
+            ev.member_left(topic, broker.member_id(topic, client.id));
         }
     }
     Ok(sub)
@@ -101,7 +102,7 @@ pub fn unsubscribe(hub: &Hub, broker: &dyn Broker, client: &Client, topic: &str)
     if held {
         broker.presence_leave(topic, client.id);
         if let Some(ev) = hub.events() {
-            ev.member_left(topic, client.id);
+            ev.member_left(topic, broker.member_id(topic, client.id));
         }
         broker.unsubscribe_topic(topic);
     }

@@ -123,7 +123,14 @@ impl ClusterCounts {
         if !self.fresh.load(Ordering::Acquire) {
             return local;
         }
-        self.totals.lock().get(topic).copied().unwrap_or(local)
+        // Never below this node's own count: the total read up to a second ago may not
+        // include a subscriber that just joined here (a fresh board page counts itself).
+        self.totals
+            .lock()
+            .get(topic)
+            .copied()
+            .unwrap_or(local)
+            .max(local)
     }
 }
 

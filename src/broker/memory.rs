@@ -317,11 +317,11 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_join(&self, topic: &str, client: u64, who: &Identity) {
-        self.presence.join(topic, client, who)
+        self.presence.join(topic, client, who);
     }
 
     fn presence_leave(&self, topic: &str, client: u64) {
-        self.presence.leave(topic, client)
+        self.presence.leave(topic, client);
     }
 
     async fn presence(

@@ -38,7 +38,9 @@ pub use stream::new_epoch;
 
 use bytes::Bytes;
 
-pub use crate::hub::{BrokerSink, Notice, Replay, StreamPosition, Wakeups};
+pub use crate::hub::{
+    BrokerSink, MemberChange, MemberEvent, Notice, Replay, StreamPosition, Wakeups,
+};
 use crate::hub::{GapSource, TopicLimit};
 use crate::publication::Publication;
 pub use presence::{Identity, Member, PresencePage, PresenceStats};
@@ -177,6 +179,12 @@ pub trait Broker: Send + Sync {
 
     /// The topic's member counts, O(1).
     async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError>;
+
+    /// The id presence shows for the local connection `client` in `topic` (and webhooks
+    /// send): unique across the cluster under `--redis`, the client id itself on one node.
+    fn member_id(&self, _topic: &str, client: u64) -> u64 {
+        client
+    }
 }
 
 /// The hub reads a gap in its deliveries through a `Weak` handle on the node's broker

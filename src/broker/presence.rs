@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 
 use super::BrokerSink;
 use crate::config::Config;
-use crate::hub::{Notice, Wakeups};
+use crate::hub::{MemberChange, MemberEvent, Notice, Wakeups};
 use crate::topic::TopicName;
 
 const SHARDS: usize = 16;
@@ -113,6 +113,9 @@ pub struct Presence {
     cfg: Config,
     /// Some namespace has `presence`: when none does, every call returns at once.
     any: bool,
+    /// Whether joins and leaves are announced to the sink: not when the node's members
+    /// are only its own record and the cluster announces them (`redis::presence`).
+    announce: bool,
     sink: Arc<dyn BrokerSink>,
     shards: Box<[Mutex<HashMap<TopicName, TopicPresence>>]>,
 }
@@ -120,14 +123,30 @@ pub struct Presence {
 impl Presence {
     pub fn new(cfg: &Config, sink: Arc<dyn BrokerSink>) -> Self {
         Presence {
-            // Pusher presence channels need no namespace: any app turns presence on.
-            any: cfg.namespaces.iter().any(|n| n.presence)
-                || !cfg.apps.is_empty()
-                || !cfg.pusher_app_id.is_empty(),
+            any: cfg.presence_anywhere(),
+            announce: true,
             cfg: cfg.clone(),
             sink,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
+    }
+
+    /// This node's record of its own members, announcing nothing: the Redis broker keeps
+    /// it so that it can write them to the cluster's view again (after Redis was down, or
+    /// the node was taken for dead).
+    pub fn quiet(cfg: &Config, sink: Arc<dyn BrokerSink>) -> Self {
+        Presence {
+            announce: false,
+            ..Presence::new(cfg, sink)
+        }
+    }
+
+    /// Every topic with members on this node.
+    pub fn topics(&self) -> Vec<TopicName> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().keys().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     fn shard(&self, topic: &str) -> &Mutex<HashMap<TopicName, TopicPresence>> {
@@ -137,14 +156,14 @@ impl Presence {
     }
 
     /// The connection `client` joined `topic` (a no-op for topics without presence, or
-    /// a member already there).
-    pub fn join(&self, topic: &str, client: u64, who: &Identity) {
+    /// a member already there); returns whether it became a member.
+    pub fn join(&self, topic: &str, client: u64, who: &Identity) -> bool {
         if !self.any {
-            return;
+            return false;
         }
         let mode = self.cfg.presence(topic);
         if !mode.members {
-            return;
+            return false;
         }
         let member = Member {
             client,
@@ -155,7 +174,7 @@ impl Presence {
         let mut shard = self.shard(topic).lock();
         let t = shard.entry(topic.into()).or_default();
         if t.members.contains_key(&client) {
-            return;
+            return false;
         }
         let mut first = false;
         if let Some(u) = &member.user {
@@ -163,28 +182,26 @@ impl Presence {
             *n += 1;
             first = *n == 1;
         }
-        if mode.join_leave {
-            self.sink
-                .announce(topic, &notice(topic, "join", &member, first), &mut wake);
+        if mode.join_leave && self.announce {
+            let n = notice(topic, MemberChange::Join, &member, first);
+            self.sink.announce(topic, &n, &mut wake);
         }
         t.members.insert(client, member);
         drop(shard);
         wake.wake();
+        true
     }
 
-    /// The connection `client` left `topic` (unsubscribed, or gone).
-    pub fn leave(&self, topic: &str, client: u64) {
+    /// The connection `client` left `topic` (unsubscribed, or gone); returns the member
+    /// it was, if it was one.
+    pub fn leave(&self, topic: &str, client: u64) -> Option<Member> {
         if !self.any {
-            return;
+            return None;
         }
         let mut wake = Wakeups::default();
         let mut shard = self.shard(topic).lock();
-        let Some(t) = shard.get_mut(topic) else {
-            return;
-        };
-        let Some(member) = t.members.remove(&client) else {
-            return;
-        };
+        let t = shard.get_mut(topic)?;
+        let member = t.members.remove(&client)?;
         let mut last = false;
         if let Some(u) = &member.user {
             if let Some(n) = t.users.get_mut(u) {
@@ -198,12 +215,13 @@ impl Presence {
         if t.members.is_empty() {
             shard.remove(topic);
         }
-        if self.cfg.presence(topic).join_leave {
-            self.sink
-                .announce(topic, &notice(topic, "leave", &member, last), &mut wake);
+        if self.announce && self.cfg.presence(topic).join_leave {
+            let n = notice(topic, MemberChange::Leave, &member, last);
+            self.sink.announce(topic, &n, &mut wake);
         }
         drop(shard);
         wake.wake();
+        Some(member)
     }
 
     /// Up to `limit` members with a client id after `after`, in client-id order, within
@@ -243,38 +261,14 @@ impl Presence {
 }
 
 /// `{"topic":"t","join":{member}}` (or `leave`), framed for each transport; on SSE a
-/// named event (`join` / `leave`). On a Pusher presence channel (no crier client can
-/// hold one) only Pusher's frame, and only for the user's first join or last leave
-/// (`user_edge`).
-fn notice(topic: &str, kind: &'static str, member: &Member, user_edge: bool) -> Notice {
-    if let Some(channel) = crate::topic::pusher_channel(topic) {
-        let pusher = user_edge
-            .then_some(member.user.as_deref())
-            .flatten()
-            .map(|user| {
-                let user = serde_json::to_string(user).expect("a string serializes");
-                let data = if kind == "join" {
-                    let info = member.info.as_deref().unwrap_or("null");
-                    format!(r#"{{"user_id":{user},"user_info":{info}}}"#)
-                } else {
-                    format!(r#"{{"user_id":{user}}}"#)
-                };
-                let event = if kind == "join" {
-                    "pusher_internal:member_added"
-                } else {
-                    "pusher_internal:member_removed"
-                };
-                let data = serde_json::to_string(&data).expect("a string serializes");
-                let json = format!(r#"{{"event":"{event}","channel":"{channel}","data":{data}}}"#);
-                crate::framing::ws_text(json.as_bytes())
-            });
-        return Notice {
-            ws: bytes::Bytes::new(),
-            sse: bytes::Bytes::new(),
-            pusher,
-            about: member.client,
-        };
-    }
+/// named event (`join` / `leave`). `edge`: the user's first connection in the topic (a
+/// join) or its last (a leave). The cluster's presence frames the notices it receives
+/// from Redis here too, so one node and many say the same.
+pub fn notice(topic: &str, change: MemberChange, member: &Member, edge: bool) -> Notice {
+    let kind = match change {
+        MemberChange::Join => "join",
+        MemberChange::Leave => "leave",
+    };
     let mut json = String::with_capacity(64 + topic.len());
     // Topic names need no escaping (topic.rs charset).
     json.push_str(r#"{"topic":""#);
@@ -287,8 +281,14 @@ fn notice(topic: &str, kind: &'static str, member: &Member, user_edge: bool) -> 
     Notice {
         ws: crate::framing::ws_text(json.as_bytes()),
         sse: crate::framing::sse_event(Some(kind), json.as_bytes()),
-        pusher: None,
-        about: member.client,
+        member: Some(Arc::new(MemberEvent {
+            kind: change,
+            client: member.client,
+            user: member.user.clone(),
+            info: member.info.clone(),
+            user_first: edge && change == MemberChange::Join,
+            user_last: edge && change == MemberChange::Leave,
+        })),
     }
 }
 
@@ -297,7 +297,7 @@ mod tests {
     use super::*;
     use crate::config::Namespace;
 
-    struct Recorder(Mutex<Vec<String>>);
+    struct Recorder(Mutex<Vec<String>>, Mutex<Vec<MemberEvent>>);
 
     impl BrokerSink for Recorder {
         fn deliver(
@@ -314,6 +314,9 @@ mod tests {
         fn announce(&self, _: &str, notice: &Notice, _: &mut Wakeups) {
             let ws = &notice.ws[2..];
             self.0.lock().push(String::from_utf8(ws.to_vec()).unwrap());
+            self.1
+                .lock()
+                .push((**notice.member.as_ref().unwrap()).clone());
         }
         fn subscriber_count(&self, _: &str) -> usize {
             0
@@ -335,7 +338,7 @@ mod tests {
                 join_leave,
             });
         }
-        let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let rec = Arc::new(Recorder(Mutex::new(Vec::new()), Mutex::new(Vec::new())));
         (Presence::new(&cfg, rec.clone()), rec)
     }
 
@@ -429,5 +432,50 @@ mod tests {
                 r#"{"topic":"j:a","leave":{"client":"7","user":"al\"ice","info":{"n":1}}}"#,
             ]
         );
+    }
+
+    #[test]
+    fn notices_say_a_users_first_join_and_last_leave() {
+        let (p, rec) = presence();
+        p.join("j:a", 1, &user("alice"));
+        p.join("j:a", 2, &user("alice"));
+        p.join("j:a", 3, &Identity::default());
+        p.leave("j:a", 1);
+        p.leave("j:a", 3);
+        p.leave("j:a", 2);
+        let got: Vec<(MemberChange, u64, bool, bool)> = rec
+            .1
+            .lock()
+            .iter()
+            .map(|e| (e.kind, e.client, e.user_first, e.user_last))
+            .collect();
+        use MemberChange::{Join, Leave};
+        assert_eq!(
+            got,
+            [
+                (Join, 1, true, false),
+                (Join, 2, false, false),
+                (Join, 3, false, false),
+                (Leave, 1, false, false),
+                (Leave, 3, false, false),
+                (Leave, 2, false, true),
+            ]
+        );
+        let e = &rec.1.lock()[0];
+        assert_eq!(
+            (e.user.as_deref(), e.info.as_deref()),
+            (Some("alice"), Some(r#"{"n":1}"#))
+        );
+    }
+
+    #[test]
+    fn a_quiet_record_announces_nothing() {
+        let (p, rec) = presence();
+        let q = Presence::quiet(&p.cfg, rec.clone());
+        assert!(q.join("j:a", 1, &user("alice")));
+        assert!(!q.join("j:a", 1, &user("alice")));
+        assert_eq!(q.topics(), [TopicName::from("j:a")]);
+        assert_eq!(q.leave("j:a", 1).map(|m| m.client), Some(1));
+        assert!(rec.0.lock().is_empty());
     }
 }

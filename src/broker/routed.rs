@@ -86,4 +86,8 @@ impl Broker for RoutedBroker {
     async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError> {
         self.broker_for(topic).presence_stats(topic).await
     }
+
+    fn member_id(&self, topic: &str, client: u64) -> u64 {
+        self.broker_for(topic).member_id(topic, client)
+    }
 }

@@ -31,4 +31,9 @@ pub trait TopicEvents: Send + Sync {
     }
     /// A Pusher cache channel's topic had no event for a new subscriber.
     fn cache_miss(&self, _topic: &str) {}
+    /// A member of another node left because that node died (under `--redis`, told once,
+    /// by the survivor that removed it): the listener never saw it join, so it is given
+    /// whole. Called outside any hub lock.
+    fn member_removed(&self, _topic: &str, _client: u64, _user: Option<&str>, _info: Option<&str>) {
+    }
 }

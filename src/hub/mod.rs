@@ -39,7 +39,9 @@ mod events;
 mod sink;
 
 pub use events::TopicEvents;
-pub use sink::{BrokerSink, GapSource, Notice, Replay, StreamPosition, Wakeups};
+pub use sink::{
+    BrokerSink, GapSource, MemberChange, MemberEvent, Notice, Replay, StreamPosition, Wakeups,
+};
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -206,6 +208,9 @@ pub struct Hub {
     source: OnceLock<Source>,
     /// Who hears of topics occupied and vacated (webhooks), if anyone.
     events: OnceLock<std::sync::Arc<dyn TopicEvents>>,
+    /// What this node's member ids add to its client ids (`BrokerSink::member_tag`): a
+    /// presence notice about one of them is not told to that client in Pusher's words.
+    member_tag: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
@@ -216,6 +221,7 @@ impl Hub {
             metrics,
             source: OnceLock::new(),
             events: OnceLock::new(),
+            member_tag: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -860,16 +866,25 @@ impl BrokerSink for Hub {
             return;
         };
         let l = local.lock();
+        // Pusher's words for it, framed once (when some Pusher client is told).
+        let mut pusher: Option<Option<Bytes>> = None;
+        let tag = self.member_tag.load(std::sync::atomic::Ordering::Relaxed);
         for client in l.subscribers.values() {
             let bytes = match client.transport {
                 Transport::Ws => notice.ws.clone(),
                 Transport::Sse => notice.sse.clone(),
-                // Pusher presence is told in Pusher's own words, once per user, never
-                // to the member itself.
-                Transport::Pusher => match &notice.pusher {
-                    Some(b) if client.id != notice.about => b.clone(),
-                    _ => continue,
-                },
+                // Pusher presence: a user's first join and last leave, never told to the
+                // member itself.
+                Transport::Pusher => {
+                    let Some(m) = &notice.member else { continue };
+                    if m.client == tag | client.id {
+                        continue;
+                    }
+                    match pusher.get_or_insert_with(|| m.pusher_frame(topic)) {
+                        Some(b) => b.clone(),
+                        None => continue,
+                    }
+                }
             };
             if matches!(
                 client.enqueue(Item::control(bytes), &self.metrics),
@@ -886,6 +901,15 @@ impl BrokerSink for Hub {
 
     fn topic_counts(&self) -> Vec<(TopicName, usize)> {
         Hub::topic_counts(self)
+    }
+
+    fn events(&self) -> Option<Arc<dyn TopicEvents>> {
+        Hub::events(self).cloned()
+    }
+
+    fn member_tag(&self, tag: u64) {
+        self.member_tag
+            .store(tag, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

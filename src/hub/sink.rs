@@ -59,11 +59,62 @@ pub struct Notice {
     pub ws: Bytes,
     /// An SSE event (named, without an `id:` line: it moves no position).
     pub sse: Bytes,
-    /// Pusher's `pusher_internal:member_added` / `member_removed`, for a user's first join
-    /// or last leave of a Pusher presence channel (None: Pusher clients hear nothing).
-    pub pusher: Option<Bytes>,
-    /// The client the notice is about: a Pusher client is not told of its own join.
-    pub about: u64,
+    /// The presence change this notice tells, for protocols that frame it their own way
+    /// (Pusher's `member_added` / `member_removed` need the user's first join and last
+    /// leave). None for notices that are no presence change.
+    pub member: Option<Arc<MemberEvent>>,
+}
+
+/// A presence join or leave, as data (docs/protocol.md, "Presence").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberEvent {
+    pub kind: MemberChange,
+    /// The member's client id: unique across the cluster under `--redis`.
+    pub client: u64,
+    /// The token's `sub`; None for an anonymous connection.
+    pub user: Option<Arc<str>>,
+    /// The token's `info` claim, JSON text.
+    pub info: Option<Arc<str>>,
+    /// On a join: this connection is the user's first in the topic (across the cluster
+    /// under `--redis`). Always false for anonymous members and on leaves.
+    pub user_first: bool,
+    /// On a leave: this connection was the user's last in the topic (across the cluster
+    /// under `--redis`). Always false for anonymous members and on joins.
+    pub user_last: bool,
+}
+
+impl MemberEvent {
+    /// Pusher's `pusher_internal:member_added` / `member_removed` on the channel of a
+    /// Pusher presence topic, for a user's first join or last leave (None otherwise).
+    pub fn pusher_frame(&self, topic: &str) -> Option<Bytes> {
+        let channel = crate::topic::pusher_channel(topic)?;
+        let user = self.user.as_deref()?;
+        let user = serde_json::to_string(user).expect("a string serializes");
+        let (event, data) = match self.kind {
+            MemberChange::Join if self.user_first => {
+                let info = self.info.as_deref().unwrap_or("null");
+                (
+                    "pusher_internal:member_added",
+                    format!(r#"{{"user_id":{user},"user_info":{info}}}"#),
+                )
+            }
+            MemberChange::Leave if self.user_last => (
+                "pusher_internal:member_removed",
+                format!(r#"{{"user_id":{user}}}"#),
+            ),
+            _ => return None,
+        };
+        let data = serde_json::to_string(&data).expect("a string serializes");
+        // Pusher channel names need no escaping (topic.rs charset).
+        let json = format!(r#"{{"event":"{event}","channel":"{channel}","data":{data}}}"#);
+        Some(crate::framing::ws_text(json.as_bytes()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    Join,
+    Leave,
 }
 
 /// What a broker hands its node: publications in offset order per topic, and what it
@@ -101,6 +152,16 @@ pub trait BrokerSink: Send + Sync {
 
     /// Every topic with local subscribers and how many (for cluster-wide counts).
     fn topic_counts(&self) -> Vec<(TopicName, usize)>;
+
+    /// Who hears of member transitions on this node (webhooks), for the members a broker
+    /// removes itself (a dead node's, under `--redis`).
+    fn events(&self) -> Option<Arc<dyn super::TopicEvents>> {
+        None
+    }
+
+    /// What this node's member ids add to its client ids (`tag << 40` under `--redis`,
+    /// none on a node alone): tells the hub which member a notice is about.
+    fn member_tag(&self, _tag: u64) {}
 }
 
 /// Where the hub reads a gap in its deliveries from: the node's broker, seen only through

@@ -368,4 +368,11 @@ impl TopicEvents for Webhooks {
             Self::emit_to(targets, events::pusher("cache_miss", channel, ""));
         }
     }
+
+    fn member_removed(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {
+        if !self.filter.left || !self.cfg.presence(topic).members {
+            return;
+        }
+        self.emit(events::member("member_left", topic, client, user, info));
+    }
 }

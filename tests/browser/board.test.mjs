@@ -88,6 +88,8 @@ async function newLeaderScenario(server, board, query, transport, prepare) {
   await page.goto(`${server.baseURL}/boards/${board}${query}`);
   await waitLive(page, transport);
   await waitRows(page, seed.length); // the snapshot is shown
+  // The first snapshot (retained, published before the page came) counts the page itself.
+  assert.equal(await page.textContent('#watchers'), '1', 'a fresh page counts itself');
   assert.equal(await page.textContent('#board-title'), board);
   assert.equal(await page.textContent('#leader'), 'Ann');
   assert.equal(await page.textContent('tr[data-player="p3"] td.name'), 'p3', 'no meta.name: the player id');

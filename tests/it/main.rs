@@ -36,6 +36,7 @@ mod leaderboard;
 mod logs;
 mod openapi;
 mod presence;
+mod presence_cluster;
 mod publish_batch;
 mod pusher;
 mod reconnect_storm;

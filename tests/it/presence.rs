@@ -477,10 +477,11 @@ async fn a_flapping_subscriber_is_bounded_by_the_command_rate() {
     server.shutdown().await;
 }
 
-/// Under `--redis` presence is per node for now (docs/scaling.md): each node keeps,
-/// counts and announces the members connected to it, through the Redis broker's seam.
+/// Under `--redis` the nodes share one view (docs/scaling.md, "Presence"; the suite
+/// `presence_cluster` kills nodes and Redis): each node counts and lists the cluster's
+/// members, and every node's subscribers hear every join, through the Redis broker's seam.
 #[tokio::test]
-async fn under_redis_each_node_keeps_its_own_members() {
+async fn under_redis_the_nodes_share_one_view() {
     crate::need_redis!();
     let redis = crate::common::redis::RedisServer::start();
     let url = redis.url();
@@ -503,22 +504,26 @@ async fn under_redis_each_node_keeps_its_own_members() {
     subscribe(&mut on_b, "lobby:r").await;
     let (kind, m) = next_notice(&mut on_b, "lobby:r").await;
     assert_eq!((kind, m["user"].as_str()), ("join", Some("alice")));
+    // Node a hears the join made on node b.
+    let (kind, seen) = next_notice(&mut on_a, "lobby:r").await;
+    assert_eq!((kind, &seen), ("join", &m));
     let mut second_on_a = a.ws("").await;
     subscribe(&mut second_on_a, "lobby:r").await;
     let (kind, _) = next_notice(&mut on_a, "lobby:r").await;
     assert_eq!(kind, "join");
+    let (kind, _) = next_notice(&mut on_b, "lobby:r").await;
+    assert_eq!(kind, "join");
     let (_, sa) = a.get("/api/topics/lobby:r/presence/stats").await;
     let (_, sb) = b.get("/api/topics/lobby:r/presence/stats").await;
-    assert_eq!(sa, json!({"topic": "lobby:r", "clients": 2, "users": 0}));
-    assert_eq!(sb, json!({"topic": "lobby:r", "clients": 1, "users": 1}));
-    // Publications still cross nodes; notices stay on theirs.
+    assert_eq!(sa, json!({"topic": "lobby:r", "clients": 3, "users": 1}));
+    assert_eq!(sa, sb);
+    let (_, la) = a.get("/api/topics/lobby:r/presence").await;
+    let (_, lb) = b.get("/api/topics/lobby:r/presence").await;
+    assert_eq!(la["members"].as_array().unwrap().len(), 3);
+    assert_eq!(la, lb);
     a.publish("lobby:r", r#"{"n":1}"#).await;
     let v = next_json(&mut on_b).await;
-    assert_eq!(
-        v["data"],
-        json!({"n": 1}),
-        "node b saw no notice from node a: {v}"
-    );
+    assert_eq!(v["data"], json!({"n": 1}), "{v}");
     drop(second_on_a);
     let (kind, _) = next_notice(&mut on_a, "lobby:r").await;
     assert_eq!(kind, "leave");

@@ -462,4 +462,44 @@ async fn two_nodes_over_redis() {
         "the excluded socket got nothing before: {v}"
     );
     next_event(&mut on_a, "three").await;
+
+    // Presence across the nodes: members on both, member_added and member_removed once per
+    // user, whichever node the user's connections are on.
+    let (mut alice, sid_alice) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut alice, &sid_alice, "alice").await;
+    let (mut bob, sid_bob) = pusher_ws(addr_b, "key1").await;
+    let members = presence_join(&mut bob, &sid_bob, "bob").await;
+    assert_eq!(members["presence"]["count"], 2, "{members}");
+    let added = next_event(&mut alice, "pusher_internal:member_added").await;
+    assert_eq!(
+        added["data"],
+        r#"{"user_id":"bob","user_info":{"n":"bob"}}"#
+    );
+    // A second connection of bob, on node A: nobody is told.
+    let (mut bob2, sid_bob2) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut bob2, &sid_bob2, "bob").await;
+    drop(bob);
+    drop(bob2);
+    let removed = next_event(&mut alice, "pusher_internal:member_removed").await;
+    assert_eq!(removed["data"], r#"{"user_id":"bob"}"#);
+    // Exactly one member_added and one member_removed reached alice: a fence shows it.
+    let four = r#"{"name":"four","channel":"presence-room","data":"4"}"#;
+    assert_eq!(trigger(addr_a, "1", "key1", "secret1", four).await, 200);
+    let v = next_json(&mut alice).await;
+    assert_eq!(v["event"], "four", "{v}");
+}
+
+/// Subscribes `presence-room` as `user` (auth signed as the SDKs sign it); returns the
+/// members of `subscription_succeeded`.
+async fn presence_join(ws: &mut Ws, socket_id: &str, user: &str) -> Value {
+    let data = format!(r#"{{"user_id":"{user}","user_info":{{"n":"{user}"}}}}"#);
+    let sig = crier::pusher::sign::sign(
+        b"secret1",
+        format!("{socket_id}:presence-room:{data}").as_bytes(),
+    );
+    let msg = serde_json::json!({"event": "pusher:subscribe", "data": {
+        "channel": "presence-room", "auth": format!("key1:{sig}"), "channel_data": data}});
+    send(ws, &msg.to_string()).await;
+    let ok = next_event(ws, "pusher_internal:subscription_succeeded").await;
+    serde_json::from_str(ok["data"].as_str().unwrap()).unwrap()
 }

@@ -520,6 +520,89 @@ async fn two_nodes_occupy_and_vacate_once_per_cluster() {
     eprintln!("a SIGKILLed node's topic was vacated {took:?} after the kill");
 }
 
+/// Two nodes on one redis-server with a presence namespace: the members of a node killed
+/// with SIGKILL get their `member_left`, once, from the survivor that removed them
+/// (scaling.md, "Presence"), with the user and info their `member_joined` carried.
+#[tokio::test]
+async fn a_dead_nodes_members_get_their_member_left_once() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let (r, url, _, _stop) = receiver().await;
+    let node = |dir: &tempfile::TempDir| {
+        let cfg = dir.path().join("crier.toml");
+        std::fs::write(
+            &cfg,
+            "[[namespace]]\npattern = \"room:*\"\npresence = true\n",
+        )
+        .unwrap();
+        crate::common::serve_binary(
+            dir.path(),
+            "127.0.0.1:0",
+            &[
+                "--redis",
+                &redis.url(),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--webhook-url",
+                &url,
+                "--webhook-secret",
+                SECRET,
+                "--webhook-linger",
+                "5ms",
+            ],
+        )
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, a) = node(&da);
+    let (mut b_proc, b) = node(&db);
+    let members = |name: &str| -> Vec<Value> {
+        r.events()
+            .into_iter()
+            .filter(|e| e["name"] == name && e["topic"] == "room:x")
+            .collect()
+    };
+    let mut on_b = Vec::new();
+    for _ in 0..2 {
+        let mut w = crate::common::http::ws(&b, "").await;
+        subscribe(&mut w, "room:x").await;
+        on_b.push(w);
+    }
+    wait_until("two member_joined", || members("member_joined").len() == 2).await;
+
+    let killed = Instant::now();
+    let _ = b_proc.0.kill();
+    let _ = b_proc.0.wait();
+    drop(on_b);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while members("member_left").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's members never left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "a SIGKILLed node's members got member_left {:?} after the kill",
+        killed.elapsed()
+    );
+    let client = |e: &Value| e["client"].as_str().unwrap().to_string();
+    let mut joined: Vec<String> = members("member_joined").iter().map(client).collect();
+    let mut left: Vec<String> = members("member_left").iter().map(client).collect();
+    joined.sort();
+    left.sort();
+    assert_eq!(joined, left);
+    // Once: a member joining on the survivor afterwards is reported after them, and no
+    // second member_left came with it.
+    let mut on_a = crate::common::http::ws(&a, "").await;
+    subscribe(&mut on_a, "room:x").await;
+    wait_until("the survivor's member_joined", || {
+        members("member_joined").len() == 3
+    })
+    .await;
+    assert_eq!(members("member_left").len(), 2, "{:?}", r.names());
+    assert_eq!(r.bad.load(Ordering::SeqCst), 0);
+}
+
 /// One of the docs' receivers (examples/webhooks/), run for real: its stdout lines (the
 /// events it took) and its port.
 struct Example {

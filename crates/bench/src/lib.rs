@@ -26,6 +26,7 @@ pub mod attack;
 pub mod board;
 pub mod envelope;
 pub mod offsets;
+pub mod presence;
 pub mod report;
 pub mod resume;
 pub mod subscriber;
@@ -87,6 +88,9 @@ pub enum BenchMode {
     /// Acknowledged HTTP publications per second: --messages over --topics topics with
     /// --concurrency keep-alive publishers.
     PublishThroughput,
+    /// N WebSocket members join the presence topic --topic over the --target servers: time
+    /// until joined and counted by every server, stats and page latency at N, leave time.
+    Presence,
 }
 
 impl BenchMode {
@@ -97,6 +101,7 @@ impl BenchMode {
             BenchMode::Board => "board",
             BenchMode::ResumeStorm => "resume-storm",
             BenchMode::PublishThroughput => "publish-throughput",
+            BenchMode::Presence => "presence",
         }
     }
 }
@@ -473,9 +478,12 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         targets.len() == 1
             || matches!(
                 args.mode,
-                BenchMode::Fanout | BenchMode::Scores | BenchMode::PublishThroughput
+                BenchMode::Fanout
+                    | BenchMode::Scores
+                    | BenchMode::PublishThroughput
+                    | BenchMode::Presence
             ),
-        "several --target servers work with fanout, scores and publish-throughput only"
+        "several --target servers work with fanout, scores, publish-throughput and presence only"
     );
     anyhow::ensure!(
         targets.len() == 1 || (args.attack.is_none() && !args.idle && args.stalled == 0),
@@ -490,6 +498,35 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr, tls).await,
         BenchMode::ResumeStorm | BenchMode::PublishThroughput => {
             return run_history(args, addr, tls).await
+        }
+        BenchMode::Presence => {
+            anyhow::ensure!(
+                crier_protocol::names::is_valid_topic(&args.topic),
+                "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
+            );
+            let mut shared = Shared::with_targets(
+                target_addrs,
+                args.topic.clone(),
+                sources(addr, args.source_ips),
+            );
+            shared.tls = tls;
+            let p = presence::run(&args, Arc::new(shared), targets.clone()).await?;
+            return Ok(Report {
+                mode: args.mode.name().to_string(),
+                url: args.url.clone(),
+                targets: if targets.len() > 1 {
+                    targets
+                } else {
+                    Vec::new()
+                },
+                transport: "ws".to_string(),
+                topic: args.topic.clone(),
+                subscribers: args.subscribers,
+                connected: args.subscribers - p.connect_failed,
+                connect_failed: p.connect_failed,
+                presence: Some(p),
+                ..Default::default()
+            });
         }
     }
     anyhow::ensure!(

@@ -122,6 +122,8 @@ pub struct Report {
     pub resume: Option<ResumeReport>,
     /// --mode publish-throughput.
     pub throughput: Option<ThroughputReport>,
+    /// --mode presence.
+    pub presence: Option<super::presence::PresenceReport>,
 }
 
 /// One server of a multi-target fanout run.
@@ -178,6 +180,9 @@ impl Report {
         }
         if let Some(t) = &self.throughput {
             return t.failures();
+        }
+        if let Some(p) = &self.presence {
+            return p.failures();
         }
         if let Some(sc) = &self.scores {
             if sc.requests_failed > 0 {
@@ -237,6 +242,10 @@ impl Report {
         let mut s = String::new();
         if let Some(t) = &self.throughput {
             t.write_text(&mut s, &self.url, &self.topic);
+            return s;
+        }
+        if let Some(p) = &self.presence {
+            p.write_text(&mut s, &self.topic);
             return s;
         }
         if let Some(r) = &self.resume {

@@ -44,6 +44,8 @@
 //! subscribers. A message in another epoch (Redis lost the stream) closes them too.
 
 mod health;
+mod presence;
+mod presence_scripts;
 mod pubsub;
 mod scripts;
 
@@ -97,9 +99,8 @@ pub struct RedisBroker {
     control: mpsc::UnboundedSender<Control>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     health: Arc<RedisHealth>,
-    /// Presence is per node under `--redis` for now: this node's members of its presence
-    /// topics, announced to this node's subscribers only (docs/scaling.md).
-    presence: crate::broker::presence::Presence,
+    /// Presence for the whole cluster, kept in Redis (`presence.rs`).
+    presence: Arc<presence::ClusterPresence>,
 }
 
 impl Drop for RedisBroker {
@@ -167,7 +168,9 @@ impl RedisBroker {
         let node = format!("{:016x}", rand::random::<u64>());
         tracing::info!(node = %node, "joined redis as crier node {node}");
         let health = Arc::new(RedisHealth::new(node, timeout, metrics.clone()));
-        let presence = crate::broker::presence::Presence::new(cfg, hub.clone());
+        let (presence, presence_tasks) =
+            presence::ClusterPresence::start(cfg, conn.clone(), health.clone(), hub.clone())
+                .await?;
         let broker = Arc::new(RedisBroker {
             client: client.clone(),
             cfg: cfg.clone(),
@@ -192,6 +195,7 @@ impl RedisBroker {
         ));
         let keeper = tokio::spawn(keep_topics_alive(Arc::downgrade(&broker)));
         broker.tasks.lock().extend([task, monitor, keeper]);
+        broker.tasks.lock().extend(presence_tasks);
         Ok(broker)
     }
 
@@ -250,6 +254,10 @@ impl RedisBroker {
         else {
             return;
         };
+        if payload.first() == Some(&b'p') {
+            self.presence.on_notice(&*self.hub, &name, payload);
+            return;
+        }
         let mut parts = payload.splitn(3, |&b| b == b':');
         let (Some(offset), Some(epoch), Some(data)) = (parts.next(), parts.next(), parts.next())
         else {
@@ -540,7 +548,7 @@ impl Broker for RedisBroker {
     }
 
     async fn presence_join(&self, topic: &str, client: u64, who: &Identity) {
-        self.presence.join(topic, client, who)
+        self.presence.join(topic, client, who).await
     }
 
     fn presence_leave(&self, topic: &str, client: u64) {
@@ -553,11 +561,15 @@ impl Broker for RedisBroker {
         after: Option<u64>,
         limit: usize,
     ) -> Result<PresencePage, BrokerError> {
-        Ok(self.presence.members(topic, after, limit))
+        self.presence.members(topic, after, limit).await
     }
 
     async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, BrokerError> {
-        Ok(self.presence.stats(topic))
+        self.presence.stats(topic).await
+    }
+
+    fn member_id(&self, _topic: &str, client: u64) -> u64 {
+        self.presence.member_id(client)
     }
 }
 

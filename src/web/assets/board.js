@@ -301,7 +301,13 @@ import { Crier } from "./crier.js";
     // lower version (the server's state was reset); later ones must be newer.
     let takeAsIs = true;
     crier.subscribe(topic, {
-      onMessage(data) {
+      onMessage(data, meta) {
+        // The retained snapshot was published before this page subscribed: its watchers
+        // do not count the page yet, so a freshly opened page counts itself (the server's
+        // next snapshot, within about a second, counts it too).
+        if (meta && meta.prior && data && Number.isSafeInteger(data.watchers)) {
+          data = { ...data, watchers: data.watchers + 1 };
+        }
         onUpdate(data, takeAsIs);
         takeAsIs = false;
       },

@@ -127,10 +127,15 @@ export class Crier {
 
   /**
    * Subscribes to `topic`. `handlers.onMessage(data, meta)` gets each publication once, in
-   * offset order; meta = {topic, offset, epoch, replayed}. `onRecovered({position, since})`:
+   * offset order; meta = {topic, offset, epoch, replayed, prior}: `prior` when it was
+   * published before this subscription was acknowledged (a replayed publication, or the
+   * retained state of a state topic, whose counts do not include this subscriber yet). `onRecovered({position, since})`:
    * a reconnect resumed without loss. `onReset({position})`: what was missed could not be
    * replayed; reload your state (for a state topic the snapshot that follows is the state).
-   * `onError({code, message})`: the server refused the subscription. `handlers.since`
+   * `onError({code, message})`: the server refused the subscription. On a topic with presence
+   * and `join_leave` (docs/protocol.md, "Presence"): `onJoin(member, {topic})` and
+   * `onLeave(member, {topic})`, member = {client, user, info}; joins and leaves are not
+   * replayed, so read `presence(topic)` again after `onRecovered`/`onReset`. `handlers.since`
    * (`{epoch, offset}`, e.g. saved from an earlier page) resumes the very first subscribe.
    */
   subscribe(topic, handlers = {}) {
@@ -153,6 +158,7 @@ export class Crier {
         awaiting: false, // WebSocket: subscribe sent, reply not yet received
         sentSince: null, // the position sent with the pending subscribe
         replayUpTo: 0,
+        ackedAt: 0, // the offset of the last `subscribed`: what is at or below it came before
         onConn: false, // subscribed on the current connection
       };
       this._subs.set(topic, sub);
@@ -168,6 +174,53 @@ export class Crier {
     sub.handles.add(handle);
     if (fresh) this._sync();
     return handle;
+  }
+
+  /**
+   * The members of a presence topic (docs/protocol.md, "Presence"): resolves to every member,
+   * [{client, user, info}], in client-id order, read page by page over HTTP (whichever
+   * transport carries the topics; a private topic with the client's token). Rejects with an
+   * Error carrying `code` and `status` (e.g. `presence_disabled`, `topic_forbidden`, or
+   * `store_unavailable` while a cluster's Redis is down).
+   */
+  async presence(topic, { pageSize = 1000 } = {}) {
+    const members = [];
+    let cursor = null;
+    // Bounded: each page moves the cursor forward; a member is on at most one page.
+    for (;;) {
+      const q = new URLSearchParams({ limit: String(pageSize) });
+      if (cursor !== null) q.set("cursor", cursor);
+      const page = await this._read(topic, "/presence?" + q.toString());
+      if (Array.isArray(page.members)) members.push(...page.members);
+      if (typeof page.next_cursor !== "string" || page.next_cursor === cursor) return members;
+      cursor = page.next_cursor;
+    }
+  }
+
+  /** A presence topic's counts: resolves to {clients, users} (O(1) on the server). */
+  async presenceStats(topic) {
+    const s = await this._read(topic, "/presence/stats");
+    return { clients: s.clients, users: s.users };
+  }
+
+  async _read(topic, path) {
+    if (typeof topic !== "string" || !TOPIC_RE.test(topic)) {
+      throw new TypeError("crier: a topic name is 1-128 bytes of A-Z a-z 0-9 _ - . :, not . or ..");
+    }
+    const headers = this._token ? { authorization: "Bearer " + this._token } : {};
+    const res = await fetch(this._http + "/api/topics/" + encodeURIComponent(topic) + path, { headers });
+    let body = null;
+    try {
+      body = await res.json();
+    } catch {}
+    if (!res.ok) {
+      const e = (body && body.error) || {};
+      const err = new Error(e.message || `crier: presence read failed (HTTP ${res.status})`);
+      err.code = e.code || "http_" + res.status;
+      err.status = res.status;
+      throw err;
+    }
+    return body || {};
   }
 
   /** Closes the connection for good; no more reconnects, no more callbacks. */
@@ -362,6 +415,7 @@ export class Crier {
     sub.awaiting = false;
     sub.onConn = true;
     sub.sentSince = null;
+    sub.ackedAt = current ? current.offset : 0;
     if (since && msg.recovered === true && current && current.epoch === since.epoch) {
       sub.acceptNext = false;
       sub.offset = since.offset;
@@ -389,8 +443,24 @@ export class Crier {
     sub.acceptNext = false;
     sub.offset = offset;
     sub.seen = true;
-    const meta = { topic: sub.topic, offset, epoch: sub.epoch, replayed: offset <= sub.replayUpTo };
+    const meta = {
+      topic: sub.topic,
+      offset,
+      epoch: sub.epoch,
+      replayed: offset <= sub.replayUpTo,
+      prior: offset <= sub.ackedAt,
+    };
     this._call(sub, "onMessage", msg.data, meta);
+  }
+
+  /** A presence notice {topic, join|leave: member}: no offset, never replayed. */
+  _notice(msg, gated) {
+    const sub = this._subs.get(msg.topic);
+    if (!sub || (gated && sub.awaiting)) return;
+    for (const [key, name] of [["join", "onJoin"], ["leave", "onLeave"]]) {
+      const m = msg[key];
+      if (m && typeof m === "object") return this._call(sub, name, m, { topic: sub.topic });
+    }
   }
 
   _error(msg, sub) {
@@ -497,7 +567,10 @@ export class Crier {
       if (typeof ev.data !== "string") return;
       const msg = this._parse(ev.data);
       if (!msg) return;
-      if (msg.op === undefined) return this._publication(msg, true);
+      if (msg.op === undefined) {
+        if (msg.offset === undefined && (msg.join || msg.leave)) return this._notice(msg, true);
+        return this._publication(msg, true);
+      }
       if (msg.op === "subscribed") {
         const sub = this._subs.get(msg.topic);
         if (msg.id !== undefined) {
@@ -563,6 +636,13 @@ export class Crier {
       const msg = this._parse(ev.data);
       if (msg && msg.op === "subscribed") this._subscribed(msg);
     });
+    for (const kind of ["join", "leave"]) {
+      es.addEventListener(kind, (ev) => {
+        if (gen !== this._gen) return;
+        const msg = this._parse(ev.data);
+        if (msg) this._notice(msg, false);
+      });
+    }
     es.onmessage = (ev) => {
       if (gen !== this._gen) return;
       const msg = this._parse(ev.data);
