@@ -9,7 +9,7 @@ use axum::Router;
 use crate::api::error::ApiError;
 use crate::api::{
     backup, health, history, intent, json_errors, openapi, presence, publish, publish_batch,
-    single_headers,
+    pusher, single_headers,
 };
 use crate::state::AppState;
 use crate::{sse, web, ws};
@@ -34,6 +34,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/openapi.json", get(openapi::document))
+        .route("/app/{key}", get(ws::pusher::upgrade))
+        .route("/apps/{id}/events", post(pusher::events))
+        .route("/apps/{id}/batch_events", post(pusher::batch_events))
+        .route("/apps/{id}/channels", get(pusher::channels))
+        .route("/apps/{id}/channels/{channel}", get(pusher::channel))
+        .route("/apps/{id}/channels/{channel}/users", get(pusher::users))
         .merge(crate::api::boards::routes())
         .merge(web::routes())
         // Every route above: writes need intent (api::intent).

@@ -229,6 +229,8 @@ macro_rules! settings {
             /// `[[board]]` tables as written, in file order: the first whose pattern matches
             /// a board applies (checked and parsed by leaderboard::policy).
             pub board_policies: Vec<BoardPolicyConfig>,
+            /// `[[app]]` tables as written: Pusher Channels apps (checked by pusher::apps).
+            pub apps: Vec<AppConfig>,
         }
 
         impl Default for Config {
@@ -238,6 +240,7 @@ macro_rules! settings {
                     namespaces: Vec::new(),
                     keys: Vec::new(),
                     board_policies: Vec::new(),
+                    apps: Vec::new(),
                 }
             }
         }
@@ -326,6 +329,10 @@ macro_rules! settings {
                         "board" => {
                             tables.boards = Vec::<BoardPolicyConfig>::deserialize(value)
                                 .context("[[board]] tables")?;
+                        }
+                        "app" => {
+                            tables.apps = Vec::<AppConfig>::deserialize(value)
+                                .context("[[app]] tables")?;
                         }
                         other => anyhow::bail!(
                             "unknown config key {other:?} (keys are the setting names, \
@@ -527,6 +534,14 @@ settings! {
     webhook_queue_max: usize = 10_000, example "100000";
     /// How long one POST may take before it counts as failed and is retried.
     webhook_timeout: Duration = Duration::from_secs(5), example "2s";
+    /// Id of one Pusher Channels app (the simple case; more apps: [[app]] tables). With
+    /// pusher_key and pusher_secret, Pusher clients connect to /app/{key} and server SDKs
+    /// call /apps/{id}/... See docs/pusher.md.
+    pusher_app_id: String = String::new(), example "app1", shown "none";
+    /// Key of the pusher_app_id app (what pusher-js is given).
+    pusher_key: String = String::new(), example "app-key", shown "none";
+    /// Secret of the pusher_app_id app: signs its HTTP API calls and channel authorizations.
+    pusher_secret: String = String::new(), example "app-secret", shown "none";
 }
 
 /// The webhook events `webhook_events` may name (docs/webhooks.md).
@@ -538,7 +553,12 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
 ];
 
 /// Settings whose values are credentials: never shown by `--help`.
-const SECRET_SETTINGS: &[&str] = &["jwt_secret", "publisher_keys", "webhook_secret"];
+const SECRET_SETTINGS: &[&str] = &[
+    "jwt_secret",
+    "publisher_keys",
+    "webhook_secret",
+    "pusher_secret",
+];
 
 /// The `--config` flag: the one argument that is not a setting.
 fn config_arg() -> Arg {
@@ -591,6 +611,39 @@ pub fn markdown_table() -> String {
 pub struct FileTables {
     pub keys: Vec<KeyConfig>,
     pub boards: Vec<BoardPolicyConfig>,
+    pub apps: Vec<AppConfig>,
+}
+
+/// One `[[app]]` table as written (docs/pusher.md): a Pusher Channels app;
+/// `pusher::apps::App` is the checked form.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// `client-*` events on private and presence channels.
+    #[serde(default)]
+    pub enable_client_events: bool,
+    /// Most connections of this app on this node (the node's max_connections otherwise).
+    pub max_connections: Option<usize>,
+    /// URLs that get this app's webhooks in Pusher's format (docs/pusher.md).
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+}
+
+/// Without the secret: `Config` is printed in debug logs.
+impl fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("secret", &"<hidden>")
+            .field("enable_client_events", &self.enable_client_events)
+            .field("max_connections", &self.max_connections)
+            .field("webhooks", &self.webhooks)
+            .finish()
+    }
 }
 
 /// One `[[key]]` table as written in the settings file (docs/configuration.md);
@@ -762,6 +815,7 @@ impl Config {
         }
         cfg.keys = tables.keys;
         cfg.board_policies = tables.boards;
+        cfg.apps = tables.apps;
         cfg.check()?;
         Ok(cfg)
     }
@@ -785,7 +839,22 @@ impl Config {
 
     /// The presence settings of `topic` (its first matching `[[namespace]]`), without
     /// cloning the namespace: asked on every subscribe and unsubscribe.
+    /// Whether any topic can have presence: a `presence` namespace, or a Pusher app (its
+    /// `presence-` channels need no namespace).
+    pub fn presence_anywhere(&self) -> bool {
+        self.namespaces.iter().any(|n| n.presence)
+            || !self.apps.is_empty()
+            || !self.pusher_app_id.is_empty()
+    }
+
     pub fn presence(&self, topic: &str) -> PresenceMode {
+        // A Pusher presence channel: members, and Pusher's member_added / member_removed.
+        if crate::topic::pusher_channel(topic).is_some_and(|c| c.starts_with("presence-")) {
+            return PresenceMode {
+                members: true,
+                join_leave: true,
+            };
+        }
         match self.namespaces.iter().find(|n| n.matches(topic)) {
             Some(n) => PresenceMode {
                 members: n.presence,

@@ -49,7 +49,7 @@ pub fn check(path: &Path) -> anyhow::Result<Vec<Problem>> {
     for (key, value) in &table {
         let item = doc.get(key);
         match (key.as_str(), value) {
-            ("namespace" | "key" | "board", toml::Value::Array(elements)) => {
+            ("namespace" | "key" | "board" | "app", toml::Value::Array(elements)) => {
                 for (i, element) in elements.iter().enumerate() {
                     let span = item.and_then(|item| match item {
                         toml_edit::Item::ArrayOfTables(a) => a.get(i).and_then(|t| t.span()),

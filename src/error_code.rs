@@ -171,6 +171,12 @@ error_codes! {
         "a new board past `max_boards` (under `--redis`: counted over every node); nothing was created, existing boards keep working";
     TooManyPlayers = "too_many_players", http(409),
         "the batch would add players past the board's `max_players_per_board` (or its `[[board]]` table's own); nothing of it was applied, players already on the board can still post";
+
+    // The Pusher Channels HTTP API (docs/pusher.md).
+    NoApp = "no_app", http(404),
+        "no Pusher app has that id (`[[app]]` tables, `pusher_app_id`)";
+    BadSignature = "bad_signature", http(401),
+        "a Pusher API call's signature is missing or wrong: `auth_key`, `auth_timestamp` (within 600 s), `auth_version`, `body_md5` or `auth_signature`";
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -28,6 +28,7 @@ pub mod net;
 pub mod origin;
 pub mod protocol;
 pub mod publication;
+pub mod pusher;
 pub mod rate;
 pub mod redb_file;
 pub mod refusal_log;

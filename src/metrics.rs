@@ -14,6 +14,8 @@ use crate::close::DisconnectReason;
 pub enum Transport {
     Ws,
     Sse,
+    /// A WebSocket speaking the Pusher Channels protocol (`/app/{key}`, src/pusher/).
+    Pusher,
 }
 
 impl EncodeLabelValue for Transport {
@@ -24,10 +26,13 @@ impl EncodeLabelValue for Transport {
 }
 
 impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::Ws, Transport::Sse, Transport::Pusher];
+
     pub fn name(self) -> &'static str {
         match self {
             Transport::Ws => "ws",
             Transport::Sse => "sse",
+            Transport::Pusher => "pusher",
         }
     }
 }
@@ -57,6 +62,20 @@ pub struct ResumeLabel {
 pub struct WebhookLabel {
     pub url: String,
     pub outcome: &'static str,
+}
+
+/// A Pusher app (`crier_pusher_connections`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    pub app: String,
+}
+
+/// A Pusher app's events by where they came from (`crier_pusher_events_total`): `api`
+/// (one per channel of a trigger) or `client` (client events).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppEventLabel {
+    pub app: String,
+    pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,8 +118,10 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub redis_errors: Counter,
     pub webhook_events: Family<WebhookLabel, Counter>,
+    pub pusher_connections: Family<AppLabel, Gauge>,
+    pub pusher_events: Family<AppEventLabel, Counter>,
     /// Handles into the families above, fetched once so the write path does no lookup.
-    per_transport: [PerTransport; 2],
+    per_transport: [PerTransport; 3],
 }
 
 #[derive(Clone, Default)]
@@ -149,6 +170,8 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             redis_errors: Counter::default(),
             webhook_events: Family::default(),
+            pusher_connections: Family::default(),
+            pusher_events: Family::default(),
             registry: Registry::default(),
             per_transport: Default::default(),
         };
@@ -309,8 +332,19 @@ impl Metrics {
              refused (4xx), retried",
             m.webhook_events.clone(),
         );
+        registry.register(
+            "pusher_connections",
+            "Open Pusher protocol connections per app (docs/pusher.md)",
+            m.pusher_connections.clone(),
+        );
+        registry.register(
+            "pusher_events",
+            "Events published per Pusher app: source api (one per channel of a trigger) or \
+             client (client events)",
+            m.pusher_events.clone(),
+        );
         // Pre-create label sets so dashboards see zeros rather than missing series.
-        for transport in [Transport::Ws, Transport::Sse] {
+        for transport in Transport::ALL {
             let _ = m.connections.get_or_create(&TransportLabel { transport });
             let _ = m.deliveries.get_or_create(&TransportLabel { transport });
             for reason in DisconnectReason::ALL {
@@ -320,7 +354,7 @@ impl Metrics {
                 });
             }
         }
-        let per_transport = [Transport::Ws, Transport::Sse].map(|transport| PerTransport {
+        let per_transport = Transport::ALL.map(|transport| PerTransport {
             deliveries: m
                 .deliveries
                 .get_or_create(&TransportLabel { transport })

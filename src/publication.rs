@@ -23,6 +23,64 @@ pub struct Publication {
     data_start: usize,
     ws: OnceLock<Bytes>,
     sse: OnceLock<Bytes>,
+    pusher: OnceLock<Bytes>,
+    /// The client a Pusher publication skips (the HTTP API's `socket_id`, a client event's
+    /// sender), when that socket is on this node.
+    exclude: Option<u64>,
+}
+
+/// Where a Pusher publication's data names the socket it skips: the data is
+/// `{"x":"SOCKET_ID",...rest}`, and Pusher clients receive `{...rest}`. Carried in the data
+/// so it crosses Redis like any publication.
+const EXCLUDE_MARK: &[u8] = b"{\"x\":\"";
+
+/// This node's part of every socket id it hands out (`CLIENT.NODE`), random per start: an
+/// exclusion names one socket of one node run, never another node's client of the same id.
+pub fn node_nonce() -> u32 {
+    static NONCE: OnceLock<u32> = OnceLock::new();
+    *NONCE.get_or_init(|| rand::random::<u32>() >> 1)
+}
+
+/// The Pusher socket id of client `id` on this node.
+pub fn socket_id(id: u64) -> String {
+    format!("{id}.{}", node_nonce())
+}
+
+/// The client a `{"x":"ID.NONCE",` mark excludes, when NONCE is this node's.
+fn excluded_client(data: &[u8]) -> Option<u64> {
+    let rest = data.strip_prefix(EXCLUDE_MARK)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let (id, nonce) = std::str::from_utf8(&rest[..end]).ok()?.split_once('.')?;
+    (nonce.parse::<u32>().ok()? == node_nonce())
+        .then(|| id.parse().ok())
+        .flatten()
+}
+
+/// A Pusher publication's data with its exclusion mark, if any, taken out.
+fn without_mark(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let Some(rest) = data.strip_prefix(EXCLUDE_MARK) else {
+        return data.into();
+    };
+    let Some(end) = rest.iter().position(|&b| b == b'"') else {
+        return data.into();
+    };
+    let after = rest[end + 1..]
+        .strip_prefix(b",")
+        .unwrap_or(&rest[end + 1..]);
+    let mut out = Vec::with_capacity(after.len() + 1);
+    out.push(b'{');
+    out.extend_from_slice(after);
+    out.into()
+}
+
+/// The Pusher message of a publication of `topic` that no Pusher app published (a
+/// leaderboard's): event `crier:publication` on the channel the topic is watched as, the
+/// data as a JSON string (Pusher's `data` is a string).
+fn pusher_wrap(topic: &str, data: &[u8]) -> Vec<u8> {
+    let channel = crate::topic::watch_channel(topic);
+    let data = serde_json::to_string(&String::from_utf8_lossy(data)).expect("a string encodes");
+    format!("{{\"event\":\"crier:publication\",\"channel\":\"{channel}\",\"data\":{data}}}")
+        .into_bytes()
 }
 
 impl Publication {
@@ -38,14 +96,25 @@ impl Publication {
         env.put_slice(data);
         env.put_u8(b'}');
         Publication {
-            topic,
             offset,
             published_at: Instant::now(),
             envelope: env.freeze(),
             data_start,
             ws: OnceLock::new(),
             sse: OnceLock::new(),
+            pusher: OnceLock::new(),
+            exclude: if topic.starts_with(crate::topic::PUSHER_PREFIX) {
+                excluded_client(data)
+            } else {
+                None
+            },
+            topic,
         }
+    }
+
+    /// Whether client `id` receives this publication (not the socket it excludes).
+    pub fn reaches(&self, id: u64) -> bool {
+        self.exclude != Some(id)
     }
 
     pub fn envelope(&self) -> &Bytes {
@@ -59,9 +128,9 @@ impl Publication {
     }
 
     /// What keeping this publication costs, for the node-wide history budget: the envelope
-    /// and the two framed copies it may grow (WebSocket, SSE), plus bookkeeping.
+    /// and the three framed copies it may grow (WebSocket, SSE, Pusher), plus bookkeeping.
     pub fn cost(&self) -> usize {
-        3 * self.envelope.len() + 160
+        4 * self.envelope.len() + 160
     }
 
     /// The bytes a subscriber of `transport` receives: the envelope as a WebSocket text
@@ -74,6 +143,14 @@ impl Publication {
             Transport::Sse => self
                 .sse
                 .get_or_init(|| framing::sse_event(None, &self.envelope)),
+            Transport::Pusher => self.pusher.get_or_init(|| {
+                let data = &self.envelope[self.data_start..self.envelope.len() - 1];
+                if self.topic.starts_with(crate::topic::PUSHER_PREFIX) {
+                    framing::ws_text(&without_mark(data))
+                } else {
+                    framing::ws_text(&pusher_wrap(&self.topic, data))
+                }
+            }),
         }
         .clone()
     }
@@ -99,7 +176,7 @@ mod tests {
             &b"data: {\"topic\":\"scores\",\"offset\":42,\"data\":{\"a\": [1, 2.50]}}\n\n"[..]
         );
         // The same Bytes is handed out every time: no per-subscriber encoding.
-        for t in [Transport::Ws, Transport::Sse] {
+        for t in Transport::ALL {
             assert_eq!(p.wire(t).as_ptr(), p.wire(t).as_ptr());
         }
     }
@@ -134,6 +211,29 @@ mod tests {
             );
             assert!(!got.contains('\r'));
         }
+    }
+
+    #[test]
+    fn a_pusher_publication_is_its_data_without_the_exclusion_mark() {
+        let plain = br#"{"event":"e","channel":"c","data":"1"}"#;
+        let p = Publication::new("pusher/app/c".into(), 1, plain);
+        assert_eq!(&p.wire(Transport::Pusher)[2..], &plain[..]);
+        assert!(p.reaches(7));
+        let marked = format!(
+            r#"{{"x":"{}","event":"e","channel":"c","data":"1"}}"#,
+            socket_id(7)
+        );
+        let p = Publication::new("pusher/app/c".into(), 2, marked.as_bytes());
+        assert_eq!(&p.wire(Transport::Pusher)[2..], &plain[..]);
+        assert!(!p.reaches(7) && p.reaches(8));
+        // Another node's socket 7 is not this node's client 7.
+        let other = br#"{"x":"7.4294967295","event":"e","channel":"c","data":"1"}"#;
+        assert!(Publication::new("pusher/app/c".into(), 3, other).reaches(7));
+        // A leaderboard's publication, watched from a Pusher client.
+        let b = Publication::new("board:arena".into(), 1, br#"{"top":[]}"#);
+        let v: serde_json::Value = serde_json::from_slice(&b.wire(Transport::Pusher)[2..]).unwrap();
+        assert_eq!(v["channel"], "board@arena");
+        assert_eq!(v["data"], r#"{"top":[]}"#);
     }
 
     #[test]

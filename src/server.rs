@@ -90,6 +90,7 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
     crate::origin::check_config(cfg)?;
     crate::leaderboard::policy::check_config(cfg)?;
     crate::webhook::check_config(cfg)?;
+    crate::pusher::check_config(cfg)?;
     Ok(())
 }
 
@@ -114,6 +115,7 @@ impl Server {
         crate::webhook::check_start(&cfg)?;
         let auth = crate::auth::Auth::from_config(&cfg)?;
         let board_policies = BoardPolicies::from_config(&cfg)?;
+        let pusher_apps = crate::pusher::Apps::from_config(&cfg)?;
         // So is a bad certificate.
         let tls = crate::tls::Tls::from_config(&cfg)?;
         let listener = bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
@@ -172,6 +174,7 @@ impl Server {
         crate::api::backup::remove_stale_copies(&cfg.data_dir);
         let state = Arc::new(
             AppState::new(cfg, metrics, broker, hub, boards, shutdown)
+                .with_pusher(pusher_apps)
                 .with_redis(redis_health)
                 .with_auth(auth)
                 .with_board_policies(board_policies)

@@ -40,6 +40,8 @@ pub struct AppState {
     pub auth: crate::auth::Auth,
     /// `[[board]]` policies and their per-player rate table.
     pub board_policies: BoardPolicies,
+    /// Pusher Channels apps (`[[app]]`, `pusher_*`): none unless configured.
+    pub pusher: Arc<crate::pusher::Apps>,
     /// The node's durable files by name (`crier.redb`, `history.redb`), for online
     /// backups (`api/backup.rs`); empty under `--redis`, where Redis holds the state.
     pub durable_files: Vec<(&'static str, crate::redb_file::WeakRedbFile)>,
@@ -70,6 +72,7 @@ impl AppState {
             boards,
             redis: None,
             auth: crate::auth::Auth::open(),
+            pusher: Arc::default(),
             durable_files: Vec::new(),
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             connections: AtomicUsize::new(0),
@@ -92,6 +95,12 @@ impl AppState {
     /// sets them).
     pub fn with_board_policies(mut self, policies: BoardPolicies) -> Self {
         self.board_policies = policies;
+        self
+    }
+
+    /// The Pusher apps `pusher::Apps::from_config` built (`Server::start` always sets them).
+    pub fn with_pusher(mut self, apps: crate::pusher::Apps) -> Self {
+        self.pusher = Arc::new(apps);
         self
     }
 

@@ -14,4 +14,5 @@ pub mod openapi;
 pub mod presence;
 pub mod publish;
 pub mod publish_batch;
+pub mod pusher;
 pub mod single_headers;

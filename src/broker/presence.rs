@@ -123,7 +123,7 @@ pub struct Presence {
 impl Presence {
     pub fn new(cfg: &Config, sink: Arc<dyn BrokerSink>) -> Self {
         Presence {
-            any: cfg.namespaces.iter().any(|n| n.presence),
+            any: cfg.presence_anywhere(),
             announce: true,
             cfg: cfg.clone(),
             sink,

@@ -19,6 +19,18 @@ pub trait TopicEvents: Send + Sync {
     /// A connection left a topic (called for every leave: the listener knows which were
     /// members).
     fn member_left(&self, topic: &str, client: u64);
+    /// A Pusher client event was published on the topic (`data` is JSON text).
+    fn client_event(
+        &self,
+        _topic: &str,
+        _event: &str,
+        _data: &str,
+        _socket_id: &str,
+        _user: Option<&str>,
+    ) {
+    }
+    /// A Pusher cache channel's topic had no event for a new subscriber.
+    fn cache_miss(&self, _topic: &str) {}
     /// A member of another node left because that node died (under `--redis`, told once,
     /// by the survivor that removed it): the listener never saw it join, so it is given
     /// whole. Called outside any hub lock.

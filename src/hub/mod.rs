@@ -208,6 +208,9 @@ pub struct Hub {
     source: OnceLock<Source>,
     /// Who hears of topics occupied and vacated (webhooks), if anyone.
     events: OnceLock<std::sync::Arc<dyn TopicEvents>>,
+    /// What this node's member ids add to its client ids (`BrokerSink::member_tag`): a
+    /// presence notice about one of them is not told to that client in Pusher's words.
+    member_tag: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
@@ -218,6 +221,7 @@ impl Hub {
             metrics,
             source: OnceLock::new(),
             events: OnceLock::new(),
+            member_tag: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -414,6 +418,9 @@ impl Hub {
             }
             Plan::Meet(tail, pos) => {
                 for (p, conflate) in tail {
+                    if !p.reaches(client.id) {
+                        continue;
+                    }
                     let item = Item::publication(&p, p.wire(client.transport), conflate, true);
                     client.push(item, &self.metrics);
                 }
@@ -549,9 +556,12 @@ impl Hub {
         }
         l.last = Some(p.offset);
         l.seen = Some(p.offset);
-        let mut frames: [Option<Bytes>; 2] = [None, None];
+        let mut frames: [Option<Bytes>; 3] = [None, None, None];
         wake.0.reserve(l.subscribers.len());
         for client in l.subscribers.values() {
+            if !p.reaches(client.id) {
+                continue;
+            }
             let slot = &mut frames[client.transport as usize];
             let bytes = slot.get_or_insert_with(|| p.wire(client.transport)).clone();
             let item = Item::publication(p, bytes, conflate, true);
@@ -596,10 +606,12 @@ impl Hub {
                     if p.offset == *pos + 1 {
                         *pos = p.offset;
                         let item = Item::publication(p, p.wire(j.client.transport), conflate, true);
-                        if matches!(
-                            j.client.enqueue(item, &self.metrics),
-                            Pushed::Wake | Pushed::Overflowed
-                        ) {
+                        if p.reaches(j.client.id)
+                            && matches!(
+                                j.client.enqueue(item, &self.metrics),
+                                Pushed::Wake | Pushed::Overflowed
+                            )
+                        {
                             wake.0.push(j.client.clone());
                         }
                     } else if p.offset > *pos + 1 {
@@ -854,10 +866,25 @@ impl BrokerSink for Hub {
             return;
         };
         let l = local.lock();
+        // Pusher's words for it, framed once (when some Pusher client is told).
+        let mut pusher: Option<Option<Bytes>> = None;
+        let tag = self.member_tag.load(std::sync::atomic::Ordering::Relaxed);
         for client in l.subscribers.values() {
             let bytes = match client.transport {
                 Transport::Ws => notice.ws.clone(),
                 Transport::Sse => notice.sse.clone(),
+                // Pusher presence: a user's first join and last leave, never told to the
+                // member itself.
+                Transport::Pusher => {
+                    let Some(m) = &notice.member else { continue };
+                    if m.client == tag | client.id {
+                        continue;
+                    }
+                    match pusher.get_or_insert_with(|| m.pusher_frame(topic)) {
+                        Some(b) => b.clone(),
+                        None => continue,
+                    }
+                }
             };
             if matches!(
                 client.enqueue(Item::control(bytes), &self.metrics),
@@ -878,6 +905,11 @@ impl BrokerSink for Hub {
 
     fn events(&self) -> Option<Arc<dyn TopicEvents>> {
         Hub::events(self).cloned()
+    }
+
+    fn member_tag(&self, tag: u64) {
+        self.member_tag
+            .store(tag, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

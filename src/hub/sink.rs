@@ -83,6 +83,34 @@ pub struct MemberEvent {
     pub user_last: bool,
 }
 
+impl MemberEvent {
+    /// Pusher's `pusher_internal:member_added` / `member_removed` on the channel of a
+    /// Pusher presence topic, for a user's first join or last leave (None otherwise).
+    pub fn pusher_frame(&self, topic: &str) -> Option<Bytes> {
+        let channel = crate::topic::pusher_channel(topic)?;
+        let user = self.user.as_deref()?;
+        let user = serde_json::to_string(user).expect("a string serializes");
+        let (event, data) = match self.kind {
+            MemberChange::Join if self.user_first => {
+                let info = self.info.as_deref().unwrap_or("null");
+                (
+                    "pusher_internal:member_added",
+                    format!(r#"{{"user_id":{user},"user_info":{info}}}"#),
+                )
+            }
+            MemberChange::Leave if self.user_last => (
+                "pusher_internal:member_removed",
+                format!(r#"{{"user_id":{user}}}"#),
+            ),
+            _ => return None,
+        };
+        let data = serde_json::to_string(&data).expect("a string serializes");
+        // Pusher channel names need no escaping (topic.rs charset).
+        let json = format!(r#"{{"event":"{event}","channel":"{channel}","data":{data}}}"#);
+        Some(crate::framing::ws_text(json.as_bytes()))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberChange {
     Join,
@@ -130,6 +158,10 @@ pub trait BrokerSink: Send + Sync {
     fn events(&self) -> Option<Arc<dyn super::TopicEvents>> {
         None
     }
+
+    /// What this node's member ids add to its client ids (`tag << 40` under `--redis`,
+    /// none on a node alone): tells the hub which member a notice is about.
+    fn member_tag(&self, _tag: u64) {}
 }
 
 /// Where the hub reads a gap in its deliveries from: the node's broker, seen only through

@@ -30,6 +30,65 @@ pub fn is_board_topic(topic: &str) -> bool {
     topic.starts_with(BOARD_PREFIX)
 }
 
+/// What every Pusher channel's topic starts with: `pusher/{app id}/{channel}`. A crier
+/// topic name never holds `/`, so no crier client or publisher can name (forge or read)
+/// one: each Pusher app is its own channel space, reachable only through `/app/{key}` and
+/// `/apps/{id}/...` (src/pusher/).
+pub const PUSHER_PREFIX: &str = "pusher/";
+
+/// The longest Pusher channel name (the protocol's limit).
+pub const MAX_PUSHER_CHANNEL: usize = 164;
+
+/// A Pusher channel name: 1-164 bytes of `A-Z a-z 0-9 _ - = @ , . ;` (the protocol's
+/// charset, which needs no JSON escaping either).
+pub fn is_valid_pusher_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PUSHER_CHANNEL
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')
+        })
+}
+
+/// The Pusher channel a crier topic is watched as from any Pusher app: `board:NAME` is
+/// `board@NAME` (`:` is not a Pusher channel character). docs/pusher.md.
+pub fn watch_channel(topic: &str) -> String {
+    topic.replacen(':', "@", 1)
+}
+
+/// The crier topic a Pusher channel watches (`board@NAME`), if it names one.
+pub fn watched_topic(channel: &str) -> Option<String> {
+    let name = channel.strip_prefix("board@")?;
+    is_valid(&board_topic(name)).then(|| board_topic(name))
+}
+
+/// A Pusher topic or the start of one, as a pattern names it (`[[namespace]]`):
+/// `pusher/APP/` then part of a channel name (`pusher/1/presence-`).
+pub fn is_pusher_pattern(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix(PUSHER_PREFIX) else {
+        return false;
+    };
+    let Some((app, channel)) = rest.split_once('/') else {
+        return false;
+    };
+    !app.is_empty()
+        && app.len() <= 64
+        && app
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && (channel.is_empty() || is_valid_pusher_channel(channel))
+}
+
+/// The topic of `channel` in Pusher app `app` (both already valid).
+pub fn pusher_topic(app: &str, channel: &str) -> String {
+    format!("{PUSHER_PREFIX}{app}/{channel}")
+}
+
+/// The channel a Pusher topic carries (None for any other topic).
+pub fn pusher_channel(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix(PUSHER_PREFIX)?;
+    rest.split_once('/').map(|(_, channel)| channel)
+}
+
 /// Why topic names were refused. A domain error: the HTTP layer (`api::error`) and the
 /// WebSocket layer each map it to their own answer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -19,8 +19,12 @@ impl TopicPattern {
     pub fn parse(s: &str) -> Result<TopicPattern, String> {
         match s.strip_suffix('*') {
             Some("") => Ok(TopicPattern::Prefix("".into())),
-            Some(prefix) if super::is_valid(prefix) => Ok(TopicPattern::Prefix(prefix.into())),
-            None if super::is_valid(s) => Ok(TopicPattern::Exact(s.into())),
+            Some(prefix) if super::is_valid(prefix) || super::is_pusher_pattern(prefix) => {
+                Ok(TopicPattern::Prefix(prefix.into()))
+            }
+            None if super::is_valid(s) || super::is_pusher_pattern(s) => {
+                Ok(TopicPattern::Exact(s.into()))
+            }
             _ => Err(format!(
                 "{s:?} is not a topic pattern: a topic name, optionally ending in * (chat:*), or *"
             )),
@@ -104,8 +108,26 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_pattern() {
-        for bad in ["", "a b*", "a*b", "**", "x/y", &"a".repeat(129)] {
+        for bad in [
+            "",
+            "a b*",
+            "a*b",
+            "**",
+            "x/y",
+            &"a".repeat(129),
+            "pusher/1",
+            "pusher//x",
+        ] {
             assert!(TopicPattern::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn pusher_topics_are_named_by_app() {
+        let p = Patterns::parse(&["pusher/1/*", "pusher/2/presence-*", "pusher/3/news"]).unwrap();
+        assert!(p.matches("pusher/1/anything"));
+        assert!(p.matches("pusher/2/presence-room") && !p.matches("pusher/2/room"));
+        assert!(p.matches("pusher/3/news") && !p.matches("pusher/3/newsy"));
+        assert!(!p.matches("pusher/10/x"));
     }
 }

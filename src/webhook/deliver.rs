@@ -61,10 +61,19 @@ impl Counters {
 
 pub struct Target {
     pub url: String,
+    /// A Pusher app's webhook (docs/pusher.md): signed with `X-Pusher-Key` and
+    /// `X-Pusher-Signature` (hex HMAC-SHA256 of the body with the app's secret) instead of
+    /// crier's headers.
+    pub pusher: Option<PusherSigning>,
     pub queue: Queue,
     pub counters: Counters,
     /// Drops not yet logged (one line per 10 s at most).
     pub unlogged_drops: AtomicU64,
+}
+
+pub struct PusherSigning {
+    pub key: String,
+    pub secret: ring::hmac::Key,
 }
 
 pub struct Settings {
@@ -98,7 +107,7 @@ pub async fn run(target: Arc<Target>, settings: Arc<Settings>, stop: Cancellatio
             log_drops(&target, &mut last_drop_log);
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
-                o = post(&client, &target.url, &settings, &delivery, payload.clone()) => o,
+                o = post(&client, &target, &settings, &delivery, payload.clone()) => o,
             };
             match outcome {
                 Outcome::Delivered => {
@@ -148,21 +157,33 @@ fn log_drops(target: &Target, last: &mut Instant) {
 
 async fn post(
     client: &Client<HttpConnector, Full<Bytes>>,
-    url: &str,
+    target: &Target,
     settings: &Settings,
     delivery: &str,
     payload: Bytes,
 ) -> Outcome {
+    let url = target.url.as_str();
     let timestamp = now_ms() / 1000;
-    let signature = settings.signer.sign(timestamp, &payload);
-    let req = match hyper::Request::post(url)
+    let builder = hyper::Request::post(url)
         .header("content-type", "application/json")
-        .header("user-agent", concat!("crier/", env!("CARGO_PKG_VERSION")))
-        .header("x-crier-timestamp", timestamp.to_string())
-        .header("x-crier-signature", signature)
-        .header("x-crier-delivery", delivery)
-        .body(Full::new(payload))
-    {
+        .header("user-agent", concat!("crier/", env!("CARGO_PKG_VERSION")));
+    let builder = match &target.pusher {
+        Some(p) => {
+            let tag = ring::hmac::sign(&p.secret, &payload);
+            let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            builder
+                .header("x-pusher-key", p.key.as_str())
+                .header("x-pusher-signature", hex)
+        }
+        None => builder
+            .header("x-crier-timestamp", timestamp.to_string())
+            .header(
+                "x-crier-signature",
+                settings.signer.sign(timestamp, &payload),
+            )
+            .header("x-crier-delivery", delivery),
+    };
+    let req = match builder.body(Full::new(payload)) {
         Ok(r) => r,
         // The URL was checked at start; a request that cannot be built never will be.
         Err(e) => return Outcome::Refused(0).tap_log(url, &e.to_string()),

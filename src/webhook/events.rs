@@ -73,6 +73,13 @@ pub fn member(
     s
 }
 
+/// A Pusher webhook event (docs/pusher.md): `{"name":NAME,"channel":C}` plus `extra`
+/// fields, already JSON (`,"user_id":"u"`).
+pub fn pusher(name: &str, channel: &str, extra: &str) -> String {
+    // Pusher channel names need no escaping (topic.rs charset).
+    format!(r#"{{"name":"{name}","channel":"{channel}"{extra}}}"#)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

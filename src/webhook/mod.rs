@@ -12,6 +12,11 @@
 //! `--redis`, while any node does (`cluster.rs`: once per cluster). Either way a topic
 //! left is let go only after `webhook_vacate_grace` (`occupancy.rs`). Member events are
 //! sent by the node the member joined or left.
+//!
+//! A Pusher app's `webhooks` URLs (`[[app]]`, docs/pusher.md) get that app's channels only,
+//! in Pusher's format and signing (`channel_occupied`, `channel_vacated`, `member_added` /
+//! `member_removed` once per user, `client_event`, `cache_miss`), on the same queues,
+//! delivery tasks and occupancy (grace, once per cluster).
 
 pub mod batch;
 pub mod cluster;
@@ -32,7 +37,7 @@ use crate::config::Config;
 use crate::hub::TopicEvents;
 use crate::metrics::Metrics;
 use crate::topic::TopicName;
-use deliver::{Counters, Settings, Target};
+use deliver::{Counters, PusherSigning, Settings, Target};
 use events::Filter;
 use occupancy::Occupancy;
 
@@ -43,7 +48,13 @@ type Who = (Option<Arc<str>>, Option<Arc<str>>);
 pub struct Webhooks {
     cfg: Config,
     filter: Filter,
+    /// `webhook_url`s: every event, crier's format.
     targets: Vec<Arc<Target>>,
+    /// Pusher apps with webhooks: `(topic prefix, URLs)`.
+    apps: Vec<(String, Vec<Arc<Target>>)>,
+    /// Connections per user of each Pusher presence channel with webhooks: member_added
+    /// on a user's first, member_removed on its last (bounded like `members`).
+    users: Mutex<HashMap<(TopicName, Arc<str>), u32>>,
     occupancy: Occupancy,
     /// The members of presence topics, for their `member_left` (bounded by presence's
     /// own bound: one per subscription of a presence topic).
@@ -59,7 +70,8 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
         cfg.webhook_secret.is_empty() || cfg.webhook_secret.len() >= 32,
         "webhook_secret must be at least 32 bytes (it signs each webhook delivery)"
     );
-    for url in &cfg.webhook_urls {
+    let app_urls = cfg.apps.iter().flat_map(|a| a.webhooks.iter());
+    for url in cfg.webhook_urls.iter().chain(app_urls) {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| anyhow::anyhow!("webhook_url {url:?}: {e}"))?;
@@ -89,7 +101,8 @@ impl Webhooks {
         metrics: &Metrics,
         stop: CancellationToken,
     ) -> Option<Arc<Webhooks>> {
-        if cfg.webhook_urls.is_empty() {
+        let has_apps = cfg.apps.iter().any(|a| !a.webhooks.is_empty());
+        if cfg.webhook_urls.is_empty() && !has_apps {
             return None;
         }
         let settings = Arc::new(Settings {
@@ -104,19 +117,49 @@ impl Webhooks {
             .map(|url| {
                 Arc::new(Target {
                     url: url.clone(),
+                    pusher: None,
                     queue: batch::Queue::new(cfg.webhook_queue_max),
                     counters: Counters::new(metrics, url),
                     unlogged_drops: Default::default(),
                 })
             })
             .collect();
-        for t in &targets {
+        let apps: Vec<(String, Vec<Arc<Target>>)> = cfg
+            .apps
+            .iter()
+            .filter(|a| !a.webhooks.is_empty())
+            .map(|a| {
+                let urls = a
+                    .webhooks
+                    .iter()
+                    .map(|url| {
+                        Arc::new(Target {
+                            url: url.clone(),
+                            pusher: Some(PusherSigning {
+                                key: a.key.clone(),
+                                secret: ring::hmac::Key::new(
+                                    ring::hmac::HMAC_SHA256,
+                                    a.secret.as_bytes(),
+                                ),
+                            }),
+                            queue: batch::Queue::new(cfg.webhook_queue_max),
+                            counters: Counters::new(metrics, url),
+                            unlogged_drops: Default::default(),
+                        })
+                    })
+                    .collect();
+                (crate::topic::pusher_topic(&a.id, ""), urls)
+            })
+            .collect();
+        for t in targets.iter().chain(apps.iter().flat_map(|(_, t)| t)) {
             tokio::spawn(deliver::run(t.clone(), settings.clone(), stop.clone()));
         }
         let this = Arc::new(Webhooks {
             cfg: cfg.clone(),
             filter: Filter::new(&cfg.webhook_events),
             targets,
+            apps,
+            users: Mutex::new(HashMap::new()),
             occupancy: Occupancy::new(cfg.webhook_vacate_grace, cfg.max_topics),
             members: Mutex::new(HashMap::new()),
             cluster: OnceLock::new(),
@@ -133,7 +176,7 @@ impl Webhooks {
         node: String,
         stop: CancellationToken,
     ) {
-        if !self.filter.topics() {
+        if !self.tracks_topics() {
             return;
         }
         let me = Arc::downgrade(self);
@@ -154,6 +197,14 @@ impl Webhooks {
     }
 
     fn announce(&self, topic: &str, occupied: bool) {
+        if let Some((targets, channel)) = self.pusher_app(topic) {
+            let name = if occupied {
+                "channel_occupied"
+            } else {
+                "channel_vacated"
+            };
+            Self::emit_to(targets, events::pusher(name, channel, ""));
+        }
         if occupied && self.filter.occupied {
             self.emit(events::topic("topic_occupied", topic));
         } else if !occupied && self.filter.vacated {
@@ -161,7 +212,45 @@ impl Webhooks {
         }
     }
 
-    /// Queues one event for every URL.
+    /// Occupancy is followed for crier's events or any Pusher app's.
+    fn tracks_topics(&self) -> bool {
+        self.filter.topics() || !self.apps.is_empty()
+    }
+
+    /// The webhook URLs of the Pusher app whose channel `topic` is, and the channel.
+    fn pusher_app<'a>(&self, topic: &'a str) -> Option<(&[Arc<Target>], &'a str)> {
+        self.apps.iter().find_map(|(prefix, targets)| {
+            topic
+                .strip_prefix(prefix.as_str())
+                .map(|channel| (targets.as_slice(), channel))
+        })
+    }
+
+    /// A Pusher presence channel's user count moved by `delta`: its new count.
+    fn count_user(&self, topic: &str, user: &Arc<str>, delta: i32) -> u32 {
+        let mut users = self.users.lock();
+        let key = (TopicName::from(topic), user.clone());
+        let n = users.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        let now = *n;
+        if now == 0 {
+            users.remove(&key);
+        }
+        now
+    }
+
+    /// Queues one event for every URL of `targets`.
+    fn emit_to(targets: &[Arc<Target>], json: String) {
+        for t in targets {
+            t.counters.queued.inc();
+            if t.queue.push(json.clone()) > 0 {
+                t.counters.dropped.inc();
+                t.unlogged_drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queues one event for every `webhook_url`.
     fn emit(&self, json: String) {
         for t in &self.targets {
             t.counters.queued.inc();
@@ -189,22 +278,30 @@ async fn grace_timer(this: Arc<Webhooks>, stop: CancellationToken) {
 
 impl TopicEvents for Webhooks {
     fn occupied(&self, topic: &str) {
-        if self.filter.topics() && self.occupancy.occupied(topic) {
+        if self.tracks_topics() && self.occupancy.occupied(topic) {
             self.held(topic, true);
         }
     }
 
     fn vacated(&self, topic: &str) {
-        if self.filter.topics() && self.occupancy.vacated(topic, Instant::now()) {
+        if self.tracks_topics() && self.occupancy.vacated(topic, Instant::now()) {
             self.held(topic, false);
         }
     }
 
     fn member_joined(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {
-        if !self.filter.members() || !self.cfg.presence(topic).members {
+        let pusher = self.pusher_app(topic);
+        if !(self.filter.members() || pusher.is_some()) || !self.cfg.presence(topic).members {
             return;
         }
-        if self.filter.left {
+        if let (Some((targets, channel)), Some(user)) = (pusher, user) {
+            if self.count_user(topic, &Arc::from(user), 1) == 1 {
+                let user_id = serde_json::to_string(user).expect("a string serializes");
+                let extra = format!(r#","user_id":{user_id}"#);
+                Self::emit_to(targets, events::pusher("member_added", channel, &extra));
+            }
+        }
+        if self.filter.left || pusher.is_some() {
             self.members.lock().insert(
                 (topic.into(), client),
                 (user.map(Arc::from), info.map(Arc::from)),
@@ -216,13 +313,24 @@ impl TopicEvents for Webhooks {
     }
 
     fn member_left(&self, topic: &str, client: u64) {
-        if !self.filter.left || !self.cfg.presence(topic).members {
+        let pusher = self.pusher_app(topic);
+        if !(self.filter.left || pusher.is_some()) || !self.cfg.presence(topic).members {
             return;
         }
         let key = (TopicName::from(topic), client);
         let Some((user, info)) = self.members.lock().remove(&key) else {
             return;
         };
+        if let (Some((targets, channel)), Some(user)) = (pusher, &user) {
+            if self.count_user(topic, user, -1) == 0 {
+                let user_id = serde_json::to_string(&**user).expect("a string serializes");
+                let extra = format!(r#","user_id":{user_id}"#);
+                Self::emit_to(targets, events::pusher("member_removed", channel, &extra));
+            }
+        }
+        if !self.filter.left {
+            return;
+        }
         self.emit(events::member(
             "member_left",
             topic,
@@ -230,6 +338,35 @@ impl TopicEvents for Webhooks {
             user.as_deref(),
             info.as_deref(),
         ));
+    }
+
+    fn client_event(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &str,
+        socket_id: &str,
+        user: Option<&str>,
+    ) {
+        let Some((targets, channel)) = self.pusher_app(topic) else {
+            return;
+        };
+        let text = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        let mut extra = format!(
+            r#","event":{},"data":{},"socket_id":"{socket_id}""#,
+            text(event),
+            text(data)
+        );
+        if let Some(u) = user {
+            extra.push_str(&format!(r#","user_id":{}"#, text(u)));
+        }
+        Self::emit_to(targets, events::pusher("client_event", channel, &extra));
+    }
+
+    fn cache_miss(&self, topic: &str) {
+        if let Some((targets, channel)) = self.pusher_app(topic) {
+            Self::emit_to(targets, events::pusher("cache_miss", channel, ""));
+        }
     }
 
     fn member_removed(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {

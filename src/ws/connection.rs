@@ -32,13 +32,15 @@ use crate::broker::BrokerError;
 use crate::client::{Client, Item, Taken};
 use crate::close::DisconnectReason;
 use crate::error_code::ErrorCode;
-use crate::metrics::Transport;
 use crate::protocol::{self, Parsed};
 use crate::rate::{Rate, TokenBucket};
 use crate::state::{AppState, Registration};
 use crate::subscribe;
 use crate::writer::Batch;
 use crate::ws::stream::WsStream;
+
+mod pusher;
+pub use pusher::Session as PusherSession;
 
 /// Most bytes and frames taken from the queue for one batch of writes. A batch must be
 /// written whole within `write_timeout`, so this also sets the slowest reader tolerated:
@@ -73,6 +75,7 @@ pub async fn run(
     state: Arc<AppState>,
     mode: Mode,
     grant: Option<Grant>,
+    pusher: Option<Box<PusherSession>>,
 ) {
     let now = Instant::now();
     let mut conn = Connection {
@@ -95,6 +98,7 @@ pub async fn run(
         state,
         chain: None,
         authed: grant.map(Authed::new),
+        pusher,
     };
     if !leftover.is_empty() {
         conn.decoder
@@ -106,7 +110,8 @@ pub async fn run(
     drop(leftover);
     let reason = conn.drive().await;
     conn.reg.client.set_held(0);
-    conn.state.metrics.record_disconnect(Transport::Ws, reason);
+    let transport = conn.reg.client.transport;
+    conn.state.metrics.record_disconnect(transport, reason);
     tracing::debug!(
         client = conn.reg.client.id,
         reason = reason.label(),
@@ -151,6 +156,9 @@ struct Connection {
     /// The verified token (handshake, `auth` or `refresh`). Boxed: most connections have
     /// none, and an idle connection's size is what 10k of them cost (docs/BENCHMARKS.md).
     authed: Option<Box<Authed>>,
+    /// A Pusher protocol connection's app and state (`Mode::Pusher`); boxed for the same
+    /// reason as `authed`.
+    pusher: Option<Box<PusherSession>>,
 }
 
 /// A grant and its expiry on the monotonic clock, computed once: the deadline is looked
@@ -395,7 +403,11 @@ impl Connection {
             self.out.truncate(usize::from(self.front_partial));
             self.out_bytes = self.out.iter().map(Bytes::len).sum();
         }
-        let payload = frame::close_payload(reason.code(), reason.label());
+        let code = match self.mode {
+            Mode::Pusher => pusher::close_code(reason),
+            _ => reason.code(),
+        };
+        let payload = frame::close_payload(code, reason.label());
         let close = frame::encode(frame::OP_CLOSE, &payload);
         // The closing write gets its own (shorter) deadline, counted from now.
         self.batch_started = Some(Instant::now());
@@ -436,7 +448,8 @@ impl Connection {
         if self.out.is_empty() {
             self.batch_started = None;
             self.pongs_in_out = 0;
-            self.batch.report(&self.state.metrics, Transport::Ws);
+            self.batch
+                .report(&self.state.metrics, self.reg.client.transport);
             if self.out.capacity() > 16 {
                 self.out = VecDeque::new();
             }
@@ -529,6 +542,13 @@ impl Connection {
                         None,
                     ));
                 }
+                (Message::Text(text), Mode::Pusher) => self.pusher_command(&text),
+                (Message::Binary(_), Mode::Pusher) => {
+                    self.reply(crate::pusher::messages::error(
+                        None,
+                        "Pusher messages are JSON text frames",
+                    ));
+                }
                 (Message::Text(data), Mode::Echo) => self.echo(frame::OP_TEXT, &data),
                 (Message::Binary(data), Mode::Echo) => self.echo(frame::OP_BINARY, &data),
                 (Message::Close(..), _) => unreachable!("handled above"),
@@ -560,10 +580,14 @@ impl Connection {
             "more than {rate} frames per second (max_commands_per_second: commands, pings, \
              pongs and fragments all count)"
         );
-        let err = frame::encode(
-            frame::OP_TEXT,
-            &protocol::error(ErrorCode::TooManyCommands, &msg, None),
-        );
+        let err = match self.mode {
+            Mode::Pusher => crate::pusher::messages::error(
+                Some(crate::pusher::messages::code::RATE_LIMITED),
+                &msg,
+            ),
+            _ => protocol::error(ErrorCode::TooManyCommands, &msg, None),
+        };
+        let err = frame::encode(frame::OP_TEXT, &err);
         self.push_out(err, Instant::now());
         self.begin_close(DisconnectReason::TooManyCommands);
     }

@@ -44,9 +44,11 @@ pub enum Mode {
     Commands,
     /// Echo every message back (conformance testing).
     Echo,
+    /// The Pusher Channels protocol (`/app/{key}`, `ws::pusher`).
+    Pusher,
 }
 
-fn respond(r: Result<Response, ApiError>) -> Response {
+pub(super) fn respond(r: Result<Response, ApiError>) -> Response {
     match r {
         Ok(resp) => resp,
         Err(e) => {
@@ -74,11 +76,11 @@ async fn prepare(
     let key = check_headers(req.headers())?;
     let topics = match mode {
         Mode::Commands => topics_from_query(query, state.cfg.max_topics_per_connection)?,
-        Mode::Echo => Vec::new(),
+        Mode::Echo | Mode::Pusher => Vec::new(),
     };
     let grant = match mode {
         Mode::Commands => state.auth.grant_from_request(query, req.headers())?,
-        Mode::Echo => None,
+        Mode::Echo | Mode::Pusher => None,
     };
     for t in &topics {
         state.auth.check_read(t, grant.as_ref())?;
@@ -109,7 +111,7 @@ async fn prepare(
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
             return;
         };
-        connection::run(stream, read_buf, reg, task_state, mode, grant).await;
+        connection::run(stream, read_buf, reg, task_state, mode, grant, None).await;
     });
     let accept = accept_key(key.as_bytes());
     let mut resp = Response::new(axum::body::Body::empty());
@@ -177,7 +179,7 @@ pub use crier_protocol::handshake::accept_key;
 /// async on purpose: the TLS session it unpacks is large, and inside the connection's task
 /// the compiler would keep room for it across the connection's whole life, in every plain
 /// connection too (an idle WebSocket cost twice as much that way, docs/BENCHMARKS.md).
-fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(WsStream, bytes::Bytes)> {
+pub(super) fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(WsStream, bytes::Bytes)> {
     match upgraded.downcast::<TokioIo<DeadlineStream>>() {
         Ok(parts) => Some((
             WsStream::Plain(parts.io.into_inner().into_inner()),

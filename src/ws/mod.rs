@@ -6,4 +6,5 @@ pub mod connection;
 /// `crate::ws::frame` stays the server's path to it.
 pub use crier_protocol::frame;
 pub mod handshake;
+pub mod pusher;
 pub mod stream;

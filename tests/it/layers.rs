@@ -59,7 +59,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the broker; webhooks", &["broker", "webhook"]),
     ("the one subscribe path", &["subscribe"]),
     ("who may connect and do what", &["auth", "origin"]),
-    ("domain", &["leaderboard"]),
+    ("domain", &["leaderboard", "pusher"]),
     ("what the edges share", &["protocol", "writer", "state"]),
     ("the HTTP API", &["api"]),
     ("the transports", &["ws", "sse"]),

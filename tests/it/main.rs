@@ -38,6 +38,7 @@ mod openapi;
 mod presence;
 mod presence_cluster;
 mod publish_batch;
+mod pusher;
 mod reconnect_storm;
 mod redis_boards;
 mod redis_broker;

@@ -205,7 +205,7 @@ impl ClusterPresence {
         health: Arc<RedisHealth>,
         hub: Arc<dyn BrokerSink>,
     ) -> Result<(Arc<ClusterPresence>, Vec<tokio::task::JoinHandle<()>>), redis::RedisError> {
-        let any = cfg.namespaces.iter().any(|n| n.presence);
+        let any = cfg.presence_anywhere();
         let node = new_node();
         let mut tag = 0;
         if any {
@@ -222,6 +222,7 @@ impl ClusterPresence {
                     .await?;
                 if got.is_some() {
                     tag = t << LOCAL_BITS;
+                    hub.member_tag(tag);
                     break;
                 }
             }
