@@ -18,8 +18,10 @@
 //! arrive in at most `max_fragments_per_message` frames.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes};
@@ -66,14 +68,16 @@ fn command_rate(state: &AppState) -> Rate {
     }
 }
 
-pub async fn run(
+/// The connection's task. Not an `async fn`: its arguments would keep their own room in
+/// the future beside the `Connection` they are moved into, for the connection's whole life.
+pub fn run(
     stream: WsStream,
     leftover: Bytes,
     reg: Registration,
     state: Arc<AppState>,
     mode: Mode,
     grant: Option<Grant>,
-) {
+) -> impl Future<Output = ()> + Send {
     let now = Instant::now();
     let mut conn = Connection {
         stream,
@@ -104,14 +108,16 @@ pub async fn run(
     // `leftover` shares hyper's whole read buffer (8 KiB+): holding it for the
     // connection's life would double an idle connection's memory.
     drop(leftover);
-    let reason = conn.drive().await;
-    conn.reg.client.set_held(0);
-    conn.state.metrics.record_disconnect(Transport::Ws, reason);
-    tracing::debug!(
-        client = conn.reg.client.id,
-        reason = reason.label(),
-        "websocket closed"
-    );
+    async move {
+        let reason = conn.drive().await;
+        conn.reg.client.set_held(0);
+        conn.state.metrics.record_disconnect(Transport::Ws, reason);
+        tracing::debug!(
+            client = conn.reg.client.id,
+            reason = reason.label(),
+            "websocket closed"
+        );
+    }
 }
 
 struct Connection {
@@ -153,6 +159,15 @@ struct Connection {
     authed: Option<Box<Authed>>,
 }
 
+/// What woke the connection's task.
+enum Wake {
+    Timer,
+    Shutdown,
+    Queue,
+    Writable(io::Result<()>),
+    Readable(io::Result<()>),
+}
+
 /// A grant and its expiry on the monotonic clock, computed once: the deadline is looked
 /// at on every wake-up, and reading the wall clock each time would cost a syscall.
 struct Authed {
@@ -186,6 +201,8 @@ impl Connection {
         // deadline actually moves, not on every wake-up.
         let mut armed = next_ping;
         let mut shutdown_seen = false;
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         // Bytes that arrived with the upgrade request.
         if self.decoder.buffered() > 0 {
@@ -289,21 +306,51 @@ impl Connection {
                     .closing
                     .is_some_and(|r| self.peer_closed || r.stops_reading()));
 
-            tokio::select! {
-                biased;
-                _ = &mut timer => {}
-                _ = shutdown.cancelled(), if !shutdown_seen && self.closing.is_none() => {
+            // One poll over everything the task waits on. Readiness and the queue keep
+            // their wakers in the socket's registration and the client: only the timer
+            // and the shutdown signal take room in this future.
+            let want_write = !self.out.is_empty() || self.stream.pending_write();
+            let open = self.closing.is_none();
+            let stream = &self.stream;
+            let woke = std::future::poll_fn(|cx| {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                if !shutdown_seen && open && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if open && client.poll_notified(cx).is_ready() {
+                    return Poll::Ready(Wake::Queue);
+                }
+                if want_write {
+                    if let Poll::Ready(r) = stream.poll_write_ready(cx) {
+                        return Poll::Ready(Wake::Writable(r));
+                    }
+                }
+                if want_read {
+                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                        return Poll::Ready(Wake::Readable(r));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match woke {
+                Wake::Timer => {}
+                Wake::Shutdown => {
                     // The queue drains first, then `refill` sees Closed(Shutdown) and closes.
                     shutdown_seen = true;
                     client.close(DisconnectReason::Shutdown);
                 }
-                _ = client.notified(), if self.closing.is_none() => {
+                Wake::Queue => {
                     // A close (slow consumer) must not wait behind a stuck write.
-                    if let Some(reason) = client.closed().filter(|r| *r != DisconnectReason::Shutdown) {
+                    if let Some(reason) =
+                        client.closed().filter(|r| *r != DisconnectReason::Shutdown)
+                    {
                         self.begin_close(reason);
                     }
                 }
-                r = self.stream.writable(), if !self.out.is_empty() || self.stream.pending_write() => {
+                Wake::Writable(r) => {
                     if r.is_err() {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
@@ -315,7 +362,7 @@ impl Connection {
                         _ => {}
                     }
                 }
-                r = self.stream.readable(), if want_read => {
+                Wake::Readable(r) => {
                     if r.is_err() {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }

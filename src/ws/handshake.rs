@@ -96,7 +96,9 @@ async fn prepare(
             .await?;
     }
     let on_upgrade = hyper::upgrade::on(req);
-    let task_state = state.clone();
+    // One pointer kept across the upgrade's wait: what the task captures stays in its
+    // future for the connection's whole life, even once moved into the connection.
+    let setup = Box::new((reg, state.clone(), grant));
     state.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -109,6 +111,7 @@ async fn prepare(
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
             return;
         };
+        let (reg, task_state, grant) = *setup;
         connection::run(stream, read_buf, reg, task_state, mode, grant).await;
     });
     let accept = accept_key(key.as_bytes());
