@@ -242,8 +242,9 @@ impl Client {
         }
         q.bytes -= taken;
         q.items.drain(..n).for_each(&mut each);
-        if q.items.is_empty() && q.items.capacity() > 64 {
-            // Give back a burst's worth of queue once it has drained.
+        if q.items.is_empty() {
+            // Give the buffer back once the queue has drained: an idle client holds none
+            // (the first push of a batch allocates it again, beside a socket write).
             q.items = VecDeque::new();
         }
         Taken::Some
