@@ -484,9 +484,8 @@ impl Connection {
             self.batch_started = None;
             self.pongs_in_out = 0;
             self.batch.report(&self.state.metrics, Transport::Ws);
-            if self.out.capacity() > 16 {
-                self.out = VecDeque::new();
-            }
+            // An idle connection keeps no batch buffer.
+            self.out = VecDeque::new();
         }
         Ok(())
     }

@@ -111,7 +111,8 @@ async fn prepare(
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
             return;
         };
-        let (reg, task_state, grant) = *setup;
+        // Moved out of a temporary, so the box is freed here, not when the task ends.
+        let (reg, task_state, grant) = *{ setup };
         connection::run(stream, read_buf, reg, task_state, mode, grant).await;
     });
     let accept = accept_key(key.as_bytes());
