@@ -81,8 +81,7 @@ pub fn run(
     let now = Instant::now();
     let mut conn = Connection {
         stream,
-        decoder: Decoder::new(Role::Server, state.cfg.max_message_bytes)
-            .with_max_fragments(state.cfg.max_fragments_per_message),
+        decoder: None,
         out: VecDeque::new(),
         out_bytes: 0,
         batch_started: None,
@@ -101,7 +100,7 @@ pub fn run(
         authed: grant.map(Authed::new),
     };
     if !leftover.is_empty() {
-        conn.decoder
+        conn.decoder()
             .buffer_mut(leftover.len())
             .extend_from_slice(&leftover);
     }
@@ -122,7 +121,9 @@ pub fn run(
 
 struct Connection {
     stream: WsStream,
-    decoder: Decoder,
+    /// Made when bytes arrive, dropped when they are all parsed and no message is in
+    /// progress: an idle connection's future carries a pointer, not a decoder.
+    decoder: Option<Box<Decoder>>,
     /// Whole frames being written; the first may be partly written already.
     out: VecDeque<Bytes>,
     /// Bytes in `out` not yet written.
@@ -187,12 +188,10 @@ impl Authed {
 impl Connection {
     async fn drive(&mut self) -> DisconnectReason {
         let cfg = &self.state.cfg;
-        let (ping_interval, pong_timeout, write_timeout) =
-            (cfg.ping_interval, cfg.pong_timeout, cfg.write_timeout);
         let shutdown = self.state.shutdown.clone();
         let client = self.reg.client.clone();
         let budget = client.budget();
-        let mut next_ping = Instant::now() + ping_interval;
+        let mut next_ping = Instant::now() + cfg.ping_interval;
         let mut pong_deadline: Option<Instant> = None;
         let mut close_deadline: Option<Instant> = None;
         let timer = tokio::time::sleep_until(next_ping.into());
@@ -205,7 +204,7 @@ impl Connection {
         tokio::pin!(cancelled);
 
         // Bytes that arrived with the upgrade request.
-        if self.decoder.buffered() > 0 {
+        if self.decoder.as_ref().is_some_and(|d| d.buffered() > 0) {
             self.process_input();
         }
         loop {
@@ -243,9 +242,9 @@ impl Connection {
             // While closing, a stuck write only delays the inevitable: give it CLOSE_GRACE.
             let write_deadline = self.batch_started.map(|t| {
                 t + if self.closing.is_some() {
-                    write_timeout.min(CLOSE_GRACE)
+                    self.state.cfg.write_timeout.min(CLOSE_GRACE)
                 } else {
-                    write_timeout
+                    self.state.cfg.write_timeout
                 }
             });
             if close_deadline.is_some_and(|d| now >= d) {
@@ -268,9 +267,9 @@ impl Connection {
             if now >= next_ping {
                 if self.closing.is_none() {
                     self.push_out(frame::encode(frame::OP_PING, b""), now);
-                    pong_deadline.get_or_insert(now + pong_timeout);
+                    pong_deadline.get_or_insert(now + self.state.cfg.pong_timeout);
                 }
-                next_ping = now + ping_interval;
+                next_ping = now + self.state.cfg.ping_interval;
                 continue;
             }
 
@@ -298,7 +297,7 @@ impl Connection {
             // socket, not here. Only while something is waiting, or nothing would ever
             // free the budget.
             let queued = client.queued_bytes();
-            let outgoing = held - self.decoder.held() + queued;
+            let outgoing = held - self.decoder_held() + queued;
             let read_paused =
                 self.closing.is_none() && outgoing > 0 && held + queued + READ_CHUNK > budget;
             let want_read = !(read_paused
@@ -393,7 +392,28 @@ impl Connection {
 
     /// What this task holds for the client outside its queue.
     fn held(&self) -> usize {
-        self.out_bytes + self.pending_pong.as_ref().map_or(0, Bytes::len) + self.decoder.held()
+        self.out_bytes + self.pending_pong.as_ref().map_or(0, Bytes::len) + self.decoder_held()
+    }
+
+    /// The decoder, made on first use: control-frame sized once the input was found
+    /// broken (only the peer's close is still read).
+    fn decoder(&mut self) -> &mut Decoder {
+        if self.decoder.is_none() {
+            let d = if self.broken {
+                Decoder::new(Role::Server, 125).with_max_fragments(1)
+            } else {
+                let cfg = &self.state.cfg;
+                Decoder::new(Role::Server, cfg.max_message_bytes)
+                    .with_max_fragments(cfg.max_fragments_per_message)
+            };
+            self.decoder = Some(Box::new(d));
+        }
+        self.decoder.as_mut().expect("made above")
+    }
+
+    /// What the decoder holds for the peer (none without a decoder).
+    fn decoder_held(&self) -> usize {
+        self.decoder.as_ref().map_or(0, |d| d.held())
     }
 
     /// Appends a whole frame to `out`, starting the write clock if `out` was idle.
@@ -495,7 +515,9 @@ impl Connection {
     fn read(&mut self) -> io::Result<usize> {
         let mut got = 0;
         for _ in 0..READS_PER_WAKE {
-            let buf = self.decoder.buffer_mut(READ_CHUNK);
+            self.decoder();
+            let decoder = self.decoder.as_mut().expect("made just above");
+            let buf = decoder.buffer_mut(READ_CHUNK);
             // Never more than one chunk per read: the spare capacity may be far larger.
             let mut limited = (&mut *buf).limit(READ_CHUNK);
             match self.stream.try_read_buf(&mut limited) {
@@ -514,7 +536,8 @@ impl Connection {
             if self.closing.is_some() && self.peer_closed {
                 break;
             }
-            let decoded = match self.decoder.next_frame() {
+            let next = self.decoder.as_mut().map_or(Ok(None), |d| d.next_frame());
+            let decoded = match next {
                 Ok(None) => break,
                 Ok(Some(d)) => d,
                 Err(_) if self.broken => {
@@ -535,7 +558,8 @@ impl Connection {
                     self.begin_close(reason);
                     // What is buffered is unparseable; a fresh decoder (control-frame
                     // sized) can still read the peer's close reply that follows ours.
-                    self.decoder = Decoder::new(Role::Server, 125).with_max_fragments(1);
+                    // (`decoder` makes it once `broken` is set.)
+                    self.decoder = None;
                     self.broken = true;
                     break;
                 }
@@ -580,7 +604,9 @@ impl Connection {
                 (Message::Close(..), _) => unreachable!("handled above"),
             }
         }
-        self.decoder.shrink_if_empty();
+        if self.decoder.as_ref().is_some_and(|d| d.is_idle()) {
+            self.decoder = None;
+        }
     }
 
     /// Answers each ping while a batch has room for a few pongs; past that keeps only the
