@@ -10,11 +10,12 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::close::DisconnectReason;
 use crate::metrics::{Metrics, Transport};
@@ -76,7 +77,11 @@ pub struct Client {
     queue: Mutex<Queue>,
     /// Bytes the writer holds for this client outside the queue (see `set_held`).
     held: AtomicUsize,
-    notify: Notify,
+    /// The writer's waker. A client has one writer, so a waker slot (and a flag that
+    /// keeps a wake-up made while it was not waiting) is enough: the writer's future holds
+    /// no waiter node, and an idle connection is smaller by one (docs/BENCHMARKS.md).
+    waker: AtomicWaker,
+    woken: AtomicBool,
     /// Topics held (joined or joining); guarded separately from the queue so fan-out never
     /// waits on it.
     pub(crate) topics: Mutex<Vec<TopicName>>,
@@ -120,7 +125,8 @@ impl Client {
             queue_max_bytes,
             queue: Mutex::new(Queue::default()),
             held: AtomicUsize::new(0),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
             topics: Mutex::new(Vec::new()),
             retired: AtomicBool::new(false),
         }
@@ -144,7 +150,8 @@ impl Client {
 
     /// Wakes the writer after an `enqueue` that returned `Wake` or `Overflowed`.
     pub fn wake(&self) {
-        self.notify.notify_one();
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Queues an item and says whether the writer must be woken, without waking it, so
@@ -235,8 +242,9 @@ impl Client {
         }
         q.bytes -= taken;
         q.items.drain(..n).for_each(&mut each);
-        if q.items.is_empty() && q.items.capacity() > 64 {
-            // Give back a burst's worth of queue once it has drained.
+        if q.items.is_empty() {
+            // Give the buffer back once the queue has drained: an idle client holds none
+            // (the first push of a batch allocates it again, beside a socket write).
             q.items = VecDeque::new();
         }
         Taken::Some
@@ -253,17 +261,31 @@ impl Client {
             }
         }
         drop(q);
-        self.notify.notify_one();
+        self.wake();
     }
 
     pub fn closed(&self) -> Option<DisconnectReason> {
         self.queue.lock().closed
     }
 
-    /// Resolves after a `push` to an empty queue or a `close` (a stored permit means no
-    /// wake-up is lost between `take` returning Empty and this being awaited).
+    /// Resolves after a `push` to an empty queue or a `close` (a wake-up made while the
+    /// writer was not waiting is kept, so none is lost between `take` returning Empty and
+    /// this being awaited).
     pub async fn notified(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// `notified` as a poll, for a writer that waits on several things in one `poll_fn`.
+    /// Only the client's one writer may call it.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     pub fn queued_bytes(&self) -> usize {

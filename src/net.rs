@@ -6,6 +6,10 @@
 //!
 //! `TimedBody`: a request body with a total read deadline (hyper's `header_read_timeout`
 //! covers only the head).
+//!
+//! `TAKEOVER`: a plain connection's hand-off from hyper to a handler that serves the rest
+//! of it on the raw socket (an SSE stream), so a long-lived stream keeps none of hyper's
+//! per-connection state and buffers.
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +19,62 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, Sleep};
+
+/// What a handler running in a plain HTTP connection's task leaves for that task: once
+/// `claim`ed, hyper's remaining writes on the socket are discarded (the handler writes its
+/// own response head) and the connection task hands the raw socket to `run` as soon as
+/// hyper yields, instead of serving another request. Only plain connections carry one
+/// (`TAKEOVER.try_with` fails under TLS, where the handler stays on hyper).
+#[derive(Default)]
+pub struct Takeover {
+    run: std::sync::Mutex<Option<TakeoverFn>>,
+    claimed: std::sync::atomic::AtomicBool,
+}
+
+/// What serves a taken-over socket (it spawns its own task).
+pub type TakeoverFn = Box<dyn FnOnce(TcpStream) + Send>;
+
+tokio::task_local! {
+    /// The plain connection this task serves (set by the server's accept loop).
+    pub static TAKEOVER: Takeover;
+}
+
+impl Takeover {
+    /// From a handler in a plain connection's task: the socket goes to `run` once the
+    /// handler's (discarded) response is done. False outside such a task.
+    pub fn claim(run: TakeoverFn) -> Result<(), TakeoverFn> {
+        let mut run = Some(run);
+        let done = TAKEOVER.try_with(|t| {
+            *t.run.lock().unwrap_or_else(|e| e.into_inner()) = run.take();
+            t.claimed.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        match (done, run) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(run)) => Err(run),
+            (Err(_), None) => unreachable!("run is only taken when the slot exists"),
+        }
+    }
+
+    /// A plain connection's task: is the socket claimed?
+    pub fn claimed(&self) -> bool {
+        self.claimed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A plain connection's task: what serves the claimed socket.
+    pub fn take(&self) -> Option<TakeoverFn> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Whether this task serves a plain connection whose socket a handler may claim.
+pub fn can_take_over() -> bool {
+    TAKEOVER.try_with(|_| ()).is_ok()
+}
+
+/// Inside a claimed connection's task: hyper's writes go nowhere.
+fn discarding() -> bool {
+    TAKEOVER.try_with(Takeover::claimed).unwrap_or(false)
+}
 
 pub struct DeadlineStream {
     inner: TcpStream,
@@ -39,8 +99,12 @@ impl DeadlineStream {
     fn poll_guarded<T>(
         &mut self,
         cx: &mut Context<'_>,
+        discarded: T,
         op: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
+        if discarding() {
+            return Poll::Ready(Ok(discarded));
+        }
         match op(Pin::new(&mut self.inner), cx) {
             Poll::Ready(r) => {
                 self.deadline = None;
@@ -80,7 +144,7 @@ impl AsyncWrite for DeadlineStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_guarded(cx, |s, cx| s.poll_write(cx, buf))
+        self.poll_guarded(cx, buf.len(), |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -88,7 +152,8 @@ impl AsyncWrite for DeadlineStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_guarded(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.poll_guarded(cx, len, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -96,10 +161,13 @@ impl AsyncWrite for DeadlineStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_guarded(cx, |s, cx| s.poll_flush(cx))
+        self.poll_guarded(cx, (), |s, cx| s.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if discarding() {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -8,6 +8,7 @@
 //! connect rate); a refused one gets a fixed JSON answer and is closed right there, before
 //! any task, buffer or parser is spent on it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,7 @@ use crate::hub::Hub;
 use crate::leaderboard::policy::BoardPolicies;
 use crate::leaderboard::service::Boards;
 use crate::metrics::Metrics;
-use crate::net::{DeadlineStream, TimedBody};
+use crate::net::{DeadlineStream, Takeover, TimedBody, TAKEOVER};
 use crate::state::AppState;
 
 /// Under `--redis`: the Redis broker for topics, a node-local memory broker for the board
@@ -307,7 +308,7 @@ async fn accept_loop(
         // connection's life: a SSE stream, a kept-alive client).
         match acceptor {
             None => {
-                let conn = serve_http(TokioIo::new(io), service, shutdown, header_timeout);
+                let conn = serve_plain(io, service, shutdown, header_timeout);
                 state.tracker.spawn(CONN_SLOT.scope(slot, conn));
             }
             Some(acceptor) => {
@@ -350,6 +351,57 @@ async fn serve_tls<S>(
             "TLS handshake not done within header_read_timeout",
         ),
     }
+}
+
+/// A plain HTTP/1.1 connection: `serve_http`, except that a handler may take the raw
+/// socket over (`net::Takeover`: an SSE stream, which then holds no hyper state or buffer
+/// for its whole life). The takeover's `run` spawns its own task; this one ends.
+async fn serve_plain<S>(
+    io: DeadlineStream,
+    service: S,
+    shutdown: CancellationToken,
+    header_timeout: Duration,
+) where
+    S: hyper::service::HttpService<Incoming> + Send + Unpin,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    TAKEOVER
+        .scope(Takeover::default(), async move {
+            let mut conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let cancelled = shutdown.cancelled();
+            tokio::pin!(cancelled);
+            let mut draining = false;
+            let ended = std::future::poll_fn(|cx| {
+                if !draining && cancelled.as_mut().poll(cx).is_ready() {
+                    draining = true;
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                }
+                let r = std::pin::Pin::new(&mut conn).poll(cx);
+                if TAKEOVER.with(Takeover::claimed) {
+                    return std::task::Poll::Ready(None);
+                }
+                r.map(Some)
+            })
+            .await;
+            match ended {
+                Some(Err(e)) => tracing::debug!("http connection ended: {e}"),
+                Some(Ok(())) => {}
+                None => {
+                    let run = TAKEOVER.with(Takeover::take);
+                    if let (Some(parts), Some(run)) = (conn.into_parts(), run) {
+                        run(parts.io.into_inner().into_inner());
+                    }
+                }
+            }
+        })
+        .await
 }
 
 /// One HTTP/1.1 connection, plain or TLS, until it ends or the node shuts down.

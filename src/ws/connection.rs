@@ -18,8 +18,10 @@
 //! arrive in at most `max_fragments_per_message` frames.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes};
@@ -68,7 +70,9 @@ fn command_rate(state: &AppState) -> Rate {
     }
 }
 
-pub async fn run(
+/// The connection's task. Not an `async fn`: its arguments would keep their own room in
+/// the future beside the `Connection` they are moved into, for the connection's whole life.
+pub fn run(
     stream: WsStream,
     leftover: Bytes,
     reg: Registration,
@@ -76,12 +80,11 @@ pub async fn run(
     mode: Mode,
     grant: Option<Grant>,
     pusher: Option<Box<PusherSession>>,
-) {
+) -> impl Future<Output = ()> + Send {
     let now = Instant::now();
     let mut conn = Connection {
         stream,
-        decoder: Decoder::new(Role::Server, state.cfg.max_message_bytes)
-            .with_max_fragments(state.cfg.max_fragments_per_message),
+        decoder: None,
         out: VecDeque::new(),
         out_bytes: 0,
         batch_started: None,
@@ -101,27 +104,31 @@ pub async fn run(
         pusher,
     };
     if !leftover.is_empty() {
-        conn.decoder
+        conn.decoder()
             .buffer_mut(leftover.len())
             .extend_from_slice(&leftover);
     }
     // `leftover` shares hyper's whole read buffer (8 KiB+): holding it for the
     // connection's life would double an idle connection's memory.
     drop(leftover);
-    let reason = conn.drive().await;
-    conn.reg.client.set_held(0);
-    let transport = conn.reg.client.transport;
-    conn.state.metrics.record_disconnect(transport, reason);
-    tracing::debug!(
-        client = conn.reg.client.id,
-        reason = reason.label(),
-        "websocket closed"
-    );
+    async move {
+        let reason = conn.drive().await;
+        conn.reg.client.set_held(0);
+        let transport = conn.reg.client.transport;
+        conn.state.metrics.record_disconnect(transport, reason);
+        tracing::debug!(
+            client = conn.reg.client.id,
+            reason = reason.label(),
+            "websocket closed"
+        );
+    }
 }
 
 struct Connection {
     stream: WsStream,
-    decoder: Decoder,
+    /// Made when bytes arrive, dropped when they are all parsed and no message is in
+    /// progress: an idle connection's future carries a pointer, not a decoder.
+    decoder: Option<Box<Decoder>>,
     /// Whole frames being written; the first may be partly written already.
     out: VecDeque<Bytes>,
     /// Bytes in `out` not yet written.
@@ -161,6 +168,15 @@ struct Connection {
     pusher: Option<Box<PusherSession>>,
 }
 
+/// What woke the connection's task.
+enum Wake {
+    Timer,
+    Shutdown,
+    Queue,
+    Writable(io::Result<()>),
+    Readable(io::Result<()>),
+}
+
 /// A grant and its expiry on the monotonic clock, computed once: the deadline is looked
 /// at on every wake-up, and reading the wall clock each time would cost a syscall.
 struct Authed {
@@ -180,12 +196,10 @@ impl Authed {
 impl Connection {
     async fn drive(&mut self) -> DisconnectReason {
         let cfg = &self.state.cfg;
-        let (ping_interval, pong_timeout, write_timeout) =
-            (cfg.ping_interval, cfg.pong_timeout, cfg.write_timeout);
         let shutdown = self.state.shutdown.clone();
         let client = self.reg.client.clone();
         let budget = client.budget();
-        let mut next_ping = Instant::now() + ping_interval;
+        let mut next_ping = Instant::now() + cfg.ping_interval;
         let mut pong_deadline: Option<Instant> = None;
         let mut close_deadline: Option<Instant> = None;
         let timer = tokio::time::sleep_until(next_ping.into());
@@ -194,9 +208,11 @@ impl Connection {
         // deadline actually moves, not on every wake-up.
         let mut armed = next_ping;
         let mut shutdown_seen = false;
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         // Bytes that arrived with the upgrade request.
-        if self.decoder.buffered() > 0 {
+        if self.decoder.as_ref().is_some_and(|d| d.buffered() > 0) {
             self.process_input();
         }
         loop {
@@ -234,9 +250,9 @@ impl Connection {
             // While closing, a stuck write only delays the inevitable: give it CLOSE_GRACE.
             let write_deadline = self.batch_started.map(|t| {
                 t + if self.closing.is_some() {
-                    write_timeout.min(CLOSE_GRACE)
+                    self.state.cfg.write_timeout.min(CLOSE_GRACE)
                 } else {
-                    write_timeout
+                    self.state.cfg.write_timeout
                 }
             });
             if close_deadline.is_some_and(|d| now >= d) {
@@ -259,9 +275,9 @@ impl Connection {
             if now >= next_ping {
                 if self.closing.is_none() {
                     self.push_out(frame::encode(frame::OP_PING, b""), now);
-                    pong_deadline.get_or_insert(now + pong_timeout);
+                    pong_deadline.get_or_insert(now + self.state.cfg.pong_timeout);
                 }
-                next_ping = now + ping_interval;
+                next_ping = now + self.state.cfg.ping_interval;
                 continue;
             }
 
@@ -289,7 +305,7 @@ impl Connection {
             // socket, not here. Only while something is waiting, or nothing would ever
             // free the budget.
             let queued = client.queued_bytes();
-            let outgoing = held - self.decoder.held() + queued;
+            let outgoing = held - self.decoder_held() + queued;
             let read_paused =
                 self.closing.is_none() && outgoing > 0 && held + queued + READ_CHUNK > budget;
             let want_read = !(read_paused
@@ -297,21 +313,51 @@ impl Connection {
                     .closing
                     .is_some_and(|r| self.peer_closed || r.stops_reading()));
 
-            tokio::select! {
-                biased;
-                _ = &mut timer => {}
-                _ = shutdown.cancelled(), if !shutdown_seen && self.closing.is_none() => {
+            // One poll over everything the task waits on. Readiness and the queue keep
+            // their wakers in the socket's registration and the client: only the timer
+            // and the shutdown signal take room in this future.
+            let want_write = !self.out.is_empty() || self.stream.pending_write();
+            let open = self.closing.is_none();
+            let stream = &self.stream;
+            let woke = std::future::poll_fn(|cx| {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                if !shutdown_seen && open && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if open && client.poll_notified(cx).is_ready() {
+                    return Poll::Ready(Wake::Queue);
+                }
+                if want_write {
+                    if let Poll::Ready(r) = stream.poll_write_ready(cx) {
+                        return Poll::Ready(Wake::Writable(r));
+                    }
+                }
+                if want_read {
+                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                        return Poll::Ready(Wake::Readable(r));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match woke {
+                Wake::Timer => {}
+                Wake::Shutdown => {
                     // The queue drains first, then `refill` sees Closed(Shutdown) and closes.
                     shutdown_seen = true;
                     client.close(DisconnectReason::Shutdown);
                 }
-                _ = client.notified(), if self.closing.is_none() => {
+                Wake::Queue => {
                     // A close (slow consumer) must not wait behind a stuck write.
-                    if let Some(reason) = client.closed().filter(|r| *r != DisconnectReason::Shutdown) {
+                    if let Some(reason) =
+                        client.closed().filter(|r| *r != DisconnectReason::Shutdown)
+                    {
                         self.begin_close(reason);
                     }
                 }
-                r = self.stream.writable(), if !self.out.is_empty() || self.stream.pending_write() => {
+                Wake::Writable(r) => {
                     if r.is_err() {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
@@ -323,7 +369,7 @@ impl Connection {
                         _ => {}
                     }
                 }
-                r = self.stream.readable(), if want_read => {
+                Wake::Readable(r) => {
                     if r.is_err() {
                         return self.closing.unwrap_or(DisconnectReason::Normal);
                     }
@@ -354,7 +400,28 @@ impl Connection {
 
     /// What this task holds for the client outside its queue.
     fn held(&self) -> usize {
-        self.out_bytes + self.pending_pong.as_ref().map_or(0, Bytes::len) + self.decoder.held()
+        self.out_bytes + self.pending_pong.as_ref().map_or(0, Bytes::len) + self.decoder_held()
+    }
+
+    /// The decoder, made on first use: control-frame sized once the input was found
+    /// broken (only the peer's close is still read).
+    fn decoder(&mut self) -> &mut Decoder {
+        if self.decoder.is_none() {
+            let d = if self.broken {
+                Decoder::new(Role::Server, 125).with_max_fragments(1)
+            } else {
+                let cfg = &self.state.cfg;
+                Decoder::new(Role::Server, cfg.max_message_bytes)
+                    .with_max_fragments(cfg.max_fragments_per_message)
+            };
+            self.decoder = Some(Box::new(d));
+        }
+        self.decoder.as_mut().expect("made above")
+    }
+
+    /// What the decoder holds for the peer (none without a decoder).
+    fn decoder_held(&self) -> usize {
+        self.decoder.as_ref().map_or(0, |d| d.held())
     }
 
     /// Appends a whole frame to `out`, starting the write clock if `out` was idle.
@@ -450,9 +517,8 @@ impl Connection {
             self.pongs_in_out = 0;
             self.batch
                 .report(&self.state.metrics, self.reg.client.transport);
-            if self.out.capacity() > 16 {
-                self.out = VecDeque::new();
-            }
+            // An idle connection keeps no batch buffer.
+            self.out = VecDeque::new();
         }
         Ok(())
     }
@@ -462,7 +528,9 @@ impl Connection {
     fn read(&mut self) -> io::Result<usize> {
         let mut got = 0;
         for _ in 0..READS_PER_WAKE {
-            let buf = self.decoder.buffer_mut(READ_CHUNK);
+            self.decoder();
+            let decoder = self.decoder.as_mut().expect("made just above");
+            let buf = decoder.buffer_mut(READ_CHUNK);
             // Never more than one chunk per read: the spare capacity may be far larger.
             let mut limited = (&mut *buf).limit(READ_CHUNK);
             match self.stream.try_read_buf(&mut limited) {
@@ -481,7 +549,8 @@ impl Connection {
             if self.closing.is_some() && self.peer_closed {
                 break;
             }
-            let decoded = match self.decoder.next_frame() {
+            let next = self.decoder.as_mut().map_or(Ok(None), |d| d.next_frame());
+            let decoded = match next {
                 Ok(None) => break,
                 Ok(Some(d)) => d,
                 Err(_) if self.broken => {
@@ -502,7 +571,8 @@ impl Connection {
                     self.begin_close(reason);
                     // What is buffered is unparseable; a fresh decoder (control-frame
                     // sized) can still read the peer's close reply that follows ours.
-                    self.decoder = Decoder::new(Role::Server, 125).with_max_fragments(1);
+                    // (`decoder` makes it once `broken` is set.)
+                    self.decoder = None;
                     self.broken = true;
                     break;
                 }
@@ -554,7 +624,9 @@ impl Connection {
                 (Message::Close(..), _) => unreachable!("handled above"),
             }
         }
-        self.decoder.shrink_if_empty();
+        if self.decoder.as_ref().is_some_and(|d| d.is_idle()) {
+            self.decoder = None;
+        }
     }
 
     /// Answers each ping while a batch has room for a few pongs; past that keeps only the

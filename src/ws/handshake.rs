@@ -98,7 +98,9 @@ async fn prepare(
             .await?;
     }
     let on_upgrade = hyper::upgrade::on(req);
-    let task_state = state.clone();
+    // One pointer kept across the upgrade's wait: what the task captures stays in its
+    // future for the connection's whole life, even once moved into the connection.
+    let setup = Box::new((reg, state.clone(), grant));
     state.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -111,6 +113,8 @@ async fn prepare(
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
             return;
         };
+        // Moved out of a temporary, so the box is freed here, not when the task ends.
+        let (reg, task_state, grant) = *{ setup };
         connection::run(stream, read_buf, reg, task_state, mode, grant, None).await;
     });
     let accept = accept_key(key.as_bytes());

@@ -95,7 +95,9 @@ fn prepare(
         );
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let task_state = state.clone();
+    // One pointer kept across the upgrade's wait (as src/ws/handshake.rs does): what the
+    // task captures stays in its future for the connection's whole life.
+    let setup = Box::new((outcome, state.clone()));
     state.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -108,6 +110,8 @@ fn prepare(
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
             return;
         };
+        // Moved out of a temporary, so the box is freed here, not when the task ends.
+        let (outcome, task_state) = *{ setup };
         match outcome {
             Outcome::Run(reg, session) => {
                 connection::run(

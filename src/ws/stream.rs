@@ -6,6 +6,7 @@
 //! `pending_write` tells the loop to wait for the socket while records remain.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::task::{Context, Poll};
 
 use bytes::BufMut;
 use tokio::net::TcpStream;
@@ -32,6 +33,24 @@ impl WsStream {
             tls,
             plaintext_ready,
         }))
+    }
+
+    /// `readable` as a poll: the waker is kept in the socket's registration, so the
+    /// connection's future holds no waiter for it.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            WsStream::Plain(s) => s.poll_read_ready(cx),
+            WsStream::Tls(t) if t.plaintext_ready => Poll::Ready(Ok(())),
+            WsStream::Tls(t) => t.tcp.poll_read_ready(cx),
+        }
+    }
+
+    /// `writable` as a poll (see `poll_read_ready`).
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            WsStream::Plain(s) => s.poll_write_ready(cx),
+            WsStream::Tls(t) => t.tcp.poll_write_ready(cx),
+        }
     }
 
     pub async fn readable(&self) -> io::Result<()> {

@@ -184,6 +184,12 @@ impl Decoder {
         self.buf.len() + self.partial.as_ref().map_or(0, |(_, d)| d.len())
     }
 
+    /// Nothing buffered and no message in progress: the decoder can be dropped and a new
+    /// one made for the next bytes without losing anything.
+    pub fn is_idle(&self) -> bool {
+        self.buf.is_empty() && self.partial.is_none()
+    }
+
     /// Frees the read buffer when nothing is pending, so idle connections cost no buffer.
     pub fn shrink_if_empty(&mut self) {
         if self.buf.is_empty() && self.partial.is_none() && self.buf.capacity() > 0 {
