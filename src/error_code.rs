@@ -155,6 +155,8 @@ error_codes! {
         "no board of that name";
     NoPlayer = "no_player", http(404),
         "the player has no score on the board";
+    NoSeason = "no_season", http(404),
+        "the board keeps no closed season of that number (never closed, or past `keep_seasons`)";
     ScoreOutOfBounds = "score_out_of_bounds", http(400),
         "a score is outside the board policy's `min_score`/`max_score`";
     TooManySubmissions = "too_many_submissions", http(429),

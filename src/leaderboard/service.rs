@@ -43,11 +43,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
+use super::season::{
+    check_season_options, rfc3339, Schedule, SeasonState, WallClock, DEFAULT_KEEP_SEASONS,
+};
 use super::shared::Shared;
 use super::storage::BoardStorage;
-use super::store::{Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
+use super::store::{ArchivedSeason, Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
+use crate::auth::TopicPattern;
 use crate::broker::cluster_counts::ClusterCounts;
 use crate::broker::{Broker, PublishRequest};
+use crate::config::BoardPolicyConfig;
 use crate::config::{Config, MAX_BOARD_TOP};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -69,12 +74,22 @@ const QUEUED_SCORE_OVERHEAD: usize = 160;
 /// How often watcher counts are compared with what was last shown.
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BoardOptions {
     pub order: SortOrder,
     pub mode: ScoreMode,
     pub top: usize,
+    /// The season schedule: a cron expression (`0 0 * * MON`); none means one endless
+    /// season (`season.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<String>,
+    /// The IANA zone `reset` is read in; UTC when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Closed seasons kept ([`DEFAULT_KEEP_SEASONS`] when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_seasons: Option<usize>,
 }
 
 impl Default for BoardOptions {
@@ -83,7 +98,23 @@ impl Default for BoardOptions {
             order: SortOrder::High,
             mode: ScoreMode::Best,
             top: 10,
+            reset: None,
+            timezone: None,
+            keep_seasons: None,
         }
+    }
+}
+
+impl BoardOptions {
+    /// The parsed schedule; options are checked before they are stored, so a stored
+    /// schedule that no longer parses (never expected) counts as none.
+    pub fn schedule(&self) -> Option<Schedule> {
+        let reset = self.reset.as_deref()?;
+        Schedule::parse(reset, self.timezone.as_deref()).ok()
+    }
+
+    pub fn keep(&self) -> usize {
+        self.keep_seasons.unwrap_or(DEFAULT_KEEP_SEASONS)
     }
 }
 
@@ -105,6 +136,9 @@ pub struct ScoreResult {
     /// Whether this post changed the player's stored entry (a worse score in `best` mode
     /// does not).
     pub changed: bool,
+    /// The season the batch landed in (told once per answer, not per entry).
+    #[serde(skip)]
+    pub season: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +229,9 @@ pub(super) struct Board {
     /// in Redis (another one means Redis lost the board). Unused on one node.
     pub(super) mirror: u64,
     pub(super) epoch: Arc<str>,
+    /// The durable current season, and the durable options' schedule.
+    pub(super) season: SeasonState,
+    pub(super) schedule: Option<Schedule>,
 }
 
 /// What the writes queued but not yet committed will make of a board: the view new writes
@@ -208,7 +245,11 @@ struct Pending {
     next_write: u64,
     next_seq: u64,
     options: Option<(u64, BoardOptions)>,
-    /// A queued reset: durable entries are not part of the view.
+    /// The schedule of the queued options (meaningful while `options` is set).
+    schedule: Option<Schedule>,
+    /// A queued season change (a close, a new schedule's anchor): the view's season.
+    season: Option<(u64, SeasonState)>,
+    /// A queued reset (or season close): durable entries are not part of the view.
     reset: Option<u64>,
     entries: HashMap<Arc<str>, (u64, Entry)>,
     /// Players in `entries` the durable ranking does not hold, kept while no reset is
@@ -224,6 +265,8 @@ impl Pending {
             next_write: 0,
             next_seq,
             options: None,
+            schedule: None,
+            season: None,
             reset: None,
             entries: HashMap::new(),
             fresh: 0,
@@ -232,11 +275,13 @@ impl Pending {
 }
 
 impl Board {
-    fn new(name: Arc<str>, options: BoardOptions, next_seq: u64) -> Self {
+    fn new(name: Arc<str>, options: BoardOptions, next_seq: u64, now: i64) -> Self {
         Board {
             topic: crate::topic::board_topic(&name),
             name,
             ranking: Ranking::new(options.order),
+            schedule: options.schedule(),
+            season: SeasonState::first(now),
             options,
             next_seq,
             version: next_seq,
@@ -249,8 +294,35 @@ impl Board {
         }
     }
 
-    fn view_options(&self) -> BoardOptions {
-        self.pending.options.map_or(self.options, |(_, o)| o)
+    fn view_options(&self) -> &BoardOptions {
+        self.pending
+            .options
+            .as_ref()
+            .map_or(&self.options, |(_, o)| o)
+    }
+
+    fn view_schedule(&self) -> Option<&Schedule> {
+        if self.pending.options.is_some() {
+            self.pending.schedule.as_ref()
+        } else {
+            self.schedule.as_ref()
+        }
+    }
+
+    fn view_season(&self) -> SeasonState {
+        self.pending.season.map_or(self.season, |(_, s)| s)
+    }
+
+    /// Whether the view's season is over at `now`: a write must close it first.
+    fn close_due(&self, now: i64) -> bool {
+        self.view_season()
+            .ends(self.view_schedule())
+            .is_some_and(|end| now >= end)
+    }
+
+    /// When the current (durable) season ends, if it has a schedule.
+    pub(super) fn ends(&self) -> Option<i64> {
+        self.season.ends(self.schedule.as_ref())
     }
 
     fn view_entry(&self, player: &str) -> Option<&Entry> {
@@ -305,6 +377,12 @@ impl Board {
                 board: self.name.to_string(),
                 options: serde_json::to_string(&self.options).expect("options serialize"),
             });
+            ops.push(StoreOp::SetSeason {
+                board: self.name.to_string(),
+                season: self.season.number,
+                started: self.season.started,
+                anchor: self.season.anchor,
+            });
         }
     }
 
@@ -332,9 +410,14 @@ enum Write {
         next_seq: u64,
         /// Every posted player (in post order) with whether the batch changed its entry.
         posted: Vec<(Arc<str>, bool)>,
+        /// The season the batch was computed in.
+        season: u64,
     },
-    Options(BoardOptions),
+    /// New options, and the season state they set (a changed schedule re-anchors it).
+    Options(BoardOptions, Option<SeasonState>),
     Reset,
+    /// The season closed: the board starts empty in this one.
+    Close(SeasonState),
 }
 
 /// What a successful write reports back.
@@ -380,6 +463,33 @@ pub struct Boards {
     max_players: usize,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: CancellationToken,
+    /// The wall clock season boundaries are judged by (injectable: `season.rs`).
+    clock: Arc<WallClock>,
+    /// `[[board]]` tables' `reset` / `timezone` / `keep_seasons`, first match wins: the
+    /// defaults of boards their pattern matches.
+    season_defaults: Vec<(TopicPattern, BoardPolicyConfig)>,
+    /// Wakes the season task when a schedule changes.
+    season_wake: Notify,
+    /// The closed seasons read last, loaded whole (a few, bounded by `ARCHIVES_CACHED`).
+    archives: Mutex<Vec<Arc<Archive>>>,
+}
+
+/// Closed seasons kept loaded for reads; each is loaded from the store on a miss.
+const ARCHIVES_CACHED: usize = 4;
+
+/// A closed season, loaded for reads.
+pub struct Archive {
+    pub board: Arc<str>,
+    pub info: ArchivedSeason,
+    pub ranking: Ranking,
+}
+
+/// The `[[board]]` tables that set a schedule, for [`Boards`]'s defaults.
+fn season_defaults(cfg: &Config) -> Vec<(TopicPattern, BoardPolicyConfig)> {
+    cfg.board_policies
+        .iter()
+        .filter_map(|p| Some((TopicPattern::parse(&p.pattern).ok()?, p.clone())))
+        .collect()
 }
 
 impl Boards {
@@ -392,6 +502,7 @@ impl Boards {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Boards>> {
+        let clock = Arc::new(WallClock::new());
         let dir = cfg.data_dir.clone();
         let (store, stored) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = Store::open(&dir)?;
@@ -403,7 +514,14 @@ impl Boards {
         for sb in stored {
             let options: BoardOptions = serde_json::from_str(&sb.options).unwrap_or_default();
             let name: Arc<str> = sb.name.into();
-            let mut board = Board::new(name.clone(), options, sb.next_seq);
+            let mut board = Board::new(name.clone(), options, sb.next_seq, clock.now_ms());
+            if let Some((number, started, anchor)) = sb.season {
+                board.season = SeasonState {
+                    number,
+                    started,
+                    anchor,
+                };
+            }
             board.persisted = true;
             for e in sb.entries {
                 board.ranking.insert(Entry {
@@ -436,9 +554,14 @@ impl Boards {
             tasks: Mutex::new(vec![writer_task]),
             stop: shutdown.child_token(),
             counts: None,
+            clock,
+            season_defaults: season_defaults(cfg),
+            season_wake: Notify::new(),
+            archives: Mutex::new(Vec::new()),
         });
         let updater = tokio::spawn(this.clone().update_loop());
-        this.tasks.lock().push(updater);
+        let seasons = tokio::spawn(this.clone().season_loop());
+        this.tasks.lock().extend([updater, seasons]);
         Ok(this)
     }
 
@@ -475,10 +598,15 @@ impl Boards {
             max_players: cfg.max_players_per_board,
             tasks: Mutex::new(Vec::new()),
             stop: shutdown.child_token(),
+            clock: Arc::new(WallClock::new()),
+            season_defaults: season_defaults(cfg),
+            season_wake: Notify::new(),
+            archives: Mutex::new(Vec::new()),
         });
         let follower = shared.start(&this, this.stop.clone()).await?;
         let updater = tokio::spawn(this.clone().update_loop());
-        this.tasks.lock().extend([follower, updater]);
+        let seasons = tokio::spawn(this.clone().season_loop());
+        this.tasks.lock().extend([follower, updater, seasons]);
         Ok(this)
     }
 
@@ -518,7 +646,13 @@ impl Boards {
             .entry(name.into())
             .or_insert_with(|| {
                 let name: Arc<str> = name.into();
-                Arc::new(Mutex::new(Board::new(name, BoardOptions::default(), 1)))
+                let now = self.clock.now_ms();
+                Arc::new(Mutex::new(Board::new(
+                    name,
+                    BoardOptions::default(),
+                    1,
+                    now,
+                )))
             })
             .clone()
     }
@@ -571,12 +705,20 @@ impl Boards {
         if boards.len() >= self.max_boards {
             return Err(BoardError::TooManyBoards(self.max_boards));
         }
+        let options = self.with_defaults(
+            name,
+            BoardOptions {
+                top: self.default_top,
+                ..BoardOptions::default()
+            },
+        );
         let name: Arc<str> = name.into();
-        let options = BoardOptions {
-            top: self.default_top,
-            ..BoardOptions::default()
-        };
-        let b = Arc::new(Mutex::new(Board::new(name.clone(), options, 1)));
+        let b = Arc::new(Mutex::new(Board::new(
+            name.clone(),
+            options,
+            1,
+            self.clock.now_ms(),
+        )));
         boards.insert(name, b.clone());
         Ok(b)
     }
@@ -587,7 +729,26 @@ impl Boards {
                 "top must be between 1 and {MAX_BOARD_TOP}"
             )));
         }
-        Ok(())
+        check_season_options(o.reset.as_deref(), o.timezone.as_deref(), o.keep_seasons)
+            .map_err(BoardError::Invalid)
+    }
+
+    /// The season options a board's `[[board]]` table gives where `o` sets none.
+    fn with_defaults(&self, name: &str, mut o: BoardOptions) -> BoardOptions {
+        let table = self.season_defaults.iter().find(|(p, _)| p.matches(name));
+        if let Some((_, t)) = table {
+            if o.reset.is_none() {
+                o.reset = t.reset.clone();
+                o.timezone = o.timezone.or_else(|| t.timezone.clone());
+            }
+            o.keep_seasons = o.keep_seasons.or(t.keep_seasons);
+        }
+        o
+    }
+
+    /// The wall clock seasons run on; tests move it (`WallClock::set`).
+    pub fn clock(&self) -> &Arc<WallClock> {
+        &self.clock
     }
 
     /// Creates a board or changes its options. The sort order of a board that has players
@@ -598,8 +759,11 @@ impl Boards {
         options: BoardOptions,
     ) -> Result<BoardOptions, BoardError> {
         Self::validate_name(name)?;
+        let options = self.with_defaults(name, options);
         Self::check_options(&options)?;
-        self.storage.put_options(self, name, options).await
+        let options = self.storage.put_options(self, name, options).await?;
+        self.season_wake.notify_one();
+        Ok(options)
     }
 
     /// Applies a batch of scores all-or-nothing and returns each player's new rank once the
@@ -707,10 +871,12 @@ impl Boards {
         let watchers = self.watchers(&b.topic);
         Ok(f(BoardView {
             name: &b.name,
-            options: b.options,
+            options: &b.options,
             ranking: &b.ranking,
             version: b.version,
             watchers,
+            season: b.season,
+            ends: b.ends(),
         }))
     }
 
@@ -770,6 +936,105 @@ impl Boards {
             }
             if end {
                 return (out, false);
+            }
+        }
+    }
+
+    /// The board's closed seasons kept, newest first, with its current season.
+    pub async fn seasons(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<ArchivedSeason>, serde_json::Value), BoardError> {
+        let current = self.with_board(name, |b| b.season_json())?;
+        Ok((self.storage.seasons(self, name).await?, current))
+    }
+
+    /// A closed season, loaded whole for reads (the last few stay loaded); `None` when the
+    /// board does not keep it.
+    pub async fn season(
+        &self,
+        name: &str,
+        season: u64,
+    ) -> Result<Option<Arc<Archive>>, BoardError> {
+        self.with_board(name, |_| ())?;
+        let cached = self
+            .archives
+            .lock()
+            .iter()
+            .find(|a| &*a.board == name && a.info.season == season)
+            .cloned();
+        if let Some(a) = cached {
+            return Ok(Some(a));
+        }
+        let Some((info, entries)) = self.storage.season(self, name, season).await? else {
+            return Ok(None);
+        };
+        let order = if info.order == "low" {
+            SortOrder::Low
+        } else {
+            SortOrder::High
+        };
+        let mut ranking = Ranking::new(order);
+        for e in entries {
+            ranking.insert(Entry {
+                player: e.player.into(),
+                score: e.score,
+                achieved: e.achieved,
+                meta: e.meta.map(Into::into),
+            });
+        }
+        let archive = Arc::new(Archive {
+            board: name.into(),
+            info,
+            ranking,
+        });
+        let mut cache = self.archives.lock();
+        cache.retain(|a| !(&*a.board == name && a.info.season == season));
+        if cache.len() >= ARCHIVES_CACHED {
+            cache.remove(0);
+        }
+        cache.push(archive.clone());
+        Ok(Some(archive))
+    }
+
+    /// Closes every season whose end has come, at the boundary or as soon as the node runs
+    /// again after it (a node down at a boundary closes on start). A score posted past the
+    /// end closes the season itself first, so whichever comes first does it, once.
+    async fn season_loop(self: Arc<Self>) {
+        const MAX_NAP: Duration = Duration::from_secs(60);
+        loop {
+            let now = self.clock.now_ms();
+            let mut nap = MAX_NAP;
+            let boards: Vec<(Arc<str>, Option<i64>)> = self
+                .boards
+                .read()
+                .iter()
+                .map(|(n, b)| {
+                    let b = b.lock();
+                    (
+                        n.clone(),
+                        b.persisted
+                            .then(|| b.view_season().ends(b.view_schedule()))
+                            .flatten(),
+                    )
+                })
+                .collect();
+            for (name, ends) in boards {
+                let Some(ends) = ends else { continue };
+                if ends > now {
+                    nap = nap.min(Duration::from_millis((ends - now) as u64));
+                    continue;
+                }
+                if let Err(e) = self.storage.close_season(&self, &name, now).await {
+                    tracing::warn!("board {name}: closing season failed, retried in 1 s: {e}");
+                    nap = nap.min(Duration::from_secs(1));
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.clock.changed() => {}
+                _ = self.season_wake.notified() => {}
+                _ = tokio::time::sleep(nap) => {}
             }
         }
     }
@@ -838,6 +1103,7 @@ impl Boards {
             b.last_published = Some(Instant::now());
             b.shown_watchers = self.watchers(&b.topic);
             let top = b.ranking.top(b.options.top);
+            let ends = b.ends();
             let json = serde_json::to_vec(&Update {
                 board: &b.name,
                 version: b.version,
@@ -845,6 +1111,8 @@ impl Boards {
                 watchers: b.shown_watchers,
                 order: b.options.order,
                 mode: b.options.mode,
+                season: b.season.number,
+                next_reset: ends.map(rfc3339),
                 top: ranked(&top),
             })
             .expect("snapshot serializes");
@@ -897,6 +1165,7 @@ impl BoardStorage for LocalStore {
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = boards.get_or_create(name)?;
+        let now = boards.clock.now_ms();
         let done = {
             let mut b = board.lock();
             if b.view_options().order != options.order && !b.view_is_empty() {
@@ -905,8 +1174,19 @@ impl BoardStorage for LocalStore {
                 ));
             }
             let (id, guard) = b.begin_write();
-            b.pending.options = Some((id, options));
-            let ops = vec![
+            let schedule = options.schedule();
+            let old = b.view_options();
+            // A new schedule ends the season at its next boundary from now on.
+            let season =
+                (old.reset != options.reset || old.timezone != options.timezone).then(|| {
+                    SeasonState {
+                        anchor: now,
+                        ..b.view_season()
+                    }
+                });
+            b.pending.options = Some((id, options.clone()));
+            b.pending.schedule = schedule;
+            let mut ops = vec![
                 StoreOp::PutBoard {
                     board: name.into(),
                     options: serde_json::to_string(&options).expect("options"),
@@ -917,7 +1197,20 @@ impl BoardStorage for LocalStore {
                     next_seq: b.pending.next_seq,
                 },
             ];
-            boards.queue(slot, &board, id, guard, ops, Write::Options(options), None)
+            let set = season.or((!b.persisted).then(|| b.view_season()));
+            if let Some(s) = set {
+                ops.push(StoreOp::SetSeason {
+                    board: name.into(),
+                    season: s.number,
+                    started: s.started,
+                    anchor: s.anchor,
+                });
+            }
+            if let Some(s) = season {
+                b.pending.season = Some((id, s));
+            }
+            let write = Write::Options(options.clone(), season);
+            boards.queue(slot, &board, id, guard, ops, write, None)
         };
         done.await?;
         Ok(options)
@@ -932,6 +1225,14 @@ impl BoardStorage for LocalStore {
         budget: OwnedSemaphorePermit,
     ) -> Result<Vec<ScoreResult>, BoardError> {
         let writer = self.writer()?;
+        // The moment this batch is scored at: past its board's season end, the season is
+        // closed first, by a write queued just ahead of the batch (a second slot).
+        let now = boards.clock.now_ms();
+        let due = boards.get(name).is_some_and(|b| b.lock().close_due(now));
+        let mut close_slot = match due {
+            true => Some(writer.reserve().await.map_err(store_error)?),
+            false => None,
+        };
         let slot = writer.reserve().await.map_err(store_error)?;
         if boards.get(name).is_none() {
             // Refused before the board is made: a board held in memory for a batch that
@@ -941,7 +1242,14 @@ impl BoardStorage for LocalStore {
         let board = boards.get_or_create(name)?;
         let done = {
             let mut b = board.lock();
-            let options = b.view_options();
+            if b.close_due(now) {
+                if let Some(close) = close_slot.take() {
+                    // Awaited through the batch: a failed close fails the batch with it.
+                    drop(queue_close(boards, close, &board, &mut b, now));
+                }
+            }
+            let options = b.view_options().clone();
+            let season = b.view_season().number;
             let new = new_players(|p| b.view_entry(p), &scores);
             check_players(name, b.view_len(), new, max_players)?;
             // The batch's own result so far, on top of the pending view.
@@ -1001,6 +1309,7 @@ impl BoardStorage for LocalStore {
                 entries: batch.into_values().collect(),
                 next_seq: seq,
                 posted,
+                season,
             };
             boards.queue(slot, &board, id, guard, ops, write, Some(budget))
         };
@@ -1027,6 +1336,43 @@ impl BoardStorage for LocalStore {
         Ok(())
     }
 
+    async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = boards.get_persisted(name)?;
+        let done = {
+            let mut b = board.lock();
+            if !b.close_due(now) {
+                return Ok(()); // closed meanwhile (by a score past the boundary)
+            }
+            queue_close(boards, slot, &board, &mut b, now)
+        };
+        done.await.map(drop)
+    }
+
+    async fn seasons(&self, _: &Boards, name: &str) -> Result<Vec<ArchivedSeason>, BoardError> {
+        let store = self.writer()?.store().clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.seasons(&name))
+            .await
+            .map_err(|e| BoardError::Store(e.to_string()))?
+            .map_err(store_error)
+    }
+
+    async fn season(
+        &self,
+        _: &Boards,
+        name: &str,
+        season: u64,
+    ) -> Result<Option<(ArchivedSeason, Vec<StoredEntry>)>, BoardError> {
+        let store = self.writer()?.store().clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.season(&name, season))
+            .await
+            .map_err(|e| BoardError::Store(e.to_string()))?
+            .map_err(store_error)
+    }
+
     fn close(&self) {
         self.writer.lock().take();
     }
@@ -1035,6 +1381,50 @@ impl BoardStorage for LocalStore {
     fn local_writer(&self) -> Option<StoreWriter> {
         self.writer.lock().clone()
     }
+}
+
+/// Queues the close of `b`'s current (view) season at `now`, which is at or past its end:
+/// the entries the view holds become the archive, the view starts empty in the next
+/// season. The caller holds the board's lock.
+fn queue_close(
+    boards: &Boards,
+    slot: super::store::Slot,
+    board: &Arc<Mutex<Board>>,
+    b: &mut Board,
+    now: i64,
+) -> impl std::future::Future<Output = Result<Applied, BoardError>> {
+    let schedule = b
+        .view_schedule()
+        .expect("a due close has a schedule")
+        .clone();
+    let current = b.view_season();
+    let ended = current.ends(Some(&schedule)).unwrap_or(now);
+    let next = current.next(&schedule, now);
+    let options = b.view_options().clone();
+    let closed = ArchivedSeason {
+        season: current.number,
+        started: current.started,
+        ended,
+        players: b.view_len() as u64,
+        order: serde_json::to_value(options.order)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+    };
+    let (id, guard) = b.begin_write();
+    let mut ops = Vec::with_capacity(3);
+    b.create_ops(&mut ops);
+    ops.push(StoreOp::CloseSeason {
+        board: b.name.to_string(),
+        closed,
+        next: (next.number, next.started, next.anchor),
+        keep: options.keep() as u64,
+    });
+    b.pending.reset = Some(id);
+    b.pending.entries.clear();
+    b.pending.fresh = 0;
+    b.pending.season = Some((id, next));
+    boards.queue(slot, board, id, guard, ops, Write::Close(next), None)
 }
 
 /// A live update's `data`, fields in the documented order (a struct, not `json!`, which
@@ -1047,15 +1437,39 @@ struct Update<'a> {
     watchers: usize,
     order: SortOrder,
     mode: ScoreMode,
+    season: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_reset: Option<String>,
     top: Vec<RankedEntry<'a>>,
 }
 
 pub struct BoardView<'a> {
     pub name: &'a str,
-    pub options: BoardOptions,
+    pub options: &'a BoardOptions,
     pub ranking: &'a Ranking,
     pub version: u64,
     pub watchers: usize,
+    pub season: SeasonState,
+    /// When the season ends (the next reset), if the board has a schedule.
+    pub ends: Option<i64>,
+}
+
+impl BoardView<'_> {
+    /// `season` as the API shows it: number, start, end (RFC 3339, UTC).
+    pub fn season_json(&self) -> serde_json::Value {
+        season_json(self.season, self.ends)
+    }
+}
+
+pub fn season_json(s: SeasonState, ends: Option<i64>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "number": s.number,
+        "started": rfc3339(s.started),
+    });
+    if let Some(e) = ends {
+        v["ends"] = rfc3339(e).into();
+    }
+    v
 }
 
 fn stored(e: &Entry) -> StoredEntry {
@@ -1077,6 +1491,7 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             entries,
             next_seq,
             posted,
+            season,
         } => {
             let mut visible = false;
             for e in entries {
@@ -1105,24 +1520,39 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
                         rank,
                         score,
                         changed,
+                        season,
                     }
                 })
                 .collect();
             (Applied::Scores(results), visible)
         }
-        Write::Options(options) => {
+        Write::Options(options, season) => {
             if options.order != b.options.order {
                 // Only queued on a board whose view was empty, so nothing is lost.
                 b.ranking = Ranking::new(options.order);
             }
+            b.schedule = options.schedule();
             b.options = options;
-            if b.pending.options.is_some_and(|(w, _)| w == id) {
+            if b.pending.options.as_ref().is_some_and(|(w, _)| *w == id) {
                 b.pending.options = None;
+                b.pending.schedule = None;
+            }
+            if let Some(s) = season {
+                b.season = s;
+                if b.pending.season.is_some_and(|(w, _)| w == id) {
+                    b.pending.season = None;
+                }
             }
             (Applied::Done, true)
         }
-        Write::Reset => {
+        w @ (Write::Reset | Write::Close(_)) => {
             b.ranking.clear();
+            if let Write::Close(next) = w {
+                b.season = next;
+                if b.pending.season.is_some_and(|(w, _)| w == id) {
+                    b.pending.season = None;
+                }
+            }
             if b.pending.reset == Some(id) {
                 b.pending.reset = None;
             }
@@ -1411,7 +1841,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let boards = open(dir.path()).await;
         boards.submit("b", vec![score("a", 3)], 100).await.unwrap();
-        let opts = |b: &Boards, name: &str| b.with_board(name, |v| v.options).ok();
+        let opts = |b: &Boards, name: &str| b.with_board(name, |v| v.options.clone()).ok();
         let before = opts(&boards, "b");
         fail_commits(&boards, 2);
         let changed = BoardOptions {

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::ranking::{Entry, Ranking};
 use super::service::{Board, BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
 use super::storage::BoardStorage;
+use super::store::{ArchivedSeason, StoredEntry};
 use crate::broker::new_epoch;
 
 /// Ops kept per board for mirrors that fell behind; one further behind reloads the board.
@@ -386,6 +387,23 @@ impl BoardStorage for Shared {
         self.reset_board(boards, name).await
     }
 
+    async fn close_season(&self, _: &Boards, _: &str, _: i64) -> Result<(), BoardError> {
+        Ok(())
+    }
+
+    async fn seasons(&self, _: &Boards, _: &str) -> Result<Vec<ArchivedSeason>, BoardError> {
+        Ok(Vec::new())
+    }
+
+    async fn season(
+        &self,
+        _: &Boards,
+        _: &str,
+        _: u64,
+    ) -> Result<Option<(ArchivedSeason, Vec<StoredEntry>)>, BoardError> {
+        Ok(None)
+    }
+
     /// Writes are answered by Redis as they come; the follower task stops with `Boards`.
     fn close(&self) {}
 }
@@ -503,6 +521,7 @@ impl Shared {
                 rank: num(at(0)?).ok_or_else(bad_reply)?,
                 score: num(at(1)?).ok_or_else(bad_reply)?,
                 changed: num::<u8>(at(2)?) == Some(1),
+                season: 1,
             });
         }
         boards.metrics.scores.inc_by(results.len() as u64);

@@ -46,6 +46,7 @@ mod redis_ops;
 mod resume_sse;
 mod resume_ws;
 mod robustness;
+mod seasons;
 mod store_crash;
 mod tls;
 mod webhooks;
