@@ -318,3 +318,90 @@ async fn bad_schedules_are_refused_with_the_reason() {
     assert!(b["season"].get("ends").is_none(), "{b}");
     let _ = WEEK;
 }
+
+/// Three nodes on one Redis, each with its own clock, all past the boundary at once: one
+/// close for the cluster (one archive, season 2 everywhere), and the acknowledgements of
+/// scores racing the boundary through every node name the season they landed in.
+#[tokio::test]
+async fn under_redis_three_nodes_close_the_season_once() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let srv = TestServer::start(|c| {
+            c.redis = url.clone();
+            c.board_update_interval = Duration::from_millis(10);
+        })
+        .await;
+        srv.state().boards.clock().set(T0);
+        nodes.push(srv);
+    }
+    let (s, b) = put(
+        &nodes[0],
+        "cup",
+        json!({"reset": "0 0 * * *", "keep_seasons": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let boundary = 1_796_256_000_000; // 2026-12-03T00:00:00Z
+    for (i, n) in nodes.iter().enumerate() {
+        let ack = scores(n, "cup", json!({"player": format!("early{i}"), "score": i})).await;
+        assert_eq!(ack["season"], 1, "{ack}");
+    }
+    for n in &nodes {
+        wait_until("every node sees the schedule", || {
+            n.state()
+                .boards
+                .with_board("cup", |b| b.ends == Some(boundary))
+                .unwrap_or(false)
+        })
+        .await;
+    }
+    // The boundary passes on every node, while each posts one more score.
+    let mut posts = tokio::task::JoinSet::new();
+    for (i, n) in nodes.iter().enumerate() {
+        n.state().boards.clock().set(boundary);
+        let url = n.url("/api/boards/cup/scores");
+        posts.spawn(async move {
+            let body = json!({"player": format!("late{i}"), "score": 100 + i}).to_string();
+            let (s, b) = crate::common::http::post_url(&url, body, None).await;
+            assert_eq!(s, 200, "{b}");
+            b["season"].as_u64().unwrap()
+        });
+    }
+    while let Some(season) = posts.join_next().await {
+        assert_eq!(
+            season.unwrap(),
+            2,
+            "posted on a node whose clock passed the boundary"
+        );
+    }
+    for n in &nodes {
+        let b = wait_season(n, "cup", 2).await;
+        wait_until("the late scores on every node", || {
+            n.state()
+                .boards
+                .with_board("cup", |b| b.ranking.len() == 3)
+                .unwrap()
+        })
+        .await;
+        assert_eq!(b["season"]["started"], "2026-12-03T00:00:00.000Z");
+        let (_, list) = n.get("/api/boards/cup/seasons").await;
+        assert_eq!(
+            list["seasons"],
+            json!([{"number": 1, "started": list["seasons"][0]["started"],
+                    "ended": "2026-12-03T00:00:00.000Z", "players": 3}]),
+            "one close for the cluster"
+        );
+        let (_, one) = n.get("/api/boards/cup/seasons/1").await;
+        let mut names: Vec<&str> = one["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["player"].as_str().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["early0", "early1", "early2"]);
+    }
+}
