@@ -51,7 +51,7 @@ error_codes! {
     DuplicateHeader = "duplicate_header", http(400),
         "a header that must be sent once (`Authorization`, `Origin`, `Content-Type`, `Content-Length`, `Host`, `Idempotency-Key`) was sent more than once";
     BadTopic = "bad_topic", http(400),
-        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . :, not `.` or `..`";
+        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . : @, not `.` or `..`";
     BadJson = "bad_json", http(400),
         "the body or the WebSocket command is not valid JSON, or not the expected shape";
     BadBody = "bad_body", http(400),

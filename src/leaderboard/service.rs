@@ -71,8 +71,11 @@ pub use crier_protocol::names::MAX_BOARD_NAME;
 pub const MAX_QUEUED_SCORE_BYTES: usize = 64 << 20;
 /// Bookkeeping per queued score beyond its player and meta text (entry, op, map slot).
 const QUEUED_SCORE_OVERHEAD: usize = 160;
-/// How often watcher counts are compared with what was last shown.
+/// How often watcher counts are compared with what was last shown (and the followed
+/// players' topics looked up).
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
+/// Neighbours shown above and below a followed player (`board:{b}@{player}`).
+pub const WINDOW: usize = 5;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -232,6 +235,14 @@ pub(super) struct Board {
     /// The durable current season, and the durable options' schedule.
     pub(super) season: SeasonState,
     pub(super) schedule: Option<Schedule>,
+    /// Whether the top (or the counts) changed since the last snapshot.
+    pub(super) top_dirty: bool,
+    /// Players followed on this node (`board:{b}@{player}` has local subscribers), with a
+    /// hash of the window last published (`None`: none yet).
+    watched: HashMap<Arc<str>, Option<u64>>,
+    /// The ranks whose entries changed since the windows were last published: only the
+    /// windows overlapping them are recomputed.
+    pub(super) moved: Option<(u64, u64)>,
 }
 
 /// What the writes queued but not yet committed will make of a board: the view new writes
@@ -282,6 +293,9 @@ impl Board {
             ranking: Ranking::new(options.order),
             schedule: options.schedule(),
             season: SeasonState::first(now),
+            top_dirty: true,
+            watched: HashMap::new(),
+            moved: None,
             options,
             next_seq,
             version: next_seq,
@@ -323,6 +337,18 @@ impl Board {
     /// When the current (durable) season ends, if it has a schedule.
     pub(super) fn ends(&self) -> Option<i64> {
         self.season.ends(self.schedule.as_ref())
+    }
+
+    /// Notes that the entries between ranks `a` and `b` (either order) changed.
+    pub(super) fn note_moved(&mut self, a: u64, b: u64) {
+        let (lo, hi) = (a.min(b), a.max(b));
+        self.moved = Some(self.moved.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
+    }
+
+    /// Whether a live update is due after a change: the top moved, or a followed player's
+    /// window may have.
+    pub(super) fn needs_update(&self) -> bool {
+        self.top_dirty || (self.moved.is_some() && !self.watched.is_empty())
     }
 
     fn view_entry(&self, player: &str) -> Option<&Entry> {
@@ -1080,14 +1106,41 @@ impl Boards {
     }
 
     fn check_watchers(&self) {
+        // The followed players, by board: the `board:{b}@{player}` topics this node's
+        // clients subscribed to (bounded by the subscriptions, so by their budgets).
+        let mut followed: HashMap<String, Vec<String>> = HashMap::new();
+        for (topic, count) in self.hub.topic_counts() {
+            if count == 0 {
+                continue;
+            }
+            if let Some((board, player)) = crate::topic::player_topic_parts(&topic) {
+                followed
+                    .entry(board.to_string())
+                    .or_default()
+                    .push(player.to_string());
+            }
+        }
         let boards: Vec<Arc<Mutex<Board>>> = self.boards.read().values().cloned().collect();
         for board in boards {
             let (name, changed) = {
-                let b = board.lock();
-                (
-                    b.name.clone(),
-                    b.persisted && self.watchers(&b.topic) != b.shown_watchers,
-                )
+                let mut b = board.lock();
+                let mut changed = b.persisted && self.watchers(&b.topic) != b.shown_watchers;
+                b.top_dirty |= changed;
+                let players = followed.remove(&*b.name).unwrap_or_default();
+                if players.len() != b.watched.len()
+                    || players.iter().any(|p| !b.watched.contains_key(p.as_str()))
+                {
+                    let mut watched = HashMap::with_capacity(players.len());
+                    for p in players {
+                        let last = b.watched.get(p.as_str()).copied().flatten();
+                        watched.insert(Arc::from(p), last);
+                    }
+                    // New followers get their window now: every window is looked at.
+                    b.watched = watched;
+                    b.note_moved(0, u64::MAX);
+                    changed |= b.persisted && !b.watched.is_empty();
+                }
+                (b.name.clone(), changed)
             };
             if changed {
                 self.dirty.names.lock().insert(name);
@@ -1095,12 +1148,29 @@ impl Boards {
         }
     }
 
-    /// Builds the board's snapshot under its lock, then publishes it outside the lock.
+    /// Builds the board's snapshot (when the top changed) and the followed players'
+    /// windows that changed under its lock, then publishes them outside the lock.
     async fn publish(&self, board: &Mutex<Board>) {
-        let (topic, json) = {
+        let (windows, top) = {
             let mut b = board.lock();
             b.version = (b.version + 1).max(b.next_seq);
             b.last_published = Some(Instant::now());
+            let windows = player_windows(&mut b);
+            let top = if std::mem::take(&mut b.top_dirty) {
+                Some(self.snapshot(&mut b))
+            } else {
+                None
+            };
+            (windows, top)
+        };
+        for (topic, json) in top.into_iter().chain(windows) {
+            self.publish_one(&topic, &json).await;
+        }
+    }
+
+    /// The board's live top as its topic's `data` (the caller holds the board's lock).
+    fn snapshot(&self, b: &mut Board) -> (String, Vec<u8>) {
+        {
             b.shown_watchers = self.watchers(&b.topic);
             let top = b.ranking.top(b.options.top);
             let ends = b.ends();
@@ -1117,12 +1187,15 @@ impl Boards {
             })
             .expect("snapshot serializes");
             (b.topic.clone(), json)
-        };
+        }
+    }
+
+    async fn publish_one(&self, topic: &str, json: &[u8]) {
         let published = self
             .broker
             .publish(PublishRequest {
-                topic: &topic,
-                data: &json,
+                topic,
+                data: json,
                 retain: true,
                 conflate: true,
                 idempotency_key: None,
@@ -1383,6 +1456,68 @@ impl BoardStorage for LocalStore {
     }
 }
 
+/// The windows of `b`'s followed players that changed since they were last published, as
+/// (topic, data). Only windows overlapping the ranks that moved are looked at; of those,
+/// only ones whose content differs from the last published go out.
+fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
+    let Some((lo, hi)) = b.moved.take() else {
+        return Vec::new();
+    };
+    let n = WINDOW as u64;
+    let mut out = Vec::new();
+    let players: Vec<Arc<str>> = b.watched.keys().cloned().collect();
+    for player in players {
+        let rank = b.ranking.rank(&player);
+        if let Some(r) = rank {
+            // Nothing in this window moved (and it was sent once).
+            if (r + n < lo || r.saturating_sub(n) > hi) && b.watched[&player].is_some() {
+                continue;
+            }
+        }
+        let around = b.ranking.around(&player, WINDOW).unwrap_or_default();
+        let entry = around.iter().find(|(_, e)| e.player == player);
+        let json = serde_json::to_vec(&Window {
+            board: &b.name,
+            player: &player,
+            version: b.version,
+            season: b.season.number,
+            players: b.ranking.len(),
+            entry: entry.map(|e| ranked(std::slice::from_ref(e)).remove(0)),
+            around: ranked(&around),
+        })
+        .expect("window serializes");
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            // The window without its version: an unchanged window is not sent again.
+            rank.hash(&mut h);
+            for (r, e) in &around {
+                (r, &e.player, e.score.to_bits(), &e.meta).hash(&mut h);
+            }
+            h.finish()
+        };
+        let last = b.watched.get_mut(&player).expect("followed");
+        if *last != Some(hash) {
+            *last = Some(hash);
+            out.push((crate::topic::player_topic(&b.name, &player), json));
+        }
+    }
+    out
+}
+
+/// A followed player's live window (`board:{b}@{player}`): their entry (`null` while they
+/// have no score) and up to [`WINDOW`] entries above and below.
+#[derive(Serialize)]
+struct Window<'a> {
+    board: &'a str,
+    player: &'a str,
+    version: u64,
+    season: u64,
+    players: usize,
+    entry: Option<RankedEntry<'a>>,
+    around: Vec<RankedEntry<'a>>,
+}
+
 /// Queues the close of `b`'s current (view) season at `now`, which is at or past its end:
 /// the entries the view holds become the archive, the view starts empty in the next
 /// season. The caller holds the board's lock.
@@ -1508,6 +1643,9 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
                 b.ranking.insert(e);
                 let new_rank = b.ranking.rank(&player).expect("just inserted");
                 visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
+                // A new player pushes everyone below down one.
+                let other = old_rank.unwrap_or(b.ranking.len() as u64);
+                b.note_moved(new_rank, other);
             }
             b.next_seq = b.next_seq.max(next_seq);
             let results = posted
@@ -1563,7 +1701,12 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             (Applied::Done, true)
         }
     };
-    (b.name.clone(), applied, visible)
+    if !matches!(applied, Applied::Scores(_)) {
+        b.note_moved(0, u64::MAX);
+    }
+    b.top_dirty |= visible;
+    let due = b.needs_update();
+    (b.name.clone(), applied, due)
 }
 
 /// A player's entry as this batch sees it: its own earlier change, else the pending view.

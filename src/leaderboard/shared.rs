@@ -371,8 +371,18 @@ fn parse_entry(player: &str, s: &str) -> Option<Entry> {
     })
 }
 
-/// Applies an op to a board; returns whether the live top changed.
+/// Applies an op to a board; returns whether a live update is due (the top changed, or
+/// a followed player's window may have).
 fn apply(b: &mut Board, op: Op) -> bool {
+    let visible = apply_op(b, op);
+    b.top_dirty |= visible;
+    b.needs_update()
+}
+
+fn apply_op(b: &mut Board, op: Op) -> bool {
+    if !matches!(op, Op::Scores { .. }) {
+        b.note_moved(0, u64::MAX);
+    }
     match op {
         Op::Scores { e } => {
             let top = b.options.top as u64;
@@ -386,6 +396,8 @@ fn apply(b: &mut Board, op: Op) -> bool {
                 b.ranking.insert(entry);
                 let new_rank = b.ranking.rank(&player).expect("just inserted");
                 visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
+                let other = old_rank.unwrap_or(b.ranking.len() as u64);
+                b.note_moved(new_rank, other);
             }
             visible
         }
@@ -968,6 +980,8 @@ impl Shared {
                 b.schedule = options.schedule();
                 b.options = options;
                 b.ranking = ranking;
+                b.top_dirty = true;
+                b.note_moved(0, u64::MAX);
                 if let (Some(number), Some(started)) = (sn, ss) {
                     b.season = SeasonState {
                         number,

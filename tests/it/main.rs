@@ -12,6 +12,7 @@ mod bench_redis;
 mod bench_tool;
 mod binary;
 mod board_durability;
+mod board_follow;
 mod board_limits;
 mod board_policy;
 mod broadcast;
