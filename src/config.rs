@@ -690,6 +690,12 @@ pub struct BoardPolicyConfig {
     pub scoped_keys_only: bool,
     /// This board's own `max_players_per_board` (the node-wide setting otherwise).
     pub max_players_per_board: Option<usize>,
+    /// Season schedule of matching boards (a cron expression), unless their options set one.
+    pub reset: Option<String>,
+    /// The IANA zone `reset` is read in (UTC otherwise).
+    pub timezone: Option<String>,
+    /// Closed seasons matching boards keep (10 otherwise).
+    pub keep_seasons: Option<usize>,
 }
 
 /// History settings for the topics whose names match `pattern` (TOML `[[namespace]]`,

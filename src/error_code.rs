@@ -51,7 +51,7 @@ error_codes! {
     DuplicateHeader = "duplicate_header", http(400),
         "a header that must be sent once (`Authorization`, `Origin`, `Content-Type`, `Content-Length`, `Host`, `Idempotency-Key`) was sent more than once";
     BadTopic = "bad_topic", http(400),
-        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . :, not `.` or `..`";
+        "the topic name is missing or invalid: 1-128 bytes of A-Z a-z 0-9 _ - . : @, not `.` or `..`";
     BadJson = "bad_json", http(400),
         "the body or the WebSocket command is not valid JSON, or not the expected shape";
     BadBody = "bad_body", http(400),
@@ -161,6 +161,8 @@ error_codes! {
         "no board of that name";
     NoPlayer = "no_player", http(404),
         "the player has no score on the board";
+    NoSeason = "no_season", http(404),
+        "the board keeps no closed season of that number (never closed, or past `keep_seasons`)";
     ScoreOutOfBounds = "score_out_of_bounds", http(400),
         "a score is outside the board policy's `min_score`/`max_score`";
     TooManySubmissions = "too_many_submissions", http(429),

@@ -20,6 +20,7 @@ use super::publish::read_body;
 use crate::auth::Grant;
 use crate::error_code::{ErrorCode, Refusal};
 use crate::leaderboard::ranking::ScoreMode;
+use crate::leaderboard::season::rfc3339;
 use crate::leaderboard::service::{
     ranked, BoardError, BoardOptions, Boards, ScoreInput, MAX_BATCH,
 };
@@ -42,6 +43,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/boards/{board}/scores", post(post_scores))
         .route("/api/boards/{board}/reset", post(reset))
         .route("/api/boards/{board}/players/{player}", get(player))
+        .route("/api/boards/{board}/seasons", get(seasons))
+        .route("/api/boards/{board}/seasons/{season}", get(season_page))
+        .route(
+            "/api/boards/{board}/seasons/{season}/players/{player}",
+            get(season_player),
+        )
 }
 
 impl From<BoardError> for ApiError {
@@ -145,7 +152,7 @@ async fn page(
     let offset = q.offset.unwrap_or(0);
     let body = state.boards.with_board(&board, |b| {
         let entries = b.ranking.page(offset, limit);
-        json!({
+        let mut page = json!({
             "board": b.name,
             "version": b.version,
             "players": b.ranking.len(),
@@ -153,12 +160,137 @@ async fn page(
             "order": b.options.order,
             "mode": b.options.mode,
             "top": b.options.top,
+            "season": b.season_json(),
+            "options": b.options,
             "offset": offset,
             "limit": limit,
             "entries": ranked(&entries),
-        })
+        });
+        if let Some(ends) = b.ends {
+            page["next_reset"] = rfc3339(ends).into();
+        }
+        page
     })?;
     Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+struct SeasonsQuery {
+    limit: Option<usize>,
+    /// Seasons numbered below this one (the `next_cursor` of the previous page).
+    cursor: Option<u64>,
+}
+
+/// The closed seasons a board keeps, newest first, a page at a time, with its current one.
+async fn seasons(
+    State(state): State<Arc<AppState>>,
+    Path(board): Path<String>,
+    Query(q): Query<SeasonsQuery>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    Boards::validate_name(&board).map_err(bad_name)?;
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    may_read(&state, &board, grant.as_ref())?;
+    let limit = q.limit.unwrap_or(DEFAULT_BOARDS_PAGE).clamp(1, MAX_PAGE);
+    let (all, current) = state.boards.seasons(&board).await?;
+    let mut page: Vec<Value> = all
+        .iter()
+        .filter(|a| q.cursor.is_none_or(|c| a.season < c))
+        .take(limit + 1)
+        .map(|a| {
+            json!({
+                "number": a.season,
+                "started": rfc3339(a.started),
+                "ended": rfc3339(a.ended),
+                "players": a.players,
+            })
+        })
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut body = json!({ "board": board, "season": current, "seasons": page });
+    if more {
+        body["next_cursor"] = page.last().expect("a full page")["number"].clone();
+    }
+    Ok(Json(body))
+}
+
+/// A closed season, `404 no_season` when the board does not keep it.
+async fn archive(
+    state: &AppState,
+    board: &str,
+    season: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Arc<crate::leaderboard::service::Archive>, ApiError> {
+    Boards::validate_name(board).map_err(bad_name)?;
+    let grant = state.auth.grant_from_request(query, headers)?;
+    may_read(state, board, grant.as_ref())?;
+    let n: u64 = season
+        .parse()
+        .map_err(|_| ApiError::new(ErrorCode::BadQuery, "a season is a number (1, 2, ...)"))?;
+    state.boards.season(board, n).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoSeason,
+            format!("board {board:?} keeps no closed season {n}"),
+        )
+    })
+}
+
+async fn season_page(
+    State(state): State<Arc<AppState>>,
+    Path((board, season)): Path<(String, String)>,
+    Query(q): Query<PageQuery>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let a = archive(&state, &board, &season, query.as_deref(), &headers).await?;
+    let limit = q.limit.unwrap_or(50).min(MAX_PAGE);
+    let offset = q.offset.unwrap_or(0);
+    let entries = a.ranking.page(offset, limit);
+    Ok(Json(json!({
+        "board": board,
+        "season": {
+            "number": a.info.season,
+            "started": rfc3339(a.info.started),
+            "ended": rfc3339(a.info.ended),
+        },
+        "players": a.ranking.len(),
+        "order": a.ranking.order(),
+        "offset": offset,
+        "limit": limit,
+        "entries": ranked(&entries),
+    })))
+}
+
+async fn season_player(
+    State(state): State<Arc<AppState>>,
+    Path((board, season, player)): Path<(String, String, String)>,
+    Query(q): Query<AroundQuery>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let a = archive(&state, &board, &season, query.as_deref(), &headers).await?;
+    let n = q.around.unwrap_or(0).min(MAX_AROUND);
+    let around = a.ranking.around(&player, n).ok_or_else(|| {
+        ApiError::from(BoardError::NoPlayer {
+            board: board.clone(),
+            player: player.clone(),
+        })
+    })?;
+    let me = around
+        .iter()
+        .find(|(_, e)| *e.player == *player)
+        .expect("around holds the player");
+    let mine = serde_json::to_value(&ranked(std::slice::from_ref(me))[0]).expect("entry");
+    Ok(Json(json!({
+        "board": board,
+        "season": a.info.season,
+        "players": a.ranking.len(),
+        "entry": mine,
+        "around": ranked(&around),
+    })))
 }
 
 #[doc(hidden)] // pub for fuzz/fuzz_targets/query.rs
@@ -217,7 +349,12 @@ async fn post_scores(
         .board_policies
         .max_players(&board, state.cfg.max_players_per_board);
     match state.boards.submit(&board, inputs, max_players).await {
-        Ok(results) => Ok(Json(json!({ "board": board, "results": results }))),
+        Ok(results) => {
+            let season = results.first().map_or(1, |r| r.season);
+            Ok(Json(
+                json!({ "board": board, "season": season, "results": results }),
+            ))
+        }
         Err(e) => {
             // Only what was applied counts against the rate; an unconfirmed write may
             // have been, so it stays counted.

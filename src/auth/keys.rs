@@ -50,7 +50,7 @@ impl TryFrom<KeyConfig> for ScopedKey {
     fn try_from(c: KeyConfig) -> Result<ScopedKey, String> {
         if c.name.is_empty() || c.name.len() > MAX_NAME_BYTES || !crate::topic::is_valid(&c.name) {
             return Err(format!(
-                "[[key]] name {:?} must be 1-{MAX_NAME_BYTES} bytes of A-Z a-z 0-9 _ - . :",
+                "[[key]] name {:?} must be 1-{MAX_NAME_BYTES} bytes of A-Z a-z 0-9 _ - . : @",
                 c.name
             ));
         }

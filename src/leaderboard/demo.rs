@@ -27,11 +27,13 @@ pub fn spawn(boards: Arc<Boards>, shutdown: CancellationToken, addr: SocketAddr)
             order: SortOrder::High,
             mode: ScoreMode::Best,
             top: 10,
+            ..BoardOptions::default()
         };
         let speedrun = BoardOptions {
             order: SortOrder::Low,
             mode: ScoreMode::Best,
             top: 10,
+            ..BoardOptions::default()
         };
         for (name, options) in [("arena", arena), ("speedrun", speedrun)] {
             if let Err(e) = boards.put_board(name, options).await {

@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod policy;
 pub mod ranking;
+pub mod season;
 pub mod service;
 pub mod shared;
 pub mod storage;

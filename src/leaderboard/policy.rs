@@ -74,6 +74,12 @@ impl TryFrom<BoardPolicyConfig> for BoardPolicy {
                 ));
             }
         }
+        super::season::check_season_options(
+            c.reset.as_deref(),
+            c.timezone.as_deref(),
+            c.keep_seasons,
+        )
+        .map_err(|e| format!("[[board]] {p:?}: {e}"))?;
         if c.max_players_per_board == Some(0) {
             return Err(format!(
                 "[[board]] {p:?}: max_players_per_board must be at least 1"

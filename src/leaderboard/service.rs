@@ -43,11 +43,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
+use super::season::{
+    check_season_options, rfc3339, Schedule, SeasonState, WallClock, DEFAULT_KEEP_SEASONS,
+};
 use super::shared::Shared;
 use super::storage::BoardStorage;
-use super::store::{Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
+use super::store::{ArchivedSeason, Guard, Store, StoreError, StoreOp, StoreWriter, StoredEntry};
+use crate::auth::TopicPattern;
 use crate::broker::cluster_counts::ClusterCounts;
 use crate::broker::{Broker, PublishRequest};
+use crate::config::BoardPolicyConfig;
 use crate::config::{Config, MAX_BOARD_TOP};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -66,15 +71,28 @@ pub use crier_protocol::names::MAX_BOARD_NAME;
 pub const MAX_QUEUED_SCORE_BYTES: usize = 64 << 20;
 /// Bookkeeping per queued score beyond its player and meta text (entry, op, map slot).
 const QUEUED_SCORE_OVERHEAD: usize = 160;
-/// How often watcher counts are compared with what was last shown.
+/// How often watcher counts are compared with what was last shown (and the followed
+/// players' topics looked up).
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
+/// Neighbours shown above and below a followed player (`board:{b}@{player}`).
+pub const WINDOW: usize = 5;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BoardOptions {
     pub order: SortOrder,
     pub mode: ScoreMode,
     pub top: usize,
+    /// The season schedule: a cron expression (`0 0 * * MON`); none means one endless
+    /// season (`season.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<String>,
+    /// The IANA zone `reset` is read in; UTC when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Closed seasons kept ([`DEFAULT_KEEP_SEASONS`] when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_seasons: Option<usize>,
 }
 
 impl Default for BoardOptions {
@@ -83,7 +101,23 @@ impl Default for BoardOptions {
             order: SortOrder::High,
             mode: ScoreMode::Best,
             top: 10,
+            reset: None,
+            timezone: None,
+            keep_seasons: None,
         }
+    }
+}
+
+impl BoardOptions {
+    /// The parsed schedule; options are checked before they are stored, so a stored
+    /// schedule that no longer parses (never expected) counts as none.
+    pub fn schedule(&self) -> Option<Schedule> {
+        let reset = self.reset.as_deref()?;
+        Schedule::parse(reset, self.timezone.as_deref()).ok()
+    }
+
+    pub fn keep(&self) -> usize {
+        self.keep_seasons.unwrap_or(DEFAULT_KEEP_SEASONS)
     }
 }
 
@@ -105,6 +139,9 @@ pub struct ScoreResult {
     /// Whether this post changed the player's stored entry (a worse score in `best` mode
     /// does not).
     pub changed: bool,
+    /// The season the batch landed in (told once per answer, not per entry).
+    #[serde(skip)]
+    pub season: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +232,17 @@ pub(super) struct Board {
     /// in Redis (another one means Redis lost the board). Unused on one node.
     pub(super) mirror: u64,
     pub(super) epoch: Arc<str>,
+    /// The durable current season, and the durable options' schedule.
+    pub(super) season: SeasonState,
+    pub(super) schedule: Option<Schedule>,
+    /// Whether the top (or the counts) changed since the last snapshot.
+    pub(super) top_dirty: bool,
+    /// Players followed on this node (`board:{b}@{player}` has local subscribers), with a
+    /// hash of the window last published (`None`: none yet).
+    watched: HashMap<Arc<str>, Option<u64>>,
+    /// The ranks whose entries changed since the windows were last published: only the
+    /// windows overlapping them are recomputed.
+    pub(super) moved: Option<(u64, u64)>,
 }
 
 /// What the writes queued but not yet committed will make of a board: the view new writes
@@ -208,7 +256,11 @@ struct Pending {
     next_write: u64,
     next_seq: u64,
     options: Option<(u64, BoardOptions)>,
-    /// A queued reset: durable entries are not part of the view.
+    /// The schedule of the queued options (meaningful while `options` is set).
+    schedule: Option<Schedule>,
+    /// A queued season change (a close, a new schedule's anchor): the view's season.
+    season: Option<(u64, SeasonState)>,
+    /// A queued reset (or season close): durable entries are not part of the view.
     reset: Option<u64>,
     entries: HashMap<Arc<str>, (u64, Entry)>,
     /// Players in `entries` the durable ranking does not hold, kept while no reset is
@@ -224,6 +276,8 @@ impl Pending {
             next_write: 0,
             next_seq,
             options: None,
+            schedule: None,
+            season: None,
             reset: None,
             entries: HashMap::new(),
             fresh: 0,
@@ -232,11 +286,16 @@ impl Pending {
 }
 
 impl Board {
-    fn new(name: Arc<str>, options: BoardOptions, next_seq: u64) -> Self {
+    fn new(name: Arc<str>, options: BoardOptions, next_seq: u64, now: i64) -> Self {
         Board {
             topic: crate::topic::board_topic(&name),
             name,
             ranking: Ranking::new(options.order),
+            schedule: options.schedule(),
+            season: SeasonState::first(now),
+            top_dirty: true,
+            watched: HashMap::new(),
+            moved: None,
             options,
             next_seq,
             version: next_seq,
@@ -249,8 +308,47 @@ impl Board {
         }
     }
 
-    fn view_options(&self) -> BoardOptions {
-        self.pending.options.map_or(self.options, |(_, o)| o)
+    fn view_options(&self) -> &BoardOptions {
+        self.pending
+            .options
+            .as_ref()
+            .map_or(&self.options, |(_, o)| o)
+    }
+
+    fn view_schedule(&self) -> Option<&Schedule> {
+        if self.pending.options.is_some() {
+            self.pending.schedule.as_ref()
+        } else {
+            self.schedule.as_ref()
+        }
+    }
+
+    fn view_season(&self) -> SeasonState {
+        self.pending.season.map_or(self.season, |(_, s)| s)
+    }
+
+    /// Whether the view's season is over at `now`: a write must close it first.
+    fn close_due(&self, now: i64) -> bool {
+        self.view_season()
+            .ends(self.view_schedule())
+            .is_some_and(|end| now >= end)
+    }
+
+    /// When the current (durable) season ends, if it has a schedule.
+    pub(super) fn ends(&self) -> Option<i64> {
+        self.season.ends(self.schedule.as_ref())
+    }
+
+    /// Notes that the entries between ranks `a` and `b` (either order) changed.
+    pub(super) fn note_moved(&mut self, a: u64, b: u64) {
+        let (lo, hi) = (a.min(b), a.max(b));
+        self.moved = Some(self.moved.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
+    }
+
+    /// Whether a live update is due after a change: the top moved, or a followed player's
+    /// window may have.
+    pub(super) fn needs_update(&self) -> bool {
+        self.top_dirty || (self.moved.is_some() && !self.watched.is_empty())
     }
 
     fn view_entry(&self, player: &str) -> Option<&Entry> {
@@ -305,6 +403,12 @@ impl Board {
                 board: self.name.to_string(),
                 options: serde_json::to_string(&self.options).expect("options serialize"),
             });
+            ops.push(StoreOp::SetSeason {
+                board: self.name.to_string(),
+                season: self.season.number,
+                started: self.season.started,
+                anchor: self.season.anchor,
+            });
         }
     }
 
@@ -332,9 +436,14 @@ enum Write {
         next_seq: u64,
         /// Every posted player (in post order) with whether the batch changed its entry.
         posted: Vec<(Arc<str>, bool)>,
+        /// The season the batch was computed in.
+        season: u64,
     },
-    Options(BoardOptions),
+    /// New options, and the season state they set (a changed schedule re-anchors it).
+    Options(BoardOptions, Option<SeasonState>),
     Reset,
+    /// The season closed: the board starts empty in this one.
+    Close(SeasonState),
 }
 
 /// What a successful write reports back.
@@ -382,6 +491,33 @@ pub struct Boards {
     stop: CancellationToken,
     /// The local store's file (`crier.redb`), for online backups; None under `--redis`.
     local_file: Option<crate::redb_file::WeakRedbFile>,
+    /// The wall clock season boundaries are judged by (injectable: `season.rs`).
+    clock: Arc<WallClock>,
+    /// `[[board]]` tables' `reset` / `timezone` / `keep_seasons`, first match wins: the
+    /// defaults of boards their pattern matches.
+    season_defaults: Vec<(TopicPattern, BoardPolicyConfig)>,
+    /// Wakes the season task when a schedule changes.
+    season_wake: Notify,
+    /// The closed seasons read last, loaded whole (a few, bounded by `ARCHIVES_CACHED`).
+    archives: Mutex<Vec<Arc<Archive>>>,
+}
+
+/// Closed seasons kept loaded for reads; each is loaded from the store on a miss.
+const ARCHIVES_CACHED: usize = 4;
+
+/// A closed season, loaded for reads.
+pub struct Archive {
+    pub board: Arc<str>,
+    pub info: ArchivedSeason,
+    pub ranking: Ranking,
+}
+
+/// The `[[board]]` tables that set a schedule, for [`Boards`]'s defaults.
+fn season_defaults(cfg: &Config) -> Vec<(TopicPattern, BoardPolicyConfig)> {
+    cfg.board_policies
+        .iter()
+        .filter_map(|p| Some((TopicPattern::parse(&p.pattern).ok()?, p.clone())))
+        .collect()
 }
 
 impl Boards {
@@ -399,6 +535,7 @@ impl Boards {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Boards>> {
+        let clock = Arc::new(WallClock::new());
         let dir = cfg.data_dir.clone();
         let (store, stored) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = Store::open(&dir)?;
@@ -410,7 +547,14 @@ impl Boards {
         for sb in stored {
             let options: BoardOptions = serde_json::from_str(&sb.options).unwrap_or_default();
             let name: Arc<str> = sb.name.into();
-            let mut board = Board::new(name.clone(), options, sb.next_seq);
+            let mut board = Board::new(name.clone(), options, sb.next_seq, clock.now_ms());
+            if let Some((number, started, anchor)) = sb.season {
+                board.season = SeasonState {
+                    number,
+                    started,
+                    anchor,
+                };
+            }
             board.persisted = true;
             for e in sb.entries {
                 board.ranking.insert(Entry {
@@ -445,9 +589,14 @@ impl Boards {
             stop: shutdown.child_token(),
             counts: None,
             local_file: Some(local_file),
+            clock,
+            season_defaults: season_defaults(cfg),
+            season_wake: Notify::new(),
+            archives: Mutex::new(Vec::new()),
         });
         let updater = tokio::spawn(this.clone().update_loop());
-        this.tasks.lock().push(updater);
+        let seasons = tokio::spawn(this.clone().season_loop());
+        this.tasks.lock().extend([updater, seasons]);
         Ok(this)
     }
 
@@ -485,10 +634,15 @@ impl Boards {
             tasks: Mutex::new(Vec::new()),
             stop: shutdown.child_token(),
             local_file: None,
+            clock: Arc::new(WallClock::new()),
+            season_defaults: season_defaults(cfg),
+            season_wake: Notify::new(),
+            archives: Mutex::new(Vec::new()),
         });
         let follower = shared.start(&this, this.stop.clone()).await?;
         let updater = tokio::spawn(this.clone().update_loop());
-        this.tasks.lock().extend([follower, updater]);
+        let seasons = tokio::spawn(this.clone().season_loop());
+        this.tasks.lock().extend([follower, updater, seasons]);
         Ok(this)
     }
 
@@ -528,7 +682,13 @@ impl Boards {
             .entry(name.into())
             .or_insert_with(|| {
                 let name: Arc<str> = name.into();
-                Arc::new(Mutex::new(Board::new(name, BoardOptions::default(), 1)))
+                let now = self.clock.now_ms();
+                Arc::new(Mutex::new(Board::new(
+                    name,
+                    BoardOptions::default(),
+                    1,
+                    now,
+                )))
             })
             .clone()
     }
@@ -581,12 +741,20 @@ impl Boards {
         if boards.len() >= self.max_boards {
             return Err(BoardError::TooManyBoards(self.max_boards));
         }
+        let options = self.with_defaults(
+            name,
+            BoardOptions {
+                top: self.default_top,
+                ..BoardOptions::default()
+            },
+        );
         let name: Arc<str> = name.into();
-        let options = BoardOptions {
-            top: self.default_top,
-            ..BoardOptions::default()
-        };
-        let b = Arc::new(Mutex::new(Board::new(name.clone(), options, 1)));
+        let b = Arc::new(Mutex::new(Board::new(
+            name.clone(),
+            options,
+            1,
+            self.clock.now_ms(),
+        )));
         boards.insert(name, b.clone());
         Ok(b)
     }
@@ -597,7 +765,26 @@ impl Boards {
                 "top must be between 1 and {MAX_BOARD_TOP}"
             )));
         }
-        Ok(())
+        check_season_options(o.reset.as_deref(), o.timezone.as_deref(), o.keep_seasons)
+            .map_err(BoardError::Invalid)
+    }
+
+    /// The season options a board's `[[board]]` table gives where `o` sets none.
+    fn with_defaults(&self, name: &str, mut o: BoardOptions) -> BoardOptions {
+        let table = self.season_defaults.iter().find(|(p, _)| p.matches(name));
+        if let Some((_, t)) = table {
+            if o.reset.is_none() {
+                o.reset = t.reset.clone();
+                o.timezone = o.timezone.or_else(|| t.timezone.clone());
+            }
+            o.keep_seasons = o.keep_seasons.or(t.keep_seasons);
+        }
+        o
+    }
+
+    /// The wall clock seasons run on; tests move it (`WallClock::set`).
+    pub fn clock(&self) -> &Arc<WallClock> {
+        &self.clock
     }
 
     /// Creates a board or changes its options. The sort order of a board that has players
@@ -608,8 +795,11 @@ impl Boards {
         options: BoardOptions,
     ) -> Result<BoardOptions, BoardError> {
         Self::validate_name(name)?;
+        let options = self.with_defaults(name, options);
         Self::check_options(&options)?;
-        self.storage.put_options(self, name, options).await
+        let options = self.storage.put_options(self, name, options).await?;
+        self.season_wake.notify_one();
+        Ok(options)
     }
 
     /// Applies a batch of scores all-or-nothing and returns each player's new rank once the
@@ -717,10 +907,12 @@ impl Boards {
         let watchers = self.watchers(&b.topic);
         Ok(f(BoardView {
             name: &b.name,
-            options: b.options,
+            options: &b.options,
             ranking: &b.ranking,
             version: b.version,
             watchers,
+            season: b.season,
+            ends: b.ends(),
         }))
     }
 
@@ -784,6 +976,105 @@ impl Boards {
         }
     }
 
+    /// The board's closed seasons kept, newest first, with its current season.
+    pub async fn seasons(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<ArchivedSeason>, serde_json::Value), BoardError> {
+        let current = self.with_board(name, |b| b.season_json())?;
+        Ok((self.storage.seasons(self, name).await?, current))
+    }
+
+    /// A closed season, loaded whole for reads (the last few stay loaded); `None` when the
+    /// board does not keep it.
+    pub async fn season(
+        &self,
+        name: &str,
+        season: u64,
+    ) -> Result<Option<Arc<Archive>>, BoardError> {
+        self.with_board(name, |_| ())?;
+        let cached = self
+            .archives
+            .lock()
+            .iter()
+            .find(|a| &*a.board == name && a.info.season == season)
+            .cloned();
+        if let Some(a) = cached {
+            return Ok(Some(a));
+        }
+        let Some((info, entries)) = self.storage.season(self, name, season).await? else {
+            return Ok(None);
+        };
+        let order = if info.order == "low" {
+            SortOrder::Low
+        } else {
+            SortOrder::High
+        };
+        let mut ranking = Ranking::new(order);
+        for e in entries {
+            ranking.insert(Entry {
+                player: e.player.into(),
+                score: e.score,
+                achieved: e.achieved,
+                meta: e.meta.map(Into::into),
+            });
+        }
+        let archive = Arc::new(Archive {
+            board: name.into(),
+            info,
+            ranking,
+        });
+        let mut cache = self.archives.lock();
+        cache.retain(|a| !(&*a.board == name && a.info.season == season));
+        if cache.len() >= ARCHIVES_CACHED {
+            cache.remove(0);
+        }
+        cache.push(archive.clone());
+        Ok(Some(archive))
+    }
+
+    /// Closes every season whose end has come, at the boundary or as soon as the node runs
+    /// again after it (a node down at a boundary closes on start). A score posted past the
+    /// end closes the season itself first, so whichever comes first does it, once.
+    async fn season_loop(self: Arc<Self>) {
+        const MAX_NAP: Duration = Duration::from_secs(60);
+        loop {
+            let now = self.clock.now_ms();
+            let mut nap = MAX_NAP;
+            let boards: Vec<(Arc<str>, Option<i64>)> = self
+                .boards
+                .read()
+                .iter()
+                .map(|(n, b)| {
+                    let b = b.lock();
+                    (
+                        n.clone(),
+                        b.persisted
+                            .then(|| b.view_season().ends(b.view_schedule()))
+                            .flatten(),
+                    )
+                })
+                .collect();
+            for (name, ends) in boards {
+                let Some(ends) = ends else { continue };
+                if ends > now {
+                    nap = nap.min(Duration::from_millis((ends - now) as u64));
+                    continue;
+                }
+                if let Err(e) = self.storage.close_season(&self, &name, now).await {
+                    tracing::warn!("board {name}: closing season failed, retried in 1 s: {e}");
+                    nap = nap.min(Duration::from_secs(1));
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.clock.changed() => {}
+                _ = self.season_wake.notified() => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
     /// Every board (tests).
     #[cfg(test)]
     fn list(&self) -> Vec<serde_json::Value> {
@@ -825,14 +1116,41 @@ impl Boards {
     }
 
     fn check_watchers(&self) {
+        // The followed players, by board: the `board:{b}@{player}` topics this node's
+        // clients subscribed to (bounded by the subscriptions, so by their budgets).
+        let mut followed: HashMap<String, Vec<String>> = HashMap::new();
+        for (topic, count) in self.hub.topic_counts() {
+            if count == 0 {
+                continue;
+            }
+            if let Some((board, player)) = crate::topic::player_topic_parts(&topic) {
+                followed
+                    .entry(board.to_string())
+                    .or_default()
+                    .push(player.to_string());
+            }
+        }
         let boards: Vec<Arc<Mutex<Board>>> = self.boards.read().values().cloned().collect();
         for board in boards {
             let (name, changed) = {
-                let b = board.lock();
-                (
-                    b.name.clone(),
-                    b.persisted && self.watchers(&b.topic) != b.shown_watchers,
-                )
+                let mut b = board.lock();
+                let mut changed = b.persisted && self.watchers(&b.topic) != b.shown_watchers;
+                b.top_dirty |= changed;
+                let players = followed.remove(&*b.name).unwrap_or_default();
+                if players.len() != b.watched.len()
+                    || players.iter().any(|p| !b.watched.contains_key(p.as_str()))
+                {
+                    let mut watched = HashMap::with_capacity(players.len());
+                    for p in players {
+                        let last = b.watched.get(p.as_str()).copied().flatten();
+                        watched.insert(Arc::from(p), last);
+                    }
+                    // New followers get their window now: every window is looked at.
+                    b.watched = watched;
+                    b.note_moved(0, u64::MAX);
+                    changed |= b.persisted && !b.watched.is_empty();
+                }
+                (b.name.clone(), changed)
             };
             if changed {
                 self.dirty.names.lock().insert(name);
@@ -840,14 +1158,32 @@ impl Boards {
         }
     }
 
-    /// Builds the board's snapshot under its lock, then publishes it outside the lock.
+    /// Builds the board's snapshot (when the top changed) and the followed players'
+    /// windows that changed under its lock, then publishes them outside the lock.
     async fn publish(&self, board: &Mutex<Board>) {
-        let (topic, json) = {
+        let (windows, top) = {
             let mut b = board.lock();
             b.version = (b.version + 1).max(b.next_seq);
             b.last_published = Some(Instant::now());
+            let windows = player_windows(&mut b);
+            let top = if std::mem::take(&mut b.top_dirty) {
+                Some(self.snapshot(&mut b))
+            } else {
+                None
+            };
+            (windows, top)
+        };
+        for (topic, json) in top.into_iter().chain(windows) {
+            self.publish_one(&topic, &json).await;
+        }
+    }
+
+    /// The board's live top as its topic's `data` (the caller holds the board's lock).
+    fn snapshot(&self, b: &mut Board) -> (String, Vec<u8>) {
+        {
             b.shown_watchers = self.watchers(&b.topic);
             let top = b.ranking.top(b.options.top);
+            let ends = b.ends();
             let json = serde_json::to_vec(&Update {
                 board: &b.name,
                 version: b.version,
@@ -855,16 +1191,21 @@ impl Boards {
                 watchers: b.shown_watchers,
                 order: b.options.order,
                 mode: b.options.mode,
+                season: b.season.number,
+                next_reset: ends.map(rfc3339),
                 top: ranked(&top),
             })
             .expect("snapshot serializes");
             (b.topic.clone(), json)
-        };
+        }
+    }
+
+    async fn publish_one(&self, topic: &str, json: &[u8]) {
         let published = self
             .broker
             .publish(PublishRequest {
-                topic: &topic,
-                data: &json,
+                topic,
+                data: json,
                 retain: true,
                 conflate: true,
                 idempotency_key: None,
@@ -907,6 +1248,7 @@ impl BoardStorage for LocalStore {
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = boards.get_or_create(name)?;
+        let now = boards.clock.now_ms();
         let done = {
             let mut b = board.lock();
             if b.view_options().order != options.order && !b.view_is_empty() {
@@ -915,8 +1257,19 @@ impl BoardStorage for LocalStore {
                 ));
             }
             let (id, guard) = b.begin_write();
-            b.pending.options = Some((id, options));
-            let ops = vec![
+            let schedule = options.schedule();
+            let old = b.view_options();
+            // A new schedule ends the season at its next boundary from now on.
+            let season =
+                (old.reset != options.reset || old.timezone != options.timezone).then(|| {
+                    SeasonState {
+                        anchor: now,
+                        ..b.view_season()
+                    }
+                });
+            b.pending.options = Some((id, options.clone()));
+            b.pending.schedule = schedule;
+            let mut ops = vec![
                 StoreOp::PutBoard {
                     board: name.into(),
                     options: serde_json::to_string(&options).expect("options"),
@@ -927,7 +1280,20 @@ impl BoardStorage for LocalStore {
                     next_seq: b.pending.next_seq,
                 },
             ];
-            boards.queue(slot, &board, id, guard, ops, Write::Options(options), None)
+            let set = season.or((!b.persisted).then(|| b.view_season()));
+            if let Some(s) = set {
+                ops.push(StoreOp::SetSeason {
+                    board: name.into(),
+                    season: s.number,
+                    started: s.started,
+                    anchor: s.anchor,
+                });
+            }
+            if let Some(s) = season {
+                b.pending.season = Some((id, s));
+            }
+            let write = Write::Options(options.clone(), season);
+            boards.queue(slot, &board, id, guard, ops, write, None)
         };
         done.await?;
         Ok(options)
@@ -942,6 +1308,14 @@ impl BoardStorage for LocalStore {
         budget: OwnedSemaphorePermit,
     ) -> Result<Vec<ScoreResult>, BoardError> {
         let writer = self.writer()?;
+        // The moment this batch is scored at: past its board's season end, the season is
+        // closed first, by a write queued just ahead of the batch (a second slot).
+        let now = boards.clock.now_ms();
+        let due = boards.get(name).is_some_and(|b| b.lock().close_due(now));
+        let mut close_slot = match due {
+            true => Some(writer.reserve().await.map_err(store_error)?),
+            false => None,
+        };
         let slot = writer.reserve().await.map_err(store_error)?;
         if boards.get(name).is_none() {
             // Refused before the board is made: a board held in memory for a batch that
@@ -951,7 +1325,14 @@ impl BoardStorage for LocalStore {
         let board = boards.get_or_create(name)?;
         let done = {
             let mut b = board.lock();
-            let options = b.view_options();
+            if b.close_due(now) {
+                if let Some(close) = close_slot.take() {
+                    // Awaited through the batch: a failed close fails the batch with it.
+                    drop(queue_close(boards, close, &board, &mut b, now));
+                }
+            }
+            let options = b.view_options().clone();
+            let season = b.view_season().number;
             let new = new_players(|p| b.view_entry(p), &scores);
             check_players(name, b.view_len(), new, max_players)?;
             // The batch's own result so far, on top of the pending view.
@@ -1011,6 +1392,7 @@ impl BoardStorage for LocalStore {
                 entries: batch.into_values().collect(),
                 next_seq: seq,
                 posted,
+                season,
             };
             boards.queue(slot, &board, id, guard, ops, write, Some(budget))
         };
@@ -1037,6 +1419,43 @@ impl BoardStorage for LocalStore {
         Ok(())
     }
 
+    async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = boards.get_persisted(name)?;
+        let done = {
+            let mut b = board.lock();
+            if !b.close_due(now) {
+                return Ok(()); // closed meanwhile (by a score past the boundary)
+            }
+            queue_close(boards, slot, &board, &mut b, now)
+        };
+        done.await.map(drop)
+    }
+
+    async fn seasons(&self, _: &Boards, name: &str) -> Result<Vec<ArchivedSeason>, BoardError> {
+        let store = self.writer()?.store().clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.seasons(&name))
+            .await
+            .map_err(|e| BoardError::Store(e.to_string()))?
+            .map_err(store_error)
+    }
+
+    async fn season(
+        &self,
+        _: &Boards,
+        name: &str,
+        season: u64,
+    ) -> Result<Option<(ArchivedSeason, Vec<StoredEntry>)>, BoardError> {
+        let store = self.writer()?.store().clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.season(&name, season))
+            .await
+            .map_err(|e| BoardError::Store(e.to_string()))?
+            .map_err(store_error)
+    }
+
     fn close(&self) {
         self.writer.lock().take();
     }
@@ -1045,6 +1464,112 @@ impl BoardStorage for LocalStore {
     fn local_writer(&self) -> Option<StoreWriter> {
         self.writer.lock().clone()
     }
+}
+
+/// The windows of `b`'s followed players that changed since they were last published, as
+/// (topic, data). Only windows overlapping the ranks that moved are looked at; of those,
+/// only ones whose content differs from the last published go out.
+fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
+    let Some((lo, hi)) = b.moved.take() else {
+        return Vec::new();
+    };
+    let n = WINDOW as u64;
+    let mut out = Vec::new();
+    let players: Vec<Arc<str>> = b.watched.keys().cloned().collect();
+    for player in players {
+        let rank = b.ranking.rank(&player);
+        if let Some(r) = rank {
+            // Nothing in this window moved (and it was sent once).
+            if (r + n < lo || r.saturating_sub(n) > hi) && b.watched[&player].is_some() {
+                continue;
+            }
+        }
+        let around = b.ranking.around(&player, WINDOW).unwrap_or_default();
+        let entry = around.iter().find(|(_, e)| e.player == player);
+        let json = serde_json::to_vec(&Window {
+            board: &b.name,
+            player: &player,
+            version: b.version,
+            season: b.season.number,
+            players: b.ranking.len(),
+            entry: entry.map(|e| ranked(std::slice::from_ref(e)).remove(0)),
+            around: ranked(&around),
+        })
+        .expect("window serializes");
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            // The window without its version: an unchanged window is not sent again.
+            rank.hash(&mut h);
+            for (r, e) in &around {
+                (r, &e.player, e.score.to_bits(), &e.meta).hash(&mut h);
+            }
+            h.finish()
+        };
+        let last = b.watched.get_mut(&player).expect("followed");
+        if *last != Some(hash) {
+            *last = Some(hash);
+            out.push((crate::topic::player_topic(&b.name, &player), json));
+        }
+    }
+    out
+}
+
+/// A followed player's live window (`board:{b}@{player}`): their entry (`null` while they
+/// have no score) and up to [`WINDOW`] entries above and below.
+#[derive(Serialize)]
+struct Window<'a> {
+    board: &'a str,
+    player: &'a str,
+    version: u64,
+    season: u64,
+    players: usize,
+    entry: Option<RankedEntry<'a>>,
+    around: Vec<RankedEntry<'a>>,
+}
+
+/// Queues the close of `b`'s current (view) season at `now`, which is at or past its end:
+/// the entries the view holds become the archive, the view starts empty in the next
+/// season. The caller holds the board's lock.
+fn queue_close(
+    boards: &Boards,
+    slot: super::store::Slot,
+    board: &Arc<Mutex<Board>>,
+    b: &mut Board,
+    now: i64,
+) -> impl std::future::Future<Output = Result<Applied, BoardError>> {
+    let schedule = b
+        .view_schedule()
+        .expect("a due close has a schedule")
+        .clone();
+    let current = b.view_season();
+    let ended = current.ends(Some(&schedule)).unwrap_or(now);
+    let next = current.next(&schedule, now);
+    let options = b.view_options().clone();
+    let closed = ArchivedSeason {
+        season: current.number,
+        started: current.started,
+        ended,
+        players: b.view_len() as u64,
+        order: serde_json::to_value(options.order)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+    };
+    let (id, guard) = b.begin_write();
+    let mut ops = Vec::with_capacity(3);
+    b.create_ops(&mut ops);
+    ops.push(StoreOp::CloseSeason {
+        board: b.name.to_string(),
+        closed,
+        next: (next.number, next.started, next.anchor),
+        keep: options.keep() as u64,
+    });
+    b.pending.reset = Some(id);
+    b.pending.entries.clear();
+    b.pending.fresh = 0;
+    b.pending.season = Some((id, next));
+    boards.queue(slot, board, id, guard, ops, Write::Close(next), None)
 }
 
 /// A live update's `data`, fields in the documented order (a struct, not `json!`, which
@@ -1057,15 +1582,39 @@ struct Update<'a> {
     watchers: usize,
     order: SortOrder,
     mode: ScoreMode,
+    season: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_reset: Option<String>,
     top: Vec<RankedEntry<'a>>,
 }
 
 pub struct BoardView<'a> {
     pub name: &'a str,
-    pub options: BoardOptions,
+    pub options: &'a BoardOptions,
     pub ranking: &'a Ranking,
     pub version: u64,
     pub watchers: usize,
+    pub season: SeasonState,
+    /// When the season ends (the next reset), if the board has a schedule.
+    pub ends: Option<i64>,
+}
+
+impl BoardView<'_> {
+    /// `season` as the API shows it: number, start, end (RFC 3339, UTC).
+    pub fn season_json(&self) -> serde_json::Value {
+        season_json(self.season, self.ends)
+    }
+}
+
+pub fn season_json(s: SeasonState, ends: Option<i64>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "number": s.number,
+        "started": rfc3339(s.started),
+    });
+    if let Some(e) = ends {
+        v["ends"] = rfc3339(e).into();
+    }
+    v
 }
 
 fn stored(e: &Entry) -> StoredEntry {
@@ -1087,6 +1636,7 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             entries,
             next_seq,
             posted,
+            season,
         } => {
             let mut visible = false;
             for e in entries {
@@ -1103,6 +1653,9 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
                 b.ranking.insert(e);
                 let new_rank = b.ranking.rank(&player).expect("just inserted");
                 visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
+                // A new player pushes everyone below down one.
+                let other = old_rank.unwrap_or(b.ranking.len() as u64);
+                b.note_moved(new_rank, other);
             }
             b.next_seq = b.next_seq.max(next_seq);
             let results = posted
@@ -1115,24 +1668,39 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
                         rank,
                         score,
                         changed,
+                        season,
                     }
                 })
                 .collect();
             (Applied::Scores(results), visible)
         }
-        Write::Options(options) => {
+        Write::Options(options, season) => {
             if options.order != b.options.order {
                 // Only queued on a board whose view was empty, so nothing is lost.
                 b.ranking = Ranking::new(options.order);
             }
+            b.schedule = options.schedule();
             b.options = options;
-            if b.pending.options.is_some_and(|(w, _)| w == id) {
+            if b.pending.options.as_ref().is_some_and(|(w, _)| *w == id) {
                 b.pending.options = None;
+                b.pending.schedule = None;
+            }
+            if let Some(s) = season {
+                b.season = s;
+                if b.pending.season.is_some_and(|(w, _)| w == id) {
+                    b.pending.season = None;
+                }
             }
             (Applied::Done, true)
         }
-        Write::Reset => {
+        w @ (Write::Reset | Write::Close(_)) => {
             b.ranking.clear();
+            if let Write::Close(next) = w {
+                b.season = next;
+                if b.pending.season.is_some_and(|(w, _)| w == id) {
+                    b.pending.season = None;
+                }
+            }
             if b.pending.reset == Some(id) {
                 b.pending.reset = None;
             }
@@ -1143,7 +1711,12 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             (Applied::Done, true)
         }
     };
-    (b.name.clone(), applied, visible)
+    if !matches!(applied, Applied::Scores(_)) {
+        b.note_moved(0, u64::MAX);
+    }
+    b.top_dirty |= visible;
+    let due = b.needs_update();
+    (b.name.clone(), applied, due)
 }
 
 /// A player's entry as this batch sees it: its own earlier change, else the pending view.
@@ -1421,7 +1994,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let boards = open(dir.path()).await;
         boards.submit("b", vec![score("a", 3)], 100).await.unwrap();
-        let opts = |b: &Boards, name: &str| b.with_board(name, |v| v.options).ok();
+        let opts = |b: &Boards, name: &str| b.with_board(name, |v| v.options.clone()).ok();
         let before = opts(&boards, "b");
         fail_commits(&boards, 2);
         let changed = BoardOptions {

@@ -22,9 +22,19 @@
 //!   write's version (at most `redis_timeout` later), so a client reads its own write on
 //!   the node it posted to. Other nodes follow within the pub/sub hop.
 //!
+//! - **Seasons**: the season (`sn`, `ss` start, `sa` anchor, ms) is in the board's hash; the
+//!   close script takes the season number it closes and does nothing when Redis is past
+//!   it, so however many nodes see the boundary, one closes it. It *renames* `bp` and `bz`
+//!   to the archive's keys (O(1) in the board's size) and emits a `c` op, after which
+//!   every mirror starts empty in the next season. A score batch runs in whichever season
+//!   Redis holds when its script runs, and says which; a node first closes a season its
+//!   own clock says is over, so a batch posted past the boundary lands in the new one.
+//!
 //! Keys (board B, hash tag `{board:B}`): `crier:{board:B}:bo` (hash: `opt` options JSON,
-//! `seq` next seq, `v` op version, `e` epoch), `:bp` (hash: player -> `score seq meta`),
-//! `:bz` (ranking), `:bl` (ops), channel `:bc`; and the set `crier:boards` of names.
+//! `seq` next seq, `v` op version, `e` epoch, `sn` `ss` `sa` season), `:bp` (hash: player
+//! -> `score seq meta`), `:bz` (ranking), `:bl` (ops), channel `:bc`, `:ba` (hash: closed
+//! season -> `started ended players order`) with `:s<n>p` / `:s<n>z` each; and the set
+//! `crier:boards` of names.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -38,8 +48,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::ranking::{Entry, Ranking};
+use super::season::SeasonState;
 use super::service::{Board, BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
 use super::storage::BoardStorage;
+use super::store::{ArchivedSeason, StoredEntry};
 use crate::broker::new_epoch;
 
 /// Ops kept per board for mirrors that fell behind; one further behind reloads the board.
@@ -56,11 +68,23 @@ const BOARDS: &str = "crier:boards";
 /// max boards, max players.
 const PROLOGUE: &str = r#"
 local bo, bz, bl, bc = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
-local meta = redis.call('HMGET', bo, 'opt', 'seq', 'v', 'e')
+local meta = redis.call('HMGET', bo, 'opt', 'seq', 'v', 'e', 'sn', 'ss', 'sa')
 local opt, seq, v, e = meta[1], tonumber(meta[2]), tonumber(meta[3]), meta[4]
+local sn, ss, sa = tonumber(meta[5]) or 1, meta[6], meta[7]
 local created = false
 if not opt then
   opt, seq, v, e, created = ARGV[1], 1, 0, ARGV[2], true
+end
+if not ss then
+  -- A new board (or one made before seasons): its first season starts now, on the clock
+  -- of the node that made it (NOW, set before this prologue), else Redis's.
+  if NOW then
+    ss = NOW
+  else
+    local t = redis.call('TIME')
+    ss = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  end
+  sa = ss
 end
 local function emit(op)
   v = v + 1
@@ -69,7 +93,8 @@ local function emit(op)
   redis.call('PUBLISH', bc, id .. ':' .. e .. ':' .. op)
 end
 local function save()
-  redis.call('HSET', bo, 'opt', opt, 'seq', string.format('%d', seq), 'v', string.format('%d', v), 'e', e)
+  redis.call('HSET', bo, 'opt', opt, 'seq', string.format('%d', seq), 'v', string.format('%d', v), 'e', e,
+    'sn', string.format('%d', sn), 'ss', ss, 'sa', sa)
   if created then redis.call('SADD', KEYS[6], ARGV[3]) end
 end
 local function full()
@@ -78,7 +103,7 @@ end
 "#;
 
 /// KEYS: bo bp bz bl bc boards. ARGV: default options, new epoch, name, kept ops, max
-/// boards, max players, then (player, score, meta or '') per entry. Returns {2} for a new
+/// boards, max players, then (player, score, meta or '') per entry, then now (ms). Returns {2} for a new
 /// board past max boards, {3, players, new} when the batch would add players past max
 /// players, {0, i} when entry i (0-based) would take an increment total out of range,
 /// else {1, v, e, then rank, score, changed per entry}. Every refusal is made before
@@ -89,7 +114,7 @@ local bp = KEYS[2]
 local o = cjson.decode(opt)
 local high = o.order ~= 'low'
 local mode = o.mode
-local n = (#ARGV - 6) / 3
+local n = (#ARGV - 7) / 3
 local function member(en) return string.format('%020d', en[2]) .. en[4] end
 local cur = {}
 local function get(p)
@@ -183,7 +208,7 @@ for _, p in ipairs(order) do
 end
 if #entries > 0 then emit(cjson.encode({k = 's', e = entries})) end
 save()
-local out = {1, string.format('%d', v), e}
+local out = {1, string.format('%d', v), e, string.format('%d', sn)}
 for i = 0, n - 1 do
   local p = ARGV[7 + 3 * i]
   local en = changed[p] or get(p)
@@ -195,15 +220,21 @@ return out
 "#;
 
 /// KEYS: bo bp bz bl bc boards. ARGV: new options, new epoch, name, kept ops, max boards,
-/// (unused), new order. Returns {2} for a new board past max boards, {0} when the order
-/// of a board with players would change, else {1, v, e}.
+/// now (ms, the node's clock), new order. Returns {2} for a new board past max boards,
+/// {0} when the order of a board with players would change, else {1, v, e}. A changed
+/// schedule re-anchors the season at `now`.
 const OPTIONS: &str = r#"
 if full() then return {2} end
-if not created and cjson.decode(opt).order ~= ARGV[7] and redis.call('ZCARD', bz) > 0 then
+local old = cjson.decode(opt)
+if not created and old.order ~= ARGV[7] and redis.call('ZCARD', bz) > 0 then
   return {0}
 end
+local new = cjson.decode(ARGV[1])
+if not created and (old.reset ~= new.reset or old.timezone ~= new.timezone) then
+  sa = ARGV[6]
+end
 opt = ARGV[1]
-emit('{"k":"o","o":' .. opt .. '}')
+emit('{"k":"o","o":' .. opt .. ',"a":' .. sa .. '}')
 save()
 return {1, string.format('%d', v), e}
 "#;
@@ -214,6 +245,36 @@ const RESET: &str = r#"
 if created then return {0} end
 redis.call('DEL', KEYS[2], bz)
 emit('{"k":"r"}')
+save()
+return {1, string.format('%d', v), e}
+"#;
+
+/// KEYS: bo bp bz bl bc boards ba. ARGV: (unused), (unused), name, kept ops, (unused),
+/// (unused), season closed, its end, next start (= anchor), (unused), order, archive key
+/// prefix, seasons kept. Returns {0} for an unknown board, {1, v, e} once closed, {3} when Redis is
+/// past that season already (another node closed it).
+const CLOSE: &str = r#"
+if created then return {0} end
+local closing = tonumber(ARGV[7])
+if sn ~= closing then return {3} end
+local players = redis.call('HLEN', KEYS[2])
+local prefix = ARGV[12] .. string.format('%d', closing)
+redis.call('DEL', prefix .. 'p', prefix .. 'z')
+if players > 0 then
+  redis.call('RENAME', KEYS[2], prefix .. 'p')
+  redis.call('RENAME', bz, prefix .. 'z')
+end
+redis.call('DEL', KEYS[2], bz)
+redis.call('HSET', KEYS[7], ARGV[7], ss .. ' ' .. ARGV[8] .. ' ' .. players .. ' ' .. ARGV[11])
+local keep = tonumber(ARGV[13])
+for _, n in ipairs(redis.call('HKEYS', KEYS[7])) do
+  if tonumber(n) <= closing - keep then
+    redis.call('HDEL', KEYS[7], n)
+    redis.call('DEL', ARGV[12] .. n .. 'p', ARGV[12] .. n .. 'z')
+  end
+end
+sn, ss, sa = closing + 1, ARGV[9], ARGV[9]
+emit('{"k":"c","n":' .. string.format('%d', sn) .. ',"s":' .. ss .. '}')
 save()
 return {1, string.format('%d', v), e}
 "#;
@@ -235,10 +296,14 @@ enum Op {
     Scores {
         e: Vec<(String, String, String, String)>,
     },
+    /// New options, and the season's anchor (changed with the schedule).
     #[serde(rename = "o")]
-    Options { o: BoardOptions },
+    Options { o: BoardOptions, a: Option<i64> },
     #[serde(rename = "r")]
     Reset,
+    /// The season closed: the board is empty in season `n`, started at `s`.
+    #[serde(rename = "c")]
+    Close { n: u64, s: i64 },
 }
 
 /// What a mirror needs to take an op.
@@ -256,6 +321,7 @@ pub struct Shared {
     scores: Script,
     options: Script,
     reset: Script,
+    close: Script,
     /// Woken whenever a mirror moves, for writers waiting to read their own write.
     applied: Notify,
     timeout: Duration,
@@ -305,8 +371,18 @@ fn parse_entry(player: &str, s: &str) -> Option<Entry> {
     })
 }
 
-/// Applies an op to a board; returns whether the live top changed.
+/// Applies an op to a board; returns whether a live update is due (the top changed, or
+/// a followed player's window may have).
 fn apply(b: &mut Board, op: Op) -> bool {
+    let visible = apply_op(b, op);
+    b.top_dirty |= visible;
+    b.needs_update()
+}
+
+fn apply_op(b: &mut Board, op: Op) -> bool {
+    if !matches!(op, Op::Scores { .. }) {
+        b.note_moved(0, u64::MAX);
+    }
     match op {
         Op::Scores { e } => {
             let top = b.options.top as u64;
@@ -320,21 +396,48 @@ fn apply(b: &mut Board, op: Op) -> bool {
                 b.ranking.insert(entry);
                 let new_rank = b.ranking.rank(&player).expect("just inserted");
                 visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
+                let other = old_rank.unwrap_or(b.ranking.len() as u64);
+                b.note_moved(new_rank, other);
             }
             visible
         }
-        Op::Options { o } => {
+        Op::Options { o, a } => {
             if o.order != b.options.order {
                 b.ranking = Ranking::new(o.order);
             }
+            b.schedule = o.schedule();
             b.options = o;
+            if let Some(a) = a {
+                b.season.anchor = a;
+            }
             true
         }
         Op::Reset => {
             b.ranking.clear();
             true
         }
+        Op::Close { n, s } => {
+            b.ranking.clear();
+            b.season = SeasonState {
+                number: n,
+                started: s,
+                anchor: s,
+            };
+            true
+        }
     }
+}
+
+/// An archive's row in `ba`: `started ended players order`.
+fn parse_archived(season: u64, meta: &str) -> Option<ArchivedSeason> {
+    let mut parts = meta.split(' ');
+    Some(ArchivedSeason {
+        season,
+        started: parts.next()?.parse().ok()?,
+        ended: parts.next()?.parse().ok()?,
+        players: parts.next()?.parse().ok()?,
+        order: parts.next()?.to_string(),
+    })
 }
 
 /// The ops of `bl` from version `from` on (at most `CHUNK`), as (version, op text).
@@ -386,6 +489,70 @@ impl BoardStorage for Shared {
         self.reset_board(boards, name).await
     }
 
+    async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
+        self.close_board_season(boards, name, now).await
+    }
+
+    async fn seasons(&self, _: &Boards, name: &str) -> Result<Vec<ArchivedSeason>, BoardError> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(u64, String)> = redis::cmd("HGETALL")
+            .arg(key(name, "ba"))
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let mut out: Vec<ArchivedSeason> = all
+            .into_iter()
+            .filter_map(|(n, meta)| parse_archived(n, &meta))
+            .collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.season));
+        Ok(out)
+    }
+
+    async fn season(
+        &self,
+        _: &Boards,
+        name: &str,
+        season: u64,
+    ) -> Result<Option<(ArchivedSeason, Vec<StoredEntry>)>, BoardError> {
+        let mut conn = self.conn.clone();
+        let meta: Option<String> = redis::cmd("HGET")
+            .arg(key(name, "ba"))
+            .arg(season)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let Some(info) = meta.and_then(|m| parse_archived(season, &m)) else {
+            return Ok(None);
+        };
+        let mut entries = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+                .arg(key(name, &format!("s{season}p")))
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(CHUNK)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            for pair in flat.chunks_exact(2) {
+                if let Some(e) = parse_entry(&pair[0], &pair[1]) {
+                    entries.push(StoredEntry {
+                        player: e.player.to_string(),
+                        score: e.score,
+                        achieved: e.achieved,
+                        meta: e.meta.map(|m| m.to_string()),
+                    });
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        Ok(Some((info, entries)))
+    }
+
     /// Writes are answered by Redis as they come; the follower task stops with `Boards`.
     fn close(&self) {}
 }
@@ -412,13 +579,16 @@ impl Shared {
         timeout: Duration,
         default_options: BoardOptions,
     ) -> Self {
-        let script = |body: &str| Script::new(&format!("{PROLOGUE}{body}"));
+        // `NOW`: where a script finds the node's clock, for the season of a board it creates.
+        let script =
+            |now: &str, body: &str| Script::new(&format!("local NOW = {now}\n{PROLOGUE}{body}"));
         Shared {
             conn,
             client,
-            scores: script(SCORES),
-            options: script(OPTIONS),
-            reset: script(RESET),
+            scores: script("ARGV[#ARGV]", SCORES),
+            options: script("ARGV[6]", OPTIONS),
+            reset: script("nil", RESET),
+            close: script("nil", CLOSE),
             applied: Notify::new(),
             timeout,
             default_options: serde_json::to_string(&default_options).expect("options"),
@@ -460,6 +630,16 @@ impl Shared {
         scores: &[ValidScore],
         max_players: usize,
     ) -> Result<Vec<ScoreResult>, BoardError> {
+        // A season this node's clock says is over is closed first (once for the cluster),
+        // so a batch posted past the boundary lands in the new season.
+        let now = boards.clock().now_ms();
+        let due = boards.get(name).is_some_and(|b| {
+            let b = b.lock();
+            b.persisted && b.ends().is_some_and(|end| now >= end)
+        });
+        if due {
+            self.close_board_season(boards, name, now).await?;
+        }
         let mut inv = self.invocation(&self.scores, name);
         inv.arg(&self.default_options)
             .arg(&*new_epoch())
@@ -472,6 +652,7 @@ impl Shared {
                 .arg(format!("{score}"))
                 .arg(meta.as_deref().unwrap_or(""));
         }
+        inv.arg(now);
         let reply = self.run(inv).await?;
         let status = num::<u8>(reply.first().ok_or_else(bad_reply)?);
         if status == Some(2) {
@@ -495,14 +676,16 @@ impl Shared {
             )));
         }
         let (v, epoch) = Self::version(&reply)?;
+        let season: u64 = reply.get(3).and_then(num).ok_or_else(bad_reply)?;
         let mut results = Vec::with_capacity(scores.len());
         for (i, (player, _, _)) in scores.iter().enumerate() {
-            let at = |k: usize| reply.get(3 + 3 * i + k).ok_or_else(bad_reply);
+            let at = |k: usize| reply.get(4 + 3 * i + k).ok_or_else(bad_reply);
             results.push(ScoreResult {
                 player: player.as_str().into(),
                 rank: num(at(0)?).ok_or_else(bad_reply)?,
                 score: num(at(1)?).ok_or_else(bad_reply)?,
                 changed: num::<u8>(at(2)?) == Some(1),
+                season,
             });
         }
         boards.metrics.scores.inc_by(results.len() as u64);
@@ -523,7 +706,7 @@ impl Shared {
             .arg(name)
             .arg(KEPT_OPS)
             .arg(boards.max_boards())
-            .arg("")
+            .arg(boards.clock().now_ms())
             .arg(order.as_str().unwrap_or("high"));
         let reply = self.run(inv).await?;
         let status = num::<u8>(reply.first().ok_or_else(bad_reply)?);
@@ -549,6 +732,63 @@ impl Shared {
         }
         let (v, epoch) = Self::version(&reply)?;
         self.wait_mirror(boards, name, &epoch, v).await;
+        Ok(())
+    }
+
+    /// Closes the board's season if this node's mirror says it is over at `now`; the script
+    /// does nothing when Redis is past that season (another node closed it first).
+    async fn close_board_season(
+        &self,
+        boards: &Boards,
+        name: &str,
+        now: i64,
+    ) -> Result<(), BoardError> {
+        let Some(board) = boards.get(name) else {
+            return Ok(());
+        };
+        let (closing, ended, next, players, order, keep) = {
+            let b = board.lock();
+            let Some(schedule) = b.schedule.clone() else {
+                return Ok(());
+            };
+            let Some(ended) = b.ends().filter(|end| now >= *end) else {
+                return Ok(());
+            };
+            let order = serde_json::to_value(b.options.order).expect("order");
+            (
+                b.season.number,
+                ended,
+                b.season.next(&schedule, now),
+                b.ranking.len(),
+                order.as_str().unwrap_or("high").to_string(),
+                b.options.keep(),
+            )
+        };
+        let mut inv = self.invocation(&self.close, name);
+        inv.key(key(name, "ba"));
+        inv.arg("")
+            .arg("")
+            .arg(name)
+            .arg(KEPT_OPS)
+            .arg("")
+            .arg("")
+            .arg(closing)
+            .arg(ended)
+            .arg(next.started)
+            .arg(players)
+            .arg(order)
+            .arg(key(name, "s"))
+            .arg(keep);
+        let reply = self.run(inv).await?;
+        match num::<u8>(reply.first().ok_or_else(bad_reply)?) {
+            Some(1) => {
+                let (v, epoch) = Self::version(&reply)?;
+                self.wait_mirror(boards, name, &epoch, v).await;
+            }
+            // Closed by another node: its op reaches this mirror through pub/sub.
+            Some(3) | Some(0) => {}
+            _ => return Err(bad_reply()),
+        }
         Ok(())
     }
 
@@ -689,11 +929,22 @@ impl Shared {
     async fn load(&self, boards: &Boards, name: &str) -> Result<(), redis::RedisError> {
         let mut conn = self.conn.clone();
         for _ in 0..3 {
-            let (opt, v, e): (Option<String>, Option<u64>, Option<String>) = redis::cmd("HMGET")
+            #[allow(clippy::type_complexity)]
+            let (opt, v, e, sn, ss, sa): (
+                Option<String>,
+                Option<u64>,
+                Option<String>,
+                Option<u64>,
+                Option<i64>,
+                Option<i64>,
+            ) = redis::cmd("HMGET")
                 .arg(key(name, "bo"))
                 .arg("opt")
                 .arg("v")
                 .arg("e")
+                .arg("sn")
+                .arg("ss")
+                .arg("sa")
                 .query_async(&mut conn)
                 .await?;
             let (Some(opt), Some(v), Some(e)) = (opt, v, e) else {
@@ -726,8 +977,18 @@ impl Shared {
             let board = boards.get_or_mirror(name);
             {
                 let mut b = board.lock();
+                b.schedule = options.schedule();
                 b.options = options;
                 b.ranking = ranking;
+                b.top_dirty = true;
+                b.note_moved(0, u64::MAX);
+                if let (Some(number), Some(started)) = (sn, ss) {
+                    b.season = SeasonState {
+                        number,
+                        started,
+                        anchor: sa.unwrap_or(started),
+                    };
+                }
                 b.epoch = e.into();
                 b.mirror = v;
                 b.next_seq = v;

@@ -7,6 +7,7 @@
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::service::{BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
+use super::store::{ArchivedSeason, StoredEntry};
 
 /// A board write that returns once it is durable and `boards` shows it (on this node).
 #[async_trait::async_trait]
@@ -33,6 +34,23 @@ pub trait BoardStorage: Send + Sync {
 
     /// Empties a board that exists, keeping its options and clock.
     async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError>;
+
+    /// Closes the board's season if it is still due at `now` (ms): its entries become the
+    /// archive, the board starts empty in the next season. Once per boundary, whoever
+    /// calls (a score past the end, the season task, every node under Redis).
+    async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError>;
+
+    /// The board's closed seasons kept, newest first.
+    async fn seasons(&self, boards: &Boards, name: &str)
+        -> Result<Vec<ArchivedSeason>, BoardError>;
+
+    /// One closed season with its entries, if kept.
+    async fn season(
+        &self,
+        boards: &Boards,
+        name: &str,
+        season: u64,
+    ) -> Result<Option<(ArchivedSeason, Vec<StoredEntry>)>, BoardError>;
 
     /// Takes no more writes; what was accepted is still made durable (`Boards::close`
     /// then waits for the storage's tasks).

@@ -11,6 +11,13 @@
 //!   [meta tag: 0 = None, 1 = Some][meta: UTF-8 JSON text]`.
 //! * `log`: `(board, log_seq)` -> the entries one commit put on that board, not yet
 //!   checkpointed into `entries/<board>`.
+//! * `seasons`: board -> `[season: u64 LE][started ms: i64 LE][anchor ms: i64 LE]`, the
+//!   board's current season (a board without a row is in season 1).
+//! * `archive`: `(board, season)` -> `[started: i64 LE][ended: i64 LE][players: u64 LE]
+//!   [order: UTF-8]`, one row per closed season kept; its entries are the table
+//!   `season/<board>/<season>` (same layout as `entries/<board>`). Closing a season folds
+//!   the board's log into `entries/<board>` and *renames* that table: O(1) in the board's
+//!   size, however many players it held.
 //!
 //! # Why an entry log
 //!
@@ -83,6 +90,11 @@ const BOARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("boards");
 /// Entries committed but not yet checkpointed: (board, log_seq) -> log record.
 const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
 const ENTRIES_PREFIX: &str = "entries/";
+/// A board's current season: board -> [season][started][anchor].
+const SEASONS: TableDefinition<&str, &[u8]> = TableDefinition::new("seasons");
+/// Closed seasons kept: (board, season) -> [started][ended][players][order].
+const ARCHIVE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("archive");
+const SEASON_PREFIX: &str = "season/";
 
 /// One player's best entry on a board, as persisted.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -101,8 +113,22 @@ pub struct StoredBoard {
     /// JSON text of the board options; opaque to the store.
     pub options: String,
     pub next_seq: u64,
+    /// The current season: (number, started ms, anchor ms); `None` for a board stored
+    /// before seasons (it is in season 1).
+    pub season: Option<(u64, i64, i64)>,
     /// Sorted by player name (byte order).
     pub entries: Vec<StoredEntry>,
+}
+
+/// A closed season as archived.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArchivedSeason {
+    pub season: u64,
+    pub started: i64,
+    pub ended: i64,
+    pub players: u64,
+    /// The board's sort order then (`high` / `low`), so the archive ranks as it did.
+    pub order: String,
 }
 
 /// One mutation. Ops of a commit are applied in order.
@@ -119,6 +145,22 @@ pub enum StoreOp {
     ResetBoard { board: String },
     /// Delete the board with its entries. Idempotent: deleting a missing board is a no-op.
     DeleteBoard { board: String },
+    /// Set the board's current season (number, start, anchor; see `season.rs`).
+    SetSeason {
+        board: String,
+        season: u64,
+        started: i64,
+        anchor: i64,
+    },
+    /// Close the current season: its entries become the archive `closed.season` (the
+    /// board starts empty, keeping options and `next_seq`), the board's season becomes
+    /// `next`, and archives older than the newest `keep` are deleted. The board must exist.
+    CloseSeason {
+        board: String,
+        closed: ArchivedSeason,
+        next: (u64, i64, i64),
+        keep: u64,
+    },
 }
 
 impl StoreOp {
@@ -128,7 +170,9 @@ impl StoreOp {
             | StoreOp::PutEntry { board, .. }
             | StoreOp::SetSeq { board, .. }
             | StoreOp::ResetBoard { board }
-            | StoreOp::DeleteBoard { board } => board,
+            | StoreOp::DeleteBoard { board }
+            | StoreOp::SetSeason { board, .. }
+            | StoreOp::CloseSeason { board, .. } => board,
         }
     }
 }
@@ -207,6 +251,65 @@ impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
 
 fn entries_table_name(board: &str) -> String {
     format!("{ENTRIES_PREFIX}{board}")
+}
+
+/// Board names hold no `/`, so `season/<board>/<n>` never collides.
+fn season_table_name(board: &str, season: u64) -> String {
+    format!("{SEASON_PREFIX}{board}/{season}")
+}
+
+fn encode_season(season: u64, started: i64, anchor: i64) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&season.to_le_bytes());
+    v[8..16].copy_from_slice(&started.to_le_bytes());
+    v[16..].copy_from_slice(&anchor.to_le_bytes());
+    v
+}
+
+fn decode_season(name: &str, bytes: &[u8]) -> Result<(u64, i64, i64), StoreError> {
+    if bytes.len() != 24 {
+        return Err(StoreError::Corrupt {
+            table: "seasons".into(),
+            key: name.into(),
+            detail: "record is not 24 bytes".into(),
+        });
+    }
+    let n = |r: std::ops::Range<usize>| bytes[r].try_into().expect("8 bytes");
+    Ok((
+        u64::from_le_bytes(n(0..8)),
+        i64::from_le_bytes(n(8..16)),
+        i64::from_le_bytes(n(16..24)),
+    ))
+}
+
+fn encode_archived(a: &ArchivedSeason) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24 + a.order.len());
+    v.extend_from_slice(&a.started.to_le_bytes());
+    v.extend_from_slice(&a.ended.to_le_bytes());
+    v.extend_from_slice(&a.players.to_le_bytes());
+    v.extend_from_slice(a.order.as_bytes());
+    v
+}
+
+fn decode_archived(board: &str, season: u64, bytes: &[u8]) -> Result<ArchivedSeason, StoreError> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        table: "archive".into(),
+        key: format!("{board}/{season}"),
+        detail: detail.into(),
+    };
+    if bytes.len() < 24 {
+        return Err(corrupt("record shorter than 24 bytes"));
+    }
+    let n = |r: std::ops::Range<usize>| bytes[r].try_into().expect("8 bytes");
+    Ok(ArchivedSeason {
+        season,
+        started: i64::from_le_bytes(n(0..8)),
+        ended: i64::from_le_bytes(n(8..16)),
+        players: u64::from_le_bytes(n(16..24)),
+        order: std::str::from_utf8(&bytes[24..])
+            .map_err(|_| corrupt("order is not UTF-8"))?
+            .to_owned(),
+    })
 }
 
 // ---- record encoding -------------------------------------------------------------------
@@ -448,6 +551,8 @@ impl Store {
             }
             txn.open_table(BOARDS).ctx("init: open boards")?;
             txn.open_table(LOG).ctx("init: open log")?;
+            txn.open_table(SEASONS).ctx("init: open seasons")?;
+            txn.open_table(ARCHIVE).ctx("init: open archive")?;
         }
         txn.commit().ctx("init: commit")
     }
@@ -464,6 +569,7 @@ impl Store {
             .ctx("load: begin read")?;
         let boards = txn.open_table(BOARDS).ctx("load: open boards")?;
         let log = txn.open_table(LOG).ctx("load: open log")?;
+        let seasons = txn.open_table(SEASONS).ctx("load: open seasons")?;
         let mut out = Vec::new();
         for row in boards.iter().ctx("load: iterate boards")? {
             let (k, v) = row.ctx("load: read board")?;
@@ -503,10 +609,15 @@ impl Store {
                 merged.extend(logged);
                 entries = merged.into_values().collect();
             }
+            let season = match seasons.get(name.as_str()).ctx("load: read season")? {
+                Some(v) => Some(decode_season(&name, v.value())?),
+                None => None,
+            };
             out.push(StoredBoard {
                 name,
                 options,
                 next_seq,
+                season,
                 entries,
             });
         }
@@ -736,7 +847,94 @@ fn apply<'a>(
                     .with_ctx(|| format!("commit: delete {table_name}"))?;
                 if delete {
                     boards.remove(board.as_str()).ctx("commit: delete board")?;
+                    txn.open_table(SEASONS)
+                        .ctx("commit: open seasons")?
+                        .remove(board.as_str())
+                        .ctx("commit: delete season")?;
+                    prune_archives(txn, board, u64::MAX)?;
                 }
+            }
+            StoreOp::SetSeason {
+                board,
+                season,
+                started,
+                anchor,
+            } => {
+                if !board_exists(&boards, board)? {
+                    return Err(StoreError::UnknownBoard {
+                        board: board.clone(),
+                    });
+                }
+                txn.open_table(SEASONS)
+                    .ctx("commit: open seasons")?
+                    .insert(
+                        board.as_str(),
+                        encode_season(*season, *started, *anchor).as_slice(),
+                    )
+                    .ctx("commit: write season")?;
+            }
+            StoreOp::CloseSeason {
+                board,
+                closed,
+                next,
+                keep,
+            } => {
+                if !board_exists(&boards, board)? {
+                    return Err(StoreError::UnknownBoard {
+                        board: board.clone(),
+                    });
+                }
+                let table_name = entries_table_name(board);
+                {
+                    // The season's entries: the board's table plus its log, and what
+                    // this commit put on it so far.
+                    let mut table = txn
+                        .open_table(TableDefinition::<&str, &[u8]>::new(&table_name))
+                        .with_ctx(|| format!("commit: open {table_name}"))?;
+                    let mut fold = |seq: u64, rec: &[u8]| {
+                        for_each_log_entry(board, seq, rec, |player, value| {
+                            table.insert(player, value).ctx("commit: fold entry")?;
+                            Ok(())
+                        })
+                    };
+                    for row in log
+                        .extract_from_if(
+                            (board.as_str(), 0)..=(board.as_str(), u64::MAX),
+                            |_, _| true,
+                        )
+                        .ctx("commit: take logged entries")?
+                    {
+                        let (k, v) = row.ctx("commit: read log")?;
+                        fold(k.value().1, v.value())?;
+                    }
+                    if let Some((_, rec)) = pending.remove(board.as_str()) {
+                        fold(u64::MAX, &rec)?;
+                    }
+                }
+                let archived = season_table_name(board, closed.season);
+                txn.delete_table(TableDefinition::<&str, &[u8]>::new(&archived))
+                    .with_ctx(|| format!("commit: clear {archived}"))?;
+                txn.rename_table(
+                    TableDefinition::<&str, &[u8]>::new(&table_name),
+                    TableDefinition::<&str, &[u8]>::new(&archived),
+                )
+                .with_ctx(|| format!("commit: archive {table_name}"))?;
+                txn.open_table(ARCHIVE)
+                    .ctx("commit: open archive")?
+                    .insert(
+                        (board.as_str(), closed.season),
+                        encode_archived(closed).as_slice(),
+                    )
+                    .ctx("commit: write archive")?;
+                txn.open_table(SEASONS)
+                    .ctx("commit: open seasons")?
+                    .insert(
+                        board.as_str(),
+                        encode_season(next.0, next.1, next.2).as_slice(),
+                    )
+                    .ctx("commit: write season")?;
+                let oldest_kept = closed.season.saturating_sub(keep.saturating_sub(1));
+                prune_archives(txn, board, oldest_kept)?;
             }
         }
     }
@@ -757,6 +955,84 @@ fn apply<'a>(
         meta.insert("log_seq", seq).ctx("commit: write log_seq")?;
     }
     Ok(logged)
+}
+
+/// Deletes the board's archives numbered below `below`, rows and tables.
+fn prune_archives(txn: &WriteTransaction, board: &str, below: u64) -> Result<(), StoreError> {
+    if below == 0 {
+        return Ok(());
+    }
+    let mut archive = txn.open_table(ARCHIVE).ctx("commit: open archive")?;
+    let old: Vec<u64> = archive
+        .extract_from_if((board, 0)..=(board, below - 1), |_, _| true)
+        .ctx("commit: prune archive")?
+        .map(|row| row.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()
+        .ctx("commit: prune archive")?;
+    for n in old {
+        let name = season_table_name(board, n);
+        txn.delete_table(TableDefinition::<&str, &[u8]>::new(&name))
+            .with_ctx(|| format!("commit: delete {name}"))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The board's closed seasons kept, newest first.
+    pub fn seasons(&self, board: &str) -> Result<Vec<ArchivedSeason>, StoreError> {
+        let txn = self.begin_read("seasons")?;
+        let archive = txn.open_table(ARCHIVE).ctx("seasons: open archive")?;
+        let mut out = Vec::new();
+        for row in archive
+            .range((board, 0)..=(board, u64::MAX))
+            .ctx("seasons: read archive")?
+            .rev()
+        {
+            let (k, v) = row.ctx("seasons: read archive")?;
+            out.push(decode_archived(board, k.value().1, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One closed season with its entries (by player), if it is kept.
+    pub fn season(
+        &self,
+        board: &str,
+        season: u64,
+    ) -> Result<Option<(ArchivedSeason, Vec<StoredEntry>)>, StoreError> {
+        let txn = self.begin_read("season")?;
+        let archive = txn.open_table(ARCHIVE).ctx("season: open archive")?;
+        let Some(meta) = archive.get((board, season)).ctx("season: read archive")? else {
+            return Ok(None);
+        };
+        let meta = decode_archived(board, season, meta.value())?;
+        let name = season_table_name(board, season);
+        let mut entries = Vec::new();
+        match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+            Ok(table) => {
+                entries.reserve(table.len().ctx("season: table length")? as usize);
+                for row in table
+                    .iter()
+                    .with_ctx(|| format!("season: iterate {name}"))?
+                {
+                    let (k, v) = row.with_ctx(|| format!("season: read {name}"))?;
+                    entries.push(decode_entry(board, k.value(), v.value())?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(StoreError::db(format!("season: open {name}"), e)),
+        }
+        Ok(Some((meta, entries)))
+    }
+
+    fn begin_read(&self, context: &str) -> Result<redb::ReadTransaction, StoreError> {
+        self.file
+            .with_db(Database::begin_read)
+            .ok_or_else(|| StoreError::NotOpen {
+                path: self.file.path().to_owned(),
+            })?
+            .ctx(&format!("{context}: begin read"))
+    }
 }
 
 // ---- StoreWriter (group commit) ----------------------------------------------------------
@@ -912,7 +1188,7 @@ impl StoreWriter {
             .ok_or(StoreError::Closed)
     }
 
-    #[cfg(test)]
+    /// The store, for reads beside the writer (redb reads never wait for a write).
     pub(crate) fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -1089,6 +1365,7 @@ mod tests {
                 name: "alpha".into(),
                 options: r#"{"order":"asc"}"#.into(),
                 next_seq: 10,
+                season: None,
                 entries: vec![
                     entry("adam", -3.0, 8, Some(r#"{"lvl":3}"#)),
                     entry("zoe", 13.5, 9, Some("{}")),
@@ -1098,12 +1375,14 @@ mod tests {
                 name: "beta".into(),
                 options: "{}".into(),
                 next_seq: 0,
+                season: None,
                 entries: vec![entry("bob", 1.0, 1, Some(""))],
             },
             StoredBoard {
                 name: "gamma".into(),
                 options: "{}".into(),
                 next_seq: 0,
+                season: None,
                 entries: vec![entry("g", 1.0, 1, None)],
             },
         ];
@@ -1141,12 +1420,14 @@ mod tests {
                     name: "alpha".into(),
                     options: r#"{"order":"asc"}"#.into(),
                     next_seq: 10,
+                    season: None,
                     entries: vec![entry("carl", 2.0, 12, None)],
                 },
                 StoredBoard {
                     name: "gamma".into(),
                     options: "{}".into(),
                     next_seq: 0,
+                    season: None,
                     entries: vec![],
                 },
             ]
@@ -1161,6 +1442,7 @@ mod tests {
                 name: "beta".into(),
                 options: "{}".into(),
                 next_seq: 0,
+                season: None,
                 entries: vec![],
             })
         );

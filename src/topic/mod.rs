@@ -13,7 +13,7 @@ pub use crier_protocol::names::{is_valid_topic as is_valid, MAX_TOPIC_LEN};
 pub type TopicName = Arc<str>;
 
 pub const BAD_TOPIC_MESSAGE: &str =
-    "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . :, and not . or ..";
+    "topic name must be 1-128 bytes of A-Z a-z 0-9 _ - . : @, and not . or ..";
 
 /// What every leaderboard's topic starts with. Only the leaderboard API writes these
 /// topics (a publish to one is refused), and the routed broker sends them to the board
@@ -23,6 +23,18 @@ pub const BOARD_PREFIX: &str = "board:";
 /// The topic watchers of leaderboard `board` subscribe to: `board:{board}`.
 pub fn board_topic(board: &str) -> String {
     format!("{BOARD_PREFIX}{board}")
+}
+
+/// The topic that follows one player on a board: `board:{board}@{player}`.
+pub fn player_topic(board: &str, player: &str) -> String {
+    format!("{BOARD_PREFIX}{board}@{player}")
+}
+
+/// The (board, player) of a `player_topic`, if `topic` is one.
+pub fn player_topic_parts(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(BOARD_PREFIX)?;
+    let (board, player) = rest.split_once('@')?;
+    (!board.is_empty() && !player.is_empty()).then_some((board, player))
 }
 
 /// Whether `topic` is a leaderboard's topic (`board_topic` of some board).

@@ -7,7 +7,7 @@
 // the board screenshot goes, default /tmp/crier-board.png).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { launchBrowser, startServer, postScores } from './server.mjs';
+import { launchBrowser, startServer, postScores, api } from './server.mjs';
 
 const WAIT = 15_000; // the longest any single wait may take
 const SCREENSHOT = process.env.CRIER_E2E_SCREENSHOT || '/tmp/crier-board.png';
@@ -222,6 +222,44 @@ test('reconnect: the page recovers by itself after the server restarts', { timeo
     const { rm } = await import('node:fs/promises');
     await rm(dataDir, { recursive: true, force: true });
   }
+});
+
+test('seasons: the page shows the season and counts down to the next reset', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    await api(server.baseURL, 'PUT', '/api/boards/e2e-season', {
+      reset: '0 0 * * MON',
+      timezone: 'Asia/Tokyo',
+    });
+    await postScores(server.baseURL, 'e2e-season', seed.slice(0, 2));
+    await postScores(server.baseURL, 'e2e-plain', seed.slice(0, 1));
+    const board = await api(server.baseURL, 'GET', '/api/boards/e2e-season');
+    assert.equal(board.season.number, 1);
+    const page = await newPage();
+    await page.goto(`${server.baseURL}/boards/e2e-season`);
+    await waitLive(page);
+    await waitRows(page, 2);
+    await page.waitForFunction(() => document.querySelector('#season').textContent === '1', null, {
+      timeout: WAIT,
+    });
+    assert.equal(await page.getAttribute('#countdown', 'data-next-reset'), board.next_reset);
+    assert.equal(await page.isVisible('#reset-stat'), true);
+    const first = await page.textContent('#countdown');
+    assert.match(first, /^(\d+d )?\d\d:\d\d:\d\d$/, `a countdown: ${first}`);
+    // It ticks: within a few seconds the text changes.
+    await page.waitForFunction((t) => document.querySelector('#countdown').textContent !== t, first, {
+      timeout: WAIT,
+    });
+    // A board without a schedule shows its season and no countdown.
+    await page.goto(`${server.baseURL}/boards/e2e-plain`);
+    await waitLive(page);
+    await waitRows(page, 1);
+    await page.waitForFunction(() => document.querySelector('#season').textContent === '1', null, {
+      timeout: WAIT,
+    });
+    assert.equal(await page.isVisible('#reset-stat'), false);
+    assert.deepEqual(page.errors, [], 'no uncaught page errors');
+    await page.context().close();
+  });
 });
 
 test('index: / lists the boards and links to them', { timeout: 60_000 }, async () => {

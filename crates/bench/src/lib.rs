@@ -531,7 +531,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     }
     anyhow::ensure!(
         crier_protocol::names::is_valid_topic(&args.topic),
-        "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
+        "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . : @"
     );
     let attack_plan = match args.attack {
         Some(kind) => Some(attack::plan(&args, kind)?),
@@ -889,7 +889,7 @@ async fn run_history(
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(
         crier_protocol::names::is_valid_topic(&args.topic),
-        "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
+        "--topic must be 1-128 bytes of A-Z a-z 0-9 _ - . : @"
     );
     let hidden = args.quiet || args.json || !std::io::stderr().is_terminal();
     let mut report = Report {

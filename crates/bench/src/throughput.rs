@@ -150,7 +150,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ThroughputReport> {
         names
             .iter()
             .all(|t| crier_protocol::names::is_valid_topic(t)),
-        "--topic with its .N suffix must be 1-128 bytes of A-Z a-z 0-9 _ - . :"
+        "--topic with its .N suffix must be 1-128 bytes of A-Z a-z 0-9 _ - . : @"
     );
     let bases = args.publish_bases()?;
     // Publication k goes to topic k mod K; with --publish-via rr, through server

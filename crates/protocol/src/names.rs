@@ -13,14 +13,14 @@ fn is_dot_segment(name: &str) -> bool {
     name == "." || name == ".."
 }
 
-/// A topic name: 1-128 bytes of `A-Z a-z 0-9 _ - . :`, and not `.` or `..`.
+/// A topic name: 1-128 bytes of `A-Z a-z 0-9 _ - . : @`, and not `.` or `..`.
 pub fn is_valid_topic(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_TOPIC_LEN
         && !is_dot_segment(name)
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
 }
 
 /// A leaderboard name: 1-64 bytes of `A-Z a-z 0-9 _ - .` (no `:`, as its topic is
@@ -42,6 +42,7 @@ mod tests {
     fn topics() {
         assert!(is_valid_topic("scores"));
         assert!(is_valid_topic("board:arena-1.eu_west"));
+        assert!(is_valid_topic("board:arena@p42"));
         assert!(is_valid_topic(&"a".repeat(128)));
         assert!(!is_valid_topic(""));
         assert!(!is_valid_topic(&"a".repeat(129)));

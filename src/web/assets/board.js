@@ -30,6 +30,9 @@ import { Crier } from "./crier.js";
     leaderCard: $("#leader-card"),
     watchers: $("#watchers"),
     players: $("#players"),
+    season: $("#season"),
+    resetStat: $("#reset-stat"),
+    countdown: $("#countdown"),
     rows: $("#rows"),
     empty: $("#empty"),
     access: $("#access"),
@@ -212,6 +215,41 @@ import { Crier } from "./crier.js";
   function updateCounts(data) {
     if (data.watchers !== undefined) setText(el.watchers, fmt(data.watchers));
     if (data.players !== undefined) setText(el.players, fmt(data.players));
+    if (data.season !== undefined) setText(el.season, fmt(data.season));
+    setNextReset(typeof data.next_reset === "string" ? data.next_reset : "");
+  }
+
+  // ---- season countdown -------------------------------------------------------------
+  // `next_reset` (RFC 3339) comes with every update of a board with a schedule; the page
+  // counts down to it once a second on the viewer's clock. At zero it says so until the
+  // server's update of the new season arrives.
+  let nextReset = NaN;
+  let countdownTimer = null;
+
+  function setNextReset(text) {
+    el.countdown.dataset.nextReset = text;
+    nextReset = text ? Date.parse(text) : NaN;
+    el.resetStat.hidden = !Number.isFinite(nextReset);
+    if (Number.isFinite(nextReset) && countdownTimer === null) {
+      countdownTimer = setInterval(tick, 1000);
+    } else if (!Number.isFinite(nextReset) && countdownTimer !== null) {
+      clearInterval(countdownTimer);
+      countdownTimer = null;
+    }
+    tick();
+  }
+
+  function tick() {
+    if (!Number.isFinite(nextReset)) return;
+    const left = Math.max(0, Math.floor((nextReset - Date.now()) / 1000));
+    if (left === 0) {
+      setText(el.countdown, "now");
+      return;
+    }
+    const d = Math.floor(left / 86400);
+    const pad = (n) => String(n).padStart(2, "0");
+    const hms = `${pad(Math.floor((left % 86400) / 3600))}:${pad(Math.floor((left % 3600) / 60))}:${pad(left % 60)}`;
+    setText(el.countdown, d > 0 ? `${d}d ${hms}` : hms);
   }
 
   // One board update. `first` is true for the first update of a connection: the fresh

@@ -11,7 +11,7 @@
 // offset once and in order, or is told explicitly (onReset) that the gap could not be filled.
 
 // The server's rule (crates/protocol/src/names.rs): `.` and `..` are path segments, not names.
-const TOPIC_RE = /^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$/;
+const TOPIC_RE = /^(?!\.\.?$)[A-Za-z0-9_.:@-]{1,128}$/;
 const DEFAULTS = {
   baseMs: 500, // first reconnect ceiling; doubles per failed attempt
   maxMs: 30000, // ceiling of the ceiling
@@ -141,7 +141,7 @@ export class Crier {
   subscribe(topic, handlers = {}) {
     if (this._closed) throw new Error("crier: subscribe on a closed client");
     if (typeof topic !== "string" || !TOPIC_RE.test(topic)) {
-      throw new TypeError("crier: a topic name is 1-128 bytes of A-Z a-z 0-9 _ - . :, not . or ..");
+      throw new TypeError("crier: a topic name is 1-128 bytes of A-Z a-z 0-9 _ - . : @, not . or ..");
     }
     if (typeof handlers === "function") handlers = { onMessage: handlers };
     let sub = this._subs.get(topic);

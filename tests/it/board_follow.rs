@@ -1,0 +1,126 @@
+//! Following one player live (issue 19): `board:{board}@{player}` pushes that player's
+//! entry and up to 5 neighbours above and below when they change, over WebSocket and SSE;
+//! a change outside the window sends nothing to its follower.
+
+use std::time::Duration;
+
+use crate::common::*;
+use serde_json::{json, Value};
+
+async fn scores(srv: &TestServer, board: &str, body: Value) {
+    let (s, b) = srv
+        .post_with_key(
+            &format!("/api/boards/{board}/scores"),
+            &body.to_string(),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+}
+
+/// The next window pushed on a WebSocket (command replies skipped).
+async fn next_window(ws: &mut Ws) -> Value {
+    within("a window", async {
+        loop {
+            let m = next_json(ws).await;
+            if m.get("op").is_none() {
+                return m["data"].clone();
+            }
+        }
+    })
+    .await
+}
+
+fn players(w: &Value) -> Vec<&str> {
+    w["around"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["player"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_follower_gets_the_window_and_only_the_changes_that_touch_it() {
+    let srv = TestServer::start(|c| c.board_update_interval = Duration::from_millis(10)).await;
+    // p00..p39 with scores 3900..0: p00 first.
+    let seed: Vec<Value> = (0..40)
+        .map(|i| json!({"player": format!("p{i:02}"), "score": (39 - i) * 100}))
+        .collect();
+    scores(&srv, "arena", json!(seed)).await;
+    let mut ws = srv.ws("?topic=board:arena@p20").await;
+    let w = next_window(&mut ws).await;
+    assert_eq!(w["player"], "p20");
+    assert_eq!(w["entry"]["rank"], 21);
+    assert_eq!(w["players"], 40);
+    assert_eq!(
+        players(&w),
+        (15..=25).map(|i| format!("p{i:02}")).collect::<Vec<_>>()
+    );
+
+    // Outside the window (ranks 1-2 swap): nothing for p20. Then p30 jumps to rank 1: every
+    // rank from 1 to 30 shifts, p20 moves to 22 and its window changes.
+    scores(&srv, "arena", json!({"player": "p01", "score": 5000})).await;
+    scores(&srv, "arena", json!({"player": "p30", "score": 9000})).await;
+    let w = next_window(&mut ws).await;
+    assert_eq!(w["entry"]["rank"], 22, "{w}");
+    assert_eq!(w["around"][0]["player"], "p15");
+
+    // Over SSE, with the same data; a player with no score yet gets `entry: null`.
+    let mut sse = Sse::connect(srv.addr, "?topic=board:arena@newbie").await;
+    let (_, first) = within("the SSE window", sse.next_event()).await.unwrap();
+    let first = first.get("data").cloned().unwrap_or(first);
+    assert_eq!(
+        (first["player"].as_str(), first["entry"].is_null()),
+        (Some("newbie"), true),
+        "{first}"
+    );
+    scores(&srv, "arena", json!({"player": "newbie", "score": 3850})).await;
+    let (_, got) = within("newbie's entry", sse.next_event()).await.unwrap();
+    let got = got.get("data").cloned().unwrap_or(got);
+    assert_eq!(got["entry"]["rank"], 4, "{got}");
+    // And p20's follower hears of it too (one rank down).
+    let w = next_window(&mut ws).await;
+    assert_eq!(w["entry"]["rank"], 23, "{w}");
+}
+
+/// Under `--redis`, a follower on one node sees the window move with scores posted
+/// through another.
+#[tokio::test]
+async fn under_redis_a_follower_on_another_node_sees_its_window_move() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let url = redis.url();
+    let start = || {
+        let url = url.clone();
+        TestServer::start(move |c| {
+            c.redis = url;
+            c.board_update_interval = Duration::from_millis(10);
+        })
+    };
+    let (a, b) = (start().await, start().await);
+    scores(
+        &a,
+        "cup",
+        json!([{"player": "ann", "score": 10}, {"player": "bob", "score": 5}]),
+    )
+    .await;
+    let mut ws = b.ws("?topic=board:cup@bob").await;
+    let w = within("bob's first window", async {
+        loop {
+            let w = next_window(&mut ws).await;
+            if w["entry"]["rank"] == 2 {
+                return w;
+            }
+        }
+    })
+    .await;
+    assert_eq!(players(&w), ["ann", "bob"]);
+    scores(&a, "cup", json!({"player": "bob", "score": 50})).await;
+    let w = next_window(&mut ws).await;
+    assert_eq!(
+        (w["entry"]["rank"].as_u64(), players(&w)),
+        (Some(1), vec!["bob", "ann"]),
+        "{w}"
+    );
+}
