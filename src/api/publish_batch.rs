@@ -70,6 +70,14 @@ pub async fn publish_batch(
         }
         e
     })?;
+    // serde reads a struct from a JSON array too (positionally): `[[{...}]]` would pass as
+    // a batch, and `[{...}]` would fail with a message about maps and sequences.
+    if bytes.trim_ascii_start().first() == Some(&b'[') {
+        return Err(ApiError::new(
+            ErrorCode::BadJson,
+            "the body is a JSON array; a batch is an object: {\"items\":[{\"topic\":..,\"data\":..},..]}",
+        ));
+    }
     let batch: Batch = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             ErrorCode::BadJson,

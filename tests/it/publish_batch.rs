@@ -81,6 +81,9 @@ async fn what_is_not_a_batch_is_refused_whole_and_the_body_has_a_budget() {
     assert_eq!(next_json(&mut ws).await["op"], "subscribed");
     for (body, status, code) in [
         ("[1,2]".to_string(), 400, "bad_json"),
+        // An array is not read positionally as the object.
+        (r#"[[{"topic":"a","data":1}]]"#.to_string(), 400, "bad_json"),
+        (r#" [{"topic":"a","data":1}]"#.to_string(), 400, "bad_json"),
         ("{\"items\":[{\"topic\":\"a\"}]}".into(), 400, "bad_json"),
         ("{\"items\":[],\"x\":1}".into(), 400, "bad_json"),
         ("{\"items\":[]}".into(), 400, "bad_body"),
