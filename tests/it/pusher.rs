@@ -503,3 +503,132 @@ async fn presence_join(ws: &mut Ws, socket_id: &str, user: &str) -> Value {
     let ok = next_event(ws, "pusher_internal:subscription_succeeded").await;
     serde_json::from_str(ok["data"].as_str().unwrap()).unwrap()
 }
+
+/// A signed `GET` of the Pusher HTTP API (`extra` are the other query parameters, plain
+/// text that needs no escaping), as the SDKs sign it.
+async fn api_get(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> (u16, Value) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let mut params = vec![
+        ("auth_key", "key1"),
+        ("auth_timestamp", now.as_str()),
+        ("auth_version", "1.0"),
+    ];
+    params.extend_from_slice(extra);
+    params.sort();
+    let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let q = q.join("&");
+    let sig = crier::pusher::sign::sign(b"secret1", format!("GET\n{path}\n{q}").as_bytes());
+    crate::common::http::get_url(&format!("http://{addr}{path}?{q}&auth_signature={sig}")).await
+}
+
+/// Polls `api_get` until `ok` holds for the answer (cluster counts are written within a
+/// second of a change); returns that answer.
+async fn api_until(
+    addr: SocketAddr,
+    path: &str,
+    extra: &[(&str, &str)],
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, v) = api_get(addr, path, extra).await;
+        assert_eq!(status, 200, "{v}");
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out on {path}: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Under `--redis`, the channel API counts the whole cluster: a channel whose subscribers
+/// are all on node B is occupied as node A sees it, `subscription_count` sums both nodes,
+/// the listing holds channels only B serves, and a channel left everywhere is vacant again.
+#[tokio::test]
+async fn channel_api_counts_the_cluster() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let flags = [
+        "--redis",
+        &redis.url(),
+        "--pusher-app-id",
+        "1",
+        "--pusher-key",
+        "key1",
+        "--pusher-secret",
+        "secret1",
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = crate::common::serve_binary(dir_a.path(), "127.0.0.1:0", &flags);
+    let (_b, addr_b) = crate::common::serve_binary(dir_b.path(), "127.0.0.1:0", &flags);
+    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
+        (addr_a.parse().unwrap(), addr_b.parse().unwrap());
+    let (mut a1, _) = pusher_ws(addr_a, "key1").await;
+    let (mut b1, _) = pusher_ws(addr_b, "key1").await;
+    let (mut b2, _) = pusher_ws(addr_b, "key1").await;
+    subscribe(&mut a1, "room").await;
+    subscribe(&mut b1, "room").await;
+    subscribe(&mut b2, "room").await;
+    subscribe(&mut b1, "only-b").await;
+
+    let count = [("info", "subscription_count")];
+    let v = api_until(addr_a, "/apps/1/channels/room", &count, |v| {
+        v["subscription_count"] == 3
+    })
+    .await;
+    assert_eq!(v["occupied"], true, "{v}");
+    let v = api_until(addr_a, "/apps/1/channels/only-b", &count, |v| {
+        v["subscription_count"] == 1
+    })
+    .await;
+    assert_eq!(v["occupied"], true, "{v}");
+    let v = api_until(addr_a, "/apps/1/channels", &[], |v| {
+        v["channels"].get("only-b").is_some()
+    })
+    .await;
+    assert!(v["channels"].get("room").is_some(), "{v}");
+    let only = api_until(
+        addr_a,
+        "/apps/1/channels",
+        &[("filter_by_prefix", "only")],
+        |v| v["channels"].get("only-b").is_some(),
+    )
+    .await;
+    assert!(only["channels"].get("room").is_none(), "{only}");
+
+    // A presence channel with members on both nodes: user_count in the listing too.
+    let (mut alice, sid_alice) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut alice, &sid_alice, "alice").await;
+    let (mut bob, sid_bob) = pusher_ws(addr_b, "key1").await;
+    presence_join(&mut bob, &sid_bob, "bob").await;
+    let users = [("filter_by_prefix", "presence-"), ("info", "user_count")];
+    api_until(addr_a, "/apps/1/channels", &users, |v| {
+        v["channels"]["presence-room"]["user_count"] == 2
+    })
+    .await;
+
+    // Everyone leaves only-b (on B): A sees it vacant and no longer listed.
+    drop(b1);
+    let v = api_until(addr_a, "/apps/1/channels/only-b", &count, |v| {
+        v["occupied"] == false
+    })
+    .await;
+    assert_eq!(v["subscription_count"], 0, "{v}");
+    api_until(addr_a, "/apps/1/channels", &[], |v| {
+        v["channels"].get("only-b").is_none()
+    })
+    .await;
+    let v = api_until(addr_a, "/apps/1/channels/room", &count, |v| {
+        v["subscription_count"] == 2
+    })
+    .await;
+    assert_eq!(v["occupied"], true, "{v}");
+    drop((a1, b2, alice, bob));
+}
