@@ -50,6 +50,7 @@ async fn start_shared(
     Arc<dyn crate::broker::Broker>,
     Arc<Boards>,
     Arc<crate::broker::redis::RedisHealth>,
+    Arc<ClusterCounts>,
 )> {
     let redis = RedisBroker::connect(cfg, &cfg.redis, hub.clone(), metrics.clone()).await?;
     let (client, conn, health) = (redis.client(), redis.connection(), redis.health());
@@ -69,10 +70,10 @@ async fn start_shared(
         shutdown,
         conn,
         client,
-        counts,
+        counts.clone(),
     )
     .await?;
-    Ok((broker, boards, health))
+    Ok((broker, boards, health, counts))
 }
 
 /// The settings with flags over variables over the file (`Config::resolve`), checked as a
@@ -128,8 +129,9 @@ impl Server {
         if let Some(w) = &webhooks {
             hub.set_events(w.clone());
         }
-        let (broker, memory_broker, boards, redis_health): (
+        let (broker, memory_broker, boards, redis_health, cluster_counts): (
             Arc<dyn crate::broker::Broker>,
+            _,
             _,
             _,
             _,
@@ -150,9 +152,15 @@ impl Server {
                 shutdown.clone(),
             )
             .await?;
-            (memory_broker.clone(), Some(memory_broker), boards, None)
+            (
+                memory_broker.clone(),
+                Some(memory_broker),
+                boards,
+                None,
+                None,
+            )
         } else {
-            let (broker, boards, health) = start_shared(
+            let (broker, boards, health, counts) = start_shared(
                 &cfg,
                 hub.clone(),
                 metrics.clone(),
@@ -161,7 +169,7 @@ impl Server {
             )
             .await
             .with_context(|| format!("connecting to redis at {}", cfg.redis))?;
-            (broker, None, boards, Some(health))
+            (broker, None, boards, Some(health), Some(counts))
         };
         // The hub fills gaps in its deliveries from the broker's history.
         hub.attach(Arc::downgrade(&broker));
@@ -177,6 +185,7 @@ impl Server {
             AppState::new(cfg, metrics, broker, hub, boards, shutdown)
                 .with_pusher(pusher_apps)
                 .with_redis(redis_health)
+                .with_counts(cluster_counts)
                 .with_auth(auth)
                 .with_board_policies(board_policies)
                 .with_durable_files(durable_files),

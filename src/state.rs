@@ -36,6 +36,8 @@ pub struct AppState {
     pub limits: Arc<ConnLimits>,
     /// With `--redis`: what `/readyz` reports about it (None on a node alone).
     pub redis: Option<Arc<crate::broker::redis::RedisHealth>>,
+    /// With `--redis`: cluster-wide subscriber counts (the Pusher channel API reads them).
+    pub counts: Option<Arc<crate::broker::cluster_counts::ClusterCounts>>,
     /// Private topics and the keys that check subscriber tokens.
     pub auth: crate::auth::Auth,
     /// `[[board]]` policies and their per-player rate table.
@@ -71,6 +73,7 @@ impl AppState {
             tracker: TaskTracker::new(),
             boards,
             redis: None,
+            counts: None,
             auth: crate::auth::Auth::open(),
             pusher: Arc::default(),
             durable_files: Vec::new(),
@@ -82,6 +85,15 @@ impl AppState {
     /// With `--redis`: lets `/readyz` report the Redis connections' health.
     pub fn with_redis(mut self, health: Option<Arc<crate::broker::redis::RedisHealth>>) -> Self {
         self.redis = health;
+        self
+    }
+
+    /// With `--redis`: the cluster-wide subscriber counts.
+    pub fn with_counts(
+        mut self,
+        counts: Option<Arc<crate::broker::cluster_counts::ClusterCounts>>,
+    ) -> Self {
+        self.counts = counts;
         self
     }
 

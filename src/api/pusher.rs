@@ -33,6 +33,10 @@ use crate::topic::is_valid_pusher_channel;
 pub const MAX_CHANNELS: usize = 100;
 pub const MAX_BATCH: usize = 10;
 
+/// Channels one listing reads from Redis at most, so one call never walks an unbounded
+/// key space.
+const MAX_LISTED: usize = 10_000;
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -235,8 +239,8 @@ fn wants(info: &InfoQuery, attribute: &str) -> bool {
         .is_some_and(|i| i.split(',').any(|a| a.trim() == attribute))
 }
 
-/// `GET /apps/{id}/channels`: the app's occupied channels on this node (`filter_by_prefix`;
-/// `info=user_count` for presence channels).
+/// `GET /apps/{id}/channels`: the app's occupied channels (`filter_by_prefix`;
+/// `info=user_count` for presence channels), across the cluster under `--redis`.
 pub async fn channels(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -259,8 +263,15 @@ pub async fn channels(
             "info=user_count needs filter_by_prefix=presence-",
         ));
     }
+    let topics = match &state.counts {
+        Some(counts) => {
+            let scope = format!("{prefix}{}", q.filter_by_prefix.as_deref().unwrap_or(""));
+            counts.occupied(&scope, MAX_LISTED).await
+        }
+        None => state.hub.topic_counts(),
+    };
     let mut out = serde_json::Map::new();
-    for (topic, _) in state.hub.topic_counts() {
+    for (topic, _) in topics {
         let Some(channel) = topic.strip_prefix(&prefix) else {
             continue;
         };
@@ -292,7 +303,7 @@ fn channel_of(channel: &str) -> Result<(), ApiError> {
 }
 
 /// `GET /apps/{id}/channels/{name}`: occupied, and on request `subscription_count` and
-/// (presence) `user_count`, on this node.
+/// (presence) `user_count`, across the cluster under `--redis`.
 pub async fn channel(
     State(state): State<Arc<AppState>>,
     Path((id, name)): Path<(String, String)>,
@@ -304,7 +315,10 @@ pub async fn channel(
     channel_of(&name)?;
     let q = info_query(query.as_deref());
     let topic = app.topic(&name);
-    let count = state.hub.subscriber_count(&topic);
+    let count = match &state.counts {
+        Some(counts) => counts.now(&topic).await,
+        None => state.hub.subscriber_count(&topic),
+    };
     let mut out = json!({ "occupied": count > 0 });
     if wants(&q, "subscription_count") {
         out["subscription_count"] = count.into();

@@ -86,6 +86,8 @@ pub fn key(topic: &str) -> String {
 
 pub struct ClusterCounts {
     hub: Arc<dyn BrokerSink>,
+    /// For the answers that must be current (`now`, `occupied`), read straight from Redis.
+    conn: ConnectionManager,
     totals: Mutex<HashMap<TopicName, usize>>,
     asked: Mutex<HashMap<TopicName, Instant>>,
     /// Whether the last refresh reached Redis; if not, totals fall back to local counts.
@@ -101,6 +103,7 @@ impl ClusterCounts {
     ) -> Arc<ClusterCounts> {
         let this = Arc::new(ClusterCounts {
             hub,
+            conn: conn.clone(),
             totals: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashMap::new()),
             fresh: AtomicBool::new(false),
@@ -132,6 +135,103 @@ impl ClusterCounts {
             .unwrap_or(local)
             .max(local)
     }
+}
+
+impl ClusterCounts {
+    /// The cluster total of one topic read from Redis now (the Pusher channel API answers a
+    /// single question, so a cached total that starts at the local count would be wrong
+    /// on the first ask); never below the local count, and the local count if Redis fails.
+    pub async fn now(&self, topic: &str) -> usize {
+        let local = self.hub.subscriber_count(topic);
+        let mut conn = self.conn.clone();
+        match Script::new(READ)
+            .key(key(topic))
+            .invoke_async::<Vec<usize>>(&mut conn)
+            .await
+        {
+            Ok(v) => v.first().copied().unwrap_or(0).max(local),
+            Err(e) => {
+                tracing::debug!("cluster count not read: {e}");
+                local
+            }
+        }
+    }
+
+    /// Every topic starting with `prefix` that has a subscriber on some live node, with its
+    /// cluster total: the count keys found by `SCAN` (at most `limit` of them), summed like
+    /// `now`, joined with this node's own topics. With Redis down, this node's topics only.
+    pub async fn occupied(&self, prefix: &str, limit: usize) -> Vec<(TopicName, usize)> {
+        let mut out: HashMap<TopicName, usize> = self
+            .hub
+            .topic_counts()
+            .into_iter()
+            .filter(|(t, n)| t.starts_with(prefix) && *n > 0)
+            .collect();
+        let mut conn = self.conn.clone();
+        let pattern = format!("crier:{{{}*}}:n", glob_escape(prefix));
+        let mut topics: Vec<TopicName> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let r: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await;
+            let (next, keys) = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("cluster topics not listed: {e}");
+                    return out.into_iter().collect();
+                }
+            };
+            topics.extend(keys.iter().filter_map(|k| {
+                let t = k.strip_prefix("crier:{")?.strip_suffix("}:n")?;
+                Some(TopicName::from(t))
+            }));
+            cursor = next;
+            if cursor == 0 || topics.len() >= limit {
+                break;
+            }
+        }
+        topics.truncate(limit);
+        let read = Script::new(READ);
+        for chunk in topics.chunks(CHUNK) {
+            let mut inv = read.prepare_invoke();
+            for t in chunk {
+                inv.key(key(t));
+            }
+            match inv.invoke_async::<Vec<usize>>(&mut conn).await {
+                Ok(sums) => {
+                    for (t, n) in chunk.iter().zip(sums) {
+                        if n > 0 {
+                            let e = out.entry(t.clone()).or_insert(0);
+                            *e = (*e).max(n);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("cluster counts not read: {e}");
+                    break;
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// `prefix` as a literal inside a Redis glob pattern.
+fn glob_escape(prefix: &str) -> String {
+    let mut s = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s
 }
 
 async fn run(

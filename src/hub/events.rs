@@ -36,4 +36,9 @@ pub trait TopicEvents: Send + Sync {
     /// whole. Called outside any hub lock.
     fn member_removed(&self, _topic: &str, _client: u64, _user: Option<&str>, _info: Option<&str>) {
     }
+    /// Under `--redis`: a user's first connection joined the topic's presence (`added`)
+    /// or its last one left, counted over the cluster. Told once per cluster: by the node
+    /// whose write made it so, or by the survivor that reaped a dead node's member.
+    /// Called outside any hub lock.
+    fn user_edge(&self, _topic: &str, _user: &str, _added: bool) {}
 }

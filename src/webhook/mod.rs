@@ -294,7 +294,9 @@ impl TopicEvents for Webhooks {
         if !(self.filter.members() || pusher.is_some()) || !self.cfg.presence(topic).members {
             return;
         }
-        if let (Some((targets, channel)), Some(user)) = (pusher, user) {
+        // Under `--redis` the cluster counts a user's connections (`user_edge`).
+        let local = self.cluster.get().is_none();
+        if let (Some((targets, channel)), Some(user), true) = (pusher, user, local) {
             if self.count_user(topic, &Arc::from(user), 1) == 1 {
                 let user_id = serde_json::to_string(user).expect("a string serializes");
                 let extra = format!(r#","user_id":{user_id}"#);
@@ -321,7 +323,8 @@ impl TopicEvents for Webhooks {
         let Some((user, info)) = self.members.lock().remove(&key) else {
             return;
         };
-        if let (Some((targets, channel)), Some(user)) = (pusher, &user) {
+        let local = self.cluster.get().is_none();
+        if let (Some((targets, channel)), Some(user), true) = (pusher, &user, local) {
             if self.count_user(topic, user, -1) == 0 {
                 let user_id = serde_json::to_string(&**user).expect("a string serializes");
                 let extra = format!(r#","user_id":{user_id}"#);
@@ -367,6 +370,23 @@ impl TopicEvents for Webhooks {
         if let Some((targets, channel)) = self.pusher_app(topic) {
             Self::emit_to(targets, events::pusher("cache_miss", channel, ""));
         }
+    }
+
+    fn user_edge(&self, topic: &str, user: &str, added: bool) {
+        let Some((targets, channel)) = self.pusher_app(topic) else {
+            return;
+        };
+        if !self.cfg.presence(topic).members {
+            return;
+        }
+        let user_id = serde_json::to_string(user).expect("a string serializes");
+        let extra = format!(r#","user_id":{user_id}"#);
+        let name = if added {
+            "member_added"
+        } else {
+            "member_removed"
+        };
+        Self::emit_to(targets, events::pusher(name, channel, &extra));
     }
 
     fn member_removed(&self, topic: &str, client: u64, user: Option<&str>, info: Option<&str>) {

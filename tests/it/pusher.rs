@@ -503,3 +503,283 @@ async fn presence_join(ws: &mut Ws, socket_id: &str, user: &str) -> Value {
     let ok = next_event(ws, "pusher_internal:subscription_succeeded").await;
     serde_json::from_str(ok["data"].as_str().unwrap()).unwrap()
 }
+
+/// A signed `GET` of the Pusher HTTP API (`extra` are the other query parameters, plain
+/// text that needs no escaping), as the SDKs sign it.
+async fn api_get(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> (u16, Value) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let mut params = vec![
+        ("auth_key", "key1"),
+        ("auth_timestamp", now.as_str()),
+        ("auth_version", "1.0"),
+    ];
+    params.extend_from_slice(extra);
+    params.sort();
+    let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let q = q.join("&");
+    let sig = crier::pusher::sign::sign(b"secret1", format!("GET\n{path}\n{q}").as_bytes());
+    crate::common::http::get_url(&format!("http://{addr}{path}?{q}&auth_signature={sig}")).await
+}
+
+/// Polls `api_get` until `ok` holds for the answer (cluster counts are written within a
+/// second of a change); returns that answer.
+async fn api_until(
+    addr: SocketAddr,
+    path: &str,
+    extra: &[(&str, &str)],
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, v) = api_get(addr, path, extra).await;
+        assert_eq!(status, 200, "{v}");
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out on {path}: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Under `--redis`, the channel API counts the whole cluster: a channel whose subscribers
+/// are all on node B is occupied as node A sees it, `subscription_count` sums both nodes,
+/// the listing holds channels only B serves, and a channel left everywhere is vacant again.
+#[tokio::test]
+async fn channel_api_counts_the_cluster() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let flags = [
+        "--redis",
+        &redis.url(),
+        "--pusher-app-id",
+        "1",
+        "--pusher-key",
+        "key1",
+        "--pusher-secret",
+        "secret1",
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = crate::common::serve_binary(dir_a.path(), "127.0.0.1:0", &flags);
+    let (_b, addr_b) = crate::common::serve_binary(dir_b.path(), "127.0.0.1:0", &flags);
+    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
+        (addr_a.parse().unwrap(), addr_b.parse().unwrap());
+    let (mut a1, _) = pusher_ws(addr_a, "key1").await;
+    let (mut b1, _) = pusher_ws(addr_b, "key1").await;
+    let (mut b2, _) = pusher_ws(addr_b, "key1").await;
+    subscribe(&mut a1, "room").await;
+    subscribe(&mut b1, "room").await;
+    subscribe(&mut b2, "room").await;
+    subscribe(&mut b1, "only-b").await;
+
+    let count = [("info", "subscription_count")];
+    let v = api_until(addr_a, "/apps/1/channels/room", &count, |v| {
+        v["subscription_count"] == 3
+    })
+    .await;
+    assert_eq!(v["occupied"], true, "{v}");
+    let v = api_until(addr_a, "/apps/1/channels/only-b", &count, |v| {
+        v["subscription_count"] == 1
+    })
+    .await;
+    assert_eq!(v["occupied"], true, "{v}");
+    let v = api_until(addr_a, "/apps/1/channels", &[], |v| {
+        v["channels"].get("only-b").is_some()
+    })
+    .await;
+    assert!(v["channels"].get("room").is_some(), "{v}");
+    let only = api_until(
+        addr_a,
+        "/apps/1/channels",
+        &[("filter_by_prefix", "only")],
+        |v| v["channels"].get("only-b").is_some(),
+    )
+    .await;
+    assert!(only["channels"].get("room").is_none(), "{only}");
+
+    // A presence channel with members on both nodes: user_count in the listing too.
+    let (mut alice, sid_alice) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut alice, &sid_alice, "alice").await;
+    let (mut bob, sid_bob) = pusher_ws(addr_b, "key1").await;
+    presence_join(&mut bob, &sid_bob, "bob").await;
+    let users = [("filter_by_prefix", "presence-"), ("info", "user_count")];
+    api_until(addr_a, "/apps/1/channels", &users, |v| {
+        v["channels"]["presence-room"]["user_count"] == 2
+    })
+    .await;
+
+    // Everyone leaves only-b (on B): A sees it vacant and no longer listed.
+    drop(b1);
+    let v = api_until(addr_a, "/apps/1/channels/only-b", &count, |v| {
+        v["occupied"] == false
+    })
+    .await;
+    assert_eq!(v["subscription_count"], 0, "{v}");
+    api_until(addr_a, "/apps/1/channels", &[], |v| {
+        v["channels"].get("only-b").is_none()
+    })
+    .await;
+    let v = api_until(addr_a, "/apps/1/channels/room", &count, |v| {
+        v["subscription_count"] == 2
+    })
+    .await;
+    assert_eq!(v["occupied"], true, "{v}");
+    drop((a1, b2, alice, bob));
+}
+
+/// The Pusher webhook events (`{name, channel, user_id?}`) a test receiver took, in order.
+#[derive(Default)]
+struct Hooks(parking_lot::Mutex<Vec<Value>>);
+
+impl Hooks {
+    /// `name user_id` (or `name channel`) of each event.
+    fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .iter()
+            .map(|e| {
+                let who = e["user_id"]
+                    .as_str()
+                    .or(e["channel"].as_str())
+                    .unwrap_or("");
+                format!("{} {who}", e["name"].as_str().unwrap_or(""))
+            })
+            .collect()
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.names().iter().filter(|n| *n == what).count()
+    }
+
+    async fn wait_for(&self, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.count(what) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what}: {:?}",
+                self.names()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A webhook receiver that checks Pusher's signature (`X-Pusher-Signature`: HMAC-SHA256 of
+/// the body with the app's secret) and keeps the events; its URL.
+async fn pusher_hooks() -> (std::sync::Arc<Hooks>, String) {
+    use axum::{body::Bytes, extract::State, http::HeaderMap};
+    async fn take(
+        State(h): State<std::sync::Arc<Hooks>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> axum::http::StatusCode {
+        let sig = headers
+            .get("x-pusher-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert_eq!(sig, crier::pusher::sign::sign(b"secret1", &body));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        h.0.lock()
+            .extend(v["events"].as_array().unwrap().iter().cloned());
+        axum::http::StatusCode::OK
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = std::sync::Arc::new(Hooks::default());
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(take))
+        .with_state(h.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (h, format!("http://{addr}/"))
+}
+
+/// Under `--redis`, Pusher's member_added / member_removed webhooks are sent once per
+/// cluster: a user with connections on both nodes is added on its first and removed on its
+/// last wherever they are, and the members of a node killed with SIGKILL are removed once,
+/// by the survivor; channel_occupied once too.
+#[tokio::test]
+async fn member_webhooks_once_per_cluster() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let (hooks, url) = pusher_hooks().await;
+    let node = |dir: &tempfile::TempDir| {
+        let cfg = dir.path().join("crier.toml");
+        std::fs::write(
+            &cfg,
+            format!("[[app]]\nid = \"1\"\nkey = \"key1\"\nsecret = \"secret1\"\nwebhooks = [\"{url}\"]\n"),
+        )
+        .unwrap();
+        crate::common::serve_binary(
+            dir.path(),
+            "127.0.0.1:0",
+            &[
+                "--redis",
+                &redis.url(),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--webhook-linger",
+                "5ms",
+            ],
+        )
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = node(&da);
+    let (mut b_proc, addr_b) = node(&db);
+    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
+        (addr_a.parse().unwrap(), addr_b.parse().unwrap());
+
+    let (mut alice, sid) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut alice, &sid, "alice").await;
+    hooks.wait_for("member_added alice").await;
+    let (mut bob, sid) = pusher_ws(addr_b, "key1").await;
+    presence_join(&mut bob, &sid, "bob").await;
+    hooks.wait_for("member_added bob").await;
+    // Bob's second connection, on the other node: no webhook; his first leaving: none.
+    let (mut bob2, sid) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut bob2, &sid, "bob").await;
+    drop(bob);
+    // Carol joining on B after bob's leave there is a fence: B's writes are in order.
+    let (mut carol, sid) = pusher_ws(addr_b, "key1").await;
+    presence_join(&mut carol, &sid, "carol").await;
+    hooks.wait_for("member_added carol").await;
+    assert_eq!(hooks.count("member_removed bob"), 0, "{:?}", hooks.names());
+    drop(bob2);
+    hooks.wait_for("member_removed bob").await;
+
+    // B dies with carol on it: the survivor removes her, once.
+    let _ = b_proc.0.kill();
+    let _ = b_proc.0.wait();
+    drop(carol);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while hooks.count("member_removed carol") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead node's member was never removed: {:?}",
+            hooks.names()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A fence on the survivor: dave's member_added comes after any repeat would have.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut dave, sid) = pusher_ws(addr_a, "key1").await;
+    presence_join(&mut dave, &sid, "dave").await;
+    hooks.wait_for("member_added dave").await;
+    for once in [
+        "member_added alice",
+        "member_added bob",
+        "member_added carol",
+        "member_removed bob",
+        "member_removed carol",
+        "channel_occupied presence-room",
+    ] {
+        assert_eq!(hooks.count(once), 1, "{once}: {:?}", hooks.names());
+    }
+    assert_eq!(hooks.count("member_removed alice"), 0);
+    drop((alice, dave));
+}

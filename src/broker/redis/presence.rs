@@ -159,6 +159,8 @@ enum Op {
     Leave {
         topic: TopicName,
         field: String,
+        /// For the user's last leave (`TopicEvents::user_edge`).
+        user: Option<Arc<str>>,
     },
 }
 
@@ -301,12 +303,16 @@ impl ClusterPresence {
     }
 
     pub(super) fn leave(&self, topic: &str, client: u64) {
-        if !self.any || self.local.leave(topic, client).is_none() {
+        if !self.any {
             return;
         }
+        let Some(m) = self.local.leave(topic, client) else {
+            return;
+        };
         let op = Op::Leave {
             topic: topic.into(),
             field: field(self.member_id(client)),
+            user: m.user,
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.ops.try_send(op) {
             self.dirty.store(true, Ordering::Release);
@@ -411,8 +417,9 @@ impl ClusterPresence {
         }
     }
 
-    /// Sends a batch of writes as one pipeline; Err: it may not have been applied.
-    async fn send(&self, batch: &[Op]) -> redis::RedisResult<()> {
+    /// Sends a batch of writes as one pipeline; Err: it may not have been applied. Ok:
+    /// each op's script answer, in order (2: the user's first join or last leave).
+    async fn send(&self, batch: &[Op]) -> redis::RedisResult<Vec<i64>> {
         let node = self.node();
         let ttl = KEY_TTL.as_millis() as u64;
         let mut pipe = redis::pipe();
@@ -435,9 +442,9 @@ impl ClusterPresence {
                         .arg(channel(topic))
                         .arg(self.join_leave(topic))
                         .arg(ttl);
-                    pipe.invoke_script(&inv).ignore();
+                    pipe.invoke_script(&inv);
                 }
-                Op::Leave { topic, field } => {
+                Op::Leave { topic, field, .. } => {
                     let mut inv = self.scripts.leave.prepare_invoke();
                     for k in member_keys(topic, &node) {
                         inv.key(k);
@@ -446,7 +453,7 @@ impl ClusterPresence {
                         .arg(&*node)
                         .arg(channel(topic))
                         .arg(self.join_leave(topic));
-                    pipe.invoke_script(&inv).ignore();
+                    pipe.invoke_script(&inv);
                     // The node's last member of the topic: no longer one to reap. A
                     // join made after this look is written after it, and adds it back.
                     if self.local.stats(topic).clients == 0 {
@@ -455,9 +462,37 @@ impl ClusterPresence {
                 }
             }
         }
-        tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut self.conn.clone()))
-            .await
-            .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "timed out").into()))
+        tokio::time::timeout(
+            self.timeout,
+            pipe.query_async::<Vec<i64>>(&mut self.conn.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "timed out").into()))
+    }
+
+    /// The users' first joins and last leaves this node's writes made (the scripts answer
+    /// 2 for them), for the webhooks: only the writing node tells them, so once per cluster.
+    fn tell_edges(&self, batch: &[Op], answers: &[i64]) {
+        let Some(events) = self.hub.events() else {
+            return;
+        };
+        for (op, answer) in batch.iter().zip(answers) {
+            if *answer != 2 {
+                continue;
+            }
+            match op {
+                Op::Join { topic, tail, .. } => {
+                    if let Some(user) = parse_tail(tail.as_bytes()).and_then(|m| m.user) {
+                        events.user_edge(topic, &user, true);
+                    }
+                }
+                Op::Leave { topic, user, .. } => {
+                    if let Some(user) = user {
+                        events.user_edge(topic, user, false);
+                    }
+                }
+            }
+        }
     }
 
     /// Registers this node's id (a new one after it was taken for dead).
@@ -625,7 +660,12 @@ impl ClusterPresence {
                     let got: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
                     let popped: usize = got.first().and_then(|n| n.parse().ok()).unwrap_or(0);
                     let events = self.hub.events();
-                    for m in got.iter().skip(1).filter_map(|t| parse_tail(t.as_bytes())) {
+                    for t in got.iter().skip(1) {
+                        // `1`/`0` (the user's last connection), then the tail.
+                        let last = t.starts_with('1');
+                        let Some(m) = t.get(1..).and_then(|t| parse_tail(t.as_bytes())) else {
+                            continue;
+                        };
                         gone += 1;
                         if let Some(ev) = &events {
                             ev.member_removed(
@@ -634,6 +674,9 @@ impl ClusterPresence {
                                 m.user.as_deref(),
                                 m.info.as_deref(),
                             );
+                            if let (true, Some(user)) = (last, &m.user) {
+                                ev.user_edge(topic, user, false);
+                            }
                         }
                     }
                     if popped < REAP_CHUNK {
@@ -671,10 +714,15 @@ async fn write(me: Weak<ClusterPresence>, mut rx: mpsc::Receiver<Op>) {
                     return;
                 }
                 let Some(this) = me.upgrade() else { return };
-                if let Err(e) = this.send(&batch).await {
-                    tracing::debug!("presence not written: {e}");
-                    this.health.record_error();
-                    this.dirty.store(true, Ordering::Release);
+                match this.send(&batch).await {
+                    Ok(answers) => this.tell_edges(&batch, &answers),
+                    Err(e) => {
+                        // Re-written by the resync; a user edge it makes is not told to
+                        // webhooks (the clients' notices still go out).
+                        tracing::debug!("presence not written: {e}");
+                        this.health.record_error();
+                        this.dirty.store(true, Ordering::Release);
+                    }
                 }
                 for op in batch.drain(..) {
                     if let Op::Join { done, .. } = op {

@@ -31,7 +31,8 @@ end
 local function expire(ttl)
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
--- Adds (or takes over) the member; announces a new one.
+-- Adds (or takes over) the member; announces a new one. Returns 0 (already a member), 1
+-- (new), 2 (new, and the user's first connection in the topic).
 local function join(f, v, channel, announce, ttl)
   local old = redis.call('HGET', KEYS[1], f)
   redis.call('HSET', KEYS[1], f, v)
@@ -50,10 +51,12 @@ local function join(f, v, channel, announce, ttl)
   if announce == '1' then
     redis.call('PUBLISH', channel, 'pj' .. first .. string.sub(v, 17))
   end
+  if first == '1' then return 2 end
   return 1
 end
 -- Removes the member if `owner` (a node id) still owns it; announces its leave. Returns
--- the removed member's tail, or false.
+-- `1` (the user's last connection in the topic) or `0`, then the removed member's tail;
+-- or false.
 local function remove(f, owner, channel, announce)
   redis.call('SREM', KEYS[4], f)
   local v = redis.call('HGET', KEYS[1], f)
@@ -70,25 +73,30 @@ local function remove(f, owner, channel, announce)
   if announce == '1' then
     redis.call('PUBLISH', channel, 'pl' .. last .. string.sub(v, 17))
   end
-  return string.sub(v, 17)
+  return last .. string.sub(v, 17)
 end
 "#;
 
-/// ARGV: member id, stored member, channel, announce (`1`/`0`), key TTL (ms).
+/// ARGV: member id, stored member, channel, announce (`1`/`0`), key TTL (ms). Returns
+/// `join`'s 0, 1 or 2.
 const JOIN: &str = r#"
 return join(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 "#;
 
-/// ARGV: member id, node, channel, announce.
+/// ARGV: member id, node, channel, announce. Returns 0 (not this node's member), 1
+/// (removed), 2 (removed, and it was the user's last connection in the topic).
 const LEAVE: &str = r#"
-if remove(ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 1 end
-return 0
+local t = remove(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if not t then return 0 end
+if string.sub(t, 1, 1) == '1' then return 2 end
+return 1
 "#;
 
 /// A dead node's members, up to ARGV[4] of them per call (KEYS[4]: its set). ARGV: dead
 /// node, channel, announce, count. Returns how many ids it took off the set (the caller
-/// calls again until that is less than the count), then the tail of each member it
-/// removed (this call alone removed them: their webhooks are the caller's to send).
+/// calls again until that is less than the count), then `1`/`0` (the user's last
+/// connection) and the tail of each member it removed (this call alone removed them:
+/// their webhooks are the caller's to send).
 const REAP: &str = r#"
 local ids = redis.call('SPOP', KEYS[4], tonumber(ARGV[4]))
 local out = {tostring(#ids)}
