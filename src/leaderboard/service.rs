@@ -2034,6 +2034,41 @@ mod tests {
         boards.close().await;
     }
 
+    /// A score posted while a delete of its player is queued (not yet durable) starts a new
+    /// entry, not one on top of the deleted; a failed delete changes nothing.
+    #[tokio::test]
+    async fn a_score_queued_behind_a_delete_starts_a_new_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        boards.put_board("inc", increment()).await.unwrap();
+        boards
+            .submit("inc", vec![score("p", 10), score("q", 1)], 100)
+            .await
+            .unwrap();
+        fail_commits(&boards, 1);
+        let err = boards.delete_player("inc", "p").await.unwrap_err();
+        assert!(matches!(err, BoardError::Store(_)), "{err}");
+        let both = vec![("p".into(), 10.0), ("q".into(), 1.0)];
+        assert_eq!(shown(&boards, "inc"), Some(both));
+        // Both queued before either is durable: the delete first (polled first).
+        let (deleted, posted) = tokio::join!(
+            boards.delete_player("inc", "p"),
+            boards.submit("inc", vec![score("p", 5)], 100)
+        );
+        deleted.unwrap();
+        assert_eq!(posted.unwrap()[0].score, 5.0);
+        let after = vec![("p".into(), 5.0), ("q".into(), 1.0)];
+        assert_eq!(shown(&boards, "inc"), Some(after.clone()));
+        let err = boards.delete_player("inc", "nobody").await.unwrap_err();
+        assert!(matches!(err, BoardError::NoPlayer { .. }), "{err}");
+        boards.close().await;
+        let boards = open(dir.path()).await;
+        assert_eq!(shown(&boards, "inc"), Some(after));
+        boards.delete_player("inc", "q").await.unwrap();
+        assert_eq!(shown(&boards, "inc"), Some(vec![("p".into(), 5.0)]));
+        boards.close().await;
+    }
+
     #[tokio::test]
     async fn failed_reset_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
