@@ -696,6 +696,10 @@ pub struct BoardPolicyConfig {
     pub timezone: Option<String>,
     /// Closed seasons matching boards keep (10 otherwise).
     pub keep_seasons: Option<usize>,
+    /// A player may follow only their own entry: `board:{b}@{p}` needs a token whose
+    /// `sub` is `p` (checked by `auth::Auth::check_read`).
+    #[serde(default)]
+    pub follow_own_only: bool,
 }
 
 /// History settings for the topics whose names match `pattern` (TOML `[[namespace]]`,

@@ -39,6 +39,7 @@ const TABLES: &str = "\
 # max_score = 1000000
 # max_submissions_per_minute = 10
 # scoped_keys_only = false
+# follow_own_only = false
 ";
 
 /// The whole example file.

@@ -42,7 +42,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/api/boards/{board}/scores", post(post_scores))
         .route("/api/boards/{board}/reset", post(reset))
-        .route("/api/boards/{board}/players/{player}", get(player))
+        .route(
+            "/api/boards/{board}/players/{player}",
+            get(player).delete(delete_player),
+        )
         .route("/api/boards/{board}/seasons", get(seasons))
         .route("/api/boards/{board}/seasons/{season}", get(season_page))
         .route(
@@ -324,6 +327,25 @@ async fn player(
     })?;
     body.map(Json)
         .ok_or_else(|| BoardError::NoPlayer { board, player }.into())
+}
+
+/// Forgets a player (one who asked to be): their entry leaves the current season durably,
+/// and the top and the windows it was in are updated live. Closed seasons keep theirs.
+async fn delete_player(
+    State(state): State<Arc<AppState>>,
+    Path((board, player)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
+    Boards::validate_name(&board).map_err(bad_name)?;
+    state
+        .boards
+        .delete_player(&board, &player)
+        .await
+        .map_err(bad_name)?;
+    Ok(Json(
+        json!({ "board": board, "player": player, "deleted": true }),
+    ))
 }
 
 async fn post_scores(

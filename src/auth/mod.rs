@@ -22,6 +22,11 @@ pub struct Auth {
     verifier: Option<Verifier>,
     /// Publisher keys, flat and scoped.
     pub publishers: keys::Publishers,
+    /// `[[board]]` patterns in order with their `follow_own_only`: the first match decides
+    /// whether `board:{b}@{p}` needs a token whose `sub` is `p`. Kept here (not with the
+    /// other board policies) so every edge that checks a read (WS, SSE, history, Pusher)
+    /// checks it through `check_read`.
+    own_only: Vec<(TopicPattern, bool)>,
 }
 
 /// The auth settings (`publisher_keys`, `[[key]]`, `private_topics`, `jwt_secret`) as
@@ -62,10 +67,22 @@ impl Auth {
             private.is_empty() || verifier.is_some(),
             "private_topics need a way to check tokens: set jwt_secret, jwt_public_key or jwt_jwks"
         );
+        let mut own_only = Vec::new();
+        for b in &cfg.board_policies {
+            let pattern =
+                TopicPattern::parse(&b.pattern).map_err(|e| anyhow::anyhow!("[[board]] {e}"))?;
+            own_only.push((pattern, b.follow_own_only));
+        }
+        anyhow::ensure!(
+            !own_only.iter().any(|(_, o)| *o) || verifier.is_some(),
+            "[[board]] follow_own_only needs a way to check tokens: set jwt_secret, \
+             jwt_public_key or jwt_jwks"
+        );
         Ok(Auth {
             private,
             verifier,
             publishers,
+            own_only,
         })
     }
 
@@ -75,6 +92,7 @@ impl Auth {
             private: Patterns::default(),
             verifier: None,
             publishers: keys::Publishers::default(),
+            own_only: Vec::new(),
         }
     }
 
@@ -91,8 +109,44 @@ impl Auth {
         }
     }
 
-    /// Ok when `topic` is public or `grant` allows it.
+    /// The player whose token alone may follow `topic`: a `board:{b}@{p}` topic of a
+    /// board whose first matching `[[board]]` table has `follow_own_only`.
+    fn own_only_player<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        if self.own_only.is_empty() {
+            return None;
+        }
+        let (board, player) = crate::topic::player_topic_parts(topic)?;
+        let (_, own) = self.own_only.iter().find(|(p, _)| p.matches(board))?;
+        own.then_some(player)
+    }
+
+    /// Ok when `topic` is public or `grant` allows it, and, for a followed player on a
+    /// `follow_own_only` board, when `grant` is that player's (`sub`).
     pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
+        if let Some(player) = self.own_only_player(topic) {
+            match grant {
+                Some(g) if *g.sub == *player => {}
+                Some(g) => {
+                    return Err(Refusal::new(
+                        ErrorCode::TopicForbidden,
+                        format!(
+                            "{topic:?} follows {player:?}, and this board lets a player \
+                             follow only their own entry: the token is {:?}'s",
+                            g.sub
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(Refusal::new(
+                        ErrorCode::TokenRequired,
+                        format!(
+                            "{topic:?} follows {player:?}, and this board lets a player \
+                             follow only their own entry: send a token whose sub is {player:?}"
+                        ),
+                    ))
+                }
+            }
+        }
         if !self.is_private(topic) {
             return Ok(());
         }
@@ -237,6 +291,7 @@ mod tests {
             private: Patterns::parse(&["private:*"]).unwrap(),
             verifier: None,
             publishers: keys::Publishers::default(),
+            own_only: Vec::new(),
         };
         assert!(auth.check_read("news", None).is_ok());
         let e = auth.check_read("private:a", None).unwrap_err();
@@ -250,5 +305,47 @@ mod tests {
         assert!(auth.check_read("private:a", Some(&g)).is_ok());
         let e = auth.check_read("private:b", Some(&g)).unwrap_err();
         assert_eq!(e.code, ErrorCode::TopicForbidden);
+    }
+
+    #[test]
+    fn follow_own_only_takes_the_players_own_token_first_match_wins() {
+        let grant = |sub: &str, topics: &[&str]| Grant {
+            sub: sub.into(),
+            exp: u64::MAX,
+            topics: Patterns::parse(topics).unwrap(),
+            info: None,
+        };
+        let auth = Auth {
+            private: Patterns::parse(&["board:vip*"]).unwrap(),
+            verifier: None,
+            publishers: keys::Publishers::default(),
+            own_only: vec![
+                (TopicPattern::parse("arena-open").unwrap(), false),
+                (TopicPattern::parse("arena*").unwrap(), true),
+                (TopicPattern::parse("vip*").unwrap(), true),
+            ],
+        };
+        let (p42, p7) = (grant("p42", &[]), grant("p7", &[]));
+        let code = |t: &str, g: Option<&Grant>| auth.check_read(t, g).err().map(|e| e.code);
+        assert_eq!(code("board:arena@p42", Some(&p42)), None);
+        assert_eq!(
+            code("board:arena@p42", Some(&p7)),
+            Some(ErrorCode::TopicForbidden)
+        );
+        assert_eq!(
+            code("board:arena@p42", None),
+            Some(ErrorCode::TokenRequired)
+        );
+        // The board's top, a table without the option that matches first, other boards.
+        assert_eq!(code("board:arena", None), None);
+        assert_eq!(code("board:arena-open@p42", None), None);
+        assert_eq!(code("board:cup@p42", None), None);
+        // A private board wants both: the player's own token, allowing the topic.
+        assert_eq!(
+            code("board:vip1@p42", Some(&p42)),
+            Some(ErrorCode::TopicForbidden)
+        );
+        let vip = grant("p42", &["board:vip*"]);
+        assert_eq!(code("board:vip1@p42", Some(&vip)), None);
     }
 }

@@ -263,6 +263,10 @@ struct Pending {
     /// A queued reset (or season close): durable entries are not part of the view.
     reset: Option<u64>,
     entries: HashMap<Arc<str>, (u64, Entry)>,
+    /// Players whose deletion is queued (by write id): not in the view unless `entries`
+    /// has them again. They still count in `view_len` until the delete is durable, which
+    /// only makes the player cap stricter meanwhile.
+    deleted: HashMap<Arc<str>, u64>,
     /// Players in `entries` the durable ranking does not hold, kept while no reset is
     /// queued (and recounted when the reset applies): the view's size in O(1), which the
     /// player cap is checked against.
@@ -280,6 +284,7 @@ impl Pending {
             season: None,
             reset: None,
             entries: HashMap::new(),
+            deleted: HashMap::new(),
             fresh: 0,
         }
     }
@@ -355,6 +360,7 @@ impl Board {
         match self.pending.entries.get(player) {
             Some((_, e)) => Some(e),
             None if self.pending.reset.is_some() => None,
+            None if self.pending.deleted.contains_key(player) => None,
             None => self.ranking.get(player),
         }
     }
@@ -442,6 +448,8 @@ enum Write {
     /// New options, and the season state they set (a changed schedule re-anchors it).
     Options(BoardOptions, Option<SeasonState>),
     Reset,
+    /// One player forgotten.
+    Delete(Arc<str>),
     /// The season closed: the board starts empty in this one.
     Close(SeasonState),
 }
@@ -847,6 +855,13 @@ impl Boards {
     pub async fn reset(&self, name: &str) -> Result<(), BoardError> {
         Self::validate_name(name)?;
         self.storage.reset(self, name).await
+    }
+
+    /// Forgets one player's entry in the current season, durably; the top and the
+    /// followers of the windows it leaves are updated like after a score.
+    pub async fn delete_player(&self, name: &str, player: &str) -> Result<(), BoardError> {
+        Self::validate_name(name)?;
+        self.storage.delete_player(self, name, player).await
     }
 
     /// Queues a write's ops (the caller holds the board's lock, see the module docs) with
@@ -1419,6 +1434,41 @@ impl BoardStorage for LocalStore {
         Ok(())
     }
 
+    async fn delete_player(
+        &self,
+        boards: &Boards,
+        name: &str,
+        player: &str,
+    ) -> Result<(), BoardError> {
+        let writer = self.writer()?;
+        let slot = writer.reserve().await.map_err(store_error)?;
+        let board = boards.get_persisted(name)?;
+        let done = {
+            let mut b = board.lock();
+            let Some(key) = b.view_entry(player).map(|e| e.player.clone()) else {
+                return Err(BoardError::NoPlayer {
+                    board: name.into(),
+                    player: player.into(),
+                });
+            };
+            let (id, guard) = b.begin_write();
+            if b.pending.entries.remove(player).is_some()
+                && b.pending.reset.is_none()
+                && b.ranking.get(player).is_none()
+            {
+                b.pending.fresh -= 1; // a queued new player, gone from the view again
+            }
+            b.pending.deleted.insert(key.clone(), id);
+            let ops = vec![StoreOp::DeleteEntry {
+                board: name.into(),
+                player: player.into(),
+            }];
+            boards.queue(slot, &board, id, guard, ops, Write::Delete(key), None)
+        };
+        done.await?;
+        Ok(())
+    }
+
     async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
@@ -1693,6 +1743,26 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             }
             (Applied::Done, true)
         }
+        Write::Delete(player) => {
+            let top = b.options.top as u64;
+            let len = b.ranking.len() as u64;
+            let rank = b.ranking.rank(&player);
+            if rank.is_some() {
+                b.ranking.remove(&player);
+                if b.pending.reset.is_none() && b.pending.entries.contains_key(&player) {
+                    // Posted again after the delete: a player the ranking no longer holds.
+                    b.pending.fresh += 1;
+                }
+            }
+            if b.pending.deleted.get(&player) == Some(&id) {
+                b.pending.deleted.remove(&player);
+            }
+            // Everyone below moves up one; the player's own window empties.
+            if let Some(r) = rank {
+                b.note_moved(r, len);
+            }
+            (Applied::Done, rank.is_some_and(|r| r <= top))
+        }
         w @ (Write::Reset | Write::Close(_)) => {
             b.ranking.clear();
             if let Write::Close(next) = w {
@@ -1961,6 +2031,41 @@ mod tests {
             acked as f64,
             "disk holds exactly the acknowledged increments"
         );
+        boards.close().await;
+    }
+
+    /// A score posted while a delete of its player is queued (not yet durable) starts a new
+    /// entry, not one on top of the deleted; a failed delete changes nothing.
+    #[tokio::test]
+    async fn a_score_queued_behind_a_delete_starts_a_new_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = open(dir.path()).await;
+        boards.put_board("inc", increment()).await.unwrap();
+        boards
+            .submit("inc", vec![score("p", 10), score("q", 1)], 100)
+            .await
+            .unwrap();
+        fail_commits(&boards, 1);
+        let err = boards.delete_player("inc", "p").await.unwrap_err();
+        assert!(matches!(err, BoardError::Store(_)), "{err}");
+        let both = vec![("p".into(), 10.0), ("q".into(), 1.0)];
+        assert_eq!(shown(&boards, "inc"), Some(both));
+        // Both queued before either is durable: the delete first (polled first).
+        let (deleted, posted) = tokio::join!(
+            boards.delete_player("inc", "p"),
+            boards.submit("inc", vec![score("p", 5)], 100)
+        );
+        deleted.unwrap();
+        assert_eq!(posted.unwrap()[0].score, 5.0);
+        let after = vec![("p".into(), 5.0), ("q".into(), 1.0)];
+        assert_eq!(shown(&boards, "inc"), Some(after.clone()));
+        let err = boards.delete_player("inc", "nobody").await.unwrap_err();
+        assert!(matches!(err, BoardError::NoPlayer { .. }), "{err}");
+        boards.close().await;
+        let boards = open(dir.path()).await;
+        assert_eq!(shown(&boards, "inc"), Some(after));
+        boards.delete_player("inc", "q").await.unwrap();
+        assert_eq!(shown(&boards, "inc"), Some(vec![("p".into(), 5.0)]));
         boards.close().await;
     }
 

@@ -249,6 +249,23 @@ save()
 return {1, string.format('%d', v), e}
 "#;
 
+/// KEYS: bo bp bz bl bc boards. ARGV: (unused), (unused), name, kept ops, (unused),
+/// (unused), player. Returns {0} for an unknown board, {4} for a player without an entry,
+/// else {1, v, e}.
+const DELETE: &str = r#"
+if created then return {0} end
+local p = ARGV[7]
+local s = redis.call('HGET', KEYS[2], p)
+if not s then return {4} end
+local a = string.find(s, ' ', 1, true)
+local b = string.find(s, ' ', a + 1, true)
+redis.call('ZREM', bz, string.format('%020d', tonumber(string.sub(s, a + 1, b - 1))) .. p)
+redis.call('HDEL', KEYS[2], p)
+emit(cjson.encode({k = 'd', p = p}))
+save()
+return {1, string.format('%d', v), e}
+"#;
+
 /// KEYS: bo bp bz bl bc boards ba. ARGV: (unused), (unused), name, kept ops, (unused),
 /// (unused), season closed, its end, next start (= anchor), (unused), order, archive key
 /// prefix, seasons kept. Returns {0} for an unknown board, {1, v, e} once closed, {3} when Redis is
@@ -301,6 +318,9 @@ enum Op {
     Options { o: BoardOptions, a: Option<i64> },
     #[serde(rename = "r")]
     Reset,
+    /// One player forgotten.
+    #[serde(rename = "d")]
+    Delete { p: String },
     /// The season closed: the board is empty in season `n`, started at `s`.
     #[serde(rename = "c")]
     Close { n: u64, s: i64 },
@@ -321,6 +341,7 @@ pub struct Shared {
     scores: Script,
     options: Script,
     reset: Script,
+    delete: Script,
     close: Script,
     /// Woken whenever a mirror moves, for writers waiting to read their own write.
     applied: Notify,
@@ -416,6 +437,15 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
             b.ranking.clear();
             true
         }
+        Op::Delete { p } => {
+            let len = b.ranking.len() as u64;
+            let Some(rank) = b.ranking.rank(&p) else {
+                return false;
+            };
+            b.ranking.remove(&p);
+            b.note_moved(rank, len);
+            rank <= b.options.top as u64
+        }
         Op::Close { n, s } => {
             b.ranking.clear();
             b.season = SeasonState {
@@ -487,6 +517,31 @@ impl BoardStorage for Shared {
 
     async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError> {
         self.reset_board(boards, name).await
+    }
+
+    async fn delete_player(
+        &self,
+        boards: &Boards,
+        name: &str,
+        player: &str,
+    ) -> Result<(), BoardError> {
+        let mut inv = self.invocation(&self.delete, name);
+        inv.arg("").arg("").arg(name).arg(KEPT_OPS).arg("").arg("");
+        inv.arg(player);
+        let reply = self.run(inv).await?;
+        match num::<u8>(reply.first().ok_or_else(bad_reply)?) {
+            Some(0) => return Err(BoardError::NoBoard(name.into())),
+            Some(4) => {
+                return Err(BoardError::NoPlayer {
+                    board: name.into(),
+                    player: player.into(),
+                })
+            }
+            _ => {}
+        }
+        let (v, epoch) = Self::version(&reply)?;
+        self.wait_mirror(boards, name, &epoch, v).await;
+        Ok(())
     }
 
     async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
@@ -588,6 +643,7 @@ impl Shared {
             scores: script("ARGV[#ARGV]", SCORES),
             options: script("ARGV[6]", OPTIONS),
             reset: script("nil", RESET),
+            delete: script("nil", DELETE),
             close: script("nil", CLOSE),
             applied: Notify::new(),
             timeout,

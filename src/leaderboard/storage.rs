@@ -35,6 +35,15 @@ pub trait BoardStorage: Send + Sync {
     /// Empties a board that exists, keeping its options and clock.
     async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError>;
 
+    /// Forgets one player's entry in the current season (`NoBoard`, `NoPlayer` when there
+    /// is none to forget); closed seasons keep theirs.
+    async fn delete_player(
+        &self,
+        boards: &Boards,
+        name: &str,
+        player: &str,
+    ) -> Result<(), BoardError>;
+
     /// Closes the board's season if it is still due at `now` (ms): its entries become the
     /// archive, the board starts empty in the next season. Once per boundary, whoever
     /// calls (a score past the end, the season task, every node under Redis).

@@ -139,6 +139,10 @@ pub enum StoreOp {
     PutBoard { board: String, options: String },
     /// Upsert one player's entry. The board must exist.
     PutEntry { board: String, entry: StoredEntry },
+    /// Forget one player's entry (a player who asked to be forgotten); a player without
+    /// one is a no-op. The board must exist. Logged as a tombstone (an empty value) that
+    /// load, checkpoint and season close apply as a removal.
+    DeleteEntry { board: String, player: String },
     /// Set the board's logical clock. The board must exist.
     SetSeq { board: String, next_seq: u64 },
     /// Delete all entries, keep the board, its options and `next_seq`. The board must exist.
@@ -168,6 +172,7 @@ impl StoreOp {
         match self {
             StoreOp::PutBoard { board, .. }
             | StoreOp::PutEntry { board, .. }
+            | StoreOp::DeleteEntry { board, .. }
             | StoreOp::SetSeq { board, .. }
             | StoreOp::ResetBoard { board }
             | StoreOp::DeleteBoard { board }
@@ -393,7 +398,16 @@ fn encode_log_entry(buf: &mut Vec<u8>, e: &StoredEntry) {
     buf.extend_from_slice(&value);
 }
 
-/// Calls `f(player, value)` for each entry of a log record, in order.
+/// Appends a tombstone for `player` to a log record: an empty value, which no entry
+/// encodes to (`encode_entry` writes at least 17 bytes).
+fn encode_log_tombstone(buf: &mut Vec<u8>, player: &str) {
+    buf.extend_from_slice(&(player.len() as u32).to_le_bytes());
+    buf.extend_from_slice(player.as_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+}
+
+/// Calls `f(player, value)` for each entry of a log record, in order; an empty value is a
+/// tombstone (`StoreOp::DeleteEntry`).
 fn for_each_log_entry(
     board: &str,
     seq: u64,
@@ -599,14 +613,23 @@ impl Store {
             {
                 let (k, v) = row.ctx("load: read log")?;
                 for_each_log_entry(&name, k.value().1, v.value(), |player, value| {
-                    logged.insert(player.to_owned(), decode_entry(&name, player, value)?);
+                    let e = match value {
+                        [] => None,
+                        v => Some(decode_entry(&name, player, v)?),
+                    };
+                    logged.insert(player.to_owned(), e);
                     Ok(())
                 })?;
             }
             if !logged.is_empty() {
                 let mut merged: std::collections::BTreeMap<String, StoredEntry> =
                     entries.into_iter().map(|e| (e.player.clone(), e)).collect();
-                merged.extend(logged);
+                for (player, e) in logged {
+                    match e {
+                        Some(e) => merged.insert(player, e),
+                        None => merged.remove(&player),
+                    };
+                }
                 entries = merged.into_values().collect();
             }
             let season = match seasons.get(name.as_str()).ctx("load: read season")? {
@@ -714,7 +737,11 @@ impl Store {
                     }
                 };
                 for_each_log_entry(board, seq, v.value(), |player, value| {
-                    table.insert(player, value).ctx("checkpoint: write entry")?;
+                    if value.is_empty() {
+                        table.remove(player).ctx("checkpoint: delete entry")?;
+                    } else {
+                        table.insert(player, value).ctx("checkpoint: write entry")?;
+                    }
                     moved += 1;
                     Ok(())
                 })?;
@@ -830,6 +857,16 @@ fn apply<'a>(
                 encode_log_entry(buf, entry);
                 *n += 1;
             }
+            StoreOp::DeleteEntry { board, player } => {
+                if !pending.contains_key(board.as_str()) && !board_exists(&boards, board)? {
+                    return Err(StoreError::UnknownBoard {
+                        board: board.clone(),
+                    });
+                }
+                let (n, buf) = pending.entry(board.as_str()).or_default();
+                encode_log_tombstone(buf, player);
+                *n += 1;
+            }
             StoreOp::ResetBoard { board } | StoreOp::DeleteBoard { board } => {
                 let delete = matches!(op, StoreOp::DeleteBoard { .. });
                 if !delete && !board_exists(&boards, board)? {
@@ -893,7 +930,11 @@ fn apply<'a>(
                         .with_ctx(|| format!("commit: open {table_name}"))?;
                     let mut fold = |seq: u64, rec: &[u8]| {
                         for_each_log_entry(board, seq, rec, |player, value| {
-                            table.insert(player, value).ctx("commit: fold entry")?;
+                            if value.is_empty() {
+                                table.remove(player).ctx("commit: fold tombstone")?;
+                            } else {
+                                table.insert(player, value).ctx("commit: fold entry")?;
+                            }
                             Ok(())
                         })
                     };
@@ -1505,6 +1546,79 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(entries(&store), vec![vec![entry("q3", 3.0, 3, None)]]);
         assert_eq!(store.checkpoint().unwrap(), 0);
+    }
+
+    #[test]
+    fn delete_entry_forgets_a_player_in_the_log_the_table_and_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let del = |p: &str| StoreOp::DeleteEntry {
+            board: "a".into(),
+            player: p.into(),
+        };
+        let players = |s: &Store| -> Vec<String> {
+            s.load().unwrap()[0]
+                .entries
+                .iter()
+                .map(|e| e.player.clone())
+                .collect()
+        };
+        store
+            .commit(&[
+                put_board("a", "{}"),
+                put_entry("a", entry("p1", 1.0, 1, None)),
+                put_entry("a", entry("p2", 2.0, 2, None)),
+                put_entry("a", entry("p3", 3.0, 3, None)),
+            ])
+            .unwrap();
+        // Checkpointed p1 deleted from the log; p2 deleted then put again in one commit,
+        // p3 put then deleted in one commit; a player never seen is a no-op.
+        assert_eq!(store.checkpoint().unwrap(), 3);
+        store
+            .commit(&[
+                del("p1"),
+                del("p2"),
+                put_entry("a", entry("p2", 5.0, 4, None)),
+                put_entry("a", entry("p4", 4.0, 5, None)),
+                del("p4"),
+                del("nobody"),
+            ])
+            .unwrap();
+        assert_eq!(players(&store), ["p2", "p3"]);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(players(&store), ["p2", "p3"]);
+        // The tombstones reach the table at the checkpoint.
+        store.checkpoint().unwrap();
+        assert_eq!(players(&store), ["p2", "p3"]);
+        assert_eq!(store.load().unwrap()[0].entries[0].score, 5.0);
+        // A tombstone still in the log when the season closes is applied to the archive.
+        store.commit(&[del("p3")]).unwrap();
+        store
+            .commit(&[StoreOp::CloseSeason {
+                board: "a".into(),
+                closed: ArchivedSeason {
+                    season: 1,
+                    started: 0,
+                    ended: 10,
+                    players: 1,
+                    order: "high".into(),
+                },
+                next: (2, 10, 0),
+                keep: 10,
+            }])
+            .unwrap();
+        let (_, archived) = store.season("a", 1).unwrap().unwrap();
+        let names: Vec<_> = archived.iter().map(|e| e.player.as_str()).collect();
+        assert_eq!(names, ["p2"]);
+        // A missing board is refused like a put.
+        let err = store
+            .commit(&[StoreOp::DeleteEntry {
+                board: "missing".into(),
+                player: "p".into(),
+            }])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::UnknownBoard { .. }), "{err}");
     }
 
     #[test]

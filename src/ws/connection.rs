@@ -874,14 +874,15 @@ impl Connection {
     }
 }
 
-/// Unsubscribes `client` from the private topics it holds that `grant` does not allow,
+/// Unsubscribes `client` from the topics it holds that `grant` may not read (private ones
+/// it does not allow, followed players of `follow_own_only` boards that are not its `sub`),
 /// telling it with an `unsubscribed` frame for each.
 fn leave_refused(state: &AppState, client: &Arc<Client>, grant: &Grant) {
     let refused: Vec<_> = client
         .topics
         .lock()
         .iter()
-        .filter(|t| state.auth.is_private(t) && !grant.allows(t))
+        .filter(|t| state.auth.check_read(t, Some(grant)).is_err())
         .cloned()
         .collect();
     for topic in refused {

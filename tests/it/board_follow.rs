@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::common::http::code;
 use crate::common::*;
 use serde_json::{json, Value};
 
@@ -123,4 +124,103 @@ async fn under_redis_a_follower_on_another_node_sees_its_window_move() {
         (Some(1), vec!["bob", "ann"]),
         "{w}"
     );
+}
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+/// The status and error code of a refused WebSocket upgrade.
+async fn refused_upgrade(srv: &TestServer, query: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(format!("ws://{}/ws{query}", srv.addr)).await {
+        Ok(_) => panic!("the upgrade of {query} was accepted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body: Value =
+                serde_json::from_slice(&resp.body().clone().unwrap_or_default()).unwrap();
+            (resp.status().as_u16(), code(&body).to_string())
+        }
+        Err(e) => panic!("unexpected failure: {e}"),
+    }
+}
+
+/// `follow_own_only`: on `arena*`, `board:arena@p42` takes only a token whose `sub` is
+/// p42 (WS upgrade, WS subscribe, SSE); the board's own top-N and boards
+/// the table does not match stay open. p42's follower keeps its windows throughout.
+#[tokio::test]
+async fn follow_own_only_lets_a_player_follow_only_their_own_entry() {
+    let srv = TestServer::start(|c| {
+        c.board_update_interval = Duration::from_millis(10);
+        c.jwt_secret = SECRET.into();
+        c.board_policies = vec![crier::config::BoardPolicyConfig {
+            pattern: "arena*".into(),
+            follow_own_only: true,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let seed: Vec<Value> = (0..20)
+        .map(|i| json!({"player": format!("p{}", 30 + i), "score": 100 + i}))
+        .collect();
+    scores(&srv, "arena", json!(seed)).await;
+    scores(&srv, "open", json!(seed)).await;
+    let mine = auth::mint(SECRET, "p42", &[], 60);
+    let other = auth::mint(SECRET, "p7", &[], 60);
+
+    // The healthy follower: p42 with its own token.
+    let mut healthy = srv
+        .ws(&format!("?topic=board:arena@p42&token={mine}"))
+        .await;
+    let w = next_window(&mut healthy).await;
+    assert_eq!(
+        (w["player"].as_str(), &w["entry"]["rank"]),
+        (Some("p42"), &json!(8))
+    );
+
+    // Attacks: no token, another player's token, over WS and SSE.
+    let q = "?topic=board:arena@p42";
+    assert_eq!(
+        refused_upgrade(&srv, q).await,
+        (401, "token_required".into())
+    );
+    assert_eq!(
+        refused_upgrade(&srv, &format!("{q}&token={other}")).await,
+        (403, "topic_forbidden".into())
+    );
+    let (s, b) = srv.get(&format!("/sse{q}&token={other}")).await;
+    assert_eq!((s, code(&b)), (403, "topic_forbidden"), "{b}");
+    let (s, b) = srv.get(&format!("/sse{q}")).await;
+    assert_eq!((s, code(&b)), (401, "token_required"), "{b}");
+    // A subscribe command on an open connection holding p7's token.
+    let mut attacker = srv.ws(&format!("?topic=board:arena&token={other}")).await;
+    assert_eq!(next_json(&mut attacker).await["op"], "subscribed");
+    send_json(
+        &mut attacker,
+        r#"{"op":"subscribe","topic":"board:arena@p42","id":9}"#,
+    )
+    .await;
+    let m = within("the refusal", async {
+        loop {
+            let m = next_json(&mut attacker).await;
+            if m["op"] == "error" {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (&m["code"], &m["id"]),
+        (&json!("topic_forbidden"), &json!(9)),
+        "{m}"
+    );
+    // p7 may follow itself, and anyone may follow on a board the table does not match.
+    let m = topic_command(&mut attacker, "subscribe", "board:arena@p7").await;
+    assert_eq!(m["op"], "subscribed", "{m}");
+    let mut anyone = srv.ws("?topic=board:open@p42").await;
+    assert_eq!(next_window(&mut anyone).await["entry"]["rank"], 8);
+
+    // A connection is one `sub` for its life (`refresh` keeps it), so a follow allowed
+    // once stays allowed; nothing to re-check on refresh.
+
+    // The healthy follower still sees its window move.
+    scores(&srv, "arena", json!({"player": "p42", "score": 1000})).await;
+    let w = next_window(&mut healthy).await;
+    assert_eq!(w["entry"]["rank"], 1, "{w}");
 }

@@ -11,6 +11,7 @@ mod backup_restore;
 mod bench_redis;
 mod bench_tool;
 mod binary;
+mod board_delete;
 mod board_durability;
 mod board_follow;
 mod board_limits;
