@@ -667,3 +667,76 @@ async fn token_secret_of_another_server_is_refused_at_the_handshake() {
     assert!(e.contains("401") && e.contains("bad_token"), "{e}");
     server.shutdown().await;
 }
+
+/// The many-topics scenario (issue 20): one subscriber per topic, then several per topic,
+/// publications at a steady rate round robin over the topics; every subscriber gets
+/// exactly its topic's publications, and --server-pid gives CPU per publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_topics_deliver_each_topic_to_its_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let pid = std::process::id().to_string();
+    for (subscribers, topics, messages) in [(200u64, 200u64, 1000u64), (60, 20, 410)] {
+        let (s, t, m) = (
+            subscribers.to_string(),
+            topics.to_string(),
+            messages.to_string(),
+        );
+        let args = BenchArgs::from_flags([
+            "--url",
+            &url,
+            "--topic",
+            &format!("many{topics}"),
+            "--subscribers",
+            &s,
+            "--topics",
+            &t,
+            "--messages",
+            &m,
+            "--rate",
+            "2000",
+            "--server-pid",
+            &pid,
+            "--timeout",
+            "30s",
+            "--quiet",
+        ])
+        .unwrap();
+        let r = run_with(args).await.unwrap();
+        let ctx = format!("{subscribers} on {topics}: {r:?}");
+        assert_eq!(
+            (r.connected, r.connect_failed),
+            (subscribers as usize, 0),
+            "{ctx}"
+        );
+        assert_eq!(
+            (r.published, r.topics),
+            (messages, topics as usize),
+            "{ctx}"
+        );
+        // Each subscriber expects its topic's share: messages x subscribers / topics here.
+        let expected = messages * subscribers / topics;
+        assert_eq!(r.expected_deliveries, expected, "{ctx}");
+        assert_eq!(r.delivered, expected, "{ctx}");
+        assert_eq!(
+            (r.lost, r.duplicates, r.out_of_order, r.unexpected),
+            (0, 0, 0, 0),
+            "{ctx}"
+        );
+        assert!(!r.timed_out, "{ctx}");
+        assert_eq!(r.latency_ms.count, expected, "{ctx}");
+        assert!(r.latency_ms.p99 > 0.0, "{ctx}");
+        assert!(r.server_cpu_us_per_publication.is_some(), "{ctx}");
+        let text = r.to_text();
+        assert!(text.contains("us per publication"), "{text}");
+        assert!(text.contains(&format!("topics       {topics}")), "{text}");
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+    }
+    server.shutdown().await;
+}

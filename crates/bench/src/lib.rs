@@ -119,8 +119,11 @@ pub struct BenchArgs {
     /// Same as --mode publish-throughput.
     #[arg(long, conflicts_with = "mode")]
     pub publish_throughput: bool,
-    /// Topics of --mode publish-throughput: 1 publishes to --topic, K > 1 round robin to
-    /// --topic.0 ..= --topic.(K-1).
+    /// Topics of --mode publish-throughput and fanout: 1 publishes to --topic, K > 1 round
+    /// robin to --topic.0 ..= --topic.(K-1). In fanout (WebSocket) subscriber i subscribes
+    /// to --topic.(i mod K): `--subscribers 10000 --topics 10000` is one subscriber per
+    /// topic (the many-topics scenario); with --server-pid the report gives the server's
+    /// CPU time per publication.
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
     /// Server base URL; must be a loopback address (127.0.0.0/8, ::1 or localhost).
@@ -493,6 +496,20 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         args.mode == BenchMode::Fanout || (args.token.is_none() && args.token_secret.is_none()),
         "--token and --token-secret work with --mode fanout only"
     );
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.topics),
+        "--topics must be 1-100000"
+    );
+    anyhow::ensure!(
+        args.topics == 1
+            || args.mode != BenchMode::Fanout
+            || (args.transport == BenchTransport::Ws
+                && args.token.is_none()
+                && args.token_secret.is_none()
+                && args.attack.is_none()
+                && !args.idle),
+        "fanout over several --topics takes --transport ws, without --token, --token-secret, --attack or --idle"
+    );
     match args.mode {
         BenchMode::Fanout => {}
         BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr, tls).await,
@@ -568,6 +585,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         (None, None) => None,
     };
     shared.tls = tls;
+    shared.topics = args.topics;
     let shared = Arc::new(shared);
     let mut report = Report {
         mode: args.mode.name().to_string(),
@@ -607,8 +625,8 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
 
     // Connect the healthy subscribers.
     let sem = Arc::new(Semaphore::new(args.connect_concurrency));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Duration, String>>();
-    let mut subs: JoinSet<SubResult> = JoinSet::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<Duration, String>)>();
+    let mut subs: JoinSet<(usize, bool, SubResult)> = JoinSet::new();
     let connect_start = Instant::now();
     for i in 0..args.subscribers {
         let (shared, sem, tx) = (shared.clone(), sem.clone(), tx.clone());
@@ -620,23 +638,29 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
                 BenchTransport::Ws => match subscriber::ws_open(&shared, i, None).await {
                     Ok((stream, decoder, start)) => {
                         drop(permit);
-                        let _ = tx.send(Ok(t0.elapsed()));
-                        subscriber::ws_run(stream, decoder, start, shared, i).await
+                        let _ = tx.send((i, Ok(t0.elapsed())));
+                        (
+                            i,
+                            true,
+                            subscriber::ws_run(stream, decoder, start, shared, i).await,
+                        )
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(format!("{e:#}")));
-                        SubResult::default()
+                        let _ = tx.send((i, Err(format!("{e:#}"))));
+                        (i, false, SubResult::default())
                     }
                 },
                 BenchTransport::Sse => match subscriber::sse_open(&shared, i).await {
                     Ok((stream, chunked, first)) => {
                         drop(permit);
-                        let _ = tx.send(Ok(t0.elapsed()));
-                        subscriber::sse_run(stream, chunked, first, sse_start, shared, i).await
+                        let _ = tx.send((i, Ok(t0.elapsed())));
+                        let r =
+                            subscriber::sse_run(stream, chunked, first, sse_start, shared, i).await;
+                        (i, true, r)
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(format!("{e:#}")));
-                        SubResult::default()
+                        let _ = tx.send((i, Err(format!("{e:#}"))));
+                        (i, false, SubResult::default())
                     }
                 },
             }
@@ -647,13 +671,16 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     let mut connect_hist = subscriber::new_histogram();
     let connect_deadline = tokio::time::Instant::now() + args.timeout;
     let mut outcomes = 0;
+    // Subscribers in place per topic, for the deliveries to expect.
+    let mut in_place = vec![0u64; args.topics];
     while outcomes < args.subscribers {
         match tokio::time::timeout_at(connect_deadline, rx.recv()).await {
-            Ok(Some(Ok(d))) => {
+            Ok(Some((i, Ok(d)))) => {
+                in_place[i % args.topics] += 1;
                 report.connected += 1;
                 connect_hist.saturating_record(d.as_micros().max(1) as u64);
             }
-            Ok(Some(Err(e))) => {
+            Ok(Some((_, Err(e)))) => {
                 report.connect_failed += 1;
                 report.first_connect_error.get_or_insert(e);
             }
@@ -725,7 +752,11 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     let publish_urls = args
         .publish_bases()?
         .iter()
-        .map(|b| format!("{b}/api/publish/{}", args.topic))
+        .flat_map(|b| {
+            // Ordered so publication seq goes to topic seq mod K (see `publish`).
+            let (topic, k) = (&args.topic, args.topics);
+            (0..k).map(move |t| format!("{b}/api/publish/{}", subscriber::topic_name(topic, k, t)))
+        })
         .collect();
     let pub_task = tokio::spawn(publish(
         client,
@@ -736,7 +767,8 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         args.publishers,
         published_ok.clone(),
     ));
-    let total_hint = args.messages * report.connected as u64;
+    let total_hint =
+        args.messages * report.connected as u64 / args.topics.min(report.connected.max(1)) as u64;
     let pb = progress(total_hint, "deliveries", hidden);
     let mut pub_task = Some(pub_task);
     let mut published: Option<PublishOutcome> = None;
@@ -745,7 +777,10 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         let delivered = shared.delivered.load(Ordering::Relaxed);
         pb.set_position(delivered);
         if let Some(p) = &published {
-            if delivered >= p.ok * report.connected as u64 {
+            let expected: u64 = (0..args.topics)
+                .map(|t| in_place[t] * subscriber::per_topic(p.ok, args.topics, t))
+                .sum();
+            if delivered >= expected {
                 break;
             }
             if delivery_deadline.is_some_and(|d| Instant::now() >= d) {
@@ -764,8 +799,10 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pb.finish_and_clear();
+    let mut server_cpu_secs = None;
     if let Some((b, a)) = cpu_before.zip(args.server_pid.and_then(cpu_secs)) {
         report.server_cpu_cores = Some((a - b) / publish_start.elapsed().as_secs_f64().max(1e-9));
+        server_cpu_secs = Some(a - b);
     }
     if let Some(a) = attack {
         report.attack = Some(a.finish().await);
@@ -775,22 +812,29 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     report.publish_errors = published.failed;
     report.first_publish_error = published.first_error;
     report.publish_secs = published.elapsed.as_secs_f64();
+    report.topics = args.topics;
+    report.server_cpu_us_per_publication = server_cpu_secs
+        .filter(|_| published.ok > 0)
+        .map(|s| s * 1e6 / published.ok as f64);
 
     shared.stop.cancel();
     let mut tally = Tally::default();
     let mut last_rx: Option<Instant> = None;
     while let Some(r) = subs.join_next().await {
-        let r = r.context("subscriber task panicked")?;
+        let (i, connected, r) = r.context("subscriber task panicked")?;
+        // Subscribers that failed to connect are reported as failed connections, not loss.
+        if !connected {
+            continue;
+        }
         last_rx = last_rx.max(r.last_rx);
         if r.closed {
             report.subscribers_closed += 1;
         }
-        tally += r.tracker.tally(published.ok);
+        let t = i % args.topics;
+        tally += r
+            .tracker
+            .tally(subscriber::per_topic(published.ok, args.topics, t));
     }
-    // Subscribers that failed to connect are reported as failed connections, not as loss.
-    let never = (args.subscribers - report.connected) as u64 * published.ok;
-    tally.expected -= never;
-    tally.lost -= never.min(tally.lost);
     report.apply_tally(&tally);
     let elapsed = last_rx.map_or(Duration::ZERO, |t| {
         t.saturating_duration_since(publish_start)
@@ -961,8 +1005,8 @@ struct PublishOutcome {
 
 /// Publishes `messages` bodies: a burst over `publishers` connections, or one every
 /// 1/rate seconds (at most 4 x `publishers` in flight; beyond that, ticks wait).
-/// Publication `seq` goes to `urls[seq % n]` (several when publishing round robin over
-/// nodes).
+/// Publication `seq` goes to `urls[seq % n]`: with K topics and B bases the URLs are
+/// ordered topic-major per base, so `seq % K` is its topic and bases take turns.
 async fn publish(
     client: HttpClient,
     urls: Vec<String>,

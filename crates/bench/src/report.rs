@@ -110,6 +110,11 @@ pub struct Report {
     /// With --server-pid: the server's CPU per second (cores busy) from the first publish
     /// until the deliveries were in.
     pub server_cpu_cores: Option<f64>,
+    /// Fanout: topics the subscribers spread over (`--topics`; 1 is --topic alone).
+    pub topics: usize,
+    /// Fanout with --server-pid: the server's CPU time (user + system) from the first
+    /// publish until the deliveries were in, divided by the publications (microseconds).
+    pub server_cpu_us_per_publication: Option<f64>,
     pub stalled: Option<StalledReport>,
     pub idle: Option<IdleReport>,
     /// --mode scores.
@@ -396,6 +401,23 @@ impl Report {
             "  latency      p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
             l.p50, l.p90, l.p99, l.max, l.count
         );
+        if self.topics > 1 {
+            let _ = writeln!(
+                s,
+                "  topics       {} ({}.0 ..= {}.{}), publications round robin",
+                self.topics,
+                self.topic,
+                self.topic,
+                self.topics - 1
+            );
+        }
+        if let (Some(cores), Some(us)) = (self.server_cpu_cores, self.server_cpu_us_per_publication)
+        {
+            let _ = writeln!(
+                s,
+                "  server CPU   {cores:.2} cores busy, {us:.1} us per publication"
+            );
+        }
         if !self.per_target.is_empty() {
             let _ = writeln!(s, "  publishing   through {}", self.publish_via_text());
         }

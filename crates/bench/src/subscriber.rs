@@ -44,6 +44,21 @@ pub fn unix_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Topic `i` of `k` named after `base`: `base` itself when `k` is 1, else `base.(i % k)`.
+pub fn topic_name(base: &str, k: usize, i: usize) -> String {
+    if k <= 1 {
+        base.to_string()
+    } else {
+        format!("{base}.{}", i % k)
+    }
+}
+
+/// How many of `n` publications sent round robin over `k` topics go to topic `t`.
+pub fn per_topic(n: u64, k: usize, t: usize) -> u64 {
+    let k = k.max(1) as u64;
+    n / k + u64::from((t as u64 % k) < n % k)
+}
+
 pub fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 1 hour, 3 significant digits.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
@@ -57,6 +72,8 @@ pub struct Shared {
     /// Every target (`--target A,B,C`): subscriber `i` connects to `targets[i % n]`.
     pub targets: Vec<SocketAddr>,
     pub topic: String,
+    /// Topics the subscribers spread over (see `topic_of`); 1 means `topic` alone.
+    pub topics: usize,
     pub sources: Vec<IpAddr>,
     pub stop: CancellationToken,
     /// New (non-duplicate) deliveries over all subscribers, for progress and completion.
@@ -151,6 +168,7 @@ impl Shared {
             host: addr.to_string(),
             targets,
             topic,
+            topics: 1,
             sources,
             stop: CancellationToken::new(),
             delivered: AtomicU64::new(0),
@@ -168,6 +186,12 @@ impl Shared {
             let _ = all.add(&*h.lock());
         }
         all
+    }
+
+    /// The topic of subscriber `i`: `topic`, or with several topics `topic.(i % topics)`,
+    /// the names publications go to round robin (many-topics fan-out).
+    pub fn topic_of(&self, i: usize) -> String {
+        topic_name(&self.topic, self.topics, i)
     }
 
     /// `&token=...` of subscriber `i`, or nothing.
@@ -313,7 +337,7 @@ pub async fn ws_open(
     i: usize,
     rcvbuf: Option<u32>,
 ) -> anyhow::Result<(Conn, Decoder, u64)> {
-    let target = format!("/ws?topic={}{}", shared.topic, shared.token_param(i));
+    let target = format!("/ws?topic={}{}", shared.topic_of(i), shared.token_param(i));
     let (mut stream, mut decoder) = ws_upgrade(shared, i, rcvbuf, &target).await?;
     loop {
         while let Some(msg) = decoder.next_message()? {
@@ -618,7 +642,7 @@ impl SseReader {
 /// subscriber is in place. Returns the stream, whether the body is chunked, and any body
 /// bytes already read.
 pub async fn sse_open(shared: &Shared, i: usize) -> anyhow::Result<(Conn, bool, Vec<u8>)> {
-    let target = format!("/sse?topic={}{}", shared.topic, shared.token_param(i));
+    let target = format!("/sse?topic={}{}", shared.topic_of(i), shared.token_param(i));
     sse_request(shared, i, &target, "").await
 }
 
@@ -771,6 +795,19 @@ pub async fn stalled_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publications_split_round_robin_over_topics() {
+        assert_eq!(topic_name("t", 1, 7), "t");
+        assert_eq!(topic_name("t", 3, 7), "t.1");
+        assert_eq!(per_topic(10, 1, 0), 10);
+        // 10 over 3 topics: seq 0,3,6,9 / 1,4,7 / 2,5,8.
+        assert_eq!(
+            (0..3).map(|t| per_topic(10, 3, t)).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
+        assert_eq!((0..5).map(|t| per_topic(2, 5, t)).sum::<u64>(), 2);
+    }
 
     #[test]
     fn each_target_owns_its_latency_shards() {
