@@ -31,19 +31,6 @@ async fn post_scores(addr: std::net::SocketAddr, board: &str, body: Value) {
     assert_eq!(s, 200, "{b}");
 }
 
-/// The next board or window message on `ws` (command replies skipped).
-async fn next_data(ws: &mut Ws) -> Value {
-    within("a board message", async {
-        loop {
-            let m = next_json(ws).await;
-            if m.get("op").is_none() {
-                return m["data"].clone();
-            }
-        }
-    })
-    .await
-}
-
 fn names(list: &Value) -> Vec<String> {
     list.as_array()
         .unwrap()

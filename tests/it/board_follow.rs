@@ -19,19 +19,6 @@ async fn scores(srv: &TestServer, board: &str, body: Value) {
     assert_eq!(s, 200, "{b}");
 }
 
-/// The next window pushed on a WebSocket (command replies skipped).
-async fn next_window(ws: &mut Ws) -> Value {
-    within("a window", async {
-        loop {
-            let m = next_json(ws).await;
-            if m.get("op").is_none() {
-                return m["data"].clone();
-            }
-        }
-    })
-    .await
-}
-
 fn players(w: &Value) -> Vec<&str> {
     w["around"]
         .as_array()
@@ -50,7 +37,7 @@ async fn a_follower_gets_the_window_and_only_the_changes_that_touch_it() {
         .collect();
     scores(&srv, "arena", json!(seed)).await;
     let mut ws = srv.ws("?topic=board:arena@p20").await;
-    let w = next_window(&mut ws).await;
+    let w = next_data(&mut ws).await;
     assert_eq!(w["player"], "p20");
     assert_eq!(w["entry"]["rank"], 21);
     assert_eq!(w["players"], 40);
@@ -63,7 +50,7 @@ async fn a_follower_gets_the_window_and_only_the_changes_that_touch_it() {
     // rank from 1 to 30 shifts, p20 moves to 22 and its window changes.
     scores(&srv, "arena", json!({"player": "p01", "score": 5000})).await;
     scores(&srv, "arena", json!({"player": "p30", "score": 9000})).await;
-    let w = next_window(&mut ws).await;
+    let w = next_data(&mut ws).await;
     assert_eq!(w["entry"]["rank"], 22, "{w}");
     assert_eq!(w["around"][0]["player"], "p15");
 
@@ -81,7 +68,7 @@ async fn a_follower_gets_the_window_and_only_the_changes_that_touch_it() {
     let got = got.get("data").cloned().unwrap_or(got);
     assert_eq!(got["entry"]["rank"], 4, "{got}");
     // And p20's follower hears of it too (one rank down).
-    let w = next_window(&mut ws).await;
+    let w = next_data(&mut ws).await;
     assert_eq!(w["entry"]["rank"], 23, "{w}");
 }
 
@@ -109,7 +96,7 @@ async fn under_redis_a_follower_on_another_node_sees_its_window_move() {
     let mut ws = b.ws("?topic=board:cup@bob").await;
     let w = within("bob's first window", async {
         loop {
-            let w = next_window(&mut ws).await;
+            let w = next_data(&mut ws).await;
             if w["entry"]["rank"] == 2 {
                 return w;
             }
@@ -118,7 +105,7 @@ async fn under_redis_a_follower_on_another_node_sees_its_window_move() {
     .await;
     assert_eq!(players(&w), ["ann", "bob"]);
     scores(&a, "cup", json!({"player": "bob", "score": 50})).await;
-    let w = next_window(&mut ws).await;
+    let w = next_data(&mut ws).await;
     assert_eq!(
         (w["entry"]["rank"].as_u64(), players(&w)),
         (Some(1), vec!["bob", "ann"]),
@@ -168,7 +155,7 @@ async fn follow_own_only_lets_a_player_follow_only_their_own_entry() {
     let mut healthy = srv
         .ws(&format!("?topic=board:arena@p42&token={mine}"))
         .await;
-    let w = next_window(&mut healthy).await;
+    let w = next_data(&mut healthy).await;
     assert_eq!(
         (w["player"].as_str(), &w["entry"]["rank"]),
         (Some("p42"), &json!(8))
@@ -214,13 +201,13 @@ async fn follow_own_only_lets_a_player_follow_only_their_own_entry() {
     let m = topic_command(&mut attacker, "subscribe", "board:arena@p7").await;
     assert_eq!(m["op"], "subscribed", "{m}");
     let mut anyone = srv.ws("?topic=board:open@p42").await;
-    assert_eq!(next_window(&mut anyone).await["entry"]["rank"], 8);
+    assert_eq!(next_data(&mut anyone).await["entry"]["rank"], 8);
 
     // A connection is one `sub` for its life (`refresh` keeps it), so a follow allowed
     // once stays allowed; nothing to re-check on refresh.
 
     // The healthy follower still sees its window move.
     scores(&srv, "arena", json!({"player": "p42", "score": 1000})).await;
-    let w = next_window(&mut healthy).await;
+    let w = next_data(&mut healthy).await;
     assert_eq!(w["entry"]["rank"], 1, "{w}");
 }

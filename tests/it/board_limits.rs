@@ -9,6 +9,7 @@
 //!   the board keep posting, also when a restart lowered the cap.
 //! - `GET /api/boards` pages with `limit` and `cursor`: every board exactly once.
 
+use crate::common::next_data;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -77,17 +78,6 @@ async fn ws(addr: &str, topic: &str) -> Ws {
     let ack = next_json(&mut ws).await;
     assert_eq!(ack["op"], "subscribed", "{ack}");
     ws
-}
-
-/// The next publication's `data` on a WebSocket (skipping acknowledgements).
-async fn next_data(ws: &mut Ws) -> Value {
-    loop {
-        let m = next_json(ws).await;
-        if m.get("op").is_none() {
-            return m["data"].clone();
-        }
-        assert_ne!(m["op"], "error", "{m}");
-    }
 }
 
 /// A watcher of `board:{name}` gets the board's snapshot.

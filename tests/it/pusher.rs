@@ -409,16 +409,20 @@ async fn apps_and_crier_topics_never_meet() {
     server.shutdown().await;
 }
 
-/// Under `--redis`, an event triggered on one node reaches the subscribers of every node,
-/// and `socket_id` excludes a socket of another node (its id names its node's run). The
-/// app comes from the flags here.
-#[tokio::test]
-async fn two_nodes_over_redis() {
-    crate::need_redis!();
-    let redis = crate::common::redis::RedisServer::start();
+/// Two `crier` processes and their data directories: alive as long as this is.
+type Nodes = (
+    crate::common::Proc,
+    crate::common::Proc,
+    tempfile::TempDir,
+    tempfile::TempDir,
+);
+
+/// Two `crier` processes on one Redis, app 1 (`key1`/`secret1`) from the flags.
+fn two_nodes(redis: &crate::common::redis::RedisServer) -> (Nodes, SocketAddr, SocketAddr) {
+    let url = redis.url();
     let flags = [
         "--redis",
-        &redis.url(),
+        &url,
         "--pusher-app-id",
         "1",
         "--pusher-key",
@@ -427,10 +431,23 @@ async fn two_nodes_over_redis() {
         "secret1",
     ];
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_a, addr_a) = crate::common::serve_binary(dir_a.path(), "127.0.0.1:0", &flags);
-    let (_b, addr_b) = crate::common::serve_binary(dir_b.path(), "127.0.0.1:0", &flags);
-    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
-        (addr_a.parse().unwrap(), addr_b.parse().unwrap());
+    let (a, addr_a) = crate::common::serve_binary(dir_a.path(), "127.0.0.1:0", &flags);
+    let (b, addr_b) = crate::common::serve_binary(dir_b.path(), "127.0.0.1:0", &flags);
+    (
+        (a, b, dir_a, dir_b),
+        addr_a.parse().unwrap(),
+        addr_b.parse().unwrap(),
+    )
+}
+
+/// Under `--redis`, an event triggered on one node reaches the subscribers of every node,
+/// and `socket_id` excludes a socket of another node (its id names its node's run). The
+/// app comes from the flags here.
+#[tokio::test]
+async fn two_nodes_over_redis() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let (_nodes, addr_a, addr_b) = two_nodes(&redis);
     let (mut on_a, _) = pusher_ws(addr_a, "key1").await;
     let (mut on_b, sid_b) = pusher_ws(addr_b, "key1").await;
     subscribe(&mut on_a, "room").await;
@@ -555,21 +572,7 @@ async fn api_until(
 async fn channel_api_counts_the_cluster() {
     crate::need_redis!();
     let redis = crate::common::redis::RedisServer::start();
-    let flags = [
-        "--redis",
-        &redis.url(),
-        "--pusher-app-id",
-        "1",
-        "--pusher-key",
-        "key1",
-        "--pusher-secret",
-        "secret1",
-    ];
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_a, addr_a) = crate::common::serve_binary(dir_a.path(), "127.0.0.1:0", &flags);
-    let (_b, addr_b) = crate::common::serve_binary(dir_b.path(), "127.0.0.1:0", &flags);
-    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
-        (addr_a.parse().unwrap(), addr_b.parse().unwrap());
+    let (_nodes, addr_a, addr_b) = two_nodes(&redis);
     let (mut a1, _) = pusher_ws(addr_a, "key1").await;
     let (mut b1, _) = pusher_ws(addr_b, "key1").await;
     let (mut b2, _) = pusher_ws(addr_b, "key1").await;

@@ -135,6 +135,18 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// The next publication's `data` on a WebSocket: command replies skipped, an error
+/// reply fails the test. Each frame is awaited within `WAIT`.
+pub async fn next_data(ws: &mut Ws) -> Value {
+    loop {
+        let m = next_json(ws).await;
+        if m.get("op").is_none() {
+            return m["data"].clone();
+        }
+        assert_ne!(m["op"], "error", "{m}");
+    }
+}
+
 /// The next text frame as JSON (pings are answered by tungstenite and skipped).
 pub async fn next_json(ws: &mut Ws) -> Value {
     loop {
