@@ -97,10 +97,32 @@ async fn prepare(
         crate::subscribe::subscribe(&state.hub, &*state.broker, &reg.client, t, None, &ack, &who)
             .await?;
     }
-    let on_upgrade = hyper::upgrade::on(req);
-    // One pointer kept across the upgrade's wait: what the task captures stays in its
-    // future for the connection's whole life, even once moved into the connection.
     let setup = Box::new((reg, state.clone(), grant));
+    spawn_upgraded(
+        state,
+        hyper::upgrade::on(req),
+        setup,
+        move |stream, read_buf, (reg, state, grant)| {
+            connection::run(stream, read_buf, reg, state, mode, grant, None)
+        },
+    );
+    Ok(switching_protocols(&key))
+}
+
+/// Waits for `on_upgrade` on a task of the node's tracker, then hands the socket
+/// and `setup` to `run`. `setup` is kept behind one pointer across the upgrade's wait:
+/// what the task captures stays in its future for the connection's whole life, and the
+/// box is freed once `run` takes what it holds.
+pub(super) fn spawn_upgraded<S, F, Fut>(
+    state: &AppState,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    setup: Box<S>,
+    run: F,
+) where
+    S: Send + 'static,
+    F: FnOnce(WsStream, bytes::Bytes, S) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     state.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -114,9 +136,12 @@ async fn prepare(
             return;
         };
         // Moved out of a temporary, so the box is freed here, not when the task ends.
-        let (reg, task_state, grant) = *{ setup };
-        connection::run(stream, read_buf, reg, task_state, mode, grant, None).await;
+        run(stream, read_buf, *{ setup }).await;
     });
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket handshake with `key`.
+pub(super) fn switching_protocols(key: &str) -> Response {
     let accept = accept_key(key.as_bytes());
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -127,7 +152,7 @@ async fn prepare(
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&accept).expect("base64 is a valid header"),
     );
-    Ok(resp)
+    resp
 }
 
 #[doc(hidden)] // pub for fuzz/fuzz_targets/ws_handshake.rs

@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 
 use super::connection::{self, PusherSession};
 use super::frame;
-use super::handshake::{accept_key, check_headers, into_socket, respond, Mode};
+use super::handshake::{check_headers, respond, spawn_upgraded, switching_protocols, Mode};
 use crate::api::error::ApiError;
 use crate::client::Item;
 use crate::metrics::Transport;
@@ -95,52 +94,33 @@ fn prepare(
         );
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    // One pointer kept across the upgrade's wait (as src/ws/handshake.rs does): what the
-    // task captures stays in its future for the connection's whole life.
     let setup = Box::new((outcome, state.clone()));
-    state.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("upgrade failed: {e}");
-                return;
+    spawn_upgraded(
+        state,
+        on_upgrade,
+        setup,
+        |stream, read_buf, (outcome, state)| async move {
+            match outcome {
+                Outcome::Run(reg, session) => {
+                    connection::run(
+                        stream,
+                        read_buf,
+                        reg,
+                        state,
+                        Mode::Pusher,
+                        None,
+                        Some(session),
+                    )
+                    .await;
+                }
+                Outcome::Refuse(code, message) => {
+                    let _ =
+                        tokio::time::timeout(REFUSAL_WRITE, refuse(stream, code, &message)).await;
+                }
             }
-        };
-        let Some((stream, read_buf)) = into_socket(upgraded) else {
-            tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
-            return;
-        };
-        // Moved out of a temporary, so the box is freed here, not when the task ends.
-        let (outcome, task_state) = *{ setup };
-        match outcome {
-            Outcome::Run(reg, session) => {
-                connection::run(
-                    stream,
-                    read_buf,
-                    reg,
-                    task_state,
-                    Mode::Pusher,
-                    None,
-                    Some(session),
-                )
-                .await;
-            }
-            Outcome::Refuse(code, message) => {
-                let _ = tokio::time::timeout(REFUSAL_WRITE, refuse(stream, code, &message)).await;
-            }
-        }
-    });
-    let accept = accept_key(ws_key.as_bytes());
-    let mut resp = Response::new(axum::body::Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+        },
     );
-    Ok(resp)
+    Ok(switching_protocols(&ws_key))
 }
 
 /// Writes `pusher:error` and a close frame with `code`, then drops the socket.
