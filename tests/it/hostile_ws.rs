@@ -116,10 +116,11 @@ async fn ping_flood_from_a_socket_that_never_reads_stays_bounded() {
     let flood = tokio::spawn(async move {
         let pings = b"\x89\x80\0\0\0\0".repeat(10_000);
         let mut sent = 0u64;
-        // 48 MB of pings: 16 MB of pongs, which the old server queued without bound. The
+        // 16 MB of pings (2.7 million frames): 5 MB of pongs, which the old server queued
+        // without bound, one allocation each (the pong count below catches that). The
         // server now answers a few per batch and keeps only the newest beyond that, so its
         // output stays tiny and it never needs to cut this socket off on its own.
-        while sent < 48_000_000 && wr.write_all(&pings).await.is_ok() {
+        while sent < 16_000_000 && wr.write_all(&pings).await.is_ok() {
             sent += pings.len() as u64;
         }
         (sent, wr)
@@ -149,7 +150,7 @@ async fn ping_flood_from_a_socket_that_never_reads_stays_bounded() {
         "ping flood: {sent} bytes of pings, RSS {rss_before} KiB before, max {max_rss} KiB, \
          {rss_after} KiB after"
     );
-    assert!(sent >= 48_000_000);
+    assert!(sent >= 16_000_000);
     assert!(max_rss < 200 * 1024, "server grew to {max_rss} KiB");
     // What it was sent is a few pongs per batch, not one per ping.
     drop(wr);

@@ -1487,13 +1487,14 @@ async fn publishes_fail_fast_while_redis_is_down_and_succeed_once_it_is_back() {
             during.len()
         );
         // Bounds far from the figures measured (docs/scaling.md) but far below what the
-        // bug cost: publishes waited out redis_timeout (2 s) for the first seconds.
+        // bug cost: publishes waited out redis_timeout (2 s) for the first seconds. The p99
+        // bound leaves room for a CI machine whose 2 cores also run the browser tests.
         assert_eq!(
             refused,
             during.len(),
             "every publish during the outage gets its 503"
         );
-        assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+        assert!(p99 < Duration::from_millis(1000), "p99 {p99:?}");
         assert!(first_ok < Duration::from_millis(1500), "{first_ok:?}");
         let last = publish(&http, addrs[0], "down", r#"{"round":"last"}"#)
             .await
