@@ -4,26 +4,11 @@
 
 use std::time::Duration;
 
-use crate::common::http::code;
+use crate::common::http::{code, delete};
 use crate::common::*;
 use crier::config::Config;
 use crier::server::Server;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `DELETE path` with an optional publisher key: (status, JSON body).
-async fn delete(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    let req = format!("DELETE {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1;
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
 
 async fn post_scores(addr: std::net::SocketAddr, board: &str, body: Value) {
     let (s, b) =
