@@ -340,7 +340,8 @@ async fn player(
 }
 
 /// Forgets a player (one who asked to be): their entry leaves the current season durably,
-/// and the top and the windows it was in are updated live. Closed seasons keep theirs.
+/// and the top and the windows it was in are updated live; closed seasons the board keeps
+/// forget it too (`seasons` lists them).
 async fn delete_player(
     State(state): State<Arc<AppState>>,
     Path((board, player)): Path<(String, String)>,
@@ -348,13 +349,13 @@ async fn delete_player(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
-    state
+    let seasons = state
         .boards
         .delete_player(&board, &player)
         .await
         .map_err(bad_name)?;
     Ok(Json(
-        json!({ "board": board, "player": player, "deleted": true }),
+        json!({ "board": board, "player": player, "deleted": true, "seasons": seasons }),
     ))
 }
 

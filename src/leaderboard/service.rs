@@ -574,6 +574,9 @@ pub struct Boards {
     season_wake: Notify,
     /// The closed seasons read last, loaded whole (a few, bounded by `ARCHIVES_CACHED`).
     archives: Mutex<Vec<Arc<Archive>>>,
+    /// Bumped when a player is erased from archives: a season loaded across the bump may
+    /// still hold them, so it is not cached.
+    archives_gen: AtomicU64,
 }
 
 /// Closed seasons kept loaded for reads; each is loaded from the store on a miss.
@@ -668,6 +671,7 @@ impl Boards {
             season_defaults: season_defaults(cfg),
             season_wake: Notify::new(),
             archives: Mutex::new(Vec::new()),
+            archives_gen: AtomicU64::new(0),
         });
         let updater = tokio::spawn(this.clone().update_loop());
         let seasons = tokio::spawn(this.clone().season_loop());
@@ -713,6 +717,7 @@ impl Boards {
             season_defaults: season_defaults(cfg),
             season_wake: Notify::new(),
             archives: Mutex::new(Vec::new()),
+            archives_gen: AtomicU64::new(0),
         });
         let follower = shared.start(&this, this.stop.clone()).await?;
         let updater = tokio::spawn(this.clone().update_loop());
@@ -929,11 +934,22 @@ impl Boards {
         self.storage.reset(self, name).await
     }
 
-    /// Forgets one player's entry in the current season, durably; the top and the
-    /// followers of the windows it leaves are updated like after a score.
-    pub async fn delete_player(&self, name: &str, player: &str) -> Result<(), BoardError> {
+    /// Forgets one player's entry, durably, in the current season (the top and the
+    /// followers of the windows it leaves are updated like after a score) and in every
+    /// closed season the board keeps; returns those closed seasons.
+    pub async fn delete_player(&self, name: &str, player: &str) -> Result<Vec<u64>, BoardError> {
         Self::validate_name(name)?;
-        self.storage.delete_player(self, name, player).await
+        let erased = self.storage.delete_player(self, name, player).await;
+        self.forget_archives(name);
+        erased
+    }
+
+    /// Drops the board's loaded closed seasons (a player was erased from them); reads load
+    /// them again.
+    pub(super) fn forget_archives(&self, name: &str) {
+        let mut cache = self.archives.lock();
+        self.archives_gen.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|a| &*a.board != name);
     }
 
     /// Queues a write's ops (the caller holds the board's lock, see the module docs) with
@@ -1093,6 +1109,7 @@ impl Boards {
         if let Some(a) = cached {
             return Ok(Some(a));
         }
+        let generation = self.archives_gen.load(Ordering::Acquire);
         let Some((info, entries)) = self.storage.season(self, name, season).await? else {
             return Ok(None);
         };
@@ -1112,6 +1129,9 @@ impl Boards {
             ranking,
         });
         let mut cache = self.archives.lock();
+        if self.archives_gen.load(Ordering::Acquire) != generation {
+            return Ok(Some(archive));
+        }
         cache.retain(|a| !(&*a.board == name && a.info.season == season));
         if cache.len() >= ARCHIVES_CACHED {
             cache.remove(0);
@@ -1514,34 +1534,56 @@ impl BoardStorage for LocalStore {
         boards: &Boards,
         name: &str,
         player: &str,
-    ) -> Result<(), BoardError> {
+    ) -> Result<Vec<u64>, BoardError> {
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = boards.get_persisted(name)?;
+        // Which closed seasons hold the player, read before the write (the write erases
+        // the player from every archive whatever this found). A board still in its first
+        // season has none, and its delete is queued without a wait, right as it is asked.
+        let archived = if board.lock().view_season().number > 1 {
+            let store = writer.store().clone();
+            let (n, p) = (name.to_string(), player.to_string());
+            tokio::task::spawn_blocking(move || store.archived_in(&n, &p))
+                .await
+                .map_err(|e| BoardError::Store(e.to_string()))?
+                .map_err(store_error)?
+        } else {
+            Vec::new()
+        };
         let done = {
             let mut b = board.lock();
-            let Some(key) = b.view_entry(player).map(|e| e.player.clone()) else {
+            let key = b.view_entry(player).map(|e| e.player.clone());
+            if key.is_none() && archived.is_empty() {
                 return Err(BoardError::NoPlayer {
                     board: name.into(),
                     player: player.into(),
                 });
-            };
-            let (id, guard) = b.begin_write();
-            if b.pending.entries.remove(player).is_some()
-                && b.pending.reset.is_none()
-                && b.ranking.get(player).is_none()
-            {
-                b.pending.fresh -= 1; // a queued new player, gone from the view again
             }
-            b.pending.deleted.insert(key.clone(), id);
-            let ops = vec![StoreOp::DeleteEntry {
+            let (id, guard) = b.begin_write();
+            let mut ops = Vec::with_capacity(2);
+            if let Some(key) = &key {
+                if b.pending.entries.remove(player).is_some()
+                    && b.pending.reset.is_none()
+                    && b.ranking.get(player).is_none()
+                {
+                    b.pending.fresh -= 1; // a queued new player, gone from the view again
+                }
+                b.pending.deleted.insert(key.clone(), id);
+                ops.push(StoreOp::DeleteEntry {
+                    board: name.into(),
+                    player: player.into(),
+                });
+            }
+            ops.push(StoreOp::ForgetArchived {
                 board: name.into(),
                 player: player.into(),
-            }];
+            });
+            let key = key.unwrap_or_else(|| Arc::from(player));
             boards.queue(slot, &board, id, guard, ops, Write::Delete(key), None)
         };
         done.await?;
-        Ok(())
+        Ok(archived)
     }
 
     async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {

@@ -130,12 +130,14 @@ local function parse(p, s)
   end
   return {tonumber(string.sub(s, 1, a - 1)), tonumber(q), string.sub(s, b + 1), p, sub}
 end
-local function member(en)
+-- The sorted-set member of an entry under a tiebreak (nil, 'high' or 'low').
+local function member_tb(en, tb)
   local m = string.format('%020d', en[2]) .. en[4]
-  if tiebreak == 'high' then return subkey(-en[5]) .. m end
-  if tiebreak == 'low' then return subkey(en[5]) .. m end
+  if tb == 'high' then return subkey(-en[5]) .. m end
+  if tb == 'low' then return subkey(en[5]) .. m end
   return m
 end
+local function member(en) return member_tb(en, tiebreak) end
 "#;
 
 /// KEYS: bo bp bz bl bc boards. ARGV: default options, new epoch, name, kept ops, max
@@ -305,19 +307,41 @@ save()
 return {1, string.format('%d', v), e}
 "#;
 
-/// KEYS: bo bp bz bl bc boards. ARGV: (unused), (unused), name, kept ops, (unused),
-/// (unused), player. Returns {0} for an unknown board, {4} for a player without an entry,
-/// else {1, v, e}.
+/// KEYS: bo bp bz bl bc boards ba. ARGV: (unused), (unused), name, kept ops, (unused),
+/// (unused), player, archive key prefix. Forgets the player in the current season and in
+/// every kept closed season (their player counts drop by one). Returns {0} for an unknown
+/// board, {4} for a player without an entry in any, else {1, v, e, closed seasons erased
+/// from...}.
 const DELETE: &str = r#"
 if created then return {0} end
 local p = ARGV[7]
 local s = redis.call('HGET', KEYS[2], p)
-if not s then return {4} end
-redis.call('ZREM', bz, member(parse(p, s)))
-redis.call('HDEL', KEYS[2], p)
+local gone = {}
+for _, n in ipairs(redis.call('HKEYS', KEYS[7])) do
+  local hp = ARGV[8] .. n .. 'p'
+  local a = redis.call('HGET', hp, p)
+  if a then
+    local f = {}
+    for w in string.gmatch(redis.call('HGET', KEYS[7], n), '%S+') do f[#f + 1] = w end
+    local tb = nil
+    local sl = string.find(f[4], '/', 1, true)
+    if sl then tb = string.sub(f[4], sl + 1) end
+    redis.call('ZREM', ARGV[8] .. n .. 'z', member_tb(parse(p, a), tb))
+    redis.call('HDEL', hp, p)
+    redis.call('HSET', KEYS[7], n, f[1] .. ' ' .. f[2] .. ' ' .. string.format('%d', tonumber(f[3]) - 1) .. ' ' .. f[4])
+    gone[#gone + 1] = n
+  end
+end
+if not s and #gone == 0 then return {4} end
+if s then
+  redis.call('ZREM', bz, member(parse(p, s)))
+  redis.call('HDEL', KEYS[2], p)
+end
 emit(cjson.encode({k = 'd', p = p}))
 save()
-return {1, string.format('%d', v), e}
+local out = {1, string.format('%d', v), e}
+for _, n in ipairs(gone) do out[#out + 1] = n end
+return out
 "#;
 
 /// KEYS: bo bp bz bl bc boards ba. ARGV: (unused), (unused), name, kept ops, (unused),
@@ -593,10 +617,11 @@ impl BoardStorage for Shared {
         boards: &Boards,
         name: &str,
         player: &str,
-    ) -> Result<(), BoardError> {
+    ) -> Result<Vec<u64>, BoardError> {
         let mut inv = self.invocation(&self.delete, name);
+        inv.key(key(name, "ba"));
         inv.arg("").arg("").arg(name).arg(KEPT_OPS).arg("").arg("");
-        inv.arg(player);
+        inv.arg(player).arg(key(name, "s"));
         let reply = self.run(inv).await?;
         match num::<u8>(reply.first().ok_or_else(bad_reply)?) {
             Some(0) => return Err(BoardError::NoBoard(name.into())),
@@ -609,8 +634,10 @@ impl BoardStorage for Shared {
             _ => {}
         }
         let (v, epoch) = Self::version(&reply)?;
+        let mut seasons: Vec<u64> = reply[3..].iter().filter_map(num).collect();
+        seasons.sort_unstable();
         self.wait_mirror(boards, name, &epoch, v).await;
-        Ok(())
+        Ok(seasons)
     }
 
     async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
@@ -1159,6 +1186,10 @@ impl Shared {
                 } else {
                     match serde_json::from_str::<Op>(op) {
                         Ok(op) => {
+                            if matches!(op, Op::Delete { .. }) {
+                                // Closed seasons forgot the player too.
+                                boards.forget_archives(name);
+                            }
                             if apply(&mut b, op) {
                                 boards.dirty_mark(name);
                             }

@@ -149,6 +149,10 @@ pub enum StoreOp {
     /// one is a no-op. The board must exist. Logged as a tombstone (an empty value) that
     /// load, checkpoint and season close apply as a removal.
     DeleteEntry { board: String, player: String },
+    /// Forget one player's entry in every closed season the board keeps (a player who
+    /// asked to be forgotten): removed from each archive table, whose player count drops
+    /// by one. A player in none is a no-op. The board must exist.
+    ForgetArchived { board: String, player: String },
     /// Set the board's logical clock. The board must exist.
     SetSeq { board: String, next_seq: u64 },
     /// Delete all entries, keep the board, its options and `next_seq`. The board must exist.
@@ -179,6 +183,7 @@ impl StoreOp {
             StoreOp::PutBoard { board, .. }
             | StoreOp::PutEntry { board, .. }
             | StoreOp::DeleteEntry { board, .. }
+            | StoreOp::ForgetArchived { board, .. }
             | StoreOp::SetSeq { board, .. }
             | StoreOp::ResetBoard { board }
             | StoreOp::DeleteBoard { board }
@@ -888,6 +893,14 @@ fn apply<'a>(
                 encode_log_tombstone(buf, player);
                 *n += 1;
             }
+            StoreOp::ForgetArchived { board, player } => {
+                if !pending.contains_key(board.as_str()) && !board_exists(&boards, board)? {
+                    return Err(StoreError::UnknownBoard {
+                        board: board.clone(),
+                    });
+                }
+                forget_archived(txn, board, player)?;
+            }
             StoreOp::ResetBoard { board } | StoreOp::DeleteBoard { board } => {
                 let delete = matches!(op, StoreOp::DeleteBoard { .. });
                 if !delete && !board_exists(&boards, board)? {
@@ -1019,6 +1032,40 @@ fn apply<'a>(
     Ok(logged)
 }
 
+/// Removes `player` from every archive of `board` holding it, and counts them one player
+/// fewer. Archive tables hold all their entries (a close folds the log first), so this is
+/// one lookup per kept season.
+fn forget_archived(txn: &WriteTransaction, board: &str, player: &str) -> Result<(), StoreError> {
+    let mut archive = txn.open_table(ARCHIVE).ctx("commit: open archive")?;
+    let kept: Vec<(u64, ArchivedSeason)> = archive
+        .range((board, 0)..=(board, u64::MAX))
+        .ctx("commit: read archive")?
+        .map(|row| {
+            let (k, v) = row.ctx("commit: read archive")?;
+            let n = k.value().1;
+            Ok((n, decode_archived(board, n, v.value())?))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for (n, mut info) in kept {
+        let name = season_table_name(board, n);
+        let removed = match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+            Ok(mut table) => table
+                .remove(player)
+                .with_ctx(|| format!("commit: forget in {name}"))?
+                .is_some(),
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(StoreError::db(format!("commit: open {name}"), e)),
+        };
+        if removed {
+            info.players = info.players.saturating_sub(1);
+            archive
+                .insert((board, n), encode_archived(&info).as_slice())
+                .ctx("commit: write archive")?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes the board's archives numbered below `below`, rows and tables.
 fn prune_archives(txn: &WriteTransaction, board: &str, below: u64) -> Result<(), StoreError> {
     if below == 0 {
@@ -1052,6 +1099,30 @@ impl Store {
         {
             let (k, v) = row.ctx("seasons: read archive")?;
             out.push(decode_archived(board, k.value().1, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The closed seasons (oldest first) whose archive holds `player`.
+    pub fn archived_in(&self, board: &str, player: &str) -> Result<Vec<u64>, StoreError> {
+        let txn = self.begin_read("archived_in")?;
+        let archive = txn.open_table(ARCHIVE).ctx("archived_in: open archive")?;
+        let mut out = Vec::new();
+        for row in archive
+            .range((board, 0)..=(board, u64::MAX))
+            .ctx("archived_in: read archive")?
+        {
+            let n = row.ctx("archived_in: read archive")?.0.value().1;
+            let name = season_table_name(board, n);
+            match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+                Ok(table) => {
+                    if table.get(player).ctx("archived_in: read")?.is_some() {
+                        out.push(n);
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(StoreError::db(format!("archived_in: open {name}"), e)),
+            }
         }
         Ok(out)
     }
