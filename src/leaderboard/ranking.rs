@@ -530,6 +530,13 @@ impl Ranking {
         Some(self.nodes.swap_remove(idx as usize).entry)
     }
 
+    /// Empties the ranking and hands back what it held (same order and tie-break), for the
+    /// caller to drop where the cost of freeing every entry blocks nobody.
+    pub fn take(&mut self) -> Ranking {
+        let fresh = Ranking::with_tiebreak(self.order, self.tiebreak);
+        std::mem::replace(self, fresh)
+    }
+
     pub fn clear(&mut self) {
         self.nodes.clear();
         self.index.clear();
@@ -974,6 +981,21 @@ mod tests {
             meta: None,
         });
         assert_eq!(players(&r.page(4, 10)), vec![(5, "B"), (6, "x"), (7, "y")]);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn take_leaves_an_empty_ranking_of_the_same_rules() {
+        let mut r = Ranking::with_tiebreak(SortOrder::Low, Some(SortOrder::High));
+        r.submit("a", 1.0, ScoreMode::Best, 1, None);
+        let old = r.take();
+        assert_eq!((old.len(), r.len()), (1, 0));
+        assert_eq!(
+            (r.order(), r.tiebreak()),
+            (SortOrder::Low, Some(SortOrder::High))
+        );
+        r.submit("b", 2.0, ScoreMode::Best, 2, None);
+        assert_eq!(r.rank("b"), Some(1));
         r.check_invariants();
     }
 

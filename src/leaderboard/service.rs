@@ -1801,6 +1801,35 @@ fn stored(e: &Entry) -> StoredEntry {
     }
 }
 
+/// Rankings at least this big are freed on the dropper thread, smaller ones in place.
+const DROP_ELSEWHERE_MIN: usize = 16_384;
+
+/// Frees a ranking a reset or season close emptied off the caller's thread: on the store
+/// writer (or a Redis mirror under the board's lock) freeing a million entries took ~250 ms,
+/// during which every board's posters waited. One dropper thread, started on first use,
+/// behind a small bounded queue; when it is full the ranking is freed in place (slow, as
+/// before, never unbounded).
+pub(super) fn drop_elsewhere(old: Ranking) {
+    use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+    static DROPPER: std::sync::OnceLock<Option<SyncSender<Ranking>>> = std::sync::OnceLock::new();
+    if old.len() < DROP_ELSEWHERE_MIN {
+        return;
+    }
+    let tx = DROPPER.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Ranking>(4);
+        std::thread::Builder::new()
+            .name("crier-board-drop".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = tx {
+        if let Err(TrySendError::Full(old) | TrySendError::Disconnected(old)) = tx.try_send(old) {
+            drop(old);
+        }
+    }
+}
+
 /// Applies a committed write to the durable board (on the writer thread, in commit order).
 /// Returns the board's name, the write's results and whether the live top changed.
 fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
@@ -1889,7 +1918,7 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             (Applied::Done, rank.is_some_and(|r| r <= top))
         }
         w @ (Write::Reset | Write::Close(_)) => {
-            b.ranking.clear();
+            drop_elsewhere(b.ranking.take());
             if let Write::Close(next) = w {
                 b.season = next;
                 if b.pending.season.is_some_and(|(w, _)| w == id) {

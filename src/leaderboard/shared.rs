@@ -527,7 +527,7 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
             true
         }
         Op::Reset => {
-            b.ranking.clear();
+            super::service::drop_elsewhere(b.ranking.take());
             true
         }
         Op::Delete { p } => {
@@ -540,7 +540,7 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
             rank <= b.options.top as u64
         }
         Op::Close { n, s } => {
-            b.ranking.clear();
+            super::service::drop_elsewhere(b.ranking.take());
             b.season = SeasonState {
                 number: n,
                 started: s,
