@@ -5,7 +5,8 @@
 //! holds the connections and reports the server's memory per connection.
 //!
 //! `--mode scores` and `--mode board` measure the leaderboards instead (see `board`):
-//! durable score ingest, and post-to-screen latency of a new leader to N board watchers.
+//! durable score ingest, and post-to-screen latency of a new leader to N board watchers;
+//! `--mode follow` (`follow`) N watchers each following their own player's window.
 //! `--mode resume-storm` (`resume`) cuts N subscribers, publishes while they are away and
 //! times their resume; `--mode publish-throughput` (`throughput`) counts acknowledged
 //! publications per second over one or many topics.
