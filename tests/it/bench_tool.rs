@@ -178,6 +178,74 @@ async fn leaderboard_modes_ingest_and_reach_every_watcher() {
     server.shutdown().await;
 }
 
+/// `--mode follow`: watchers each following their own player see the scores posted on
+/// them, on a seeded `latest` board (a small run: 300 players, 60 watchers, 400 posts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_mode_reaches_each_players_own_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        board_update_interval: std::time::Duration::from_millis(20),
+        ..Config::default()
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--mode",
+        "follow",
+        "--board",
+        "fol",
+        "--players",
+        "300",
+        "--subscribers",
+        "60",
+        "--messages",
+        "400",
+        "--rate",
+        "400",
+        "--timeout",
+        "20s",
+        "--server-pid",
+        &std::process::id().to_string(),
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    assert_eq!((r.connected, r.connect_failed), (60, 0), "{r:?}");
+    let f = r.follow.as_ref().expect("follow report");
+    assert_eq!(
+        (f.posts_ok, f.post_errors, f.players),
+        (400, 0, 300),
+        "{f:?}"
+    );
+    assert!(f.followed_posts > 20, "{f:?}");
+    assert_eq!(f.seen_first_hand + f.superseded, f.followed_posts, "{f:?}");
+    assert_eq!(f.latency_ms.count, f.seen_first_hand, "{f:?}");
+    assert!(
+        f.deliveries >= f.seen_first_hand && f.deliveries_per_sec > 0.0,
+        "{f:?}"
+    );
+    assert!(
+        f.server_cpu_cores.is_some() && f.rss_end_kib.is_some(),
+        "{f:?}"
+    );
+    assert!(
+        !f.timed_out && r.failures().is_empty(),
+        "{:?}",
+        r.failures()
+    );
+    let (_, b) = crate::common::http::get(server.addr, "/api/boards/fol").await;
+    assert_eq!(
+        (b["players"].as_u64(), b["mode"].as_str()),
+        (Some(300), Some("latest"))
+    );
+    assert!(r.to_text().contains("own window"), "{}", r.to_text());
+    server.shutdown().await;
+}
+
 /// `--attack`: every kind runs briefly next to 50 healthy subscribers. Checks the tool, not
 /// the server: it completes, reports how each attacker ended, and the healthy side lost
 /// nothing. The server's own RSS guard (`--attack-max-rss-mib`) keeps a server without the
@@ -310,6 +378,7 @@ fn bench_reads_the_leader_of_the_servers_board_serialization() {
             Entry {
                 player: player.into(),
                 score: 42.0,
+                subscore: 0.0,
                 achieved: 1,
                 meta: meta.map(Into::into),
             },
@@ -319,7 +388,7 @@ fn bench_reads_the_leader_of_the_servers_board_serialization() {
         let data = serde_json::json!({
             "board": "b",
             "version": 2,
-            "top": ranked(&[first, entry("second", None)]),
+            "top": ranked(&[first, entry("second", None)], false),
         });
         format!(r#"{{"topic":"board:b","offset":7,"data":{data}}}"#)
     };

@@ -16,6 +16,7 @@ mod board_durability;
 mod board_follow;
 mod board_limits;
 mod board_policy;
+mod board_subscore;
 mod broadcast;
 mod broker_contract;
 mod common;

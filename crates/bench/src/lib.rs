@@ -5,7 +5,8 @@
 //! holds the connections and reports the server's memory per connection.
 //!
 //! `--mode scores` and `--mode board` measure the leaderboards instead (see `board`):
-//! durable score ingest, and post-to-screen latency of a new leader to N board watchers.
+//! durable score ingest, and post-to-screen latency of a new leader to N board watchers;
+//! `--mode follow` (`follow`) N watchers each following their own player's window.
 //! `--mode resume-storm` (`resume`) cuts N subscribers, publishes while they are away and
 //! times their resume; `--mode publish-throughput` (`throughput`) counts acknowledged
 //! publications per second over one or many topics.
@@ -25,6 +26,7 @@
 pub mod attack;
 pub mod board;
 pub mod envelope;
+pub mod follow;
 pub mod offsets;
 pub mod presence;
 pub mod report;
@@ -91,6 +93,12 @@ pub enum BenchMode {
     /// N WebSocket members join the presence topic --topic over the --target servers: time
     /// until joined and counted by every server, stats and page latency at N, leave time.
     Presence,
+    /// Every player's own rank, live: --board is seeded with --players players, N watchers
+    /// each follow their own player (board:--board@pI), --messages scores at --rate per
+    /// second (default 1000) on random players; latency from a post's answer to the
+    /// player's own window showing it, windows delivered per second, server CPU and RSS
+    /// (--server-pid).
+    Follow,
 }
 
 impl BenchMode {
@@ -102,6 +110,7 @@ impl BenchMode {
             BenchMode::ResumeStorm => "resume-storm",
             BenchMode::PublishThroughput => "publish-throughput",
             BenchMode::Presence => "presence",
+            BenchMode::Follow => "follow",
         }
     }
 }
@@ -109,7 +118,7 @@ impl BenchMode {
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// What to measure: fanout (a topic), scores (leaderboard ingest), board (new leader
-    /// to board watchers), resume-storm (N clients resume at once) or publish-throughput
+    /// to board watchers), follow (each watcher's own player's window), resume-storm (N clients resume at once) or publish-throughput
     /// (acknowledged publications/s).
     #[arg(long, value_enum, default_value = "fanout")]
     pub mode: BenchMode,
@@ -164,7 +173,8 @@ pub struct BenchArgs {
     /// Scores per request in --mode scores (1-1000; 1 posts one JSON object per request).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Size of the random player-id pool of --mode scores.
+    /// Size of the random player-id pool of --mode scores; in --mode follow, the players
+    /// the board is seeded with (p0 ..).
     #[arg(long, default_value_t = 100_000)]
     pub players: u64,
     /// Spread subscriber source addresses over 127.0.0.2 ..= 127.0.0.(K+1), so a large N
@@ -181,7 +191,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
     /// Publications per second; 0 publishes a burst, as fast as the publishers can.
-    /// In --mode board: new leaders per second (0 means 5).
+    /// In --mode board: new leaders per second (0 means 5); in --mode follow: scores per
+    /// second (0 means 1000).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Concurrent HTTP publishers (connections) in a burst; in-flight cap at a steady rate.
@@ -512,7 +523,9 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     );
     match args.mode {
         BenchMode::Fanout => {}
-        BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr, tls).await,
+        BenchMode::Scores | BenchMode::Board | BenchMode::Follow => {
+            return run_leaderboard(args, addr, tls).await
+        }
         BenchMode::ResumeStorm | BenchMode::PublishThroughput => {
             return run_history(args, addr, tls).await
         }
@@ -919,6 +932,15 @@ async fn run_leaderboard(
             shared.tls = tls;
             let shared = Arc::new(shared);
             report.board = Some(board::run_board(&args, shared, &mut report).await?);
+        }
+        BenchMode::Follow => {
+            report.subscribers = args.subscribers;
+            let mut shared =
+                Shared::new(addr, report.topic.clone(), sources(addr, args.source_ips));
+            shared.tls = tls;
+            shared.follow = true;
+            let shared = Arc::new(shared);
+            report.follow = Some(follow::run(&args, shared, &mut report).await?);
         }
         _ => unreachable!("handled by run_with"),
     }

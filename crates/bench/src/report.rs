@@ -121,6 +121,8 @@ pub struct Report {
     pub scores: Option<ScoresReport>,
     /// --mode board.
     pub board: Option<BoardReport>,
+    /// --mode follow.
+    pub follow: Option<super::follow::FollowReport>,
     /// --attack.
     pub attack: Option<AttackReport>,
     /// --mode resume-storm.
@@ -193,6 +195,10 @@ impl Report {
             if sc.requests_failed > 0 {
                 f.push(format!("{} score requests failed", sc.requests_failed));
             }
+            return f;
+        }
+        if let Some(fo) = &self.follow {
+            f.extend(fo.failures());
             return f;
         }
         if let Some(b) = &self.board {
@@ -322,6 +328,10 @@ impl Report {
         );
         if let Some(e) = &self.first_connect_error {
             let _ = writeln!(s, "               first error: {e}");
+        }
+        if let Some(fo) = &self.follow {
+            fo.text(&mut s);
+            return s;
         }
         if let Some(b) = &self.board {
             let _ = writeln!(

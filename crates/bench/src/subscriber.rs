@@ -84,6 +84,8 @@ pub struct Shared {
     /// TLS towards an `https://` server: every subscriber connection is `wss://` (or SSE
     /// over HTTPS). None for `http://`.
     pub tls: Option<TlsTarget>,
+    /// `--mode follow`: subscriber `i` subscribes `{topic}@p{i}` (its own player).
+    pub follow: bool,
 }
 
 /// How subscribers reach an `https://` server: the client configuration (the public roots
@@ -177,6 +179,7 @@ impl Shared {
                 .collect(),
             tokens: None,
             tls: None,
+            follow: false,
         }
     }
 
@@ -191,6 +194,9 @@ impl Shared {
     /// The topic of subscriber `i`: `topic`, or with several topics `topic.(i % topics)`,
     /// the names publications go to round robin (many-topics fan-out).
     pub fn topic_of(&self, i: usize) -> String {
+        if self.follow {
+            return format!("{}@p{i}", self.topic);
+        }
         topic_name(&self.topic, self.topics, i)
     }
 
