@@ -120,9 +120,50 @@ impl Auth {
         own.then_some(player)
     }
 
+    /// A friends view (`board:{b}:friends@a@b`) must name a board and 1-`MAX_FRIENDS`
+    /// distinct players; on a `follow_own_only` board it shows others' entries only to one
+    /// of its players (the token's `sub` among them).
+    fn check_friends(&self, topic: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
+        let Some((board, players)) = crate::topic::friends_topic_parts(topic) else {
+            return Ok(());
+        };
+        crate::topic::check_friends(topic, board, &players)
+            .map_err(|m| Refusal::new(ErrorCode::BadTopic, m))?;
+        // Whoever may not read the board may not read a part of it, whatever
+        // `private_topics` says of this topic itself.
+        self.check_read(&crate::topic::board_topic(board), grant)?;
+        let own_only = self
+            .own_only
+            .iter()
+            .find(|(p, _)| p.matches(board))
+            .is_some_and(|(_, own)| *own);
+        if !own_only {
+            return Ok(());
+        }
+        match grant {
+            Some(g) if players.contains(&&*g.sub) => Ok(()),
+            Some(g) => Err(Refusal::new(
+                ErrorCode::TopicForbidden,
+                format!(
+                    "{topic:?}: this board lets a player watch only rankings they are in, \
+                     and {:?} is not among these players",
+                    g.sub
+                ),
+            )),
+            None => Err(Refusal::new(
+                ErrorCode::TokenRequired,
+                format!(
+                    "{topic:?}: this board lets a player watch only rankings they are in: \
+                     send a token whose sub is one of these players"
+                ),
+            )),
+        }
+    }
+
     /// Ok when `topic` is public or `grant` allows it, and, for a followed player on a
     /// `follow_own_only` board, when `grant` is that player's (`sub`).
     pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
+        self.check_friends(topic, grant)?;
         if let Some(player) = self.own_only_player(topic) {
             match grant {
                 Some(g) if *g.sub == *player => {}

@@ -240,6 +240,8 @@ pub(super) struct Board {
     /// Players followed on this node (`board:{b}@{player}` has local subscribers), with a
     /// hash of the window last published (`None`: none yet).
     watched: HashMap<Arc<str>, Option<u64>>,
+    /// Friends views watched on this node, by topic (`friends.rs`).
+    friends: HashMap<Arc<str>, super::friends::Watch>,
     /// The ranks whose entries changed since the windows were last published: only the
     /// windows overlapping them are recomputed.
     pub(super) moved: Option<(u64, u64)>,
@@ -300,6 +302,7 @@ impl Board {
             season: SeasonState::first(now),
             top_dirty: true,
             watched: HashMap::new(),
+            friends: HashMap::new(),
             moved: None,
             options,
             next_seq,
@@ -353,7 +356,8 @@ impl Board {
     /// Whether a live update is due after a change: the top moved, or a followed player's
     /// window may have.
     pub(super) fn needs_update(&self) -> bool {
-        self.top_dirty || (self.moved.is_some() && !self.watched.is_empty())
+        self.top_dirty
+            || (self.moved.is_some() && !(self.watched.is_empty() && self.friends.is_empty()))
     }
 
     fn view_entry(&self, player: &str) -> Option<&Entry> {
@@ -1134,8 +1138,20 @@ impl Boards {
         // The followed players, by board: the `board:{b}@{player}` topics this node's
         // clients subscribed to (bounded by the subscriptions, so by their budgets).
         let mut followed: HashMap<String, Vec<String>> = HashMap::new();
+        // The friends views, by board: (topic, players), checked at subscribe.
+        let mut friends: HashMap<String, Vec<super::friends::Named>> = HashMap::new();
         for (topic, count) in self.hub.topic_counts() {
             if count == 0 {
+                continue;
+            }
+            if let Some((board, players)) = crate::topic::friends_topic_parts(&topic) {
+                if crate::topic::check_friends(&topic, board, &players).is_ok() {
+                    let players = players.into_iter().map(Arc::from).collect();
+                    friends
+                        .entry(board.to_string())
+                        .or_default()
+                        .push((topic.to_string(), players));
+                }
                 continue;
             }
             if let Some((board, player)) = crate::topic::player_topic_parts(&topic) {
@@ -1165,6 +1181,22 @@ impl Boards {
                     b.note_moved(0, u64::MAX);
                     changed |= b.persisted && !b.watched.is_empty();
                 }
+                let views = friends.remove(&*b.name).unwrap_or_default();
+                if views.len() != b.friends.len()
+                    || views
+                        .iter()
+                        .any(|(t, _)| !b.friends.contains_key(t.as_str()))
+                {
+                    let mut kept = std::mem::take(&mut b.friends);
+                    for (topic, players) in views {
+                        let last = kept.remove(topic.as_str()).and_then(|w| w.last);
+                        let watch = super::friends::Watch { players, last };
+                        b.friends.insert(Arc::from(topic), watch);
+                    }
+                    // New views get their ranking now.
+                    b.note_moved(0, u64::MAX);
+                    changed |= b.persisted && !b.friends.is_empty();
+                }
                 (b.name.clone(), changed)
             };
             if changed {
@@ -1180,7 +1212,9 @@ impl Boards {
             let mut b = board.lock();
             b.version = (b.version + 1).max(b.next_seq);
             b.last_published = Some(Instant::now());
-            let windows = player_windows(&mut b);
+            let moved = b.moved;
+            let mut windows = player_windows(&mut b);
+            windows.extend(friend_views(&mut b, moved));
             let top = if std::mem::take(&mut b.top_dirty) {
                 Some(self.snapshot(&mut b))
             } else {
@@ -1561,6 +1595,39 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             *last = Some(hash);
             out.push((crate::topic::player_topic(&b.name, &player), json));
         }
+    }
+    out
+}
+
+/// The friends views of `b` that changed since they were last published, as (topic,
+/// data): only those whose players may have moved are recomputed (`friends.rs`).
+fn friend_views(b: &mut Board, moved: Option<(u64, u64)>) -> Vec<(String, Vec<u8>)> {
+    use super::friends::{content_hash, entries, may_have_changed, View};
+    let Some(moved) = moved else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (topic, w) in b.friends.iter_mut() {
+        if !may_have_changed(w, &b.ranking, moved) {
+            continue;
+        }
+        let (found, missing) = entries(&b.ranking, &w.players);
+        let hash = content_hash(&found, &missing);
+        if w.last == Some(hash) {
+            continue;
+        }
+        w.last = Some(hash);
+        let view = View::new(
+            &b.name,
+            b.version,
+            b.season.number,
+            b.ranking.len(),
+            &w.players,
+            &found,
+            missing,
+        );
+        let json = serde_json::to_vec(&view).expect("friends view serializes");
+        out.push((topic.to_string(), json));
     }
     out
 }
