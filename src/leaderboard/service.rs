@@ -74,6 +74,9 @@ const QUEUED_SCORE_OVERHEAD: usize = 160;
 /// How often watcher counts are compared with what was last shown (and the followed
 /// players' topics looked up).
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
+/// Topics that just got a follower or a friends view watcher, held for the update task
+/// (beyond it, the next watcher check finds them).
+const MAX_JOINED: usize = 10_000;
 /// Neighbours shown above and below a followed player (`board:{b}@{player}`).
 pub const WINDOW: usize = 5;
 
@@ -510,6 +513,9 @@ pub struct Boards {
     season_defaults: Vec<(TopicPattern, BoardPolicyConfig)>,
     /// Wakes the season task when a schedule changes.
     season_wake: Notify,
+    /// Follow and friends topics a local subscriber just joined (`watching`), at most
+    /// [`MAX_JOINED`]: their first window goes out with the next update.
+    joined: Mutex<HashSet<Arc<str>>>,
     /// The closed seasons read last, loaded whole (a few, bounded by `ARCHIVES_CACHED`).
     archives: Mutex<Vec<Arc<Archive>>>,
 }
@@ -604,6 +610,7 @@ impl Boards {
             clock,
             season_defaults: season_defaults(cfg),
             season_wake: Notify::new(),
+            joined: Mutex::new(HashSet::new()),
             archives: Mutex::new(Vec::new()),
         });
         let updater = tokio::spawn(this.clone().update_loop());
@@ -649,6 +656,7 @@ impl Boards {
             clock: Arc::new(WallClock::new()),
             season_defaults: season_defaults(cfg),
             season_wake: Notify::new(),
+            joined: Mutex::new(HashSet::new()),
             archives: Mutex::new(Vec::new()),
         });
         let follower = shared.start(&this, this.stop.clone()).await?;
@@ -1100,9 +1108,78 @@ impl Boards {
         self.page(None, usize::MAX, |_| true).0
     }
 
+    /// A local subscriber just joined `topic` (called by the transports after a
+    /// subscribe): a followed player's window or a friends view then goes out with the
+    /// next update, within `board_update_interval`, instead of at the next watcher check
+    /// (up to a second later). Other topics cost a parse.
+    pub fn watching(&self, topic: &str) {
+        if crate::topic::player_topic_parts(topic).is_none()
+            && crate::topic::friends_topic_parts(topic).is_none()
+        {
+            return;
+        }
+        {
+            let mut joined = self.joined.lock();
+            if joined.len() >= MAX_JOINED {
+                return;
+            }
+            joined.insert(Arc::from(topic));
+        }
+        self.dirty.wake.notify_one();
+    }
+
+    /// Adds the topics `watching` noted to their boards' followed players and views, so
+    /// the next update computes their first window (one not yet followed has no window
+    /// last sent, so it is computed whatever moved).
+    fn add_joined(&self) {
+        let joined = std::mem::take(&mut *self.joined.lock());
+        for topic in joined {
+            let (board, player, friends) =
+                if let Some((b, p)) = crate::topic::player_topic_parts(&topic) {
+                    (b, Some(p), None)
+                } else if let Some((b, ps)) = crate::topic::friends_topic_parts(&topic) {
+                    if crate::topic::check_friends(&topic, b, &ps).is_err() {
+                        continue;
+                    }
+                    (b, None, Some(ps))
+                } else {
+                    continue;
+                };
+            let Some(board) = self.get(board) else {
+                continue;
+            };
+            let mut b = board.lock();
+            let mut added = false;
+            if let Some(p) = player {
+                if !b.watched.contains_key(p) {
+                    b.watched.insert(Arc::from(p), None);
+                    added = true;
+                }
+            }
+            if let Some(ps) = friends {
+                if !b.friends.contains_key(&*topic) {
+                    let players = ps.into_iter().map(Arc::from).collect();
+                    let watch = super::friends::Watch {
+                        players,
+                        last: None,
+                    };
+                    b.friends.insert(topic.clone(), watch);
+                    added = true;
+                }
+            }
+            if added && b.persisted {
+                b.note_moved(0, 0);
+                let name = b.name.clone();
+                drop(b);
+                self.dirty.names.lock().insert(name);
+            }
+        }
+    }
+
     async fn update_loop(self: Arc<Self>) {
         let mut next_watcher_check = Instant::now() + WATCHER_CHECK;
         loop {
+            self.add_joined();
             let now = Instant::now();
             if now >= next_watcher_check {
                 self.check_watchers();

@@ -275,3 +275,32 @@ async fn under_redis_a_view_on_another_node_moves() {
     let (s, body) = b.get("/api/boards/cup/friends?players=cy,bob").await;
     assert_eq!((s, ranking(&body)), (200, r(&[(1, "cy"), (3, "bob")])));
 }
+
+/// A new follower's first window, and a new friends view, go out at subscribe time (with
+/// the next update), not at the next once-a-second watcher check: each of several comes
+/// within a few update intervals.
+#[tokio::test]
+async fn the_first_window_and_view_come_at_subscribe_time() {
+    let srv = TestServer::start(|c| c.board_update_interval = Duration::from_millis(10)).await;
+    seed(&srv, "quick").await;
+    for i in 0..3 {
+        let t0 = std::time::Instant::now();
+        let mut ws = srv.ws(&format!("?topic=board:quick@p{:02}", 10 + i)).await;
+        let w = next_data(&mut ws).await;
+        let took = t0.elapsed();
+        assert_eq!(w["entry"]["rank"], 11 + i, "{w}");
+        assert!(
+            took < Duration::from_millis(500),
+            "window {i} took {took:?}"
+        );
+
+        let t0 = std::time::Instant::now();
+        let mut sse =
+            Sse::connect(srv.addr, &format!("?topic=board:quick:friends@p0{i}@p20")).await;
+        let (_, v) = within("the view", sse.next_event()).await.unwrap();
+        let took = t0.elapsed();
+        let v = v.get("data").cloned().unwrap_or(v);
+        assert_eq!(ranking(&v)[0].1, format!("p0{i}"), "{v}");
+        assert!(took < Duration::from_millis(500), "view {i} took {took:?}");
+    }
+}
