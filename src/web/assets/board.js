@@ -248,7 +248,7 @@ import { Crier } from "./crier.js";
     const rows = [];
     if (inTop) {
       state = "top";
-      setText(el.meStatus, `${followed} is #${fmt(inTop.rank)}, in the top ${shownTop.length}.`);
+      setText(el.meStatus, `${displayName(inTop)} is #${fmt(inTop.rank)}, in the top ${shownTop.length}.`);
     } else if (!shownWindow) {
       state = "waiting";
       setText(el.meStatus, `Looking for ${followed}…`);
