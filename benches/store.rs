@@ -26,6 +26,7 @@ fn put(i: u64) -> StoreOp {
             // Bounded key space (upserts after the first 1M) so the tree size stays realistic.
             player: format!("player-{:07}", (i.wrapping_mul(2_654_435_761)) % 1_000_000),
             score: i as f64,
+            subscore: 0.0,
             achieved: i,
             meta: Some(r#"{"country":"NZ"}"#.into()),
         },
@@ -143,6 +144,7 @@ fn bench(c: &mut Criterion) {
                             entry: StoredEntry {
                                 player: format!("player-{i:09}"),
                                 score: i as f64,
+                                subscore: 0.0,
                                 achieved: i,
                                 meta: Some(r#"{"country":"NZ"}"#.into()),
                             },

@@ -696,6 +696,9 @@ pub struct BoardPolicyConfig {
     pub timezone: Option<String>,
     /// Closed seasons matching boards keep (10 otherwise).
     pub keep_seasons: Option<usize>,
+    /// Subscore direction (`high` / `low`) of matching boards, unless their options set
+    /// one: equal scores rank by subscore.
+    pub tiebreak: Option<String>,
     /// A player may follow only their own entry: `board:{b}@{p}` needs a token whose
     /// `sub` is `p` (checked by `auth::Auth::check_read`).
     #[serde(default)]

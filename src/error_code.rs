@@ -157,6 +157,8 @@ error_codes! {
         "the board options are not valid";
     InvalidScore = "invalid_score", http(400),
         "a score entry is malformed, out of range, or the batch is too large";
+    NoTiebreak = "no_tiebreak", http(400),
+        "a `subscore` was posted to a board without a `tiebreak` option; nothing of the batch was applied";
     NoBoard = "no_board", http(404),
         "no board of that name";
     NoPlayer = "no_player", http(404),
@@ -168,7 +170,7 @@ error_codes! {
     TooManySubmissions = "too_many_submissions", http(429),
         "a player is over the board policy's `max_submissions_per_minute`";
     Conflict = "conflict", http(409),
-        "the change would move every rank (changing `order` of a board with players): reset it first";
+        "the change would move every rank (changing `order` or `tiebreak` of a board with players): reset it first";
     TooManyBoards = "too_many_boards", http(503),
         "a new board past `max_boards` (under `--redis`: counted over every node); nothing was created, existing boards keep working";
     TooManyPlayers = "too_many_players", http(409),

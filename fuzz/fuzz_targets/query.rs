@@ -50,6 +50,7 @@ fuzz_target!(|input: &[u8]| {
         ranking.insert(Entry {
             player: format!("p{i}").into(),
             score: (i % 7) as f64,
+            subscore: 0.0,
             achieved: i as u64,
             meta: None,
         });

@@ -63,7 +63,8 @@ fn post(ranking: &mut Ranking, mode: ScoreMode, seq: &mut u64, body: &[u8]) {
             }
         }
     }
-    for (player, score, meta) in &scores {
+    for (player, score, meta, sub) in &scores {
+        assert!(sub.is_none_or(|u| u.is_finite() && u.abs() <= MAX_ABS_SCORE));
         assert!(!player.is_empty() && player.len() <= MAX_PLAYER_LEN);
         assert!(!player.chars().any(char::is_control));
         assert!(score.is_finite() && score.abs() <= MAX_ABS_SCORE, "{score}");
@@ -78,8 +79,8 @@ fn post(ranking: &mut Ranking, mode: ScoreMode, seq: &mut u64, body: &[u8]) {
         return; // all-or-nothing: nothing applied
     }
     let before = ranking.len();
-    for (player, score, meta) in &scores {
-        let s = ranking.submit(player, *score, mode, *seq, meta.clone());
+    for (player, score, meta, sub) in &scores {
+        let s = ranking.submit_sub(player, (*score, sub.unwrap_or(0.0)), mode, *seq, meta.clone());
         *seq += 1;
         assert!(s.new_rank >= 1 && s.new_rank <= ranking.len() as u64);
         assert_eq!(ranking.rank(player), Some(s.new_rank));
@@ -93,7 +94,7 @@ fn post(ranking: &mut Ranking, mode: ScoreMode, seq: &mut u64, body: &[u8]) {
     assert!(ranking.len() >= before && ranking.len() <= before + scores.len());
     // What the response and the board topic serialize.
     let top = ranking.top(10);
-    serde_json::to_vec(&ranked(&top)).expect("entries serialize");
+    serde_json::to_vec(&ranked(&top, true)).expect("entries serialize");
 }
 
 fn check_ranking(ranking: &Ranking, order: SortOrder) {

@@ -63,6 +63,7 @@ impl From<BoardError> for ApiError {
             BoardError::NoBoard(_) => ApiError::new(ErrorCode::NoBoard, e.to_string()),
             BoardError::NoPlayer { .. } => ApiError::new(ErrorCode::NoPlayer, e.to_string()),
             BoardError::Conflict(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            BoardError::NoTiebreak(_) => ApiError::new(ErrorCode::NoTiebreak, e.to_string()),
             // Nothing of the write was applied or shown; retrying later is safe. The cause
             // (with file paths) is logged by the service, not told to the client.
             BoardError::Unconfirmed(_) => ApiError::new(
@@ -169,10 +170,13 @@ async fn page(
             "options": b.options,
             "offset": offset,
             "limit": limit,
-            "entries": ranked(&entries),
+            "entries": ranked(&entries, b.options.tiebreak.is_some()),
         });
         if let Some(ends) = b.ends {
             page["next_reset"] = rfc3339(ends).into();
+        }
+        if let Some(t) = b.options.tiebreak {
+            page["tiebreak"] = json!(t);
         }
         page
     })?;
@@ -254,7 +258,7 @@ async fn season_page(
     let limit = q.limit.unwrap_or(50).min(MAX_PAGE);
     let offset = q.offset.unwrap_or(0);
     let entries = a.ranking.page(offset, limit);
-    Ok(Json(json!({
+    let mut body = json!({
         "board": board,
         "season": {
             "number": a.info.season,
@@ -265,8 +269,12 @@ async fn season_page(
         "order": a.ranking.order(),
         "offset": offset,
         "limit": limit,
-        "entries": ranked(&entries),
-    })))
+        "entries": ranked(&entries, a.ranking.tiebreak().is_some()),
+    });
+    if let Some(t) = a.ranking.tiebreak() {
+        body["tiebreak"] = json!(t);
+    }
+    Ok(Json(body))
 }
 
 async fn season_player(
@@ -288,13 +296,14 @@ async fn season_player(
         .iter()
         .find(|(_, e)| *e.player == *player)
         .expect("around holds the player");
-    let mine = serde_json::to_value(&ranked(std::slice::from_ref(me))[0]).expect("entry");
+    let sub = a.ranking.tiebreak().is_some();
+    let mine = serde_json::to_value(&ranked(std::slice::from_ref(me), sub)[0]).expect("entry");
     Ok(Json(json!({
         "board": board,
         "season": a.info.season,
         "players": a.ranking.len(),
         "entry": mine,
-        "around": ranked(&around),
+        "around": ranked(&around, sub),
     })))
 }
 
@@ -318,13 +327,14 @@ async fn player(
     let body = state.boards.with_board(&board, |b| {
         let around = b.ranking.around(&player, n)?;
         let me = around.iter().find(|(_, e)| *e.player == *player)?;
-        let mine = ranked(std::slice::from_ref(me));
+        let sub = b.options.tiebreak.is_some();
+        let mine = ranked(std::slice::from_ref(me), sub);
         let mine = serde_json::to_value(&mine[0]).expect("entry serializes");
         Some(json!({
             "board": b.name,
             "players": b.ranking.len(),
             "entry": mine,
-            "around": ranked(&around),
+            "around": ranked(&around, sub),
         }))
     })?;
     body.map(Json)
@@ -369,7 +379,8 @@ async fn friends(
 }
 
 /// Forgets a player (one who asked to be): their entry leaves the current season durably,
-/// and the top and the windows it was in are updated live. Closed seasons keep theirs.
+/// and the top and the windows it was in are updated live; closed seasons the board keeps
+/// forget it too (`seasons` lists them).
 async fn delete_player(
     State(state): State<Arc<AppState>>,
     Path((board, player)): Path<(String, String)>,
@@ -377,13 +388,13 @@ async fn delete_player(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state.auth.publishers, &headers, Scope::Boards(&board))?;
     Boards::validate_name(&board).map_err(bad_name)?;
-    state
+    let seasons = state
         .boards
         .delete_player(&board, &player)
         .await
         .map_err(bad_name)?;
     Ok(Json(
-        json!({ "board": board, "player": player, "deleted": true }),
+        json!({ "board": board, "player": player, "deleted": true, "seasons": seasons }),
     ))
 }
 

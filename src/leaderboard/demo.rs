@@ -66,6 +66,7 @@ pub fn spawn(boards: Arc<Boards>, shutdown: CancellationToken, addr: SocketAddr)
             let post = |player: usize, score: f64| ScoreInput {
                 player: Some(format!("bot-{}", NAMES[player].to_lowercase())),
                 score: serde_json::Number::from_f64(score),
+                subscore: None,
                 meta: serde_json::value::to_raw_value(
                     &serde_json::json!({ "name": NAMES[player] }),
                 )

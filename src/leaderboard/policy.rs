@@ -80,6 +80,13 @@ impl TryFrom<BoardPolicyConfig> for BoardPolicy {
             c.keep_seasons,
         )
         .map_err(|e| format!("[[board]] {p:?}: {e}"))?;
+        if let Some(t) = c.tiebreak.as_deref() {
+            if t != "high" && t != "low" {
+                return Err(format!(
+                    "[[board]] {p:?}: tiebreak must be \"high\" or \"low\", not {t:?}"
+                ));
+            }
+        }
         if c.max_players_per_board == Some(0) {
             return Err(format!(
                 "[[board]] {p:?}: max_players_per_board must be at least 1"

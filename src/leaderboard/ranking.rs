@@ -6,11 +6,14 @@
 //!
 //! 1. better score first: with [`SortOrder::High`] a higher score ranks first, with
 //!    [`SortOrder::Low`] a lower score ranks first (e.g. race times);
-//! 2. on equal scores, the earlier `achieved` sequence number ranks first (whoever reached the
-//!    score first keeps the better rank);
-//! 3. on equal score and `achieved`, the player id in ascending byte order.
+//! 2. on equal scores, on a board with a tie-break (`tiebreak`), the better `subscore`
+//!    (higher first with [`SortOrder::High`], lower first with [`SortOrder::Low`]); on a
+//!    board without one every subscore is 0, so this step never decides;
+//! 3. then the earlier `achieved` sequence number ranks first (whoever reached the score
+//!    first keeps the better rank);
+//! 4. then the player id in ascending byte order.
 //!
-//! Scores are compared with [`f64::total_cmp`]; `-0.0` is normalised to `0.0` on the way in so
+//! Scores (and subscores) are compared with [`f64::total_cmp`]; `-0.0` is normalised to `0.0` on the way in so
 //! both zeros are equal. Scores are expected to be finite (the caller validates them); an
 //! `Increment` may still overflow to an infinity, which the total order handles.
 //!
@@ -22,7 +25,7 @@
 //! expected bounds hold whatever the order of submissions. Removal swaps the last arena
 //! node into the freed slot, keeping the arena dense. Players are found by a `hashbrown::HashTable<u32>` holding only arena
 //! indices (the player id lives once, in the node), which keeps the per-entry overhead to
-//! the 64-byte node, ~5 bytes of table and the player id's own allocation.
+//! the 72-byte node, ~5 bytes of table and the player id's own allocation.
 //!
 //! | operation | cost |
 //! | --- | --- |
@@ -65,6 +68,8 @@ pub enum ScoreMode {
 pub struct Entry {
     pub player: Arc<str>,
     pub score: f64,
+    /// The tie-break between equal scores on a board with `tiebreak` (0 on other boards).
+    pub subscore: f64,
     /// Per-board logical sequence number assigned by the caller when this score was achieved
     /// (monotonic). Breaks ties between equal scores: earlier first.
     pub achieved: u64,
@@ -100,6 +105,7 @@ struct Node {
 /// Order-statistic ranking of one leaderboard. See the module docs for the order.
 pub struct Ranking {
     order: SortOrder,
+    tiebreak: Option<SortOrder>,
     nodes: Vec<Node>,
     /// Arena indices, hashed by the node's player id.
     index: HashTable<u32>,
@@ -112,6 +118,7 @@ impl std::fmt::Debug for Ranking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ranking")
             .field("order", &self.order)
+            .field("tiebreak", &self.tiebreak)
             .field("len", &self.nodes.len())
             .finish_non_exhaustive()
     }
@@ -138,30 +145,33 @@ fn norm(score: f64) -> f64 {
 /// compute a score against a state that is not (yet) in the ranking, e.g. one whose earlier
 /// submissions still wait to become durable.
 pub fn combine(
-    order: SortOrder,
-    mode: ScoreMode,
+    rules: Rules,
     old: Option<&Entry>,
     player: &str,
     score: f64,
+    subscore: f64,
     seq: u64,
     meta: Option<Arc<str>>,
 ) -> Option<Entry> {
-    let score = norm(score);
+    let (score, subscore) = (norm(score), norm(subscore));
     let Some(old) = old else {
         return Some(Entry {
             player: Arc::from(player),
             score,
+            subscore,
             achieved: seq,
             meta,
         });
     };
-    let (new_score, score_changed, meta_changed) = decide(order, mode, old, score, &meta);
+    let ((new_score, new_sub), score_changed, meta_changed) =
+        decide(rules, old, score, subscore, &meta);
     if !score_changed && !meta_changed {
         return None;
     }
     let mut entry = old.clone();
     if score_changed {
         entry.score = new_score;
+        entry.subscore = new_sub;
         entry.achieved = seq;
     }
     if meta_changed {
@@ -170,52 +180,92 @@ pub fn combine(
     Some(entry)
 }
 
-/// The one rule of what a submission does to an existing entry, shared by
-/// [`Ranking::submit`] and [`combine`]: the new score, and whether the score and the meta
-/// change. Meta changes only with an accepted score (a worse `best` keeps the old meta).
-fn decide(
+/// How a board ranks and combines scores: its options `order`, `tiebreak` and `mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub order: SortOrder,
+    /// The subscore's direction; `None`: the board has no subscore.
+    pub tiebreak: Option<SortOrder>,
+    pub mode: ScoreMode,
+}
+
+/// `Less` means `(a, a_sub)` ranks before `(b, b_sub)`: score by `order`, then (with a
+/// tie-break) subscore by its direction.
+#[inline]
+fn cmp_scores(
     order: SortOrder,
-    mode: ScoreMode,
+    tiebreak: Option<SortOrder>,
+    a: (f64, f64),
+    b: (f64, f64),
+) -> Ordering {
+    let dir = |o: SortOrder, x: f64, y: f64| match o {
+        SortOrder::High => y.total_cmp(&x),
+        SortOrder::Low => x.total_cmp(&y),
+    };
+    dir(order, a.0, b.0).then_with(|| match tiebreak {
+        Some(t) => dir(t, a.1, b.1),
+        None => Ordering::Equal,
+    })
+}
+
+/// The one rule of what a submission does to an existing entry, shared by
+/// [`Ranking::submit`] and [`combine`]: the new (score, subscore), and whether they and
+/// the meta change. Meta changes only with an accepted score (a worse `best` keeps the old
+/// meta). `best` takes a (score, subscore) that ranks strictly better; `increment` adds
+/// both.
+fn decide(
+    rules: Rules,
     old: &Entry,
     score: f64,
+    subscore: f64,
     meta: &Option<Arc<str>>,
-) -> (f64, bool, bool) {
-    let (new_score, accepted) = match mode {
+) -> ((f64, f64), bool, bool) {
+    let old_pair = (old.score, old.subscore);
+    let (new, accepted) = match rules.mode {
         ScoreMode::Best => {
-            let better = match order {
-                SortOrder::High => score > old.score,
-                SortOrder::Low => score < old.score,
-            };
-            (if better { score } else { old.score }, better)
+            let better = cmp_scores(rules.order, rules.tiebreak, (score, subscore), old_pair)
+                == Ordering::Less;
+            (if better { (score, subscore) } else { old_pair }, better)
         }
-        ScoreMode::Latest => (score, true),
-        ScoreMode::Increment => (norm(old.score + score), true),
+        ScoreMode::Latest => ((score, subscore), true),
+        ScoreMode::Increment => (
+            (norm(old.score + score), norm(old.subscore + subscore)),
+            true,
+        ),
     };
-    let score_changed = new_score.total_cmp(&old.score) != Ordering::Equal;
+    let score_changed = new.0.total_cmp(&old.score) != Ordering::Equal
+        || new.1.total_cmp(&old.subscore) != Ordering::Equal;
     let meta_changed = accepted && meta.is_some() && *meta != old.meta;
-    (new_score, score_changed, meta_changed)
+    (new, score_changed, meta_changed)
 }
 
 /// `Less` means `a` ranks before `b`.
 #[inline]
-fn cmp_entries(order: SortOrder, a: &Entry, b: &Entry) -> Ordering {
-    let by_score = match order {
-        SortOrder::High => b.score.total_cmp(&a.score),
-        SortOrder::Low => a.score.total_cmp(&b.score),
-    };
-    by_score
-        .then_with(|| a.achieved.cmp(&b.achieved))
-        .then_with(|| a.player.as_bytes().cmp(b.player.as_bytes()))
+fn cmp_entries(order: SortOrder, tiebreak: Option<SortOrder>, a: &Entry, b: &Entry) -> Ordering {
+    cmp_scores(
+        order,
+        tiebreak,
+        (a.score, a.subscore),
+        (b.score, b.subscore),
+    )
+    .then_with(|| a.achieved.cmp(&b.achieved))
+    .then_with(|| a.player.as_bytes().cmp(b.player.as_bytes()))
 }
 
 impl Ranking {
     pub fn new(order: SortOrder) -> Self {
+        Self::with_tiebreak(order, None)
+    }
+
+    /// A ranking whose equal scores are ordered by subscore in the `tiebreak` direction.
+    pub fn with_tiebreak(order: SortOrder, tiebreak: Option<SortOrder>) -> Self {
         let hasher = RandomState::new();
         // Per-board random priority seed: the tree shape is then unpredictable, so no
         // submission pattern can force a degenerate (deep) treap. Never zero for xorshift.
         let rng = hasher.hash_one(0x9E37_79B9_7F4A_7C15u64) | 1;
         Ranking {
             order,
+            tiebreak,
             nodes: Vec::new(),
             index: HashTable::new(),
             hasher,
@@ -226,6 +276,10 @@ impl Ranking {
 
     pub fn order(&self) -> SortOrder {
         self.order
+    }
+
+    pub fn tiebreak(&self) -> Option<SortOrder> {
+        self.tiebreak
     }
 
     pub fn len(&self) -> usize {
@@ -256,12 +310,26 @@ impl Ranking {
         seq: u64,
         meta: Option<Arc<str>>,
     ) -> Submitted {
-        let score = norm(score);
+        self.submit_sub(player, (score, 0.0), mode, seq, meta)
+    }
+
+    /// [`Ranking::submit`] with a subscore: `best` takes a (score, subscore) that ranks
+    /// strictly better, `latest` replaces both, `increment` adds both.
+    pub fn submit_sub(
+        &mut self,
+        player: &str,
+        (score, subscore): (f64, f64),
+        mode: ScoreMode,
+        seq: u64,
+        meta: Option<Arc<str>>,
+    ) -> Submitted {
+        let (score, subscore) = (norm(score), norm(subscore));
         let hash = self.hasher.hash_one(player);
         let Some(idx) = self.find(hash, player) else {
             let entry = Entry {
                 player: Arc::from(player),
                 score,
+                subscore,
                 achieved: seq,
                 meta,
             };
@@ -275,7 +343,13 @@ impl Ranking {
         };
 
         let old = &self.nodes[idx as usize].entry;
-        let (new_score, score_changed, meta_changed) = decide(self.order, mode, old, score, &meta);
+        let rules = Rules {
+            order: self.order,
+            tiebreak: self.tiebreak,
+            mode,
+        };
+        let ((new_score, new_sub), score_changed, meta_changed) =
+            decide(rules, old, score, subscore, &meta);
         let old_rank = self.rank_of(idx);
 
         if !score_changed {
@@ -294,6 +368,7 @@ impl Ranking {
         self.root = self.detach(self.root, idx);
         let node = &mut self.nodes[idx as usize];
         node.entry.score = new_score;
+        node.entry.subscore = new_sub;
         node.entry.achieved = seq;
         if meta_changed {
             node.entry.meta = meta;
@@ -315,6 +390,7 @@ impl Ranking {
     /// entry of that player. Only `-0.0` is normalised to `0.0`.
     pub fn insert(&mut self, mut entry: Entry) {
         entry.score = norm(entry.score);
+        entry.subscore = norm(entry.subscore);
         let hash = self.hasher.hash_one(&*entry.player);
         match self.find(hash, &entry.player) {
             Some(idx) => {
@@ -490,6 +566,7 @@ impl Ranking {
     fn cmp_idx(&self, a: u32, b: u32) -> Ordering {
         cmp_entries(
             self.order,
+            self.tiebreak,
             &self.nodes[a as usize].entry,
             &self.nodes[b as usize].entry,
         )
@@ -536,7 +613,7 @@ impl Ranking {
         let mut t = self.root;
         while t != NIL {
             let node = &self.nodes[t as usize];
-            match cmp_entries(self.order, key, &node.entry) {
+            match cmp_entries(self.order, self.tiebreak, key, &node.entry) {
                 Ordering::Less => t = node.left,
                 Ordering::Equal => return rank + u64::from(self.size(node.left)) + 1,
                 Ordering::Greater => {
@@ -668,21 +745,25 @@ mod tests {
         /// `combine` predicts exactly what `submit` stores, for every mode and order.
         #[test]
         fn combine_matches_submit(
-            ops in prop::collection::vec((0u8..4, -5i32..5, any::<bool>(), 0u8..3), 1..60),
+            ops in prop::collection::vec((0u8..4, -5i32..5, -2i32..2, any::<bool>(), 0u8..3), 1..60),
             low in any::<bool>(),
             mode in 0u8..3,
+            tiebreak in 0u8..3,
         ) {
             let order = if low { SortOrder::Low } else { SortOrder::High };
             let mode = [ScoreMode::Best, ScoreMode::Latest, ScoreMode::Increment][mode as usize];
-            let mut ranking = Ranking::new(order);
-            for (seq, (p, score, with_meta, m)) in ops.into_iter().enumerate() {
+            let tiebreak = [None, Some(SortOrder::High), Some(SortOrder::Low)][tiebreak as usize];
+            let rules = Rules { order, tiebreak, mode };
+            let mut ranking = Ranking::with_tiebreak(order, tiebreak);
+            for (seq, (p, score, sub, with_meta, m)) in ops.into_iter().enumerate() {
                 let player = format!("p{p}");
                 let meta = with_meta.then(|| Arc::from(format!("{{\"m\":{m}}}")));
+                let sub = if tiebreak.is_some() { sub as f64 } else { 0.0 };
                 let before = ranking.get(&player).cloned();
                 let predicted = combine(
-                    order, mode, before.as_ref(), &player, score as f64, seq as u64, meta.clone(),
+                    rules, before.as_ref(), &player, score as f64, sub, seq as u64, meta.clone(),
                 );
-                let s = ranking.submit(&player, score as f64, mode, seq as u64, meta);
+                let s = ranking.submit_sub(&player, (score as f64, sub), mode, seq as u64, meta);
                 prop_assert_eq!(s.changed, predicted.is_some());
                 prop_assert_eq!(Some(&s.entry), predicted.as_ref().or(before.as_ref()));
             }
@@ -773,6 +854,7 @@ mod tests {
             Entry {
                 player: "a".into(),
                 score: 12.5,
+                subscore: 0.0,
                 achieved: 4,
                 meta: meta("m4")
             }
@@ -812,6 +894,7 @@ mod tests {
             Entry {
                 player: "a".into(),
                 score: 3.0,
+                subscore: 0.0,
                 achieved: 3,
                 meta: meta("x")
             }
@@ -842,6 +925,7 @@ mod tests {
             Entry {
                 player: "a".into(),
                 score: 8.0,
+                subscore: 0.0,
                 achieved: 3,
                 meta: meta("m")
             }
@@ -871,23 +955,58 @@ mod tests {
         r.insert(Entry {
             player: "y".into(),
             score: 1.0,
+            subscore: 0.0,
             achieved: 1,
             meta: None,
         });
         r.insert(Entry {
             player: "B".into(),
             score: 1.0,
+            subscore: 0.0,
             achieved: 1,
             meta: None,
         });
         r.insert(Entry {
             player: "x".into(),
             score: 1.0,
+            subscore: 0.0,
             achieved: 1,
             meta: None,
         });
         assert_eq!(players(&r.page(4, 10)), vec![(5, "B"), (6, "x"), (7, "y")]);
         r.check_invariants();
+    }
+
+    #[test]
+    fn subscore_breaks_ties_before_achieved() {
+        // Higher score first; equal scores: lower subscore first (e.g. fewer seconds).
+        let mut r = Ranking::with_tiebreak(SortOrder::High, Some(SortOrder::Low));
+        r.submit_sub("early", (100.0, 60.0), ScoreMode::Best, 1, None);
+        r.submit_sub("late", (100.0, 30.0), ScoreMode::Best, 2, None);
+        r.submit_sub("same", (100.0, 30.0), ScoreMode::Best, 3, None);
+        r.submit_sub("top", (200.0, 99.0), ScoreMode::Best, 4, None);
+        assert_eq!(
+            players(&r.top(10)),
+            vec![(1, "top"), (2, "late"), (3, "same"), (4, "early")]
+        );
+        // `best`: an equal score with a better subscore is an improvement, a worse one not.
+        let s = r.submit_sub("early", (100.0, 10.0), ScoreMode::Best, 5, None);
+        assert!(s.changed);
+        assert_eq!((s.old_rank, s.new_rank), (Some(4), 2));
+        assert!(
+            !r.submit_sub("late", (100.0, 40.0), ScoreMode::Best, 6, None)
+                .changed
+        );
+        // `increment` adds both.
+        let mut inc = Ranking::with_tiebreak(SortOrder::High, Some(SortOrder::High));
+        inc.submit_sub("a", (1.0, 2.0), ScoreMode::Increment, 1, None);
+        let s = inc.submit_sub("a", (1.0, 3.0), ScoreMode::Increment, 2, None);
+        assert_eq!((s.entry.score, s.entry.subscore), (2.0, 5.0));
+        // Without a tiebreak the subscore never decides (every entry holds 0 there).
+        let plain = Ranking::new(SortOrder::High);
+        assert_eq!(plain.tiebreak(), None);
+        r.check_invariants();
+        inc.check_invariants();
     }
 
     #[test]
@@ -905,6 +1024,7 @@ mod tests {
         r.insert(Entry {
             player: "c".into(),
             score: -0.0,
+            subscore: 0.0,
             achieved: 0,
             meta: None,
         });
@@ -992,6 +1112,7 @@ mod tests {
         let e = Entry {
             player: "a".into(),
             score: 0.5,
+            subscore: 0.0,
             achieved: 9,
             meta: None,
         };
@@ -1057,6 +1178,7 @@ mod tests {
                 let entry = Entry {
                     player: p.into(),
                     score,
+                    subscore: 0.0,
                     achieved: seq,
                     meta,
                 };
@@ -1238,7 +1360,7 @@ mod tests {
                         prop_assert_eq!(got, want);
                     }
                     Op::Insert { p, score, achieved, meta } => {
-                        let e = Entry { player: name(p).into(), score, achieved, meta: metas(meta) };
+                        let e = Entry { player: name(p).into(), score, subscore: 0.0, achieved, meta: metas(meta) };
                         r.insert(e.clone());
                         m.insert(e);
                     }

@@ -42,7 +42,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::ranking::{combine, Entry, Ranking, ScoreMode, SortOrder};
+use super::ranking::{combine, Entry, Ranking, Rules, ScoreMode, SortOrder};
 use super::season::{
     check_season_options, rfc3339, Schedule, SeasonState, WallClock, DEFAULT_KEEP_SEASONS,
 };
@@ -86,6 +86,10 @@ pub struct BoardOptions {
     pub order: SortOrder,
     pub mode: ScoreMode,
     pub top: usize,
+    /// Equal scores are ordered by the posted `subscore`, higher (`high`) or lower (`low`)
+    /// first, before who reached the score first; none: scores carry no subscore.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiebreak: Option<SortOrder>,
     /// The season schedule: a cron expression (`0 0 * * MON`); none means one endless
     /// season (`season.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -104,6 +108,7 @@ impl Default for BoardOptions {
             order: SortOrder::High,
             mode: ScoreMode::Best,
             top: 10,
+            tiebreak: None,
             reset: None,
             timezone: None,
             keep_seasons: None,
@@ -122,6 +127,49 @@ impl BoardOptions {
     pub fn keep(&self) -> usize {
         self.keep_seasons.unwrap_or(DEFAULT_KEEP_SEASONS)
     }
+
+    pub fn rules(&self) -> Rules {
+        Rules {
+            order: self.order,
+            tiebreak: self.tiebreak,
+            mode: self.mode,
+        }
+    }
+
+    /// An empty ranking ordered by these options.
+    pub fn ranking(&self) -> Ranking {
+        Ranking::with_tiebreak(self.order, self.tiebreak)
+    }
+
+    /// Whether going from `self` to `new` would reorder the entries (`order` or
+    /// `tiebreak` changes), which a board with players refuses.
+    pub fn reorders(&self, new: &BoardOptions) -> bool {
+        self.order != new.order || self.tiebreak != new.tiebreak
+    }
+
+    /// How an archive records the ranking rules: `high`, `low`, or with a tie-break
+    /// `high/low` (order/tiebreak).
+    pub fn archived_order(&self) -> String {
+        let name = |o: SortOrder| match o {
+            SortOrder::High => "high",
+            SortOrder::Low => "low",
+        };
+        match self.tiebreak {
+            None => name(self.order).into(),
+            Some(t) => format!("{}/{}", name(self.order), name(t)),
+        }
+    }
+}
+
+/// The ranking an archive's `order` text (see [`BoardOptions::archived_order`]) describes.
+pub fn archived_ranking(order: &str) -> Ranking {
+    let parse = |s: &str| match s {
+        "low" => SortOrder::Low,
+        _ => SortOrder::High,
+    };
+    let mut parts = order.splitn(2, '/');
+    let o = parse(parts.next().unwrap_or(""));
+    Ranking::with_tiebreak(o, parts.next().map(parse))
 }
 
 /// One score as posted.
@@ -130,6 +178,8 @@ impl BoardOptions {
 pub struct ScoreInput {
     pub player: Option<String>,
     pub score: Option<serde_json::Number>,
+    /// Breaks ties between equal scores, on boards with a `tiebreak` only.
+    pub subscore: Option<serde_json::Number>,
     pub meta: Option<Box<RawValue>>,
 }
 
@@ -157,6 +207,9 @@ pub enum BoardError {
     NoPlayer { board: String, player: String },
     #[error("{0}")]
     Conflict(String),
+    /// A subscore posted to a board without a tiebreak.
+    #[error("{0}")]
+    NoTiebreak(String),
     #[error("the score store failed: {0}")]
     Store(String),
     /// Under Redis: the write was sent but not confirmed (a stalled Redis, a cut
@@ -189,6 +242,12 @@ pub struct RankedEntry<'a> {
     pub player: &'a str,
     #[serde(serialize_with = "score_json")]
     pub score: f64,
+    /// Shown on boards with a `tiebreak` only.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "subscore_json"
+    )]
+    pub subscore: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<&'a RawValue>,
 }
@@ -202,12 +261,19 @@ fn score_json<S: serde::Serializer>(score: &f64, s: S) -> Result<S::Ok, S::Error
     }
 }
 
-pub fn ranked(list: &[(u64, Entry)]) -> Vec<RankedEntry<'_>> {
+fn subscore_json<S: serde::Serializer>(sub: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    score_json(&sub.unwrap_or_default(), s)
+}
+
+/// Entries as the API shows them; `subscore` says whether the board has a tie-break (so
+/// each entry shows its subscore).
+pub fn ranked(list: &[(u64, Entry)], subscore: bool) -> Vec<RankedEntry<'_>> {
     list.iter()
         .map(|(rank, e)| RankedEntry {
             rank: *rank,
             player: &e.player,
             score: e.score,
+            subscore: subscore.then_some(e.subscore),
             // Stored meta was validated as JSON on the way in.
             meta: e.meta.as_deref().and_then(|m| serde_json::from_str(m).ok()),
         })
@@ -300,7 +366,7 @@ impl Board {
         Board {
             topic: crate::topic::board_topic(&name),
             name,
-            ranking: Ranking::new(options.order),
+            ranking: options.ranking(),
             schedule: options.schedule(),
             season: SeasonState::first(now),
             top_dirty: true,
@@ -518,6 +584,9 @@ pub struct Boards {
     joined: Mutex<HashSet<Arc<str>>>,
     /// The closed seasons read last, loaded whole (a few, bounded by `ARCHIVES_CACHED`).
     archives: Mutex<Vec<Arc<Archive>>>,
+    /// Bumped when a player is erased from archives: a season loaded across the bump may
+    /// still hold them, so it is not cached.
+    archives_gen: AtomicU64,
 }
 
 /// Closed seasons kept loaded for reads; each is loaded from the store on a miss.
@@ -578,6 +647,7 @@ impl Boards {
                 board.ranking.insert(Entry {
                     player: e.player.into(),
                     score: e.score,
+                    subscore: e.subscore,
                     achieved: e.achieved,
                     meta: e.meta.map(Into::into),
                 });
@@ -612,6 +682,7 @@ impl Boards {
             season_wake: Notify::new(),
             joined: Mutex::new(HashSet::new()),
             archives: Mutex::new(Vec::new()),
+            archives_gen: AtomicU64::new(0),
         });
         let updater = tokio::spawn(this.clone().update_loop());
         let seasons = tokio::spawn(this.clone().season_loop());
@@ -658,6 +729,7 @@ impl Boards {
             season_wake: Notify::new(),
             joined: Mutex::new(HashSet::new()),
             archives: Mutex::new(Vec::new()),
+            archives_gen: AtomicU64::new(0),
         });
         let follower = shared.start(&this, this.stop.clone()).await?;
         let updater = tokio::spawn(this.clone().update_loop());
@@ -798,6 +870,11 @@ impl Boards {
                 o.timezone = o.timezone.or_else(|| t.timezone.clone());
             }
             o.keep_seasons = o.keep_seasons.or(t.keep_seasons);
+            o.tiebreak = o.tiebreak.or(match t.tiebreak.as_deref() {
+                Some("low") => Some(SortOrder::Low),
+                Some(_) => Some(SortOrder::High),
+                None => None,
+            });
         }
         o
     }
@@ -848,7 +925,7 @@ impl Boards {
         // Both copies of the batch (queued ops and pending view) count; held until resolved.
         let cost: usize = scores
             .iter()
-            .map(|(p, _, m)| {
+            .map(|(p, _, m, _)| {
                 2 * (p.len() + m.as_ref().map_or(0, |m| m.len())) + QUEUED_SCORE_OVERHEAD
             })
             .sum();
@@ -869,11 +946,22 @@ impl Boards {
         self.storage.reset(self, name).await
     }
 
-    /// Forgets one player's entry in the current season, durably; the top and the
-    /// followers of the windows it leaves are updated like after a score.
-    pub async fn delete_player(&self, name: &str, player: &str) -> Result<(), BoardError> {
+    /// Forgets one player's entry, durably, in the current season (the top and the
+    /// followers of the windows it leaves are updated like after a score) and in every
+    /// closed season the board keeps; returns those closed seasons.
+    pub async fn delete_player(&self, name: &str, player: &str) -> Result<Vec<u64>, BoardError> {
         Self::validate_name(name)?;
-        self.storage.delete_player(self, name, player).await
+        let erased = self.storage.delete_player(self, name, player).await;
+        self.forget_archives(name);
+        erased
+    }
+
+    /// Drops the board's loaded closed seasons (a player was erased from them); reads load
+    /// them again.
+    pub(super) fn forget_archives(&self, name: &str) {
+        let mut cache = self.archives.lock();
+        self.archives_gen.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|a| &*a.board != name);
     }
 
     /// Queues a write's ops (the caller holds the board's lock, see the module docs) with
@@ -988,14 +1076,18 @@ impl Boards {
                 if out.len() == limit {
                     return (out, true);
                 }
-                out.push(serde_json::json!({
+                let mut row = serde_json::json!({
                     "name": &*b.name,
                     "players": b.ranking.len(),
                     "watchers": self.watchers(&b.topic),
                     "order": b.options.order,
                     "mode": b.options.mode,
                     "top": b.options.top,
-                }));
+                });
+                if let Some(t) = b.options.tiebreak {
+                    row["tiebreak"] = serde_json::json!(t);
+                }
+                out.push(row);
             }
             if end {
                 return (out, false);
@@ -1029,19 +1121,16 @@ impl Boards {
         if let Some(a) = cached {
             return Ok(Some(a));
         }
+        let generation = self.archives_gen.load(Ordering::Acquire);
         let Some((info, entries)) = self.storage.season(self, name, season).await? else {
             return Ok(None);
         };
-        let order = if info.order == "low" {
-            SortOrder::Low
-        } else {
-            SortOrder::High
-        };
-        let mut ranking = Ranking::new(order);
+        let mut ranking = archived_ranking(&info.order);
         for e in entries {
             ranking.insert(Entry {
                 player: e.player.into(),
                 score: e.score,
+                subscore: e.subscore,
                 achieved: e.achieved,
                 meta: e.meta.map(Into::into),
             });
@@ -1052,6 +1141,9 @@ impl Boards {
             ranking,
         });
         let mut cache = self.archives.lock();
+        if self.archives_gen.load(Ordering::Acquire) != generation {
+            return Ok(Some(archive));
+        }
         cache.retain(|a| !(&*a.board == name && a.info.season == season));
         if cache.len() >= ARCHIVES_CACHED {
             cache.remove(0);
@@ -1316,10 +1408,11 @@ impl Boards {
                 players: b.ranking.len(),
                 watchers: b.shown_watchers,
                 order: b.options.order,
+                tiebreak: b.options.tiebreak,
                 mode: b.options.mode,
                 season: b.season.number,
                 next_reset: ends.map(rfc3339),
-                top: ranked(&top),
+                top: ranked(&top, b.options.tiebreak.is_some()),
             })
             .expect("snapshot serializes");
             (b.topic.clone(), json)
@@ -1377,9 +1470,10 @@ impl BoardStorage for LocalStore {
         let now = boards.clock.now_ms();
         let done = {
             let mut b = board.lock();
-            if b.view_options().order != options.order && !b.view_is_empty() {
+            if b.view_options().reorders(&options) && !b.view_is_empty() {
                 return Err(BoardError::Conflict(
-                    "the sort order of a board with players cannot change; reset it first".into(),
+                    "the order or tiebreak of a board with players cannot change; reset it first"
+                        .into(),
                 ));
             }
             let (id, guard) = b.begin_write();
@@ -1458,6 +1552,7 @@ impl BoardStorage for LocalStore {
                 }
             }
             let options = b.view_options().clone();
+            check_subscores(name, &options, &scores)?;
             let season = b.view_season().number;
             let new = new_players(|p| b.view_entry(p), &scores);
             check_players(name, b.view_len(), new, max_players)?;
@@ -1468,14 +1563,14 @@ impl BoardStorage for LocalStore {
             }
             let mut seq = b.pending.next_seq;
             let mut posted = Vec::with_capacity(scores.len());
-            for (player, score, meta) in &scores {
+            for (player, score, meta, sub) in &scores {
                 let old = batch_entry(&b, &batch, player);
                 let new = combine(
-                    options.order,
-                    options.mode,
+                    options.rules(),
                     old,
                     player,
                     *score,
+                    sub.unwrap_or(0.0),
                     seq,
                     meta.clone(),
                 );
@@ -1550,34 +1645,56 @@ impl BoardStorage for LocalStore {
         boards: &Boards,
         name: &str,
         player: &str,
-    ) -> Result<(), BoardError> {
+    ) -> Result<Vec<u64>, BoardError> {
         let writer = self.writer()?;
         let slot = writer.reserve().await.map_err(store_error)?;
         let board = boards.get_persisted(name)?;
+        // Which closed seasons hold the player, read before the write (the write erases
+        // the player from every archive whatever this found). A board still in its first
+        // season has none, and its delete is queued without a wait, right as it is asked.
+        let archived = if board.lock().view_season().number > 1 {
+            let store = writer.store().clone();
+            let (n, p) = (name.to_string(), player.to_string());
+            tokio::task::spawn_blocking(move || store.archived_in(&n, &p))
+                .await
+                .map_err(|e| BoardError::Store(e.to_string()))?
+                .map_err(store_error)?
+        } else {
+            Vec::new()
+        };
         let done = {
             let mut b = board.lock();
-            let Some(key) = b.view_entry(player).map(|e| e.player.clone()) else {
+            let key = b.view_entry(player).map(|e| e.player.clone());
+            if key.is_none() && archived.is_empty() {
                 return Err(BoardError::NoPlayer {
                     board: name.into(),
                     player: player.into(),
                 });
-            };
-            let (id, guard) = b.begin_write();
-            if b.pending.entries.remove(player).is_some()
-                && b.pending.reset.is_none()
-                && b.ranking.get(player).is_none()
-            {
-                b.pending.fresh -= 1; // a queued new player, gone from the view again
             }
-            b.pending.deleted.insert(key.clone(), id);
-            let ops = vec![StoreOp::DeleteEntry {
+            let (id, guard) = b.begin_write();
+            let mut ops = Vec::with_capacity(2);
+            if let Some(key) = &key {
+                if b.pending.entries.remove(player).is_some()
+                    && b.pending.reset.is_none()
+                    && b.ranking.get(player).is_none()
+                {
+                    b.pending.fresh -= 1; // a queued new player, gone from the view again
+                }
+                b.pending.deleted.insert(key.clone(), id);
+                ops.push(StoreOp::DeleteEntry {
+                    board: name.into(),
+                    player: player.into(),
+                });
+            }
+            ops.push(StoreOp::ForgetArchived {
                 board: name.into(),
                 player: player.into(),
-            }];
+            });
+            let key = key.unwrap_or_else(|| Arc::from(player));
             boards.queue(slot, &board, id, guard, ops, Write::Delete(key), None)
         };
         done.await?;
-        Ok(())
+        Ok(archived)
     }
 
     async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
@@ -1646,6 +1763,7 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             }
         }
         let around = b.ranking.around(&player, WINDOW).unwrap_or_default();
+        let sub = b.options.tiebreak.is_some();
         let entry = around.iter().find(|(_, e)| e.player == player);
         let json = serde_json::to_vec(&Window {
             board: &b.name,
@@ -1653,8 +1771,8 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             version: b.version,
             season: b.season.number,
             players: b.ranking.len(),
-            entry: entry.map(|e| ranked(std::slice::from_ref(e)).remove(0)),
-            around: ranked(&around),
+            entry: entry.map(|e| ranked(std::slice::from_ref(e), sub).remove(0)),
+            around: ranked(&around, sub),
         })
         .expect("window serializes");
         let hash = {
@@ -1663,7 +1781,14 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             // The window without its version: an unchanged window is not sent again.
             rank.hash(&mut h);
             for (r, e) in &around {
-                (r, &e.player, e.score.to_bits(), &e.meta).hash(&mut h);
+                (
+                    r,
+                    &e.player,
+                    e.score.to_bits(),
+                    e.subscore.to_bits(),
+                    &e.meta,
+                )
+                    .hash(&mut h);
             }
             h.finish()
         };
@@ -1745,10 +1870,7 @@ fn queue_close(
         started: current.started,
         ended,
         players: b.view_len() as u64,
-        order: serde_json::to_value(options.order)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default(),
+        order: options.archived_order(),
     };
     let (id, guard) = b.begin_write();
     let mut ops = Vec::with_capacity(3);
@@ -1775,6 +1897,8 @@ struct Update<'a> {
     players: usize,
     watchers: usize,
     order: SortOrder,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tiebreak: Option<SortOrder>,
     mode: ScoreMode,
     season: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1815,6 +1939,7 @@ fn stored(e: &Entry) -> StoredEntry {
     StoredEntry {
         player: e.player.to_string(),
         score: e.score,
+        subscore: e.subscore,
         achieved: e.achieved,
         meta: e.meta.as_deref().map(String::from),
     }
@@ -1869,9 +1994,9 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             (Applied::Scores(results), visible)
         }
         Write::Options(options, season) => {
-            if options.order != b.options.order {
+            if b.options.reorders(&options) {
                 // Only queued on a board whose view was empty, so nothing is lost.
-                b.ranking = Ranking::new(options.order);
+                b.ranking = options.ranking();
             }
             b.schedule = options.schedule();
             b.options = options;
@@ -1948,7 +2073,8 @@ fn store_error(e: StoreError) -> BoardError {
 }
 
 #[doc(hidden)]
-pub type ValidScore = (String, f64, Option<Arc<str>>);
+/// (player, score, meta, subscore if posted).
+pub type ValidScore = (String, f64, Option<Arc<str>>, Option<f64>);
 
 #[doc(hidden)] // pub for fuzz/fuzz_targets/score_batch.rs
 pub fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
@@ -1972,6 +2098,19 @@ pub fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
                 "score for player {player:?} must be a finite number within ±{MAX_ABS_SCORE:e}"
             ))
         })?;
+    let subscore = match input.subscore {
+        None => None,
+        Some(n) => Some(
+            n.as_f64()
+                .filter(|s| s.is_finite() && s.abs() <= MAX_ABS_SCORE)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "subscore for player {player:?} must be a finite number within \
+                         ±{MAX_ABS_SCORE:e}"
+                    ))
+                })?,
+        ),
+    };
     let meta = match input.meta {
         None => None,
         Some(m) => {
@@ -1989,7 +2128,31 @@ pub fn validate(i: usize, input: ScoreInput) -> Result<ValidScore, BoardError> {
             Some(Arc::from(text))
         }
     };
-    Ok((player, score, meta))
+    Ok((player, score, meta, subscore))
+}
+
+/// A `subscore` is posted only to a board with a `tiebreak`: elsewhere it would be
+/// dropped silently, and the game would believe its ties were broken.
+pub(super) fn check_subscores(
+    board: &str,
+    options: &BoardOptions,
+    scores: &[ValidScore],
+) -> Result<(), BoardError> {
+    if options.tiebreak.is_some() {
+        return Ok(());
+    }
+    match scores.iter().position(|s| s.3.is_some()) {
+        None => Ok(()),
+        Some(i) => Err(no_tiebreak(board, i)),
+    }
+}
+
+/// Entry `i` posted a subscore to `board`, which has no tiebreak.
+pub(super) fn no_tiebreak(board: &str, i: usize) -> BoardError {
+    BoardError::NoTiebreak(format!(
+        "entry {i}: board {board:?} has no tiebreak, so it takes no subscore; set its \
+         option \"tiebreak\" (\"high\" or \"low\") while it is empty"
+    ))
 }
 
 /// The distinct players of a batch that `current` does not hold: the players it would add.
@@ -1997,7 +2160,7 @@ fn new_players<'a>(current: impl Fn(&str) -> Option<&'a Entry>, scores: &[ValidS
     let mut seen: HashSet<&str> = HashSet::new();
     scores
         .iter()
-        .filter(|(p, _, _)| current(p).is_none() && seen.insert(p))
+        .filter(|(p, ..)| current(p).is_none() && seen.insert(p))
         .count()
 }
 
@@ -2027,13 +2190,14 @@ pub fn check_increments<'a>(
     current: impl Fn(&str) -> Option<&'a Entry>,
     scores: &[ValidScore],
 ) -> Result<(), BoardError> {
-    let mut sums: HashMap<&str, f64> = HashMap::new();
-    for (i, (player, delta, _)) in scores.iter().enumerate() {
+    let mut sums: HashMap<&str, (f64, f64)> = HashMap::new();
+    for (i, (player, delta, _, sub)) in scores.iter().enumerate() {
         let sum = sums
             .entry(player)
-            .or_insert_with(|| current(player).map_or(0.0, |e| e.score));
-        *sum += delta;
-        if sum.abs() > MAX_ABS_SCORE {
+            .or_insert_with(|| current(player).map_or((0.0, 0.0), |e| (e.score, e.subscore)));
+        sum.0 += delta;
+        sum.1 += sub.unwrap_or(0.0);
+        if sum.0.abs() > MAX_ABS_SCORE || sum.1.abs() > MAX_ABS_SCORE {
             return Err(BoardError::Invalid(format!(
                 "entry {i}: player {player:?}'s total would leave ±{MAX_ABS_SCORE:e}"
             )));

@@ -7,7 +7,10 @@
 //!   whole batch first, each posted entry takes the next `seq`). The sorted set `bz` ranks
 //!   with score = `-score` (order high) or `score` (low) and member = `seq` as 20 digits +
 //!   player, so ascending (score, member) is better score first, then earlier achiever:
-//!   the one-node tie rule, with `ZRANK` in O(log n). Scores cross the Lua boundary as
+//!   the one-node tie rule, with `ZRANK` in O(log n). On a board with a `tiebreak` the
+//!   member starts with the subscore as 21 sortable characters (`subkey`: sign class,
+//!   biased binary exponent, mantissa; of `-subscore` for `high`), so equal scores order
+//!   by subscore first; boards without one keep the member they always had. Scores cross the Lua boundary as
 //!   text (Rust's shortest round-trip `{}`, Lua's `%.17g`): Lua truncates numbers in
 //!   replies to integers, and `cjson` prints 14 digits.
 //! - **Every write is an op** with the board's next version `v`: added to the stream `bl`
@@ -32,7 +35,7 @@
 //!
 //! Keys (board B, hash tag `{board:B}`): `crier:{board:B}:bo` (hash: `opt` options JSON,
 //! `seq` next seq, `v` op version, `e` epoch, `sn` `ss` `sa` season), `:bp` (hash: player
-//! -> `score seq meta`), `:bz` (ranking), `:bl` (ops), channel `:bc`, `:ba` (hash: closed
+//! -> `score seq meta`, or `score seq/subscore meta` for a nonzero subscore), `:bz` (ranking), `:bl` (ops), channel `:bc`, `:ba` (hash: closed
 //! season -> `started ended players order`) with `:s<n>p` / `:s<n>z` each; and the set
 //! `crier:boards` of names.
 
@@ -47,7 +50,7 @@ use serde::Deserialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use super::ranking::{Entry, Ranking};
+use super::ranking::Entry;
 use super::season::SeasonState;
 use super::service::{Board, BoardError, BoardOptions, Boards, ScoreResult, ValidScore};
 use super::storage::BoardStorage;
@@ -100,41 +103,82 @@ end
 local function full()
   return created and redis.call('SCARD', KEYS[6]) >= tonumber(ARGV[5])
 end
+-- A number as 21 characters whose byte order is the numbers' order (finite numbers).
+local function subkey(x)
+  if x == 0 then return '100000000000000000000' end
+  local m, ex = math.frexp(math.abs(x))
+  local mant = (m - 0.5) * 9007199254740992
+  ex = ex + 1100
+  if x < 0 then
+    return '0' .. string.format('%04d%016.0f', 9999 - ex, 4503599627370495 - mant)
+  end
+  return '2' .. string.format('%04d%016.0f', ex, mant)
+end
+local tiebreak = nil
+if opt ~= '' then tiebreak = cjson.decode(opt).tiebreak end
+if tiebreak == cjson.null then tiebreak = nil end
+-- An entry {score, seq, meta, player, subscore} from its `bp` text.
+local function parse(p, s)
+  local a = string.find(s, ' ', 1, true)
+  local b = string.find(s, ' ', a + 1, true)
+  local q = string.sub(s, a + 1, b - 1)
+  local sub = 0
+  local sl = string.find(q, '/', 1, true)
+  if sl then
+    sub = tonumber(string.sub(q, sl + 1))
+    q = string.sub(q, 1, sl - 1)
+  end
+  return {tonumber(string.sub(s, 1, a - 1)), tonumber(q), string.sub(s, b + 1), p, sub}
+end
+-- The sorted-set member of an entry under a tiebreak (nil, 'high' or 'low').
+local function member_tb(en, tb)
+  local m = string.format('%020d', en[2]) .. en[4]
+  if tb == 'high' then return subkey(-en[5]) .. m end
+  if tb == 'low' then return subkey(en[5]) .. m end
+  return m
+end
+local function member(en) return member_tb(en, tiebreak) end
 "#;
 
 /// KEYS: bo bp bz bl bc boards. ARGV: default options, new epoch, name, kept ops, max
-/// boards, max players, then (player, score, meta or '') per entry, then now (ms). Returns {2} for a new
-/// board past max boards, {3, players, new} when the batch would add players past max
-/// players, {0, i} when entry i (0-based) would take an increment total out of range,
-/// else {1, v, e, then rank, score, changed per entry}. Every refusal is made before
-/// anything is written.
+/// boards, max players, then (player, score, meta or '', subscore or '') per entry, then
+/// now (ms). Returns {2} for a new board past max boards, {5, i} when entry i posts a
+/// subscore to a board without a tiebreak, {3, players, new} when the batch would add
+/// players past max players, {0, i} when entry i (0-based) would take an increment total
+/// out of range, else {1, v, e, then rank, score, changed per entry}. Every refusal is
+/// made before anything is written.
 const SCORES: &str = r#"
 if full() then return {2} end
 local bp = KEYS[2]
 local o = cjson.decode(opt)
 local high = o.order ~= 'low'
 local mode = o.mode
-local n = (#ARGV - 7) / 3
-local function member(en) return string.format('%020d', en[2]) .. en[4] end
+local n = (#ARGV - 7) / 4
+if not tiebreak then
+  for i = 0, n - 1 do
+    if ARGV[10 + 4 * i] ~= '' then return {5, i} end
+  end
+end
 local cur = {}
 local function get(p)
   local c = cur[p]
   if c == nil then
     local s = redis.call('HGET', bp, p)
-    if s then
-      local a = string.find(s, ' ', 1, true)
-      local b = string.find(s, ' ', a + 1, true)
-      c = {tonumber(string.sub(s, 1, a - 1)), tonumber(string.sub(s, a + 1, b - 1)), string.sub(s, b + 1), p}
-    else
-      c = false
-    end
+    if s then c = parse(p, s) else c = false end
     cur[p] = c
   end
   return c
 end
+local function sub(i)
+  local t = ARGV[10 + 4 * i]
+  if t == '' then return 0 end
+  local x = tonumber(t)
+  if x == 0 then x = 0 end
+  return x
+end
 local fresh, added = {}, 0
 for i = 0, n - 1 do
-  local p = ARGV[7 + 3 * i]
+  local p = ARGV[7 + 4 * i]
   if not fresh[p] and not get(p) then
     fresh[p] = true
     added = added + 1
@@ -145,45 +189,49 @@ if added > 0 then
   if players + added > tonumber(ARGV[6]) then return {3, players, added} end
 end
 if mode == 'increment' then
-  local sums = {}
+  local sums, subs = {}, {}
   for i = 0, n - 1 do
-    local p = ARGV[7 + 3 * i]
-    local s = sums[p]
+    local p = ARGV[7 + 4 * i]
+    local s, u = sums[p], subs[p]
     if s == nil then
       local c = get(p)
-      if c then s = c[1] else s = 0 end
+      if c then s, u = c[1], c[5] else s, u = 0, 0 end
     end
-    s = s + tonumber(ARGV[8 + 3 * i])
-    sums[p] = s
-    if s > 1e15 or s < -1e15 then return {0, i} end
+    s = s + tonumber(ARGV[8 + 4 * i])
+    u = u + sub(i)
+    sums[p], subs[p] = s, u
+    if s > 1e15 or s < -1e15 or u > 1e15 or u < -1e15 then return {0, i} end
   end
 end
 local changed, order = {}, {}
 for i = 0, n - 1 do
-  local p, sc, m = ARGV[7 + 3 * i], tonumber(ARGV[8 + 3 * i]), ARGV[9 + 3 * i]
+  local p, sc, m, su = ARGV[7 + 4 * i], tonumber(ARGV[8 + 4 * i]), ARGV[9 + 4 * i], sub(i)
   if sc == 0 then sc = 0 end
   local old = changed[p] or get(p)
   local new = nil
   if not old then
-    new = {sc, seq, m, p}
+    new = {sc, seq, m, p, su}
   else
-    local ns, acc
+    local ns, nu, acc
     if mode == 'best' then
       local better
       if high then better = sc > old[1] else better = sc < old[1] end
-      if better then ns = sc else ns = old[1] end
+      if sc == old[1] and tiebreak == 'high' then better = su > old[5] end
+      if sc == old[1] and tiebreak == 'low' then better = su < old[5] end
+      if better then ns, nu = sc, su else ns, nu = old[1], old[5] end
       acc = better
     elseif mode == 'latest' then
-      ns, acc = sc, true
+      ns, nu, acc = sc, su, true
     else
-      ns, acc = old[1] + sc, true
+      ns, nu, acc = old[1] + sc, old[5] + su, true
       if ns == 0 then ns = 0 end
+      if nu == 0 then nu = 0 end
     end
-    local sch = ns ~= old[1]
+    local sch = ns ~= old[1] or nu ~= old[5]
     local mch = acc and m ~= '' and m ~= old[3]
     if sch or mch then
-      new = {old[1], old[2], old[3], p}
-      if sch then new[1], new[2] = ns, seq end
+      new = {old[1], old[2], old[3], p, old[5]}
+      if sch then new[1], new[2], new[5] = ns, seq, nu end
       if mch then new[3] = m end
     end
   end
@@ -203,14 +251,20 @@ for _, p in ipairs(order) do
   local s = string.format('%.17g', new[1])
   local q = string.format('%d', new[2])
   redis.call('ZADD', bz, string.format('%.17g', z), member(new))
-  redis.call('HSET', bp, p, s .. ' ' .. q .. ' ' .. new[3])
-  entries[#entries + 1] = {p, s, q, new[3]}
+  if new[5] ~= 0 then
+    local u = string.format('%.17g', new[5])
+    redis.call('HSET', bp, p, s .. ' ' .. q .. '/' .. u .. ' ' .. new[3])
+    entries[#entries + 1] = {p, s, q, new[3], u}
+  else
+    redis.call('HSET', bp, p, s .. ' ' .. q .. ' ' .. new[3])
+    entries[#entries + 1] = {p, s, q, new[3]}
+  end
 end
 if #entries > 0 then emit(cjson.encode({k = 's', e = entries})) end
 save()
 local out = {1, string.format('%d', v), e, string.format('%d', sn)}
 for i = 0, n - 1 do
-  local p = ARGV[7 + 3 * i]
+  local p = ARGV[7 + 4 * i]
   local en = changed[p] or get(p)
   out[#out + 1] = redis.call('ZRANK', bz, member(en)) + 1
   out[#out + 1] = string.format('%.17g', en[1])
@@ -221,15 +275,19 @@ return out
 
 /// KEYS: bo bp bz bl bc boards. ARGV: new options, new epoch, name, kept ops, max boards,
 /// now (ms, the node's clock), new order. Returns {2} for a new board past max boards,
-/// {0} when the order of a board with players would change, else {1, v, e}. A changed
-/// schedule re-anchors the season at `now`.
+/// {0} when the order or tiebreak of a board with players would change, else {1, v, e}.
+/// A changed schedule re-anchors the season at `now`.
 const OPTIONS: &str = r#"
 if full() then return {2} end
 local old = cjson.decode(opt)
-if not created and old.order ~= ARGV[7] and redis.call('ZCARD', bz) > 0 then
+local new = cjson.decode(ARGV[1])
+local function tb(o)
+  if o.tiebreak == nil or o.tiebreak == cjson.null then return '' end
+  return o.tiebreak
+end
+if not created and (old.order ~= ARGV[7] or tb(old) ~= tb(new)) and redis.call('ZCARD', bz) > 0 then
   return {0}
 end
-local new = cjson.decode(ARGV[1])
 if not created and (old.reset ~= new.reset or old.timezone ~= new.timezone) then
   sa = ARGV[6]
 end
@@ -249,21 +307,41 @@ save()
 return {1, string.format('%d', v), e}
 "#;
 
-/// KEYS: bo bp bz bl bc boards. ARGV: (unused), (unused), name, kept ops, (unused),
-/// (unused), player. Returns {0} for an unknown board, {4} for a player without an entry,
-/// else {1, v, e}.
+/// KEYS: bo bp bz bl bc boards ba. ARGV: (unused), (unused), name, kept ops, (unused),
+/// (unused), player, archive key prefix. Forgets the player in the current season and in
+/// every kept closed season (their player counts drop by one). Returns {0} for an unknown
+/// board, {4} for a player without an entry in any, else {1, v, e, closed seasons erased
+/// from...}.
 const DELETE: &str = r#"
 if created then return {0} end
 local p = ARGV[7]
 local s = redis.call('HGET', KEYS[2], p)
-if not s then return {4} end
-local a = string.find(s, ' ', 1, true)
-local b = string.find(s, ' ', a + 1, true)
-redis.call('ZREM', bz, string.format('%020d', tonumber(string.sub(s, a + 1, b - 1))) .. p)
-redis.call('HDEL', KEYS[2], p)
+local gone = {}
+for _, n in ipairs(redis.call('HKEYS', KEYS[7])) do
+  local hp = ARGV[8] .. n .. 'p'
+  local a = redis.call('HGET', hp, p)
+  if a then
+    local f = {}
+    for w in string.gmatch(redis.call('HGET', KEYS[7], n), '%S+') do f[#f + 1] = w end
+    local tb = nil
+    local sl = string.find(f[4], '/', 1, true)
+    if sl then tb = string.sub(f[4], sl + 1) end
+    redis.call('ZREM', ARGV[8] .. n .. 'z', member_tb(parse(p, a), tb))
+    redis.call('HDEL', hp, p)
+    redis.call('HSET', KEYS[7], n, f[1] .. ' ' .. f[2] .. ' ' .. string.format('%d', tonumber(f[3]) - 1) .. ' ' .. f[4])
+    gone[#gone + 1] = n
+  end
+end
+if not s and #gone == 0 then return {4} end
+if s then
+  redis.call('ZREM', bz, member(parse(p, s)))
+  redis.call('HDEL', KEYS[2], p)
+end
 emit(cjson.encode({k = 'd', p = p}))
 save()
-return {1, string.format('%d', v), e}
+local out = {1, string.format('%d', v), e}
+for _, n in ipairs(gone) do out[#out + 1] = n end
+return out
 "#;
 
 /// KEYS: bo bp bz bl bc boards ba. ARGV: (unused), (unused), name, kept ops, (unused),
@@ -308,11 +386,9 @@ fn board_of(channel: &str) -> Option<&str> {
 #[derive(Deserialize)]
 #[serde(tag = "k")]
 enum Op {
-    /// Changed entries, whole: (player, score, seq, meta or "").
+    /// Changed entries, whole: [player, score, seq, meta or "", subscore (when not 0)].
     #[serde(rename = "s")]
-    Scores {
-        e: Vec<(String, String, String, String)>,
-    },
+    Scores { e: Vec<Vec<String>> },
     /// New options, and the season's anchor (changed with the schedule).
     #[serde(rename = "o")]
     Options { o: BoardOptions, a: Option<i64> },
@@ -378,16 +454,27 @@ fn bad_reply() -> BoardError {
     BoardError::Store("redis: unexpected script reply".into())
 }
 
-/// An entry as stored in `bp`: `score seq meta` (meta empty when none).
+/// An entry as stored in `bp`: `score seq meta`, or `score seq/subscore meta` (meta empty
+/// when none).
 fn parse_entry(player: &str, s: &str) -> Option<Entry> {
     let mut parts = s.splitn(3, ' ');
-    let score: f64 = parts.next()?.parse().ok()?;
-    let achieved: u64 = parts.next()?.parse().ok()?;
+    let score = parts.next()?;
+    let seq = parts.next()?;
     let meta = parts.next()?;
+    entry_of(player, score, seq, meta)
+}
+
+/// An entry from its texts: score, `seq` or `seq/subscore`, meta (empty when none).
+fn entry_of(player: &str, score: &str, seq: &str, meta: &str) -> Option<Entry> {
+    let (seq, subscore) = match seq.split_once('/') {
+        Some((q, u)) => (q, u.parse().ok()?),
+        None => (seq, 0.0),
+    };
     Some(Entry {
         player: player.into(),
-        score,
-        achieved,
+        score: score.parse().ok()?,
+        subscore,
+        achieved: seq.parse().ok()?,
         meta: (!meta.is_empty()).then(|| meta.into()),
     })
 }
@@ -408,11 +495,17 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
         Op::Scores { e } => {
             let top = b.options.top as u64;
             let mut visible = false;
-            for (player, score, seq, meta) in e {
-                let Some(entry) = parse_entry(&player, &format!("{score} {seq} {meta}")) else {
+            for fields in e {
+                let parsed = match fields.as_slice() {
+                    [p, score, seq, meta] => entry_of(p, score, seq, meta),
+                    [p, score, seq, meta, sub] => entry_of(p, score, &format!("{seq}/{sub}"), meta),
+                    _ => None,
+                };
+                let Some(entry) = parsed else {
                     tracing::warn!(board = &*b.name, "malformed entry in a board op");
                     continue;
                 };
+                let player = entry.player.clone();
                 let old_rank = b.ranking.rank(&player);
                 b.ranking.insert(entry);
                 let new_rank = b.ranking.rank(&player).expect("just inserted");
@@ -423,8 +516,8 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
             visible
         }
         Op::Options { o, a } => {
-            if o.order != b.options.order {
-                b.ranking = Ranking::new(o.order);
+            if b.options.reorders(&o) {
+                b.ranking = o.ranking();
             }
             b.schedule = o.schedule();
             b.options = o;
@@ -524,10 +617,11 @@ impl BoardStorage for Shared {
         boards: &Boards,
         name: &str,
         player: &str,
-    ) -> Result<(), BoardError> {
+    ) -> Result<Vec<u64>, BoardError> {
         let mut inv = self.invocation(&self.delete, name);
+        inv.key(key(name, "ba"));
         inv.arg("").arg("").arg(name).arg(KEPT_OPS).arg("").arg("");
-        inv.arg(player);
+        inv.arg(player).arg(key(name, "s"));
         let reply = self.run(inv).await?;
         match num::<u8>(reply.first().ok_or_else(bad_reply)?) {
             Some(0) => return Err(BoardError::NoBoard(name.into())),
@@ -540,8 +634,10 @@ impl BoardStorage for Shared {
             _ => {}
         }
         let (v, epoch) = Self::version(&reply)?;
+        let mut seasons: Vec<u64> = reply[3..].iter().filter_map(num).collect();
+        seasons.sort_unstable();
         self.wait_mirror(boards, name, &epoch, v).await;
-        Ok(())
+        Ok(seasons)
     }
 
     async fn close_season(&self, boards: &Boards, name: &str, now: i64) -> Result<(), BoardError> {
@@ -595,6 +691,7 @@ impl BoardStorage for Shared {
                     entries.push(StoredEntry {
                         player: e.player.to_string(),
                         score: e.score,
+                        subscore: e.subscore,
                         achieved: e.achieved,
                         meta: e.meta.map(|m| m.to_string()),
                     });
@@ -703,10 +800,11 @@ impl Shared {
             .arg(KEPT_OPS)
             .arg(boards.max_boards())
             .arg(max_players);
-        for (player, score, meta) in scores {
+        for (player, score, meta, sub) in scores {
             inv.arg(player)
                 .arg(format!("{score}"))
-                .arg(meta.as_deref().unwrap_or(""));
+                .arg(meta.as_deref().unwrap_or(""))
+                .arg(sub.map(|u| format!("{u}")).unwrap_or_default());
         }
         inv.arg(now);
         let reply = self.run(inv).await?;
@@ -723,6 +821,10 @@ impl Shared {
                 max: max_players,
             });
         }
+        if status == Some(5) {
+            let i: usize = reply.get(1).and_then(num).ok_or_else(bad_reply)?;
+            return Err(super::service::no_tiebreak(name, i));
+        }
         if status == Some(0) {
             let i: usize = reply.get(1).and_then(num).ok_or_else(bad_reply)?;
             let player = &scores.get(i).ok_or_else(bad_reply)?.0;
@@ -734,7 +836,7 @@ impl Shared {
         let (v, epoch) = Self::version(&reply)?;
         let season: u64 = reply.get(3).and_then(num).ok_or_else(bad_reply)?;
         let mut results = Vec::with_capacity(scores.len());
-        for (i, (player, _, _)) in scores.iter().enumerate() {
+        for (i, (player, ..)) in scores.iter().enumerate() {
             let at = |k: usize| reply.get(4 + 3 * i + k).ok_or_else(bad_reply);
             results.push(ScoreResult {
                 player: player.as_str().into(),
@@ -771,7 +873,8 @@ impl Shared {
         }
         if status == Some(0) {
             return Err(BoardError::Conflict(
-                "the sort order of a board with players cannot change; reset it first".into(),
+                "the order or tiebreak of a board with players cannot change; reset it first"
+                    .into(),
             ));
         }
         let (v, epoch) = Self::version(&reply)?;
@@ -810,13 +913,12 @@ impl Shared {
             let Some(ended) = b.ends().filter(|end| now >= *end) else {
                 return Ok(());
             };
-            let order = serde_json::to_value(b.options.order).expect("order");
             (
                 b.season.number,
                 ended,
                 b.season.next(&schedule, now),
                 b.ranking.len(),
-                order.as_str().unwrap_or("high").to_string(),
+                b.options.archived_order(),
                 b.options.keep(),
             )
         };
@@ -1010,7 +1112,7 @@ impl Shared {
                 return Ok(());
             };
             let options: BoardOptions = serde_json::from_str(&opt).unwrap_or_default();
-            let mut ranking = Ranking::new(options.order);
+            let mut ranking = options.ranking();
             let mut cursor = 0u64;
             loop {
                 let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
@@ -1084,6 +1186,10 @@ impl Shared {
                 } else {
                     match serde_json::from_str::<Op>(op) {
                         Ok(op) => {
+                            if matches!(op, Op::Delete { .. }) {
+                                // Closed seasons forgot the player too.
+                                boards.forget_archives(name);
+                            }
                             if apply(&mut b, op) {
                                 boards.dirty_mark(name);
                             }

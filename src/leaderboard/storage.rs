@@ -35,14 +35,15 @@ pub trait BoardStorage: Send + Sync {
     /// Empties a board that exists, keeping its options and clock.
     async fn reset(&self, boards: &Boards, name: &str) -> Result<(), BoardError>;
 
-    /// Forgets one player's entry in the current season (`NoBoard`, `NoPlayer` when there
-    /// is none to forget); closed seasons keep theirs.
+    /// Forgets one player's entry in the current season and in every closed season the
+    /// board keeps (`NoBoard`, `NoPlayer` when there is none to forget); returns the
+    /// closed seasons it was erased from.
     async fn delete_player(
         &self,
         boards: &Boards,
         name: &str,
         player: &str,
-    ) -> Result<(), BoardError>;
+    ) -> Result<Vec<u64>, BoardError>;
 
     /// Closes the board's season if it is still due at `now` (ms): its entries become the
     /// archive, the board starts empty in the next season. Once per boundary, whoever

@@ -8,7 +8,9 @@
 //!   detected instead of misread) and `log_seq`, the next log record number.
 //! * `boards`: board name -> `[next_seq: u64 LE][options: UTF-8 JSON text]`.
 //! * `entries/<board>`: one table per board, player -> `[score: f64 LE][achieved: u64 LE]
-//!   [meta tag: 0 = None, 1 = Some][meta: UTF-8 JSON text]`.
+//!   [tag: bit 0 = meta follows, bit 1 = subscore follows][subscore: f64 LE, if tagged]
+//!   [meta: UTF-8 JSON text]`. Entries with subscore 0 are written without it (tag 0 or
+//!   1), exactly as before subscores existed, so older files read unchanged.
 //! * `log`: `(board, log_seq)` -> the entries one commit put on that board, not yet
 //!   checkpointed into `entries/<board>`.
 //! * `seasons`: board -> `[season: u64 LE][started ms: i64 LE][anchor ms: i64 LE]`, the
@@ -101,6 +103,9 @@ const SEASON_PREFIX: &str = "season/";
 pub struct StoredEntry {
     pub player: String,
     pub score: f64,
+    /// The tie-break between equal scores (0 on boards without one).
+    #[serde(default)]
+    pub subscore: f64,
     pub achieved: u64,
     /// Raw JSON text, opaque to the store.
     pub meta: Option<String>,
@@ -127,7 +132,8 @@ pub struct ArchivedSeason {
     pub started: i64,
     pub ended: i64,
     pub players: u64,
-    /// The board's sort order then (`high` / `low`), so the archive ranks as it did.
+    /// The board's sort order then (`high` / `low`, or `high/low` with a tiebreak: order/
+    /// tiebreak, see `BoardOptions::archived_order`), so the archive ranks as it did.
     pub order: String,
 }
 
@@ -143,6 +149,10 @@ pub enum StoreOp {
     /// one is a no-op. The board must exist. Logged as a tombstone (an empty value) that
     /// load, checkpoint and season close apply as a removal.
     DeleteEntry { board: String, player: String },
+    /// Forget one player's entry in every closed season the board keeps (a player who
+    /// asked to be forgotten): removed from each archive table, whose player count drops
+    /// by one. A player in none is a no-op. The board must exist.
+    ForgetArchived { board: String, player: String },
     /// Set the board's logical clock. The board must exist.
     SetSeq { board: String, next_seq: u64 },
     /// Delete all entries, keep the board, its options and `next_seq`. The board must exist.
@@ -173,6 +183,7 @@ impl StoreOp {
             StoreOp::PutBoard { board, .. }
             | StoreOp::PutEntry { board, .. }
             | StoreOp::DeleteEntry { board, .. }
+            | StoreOp::ForgetArchived { board, .. }
             | StoreOp::SetSeq { board, .. }
             | StoreOp::ResetBoard { board }
             | StoreOp::DeleteBoard { board }
@@ -344,15 +355,16 @@ fn decode_board(name: &str, bytes: &[u8]) -> Result<(u64, String), StoreError> {
 
 fn encode_entry(e: &StoredEntry) -> Vec<u8> {
     let meta_len = e.meta.as_ref().map_or(0, String::len);
-    let mut v = Vec::with_capacity(17 + meta_len);
+    let mut v = Vec::with_capacity(25 + meta_len);
     v.extend_from_slice(&e.score.to_le_bytes());
     v.extend_from_slice(&e.achieved.to_le_bytes());
-    match &e.meta {
-        None => v.push(0),
-        Some(m) => {
-            v.push(1);
-            v.extend_from_slice(m.as_bytes());
-        }
+    let sub = e.subscore != 0.0;
+    v.push(u8::from(e.meta.is_some()) | (u8::from(sub) << 1));
+    if sub {
+        v.extend_from_slice(&e.subscore.to_le_bytes());
+    }
+    if let Some(m) = &e.meta {
+        v.extend_from_slice(m.as_bytes());
     }
     v
 }
@@ -368,18 +380,32 @@ fn decode_entry(board: &str, player: &str, bytes: &[u8]) -> Result<StoredEntry, 
     }
     let score = f64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     let achieved = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    let meta = match bytes[16] {
-        0 if bytes.len() == 17 => None,
-        1 => Some(
-            std::str::from_utf8(&bytes[17..])
+    let tag = bytes[16];
+    if tag > 3 {
+        return Err(corrupt("bad meta tag"));
+    }
+    let mut rest = &bytes[17..];
+    let mut subscore = 0.0;
+    if tag & 2 != 0 {
+        let sub = rest
+            .get(..8)
+            .ok_or_else(|| corrupt("subscore shorter than 8 bytes"))?;
+        subscore = f64::from_le_bytes(sub.try_into().expect("8 bytes"));
+        rest = &rest[8..];
+    }
+    let meta = match tag & 1 {
+        0 if rest.is_empty() => None,
+        0 => return Err(corrupt("bytes after an entry without meta")),
+        _ => Some(
+            std::str::from_utf8(rest)
                 .map_err(|_| corrupt("meta is not UTF-8"))?
                 .to_owned(),
         ),
-        _ => return Err(corrupt("bad meta tag")),
     };
     Ok(StoredEntry {
         player: player.to_owned(),
         score,
+        subscore,
         achieved,
         meta,
     })
@@ -867,6 +893,14 @@ fn apply<'a>(
                 encode_log_tombstone(buf, player);
                 *n += 1;
             }
+            StoreOp::ForgetArchived { board, player } => {
+                if !pending.contains_key(board.as_str()) && !board_exists(&boards, board)? {
+                    return Err(StoreError::UnknownBoard {
+                        board: board.clone(),
+                    });
+                }
+                forget_archived(txn, board, player)?;
+            }
             StoreOp::ResetBoard { board } | StoreOp::DeleteBoard { board } => {
                 let delete = matches!(op, StoreOp::DeleteBoard { .. });
                 if !delete && !board_exists(&boards, board)? {
@@ -998,6 +1032,40 @@ fn apply<'a>(
     Ok(logged)
 }
 
+/// Removes `player` from every archive of `board` holding it, and counts them one player
+/// fewer. Archive tables hold all their entries (a close folds the log first), so this is
+/// one lookup per kept season.
+fn forget_archived(txn: &WriteTransaction, board: &str, player: &str) -> Result<(), StoreError> {
+    let mut archive = txn.open_table(ARCHIVE).ctx("commit: open archive")?;
+    let kept: Vec<(u64, ArchivedSeason)> = archive
+        .range((board, 0)..=(board, u64::MAX))
+        .ctx("commit: read archive")?
+        .map(|row| {
+            let (k, v) = row.ctx("commit: read archive")?;
+            let n = k.value().1;
+            Ok((n, decode_archived(board, n, v.value())?))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for (n, mut info) in kept {
+        let name = season_table_name(board, n);
+        let removed = match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+            Ok(mut table) => table
+                .remove(player)
+                .with_ctx(|| format!("commit: forget in {name}"))?
+                .is_some(),
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(StoreError::db(format!("commit: open {name}"), e)),
+        };
+        if removed {
+            info.players = info.players.saturating_sub(1);
+            archive
+                .insert((board, n), encode_archived(&info).as_slice())
+                .ctx("commit: write archive")?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes the board's archives numbered below `below`, rows and tables.
 fn prune_archives(txn: &WriteTransaction, board: &str, below: u64) -> Result<(), StoreError> {
     if below == 0 {
@@ -1031,6 +1099,30 @@ impl Store {
         {
             let (k, v) = row.ctx("seasons: read archive")?;
             out.push(decode_archived(board, k.value().1, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The closed seasons (oldest first) whose archive holds `player`.
+    pub fn archived_in(&self, board: &str, player: &str) -> Result<Vec<u64>, StoreError> {
+        let txn = self.begin_read("archived_in")?;
+        let archive = txn.open_table(ARCHIVE).ctx("archived_in: open archive")?;
+        let mut out = Vec::new();
+        for row in archive
+            .range((board, 0)..=(board, u64::MAX))
+            .ctx("archived_in: read archive")?
+        {
+            let n = row.ctx("archived_in: read archive")?.0.value().1;
+            let name = season_table_name(board, n);
+            match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+                Ok(table) => {
+                    if table.get(player).ctx("archived_in: read")?.is_some() {
+                        out.push(n);
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(StoreError::db(format!("archived_in: open {name}"), e)),
+            }
         }
         Ok(out)
     }
@@ -1335,6 +1427,7 @@ mod tests {
         StoredEntry {
             player: player.into(),
             score,
+            subscore: 0.0,
             achieved,
             meta: meta.map(Into::into),
         }
@@ -1619,6 +1712,35 @@ mod tests {
             }])
             .unwrap_err();
         assert!(matches!(err, StoreError::UnknownBoard { .. }), "{err}");
+    }
+
+    #[test]
+    fn entries_round_trip_with_and_without_subscore() {
+        let plain = entry("p", 1.5, 7, Some("{\"a\":1}"));
+        // Written exactly as before subscores existed: old files and new ones agree.
+        let bytes = encode_entry(&plain);
+        assert_eq!(bytes.len(), 17 + 7);
+        assert_eq!(bytes[16], 1);
+        assert_eq!(decode_entry("b", "p", &bytes).unwrap(), plain);
+        for meta in [None, Some("{\"a\":1}")] {
+            let e = StoredEntry {
+                subscore: -2.25,
+                ..entry("p", 1.5, 7, meta)
+            };
+            assert_eq!(decode_entry("b", "p", &encode_entry(&e)).unwrap(), e);
+        }
+        assert!(decode_entry(
+            "b",
+            "p",
+            &[0; 17].iter().chain(&[9]).copied().collect::<Vec<_>>()
+        )
+        .is_err());
+        let mut cut = encode_entry(&StoredEntry {
+            subscore: 1.0,
+            ..entry("p", 1.0, 1, None)
+        });
+        cut.truncate(20);
+        assert!(decode_entry("b", "p", &cut).is_err());
     }
 
     #[test]

@@ -310,6 +310,7 @@ fn bench_reads_the_leader_of_the_servers_board_serialization() {
             Entry {
                 player: player.into(),
                 score: 42.0,
+                subscore: 0.0,
                 achieved: 1,
                 meta: meta.map(Into::into),
             },
@@ -319,7 +320,7 @@ fn bench_reads_the_leader_of_the_servers_board_serialization() {
         let data = serde_json::json!({
             "board": "b",
             "version": 2,
-            "top": ranked(&[first, entry("second", None)]),
+            "top": ranked(&[first, entry("second", None)], false),
         });
         format!(r#"{{"topic":"board:b","offset":7,"data":{data}}}"#)
     };

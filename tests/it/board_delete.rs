@@ -4,26 +4,11 @@
 
 use std::time::Duration;
 
-use crate::common::http::code;
+use crate::common::http::{self, code, delete};
 use crate::common::*;
 use crier::config::Config;
 use crier::server::Server;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `DELETE path` with an optional publisher key: (status, JSON body).
-async fn delete(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    let req = format!("DELETE {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1;
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
 
 async fn post_scores(addr: std::net::SocketAddr, board: &str, body: Value) {
     let (s, b) =
@@ -66,7 +51,7 @@ async fn a_deleted_player_leaves_the_top_and_the_windows_and_stays_gone_after_re
     assert_eq!(s, 200, "{b}");
     assert_eq!(
         b,
-        json!({"board": "arena", "player": "p03", "deleted": true})
+        json!({"board": "arena", "player": "p03", "deleted": true, "seasons": []})
     );
     // (Messages sent before the delete, e.g. a watcher count, may come first.)
     let t = within("the top without p03", async {
@@ -190,4 +175,178 @@ async fn under_redis_a_delete_reaches_every_node() {
     assert_eq!((s, code(&e)), (404, "no_player"), "{e}");
     let (s, e) = delete(b.addr, "/api/boards/none/players/ann", None).await;
     assert_eq!((s, code(&e)), (404, "no_board"), "{e}");
+}
+
+/// Wed 2026-12-02 10:00 UTC (as in seasons.rs), and one day.
+const T0: i64 = 1_796_205_600_000;
+const DAY: i64 = 24 * 3600 * 1000;
+
+/// Closes the board's current season on an injected clock: `day` days after T0.
+async fn close_day(boards: &crier::leaderboard::service::Boards, board: &str, day: i64) {
+    let before = boards.with_board(board, |b| b.season.number).unwrap();
+    boards.clock().set(T0 + day * DAY);
+    wait_until("the season closes", || {
+        boards
+            .with_board(board, |b| b.season.number > before)
+            .unwrap()
+    })
+    .await;
+}
+
+fn season_players(page: &Value) -> Vec<String> {
+    names(&page["entries"])
+}
+
+/// Players ask to be forgotten everywhere: the delete erases the entry from every closed
+/// season the board keeps as well (their counts drop), durably, and says which.
+#[tokio::test]
+async fn a_delete_erases_the_player_from_closed_seasons_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        board_update_interval: Duration::from_millis(10),
+        ..Config::default()
+    };
+    let server = Server::start(cfg()).await.unwrap();
+    let (addr, boards) = (server.addr, server.state.boards.clone());
+    boards.clock().set(T0);
+    let (s, b) = http::post(
+        addr,
+        "/api/boards/s",
+        &json!({"reset": "0 0 * * *", "tiebreak": "low"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    post_scores(addr, "s", json!([{"player": "ann", "score": 10, "subscore": 2}, {"player": "bob", "score": 10, "subscore": 3}])).await;
+    close_day(&boards, "s", 1).await;
+    post_scores(
+        addr,
+        "s",
+        json!([{"player": "ann", "score": 7}, {"player": "cat", "score": 3}]),
+    )
+    .await;
+    close_day(&boards, "s", 2).await;
+    post_scores(addr, "s", json!({"player": "dan", "score": 1})).await;
+    // Season 1 is read (and so loaded) before the delete.
+    let (_, one) = http::get(addr, "/api/boards/s/seasons/1").await;
+    assert_eq!(season_players(&one), ["ann", "bob"], "{one}");
+
+    let (s, b) = delete(addr, "/api/boards/s/players/ann", None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["seasons"], json!([1, 2]), "{b}");
+    let (_, one) = http::get(addr, "/api/boards/s/seasons/1").await;
+    assert_eq!(
+        (
+            season_players(&one),
+            &one["entries"][0]["rank"],
+            &one["players"]
+        ),
+        (vec!["bob".to_string()], &json!(1), &json!(1)),
+        "{one}"
+    );
+    let (s, e) = http::get(addr, "/api/boards/s/seasons/2/players/ann").await;
+    assert_eq!((s, code(&e)), (404, "no_player"), "{e}");
+    let (_, list) = http::get(addr, "/api/boards/s/seasons").await;
+    let counts: Vec<&Value> = list["seasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["players"])
+        .collect();
+    assert_eq!(counts, [&json!(1), &json!(1)], "{list}");
+    let (s, e) = delete(addr, "/api/boards/s/players/ann", None).await;
+    assert_eq!((s, code(&e)), (404, "no_player"), "{e}");
+    // Only in the current season: no closed season named.
+    let (s, b) = delete(addr, "/api/boards/s/players/dan", None).await;
+    assert_eq!((s, &b["seasons"]), (200, &json!([])), "{b}");
+    server.shutdown().await;
+
+    let server = Server::start(cfg()).await.unwrap();
+    for n in [1, 2] {
+        let (_, page) = http::get(server.addr, &format!("/api/boards/s/seasons/{n}")).await;
+        assert!(!season_players(&page).contains(&"ann".into()), "{page}");
+        assert_eq!(page["players"], 1, "{page}");
+    }
+    server.shutdown().await;
+}
+
+/// Under `--redis` the script erases the closed seasons' entries (hash and sorted set)
+/// once for the cluster, and every node drops what it had loaded of them.
+#[tokio::test]
+async fn under_redis_a_delete_erases_closed_seasons_on_every_node() {
+    crate::need_redis!();
+    let redis = crate::common::redis::RedisServer::start();
+    let url = redis.url();
+    let start = || {
+        let url = url.clone();
+        TestServer::start(move |c| {
+            c.redis = url;
+            c.board_update_interval = Duration::from_millis(10);
+        })
+    };
+    let (a, b) = (start().await, start().await);
+    for n in [&a, &b] {
+        n.state().boards.clock().set(T0);
+    }
+    let (s, r) = http::post(
+        a.addr,
+        "/api/boards/s",
+        &json!({"reset": "0 0 * * *", "tiebreak": "high"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    post_scores(
+        a.addr,
+        "s",
+        json!([{"player": "ann", "score": 10, "subscore": 2.5}, {"player": "bob", "score": 10}]),
+    )
+    .await;
+    // The boundary passes on both nodes; a score posted past it closes the season first.
+    for n in [&a, &b] {
+        n.state().boards.clock().set(T0 + DAY);
+    }
+    post_scores(a.addr, "s", json!({"player": "zed", "score": 1})).await;
+    for n in [&a, &b] {
+        wait_until("season 2", || {
+            n.state()
+                .boards
+                .with_board("s", |b| b.season.number == 2)
+                .unwrap()
+        })
+        .await;
+    }
+    let (_, one) = b.get("/api/boards/s/seasons/1").await;
+    assert_eq!(season_players(&one), ["ann", "bob"], "{one}");
+    let (s, r) = delete(a.addr, "/api/boards/s/players/ann", None).await;
+    assert_eq!((s, &r["seasons"]), (200, &json!([1])), "{r}");
+    for n in [&a, &b] {
+        let one = within("the archive without ann", async {
+            loop {
+                let (_, one) = n.get("/api/boards/s/seasons/1").await;
+                if one["players"] == 1 {
+                    return one;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(season_players(&one), ["bob"], "{one}");
+    }
+    let mut conn = ::redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let zset: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("crier:{board:s}:s1z")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(zset.len(), 1, "{zset:?}");
+    assert!(zset[0].ends_with("bob"), "{zset:?}");
+    let (s, e) = delete(b.addr, "/api/boards/s/players/ann", None).await;
+    assert_eq!((s, code(&e)), (404, "no_player"), "{e}");
 }

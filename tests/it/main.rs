@@ -17,6 +17,7 @@ mod board_follow;
 mod board_friends;
 mod board_limits;
 mod board_policy;
+mod board_subscore;
 mod broadcast;
 mod broker_contract;
 mod common;

@@ -26,6 +26,7 @@ fn entry(player: String, score: f64, achieved: u64) -> StoredEntry {
     StoredEntry {
         player,
         score,
+        subscore: 0.0,
         achieved,
         meta: Some(format!(r#"{{"a":{achieved}}}"#)),
     }

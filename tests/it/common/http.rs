@@ -99,3 +99,21 @@ pub async fn publish_keyed(url: &str, body: &str, key: &[u8]) -> (u16, Option<St
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, replayed, json(&bytes))
 }
+
+/// `DELETE http://ADDR/PATH` with an optional publisher key: the status and the body as
+/// JSON.
+pub async fn delete(addr: impl Display, path: &str, key: Option<&str>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr.to_string())
+        .await
+        .unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let req = format!("DELETE {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    (status, json(body.as_bytes()))
+}
