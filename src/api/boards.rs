@@ -366,6 +366,7 @@ async fn friends(
         let (found, missing) = entries(b.ranking, &players);
         let view = View::new(
             b.name,
+            b.ranking.tiebreak().is_some(),
             b.version,
             b.season.number,
             b.ranking.len(),

@@ -61,8 +61,10 @@ pub struct View<'a> {
 }
 
 impl<'a> View<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new<S: AsRef<str>>(
         board: &'a str,
+        subscore: bool,
         version: u64,
         season: u64,
         players: usize,
@@ -76,7 +78,7 @@ impl<'a> View<'a> {
             season,
             players,
             friends: friends.iter().map(|p| p.as_ref()).collect(),
-            ranking: ranked(found),
+            ranking: ranked(found, subscore),
             missing,
         }
     }
@@ -86,7 +88,14 @@ impl<'a> View<'a> {
 pub(super) fn content_hash(found: &[(u64, Entry)], missing: &[&str]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for (r, e) in found {
-        (r, &e.player, e.score.to_bits(), &e.meta).hash(&mut h);
+        (
+            r,
+            &e.player,
+            e.score.to_bits(),
+            e.subscore.to_bits(),
+            &e.meta,
+        )
+            .hash(&mut h);
     }
     missing.hash(&mut h);
     h.finish()
@@ -117,8 +126,8 @@ mod tests {
         assert_eq!(missing, ["zz"]);
         let ranks: Vec<(u64, &str)> = found.iter().map(|(k, e)| (*k, &*e.player)).collect();
         assert_eq!(ranks, [(2, "c"), (4, "a")]);
-        let json =
-            serde_json::to_value(View::new("b", 7, 1, 4, &friends, &found, missing)).unwrap();
+        let json = serde_json::to_value(View::new("b", false, 7, 1, 4, &friends, &found, missing))
+            .unwrap();
         assert_eq!(json["ranking"][0]["player"], "c");
         assert_eq!(json["friends"], serde_json::json!(["a", "zz", "c"]));
 

@@ -1821,6 +1821,7 @@ fn friend_views(b: &mut Board, moved: Option<(u64, u64)>) -> Vec<(String, Vec<u8
         w.last = Some(hash);
         let view = View::new(
             &b.name,
+            b.ranking.tiebreak().is_some(),
             b.version,
             b.season.number,
             b.ranking.len(),
