@@ -158,6 +158,7 @@ async fn open(
             &who,
         )
         .await?;
+        state.boards.watching(t);
         ids.joined(i, &sub);
     }
     let events = Events {

@@ -19,6 +19,7 @@ use super::error::ApiError;
 use super::publish::read_body;
 use crate::auth::Grant;
 use crate::error_code::{ErrorCode, Refusal};
+use crate::leaderboard::friends::{entries, View};
 use crate::leaderboard::ranking::ScoreMode;
 use crate::leaderboard::season::rfc3339;
 use crate::leaderboard::service::{
@@ -46,6 +47,7 @@ pub fn routes() -> Router<Arc<AppState>> {
             "/api/boards/{board}/players/{player}",
             get(player).delete(delete_player),
         )
+        .route("/api/boards/{board}/friends", get(friends))
         .route("/api/boards/{board}/seasons", get(seasons))
         .route("/api/boards/{board}/seasons/{season}", get(season_page))
         .route(
@@ -337,6 +339,44 @@ async fn player(
     })?;
     body.map(Json)
         .ok_or_else(|| BoardError::NoPlayer { board, player }.into())
+}
+
+#[derive(Deserialize)]
+pub struct FriendsQuery {
+    pub players: Option<String>,
+}
+
+/// A friends view read once: the ranking of `players=a,b,c` (1-`MAX_FRIENDS` distinct
+/// ids), as the live topic `board:{b}:friends@a@b@c` shows it. The ids go through the
+/// topic's checks (`Auth::check_read`), so what can be read here can be watched.
+async fn friends(
+    State(state): State<Arc<AppState>>,
+    Path(board): Path<String>,
+    Query(q): Query<FriendsQuery>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    Boards::validate_name(&board).map_err(bad_name)?;
+    let grant = state.auth.grant_from_request(query.as_deref(), &headers)?;
+    may_read(&state, &board, grant.as_ref())?;
+    let players: Vec<&str> = q.players.as_deref().unwrap_or("").split(',').collect();
+    let topic = crate::topic::friends_topic(&board, &players);
+    state.auth.check_read(&topic, grant.as_ref())?;
+    let body = state.boards.with_board(&board, |b| {
+        let (found, missing) = entries(b.ranking, &players);
+        let view = View::new(
+            b.name,
+            b.ranking.tiebreak().is_some(),
+            b.version,
+            b.season.number,
+            b.ranking.len(),
+            &players,
+            &found,
+            missing,
+        );
+        serde_json::to_value(view).expect("friends view serializes")
+    })?;
+    Ok(Json(body))
 }
 
 /// Forgets a player (one who asked to be): their entry leaves the current season durably,

@@ -120,9 +120,55 @@ impl Auth {
         own.then_some(player)
     }
 
+    /// A friends view (`board:{b}:friends@a@b`) must name a board and 1-`MAX_FRIENDS`
+    /// distinct players, and is read like its board (a token allowing `board:{b}` when
+    /// that is private; patterns need not name the view's own topic); on a
+    /// `follow_own_only` board it shows others' entries only to one of its players (the
+    /// token's `sub` among them).
+    fn check_friends(
+        &self,
+        topic: &str,
+        board: &str,
+        players: &[&str],
+        grant: Option<&Grant>,
+    ) -> Result<(), Refusal> {
+        crate::topic::check_friends(topic, board, players)
+            .map_err(|m| Refusal::new(ErrorCode::BadTopic, m))?;
+        self.check_read(&crate::topic::board_topic(board), grant)?;
+        let own_only = self
+            .own_only
+            .iter()
+            .find(|(p, _)| p.matches(board))
+            .is_some_and(|(_, own)| *own);
+        if !own_only {
+            return Ok(());
+        }
+        match grant {
+            Some(g) if players.contains(&&*g.sub) => Ok(()),
+            Some(g) => Err(Refusal::new(
+                ErrorCode::TopicForbidden,
+                format!(
+                    "{topic:?}: this board lets a player watch only rankings they are in, \
+                     and {:?} is not among these players",
+                    g.sub
+                ),
+            )),
+            None => Err(Refusal::new(
+                ErrorCode::TokenRequired,
+                format!(
+                    "{topic:?}: this board lets a player watch only rankings they are in: \
+                     send a token whose sub is one of these players"
+                ),
+            )),
+        }
+    }
+
     /// Ok when `topic` is public or `grant` allows it, and, for a followed player on a
     /// `follow_own_only` board, when `grant` is that player's (`sub`).
     pub fn check_read(&self, topic: &str, grant: Option<&Grant>) -> Result<(), Refusal> {
+        if let Some((board, players)) = crate::topic::friends_topic_parts(topic) {
+            return self.check_friends(topic, board, &players, grant);
+        }
         if let Some(player) = self.own_only_player(topic) {
             match grant {
                 Some(g) if *g.sub == *player => {}
@@ -347,5 +393,31 @@ mod tests {
         );
         let vip = grant("p42", &["board:vip*"]);
         assert_eq!(code("board:vip1@p42", Some(&vip)), None);
+
+        // Friends views: read like their board, plus the player's own rule.
+        let bad = Some(ErrorCode::BadTopic);
+        assert_eq!(code("board:cup:friends@a@b", None), None);
+        assert_eq!(code("board:cup:friends@a@@b", None), bad);
+        assert_eq!(code("board:cup:friends@a@a", None), bad);
+        assert_eq!(
+            code("board:arena:friends@p42@p7", None),
+            Some(ErrorCode::TokenRequired)
+        );
+        assert_eq!(code("board:arena:friends@p42@p7", Some(&p7)), None);
+        assert_eq!(
+            code("board:arena:friends@p1@p2", Some(&p7)),
+            Some(ErrorCode::TopicForbidden)
+        );
+        // A token allowing the private board reads its views (own rule aside).
+        let vip1 = grant("p42", &["board:vip1"]);
+        assert_eq!(code("board:vip1:friends@p42@p7", Some(&vip1)), None);
+        assert_eq!(
+            code("board:vip2:friends@p42@p7", Some(&vip1)),
+            Some(ErrorCode::TopicForbidden)
+        );
+        assert_eq!(
+            code("board:vip1:friends@p42", None),
+            Some(ErrorCode::TokenRequired)
+        );
     }
 }

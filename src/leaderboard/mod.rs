@@ -2,6 +2,7 @@
 //! publishes rankings to the hub.
 
 pub mod demo;
+pub mod friends;
 pub mod policy;
 pub mod ranking;
 pub mod season;

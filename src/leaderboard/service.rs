@@ -74,6 +74,9 @@ const QUEUED_SCORE_OVERHEAD: usize = 160;
 /// How often watcher counts are compared with what was last shown (and the followed
 /// players' topics looked up).
 const WATCHER_CHECK: Duration = Duration::from_secs(1);
+/// Topics that just got a follower or a friends view watcher, held for the update task
+/// (beyond it, the next watcher check finds them).
+const MAX_JOINED: usize = 10_000;
 /// Neighbours shown above and below a followed player (`board:{b}@{player}`).
 pub const WINDOW: usize = 5;
 
@@ -306,6 +309,8 @@ pub(super) struct Board {
     /// Players followed on this node (`board:{b}@{player}` has local subscribers), with a
     /// hash of the window last published (`None`: none yet).
     watched: HashMap<Arc<str>, Option<u64>>,
+    /// Friends views watched on this node, by topic (`friends.rs`).
+    friends: HashMap<Arc<str>, super::friends::Watch>,
     /// The ranks whose entries changed since the windows were last published: only the
     /// windows overlapping them are recomputed.
     pub(super) moved: Option<(u64, u64)>,
@@ -366,6 +371,7 @@ impl Board {
             season: SeasonState::first(now),
             top_dirty: true,
             watched: HashMap::new(),
+            friends: HashMap::new(),
             moved: None,
             options,
             next_seq,
@@ -419,7 +425,8 @@ impl Board {
     /// Whether a live update is due after a change: the top moved, or a followed player's
     /// window may have.
     pub(super) fn needs_update(&self) -> bool {
-        self.top_dirty || (self.moved.is_some() && !self.watched.is_empty())
+        self.top_dirty
+            || (self.moved.is_some() && !(self.watched.is_empty() && self.friends.is_empty()))
     }
 
     fn view_entry(&self, player: &str) -> Option<&Entry> {
@@ -572,6 +579,9 @@ pub struct Boards {
     season_defaults: Vec<(TopicPattern, BoardPolicyConfig)>,
     /// Wakes the season task when a schedule changes.
     season_wake: Notify,
+    /// Follow and friends topics a local subscriber just joined (`watching`), at most
+    /// [`MAX_JOINED`]: their first window goes out with the next update.
+    joined: Mutex<HashSet<Arc<str>>>,
     /// The closed seasons read last, loaded whole (a few, bounded by `ARCHIVES_CACHED`).
     archives: Mutex<Vec<Arc<Archive>>>,
     /// Bumped when a player is erased from archives: a season loaded across the bump may
@@ -670,6 +680,7 @@ impl Boards {
             clock,
             season_defaults: season_defaults(cfg),
             season_wake: Notify::new(),
+            joined: Mutex::new(HashSet::new()),
             archives: Mutex::new(Vec::new()),
             archives_gen: AtomicU64::new(0),
         });
@@ -716,6 +727,7 @@ impl Boards {
             clock: Arc::new(WallClock::new()),
             season_defaults: season_defaults(cfg),
             season_wake: Notify::new(),
+            joined: Mutex::new(HashSet::new()),
             archives: Mutex::new(Vec::new()),
             archives_gen: AtomicU64::new(0),
         });
@@ -1188,9 +1200,78 @@ impl Boards {
         self.page(None, usize::MAX, |_| true).0
     }
 
+    /// A local subscriber just joined `topic` (called by the transports after a
+    /// subscribe): a followed player's window or a friends view then goes out with the
+    /// next update, within `board_update_interval`, instead of at the next watcher check
+    /// (up to a second later). Other topics cost a parse.
+    pub fn watching(&self, topic: &str) {
+        if crate::topic::player_topic_parts(topic).is_none()
+            && crate::topic::friends_topic_parts(topic).is_none()
+        {
+            return;
+        }
+        {
+            let mut joined = self.joined.lock();
+            if joined.len() >= MAX_JOINED {
+                return;
+            }
+            joined.insert(Arc::from(topic));
+        }
+        self.dirty.wake.notify_one();
+    }
+
+    /// Adds the topics `watching` noted to their boards' followed players and views, so
+    /// the next update computes their first window (one not yet followed has no window
+    /// last sent, so it is computed whatever moved).
+    fn add_joined(&self) {
+        let joined = std::mem::take(&mut *self.joined.lock());
+        for topic in joined {
+            let (board, player, friends) =
+                if let Some((b, p)) = crate::topic::player_topic_parts(&topic) {
+                    (b, Some(p), None)
+                } else if let Some((b, ps)) = crate::topic::friends_topic_parts(&topic) {
+                    if crate::topic::check_friends(&topic, b, &ps).is_err() {
+                        continue;
+                    }
+                    (b, None, Some(ps))
+                } else {
+                    continue;
+                };
+            let Some(board) = self.get(board) else {
+                continue;
+            };
+            let mut b = board.lock();
+            let mut added = false;
+            if let Some(p) = player {
+                if !b.watched.contains_key(p) {
+                    b.watched.insert(Arc::from(p), None);
+                    added = true;
+                }
+            }
+            if let Some(ps) = friends {
+                if !b.friends.contains_key(&*topic) {
+                    let players = ps.into_iter().map(Arc::from).collect();
+                    let watch = super::friends::Watch {
+                        players,
+                        last: None,
+                    };
+                    b.friends.insert(topic.clone(), watch);
+                    added = true;
+                }
+            }
+            if added && b.persisted {
+                b.note_moved(0, 0);
+                let name = b.name.clone();
+                drop(b);
+                self.dirty.names.lock().insert(name);
+            }
+        }
+    }
+
     async fn update_loop(self: Arc<Self>) {
         let mut next_watcher_check = Instant::now() + WATCHER_CHECK;
         loop {
+            self.add_joined();
             let now = Instant::now();
             if now >= next_watcher_check {
                 self.check_watchers();
@@ -1226,8 +1307,20 @@ impl Boards {
         // The followed players, by board: the `board:{b}@{player}` topics this node's
         // clients subscribed to (bounded by the subscriptions, so by their budgets).
         let mut followed: HashMap<String, Vec<String>> = HashMap::new();
+        // The friends views, by board: (topic, players), checked at subscribe.
+        let mut friends: HashMap<String, Vec<super::friends::Named>> = HashMap::new();
         for (topic, count) in self.hub.topic_counts() {
             if count == 0 {
+                continue;
+            }
+            if let Some((board, players)) = crate::topic::friends_topic_parts(&topic) {
+                if crate::topic::check_friends(&topic, board, &players).is_ok() {
+                    let players = players.into_iter().map(Arc::from).collect();
+                    friends
+                        .entry(board.to_string())
+                        .or_default()
+                        .push((topic.to_string(), players));
+                }
                 continue;
             }
             if let Some((board, player)) = crate::topic::player_topic_parts(&topic) {
@@ -1257,6 +1350,22 @@ impl Boards {
                     b.note_moved(0, u64::MAX);
                     changed |= b.persisted && !b.watched.is_empty();
                 }
+                let views = friends.remove(&*b.name).unwrap_or_default();
+                if views.len() != b.friends.len()
+                    || views
+                        .iter()
+                        .any(|(t, _)| !b.friends.contains_key(t.as_str()))
+                {
+                    let mut kept = std::mem::take(&mut b.friends);
+                    for (topic, players) in views {
+                        let last = kept.remove(topic.as_str()).and_then(|w| w.last);
+                        let watch = super::friends::Watch { players, last };
+                        b.friends.insert(Arc::from(topic), watch);
+                    }
+                    // New views get their ranking now.
+                    b.note_moved(0, u64::MAX);
+                    changed |= b.persisted && !b.friends.is_empty();
+                }
                 (b.name.clone(), changed)
             };
             if changed {
@@ -1272,7 +1381,9 @@ impl Boards {
             let mut b = board.lock();
             b.version = (b.version + 1).max(b.next_seq);
             b.last_published = Some(Instant::now());
-            let windows = player_windows(&mut b);
+            let moved = b.moved;
+            let mut windows = player_windows(&mut b);
+            windows.extend(friend_views(&mut b, moved));
             let top = if std::mem::take(&mut b.top_dirty) {
                 Some(self.snapshot(&mut b))
             } else {
@@ -1686,6 +1797,40 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             *last = Some(hash);
             out.push((crate::topic::player_topic(&b.name, &player), json));
         }
+    }
+    out
+}
+
+/// The friends views of `b` that changed since they were last published, as (topic,
+/// data): only those whose players may have moved are recomputed (`friends.rs`).
+fn friend_views(b: &mut Board, moved: Option<(u64, u64)>) -> Vec<(String, Vec<u8>)> {
+    use super::friends::{content_hash, entries, may_have_changed, View};
+    let Some(moved) = moved else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (topic, w) in b.friends.iter_mut() {
+        if !may_have_changed(w, &b.ranking, moved) {
+            continue;
+        }
+        let (found, missing) = entries(&b.ranking, &w.players);
+        let hash = content_hash(&found, &missing);
+        if w.last == Some(hash) {
+            continue;
+        }
+        w.last = Some(hash);
+        let view = View::new(
+            &b.name,
+            b.ranking.tiebreak().is_some(),
+            b.version,
+            b.season.number,
+            b.ranking.len(),
+            &w.players,
+            &found,
+            missing,
+        );
+        let json = serde_json::to_vec(&view).expect("friends view serializes");
+        out.push((topic.to_string(), json));
     }
     out
 }

@@ -30,11 +30,67 @@ pub fn player_topic(board: &str, player: &str) -> String {
     format!("{BOARD_PREFIX}{board}@{player}")
 }
 
-/// The (board, player) of a `player_topic`, if `topic` is one.
+/// The (board, player) of a `player_topic`, if `topic` is one. A board name never holds
+/// `:`, so a friends view (`friends_topic`) is never taken for a followed player.
 pub fn player_topic_parts(topic: &str) -> Option<(&str, &str)> {
     let rest = topic.strip_prefix(BOARD_PREFIX)?;
     let (board, player) = rest.split_once('@')?;
-    (!board.is_empty() && !player.is_empty()).then_some((board, player))
+    (!board.is_empty() && !board.contains(':') && !player.is_empty()).then_some((board, player))
+}
+
+/// What follows the board's name in a friends view's topic, before its players.
+pub const FRIENDS_MARK: &str = ":friends@";
+
+/// Players one friends view may hold (its topic's 128 bytes bound it further).
+pub const MAX_FRIENDS: usize = 32;
+
+/// The topic of the live ranking of a set of players on a board (a "friends view"):
+/// `board:{board}:friends@{p1}@{p2}...`. A board name never holds `:` or `@`, so this
+/// is neither a board's topic nor a followed player's.
+pub fn friends_topic<S: AsRef<str>>(board: &str, players: &[S]) -> String {
+    let mut t = format!("{BOARD_PREFIX}{board}{FRIENDS_MARK}");
+    for (i, p) in players.iter().enumerate() {
+        if i > 0 {
+            t.push('@');
+        }
+        t.push_str(p.as_ref());
+    }
+    t
+}
+
+/// The (board, players) of a `friends_topic`, if `topic` is one; not checked (see
+/// [`check_friends`]).
+pub fn friends_topic_parts(topic: &str) -> Option<(&str, Vec<&str>)> {
+    let rest = topic.strip_prefix(BOARD_PREFIX)?;
+    let (board, players) = rest.split_once(FRIENDS_MARK)?;
+    Some((board, players.split('@').collect()))
+}
+
+/// Why a friends view's topic cannot be watched, if it cannot: its board name, too many
+/// players, an empty one (`@@`), or one named twice.
+pub fn check_friends(topic: &str, board: &str, players: &[&str]) -> Result<(), String> {
+    if !is_valid(topic) {
+        return Err(format!("{topic:?}: {BAD_TOPIC_MESSAGE}"));
+    }
+    if !crier_protocol::names::is_valid_board(board) {
+        return Err(format!("{topic:?}: {board:?} is not a board name"));
+    }
+    if players.len() > MAX_FRIENDS {
+        return Err(format!(
+            "{topic:?} names {} players; a friends view holds at most {MAX_FRIENDS}",
+            players.len()
+        ));
+    }
+    if players.iter().any(|p| p.is_empty()) {
+        return Err(format!(
+            "{topic:?}: an empty player name (players are separated by one @)"
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(players.len());
+    if let Some(p) = players.iter().find(|p| !seen.insert(**p)) {
+        return Err(format!("{topic:?} names {p:?} twice"));
+    }
+    Ok(())
 }
 
 /// Whether `topic` is a leaderboard's topic (`board_topic` of some board).
@@ -142,6 +198,31 @@ pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn friends_topics_parse_check_and_are_not_followed_players() {
+        let t = friends_topic("arena", &["a", "b.c", "d:e"]);
+        assert_eq!(t, "board:arena:friends@a@b.c@d:e");
+        let (board, players) = friends_topic_parts(&t).unwrap();
+        assert_eq!((board, players.clone()), ("arena", vec!["a", "b.c", "d:e"]));
+        assert!(check_friends(&t, board, &players).is_ok());
+        assert_eq!(player_topic_parts(&t), None);
+        assert_eq!(
+            player_topic_parts("board:arena@a@b"),
+            Some(("arena", "a@b"))
+        );
+        assert_eq!(friends_topic_parts("board:arena@a"), None);
+        let bad = |t: &str| {
+            let (b, p) = friends_topic_parts(t).unwrap();
+            check_friends(t, b, &p).unwrap_err()
+        };
+        assert!(bad("board:arena:friends@a@@b").contains("empty"));
+        assert!(bad("board:arena:friends@a@").contains("empty"));
+        assert!(bad("board:arena:friends@a@b@a").contains("twice"));
+        assert!(bad("board:..:friends@a").contains("board name"));
+        let many: Vec<String> = (0..=MAX_FRIENDS).map(|i| format!("{i}")).collect();
+        assert!(bad(&friends_topic("a", &many)).contains("at most"));
+    }
 
     #[test]
     fn accepts_and_rejects() {

@@ -748,6 +748,9 @@ impl Connection {
                     let since = since.as_ref();
                     let result =
                         subscribe::subscribe(hub, broker, &client, &topic, since, &ack, &who).await;
+                    if result.is_ok() {
+                        state.boards.watching(&topic);
+                    }
                     if let Err(e) = result {
                         if let Some(json) = subscribe_error(&e, id) {
                             let item = Item::control(frame::encode(frame::OP_TEXT, &json));

@@ -96,6 +96,7 @@ async fn prepare(
         };
         crate::subscribe::subscribe(&state.hub, &*state.broker, &reg.client, t, None, &ack, &who)
             .await?;
+        state.boards.watching(t);
     }
     let setup = Box::new((reg, state.clone(), grant));
     spawn_upgraded(

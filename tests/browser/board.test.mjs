@@ -262,6 +262,64 @@ test('seasons: the page shows the season and counts down to the next reset', { t
   });
 });
 
+test('?player: the followed row is pinned below the top with its neighbours, then highlighted in it, live', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    // `latest` mode, so the followed player can fall back out of the top.
+    await api(server.baseURL, 'PUT', '/api/boards/e2e-me', { top: 3, mode: 'latest' });
+    await postScores(
+      server.baseURL,
+      'e2e-me',
+      Array.from({ length: 8 }, (_, i) => ({ player: `p${i + 1}`, score: 80 - 10 * i })),
+    );
+    const page = await newPage();
+    await page.goto(`${server.baseURL}/boards/e2e-me?player=p6`);
+    await waitLive(page, 'ws');
+    await waitRows(page, 3);
+    const pinned = () =>
+      page.$$eval('#pinned-rows tr[data-player]', (trs) =>
+        trs.map((tr) => [tr.dataset.player, Number(tr.dataset.rank), tr.classList.contains('me')]),
+      );
+    const waitMe = (state, rank) =>
+      page.waitForFunction(
+        ({ state, rank }) => document.body.dataset.me === state && document.body.dataset.meRank === String(rank),
+        { state, rank },
+        { timeout: WAIT },
+      );
+    // Rank 6 of a top 3: pinned below it, with the window's rows the top does not show.
+    await waitMe('pinned', 6);
+    assert.equal(await page.isVisible('#pinned'), true);
+    assert.deepEqual(await pinned(), [
+      ['p4', 4, false],
+      ['p5', 5, false],
+      ['p6', 6, true],
+      ['p7', 7, false],
+      ['p8', 8, false],
+    ]);
+    assert.equal(await page.locator('#rows tr.me').count(), 0);
+
+    // Into the top: highlighted there, nothing pinned.
+    await postScores(server.baseURL, 'e2e-me', { player: 'p6', score: 75 });
+    await waitMe('top', 2);
+    assert.equal(await page.getAttribute('#rows tr.me', 'data-player'), 'p6');
+    assert.equal(await page.getAttribute('#rows tr.me', 'aria-current'), 'true');
+    assert.equal(await page.isVisible('#pinned'), false);
+
+    // Out again, to the bottom: pinned with the neighbours above it.
+    await postScores(server.baseURL, 'e2e-me', { player: 'p6', score: 1 });
+    await waitMe('pinned', 8);
+    assert.deepEqual(await pinned(), [
+      ['p4', 4, false],
+      ['p5', 5, false],
+      ['p7', 6, false],
+      ['p8', 7, false],
+      ['p6', 8, true],
+    ]);
+    assert.equal(await page.locator('#rows tr.me').count(), 0);
+    assert.deepEqual(page.errors, [], 'no uncaught page errors');
+    await page.context().close();
+  });
+});
+
 test('index: / lists the boards and links to them', { timeout: 60_000 }, async () => {
   await withServer(async (server) => {
     await postScores(server.baseURL, 'e2e-index', seed.slice(0, 2));

@@ -102,6 +102,8 @@ async function clientPage(proxy, options, topics) {
               epoch: meta.epoch,
               n: data.n,
               top: data.top?.[0]?.score,
+              rank: data.entry?.rank,
+              score: data.entry?.score,
               replayed: meta.replayed,
             }),
           onReset: (info) => window.resets.push({ topic, ...info }),
@@ -262,6 +264,46 @@ test('a leaderboard (state topic): the resume brings the newest snapshot, no res
     assert.equal(recovered.length, 1, JSON.stringify(recovered));
     const offsets = log.map((e) => e.offset);
     assert.deepEqual(offsets, [...new Set(offsets)].sort((a, b) => a - b), 'offsets rise, none twice');
+    assert.deepEqual(page.errors, []);
+    await page.context().close();
+  });
+});
+
+test('following a player (board:{b}@{p}): the window keeps updating after the socket is cut', { timeout: 60_000 }, async () => {
+  await withServer(async (server, proxy) => {
+    const topic = 'board:cl-follow@ann';
+    await postScores(server.baseURL, 'cl-follow', [
+      { player: 'ann', score: 10 },
+      { player: 'bob', score: 20 },
+    ]);
+    const page = await clientPage(proxy, { transport: 'ws', backoff: FAST }, [topic]);
+    const waitWindow = (rank, score) =>
+      page.waitForFunction(
+        ({ topic, rank, score }) => {
+          const last = window.log[topic].at(-1);
+          return last?.rank === rank && last?.score === score;
+        },
+        { topic, rank, score },
+        { timeout: WAIT },
+      );
+    await waitWindow(2, 10);
+    // The socket dies; scores move ann while the browser is kept out.
+    proxy.blocked = true;
+    proxy.cut();
+    await waitState(page, 'reconnecting');
+    await postScores(server.baseURL, 'cl-follow', { player: 'ann', score: 30 });
+    await postScores(server.baseURL, 'cl-follow', { player: 'bob', score: 40 });
+    proxy.blocked = false;
+    await waitState(page, 'open');
+    await waitWindow(2, 30); // the newest window, not a stale one
+    // And it keeps following on the new connection.
+    await postScores(server.baseURL, 'cl-follow', { player: 'ann', score: 50 });
+    await waitWindow(1, 50);
+    const { log, resets } = await page.evaluate((topic) => ({ log: window.log[topic], resets: window.resets }), topic);
+    assert.deepEqual(resets, [], 'resumed, no reset');
+    const offsets = log.map((e) => e.offset);
+    assert.deepEqual(offsets, [...new Set(offsets)].sort((a, b) => a - b), 'offsets rise, none twice');
+    assert.equal(await page.evaluate(() => window.crier.transport), 'ws');
     assert.deepEqual(page.errors, []);
     await page.context().close();
   });

@@ -14,6 +14,7 @@ mod binary;
 mod board_delete;
 mod board_durability;
 mod board_follow;
+mod board_friends;
 mod board_limits;
 mod board_policy;
 mod board_subscore;

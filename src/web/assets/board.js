@@ -8,6 +8,8 @@
 // Query parameters: ?transport=sse forces SSE, ?transport=ws forces WebSocket (no fallback);
 // ?token=JWT watches a private board (docs/auth.md): the token goes as the WebSocket's first
 // message, `?token=` on the SSE fallback and `Authorization: Bearer` on fetches.
+// ?player=ID follows that player (`board:{name}@{ID}`, on the same connection): their row is
+// highlighted in the top, or pinned below it with their neighbours, live.
 import { Crier } from "./crier.js";
 
 {
@@ -36,6 +38,10 @@ import { Crier } from "./crier.js";
     rows: $("#rows"),
     empty: $("#empty"),
     access: $("#access"),
+    me: $("#me"),
+    meStatus: $("#me-status"),
+    pinned: $("#pinned"),
+    pinnedRows: $("#pinned-rows"),
   };
 
   // ---- which board ------------------------------------------------------------------
@@ -55,6 +61,12 @@ import { Crier } from "./crier.js";
   const params = new URLSearchParams(location.search);
   const forced = params.get("transport"); // "sse" | "ws" | null
   const token = params.get("token") || null;
+  // The followed player: only ids a topic can carry (docs/leaderboards.md).
+  const followed = (() => {
+    const p = params.get("player");
+    if (!p || !/^[A-Za-z0-9_.:@-]{1,128}$/.test(p) || (topic + "@" + p).length > 128) return null;
+    return p;
+  })();
   const reduceMotion = window.matchMedia && matchMedia("(prefers-reduced-motion: reduce)").matches;
 
   // ---- connection status -------------------------------------------------------------
@@ -148,6 +160,7 @@ import { Crier } from "./crier.js";
       setText(tr.cells[2], fmt(entry.score));
       tr.dataset.rank = fmt(entry.rank);
       tr.dataset.score = fmt(entry.score);
+      markMe(tr, player);
       // Put the row in place without touching rows that already are.
       if (tr === cursor) {
         cursor = cursor.nextElementSibling;
@@ -210,6 +223,70 @@ import { Crier } from "./crier.js";
     shownTop = top;
     everRendered = true;
     document.body.dataset.version = String(data.version);
+    renderMe();
+  }
+
+  // ---- the followed player (?player=ID) ---------------------------------------------------
+  // Its window (`board:{name}@{ID}`: entry and neighbours) comes on its own topic; the row is
+  // highlighted where the top shows it, else the window's rows below the top are pinned
+  // under the table. `body[data-me]`: waiting | top | pinned | none (no score this season).
+  let shownWindow = null;
+  let windowVersion = -Infinity;
+
+  function markMe(tr, player) {
+    const me = followed !== null && player === followed;
+    tr.classList.toggle("me", me);
+    if (me) tr.setAttribute("aria-current", "true");
+    else tr.removeAttribute("aria-current");
+  }
+
+  function renderMe() {
+    if (followed === null) return;
+    el.me.hidden = false;
+    const inTop = shownTop.find((e) => String(e.player) === followed);
+    let state;
+    const rows = [];
+    if (inTop) {
+      state = "top";
+      setText(el.meStatus, `${displayName(inTop)} is #${fmt(inTop.rank)}, in the top ${shownTop.length}.`);
+    } else if (!shownWindow) {
+      state = "waiting";
+      setText(el.meStatus, `Looking for ${followed}…`);
+    } else if (!shownWindow.entry) {
+      state = "none";
+      setText(el.meStatus, `${followed} has no score this season yet.`);
+    } else {
+      state = "pinned";
+      setText(el.meStatus, "");
+      // The window's rows the top does not show already.
+      for (const e of shownWindow.around) if (Number(e.rank) > shownTop.length) rows.push(e);
+    }
+    const trs = rows.map((e) => {
+      const player = String(e.player);
+      const tr = makeRow(player);
+      setText(tr.cells[0], fmt(e.rank));
+      setText(tr.cells[1], displayName(e));
+      setText(tr.cells[2], fmt(e.score));
+      tr.dataset.rank = fmt(e.rank);
+      tr.dataset.score = fmt(e.score);
+      markMe(tr, player);
+      return tr;
+    });
+    el.pinnedRows.replaceChildren(...trs);
+    el.pinned.hidden = trs.length === 0;
+    document.body.dataset.me = state;
+    const rank = inTop ? inTop.rank : shownWindow && shownWindow.entry ? shownWindow.entry.rank : "";
+    document.body.dataset.meRank = fmt(rank === "" ? undefined : rank);
+  }
+
+  // One window update: the same version rules as the board's updates.
+  function onWindow(data, first) {
+    if (!data || typeof data !== "object" || !Array.isArray(data.around)) return;
+    const v = Number(data.version);
+    if (!Number.isFinite(v) || (v <= windowVersion && !first)) return;
+    windowVersion = v;
+    shownWindow = data;
+    renderMe();
   }
 
   function updateCounts(data) {
@@ -353,6 +430,19 @@ import { Crier } from "./crier.js";
         takeAsIs = true;
       },
     });
+    if (followed !== null) {
+      renderMe();
+      let windowAsIs = true;
+      crier.subscribe(topic + "@" + followed, {
+        onMessage(data) {
+          onWindow(data, windowAsIs);
+          windowAsIs = false;
+        },
+        onReset() {
+          windowAsIs = true;
+        },
+      });
+    }
     window.addEventListener("offline", () => {
       if (crier.state !== "open") setStatus("offline", "no network", crier.transport);
     });

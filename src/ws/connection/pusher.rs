@@ -228,6 +228,9 @@ impl Connection {
             let ack = |_: &_| (!presence).then(|| succeeded("{}"));
             let (hub, broker) = (&state.hub, &*state.broker);
             let result = subscribe::subscribe(hub, broker, &client, &topic, None, &ack, &who).await;
+            if result.is_ok() {
+                state.boards.watching(&topic);
+            }
             // Nothing was ever published (or it is gone with the topic): the retained
             // event a cache channel would give does not exist.
             if cache && result.as_ref().is_ok_and(|s| s.position.offset == 0) {
