@@ -193,6 +193,13 @@ impl Server {
         if let Some(tls) = &tls {
             tls.spawn_watcher(state.shutdown.clone());
         }
+        // Shutdown reaches every subscriber through its queue (connections keep no
+        // shutdown waiter of their own): also when the server is dropped, not shut down.
+        let (clients, shutdown) = (state.clients.clone(), state.shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            clients.close_all(DisconnectReason::Shutdown);
+        });
         let scheme = if tls.is_some() { "https" } else { "http" };
         let accept = tokio::spawn(accept_loop(listener, state.clone(), tls));
         tracing::info!("listening on {scheme}://{addr}");
@@ -213,6 +220,7 @@ impl Server {
             let _ = accept.await;
         }
         state.hub.close_all(DisconnectReason::Shutdown);
+        state.clients.close_all(DisconnectReason::Shutdown);
         state.tracker.close();
         if tokio::time::timeout(state.cfg.drain_timeout, state.tracker.wait())
             .await

@@ -3,9 +3,10 @@
 //! unconditional.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use prometheus_client::metrics::gauge::Gauge;
+use parking_lot::Mutex;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,7 +50,56 @@ pub struct AppState {
     pub durable_files: Vec<(&'static str, crate::redb_file::WeakRedbFile)>,
     /// One backup at a time: each keeps a copy of its file on disk until it is sent.
     pub backup_slot: Arc<tokio::sync::Semaphore>,
+    /// Every subscriber on this node, so shutdown reaches each through its own queue's
+    /// wake-up (a connection keeps no shutdown waiter of its own).
+    pub clients: Arc<Clients>,
     connections: AtomicUsize,
+}
+
+/// The node's subscribers, by slot: one pointer each (docs/BENCHMARKS.md, "Issue 20").
+#[derive(Default)]
+pub struct Clients {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    clients: Vec<Option<Weak<Client>>>,
+    free: Vec<u32>,
+}
+
+impl Clients {
+    fn insert(&self, client: &Arc<Client>) -> u32 {
+        let mut s = self.slots.lock();
+        let weak = Some(Arc::downgrade(client));
+        if let Some(i) = s.free.pop() {
+            s.clients[i as usize] = weak;
+            i
+        } else {
+            s.clients.push(weak);
+            u32::try_from(s.clients.len() - 1).expect("fewer than 2^32 connections")
+        }
+    }
+
+    fn remove(&self, slot: u32) {
+        let mut s = self.slots.lock();
+        s.clients[slot as usize] = None;
+        s.free.push(slot);
+    }
+
+    /// Closes every subscriber with `reason`: each drains its queue, then ends.
+    pub fn close_all(&self, reason: crate::close::DisconnectReason) {
+        let all: Vec<Arc<Client>> = self
+            .slots
+            .lock()
+            .clients
+            .iter()
+            .filter_map(|w| w.as_ref()?.upgrade())
+            .collect();
+        for client in all {
+            client.close(reason);
+        }
+    }
 }
 
 impl AppState {
@@ -78,6 +128,7 @@ impl AppState {
             pusher: Arc::default(),
             durable_files: Vec::new(),
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            clients: Arc::default(),
             connections: AtomicUsize::new(0),
         }
     }
@@ -136,11 +187,12 @@ impl AppState {
 pub struct Registration {
     pub client: Arc<Client>,
     state: Arc<AppState>,
-    gauge: Gauge,
     /// The TCP connection's share of the per-IP and socket limits, kept until the
     /// subscriber ends (after the `Drop` below has unsubscribed it): an upgraded WebSocket
     /// no longer has an HTTP connection task holding it.
     _slot: Option<Arc<ConnSlot>>,
+    /// Its place in `AppState::clients`.
+    place: u32,
 }
 
 impl Registration {
@@ -165,14 +217,21 @@ impl Registration {
                 format!("this node already holds its maximum of {max} connections"),
             ));
         }
-        let gauge = state.metrics.connections(transport);
-        gauge.inc();
-        Ok(Registration {
-            client: Arc::new(Client::new(transport, state.cfg.queue_max_bytes)),
+        state.metrics.connections(transport).inc();
+        let client = Arc::new(Client::new(transport, state.cfg.queue_max_bytes));
+        let place = state.clients.insert(&client);
+        let reg = Registration {
+            client,
             state: state.clone(),
-            gauge,
             _slot: CONN_SLOT.try_with(Arc::clone).ok(),
-        })
+            place,
+        };
+        // Checked again once it is in `clients`: a shutdown that began in between has
+        // (or will have) closed it through there, or is seen here.
+        if state.shutdown.is_cancelled() {
+            reg.client.close(crate::close::DisconnectReason::Shutdown);
+        }
+        Ok(reg)
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -183,7 +242,10 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         crate::subscribe::remove_client(&self.state.hub, &*self.state.broker, &self.client);
-        self.gauge.dec();
+        // Looked up again rather than kept: one pointer less per connection.
+        let transport = self.client.transport;
+        self.state.metrics.connections(transport).dec();
         self.state.connections.fetch_sub(1, Ordering::AcqRel);
+        self.state.clients.remove(self.place);
     }
 }

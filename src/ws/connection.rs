@@ -69,9 +69,10 @@ fn command_rate(state: &AppState) -> Rate {
         burst: 2.0 * per_second,
     }
 }
-
-/// The connection's task. Not an `async fn`: its arguments would keep their own room in
-/// the future beside the `Connection` they are moved into, for the connection's whole life.
+/// The connection's task. Not an `async fn`: the future is the `Task` below, written out
+/// by hand so that an idle connection's task holds exactly its fields (an `async` state
+/// machine kept the arguments, the loop's locals and a shutdown waiter beside them; see
+/// docs/BENCHMARKS.md, "Issue 20").
 pub fn run(
     stream: WsStream,
     leftover: Bytes,
@@ -82,27 +83,26 @@ pub fn run(
     pusher: Option<Box<PusherSession>>,
 ) -> impl Future<Output = ()> + Send {
     let now = Instant::now();
+    let next_ping = now + state.cfg.ping_interval;
+    // `reg` holds the same state: one pointer to it is enough.
+    debug_assert!(Arc::ptr_eq(reg.state(), &state));
     let mut conn = Connection {
         stream,
         decoder: None,
-        out: VecDeque::new(),
-        out_bytes: 0,
-        batch_started: None,
-        pending_pong: None,
-        pongs_in_out: 0,
-        batch: Batch::default(),
-        front_partial: false,
+        busy: None,
         closing: None,
         peer_closed: false,
         broken: false,
         mode,
         commands: TokenBucket::full(command_rate(&state), now),
         reg,
-        state,
+        next_ping: Tick::new(next_ping),
+        pong_deadline: None,
         chain: None,
         authed: grant.map(Authed::new),
         pusher,
     };
+    drop(state);
     if !leftover.is_empty() {
         conn.decoder()
             .buffer_mut(leftover.len())
@@ -111,24 +111,90 @@ pub fn run(
     // `leftover` shares hyper's whole read buffer (8 KiB+): holding it for the
     // connection's life would double an idle connection's memory.
     drop(leftover);
-    async move {
-        let reason = conn.drive().await;
+    // Bytes that arrived with the upgrade request.
+    if conn.decoder.as_ref().is_some_and(|d| d.buffered() > 0) {
+        conn.process_input();
+    }
+    Task {
+        conn,
+        timer: tokio::time::sleep_until(next_ping.into()),
+    }
+}
+
+/// The connection's future: the connection and its one timer (the earliest of its
+/// deadlines: next ping, pong, write, close grace, token expiry).
+struct Task {
+    conn: Connection,
+    timer: tokio::time::Sleep,
+}
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        // SAFETY: `timer` is never moved out of the pinned `Task` (it is only reached
+        // through this pinned reference), and `conn` is not structurally pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let timer = unsafe { std::pin::Pin::new_unchecked(&mut this.timer) };
+        let conn = &mut this.conn;
+        let Poll::Ready(reason) = conn.poll_drive(timer, cx) else {
+            return Poll::Pending;
+        };
         conn.reg.client.set_held(0);
         let transport = conn.reg.client.transport;
-        conn.state.metrics.record_disconnect(transport, reason);
+        conn.reg
+            .state()
+            .metrics
+            .record_disconnect(transport, reason);
         tracing::debug!(
             client = conn.reg.client.id,
             reason = reason.label(),
             "websocket closed"
         );
+        Poll::Ready(())
     }
 }
 
+/// What an idle connection keeps: every field here is paid 10,000 times over at 10,000
+/// idle connections, so what only matters while writing (or closing) is in `Busy`,
+/// allocated then and freed once the task goes back to waiting with nothing in flight.
 struct Connection {
     stream: WsStream,
     /// Made when bytes arrive, dropped when they are all parsed and no message is in
     /// progress: an idle connection's future carries a pointer, not a decoder.
     decoder: Option<Box<Decoder>>,
+    /// The writing side while it has something in flight (see `Busy`).
+    busy: Option<Box<Busy>>,
+    /// Set once our close frame is queued in `out`.
+    closing: Option<DisconnectReason>,
+    /// The peer's close frame was read, or it is no longer waited for (a framing error, or
+    /// frames over the budget while closing): nothing more is read.
+    peer_closed: bool,
+    /// A framing error was seen: only the peer's close frame is still of interest.
+    broken: bool,
+    mode: Mode,
+    /// Every frame the client sends takes a token (`command_rate`).
+    commands: TokenBucket,
+    reg: Registration,
+    /// When the next ping goes out.
+    next_ping: Tick,
+    /// The oldest unanswered ping must be answered by then (any input counts).
+    pong_deadline: Option<Tick>,
+    /// The latest topic command that had to wait (a subscribe under Redis waits for it): each
+    /// next one awaits it first, so a connection's commands on topics take effect, and are
+    /// answered, in the order they were sent.
+    chain: Option<tokio::task::JoinHandle<()>>,
+    /// The verified token (handshake, `auth` or `refresh`). Boxed: most connections have
+    /// none, and an idle connection's size is what 10k of them cost (docs/BENCHMARKS.md).
+    authed: Option<Box<Authed>>,
+    /// A Pusher protocol connection's app and state (`Mode::Pusher`); boxed for the same
+    /// reason as `authed`.
+    pusher: Option<Box<PusherSession>>,
+}
+
+/// The writing side of a connection while frames are in flight or a close is under way.
+#[derive(Default)]
+struct Busy {
     /// Whole frames being written; the first may be partly written already.
     out: VecDeque<Bytes>,
     /// Bytes in `out` not yet written.
@@ -144,34 +210,35 @@ struct Connection {
     batch: Batch,
     /// The front frame of `out` is partly written: it must finish before anything else.
     front_partial: bool,
-    /// Set once our close frame is queued in `out`.
-    closing: Option<DisconnectReason>,
-    /// The peer's close frame was read, or it is no longer waited for (a framing error, or
-    /// frames over the budget while closing): nothing more is read.
-    peer_closed: bool,
-    /// A framing error was seen: only the peer's close frame is still of interest.
-    broken: bool,
-    mode: Mode,
-    /// Every frame the client sends takes a token (`command_rate`).
-    commands: TokenBucket,
-    reg: Registration,
-    state: Arc<AppState>,
-    /// The latest topic command that had to wait (a subscribe under Redis waits for it): each
-    /// next one awaits it first, so a connection's commands on topics take effect, and are
-    /// answered, in the order they were sent.
-    chain: Option<tokio::task::JoinHandle<()>>,
-    /// The verified token (handshake, `auth` or `refresh`). Boxed: most connections have
-    /// none, and an idle connection's size is what 10k of them cost (docs/BENCHMARKS.md).
-    authed: Option<Box<Authed>>,
-    /// A Pusher protocol connection's app and state (`Mode::Pusher`); boxed for the same
-    /// reason as `authed`.
-    pusher: Option<Box<PusherSession>>,
+    /// Once our close is written: the peer's close is awaited until then.
+    close_deadline: Option<Instant>,
+}
+
+/// An instant in 8 bytes where an `Instant` takes 16 (and `Option<Tick>` still 8): time
+/// since a process-wide origin, in nanoseconds plus one. Every idle connection keeps two.
+#[derive(Clone, Copy)]
+struct Tick(std::num::NonZeroU64);
+
+impl Tick {
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    fn new(at: Instant) -> Tick {
+        let nanos = at.saturating_duration_since(Tick::origin()).as_nanos();
+        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX - 1);
+        Tick(std::num::NonZeroU64::MIN.saturating_add(nanos))
+    }
+
+    fn instant(self) -> Instant {
+        Tick::origin() + std::time::Duration::from_nanos(self.0.get() - 1)
+    }
 }
 
 /// What woke the connection's task.
 enum Wake {
     Timer,
-    Shutdown,
     Queue,
     Writable(io::Result<()>),
     Readable(io::Result<()>),
@@ -194,51 +261,54 @@ impl Authed {
 }
 
 impl Connection {
-    async fn drive(&mut self) -> DisconnectReason {
-        let cfg = &self.state.cfg;
-        let shutdown = self.state.shutdown.clone();
+    fn state(&self) -> &Arc<AppState> {
+        self.reg.state()
+    }
+
+    /// The writing side, made on first use.
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    fn out_is_empty(&self) -> bool {
+        self.busy.as_ref().is_none_or(|b| b.out.is_empty())
+    }
+
+    /// Drives the connection until it ends. Shutdown needs no waiter of its own here: it
+    /// closes every client (`state::Clients`), which wakes this task through its queue.
+    fn poll_drive(
+        &mut self,
+        mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<DisconnectReason> {
         let client = self.reg.client.clone();
         let budget = client.budget();
-        let mut next_ping = Instant::now() + cfg.ping_interval;
-        let mut pong_deadline: Option<Instant> = None;
-        let mut close_deadline: Option<Instant> = None;
-        let timer = tokio::time::sleep_until(next_ping.into());
-        tokio::pin!(timer);
-        // Re-arming a timer touches the runtime's timer wheel: only do it when the
-        // deadline actually moves, not on every wake-up.
-        let mut armed = next_ping;
-        let mut shutdown_seen = false;
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-
-        // Bytes that arrived with the upgrade request.
-        if self.decoder.as_ref().is_some_and(|d| d.buffered() > 0) {
-            self.process_input();
-        }
         loop {
             // Write what can go now; when a batch drains, look at the queue again before
             // sleeping (in a burst the next publications are already there). Bounded so a
             // busy connection still gets to its reads and timers.
             for _ in 0..8 {
-                if self.out.is_empty() && self.closing.is_none() {
+                if self.out_is_empty() && self.closing.is_none() {
                     self.refill();
                 }
-                if self.out.is_empty() {
+                if self.out_is_empty() {
                     break;
                 }
                 if self.flush().is_err() {
-                    return self.closing.unwrap_or(DisconnectReason::Normal);
+                    return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
                 }
-                if !self.out.is_empty() || self.closing.is_some() {
+                if !self.out_is_empty() || self.closing.is_some() {
                     break;
                 }
             }
             if let Some(reason) = self.closing {
-                if self.out.is_empty() {
+                if self.out_is_empty() {
                     if self.peer_closed || reason.peer_is_gone() || reason.stops_reading() {
-                        return reason;
+                        return Poll::Ready(reason);
                     }
-                    close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
+                    self.busy()
+                        .close_deadline
+                        .get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
                 }
             }
             let held = self.held();
@@ -247,24 +317,28 @@ impl Connection {
             // Deadlines are checked here, on every wake-up, not only when the timer wins
             // the select below: a socket that is always readable must not starve them.
             let now = Instant::now();
+            let cfg = &self.reg.state().cfg;
+            let busy = self.busy.as_deref();
+            let close_deadline = busy.and_then(|b| b.close_deadline);
             // While closing, a stuck write only delays the inevitable: give it CLOSE_GRACE.
-            let write_deadline = self.batch_started.map(|t| {
+            let write_deadline = busy.and_then(|b| b.batch_started).map(|t| {
                 t + if self.closing.is_some() {
-                    self.state.cfg.write_timeout.min(CLOSE_GRACE)
+                    cfg.write_timeout.min(CLOSE_GRACE)
                 } else {
-                    self.state.cfg.write_timeout
+                    cfg.write_timeout
                 }
             });
             if close_deadline.is_some_and(|d| now >= d) {
-                return self.closing.unwrap_or(DisconnectReason::Normal);
+                return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
             }
             if write_deadline.is_some_and(|d| now >= d) {
-                return self.closing.unwrap_or(DisconnectReason::WriteTimeout);
+                return Poll::Ready(self.closing.unwrap_or(DisconnectReason::WriteTimeout));
             }
+            let pong_deadline = self.pong_deadline.map(Tick::instant);
             if pong_deadline.is_some_and(|d| now >= d) {
                 self.begin_close(DisconnectReason::NoPong);
                 let _ = self.flush();
-                return DisconnectReason::NoPong;
+                return Poll::Ready(DisconnectReason::NoPong);
             }
             let token_deadline = self.authed.as_ref().map(|a| a.deadline);
             if self.closing.is_none() && token_deadline.is_some_and(|d| now >= d) {
@@ -272,12 +346,15 @@ impl Connection {
                 self.begin_close(DisconnectReason::TokenExpired);
                 continue;
             }
+            let next_ping = self.next_ping.instant();
             if now >= next_ping {
+                let (ping_interval, pong_timeout) = (cfg.ping_interval, cfg.pong_timeout);
                 if self.closing.is_none() {
                     self.push_out(frame::encode(frame::OP_PING, b""), now);
-                    pong_deadline.get_or_insert(now + self.state.cfg.pong_timeout);
+                    self.pong_deadline
+                        .get_or_insert(Tick::new(now + pong_timeout));
                 }
-                next_ping = now + self.state.cfg.ping_interval;
+                self.next_ping = Tick::new(now + ping_interval);
                 continue;
             }
 
@@ -296,9 +373,10 @@ impl Connection {
             {
                 deadline = deadline.min(d);
             }
-            if deadline != armed {
+            // Re-arming a timer touches the runtime's timer wheel: only do it when the
+            // deadline actually moves, not on every wake-up.
+            if timer.deadline() != deadline.into() {
                 timer.as_mut().reset(deadline.into());
-                armed = deadline;
             }
             // Back-pressure: while what waits to go out (plus one more read) would not fit
             // the budget, stop reading; the client's own commands then pile up in its
@@ -315,42 +393,44 @@ impl Connection {
 
             // One poll over everything the task waits on. Readiness and the queue keep
             // their wakers in the socket's registration and the client: only the timer
-            // and the shutdown signal take room in this future.
-            let want_write = !self.out.is_empty() || self.stream.pending_write();
+            // takes room in this future.
+            let want_write = !self.out_is_empty() || self.stream.pending_write();
             let open = self.closing.is_none();
-            let stream = &self.stream;
-            let woke = std::future::poll_fn(|cx| {
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Timer);
+            let woke = if timer.as_mut().poll(cx).is_ready() {
+                Wake::Timer
+            } else if open && client.poll_notified(cx).is_ready() {
+                Wake::Queue
+            } else if let Some(r) = want_write
+                .then(|| self.stream.poll_write_ready(cx))
+                .and_then(|p| match p {
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => None,
+                })
+            {
+                Wake::Writable(r)
+            } else if let Some(r) =
+                want_read
+                    .then(|| self.stream.poll_read_ready(cx))
+                    .and_then(|p| match p {
+                        Poll::Ready(r) => Some(r),
+                        Poll::Pending => None,
+                    })
+            {
+                Wake::Readable(r)
+            } else {
+                // Going back to waiting: nothing in flight keeps no writing side.
+                if self.busy.as_ref().is_some_and(|b| {
+                    b.out.is_empty() && b.pending_pong.is_none() && self.closing.is_none()
+                }) {
+                    self.busy = None;
                 }
-                if !shutdown_seen && open && cancelled.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Shutdown);
-                }
-                if open && client.poll_notified(cx).is_ready() {
-                    return Poll::Ready(Wake::Queue);
-                }
-                if want_write {
-                    if let Poll::Ready(r) = stream.poll_write_ready(cx) {
-                        return Poll::Ready(Wake::Writable(r));
-                    }
-                }
-                if want_read {
-                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
-                        return Poll::Ready(Wake::Readable(r));
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
+                return Poll::Pending;
+            };
             match woke {
                 Wake::Timer => {}
-                Wake::Shutdown => {
-                    // The queue drains first, then `refill` sees Closed(Shutdown) and closes.
-                    shutdown_seen = true;
-                    client.close(DisconnectReason::Shutdown);
-                }
                 Wake::Queue => {
-                    // A close (slow consumer) must not wait behind a stuck write.
+                    // A close (slow consumer) must not wait behind a stuck write. Shutdown
+                    // waits: the queue drains first, then `refill` sees Closed(Shutdown).
                     if let Some(reason) =
                         client.closed().filter(|r| *r != DisconnectReason::Shutdown)
                     {
@@ -359,39 +439,41 @@ impl Connection {
                 }
                 Wake::Writable(r) => {
                     if r.is_err() {
-                        return self.closing.unwrap_or(DisconnectReason::Normal);
+                        return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
                     }
                     // TLS records of frames already taken from `out` (none for plain TCP).
                     match self.stream.flush_pending() {
                         Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
-                            return self.closing.unwrap_or(DisconnectReason::Normal);
+                            return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
                         }
                         _ => {}
                     }
                 }
                 Wake::Readable(r) => {
                     if r.is_err() {
-                        return self.closing.unwrap_or(DisconnectReason::Normal);
+                        return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
                     }
-                    match self.read() {
-                        Ok(got) => {
-                            if got > 0 {
-                                pong_deadline = None;
-                                self.process_input();
-                                // Before any answer to this input goes out, so a peer that
-                                // sees the answer knows its bytes are counted.
-                                client.set_held(self.held());
-                            }
-                            if got == READ_CHUNK * READS_PER_WAKE {
-                                // The socket has more: let other tasks on this worker run
-                                // before the next round, or a flood would hold the thread.
-                                tokio::task::yield_now().await;
-                            }
+                    let got = match self.read() {
+                        Ok(got) => got,
+                        Err(_) => {
+                            return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal))
                         }
-                        Err(_) => return self.closing.unwrap_or(DisconnectReason::Normal),
+                    };
+                    if got > 0 {
+                        self.pong_deadline = None;
+                        self.process_input();
+                        // Before any answer to this input goes out, so a peer that sees
+                        // the answer knows its bytes are counted.
+                        client.set_held(self.held());
                     }
-                    if self.peer_closed && self.closing.is_some() && self.out.is_empty() {
-                        return self.closing.unwrap_or(DisconnectReason::Normal);
+                    if self.peer_closed && self.closing.is_some() && self.out_is_empty() {
+                        return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
+                    }
+                    if got == READ_CHUNK * READS_PER_WAKE {
+                        // The socket has more: let other tasks on this worker run before
+                        // the next round, or a flood would hold the thread.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
                 }
             }
@@ -400,7 +482,9 @@ impl Connection {
 
     /// What this task holds for the client outside its queue.
     fn held(&self) -> usize {
-        self.out_bytes + self.pending_pong.as_ref().map_or(0, Bytes::len) + self.decoder_held()
+        self.busy.as_ref().map_or(0, |b| {
+            b.out_bytes + b.pending_pong.as_ref().map_or(0, Bytes::len)
+        }) + self.decoder_held()
     }
 
     /// The decoder, made on first use: control-frame sized once the input was found
@@ -410,7 +494,7 @@ impl Connection {
             let d = if self.broken {
                 Decoder::new(Role::Server, 125).with_max_fragments(1)
             } else {
-                let cfg = &self.state.cfg;
+                let cfg = &self.state().cfg;
                 Decoder::new(Role::Server, cfg.max_message_bytes)
                     .with_max_fragments(cfg.max_fragments_per_message)
             };
@@ -426,31 +510,36 @@ impl Connection {
 
     /// Appends a whole frame to `out`, starting the write clock if `out` was idle.
     fn push_out(&mut self, frame: Bytes, now: Instant) {
-        if self.out.is_empty() {
-            self.batch_started = Some(now);
+        let busy = self.busy();
+        if busy.out.is_empty() {
+            busy.batch_started = Some(now);
         }
-        self.out_bytes += frame.len();
-        self.out.push_back(frame);
+        busy.out_bytes += frame.len();
+        busy.out.push_back(frame);
     }
 
     /// Moves queued frames into `out` (a pending pong first); a closed queue turns into
-    /// our close frame.
+    /// our close frame. Makes no writing side for an empty queue.
     fn refill(&mut self) {
         let now = Instant::now();
-        if let Some(pong) = self.pending_pong.take() {
-            self.pongs_in_out += 1;
+        if let Some(pong) = self.busy.as_mut().and_then(|b| b.pending_pong.take()) {
+            self.busy().pongs_in_out += 1;
             self.push_out(pong, now);
         }
-        let (out, batch, out_bytes) = (&mut self.out, &mut self.batch, &mut self.out_bytes);
-        let was_empty = out.is_empty();
-        let taken = self.reg.client.take_each(BATCH_BYTES, BATCH_ITEMS, |item| {
+        let client = &self.reg.client;
+        let busy = &mut self.busy;
+        let was_empty = busy.as_ref().is_none_or(|b| b.out.is_empty());
+        let taken = client.take_each(BATCH_BYTES, BATCH_ITEMS, |item| {
+            let b = busy.get_or_insert_with(Box::default);
             // The shared bytes themselves go to `writev`: no copy per client.
-            let bytes = batch.add(item);
-            *out_bytes += bytes.len();
-            out.push_back(bytes);
+            let bytes = b.batch.add(item);
+            b.out_bytes += bytes.len();
+            b.out.push_back(bytes);
         });
-        if was_empty && !self.out.is_empty() {
-            self.batch_started = Some(now);
+        if let Some(b) = self.busy.as_mut() {
+            if was_empty && !b.out.is_empty() {
+                b.batch_started = Some(now);
+            }
         }
         if let Taken::Closed(reason) = taken {
             self.begin_close(reason);
@@ -463,48 +552,52 @@ impl Connection {
         }
         self.closing = Some(reason);
         self.reg.client.close(reason);
-        self.pending_pong = None;
-        if reason == DisconnectReason::SlowConsumer {
-            // It is not reading: drop the in-flight batch too, keeping only a partly
-            // written frame so the close frame still lands on a frame boundary.
-            self.out.truncate(usize::from(self.front_partial));
-            self.out_bytes = self.out.iter().map(Bytes::len).sum();
-        }
         let code = match self.mode {
             Mode::Pusher => pusher::close_code(reason),
             _ => reason.code(),
         };
+        let busy = self.busy();
+        busy.pending_pong = None;
+        if reason == DisconnectReason::SlowConsumer {
+            // It is not reading: drop the in-flight batch too, keeping only a partly
+            // written frame so the close frame still lands on a frame boundary.
+            busy.out.truncate(usize::from(busy.front_partial));
+            busy.out_bytes = busy.out.iter().map(Bytes::len).sum();
+        }
         let payload = frame::close_payload(code, reason.label());
         let close = frame::encode(frame::OP_CLOSE, &payload);
         // The closing write gets its own (shorter) deadline, counted from now.
-        self.batch_started = Some(Instant::now());
-        self.out_bytes += close.len();
-        self.out.push_back(close);
+        busy.batch_started = Some(Instant::now());
+        busy.out_bytes += close.len();
+        busy.out.push_back(close);
     }
 
     /// Writes as much of `out` as the socket takes now.
     fn flush(&mut self) -> io::Result<()> {
-        while !self.out.is_empty() {
+        let Some(busy) = self.busy.as_deref_mut() else {
+            return Ok(());
+        };
+        while !busy.out.is_empty() {
             let mut slices = [IoSlice::new(&[]); IOV];
-            let n = self.out.len().min(IOV);
-            for (slot, b) in slices.iter_mut().zip(self.out.iter()) {
+            let n = busy.out.len().min(IOV);
+            for (slot, b) in slices.iter_mut().zip(busy.out.iter()) {
                 *slot = IoSlice::new(b);
             }
             match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
-                    self.batch.wrote(written);
-                    self.out_bytes -= written;
+                    busy.batch.wrote(written);
+                    busy.out_bytes -= written;
                     while written > 0 {
-                        let front = self.out.front_mut().expect("wrote more than queued");
+                        let front = busy.out.front_mut().expect("wrote more than queued");
                         if written >= front.len() {
                             written -= front.len();
-                            self.out.pop_front();
-                            self.front_partial = false;
+                            busy.out.pop_front();
+                            busy.front_partial = false;
                         } else {
                             front.advance(written);
                             written = 0;
-                            self.front_partial = true;
+                            busy.front_partial = true;
                         }
                     }
                 }
@@ -512,13 +605,13 @@ impl Connection {
                 Err(e) => return Err(e),
             }
         }
-        if self.out.is_empty() {
-            self.batch_started = None;
-            self.pongs_in_out = 0;
-            self.batch
-                .report(&self.state.metrics, self.reg.client.transport);
+        if busy.out.is_empty() {
+            busy.batch_started = None;
+            busy.pongs_in_out = 0;
+            busy.batch
+                .report(&self.reg.state().metrics, self.reg.client.transport);
             // An idle connection keeps no batch buffer.
-            self.out = VecDeque::new();
+            busy.out = VecDeque::new();
         }
         Ok(())
     }
@@ -588,7 +681,7 @@ impl Connection {
             };
             // Every other frame costs a token, whatever it carries: an empty continuation
             // or an unsolicited pong costs a decode like a command does.
-            if !self.commands.take(command_rate(&self.state), now) {
+            if !self.commands.take(command_rate(self.reg.state()), now) {
                 if self.closing.is_some() {
                     // Frames past the budget while our close waits for the peer's: stop
                     // reading instead of decoding them until the grace period ends.
@@ -634,11 +727,12 @@ impl Connection {
     /// that does not read holds at most `PONGS_PER_BATCH + 1` of them.
     fn pong(&mut self, payload: &[u8], now: Instant) {
         let pong = frame::encode(frame::OP_PONG, payload);
-        if self.pongs_in_out < PONGS_PER_BATCH {
-            self.pongs_in_out += 1;
+        let busy = self.busy();
+        if busy.pongs_in_out < PONGS_PER_BATCH {
+            busy.pongs_in_out += 1;
             self.push_out(pong, now);
         } else {
-            self.pending_pong = Some(pong);
+            busy.pending_pong = Some(pong);
         }
     }
 
@@ -647,7 +741,7 @@ impl Connection {
     fn too_many_commands(&mut self) {
         // Replies to the commands that were within the limit go out first.
         self.refill();
-        let rate = self.state.cfg.max_commands_per_second;
+        let rate = self.reg.state().cfg.max_commands_per_second;
         let msg = format!(
             "more than {rate} frames per second (max_commands_per_second: commands, pings, \
              pongs and fragments all count)"
@@ -666,7 +760,7 @@ impl Connection {
 
     fn echo(&mut self, opcode: u8, data: &[u8]) {
         let item = Item::control(frame::encode(opcode, data));
-        self.reg.client.push(item, &self.state.metrics);
+        self.reg.client.push(item, &self.reg.state().metrics);
     }
 
     fn command(&mut self, text: &[u8]) {
@@ -682,12 +776,12 @@ impl Connection {
             // hub and brokers never learn about tokens. Presence needs what reading the
             // topic needs.
             let grant = self.authed.as_ref().map(|a| &a.grant);
-            if let Err(e) = self.state.auth.check_read(topic, grant) {
+            if let Err(e) = self.reg.state().auth.check_read(topic, grant) {
                 self.reply(protocol::error(e.code, &e.message, id));
                 return;
             }
             if !matches!(parsed, Parsed::Subscribe(..)) {
-                if let Err(e) = crate::api::presence::check_enabled(&self.state, topic) {
+                if let Err(e) = crate::api::presence::check_enabled(self.reg.state(), topic) {
                     self.reply(protocol::error(e.code, &e.message, id));
                     return;
                 }
@@ -695,7 +789,7 @@ impl Connection {
         }
         match parsed {
             Parsed::Presence(read, id) => {
-                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
                 let id = id.map(|id| id.to_owned());
                 self.in_order(async move {
                     let page = state
@@ -716,7 +810,7 @@ impl Connection {
                 });
             }
             Parsed::PresenceStats(topic, id) => {
-                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
                 let id = id.map(|id| id.to_owned());
                 self.in_order(async move {
                     let json = match state.broker.presence_stats(&topic).await {
@@ -733,7 +827,7 @@ impl Connection {
                 });
             }
             Parsed::Subscribe(topic, since, id) => {
-                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
                 let who = crate::auth::identity(self.authed.as_ref().map(|a| &a.grant));
                 let id = id.map(|id| id.to_owned());
                 self.in_order(async move {
@@ -760,7 +854,7 @@ impl Connection {
                 });
             }
             Parsed::Unsubscribe(topic, id) => {
-                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
                 let id = id.map(|id| id.to_owned());
                 self.in_order(async move {
                     subscribe::unsubscribe(&state.hub, &*state.broker, &client, &topic);
@@ -788,7 +882,7 @@ impl Connection {
             let msg = "already authenticated: use refresh";
             return self.auth_failed(ErrorCode::BadToken, msg, id);
         }
-        match self.state.auth.verify(token) {
+        match self.reg.state().auth.verify(token) {
             Ok(grant) => {
                 self.reply(protocol::authed("authed", &grant, id));
                 self.authed = Some(Authed::new(grant));
@@ -805,7 +899,7 @@ impl Connection {
             let msg = "refresh needs a token held already: send auth first";
             return self.auth_failed(ErrorCode::BadToken, msg, id);
         };
-        let grant = match self.state.auth.verify(token) {
+        let grant = match self.reg.state().auth.verify(token) {
             Ok(g) => g,
             Err(e) => return self.token_refused(e, id),
         };
@@ -819,7 +913,7 @@ impl Connection {
         let reply = protocol::authed("refreshed", &grant, id);
         // Subscribes still in flight were allowed by the old grant: drop what the new one
         // refuses only once they have landed.
-        let (state, client) = (self.state.clone(), self.reg.client.clone());
+        let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
         let new = grant.clone();
         self.in_order(async move {
             leave_refused(&state, &client, &new);
@@ -873,7 +967,7 @@ impl Connection {
     /// Replies go through the client's queue so they stay in order with publications.
     fn reply(&self, json: Vec<u8>) {
         let item = Item::control(frame::encode(frame::OP_TEXT, &json));
-        self.reg.client.push(item, &self.state.metrics);
+        self.reg.client.push(item, &self.reg.state().metrics);
     }
 }
 
@@ -914,6 +1008,17 @@ fn subscribe_error(e: &BrokerError, id: Option<&serde_json::value::RawValue>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// tokio allocates a task as one cell (header, future, trailer: 96 bytes beside the
+    /// future) aligned to 128 bytes: a tracked connection future of at most 288 bytes
+    /// makes a 384-byte task. One byte more costs every idle connection 128.
+    #[test]
+    fn an_idle_connection_task_fits_384_bytes() {
+        use tokio_util::task::task_tracker::TrackedFuture;
+        let size = std::mem::size_of::<TrackedFuture<Task>>();
+        assert!(size <= 288, "the connection's future grew to {size} bytes");
+        assert_eq!(std::mem::size_of::<Option<Tick>>(), 8);
+    }
 
     /// Every idle connection carries the grant slot: it must stay one pointer.
     #[test]

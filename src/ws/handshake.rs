@@ -122,8 +122,9 @@ pub(super) fn spawn_upgraded<S, F, Fut>(
 ) where
     S: Send + 'static,
     F: FnOnce(WsStream, bytes::Bytes, S) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let tracker = state.tracker.clone();
     state.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -137,7 +138,9 @@ pub(super) fn spawn_upgraded<S, F, Fut>(
             return;
         };
         // Moved out of a temporary, so the box is freed here, not when the task ends.
-        run(stream, read_buf, *{ setup }).await;
+        // The connection gets a task of its own, sized to it: awaited here, it would sit
+        // beside this task's upgrade state for its whole life.
+        tracker.spawn(run(stream, read_buf, *{ setup }));
     });
 }
 

@@ -140,7 +140,7 @@ impl Connection {
                 if let Some(s) = self.pusher.as_mut() {
                     s.users.retain(|(c, _)| *c != channel);
                 }
-                let (state, client) = (self.state.clone(), self.reg.client.clone());
+                let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
                 self.in_order(async move {
                     subscribe::unsubscribe(&state.hub, &*state.broker, &client, &topic);
                 });
@@ -191,7 +191,7 @@ impl Connection {
                 match presence_identity(data.unwrap_or("")) {
                     Ok(w) => {
                         let user = w.user.clone().expect("a presence identity has a user");
-                        let limit = self.state.cfg.max_topics_per_connection;
+                        let limit = self.reg.state().cfg.max_topics_per_connection;
                         if let Some(s) = self.pusher.as_mut() {
                             s.users.retain(|(c, _)| *c != channel);
                             if s.users.len() < limit {
@@ -212,12 +212,12 @@ impl Connection {
         };
         // A watched crier topic (`board@NAME`) is read as crier reads it: a private one
         // needs a token, which a Pusher connection never has.
-        if let Err(e) = self.state.auth.check_read(&topic, None) {
+        if let Err(e) = self.reg.state().auth.check_read(&topic, None) {
             self.pusher_reply(messages::subscription_error(&channel, 403, &e.message));
             return self.pusher_error(Some(code::UNAUTHORIZED), &e.message);
         }
         let cache = messages::is_cache_channel(&channel);
-        let (state, client) = (self.state.clone(), self.reg.client.clone());
+        let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
         self.in_order(async move {
             let succeeded = |data: &str| {
                 frame::encode(
@@ -285,7 +285,7 @@ impl Connection {
             );
         }
         let topic = app.topic(&channel);
-        if !self.state.hub.holds(&self.reg.client, &topic) {
+        if !self.reg.state().hub.holds(&self.reg.client, &topic) {
             return self.pusher_error(
                 Some(code::UNAUTHORIZED),
                 &format!("subscribe to {channel} before sending client events on it"),
@@ -304,7 +304,7 @@ impl Connection {
             Some(&socket_id),
             user.as_deref(),
         );
-        let (state, client) = (self.state.clone(), self.reg.client.clone());
+        let (state, client) = (self.reg.state().clone(), self.reg.client.clone());
         self.in_order(async move {
             let req = PublishRequest {
                 topic: &topic,
