@@ -27,6 +27,7 @@ pub mod board;
 pub mod envelope;
 pub mod offsets;
 pub mod presence;
+pub mod pusher;
 pub mod report;
 pub mod resume;
 pub mod subscriber;
@@ -91,6 +92,14 @@ pub enum BenchMode {
     /// N WebSocket members join the presence topic --topic over the --target servers: time
     /// until joined and counted by every server, stats and page latency at N, leave time.
     Presence,
+    /// Pusher protocol (any Pusher server: crier's /app/{key}, Sockudo, Soketi): N protocol
+    /// 7 subscribers of channel --topic, --messages events through the signed HTTP API
+    /// (--pusher-app); deliveries/s and latency, or with --idle the server's memory per
+    /// connection while held and after they close (--server-pid).
+    Pusher,
+    /// Pusher HTTP API: acknowledged `POST /apps/{id}/events` per second with --publishers
+    /// in flight, delivered to N Pusher subscribers of --topic.
+    PusherApi,
 }
 
 impl BenchMode {
@@ -102,6 +111,8 @@ impl BenchMode {
             BenchMode::ResumeStorm => "resume-storm",
             BenchMode::PublishThroughput => "publish-throughput",
             BenchMode::Presence => "presence",
+            BenchMode::Pusher => "pusher",
+            BenchMode::PusherApi => "pusher-api",
         }
     }
 }
@@ -248,6 +259,13 @@ pub struct BenchArgs {
     /// Lifetime of the tokens of --token-secret.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
+    /// The Pusher app of --mode pusher and pusher-api: ID:KEY:SECRET.
+    #[arg(
+        long,
+        env = "CRIER_BENCH_PUSHER_APP",
+        default_value = "1:app-key:app-secret"
+    )]
+    pub pusher_app: String,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -512,6 +530,22 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     );
     match args.mode {
         BenchMode::Fanout => {}
+        BenchMode::Pusher | BenchMode::PusherApi => {
+            let mut shared = Shared::new(addr, args.topic.clone(), sources(addr, args.source_ips));
+            shared.tls = tls;
+            let p = pusher::run(&args, Arc::new(shared), &targets[0]).await?;
+            return Ok(Report {
+                mode: args.mode.name().to_string(),
+                url: args.url.clone(),
+                transport: "pusher".to_string(),
+                topic: args.topic.clone(),
+                subscribers: args.subscribers,
+                connected: p.connected,
+                connect_failed: p.connect_failed,
+                pusher: Some(p),
+                ..Default::default()
+            });
+        }
         BenchMode::Scores | BenchMode::Board => return run_leaderboard(args, addr, tls).await,
         BenchMode::ResumeStorm | BenchMode::PublishThroughput => {
             return run_history(args, addr, tls).await
