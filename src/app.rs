@@ -40,6 +40,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/apps/{id}/channels", get(pusher::channels))
         .route("/apps/{id}/channels/{channel}", get(pusher::channel))
         .route("/apps/{id}/channels/{channel}/users", get(pusher::users))
+        .route(
+            "/apps/{id}/users/{user}/terminate_connections",
+            post(pusher::terminate_connections),
+        )
         .merge(crate::api::boards::routes())
         .merge(web::routes())
         // Every route above: writes need intent (api::intent).

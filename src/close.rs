@@ -30,10 +30,13 @@ pub enum DisconnectReason {
     /// An in-band `auth` or `refresh` with a token that is not accepted: reconnecting with
     /// the same token would fail the same way.
     BadToken,
+    /// The app ended the connections of the user this one is signed in as (Pusher's
+    /// `terminate_connections`, docs/pusher.md).
+    Terminated,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 13] = [
+    pub const ALL: [DisconnectReason; 14] = [
         Self::Normal,
         Self::Shutdown,
         Self::ProtocolError,
@@ -47,6 +50,7 @@ impl DisconnectReason {
         Self::TooManyFragments,
         Self::TokenExpired,
         Self::BadToken,
+        Self::Terminated,
     ];
 
     pub fn code(self) -> u16 {
@@ -65,6 +69,7 @@ impl DisconnectReason {
             Self::TooManyCommands => 4500,
             Self::BadToken => 4501,
             Self::TooManyFragments => 4502,
+            Self::Terminated => 4503,
         }
     }
 
@@ -83,6 +88,7 @@ impl DisconnectReason {
             Self::TokenExpired => "token_expired",
             Self::BadToken => "bad_token",
             Self::TooManyFragments => "too_many_fragments",
+            Self::Terminated => "terminated",
         }
     }
 

@@ -27,12 +27,21 @@ pub struct Publication {
     /// The client a Pusher publication skips (the HTTP API's `socket_id`, a client event's
     /// sender), when that socket is on this node.
     exclude: Option<u64>,
+    /// Not an event: the app ended the connections of the user whose channel this is
+    /// (`TERMINATE_MARK`); the hub closes each subscriber instead of delivering it.
+    terminate: bool,
 }
 
 /// Where a Pusher publication's data names the socket it skips: the data is
 /// `{"x":"SOCKET_ID",...rest}`, and Pusher clients receive `{...rest}`. Carried in the data
 /// so it crosses Redis like any publication.
 const EXCLUDE_MARK: &[u8] = b"{\"x\":\"";
+
+/// The data of a Pusher user channel's publication that ends its subscribers' connections
+/// (`POST /apps/{id}/users/{user}/terminate_connections`). Carried as a publication so it
+/// reaches the user's connections on every node; no client or API call can publish data
+/// that starts so (their events are built by `pusher::messages::event`).
+pub const TERMINATE_MARK: &[u8] = b"{\"crier:terminate\":true}";
 
 /// This node's part of every socket id it hands out (`CLIENT.NODE`), random per start: an
 /// exclusion names one socket of one node run, never another node's client of the same id.
@@ -108,13 +117,20 @@ impl Publication {
             } else {
                 None
             },
+            terminate: topic.starts_with(crate::topic::PUSHER_PREFIX) && data == TERMINATE_MARK,
             topic,
         }
     }
 
-    /// Whether client `id` receives this publication (not the socket it excludes).
+    /// Whether client `id` receives this publication (not the socket it excludes; nobody
+    /// receives a termination).
     pub fn reaches(&self, id: u64) -> bool {
-        self.exclude != Some(id)
+        !self.terminate && self.exclude != Some(id)
+    }
+
+    /// Whether this publication ends its subscribers' connections (`TERMINATE_MARK`).
+    pub fn terminates(&self) -> bool {
+        self.terminate
     }
 
     pub fn envelope(&self) -> &Bytes {

@@ -275,6 +275,10 @@ pub async fn channels(
         let Some(channel) = topic.strip_prefix(&prefix) else {
             continue;
         };
+        // Users' own channels are not listed (as Pusher).
+        if channel.starts_with(crate::topic::PUSHER_USER_CHANNEL) {
+            continue;
+        }
         if q.filter_by_prefix
             .as_deref()
             .is_some_and(|p| !channel.starts_with(p))
@@ -370,4 +374,38 @@ pub async fn users(
     }
     let users: Vec<Value> = ids.into_iter().map(|id| json!({ "id": id })).collect();
     Ok(Json(json!({ "users": users })))
+}
+
+/// `POST /apps/{id}/users/{user_id}/terminate_connections`: closes every connection signed
+/// in as the user (`pusher:signin`), on every node under `--redis`: a termination mark
+/// (`publication::TERMINATE_MARK`) published on the user's channel, which the hub turns
+/// into a close (Pusher code 4009) of each subscriber instead of a delivery.
+pub async fn terminate_connections(
+    State(state): State<Arc<AppState>>,
+    Path((id, user)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, 16 * 1024).await?;
+    let app = signed_app(&state, &id, &method, &uri, query.as_deref(), &bytes)?;
+    if !crate::topic::is_valid_pusher_user_id(&user) {
+        return Err(ApiError::new(
+            ErrorCode::BadTopic,
+            format!(
+                "invalid user id: 1-{} bytes of A-Z a-z 0-9 _ - = @ , . ;",
+                crate::topic::MAX_PUSHER_USER_ID
+            ),
+        ));
+    }
+    state
+        .broker
+        .publish(PublishRequest {
+            topic: &app.user_topic(&user),
+            data: crate::publication::TERMINATE_MARK,
+            ..PublishRequest::default()
+        })
+        .await?;
+    Ok(Json(json!({})))
 }

@@ -562,6 +562,10 @@ impl Hub {
         let mut frames: [Option<Bytes>; 3] = [None, None, None];
         wake.0.reserve(l.subscribers.len());
         for client in l.subscribers.values() {
+            if p.terminates() {
+                client.close(DisconnectReason::Terminated);
+                continue;
+            }
             if !p.reaches(client.id) {
                 continue;
             }

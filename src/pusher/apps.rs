@@ -29,6 +29,11 @@ impl App {
         crate::topic::pusher_topic(&self.id, channel)
     }
 
+    /// The topic of a signed-in user's channel, `#server-to-user-ID` (`user` already valid).
+    pub fn user_topic(&self, user: &str) -> String {
+        self.topic(&format!("{}{user}", crate::topic::PUSHER_USER_CHANNEL))
+    }
+
     /// What every topic of this app starts with.
     pub fn topic_prefix(&self) -> String {
         crate::topic::pusher_topic(&self.id, "")

@@ -48,6 +48,12 @@ pub enum Incoming {
     Unsubscribe {
         channel: String,
     },
+    /// `pusher:signin`: `auth` = `KEY:HMAC(secret, "SOCKET_ID::user::USER_DATA")` from the
+    /// app's user authentication endpoint.
+    Signin {
+        auth: String,
+        user_data: String,
+    },
     /// `client-*` on `channel`, with its `data` as sent.
     ClientEvent {
         event: String,
@@ -63,6 +69,12 @@ struct Raw<'a> {
     channel: Option<String>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SigninData {
+    auth: String,
+    user_data: String,
 }
 
 #[derive(Deserialize)]
@@ -90,14 +102,22 @@ fn channel_ok(channel: &str) -> Result<(), Bad> {
     }
 }
 
-/// `data` of a subscribe, either an object or a string holding one (clients differ).
-fn subscribe_data(data: Option<&RawValue>) -> Result<SubscribeData, Bad> {
-    let raw = data.ok_or_else(|| bad("pusher:subscribe needs data"))?;
+/// `data` of a subscribe or signin, either an object or a string holding one (clients
+/// differ).
+fn object_data<T: serde::de::DeserializeOwned>(
+    event: &str,
+    data: Option<&RawValue>,
+) -> Result<T, Bad> {
+    let raw = data.ok_or_else(|| bad(format!("{event} needs data")))?;
     let parsed = match serde_json::from_str::<String>(raw.get()) {
         Ok(text) => serde_json::from_str(&text),
         Err(_) => serde_json::from_str(raw.get()),
     };
-    parsed.map_err(|e| bad(format!("pusher:subscribe data: {e}")))
+    parsed.map_err(|e| bad(format!("{event} data: {e}")))
+}
+
+fn subscribe_data(data: Option<&RawValue>) -> Result<SubscribeData, Bad> {
+    object_data("pusher:subscribe", data)
 }
 
 pub fn parse(text: &[u8]) -> Result<Incoming, Bad> {
@@ -122,6 +142,13 @@ pub fn parse(text: &[u8]) -> Result<Incoming, Bad> {
             let d = subscribe_data(raw.data)?;
             channel_ok(&d.channel)?;
             Ok(Incoming::Unsubscribe { channel: d.channel })
+        }
+        "pusher:signin" => {
+            let d: SigninData = object_data("pusher:signin", raw.data)?;
+            Ok(Incoming::Signin {
+                auth: d.auth,
+                user_data: d.user_data,
+            })
         }
         e if e.starts_with("client-") => {
             if e.len() > MAX_EVENT_NAME {
@@ -154,6 +181,17 @@ pub fn connection_established(socket_id: &str, activity_timeout: u64) -> Vec<u8>
     let data = format!(r#"{{"socket_id":"{socket_id}","activity_timeout":{activity_timeout}}}"#);
     format!(
         r#"{{"event":"pusher:connection_established","data":{}}}"#,
+        json_string(&data)
+    )
+    .into_bytes()
+}
+
+/// `pusher:signin_success`: the `user_data` the connection signed in with, as a string
+/// (pusher-js parses it and subscribes to the user's channel).
+pub fn signin_success(user_data: &str) -> Vec<u8> {
+    let data = serde_json::json!({ "user_data": user_data }).to_string();
+    format!(
+        r#"{{"event":"pusher:signin_success","data":{}}}"#,
         json_string(&data)
     )
     .into_bytes()
@@ -286,6 +324,16 @@ mod tests {
         assert!(parse(br#"{"event":"pusher:subscribe","data":{"channel":"a b"}}"#).is_err());
         assert!(parse(b"nope").is_err());
         assert!(parse(br#"{"event":"other"}"#).is_err());
+        assert_eq!(
+            parse(
+                br#"{"event":"pusher:signin","data":{"auth":"k:s","user_data":"{\"id\":\"1\"}"}}"#
+            ),
+            Ok(Incoming::Signin {
+                auth: "k:s".into(),
+                user_data: r#"{"id":"1"}"#.into()
+            })
+        );
+        assert!(parse(br#"{"event":"pusher:signin","data":{"auth":"k:s"}}"#).is_err());
         match parse(br#"{"event":"client-x","channel":"private-a","data":{"k":1}}"#) {
             Ok(Incoming::ClientEvent { data, .. }) => assert_eq!(data, r#"{"k":1}"#),
             other => panic!("{other:?}"),

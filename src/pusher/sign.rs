@@ -67,6 +67,17 @@ pub fn check_channel_auth(
     key == app.key && verify(app.secret(), message.as_bytes(), signature)
 }
 
+/// Checks a `pusher:signin`'s `auth` (`KEY:SIGNATURE`) of `user_data` for `socket_id`:
+/// the signature is over `SOCKET_ID::user::USER_DATA`, as the SDKs' `authenticateUser`
+/// makes it.
+pub fn check_user_auth(app: &super::App, socket_id: &str, user_data: &str, auth: &str) -> bool {
+    let Some((key, signature)) = auth.split_once(':') else {
+        return false;
+    };
+    let message = format!("{socket_id}::user::{user_data}");
+    key == app.key && verify(app.secret(), message.as_bytes(), signature)
+}
+
 /// Why an HTTP API call's signature was refused: said to the caller (401).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused(pub String);
@@ -195,6 +206,19 @@ mod tests {
             Some("{}"),
             &auth
         ));
+    }
+
+    #[test]
+    fn user_auth_is_over_socket_user_and_data() {
+        let a = app();
+        let data = r#"{"id":"u1"}"#;
+        let sig = sign(a.secret(), format!("1.2::user::{data}").as_bytes());
+        let auth = format!("{}:{sig}", a.key);
+        assert!(check_user_auth(&a, "1.2", data, &auth));
+        assert!(!check_user_auth(&a, "1.3", data, &auth));
+        assert!(!check_user_auth(&a, "1.2", r#"{"id":"u2"}"#, &auth));
+        assert!(!check_user_auth(&a, "1.2", data, &format!("other:{sig}")));
+        assert!(!check_user_auth(&a, "1.2", data, "nocolon"));
     }
 
     /// The example of Pusher's documentation (channels/library_auth_reference/rest-api).

@@ -107,14 +107,39 @@ pub const PUSHER_PREFIX: &str = "pusher/";
 /// The longest Pusher channel name (the protocol's limit).
 pub const MAX_PUSHER_CHANNEL: usize = 164;
 
-/// A Pusher channel name: 1-164 bytes of `A-Z a-z 0-9 _ - = @ , . ;` (the protocol's
-/// charset, which needs no JSON escaping either).
-pub fn is_valid_pusher_channel(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_PUSHER_CHANNEL
-        && name.bytes().all(|b| {
+/// A signed-in user's own channel (`pusher:signin`, docs/pusher.md): `#server-to-user-ID`,
+/// the only channel name holding `#`. The HTTP API sends to it; only a connection signed
+/// in as ID may subscribe to it.
+pub const PUSHER_USER_CHANNEL: &str = "#server-to-user-";
+
+/// The longest user id a Pusher connection may sign in as (the id is part of its channel).
+pub const MAX_PUSHER_USER_ID: usize = 128;
+
+fn is_pusher_channel_text(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')
         })
+}
+
+/// A Pusher user id crier takes: 1-128 bytes of the channel charset (it names the
+/// user's channel, `#server-to-user-ID`).
+pub fn is_valid_pusher_user_id(id: &str) -> bool {
+    id.len() <= MAX_PUSHER_USER_ID && is_pusher_channel_text(id)
+}
+
+/// The user a `#server-to-user-ID` channel belongs to, if it is one.
+pub fn pusher_user_of(channel: &str) -> Option<&str> {
+    channel
+        .strip_prefix(PUSHER_USER_CHANNEL)
+        .filter(|id| is_valid_pusher_user_id(id))
+}
+
+/// A Pusher channel name: 1-164 bytes of `A-Z a-z 0-9 _ - = @ , . ;` (the protocol's
+/// charset, which needs no JSON escaping either), or a user's `#server-to-user-ID`.
+pub fn is_valid_pusher_channel(name: &str) -> bool {
+    name.len() <= MAX_PUSHER_CHANNEL
+        && (is_pusher_channel_text(name) || pusher_user_of(name).is_some())
 }
 
 /// The Pusher channel a crier topic is watched as from any Pusher app: `board:NAME` is

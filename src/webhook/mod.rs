@@ -197,7 +197,10 @@ impl Webhooks {
     }
 
     fn announce(&self, topic: &str, occupied: bool) {
-        if let Some((targets, channel)) = self.pusher_app(topic) {
+        let app = self.pusher_app(topic);
+        // A user's own channel (`pusher:signin`) is not announced, as Pusher.
+        let app = app.filter(|(_, c)| !c.starts_with(crate::topic::PUSHER_USER_CHANNEL));
+        if let Some((targets, channel)) = app {
             let name = if occupied {
                 "channel_occupied"
             } else {

@@ -285,7 +285,7 @@ async fn every_attack_kind_runs_next_to_a_healthy_load() {
         let topic = format!("atk-{kind}");
         let mut flags = vec![
             "--url",
-            &url,
+            url.as_str(),
             "--topic",
             &topic,
             "--subscribers",
@@ -807,5 +807,84 @@ async fn many_topics_deliver_each_topic_to_its_subscribers() {
         assert!(text.contains(&format!("topics       {topics}")), "{text}");
         assert!(r.failures().is_empty(), "{:?}", r.failures());
     }
+    server.shutdown().await;
+}
+
+/// `--mode pusher` (fanout and --idle) and `--mode pusher-api` against crier's Pusher
+/// door: every subscriber gets every event, the API counts its acknowledged events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_modes_run_against_the_pusher_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        pusher_app_id: "7".into(),
+        pusher_key: "bench-key".into(),
+        pusher_secret: "bench-secret".into(),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", server.addr);
+    let run = |mode: &'static str, extra: &'static [&'static str]| {
+        let mut flags = vec![
+            "--url",
+            url.as_str(),
+            "--mode",
+            mode,
+            "--pusher-app",
+            "7:bench-key:bench-secret",
+            "--topic",
+            "bench-channel",
+            "--subscribers",
+            "20",
+            "--messages",
+            "30",
+            "--publishers",
+            "4",
+            "--timeout",
+            "20s",
+            "--quiet",
+        ];
+        flags.extend_from_slice(extra);
+        let args = BenchArgs::from_flags(flags).unwrap();
+        async move { run_with(args).await.unwrap() }
+    };
+    let r = run("pusher", &[]).await;
+    let p = r.pusher.as_ref().expect("pusher report");
+    assert_eq!(
+        (p.connected, p.deliveries, p.events_failed),
+        (20, 600, 0),
+        "{p:?}"
+    );
+    assert_eq!(p.latency_ms.count, 600);
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+    let r = run("pusher-api", &[]).await;
+    let p = r.pusher.as_ref().expect("pusher report");
+    assert_eq!((p.deliveries, p.ack_ms.count), (600, 30), "{p:?}");
+    assert!(p.api_events_per_sec > 0.0);
+    let r = run("pusher", &["--idle", "--hold", "0s"]).await;
+    let p = r.pusher.as_ref().expect("pusher report");
+    assert_eq!((p.scenario.as_str(), p.connected), ("idle", 20), "{p:?}");
+    // A wrong secret: every event is refused, and the report says so.
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--mode",
+        "pusher-api",
+        "--pusher-app",
+        "7:bench-key:wrong",
+        "--subscribers",
+        "1",
+        "--messages",
+        "3",
+        "--timeout",
+        "1s",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    assert_eq!(r.pusher.as_ref().unwrap().events_failed, 3);
+    assert!(!r.failures().is_empty());
     server.shutdown().await;
 }

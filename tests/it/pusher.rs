@@ -188,13 +188,17 @@ fn hex(bytes: &[u8]) -> String {
 
 /// `POST /apps/{id}/events`, signed as the SDKs sign it.
 async fn trigger(addr: SocketAddr, id: &str, key: &str, secret: &str, body: &str) -> u16 {
+    signed_post(addr, &format!("/apps/{id}/events"), key, secret, body).await
+}
+
+/// A `POST` of the Pusher API to `path`, signed as the SDKs sign it.
+async fn signed_post(addr: SocketAddr, path: &str, key: &str, secret: &str, body: &str) -> u16 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let md5 = hex(&md5::Md5::digest(body.as_bytes()));
     let q = format!("auth_key={key}&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
-    let path = format!("/apps/{id}/events");
     let sig = crier::pusher::sign::sign(secret.as_bytes(), format!("POST\n{path}\n{q}").as_bytes());
     let (status, _) = crate::common::http::post_url(
         &format!("http://{addr}{path}?{q}&auth_signature={sig}"),
@@ -504,6 +508,20 @@ async fn two_nodes_over_redis() {
     assert_eq!(trigger(addr_a, "1", "key1", "secret1", four).await, 200);
     let v = next_json(&mut alice).await;
     assert_eq!(v["event"], "four", "{v}");
+
+    // A user signed in on node B: sent to and terminated through node A.
+    let (mut carol, sid_carol) = pusher_ws(addr_b, "key1").await;
+    let v = signin(&mut carol, &sid_carol, "carol", "secret1").await;
+    assert_eq!(v["event"], "pusher:signin_success", "{v}");
+    let hi = r##"{"name":"hi","channel":"#server-to-user-carol","data":"1"}"##;
+    assert_eq!(trigger(addr_a, "1", "key1", "secret1", hi).await, 200);
+    next_event(&mut carol, "hi").await;
+    let path = "/apps/1/users/carol/terminate_connections";
+    assert_eq!(
+        signed_post(addr_a, path, "key1", "secret1", "{}").await,
+        200
+    );
+    assert_eq!(expect_close(&mut carol).await, 4009);
 }
 
 /// Subscribes `presence-room` as `user` (auth signed as the SDKs sign it); returns the
@@ -785,4 +803,80 @@ async fn member_webhooks_once_per_cluster() {
     }
     assert_eq!(hooks.count("member_removed alice"), 0);
     drop((alice, dave));
+}
+
+/// Signs in as `user` (the user data signed as the SDKs' `authenticateUser` signs it, with
+/// `secret`); returns the server's first answer.
+async fn signin(ws: &mut Ws, socket_id: &str, user: &str, secret: &str) -> Value {
+    let user_data = format!(r#"{{"id":"{user}","name":"{user}"}}"#);
+    let sig = crier::pusher::sign::sign(
+        secret.as_bytes(),
+        format!("{socket_id}::user::{user_data}").as_bytes(),
+    );
+    let msg = serde_json::json!({"event": "pusher:signin",
+        "data": {"auth": format!("key1:{sig}"), "user_data": user_data}});
+    send(ws, &msg.to_string()).await;
+    next_json(ws).await
+}
+
+/// `pusher:signin` on the wire: a forged or malformed sign-in gets `pusher:error` 4009 and
+/// the connection stays; nobody subscribes to a user's channel without signing in as that
+/// user; a signed-in connection gets `signin_success`, its user's events, and is closed
+/// with 4009 by `terminate_connections`, while a healthy client beside it carries on.
+#[tokio::test]
+async fn user_signin_on_the_wire() {
+    let server = TestServer::start(apps).await;
+    let addr = server.addr;
+    let (mut healthy, _) = pusher_ws(addr, "key1").await;
+    subscribe(&mut healthy, "news").await;
+    let (mut ws, sid) = pusher_ws(addr, "key1").await;
+    let v = signin(&mut ws, &sid, "carol", "not-the-secret").await;
+    assert_eq!(v["event"], "pusher:error", "{v}");
+    assert_eq!(v["data"]["code"], 4009, "{v}");
+    send(
+        &mut ws,
+        r#"{"event":"pusher:signin","data":{"auth":"key1:00","user_data":"{}"}}"#,
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["data"]["code"], 4009);
+    send(&mut ws, r#"{"event":"pusher:signin","data":{}}"#).await;
+    assert_eq!(next_json(&mut ws).await["event"], "pusher:error");
+    // Another user's channel, without signing in as that user.
+    send(
+        &mut ws,
+        r##"{"event":"pusher:subscribe","data":{"channel":"#server-to-user-carol"}}"##,
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["event"], "pusher:subscription_error", "{v}");
+    assert_eq!(next_json(&mut ws).await["data"]["code"], 4009);
+    // Signed in properly, then its own channel as pusher-js subscribes to it.
+    let v = signin(&mut ws, &sid, "carol", "secret1").await;
+    assert_eq!(v["event"], "pusher:signin_success", "{v}");
+    let data: Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+    let user: Value = serde_json::from_str(data["user_data"].as_str().unwrap()).unwrap();
+    assert_eq!(user["id"], "carol");
+    subscribe(&mut ws, "#server-to-user-carol").await;
+    let v = signin(&mut ws, &sid, "carol", "secret1").await;
+    assert_eq!(v["event"], "pusher:error", "a second sign-in: {v}");
+    event(addr, "#server-to-user-carol", "hello", "hi").await;
+    let v = next_event(&mut ws, "hello").await;
+    assert_eq!(v["channel"], "#server-to-user-carol");
+    // Users' channels are not listed.
+    let (status, list) = api_get(addr, "/apps/1/channels", &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        list["channels"].get("#server-to-user-carol").is_none(),
+        "{list}"
+    );
+    // A bad user id, a bad signature: refused; then the termination.
+    let path = "/apps/1/users/car%20ol/terminate_connections";
+    assert_eq!(signed_post(addr, path, "key1", "secret1", "{}").await, 400);
+    let path = "/apps/1/users/carol/terminate_connections";
+    assert_eq!(signed_post(addr, path, "key1", "secret2", "{}").await, 401);
+    assert_eq!(signed_post(addr, path, "key1", "secret1", "{}").await, 200);
+    assert_eq!(expect_close(&mut ws).await, 4009);
+    event(addr, "news", "still", "here").await;
+    assert_eq!(next_event(&mut healthy, "still").await["data"], "here");
+    server.shutdown().await;
 }

@@ -337,6 +337,82 @@ try {
     if (errors.length !== 3 || errors[2].code !== 4009) fail(JSON.stringify(errors));
     ws.close();
   }
+  step = "user sign-in: pusher-js signin() signed by the SDK's authenticateUser";
+  {
+    // A pusher-js client that signs in as `id`, its user data signed by `sdk`.
+    const userClient = (id, sdk = server) => {
+      const c = new PusherJs(APP.key, {
+        cluster: "mt1",
+        wsHost: host,
+        wsPort: Number(port),
+        forceTLS: false,
+        enabledTransports: ["ws"],
+        disableStats: true,
+        userAuthentication: {
+          customHandler: ({ socketId }, cb) => cb(null, sdk.authenticateUser(socketId, { id, name: id })),
+        },
+      });
+      return c;
+    };
+    const signedIn = async (c, id) => {
+      await connected(c);
+      c.signin();
+      await within(c.user.signinDonePromise, `signin of ${id}`);
+      if (c.user.user_data?.id !== id) fail(`signed in as ${JSON.stringify(c.user.user_data)}`);
+      const deadline = Date.now() + 5000;
+      while (!c.user.serverToUserChannel?.subscribed) {
+        if (Date.now() > deadline) fail(`#server-to-user-${id} not subscribed`);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    };
+    const carol = userClient("carol");
+    await signedIn(carol, "carol");
+    const carol2 = userClient("carol");
+    await signedIn(carol2, "carol");
+    const dave = userClient("dave");
+    await signedIn(dave, "dave");
+    step = "sendToUser reaches each connection of that user, and no other";
+    const toDave = [];
+    dave.user.bind("hello", (d) => toDave.push(d));
+    const got = [next(carol.user, "hello"), next(carol2.user, "hello")];
+    const r = await server.sendToUser("carol", "hello", { msg: "hi carol" });
+    if (r.status !== 200) fail(`sendToUser: ${r.status}`);
+    for (const d of await Promise.all(got)) if (d.msg !== "hi carol") fail(JSON.stringify(d));
+    step = "a sign-in with a forged signature gets pusher:error 4009";
+    {
+      const mallory = userClient("mallory", forged);
+      await connected(mallory);
+      const err = within(
+        new Promise((res) => mallory.connection.bind("error", (e) => res(e))),
+        "pusher:error for the forged signin",
+      );
+      mallory.signin();
+      const e = await err;
+      if (e?.data?.code !== 4009) fail(JSON.stringify(e));
+      if (mallory.user.user_data) fail("mallory is signed in");
+      mallory.disconnect();
+    }
+    step = "terminateUserConnections closes every connection of the user, and no other";
+    const left = (c) =>
+      within(
+        new Promise((res) =>
+          c.connection.bind("state_change", ({ current }) => current !== "connected" && res(current)),
+        ),
+        "the connection ends",
+      );
+    const ends = [left(carol), left(carol2)];
+    const t = await server.terminateUserConnections("carol");
+    if (t.status !== 200) fail(`terminateUserConnections: ${t.status}`);
+    await Promise.all(ends);
+    if (dave.connection.state !== "connected") fail(`dave is ${dave.connection.state}`);
+    const dd = next(dave.user, "still");
+    await server.sendToUser("dave", "still", "here");
+    if ((await dd) !== "here") fail("dave lost his channel");
+    if (toDave.length !== 0) fail(`dave got carol's event: ${JSON.stringify(toDave)}`);
+    carol.disconnect();
+    carol2.disconnect();
+    dave.disconnect();
+  }
   a.disconnect();
   b.disconnect();
   if (process.env.CRIER_WEBHOOK_PORT) {

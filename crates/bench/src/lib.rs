@@ -29,6 +29,7 @@ pub mod envelope;
 pub mod follow;
 pub mod offsets;
 pub mod presence;
+pub mod pusher;
 pub mod report;
 pub mod resume;
 pub mod subscriber;
@@ -99,6 +100,14 @@ pub enum BenchMode {
     /// player's own window showing it, windows delivered per second, server CPU and RSS
     /// (--server-pid).
     Follow,
+    /// Pusher protocol (any Pusher server: crier's /app/{key}, Sockudo, Soketi): N protocol
+    /// 7 subscribers of channel --topic, --messages events through the signed HTTP API
+    /// (--pusher-app); deliveries/s and latency, or with --idle the server's memory per
+    /// connection while held and after they close (--server-pid).
+    Pusher,
+    /// Pusher HTTP API: acknowledged `POST /apps/{id}/events` per second with --publishers
+    /// in flight, delivered to N Pusher subscribers of --topic.
+    PusherApi,
 }
 
 impl BenchMode {
@@ -111,6 +120,8 @@ impl BenchMode {
             BenchMode::PublishThroughput => "publish-throughput",
             BenchMode::Presence => "presence",
             BenchMode::Follow => "follow",
+            BenchMode::Pusher => "pusher",
+            BenchMode::PusherApi => "pusher-api",
         }
     }
 }
@@ -259,6 +270,13 @@ pub struct BenchArgs {
     /// Lifetime of the tokens of --token-secret.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
+    /// The Pusher app of --mode pusher and pusher-api: ID:KEY:SECRET.
+    #[arg(
+        long,
+        env = "CRIER_BENCH_PUSHER_APP",
+        default_value = "1:app-key:app-secret"
+    )]
+    pub pusher_app: String,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -523,6 +541,22 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     );
     match args.mode {
         BenchMode::Fanout => {}
+        BenchMode::Pusher | BenchMode::PusherApi => {
+            let mut shared = Shared::new(addr, args.topic.clone(), sources(addr, args.source_ips));
+            shared.tls = tls;
+            let p = pusher::run(&args, Arc::new(shared), &targets[0]).await?;
+            return Ok(Report {
+                mode: args.mode.name().to_string(),
+                url: args.url.clone(),
+                transport: "pusher".to_string(),
+                topic: args.topic.clone(),
+                subscribers: args.subscribers,
+                connected: p.connected,
+                connect_failed: p.connect_failed,
+                pusher: Some(p),
+                ..Default::default()
+            });
+        }
         BenchMode::Scores | BenchMode::Board | BenchMode::Follow => {
             return run_leaderboard(args, addr, tls).await
         }

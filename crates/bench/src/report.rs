@@ -131,6 +131,9 @@ pub struct Report {
     pub throughput: Option<ThroughputReport>,
     /// --mode presence.
     pub presence: Option<super::presence::PresenceReport>,
+    /// --mode pusher and pusher-api.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pusher: Option<super::pusher::PusherReport>,
 }
 
 /// One server of a multi-target fanout run.
@@ -189,6 +192,9 @@ impl Report {
             return t.failures();
         }
         if let Some(p) = &self.presence {
+            return p.failures();
+        }
+        if let Some(p) = &self.pusher {
             return p.failures();
         }
         if let Some(sc) = &self.scores {
@@ -257,6 +263,10 @@ impl Report {
         }
         if let Some(p) = &self.presence {
             p.write_text(&mut s, &self.topic);
+            return s;
+        }
+        if let Some(p) = &self.pusher {
+            p.write_text(&mut s, &self.url);
             return s;
         }
         if let Some(r) = &self.resume {

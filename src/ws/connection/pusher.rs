@@ -38,6 +38,8 @@ pub struct Session {
     /// The user this connection is on each presence channel it subscribed (the `user_id`
     /// of its client events there); at most `max_topics_per_connection` entries.
     users: Vec<(String, Arc<str>)>,
+    /// The user this connection signed in as (`pusher:signin`), once accepted.
+    signed_in: Option<Arc<str>>,
     client_events: TokenBucket,
     /// `crier_pusher_connections{app}`, given back on drop.
     gauge: prometheus_client::metrics::gauge::Gauge,
@@ -55,6 +57,7 @@ impl Session {
         Box::new(Session {
             slot,
             users: Vec::new(),
+            signed_in: None,
             client_events: TokenBucket::full(CLIENT_EVENTS, Instant::now()),
             gauge,
         })
@@ -75,11 +78,35 @@ pub fn close_code(reason: DisconnectReason) -> u16 {
         DisconnectReason::Shutdown => code::RECONNECT,
         DisconnectReason::NoPong => code::PONG_NOT_RECEIVED,
         DisconnectReason::TooManyCommands => code::RATE_LIMITED,
+        // Pusher's "unauthorized": pusher-js does not reconnect on its own.
+        DisconnectReason::Terminated => code::UNAUTHORIZED,
         DisconnectReason::ProtocolError
         | DisconnectReason::BadUtf8
         | DisconnectReason::MessageTooLarge
         | DisconnectReason::TooManyFragments => reason.code(),
         _ => code::RETRY_LATER,
+    }
+}
+
+/// The user id of a `pusher:signin`'s `user_data`: a JSON object with a string `id`
+/// (what pusher-js requires too), at most `MAX_CHANNEL_DATA` bytes.
+fn signin_user(user_data: &str) -> Result<Arc<str>, String> {
+    #[derive(serde::Deserialize)]
+    struct UserData {
+        id: serde_json::Value,
+    }
+    if user_data.len() > MAX_CHANNEL_DATA {
+        return Err(format!("user_data is over {MAX_CHANNEL_DATA} bytes"));
+    }
+    let d: UserData = serde_json::from_str(user_data).map_err(|e| format!("bad user_data: {e}"))?;
+    match d.id {
+        serde_json::Value::String(id) if crate::topic::is_valid_pusher_user_id(&id) => {
+            Ok(id.into())
+        }
+        _ => Err(format!(
+            "user_data.id must be a string of 1-{} bytes of A-Z a-z 0-9 _ - = @ , . ;",
+            crate::topic::MAX_PUSHER_USER_ID
+        )),
     }
 }
 
@@ -133,6 +160,11 @@ impl Connection {
                 auth,
                 channel_data,
             } => self.pusher_subscribe(channel, auth, channel_data),
+            Incoming::Signin { auth, user_data } => self.pusher_signin(&auth, user_data),
+            // A signed-in connection keeps its user channel: the app's sends and
+            // `terminate_connections` reach it through it.
+            Incoming::Unsubscribe { channel }
+                if crate::topic::pusher_user_of(&channel).is_some() => {}
             Incoming::Unsubscribe { channel } => {
                 let Some(topic) = self.pusher_topic(&channel) else {
                     return;
@@ -159,6 +191,60 @@ impl Connection {
         Some(crate::topic::watched_topic(channel).unwrap_or_else(|| session.slot.0.topic(channel)))
     }
 
+    /// `pusher:signin`: the signature checked in constant time, then the connection joins
+    /// its user's channel (`#server-to-user-ID`) and gets `pusher:signin_success`. Once per
+    /// connection; a refusal is `pusher:error` 4009 and the connection stays.
+    fn pusher_signin(&mut self, auth: &str, user_data: String) {
+        let Some(session) = self.pusher.as_ref() else {
+            return;
+        };
+        if session.signed_in.is_some() {
+            return self.pusher_error(
+                Some(code::UNAUTHORIZED),
+                "this connection is signed in already",
+            );
+        }
+        let app = session.slot.0.clone();
+        let socket_id = crate::publication::socket_id(self.reg.client.id);
+        if !sign::check_user_auth(&app, &socket_id, &user_data, auth) {
+            let msg = format!(
+                "invalid signature for pusher:signin: expected {}:HMAC-SHA256 of \
+                 \"{socket_id}::user::USER_DATA\" with the app's secret",
+                app.key
+            );
+            return self.pusher_error(Some(code::UNAUTHORIZED), &msg);
+        }
+        let user = match signin_user(&user_data) {
+            Ok(u) => u,
+            Err(msg) => return self.pusher_error(Some(code::UNAUTHORIZED), &msg),
+        };
+        if let Some(s) = self.pusher.as_mut() {
+            s.signed_in = Some(user.clone());
+        }
+        let topic = app.user_topic(&user);
+        let (state, client) = (self.state().clone(), self.reg.client.clone());
+        self.in_order(async move {
+            let (hub, broker) = (&state.hub, &*state.broker);
+            let no_ack = |_: &_| None;
+            let who = crate::broker::Identity::default();
+            let reply =
+                match subscribe::subscribe(hub, broker, &client, &topic, None, &no_ack, &who).await
+                {
+                    Ok(_) => messages::signin_success(&user_data),
+                    Err(e) => {
+                        if subscribe_error(&e, None).is_none() {
+                            return; // the client is gone
+                        }
+                        messages::error(None, &format!("pusher:signin not completed: {e}"))
+                    }
+                };
+            client.push(
+                Item::control(frame::encode(frame::OP_TEXT, &reply)),
+                &state.metrics,
+            );
+        });
+    }
+
     fn pusher_subscribe(
         &mut self,
         channel: String,
@@ -169,6 +255,13 @@ impl Connection {
             return;
         };
         let app = session.slot.0.clone();
+        if let Some(user) = crate::topic::pusher_user_of(&channel) {
+            if session.signed_in.as_deref() != Some(user) {
+                let msg = format!("{channel} is the channel of a user this connection is not signed in as (pusher:signin)");
+                self.pusher_reply(messages::subscription_error(&channel, 403, &msg));
+                return self.pusher_error(Some(code::UNAUTHORIZED), &msg);
+            }
+        }
         let socket_id = crate::publication::socket_id(self.reg.client.id);
         let presence = channel.starts_with("presence-");
         let mut who = Identity::default();
