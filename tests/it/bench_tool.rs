@@ -888,3 +888,60 @@ async fn pusher_modes_run_against_the_pusher_door() {
     assert!(!r.failures().is_empty());
     server.shutdown().await;
 }
+
+/// The many-topics scenario over SSE (issue 20): each SSE subscriber starts at its own
+/// topic's offset (one topic already holds a publication), gets exactly its topic's
+/// publications, and --server-pid gives CPU per publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_topics_over_sse_deliver_each_topic_to_its_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    // An earlier publication: that topic's subscribers start after it, not at 0.
+    crate::common::http::publish(server.addr, "ssemany.3", &serde_json::json!({"x": 1})).await;
+    let pid = std::process::id().to_string();
+    let args = BenchArgs::from_flags([
+        "--url",
+        &url,
+        "--transport",
+        "sse",
+        "--topic",
+        "ssemany",
+        "--subscribers",
+        "200",
+        "--topics",
+        "100",
+        "--messages",
+        "1000",
+        "--rate",
+        "2000",
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "30s",
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run_with(args).await.unwrap();
+    assert_eq!((r.connected, r.connect_failed), (200, 0), "{r:?}");
+    assert_eq!((r.published, r.topics), (1000, 100), "{r:?}");
+    assert_eq!(r.transport, "sse", "{r:?}");
+    let expected = 1000 * 200 / 100;
+    assert_eq!(r.expected_deliveries, expected, "{r:?}");
+    assert_eq!(r.delivered, expected, "{r:?}");
+    assert_eq!(
+        (r.lost, r.duplicates, r.out_of_order, r.unexpected),
+        (0, 0, 0, 0),
+        "{r:?}"
+    );
+    assert!(!r.timed_out, "{r:?}");
+    assert_eq!(r.latency_ms.count, expected, "{r:?}");
+    assert!(r.server_cpu_us_per_publication.is_some(), "{r:?}");
+    assert!(r.failures().is_empty(), "{:?}", r.failures());
+    server.shutdown().await;
+}

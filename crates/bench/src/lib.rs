@@ -140,7 +140,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "mode")]
     pub publish_throughput: bool,
     /// Topics of --mode publish-throughput and fanout: 1 publishes to --topic, K > 1 round
-    /// robin to --topic.0 ..= --topic.(K-1). In fanout (WebSocket) subscriber i subscribes
+    /// robin to --topic.0 ..= --topic.(K-1). In fanout (WebSocket or SSE) subscriber i subscribes
     /// to --topic.(i mod K): `--subscribers 10000 --topics 10000` is one subscriber per
     /// topic (the many-topics scenario); with --server-pid the report gives the server's
     /// CPU time per publication.
@@ -532,12 +532,11 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(
         args.topics == 1
             || args.mode != BenchMode::Fanout
-            || (args.transport == BenchTransport::Ws
-                && args.token.is_none()
+            || (args.token.is_none()
                 && args.token_secret.is_none()
                 && args.attack.is_none()
                 && !args.idle),
-        "fanout over several --topics takes --transport ws, without --token, --token-secret, --attack or --idle"
+        "fanout over several --topics takes no --token, --token-secret, --attack or --idle"
     );
     match args.mode {
         BenchMode::Fanout => {}
@@ -661,14 +660,11 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
 
     // SSE has no `subscribed` reply: learn the topic's offset from a WebSocket first
     // (nothing is published while subscribers connect, so it is everyone's start).
-    let sse_start = if args.transport == BenchTransport::Sse {
-        let (_, _, offset) = subscriber::ws_open(&shared, 0, None)
-            .await
-            .context("probing the topic offset over WebSocket")?;
-        offset
+    let sse_starts = Arc::new(if args.transport == BenchTransport::Sse {
+        subscriber::sse_starts(&shared, args.connect_concurrency).await?
     } else {
-        0
-    };
+        Vec::new()
+    });
 
     // Connect the healthy subscribers.
     let sem = Arc::new(Semaphore::new(args.connect_concurrency));
@@ -678,6 +674,7 @@ pub async fn run_with(mut args: BenchArgs) -> anyhow::Result<Report> {
     for i in 0..args.subscribers {
         let (shared, sem, tx) = (shared.clone(), sem.clone(), tx.clone());
         let transport = args.transport;
+        let sse_start = sse_starts.get(i % args.topics).copied().unwrap_or(0);
         subs.spawn(async move {
             let permit = sem.acquire_owned().await.expect("semaphore open");
             let t0 = Instant::now();

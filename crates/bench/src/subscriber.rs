@@ -680,6 +680,33 @@ pub async fn sse_request(
     Ok((stream, chunked, rest))
 }
 
+/// SSE has no `subscribed` reply, so the start offset of each topic is learnt from a
+/// WebSocket subscribe (nothing is published while subscribers connect, so it is every
+/// subscriber's start on that topic). One probe per topic, `concurrency` at a time;
+/// index `t` is topic `topic_of(t)`.
+pub async fn sse_starts(shared: &Arc<Shared>, concurrency: usize) -> anyhow::Result<Vec<u64>> {
+    let mut starts = vec![0u64; shared.topics];
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < shared.topics || !set.is_empty() {
+        while next < shared.topics && set.len() < concurrency {
+            let (shared, t) = (shared.clone(), next);
+            set.spawn(async move { (t, ws_open(&shared, t, None).await.map(|o| o.2)) });
+            next += 1;
+        }
+        if let Some(done) = set.join_next().await {
+            let (t, offset) = done.context("offset probe task")?;
+            starts[t] = offset.with_context(|| {
+                format!(
+                    "probing the offset of {} over WebSocket",
+                    shared.topic_of(t)
+                )
+            })?;
+        }
+    }
+    Ok(starts)
+}
+
 pub async fn sse_run(
     mut stream: Conn,
     chunked: bool,
