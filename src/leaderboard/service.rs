@@ -30,7 +30,7 @@
 //! after a quiet spell goes out at once, and any number of changes within
 //! `board_update_interval` after it coalesce into one update carrying the newest state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +79,13 @@ const WATCHER_CHECK: Duration = Duration::from_secs(1);
 const MAX_JOINED: usize = 10_000;
 /// Neighbours shown above and below a followed player (`board:{b}@{player}`).
 pub const WINDOW: usize = 5;
+/// Windows recomputed per update for followed players who only shifted (someone passed
+/// them or left): a score on a busy board shifts every rank between its old and new place,
+/// so with random scores nearly every window is stale after each update. The players whose
+/// own entry changed always go out in the next update; the shifted ones are refreshed in
+/// FIFO order at this many per update (10,000 per second at the default 50 ms), which
+/// keeps the board's lock, and so its posters, free of a pass over every follower.
+const SHIFTED_PER_UPDATE: usize = 500;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -314,6 +321,13 @@ pub(super) struct Board {
     /// The ranks whose entries changed since the windows were last published: only the
     /// windows overlapping them are recomputed.
     pub(super) moved: Option<(u64, u64)>,
+    /// Followed players whose own entry changed since the last update: their windows go
+    /// out first, all of them (at most one per followed player).
+    touched: HashSet<Arc<str>>,
+    /// Followed players whose window may have shifted, in the order found, not yet
+    /// recomputed (at most one per followed player; see [`SHIFTED_PER_UPDATE`]).
+    shifted: VecDeque<Arc<str>>,
+    shifted_set: HashSet<Arc<str>>,
 }
 
 /// What the writes queued but not yet committed will make of a board: the view new writes
@@ -373,6 +387,9 @@ impl Board {
             watched: HashMap::new(),
             friends: HashMap::new(),
             moved: None,
+            touched: HashSet::new(),
+            shifted: VecDeque::new(),
+            shifted_set: HashSet::new(),
             options,
             next_seq,
             version: next_seq,
@@ -422,11 +439,21 @@ impl Board {
         self.moved = Some(self.moved.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
     }
 
+    /// Notes that `player`'s own entry changed (a score, a delete): if they are followed
+    /// here, their window goes out with the next update, ahead of the shifted ones.
+    pub(super) fn note_touched(&mut self, player: &str) {
+        if let Some((p, _)) = self.watched.get_key_value(player) {
+            let p = p.clone();
+            self.touched.insert(p);
+        }
+    }
+
     /// Whether a live update is due after a change: the top moved, or a followed player's
-    /// window may have.
+    /// window may have (or still waits in the shifted queue).
     pub(super) fn needs_update(&self) -> bool {
         self.top_dirty
             || (self.moved.is_some() && !(self.watched.is_empty() && self.friends.is_empty()))
+            || !(self.watched.is_empty() || (self.touched.is_empty() && self.shifted.is_empty()))
     }
 
     fn view_entry(&self, player: &str) -> Option<&Entry> {
@@ -1291,6 +1318,11 @@ impl Boards {
                 if due <= now {
                     self.dirty.names.lock().remove(&name);
                     self.publish(&board).await;
+                    if board.lock().needs_update() {
+                        // Shifted windows left for the next update.
+                        self.dirty.names.lock().insert(name);
+                        wake_at = wake_at.min(now + self.interval);
+                    }
                 } else {
                     wake_at = wake_at.min(due);
                 }
@@ -1347,6 +1379,17 @@ impl Boards {
                     }
                     // New followers get their window now: every window is looked at.
                     b.watched = watched;
+                    // Nothing queued for a player no longer followed here.
+                    let Board {
+                        watched,
+                        touched,
+                        shifted,
+                        shifted_set,
+                        ..
+                    } = &mut *b;
+                    touched.retain(|p| watched.contains_key(p));
+                    shifted.retain(|p| watched.contains_key(p));
+                    shifted_set.retain(|p| watched.contains_key(p));
                     b.note_moved(0, u64::MAX);
                     changed |= b.persisted && !b.watched.is_empty();
                 }
@@ -1748,33 +1791,50 @@ impl BoardStorage for LocalStore {
 /// (topic, data). Only windows overlapping the ranks that moved are looked at; of those,
 /// only ones whose content differs from the last published go out.
 fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
-    let Some((lo, hi)) = b.moved.take() else {
-        return Vec::new();
-    };
     let n = WINDOW as u64;
-    let mut out = Vec::new();
-    let players: Vec<Arc<str>> = b.watched.keys().cloned().collect();
-    for player in players {
-        let rank = b.ranking.rank(&player);
-        if let Some(r) = rank {
-            // Nothing in this window moved (and it was sent once).
-            if (r + n < lo || r.saturating_sub(n) > hi) && b.watched[&player].is_some() {
-                continue;
+    // The windows the moved ranks may have changed join the shifted queue (once each).
+    if let Some((lo, hi)) = b.moved.take() {
+        let all = lo == 0 && hi == u64::MAX;
+        let stale: Vec<Arc<str>> = b
+            .watched
+            .iter()
+            .filter(|(p, last)| {
+                !b.shifted_set.contains(&***p)
+                    && (all
+                        || last.is_none()
+                        || b.ranking
+                            .rank(p)
+                            .is_none_or(|r| r + n >= lo && r.saturating_sub(n) <= hi))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in stale {
+            b.shifted_set.insert(p.clone());
+            if b.watched.get(&p).is_some_and(|last| last.is_none()) {
+                b.shifted.push_front(p); // a new follower: their first window is next
+            } else {
+                b.shifted.push_back(p);
             }
         }
+    }
+    // The players whose own entry changed first, then a bounded slice of the shifted.
+    let mut due: Vec<Arc<str>> = b.touched.drain().collect();
+    let limit = due.len() + SHIFTED_PER_UPDATE;
+    while due.len() < limit {
+        let Some(p) = b.shifted.pop_front() else {
+            break;
+        };
+        b.shifted_set.remove(&p);
+        due.push(p);
+    }
+    let mut out = Vec::new();
+    let mut sent = HashSet::new();
+    for player in due {
+        if !b.watched.contains_key(&player) || !sent.insert(player.clone()) {
+            continue; // unfollowed meanwhile, or touched and shifted both
+        }
+        let rank = b.ranking.rank(&player);
         let around = b.ranking.around(&player, WINDOW).unwrap_or_default();
-        let sub = b.options.tiebreak.is_some();
-        let entry = around.iter().find(|(_, e)| e.player == player);
-        let json = serde_json::to_vec(&Window {
-            board: &b.name,
-            player: &player,
-            version: b.version,
-            season: b.season.number,
-            players: b.ranking.len(),
-            entry: entry.map(|e| ranked(std::slice::from_ref(e), sub).remove(0)),
-            around: ranked(&around, sub),
-        })
-        .expect("window serializes");
         let hash = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -1793,10 +1853,23 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             h.finish()
         };
         let last = b.watched.get_mut(&player).expect("followed");
-        if *last != Some(hash) {
-            *last = Some(hash);
-            out.push((crate::topic::player_topic(&b.name, &player), json));
+        if *last == Some(hash) {
+            continue;
         }
+        *last = Some(hash);
+        let sub = b.options.tiebreak.is_some();
+        let entry = around.iter().find(|(_, e)| e.player == player);
+        let json = serde_json::to_vec(&Window {
+            board: &b.name,
+            player: &player,
+            version: b.version,
+            season: b.season.number,
+            players: b.ranking.len(),
+            entry: entry.map(|e| ranked(std::slice::from_ref(e), sub).remove(0)),
+            around: ranked(&around, sub),
+        })
+        .expect("window serializes");
+        out.push((crate::topic::player_topic(&b.name, &player), json));
     }
     out
 }
@@ -2005,6 +2078,7 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
                 // A new player pushes everyone below down one.
                 let other = old_rank.unwrap_or(b.ranking.len() as u64);
                 b.note_moved(new_rank, other);
+                b.note_touched(&player);
             }
             b.next_seq = b.next_seq.max(next_seq);
             let results = posted
@@ -2059,6 +2133,7 @@ fn apply(b: &mut Board, id: u64, write: Write) -> (Arc<str>, Applied, bool) {
             // Everyone below moves up one; the player's own window empties.
             if let Some(r) = rank {
                 b.note_moved(r, len);
+                b.note_touched(&player);
             }
             (Applied::Done, rank.is_some_and(|r| r <= top))
         }
@@ -2255,6 +2330,49 @@ mod tests {
         Boards::open(&cfg, hub, broker, metrics, CancellationToken::new())
             .await
             .unwrap()
+    }
+
+    /// A score that shifts every rank: the mover's own window goes out in the next update,
+    /// first; the shifted ones follow in slices of at most SHIFTED_PER_UPDATE, each once.
+    #[test]
+    fn the_movers_window_goes_first_and_the_shifted_follow_in_bounded_slices() {
+        let mut b = Board::new("t".into(), BoardOptions::default(), 1, 0);
+        let n = 4 * SHIFTED_PER_UPDATE;
+        for i in 0..n {
+            let p = format!("p{i}");
+            b.ranking
+                .submit(&p, i as f64, ScoreMode::Latest, i as u64, None);
+            b.watched.insert(Arc::from(p), None);
+        }
+        b.note_moved(0, u64::MAX);
+        let mut first = 0;
+        loop {
+            let w = player_windows(&mut b);
+            if w.is_empty() {
+                break;
+            }
+            assert!(w.len() <= SHIFTED_PER_UPDATE, "{}", w.len());
+            first += w.len();
+        }
+        assert_eq!(first, n, "every follower's first window");
+        // The last player jumps to first place: every rank in between shifts.
+        b.ranking
+            .submit("p0", 1e9, ScoreMode::Latest, n as u64, None);
+        b.note_moved(1, n as u64);
+        b.note_touched("p0");
+        let w = player_windows(&mut b);
+        assert_eq!(w[0].0, crate::topic::player_topic("t", "p0"));
+        assert!(w.len() <= 1 + SHIFTED_PER_UPDATE, "{}", w.len());
+        let mut seen: HashSet<String> = w.into_iter().map(|(t, _)| t).collect();
+        let mut updates = 1;
+        while !b.shifted.is_empty() {
+            for (t, _) in player_windows(&mut b) {
+                assert!(seen.insert(t), "a window sent twice");
+            }
+            updates += 1;
+        }
+        assert_eq!(seen.len(), n, "every shifted window, once");
+        assert_eq!(updates, n.div_ceil(SHIFTED_PER_UPDATE));
     }
 
     /// Makes the next `n` store commits fail as a full disk would.

@@ -512,6 +512,7 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
                 visible |= new_rank <= top || old_rank.is_some_and(|r| r <= top);
                 let other = old_rank.unwrap_or(b.ranking.len() as u64);
                 b.note_moved(new_rank, other);
+                b.note_touched(&player);
             }
             visible
         }
@@ -537,6 +538,7 @@ fn apply_op(b: &mut Board, op: Op) -> bool {
             };
             b.ranking.remove(&p);
             b.note_moved(rank, len);
+            b.note_touched(&p);
             rank <= b.options.top as u64
         }
         Op::Close { n, s } => {
