@@ -495,6 +495,22 @@ impl ClusterPresence {
         }
     }
 
+    /// The users' first joins and last leaves a re-write made (`j`/`l` + the member's
+    /// tail): joins and leaves whose own write failed, told to the webhooks once, here.
+    fn tell_sync_edges(&self, topic: &str, edges: &[Vec<u8>]) {
+        let Some(events) = self.hub.events() else {
+            return;
+        };
+        for e in edges {
+            let Some((kind, tail)) = e.split_first() else {
+                continue;
+            };
+            if let Some(user) = parse_tail(tail).and_then(|m| m.user) {
+                events.user_edge(topic, &user, *kind == b'j');
+            }
+        }
+    }
+
     /// Registers this node's id (a new one after it was taken for dead).
     async fn register(&self) -> bool {
         let node = self.node();
@@ -589,7 +605,8 @@ impl ClusterPresence {
                 };
                 inv.arg(field(m.client)).arg(format!("{node}{}", tail(&m)));
             }
-            self.timed(inv.invoke_async::<i64>(&mut c)).await?;
+            let edges: Vec<Vec<u8>> = self.timed(inv.invoke_async(&mut c)).await?;
+            self.tell_sync_edges(&topic, &edges);
             let mut pipe = redis::pipe();
             if self.local.stats(&topic).clients > 0 {
                 pipe.sadd(node_topics(&node), &*topic).ignore();
@@ -717,8 +734,9 @@ async fn write(me: Weak<ClusterPresence>, mut rx: mpsc::Receiver<Op>) {
                 match this.send(&batch).await {
                     Ok(answers) => this.tell_edges(&batch, &answers),
                     Err(e) => {
-                        // Re-written by the resync; a user edge it makes is not told to
-                        // webhooks (the clients' notices still go out).
+                        // Re-written by the resync, which tells the user edges it
+                        // makes to the webhooks. One this write made before it failed
+                        // in flight is not told (the clients' notices still go out).
                         tracing::debug!("presence not written: {e}");
                         this.health.record_error();
                         this.dirty.store(true, Ordering::Release);

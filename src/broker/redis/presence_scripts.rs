@@ -109,18 +109,28 @@ return out
 
 /// Makes the node's members of the topic exactly the ones given (what the node holds),
 /// announcing the difference. ARGV: node, channel, announce, key TTL, then member id and
-/// stored member pairs.
+/// stored member pairs. Returns the users' edges it made, for the webhooks (a join or
+/// leave whose own write failed is made here, and only here): `j` (first join) or `l`
+/// (last leave), then the member's tail.
 const SYNC: &str = r#"
 local want = {}
+local edges = {}
 for i = 5, #ARGV, 2 do want[ARGV[i]] = true end
 for _, f in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  if not want[f] then remove(f, ARGV[1], ARGV[2], ARGV[3]) end
+  if not want[f] then
+    local t = remove(f, ARGV[1], ARGV[2], ARGV[3])
+    if t and string.sub(t, 1, 1) == '1' then edges[#edges + 1] = 'l' .. string.sub(t, 2) end
+  end
 end
 for i = 5, #ARGV, 2 do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if v ~= ARGV[i + 1] then join(ARGV[i], ARGV[i + 1], ARGV[2], ARGV[3], ARGV[4]) end
+  if v ~= ARGV[i + 1] then
+    if join(ARGV[i], ARGV[i + 1], ARGV[2], ARGV[3], ARGV[4]) == 2 then
+      edges[#edges + 1] = 'j' .. string.sub(ARGV[i + 1], 17)
+    end
+  end
 end
-return 1
+return edges
 "#;
 
 /// A page of members in id order. KEYS: pm, pz. ARGV: the id after which to start (or
