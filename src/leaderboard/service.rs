@@ -1800,6 +1800,7 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
             .iter()
             .filter(|(p, last)| {
                 !b.shifted_set.contains(&***p)
+                    && !b.touched.contains(&***p)
                     && (all
                         || last.is_none()
                         || b.ranking
@@ -1828,10 +1829,9 @@ fn player_windows(b: &mut Board) -> Vec<(String, Vec<u8>)> {
         due.push(p);
     }
     let mut out = Vec::new();
-    let mut sent = HashSet::new();
     for player in due {
-        if !b.watched.contains_key(&player) || !sent.insert(player.clone()) {
-            continue; // unfollowed meanwhile, or touched and shifted both
+        if !b.watched.contains_key(&player) {
+            continue; // no longer followed here
         }
         let rank = b.ranking.rank(&player);
         let around = b.ranking.around(&player, WINDOW).unwrap_or_default();
