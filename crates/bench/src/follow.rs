@@ -9,6 +9,11 @@
 //!    `r * 1e6 + k` (r random), so every score is new and names its post; seed scores end
 //!    in 999999.
 //!
+//! Posts on one followed player go out one after the other (the next waits for the previous
+//! one's answer), as a game server posting one player's scores would: two posts on one
+//! player in flight at once may be applied in either order, and which one is the player's
+//! last score would then be unknown to the tool.
+//!
 //! Latency is measured from a post's acknowledgement (the 200) to the moment the posting
 //! player's own watcher (when that player is followed) receives a window whose entry shows
 //! that score: the window of the player that moved. Windows are conflated per update
@@ -402,9 +407,18 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut posts = JoinSet::new();
+    let watchers = args.subscribers as u64;
+    let in_order: Vec<Arc<tokio::sync::Mutex<()>>> = (0..watchers)
+        .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+        .collect();
     for (k, &player) in targets.iter().enumerate() {
         tick.tick().await;
         let permit = inflight.clone().acquire_owned().await.expect("open");
+        // Taken here, in post order: the previous post on this player has been answered.
+        let turn = match in_order.get(player as usize) {
+            Some(m) => Some(m.clone().lock_owned().await),
+            None => None,
+        };
         let (client, url, returned, errors, post_hist) = (
             client.clone(),
             url.clone(),
@@ -437,7 +451,7 @@ pub async fn run(
                     g.1.get_or_insert(e);
                 }
             }
-            drop(permit);
+            drop((permit, turn));
         });
         // Reap finished posts as we go, so the set stays small over long runs.
         while posts.try_join_next().is_some() {}
@@ -447,7 +461,6 @@ pub async fn run(
 
     // The last successful post of each followed player: its watcher must show it (or the
     // run times out).
-    let watchers = args.subscribers as u64;
     let mut last_of: HashMap<u64, usize> = HashMap::new();
     for (k, &p) in targets.iter().enumerate() {
         if p < watchers && ok[k].is_some() {
