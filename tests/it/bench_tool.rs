@@ -232,6 +232,8 @@ async fn follow_mode_reaches_each_players_own_window() {
         f.server_cpu_cores.is_some() && f.rss_end_kib.is_some(),
         "{f:?}"
     );
+    // Every window caught up after the posts (the neighbours' ones included).
+    assert!(f.settled_ms.is_some(), "{f:?}");
     assert!(
         !f.timed_out && r.failures().is_empty(),
         "{:?}",

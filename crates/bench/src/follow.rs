@@ -20,7 +20,9 @@
 //! interval, so a post overtaken by a later post of the same player within one interval
 //! may only be seen through the later one (`superseded`). Deliveries count every window
 //! received during the post phase, by every watcher (the neighbours' windows that moved
-//! included). With `--server-pid`, the server's CPU (cores busy) over the post phase and
+//! included). After the posts the tool waits until no window has come for a second and
+//! reports when the last one came (`settled_ms`: the neighbours' windows the server
+//! refreshes at a bounded rate catching up). With `--server-pid`, the server's CPU (cores busy) over the post phase and
 //! its RSS after seeding and at the end.
 
 use std::collections::HashMap;
@@ -50,6 +52,8 @@ const READ_BUF: usize = 64 * 1024;
 /// Time after the watchers connected before the first post (their first windows, and the
 /// server's once-a-second watcher check, land before it).
 const SETTLE: Duration = Duration::from_millis(1500);
+/// No window for this long after the posts: every window has caught up.
+const QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FollowReport {
@@ -89,6 +93,10 @@ pub struct FollowReport {
     /// With --server-pid: server RSS after seeding (before the watchers) and at the end.
     pub rss_seeded_kib: Option<u64>,
     pub rss_end_kib: Option<u64>,
+    /// From the last post's answer to the last window any watcher received, once windows
+    /// stopped coming for [`QUIET`]: how long the neighbours' (shifted) windows take to
+    /// catch up after the posts stop. `None` if the run timed out first.
+    pub settled_ms: Option<f64>,
 }
 
 impl FollowReport {
@@ -143,6 +151,12 @@ impl FollowReport {
             "  deliveries   {} windows in {:.1} s: {:.0}/s",
             self.deliveries, self.secs, self.deliveries_per_sec
         );
+        if let Some(ms) = self.settled_ms {
+            let _ = writeln!(
+                s,
+                "  settled      the last window came {ms:.0} ms after the last post's answer"
+            );
+        }
         if let Some(c) = self.server_cpu_cores {
             let kib = |v: Option<u64>| v.map_or("-".into(), |v| format!("{} MiB", v / 1024));
             let _ = writeln!(
@@ -177,6 +191,9 @@ struct Watch {
     /// Per watcher: 1 + the highest post index its own entry showed (0: none yet).
     max_seen: Box<[AtomicU64]>,
     closed: AtomicU64,
+    /// When the last window (of any watcher) arrived, in µs since `epoch`.
+    epoch: Instant,
+    last_window_us: AtomicU64,
 }
 
 #[derive(Default)]
@@ -222,6 +239,8 @@ async fn watch(mut stream: Conn, mut decoder: Decoder, w: Arc<Watch>, i: usize) 
                             continue;
                         }
                         w.deliveries.fetch_add(1, Ordering::Relaxed);
+                        let at = now.saturating_duration_since(w.epoch).as_micros() as u64;
+                        w.last_window_us.fetch_max(at, Ordering::Relaxed);
                         let Some(score) = own_score(&t) else { continue };
                         let k = score % SCALE;
                         if k == SEED {
@@ -339,6 +358,8 @@ pub async fn run(
         deliveries: AtomicU64::new(0),
         max_seen: (0..args.subscribers).map(|_| AtomicU64::new(0)).collect(),
         closed: AtomicU64::new(0),
+        epoch: Instant::now(),
+        last_window_us: AtomicU64::new(0),
     });
     let sem = Arc::new(Semaphore::new(args.connect_concurrency));
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<Duration, String>>();
@@ -487,6 +508,18 @@ pub async fn run(
     let deliveries = w.deliveries.load(Ordering::Relaxed);
     let cpu_after = args.server_pid.and_then(super::cpu_secs);
     let rss_end_kib = args.server_pid.and_then(super::rss_kib);
+    // The shifted windows still queued on the server drain after the posts: wait until
+    // none has come for QUIET.
+    let last_answer = ok.iter().flatten().max().copied();
+    let mut settled_ms = None;
+    while !timed_out && Instant::now() < deadline {
+        let last = w.epoch + Duration::from_micros(w.last_window_us.load(Ordering::Relaxed));
+        if last.elapsed() >= QUIET {
+            settled_ms = last_answer.map(|a| last.saturating_duration_since(a).as_secs_f64() * 1e3);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     w.stop.cancel();
 
     let (post_errors, first_post_error) = errors.lock().clone();
@@ -514,6 +547,7 @@ pub async fn run(
             .map(|(b, a)| (a - b) / secs.max(1e-9)),
         rss_seeded_kib,
         rss_end_kib,
+        settled_ms,
         ..Default::default()
     };
     let mut lat: Histogram<u64> = new_histogram();
