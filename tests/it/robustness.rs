@@ -121,8 +121,10 @@ async fn silent_client_is_closed_after_ping_interval_plus_pong_timeout() {
         }
         alive
     });
-    let mut silent = raw_ws(srv.addr, "?topic=t", None).await;
+    // Taken before the handshake: the server's clock starts once it has answered it, which
+    // a loaded machine may take a few ms to let this side see.
     let started = tokio::time::Instant::now();
+    let mut silent = raw_ws(srv.addr, "?topic=t", None).await;
     // The silent one reads (so the socket is not stalled) but never answers.
     let mut got = Vec::new();
     let _ = within("silent closed", silent.read_to_end(&mut got)).await;
