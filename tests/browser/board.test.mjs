@@ -320,6 +320,71 @@ test('?player: the followed row is pinned below the top with its neighbours, the
   });
 });
 
+test('?friends: the chosen players ranked among themselves, live, the missing ones named', { timeout: 60_000 }, async () => {
+  await withServer(async (server) => {
+    await api(server.baseURL, 'PUT', '/api/boards/e2e-fr', { top: 3, mode: 'latest' });
+    await postScores(
+      server.baseURL,
+      'e2e-fr',
+      Array.from({ length: 8 }, (_, i) => ({ player: `p${i + 1}`, score: 80 - 10 * i })),
+    );
+    const page = await newPage();
+    // A repeat is dropped; `nobody` has no score yet; p7 is also the followed player.
+    await page.goto(`${server.baseURL}/boards/e2e-fr?friends=p7,p2,nobody,p2&player=p7`);
+    await waitLive(page, 'ws');
+    const rows = () =>
+      page.$$eval('#friends-rows tr[data-player]', (trs) =>
+        trs.map((tr) => [tr.dataset.player, Number(tr.dataset.rank), tr.classList.contains('me')]),
+      );
+    const waitFriends = (first, n) =>
+      page.waitForFunction(
+        ({ first, n }) =>
+          document.body.dataset.friends === 'shown' &&
+          document.querySelectorAll('#friends-rows tr').length === n &&
+          document.querySelector('#friends-rows tr').dataset.player === first,
+        { first, n },
+        { timeout: WAIT },
+      );
+    await waitFriends('p2', 2);
+    assert.deepEqual(await rows(), [
+      ['p2', 2, false],
+      ['p7', 7, true],
+    ]);
+    assert.equal(await page.getAttribute('#friends-status', 'data-missing'), 'nobody');
+    assert.equal(await page.isVisible('#friends-table'), true);
+
+    // p7 passes p2: the view follows, live.
+    await postScores(server.baseURL, 'e2e-fr', { player: 'p7', score: 75 });
+    await waitFriends('p7', 2);
+    assert.deepEqual(await rows(), [
+      ['p7', 2, true],
+      ['p2', 3, false],
+    ]);
+
+    // `nobody` posts: ranked, no longer missing.
+    await postScores(server.baseURL, 'e2e-fr', { player: 'nobody', score: 1 });
+    await waitFriends('p7', 3);
+    assert.deepEqual(await rows(), [
+      ['p7', 2, true],
+      ['p2', 3, false],
+      ['nobody', 9, false],
+    ]);
+    assert.equal(await page.getAttribute('#friends-status', 'data-missing'), '');
+
+    // A list the server would refuse is said so, and the board itself still works.
+    const bad = await newPage();
+    await bad.goto(`${server.baseURL}/boards/e2e-fr?friends=a@b`);
+    await waitLive(bad);
+    await bad.waitForFunction(() => document.body.dataset.friends === 'invalid', null, { timeout: WAIT });
+    assert.match(await bad.textContent('#friends-status'), /cannot carry/);
+    await waitRows(bad, 3);
+    assert.deepEqual(page.errors, [], 'no uncaught page errors');
+    assert.deepEqual(bad.errors, [], 'no uncaught page errors');
+    await page.context().close();
+    await bad.context().close();
+  });
+});
+
 test('index: / lists the boards and links to them', { timeout: 60_000 }, async () => {
   await withServer(async (server) => {
     await postScores(server.baseURL, 'e2e-index', seed.slice(0, 2));

@@ -10,6 +10,8 @@
 // message, `?token=` on the SSE fallback and `Authorization: Bearer` on fetches.
 // ?player=ID follows that player (`board:{name}@{ID}`, on the same connection): their row is
 // highlighted in the top, or pinned below it with their neighbours, live.
+// ?friends=ID,ID,... shows those players' own ranking below the top, live
+// (`board:{name}:friends@ID@ID...`, at most 32 players; docs/leaderboards.md, "Friends").
 import { Crier } from "./crier.js";
 
 {
@@ -42,6 +44,10 @@ import { Crier } from "./crier.js";
     meStatus: $("#me-status"),
     pinned: $("#pinned"),
     pinnedRows: $("#pinned-rows"),
+    friends: $("#friends"),
+    friendsStatus: $("#friends-status"),
+    friendsTable: $("#friends-table"),
+    friendsRows: $("#friends-rows"),
   };
 
   // ---- which board ------------------------------------------------------------------
@@ -66,6 +72,21 @@ import { Crier } from "./crier.js";
     const p = params.get("player");
     if (!p || !/^[A-Za-z0-9_.:@-]{1,128}$/.test(p) || (topic + "@" + p).length > 128) return null;
     return p;
+  })();
+  // The friends view: ids as given (comma-separated, blanks and repeats dropped), its topic
+  // when the server would take it, else the reason it is not watched.
+  const MAX_FRIENDS = 32;
+  const friends = (() => {
+    const raw = params.get("friends");
+    if (raw === null) return null;
+    const ids = [...new Set(raw.split(",").map((p) => p.trim()).filter((p) => p !== ""))];
+    let invalid = null;
+    if (ids.length === 0) invalid = "no players given";
+    else if (ids.length > MAX_FRIENDS) invalid = `at most ${MAX_FRIENDS} players`;
+    else if (ids.some((p) => !/^[A-Za-z0-9_.:-]{1,128}$/.test(p))) invalid = "a player id with a character a topic cannot carry";
+    const friendsTopic = topic + ":friends@" + ids.join("@");
+    if (!invalid && friendsTopic.length > 128) invalid = "the list is too long for one topic (128 bytes)";
+    return { ids, topic: invalid ? null : friendsTopic, invalid };
   })();
   const reduceMotion = window.matchMedia && matchMedia("(prefers-reduced-motion: reduce)").matches;
 
@@ -240,6 +261,19 @@ import { Crier } from "./crier.js";
     else tr.removeAttribute("aria-current");
   }
 
+  // A row outside the top's table (the pinned window, the friends view): rebuilt whole.
+  function entryRow(e) {
+    const player = String(e.player);
+    const tr = makeRow(player);
+    setText(tr.cells[0], fmt(e.rank));
+    setText(tr.cells[1], displayName(e));
+    setText(tr.cells[2], fmt(e.score));
+    tr.dataset.rank = fmt(e.rank);
+    tr.dataset.score = fmt(e.score);
+    markMe(tr, player);
+    return tr;
+  }
+
   function renderMe() {
     if (followed === null) return;
     el.me.hidden = false;
@@ -261,17 +295,7 @@ import { Crier } from "./crier.js";
       // The window's rows the top does not show already.
       for (const e of shownWindow.around) if (Number(e.rank) > shownTop.length) rows.push(e);
     }
-    const trs = rows.map((e) => {
-      const player = String(e.player);
-      const tr = makeRow(player);
-      setText(tr.cells[0], fmt(e.rank));
-      setText(tr.cells[1], displayName(e));
-      setText(tr.cells[2], fmt(e.score));
-      tr.dataset.rank = fmt(e.rank);
-      tr.dataset.score = fmt(e.score);
-      markMe(tr, player);
-      return tr;
-    });
+    const trs = rows.map(entryRow);
     el.pinnedRows.replaceChildren(...trs);
     el.pinned.hidden = trs.length === 0;
     document.body.dataset.me = state;
@@ -287,6 +311,41 @@ import { Crier } from "./crier.js";
     windowVersion = v;
     shownWindow = data;
     renderMe();
+  }
+
+  // ---- the friends view (?friends=ID,ID,...) ----------------------------------------------
+  // `body[data-friends]`: waiting | shown | invalid; each row carries its board rank.
+  let friendsVersion = -Infinity;
+
+  function renderFriends(view) {
+    if (friends === null) return;
+    el.friends.hidden = false;
+    if (friends.invalid) {
+      setText(el.friendsStatus, `Friends not shown: ${friends.invalid}.`);
+      document.body.dataset.friends = "invalid";
+      return;
+    }
+    if (!view) {
+      setText(el.friendsStatus, `Looking for ${friends.ids.join(", ")}…`);
+      document.body.dataset.friends = "waiting";
+      return;
+    }
+    const ranking = Array.isArray(view.ranking) ? view.ranking : [];
+    const missing = Array.isArray(view.missing) ? view.missing.map(String) : [];
+    const trs = ranking.map(entryRow);
+    el.friendsRows.replaceChildren(...trs);
+    el.friendsTable.hidden = trs.length === 0;
+    setText(el.friendsStatus, missing.length ? `No score this season yet: ${missing.join(", ")}.` : "");
+    el.friendsStatus.dataset.missing = missing.join(",");
+    document.body.dataset.friends = "shown";
+  }
+
+  function onFriends(data, first) {
+    if (!data || typeof data !== "object" || !Array.isArray(data.ranking)) return;
+    const v = Number(data.version);
+    if (!Number.isFinite(v) || (v <= friendsVersion && !first)) return;
+    friendsVersion = v;
+    renderFriends(data);
   }
 
   function updateCounts(data) {
@@ -442,6 +501,21 @@ import { Crier } from "./crier.js";
           windowAsIs = true;
         },
       });
+    }
+    if (friends !== null) {
+      renderFriends(null);
+      if (friends.topic) {
+        let friendsAsIs = true;
+        crier.subscribe(friends.topic, {
+          onMessage(data) {
+            onFriends(data, friendsAsIs);
+            friendsAsIs = false;
+          },
+          onReset() {
+            friendsAsIs = true;
+          },
+        });
+      }
     }
     window.addEventListener("offline", () => {
       if (crier.state !== "open") setStatus("offline", "no network", crier.transport);
