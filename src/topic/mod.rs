@@ -142,16 +142,26 @@ pub fn is_valid_pusher_channel(name: &str) -> bool {
         && (is_pusher_channel_text(name) || pusher_user_of(name).is_some())
 }
 
-/// The Pusher channel a crier topic is watched as from any Pusher app: `board:NAME` is
-/// `board@NAME` (`:` is not a Pusher channel character). docs/pusher.md.
+/// How a friends view's `:friends@` is spelled in a Pusher channel name.
+const PUSHER_FRIENDS_MARK: &str = ";friends@";
+
+/// The Pusher channel a crier topic is watched as from any Pusher app (`:` is not a Pusher
+/// channel character): `board:NAME` is `board@NAME`, a followed player `board:NAME@P` is
+/// `board@NAME@P`, a friends view `board:NAME:friends@A@B` is `board@NAME;friends@A@B`.
+/// docs/pusher.md.
 pub fn watch_channel(topic: &str) -> String {
-    topic.replacen(':', "@", 1)
+    topic
+        .replacen(':', "@", 1)
+        .replacen(FRIENDS_MARK, PUSHER_FRIENDS_MARK, 1)
 }
 
-/// The crier topic a Pusher channel watches (`board@NAME`), if it names one.
+/// The crier topic a Pusher channel watches (the inverse of [`watch_channel`]), if it
+/// names one. The topic's own rules (a friends view's set) are checked on subscribe.
 pub fn watched_topic(channel: &str) -> Option<String> {
     let name = channel.strip_prefix("board@")?;
-    is_valid(&board_topic(name)).then(|| board_topic(name))
+    let board = name.split(['@', ';']).next().unwrap_or_default();
+    let topic = board_topic(&name.replacen(PUSHER_FRIENDS_MARK, FRIENDS_MARK, 1));
+    (crier_protocol::names::is_valid_board(board) && is_valid(&topic)).then_some(topic)
 }
 
 /// A Pusher topic or the start of one, as a pattern names it (`[[namespace]]`):
@@ -223,6 +233,21 @@ pub fn topics_from_query(query: Option<&str>, max: usize) -> Result<Vec<String>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn board_topics_and_their_pusher_channels_map_both_ways() {
+        for (topic, channel) in [
+            ("board:arena", "board@arena"),
+            ("board:arena@p42", "board@arena@p42"),
+            ("board:arena:friends@a@b.c", "board@arena;friends@a@b.c"),
+        ] {
+            assert_eq!(watch_channel(topic), channel);
+            assert!(is_valid_pusher_channel(channel), "{channel}");
+            assert_eq!(watched_topic(channel).as_deref(), Some(topic), "{channel}");
+        }
+        assert_eq!(watched_topic("scores"), None);
+        assert_eq!(watched_topic("board@"), None);
+    }
 
     #[test]
     fn friends_topics_parse_check_and_are_not_followed_players() {

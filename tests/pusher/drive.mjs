@@ -289,6 +289,38 @@ try {
     if (!JSON.stringify(u).includes("20")) fail(`update ${JSON.stringify(u)}`);
   }
 
+  step = "a followed player board@NAME@P and a friends view board@NAME;friends@A@B";
+  {
+    const post = async (player, score) => {
+      const r = await fetch(`http://${host}:${port}/api/boards/arena/scores`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ player, score }),
+      });
+      if (!r.ok) fail(`score: ${r.status} ${await r.text()}`);
+    };
+    const parse = (d) => (typeof d === "string" ? JSON.parse(d) : d);
+    await post("p2", 15); // p1 has 20: p2 is second
+    const me = a.subscribe("board@arena@p2");
+    const w = parse(await next(me, "crier:publication"));
+    if (w.entry?.player !== "p2" || w.entry?.rank !== 2) fail(`window ${JSON.stringify(w)}`);
+    const fr = a.subscribe("board@arena;friends@p1@p2@nobody");
+    const v = parse(await next(fr, "crier:publication"));
+    const order = (v) => v.ranking.map((e) => e.player).join(",");
+    if (order(v) !== "p1,p2" || JSON.stringify(v.missing) !== '["nobody"]') fail(`friends ${JSON.stringify(v)}`);
+    const w2 = next(me, "crier:publication");
+    const v2 = next(fr, "crier:publication");
+    await post("p2", 30); // first now
+    const moved = parse(await w2);
+    if (moved.entry?.rank !== 1) fail(`window after the move ${JSON.stringify(moved)}`);
+    if (order(parse(await v2)) !== "p2,p1") fail("friends after the move");
+    // A set the topic rules refuse (a player twice) is the request's fault: 400.
+    const bad = a.subscribe("board@arena;friends@p1@p1");
+    const err = await within(new Promise((res) => bad.bind("pusher:subscription_error", res)), "subscription_error");
+    if (err.status !== 400) fail(`refused set: ${JSON.stringify(err)}`);
+    a.unsubscribe("board@arena;friends@p1@p1");
+  }
+
   step = "an unknown app key gets 4001";
   {
     const ws = new WebSocket(`ws://${host}:${port}/app/nope?protocol=7&client=js&version=8.4.0`);

@@ -306,7 +306,14 @@ impl Connection {
         // A watched crier topic (`board@NAME`) is read as crier reads it: a private one
         // needs a token, which a Pusher connection never has.
         if let Err(e) = self.reg.state().auth.check_read(&topic, None) {
-            self.pusher_reply(messages::subscription_error(&channel, 403, &e.message));
+            // A friends view's set the topic rules refuse is the request's fault (400);
+            // anything else is access (403).
+            let status = if e.code == crate::error_code::ErrorCode::BadTopic {
+                400
+            } else {
+                403
+            };
+            self.pusher_reply(messages::subscription_error(&channel, status, &e.message));
             return self.pusher_error(Some(code::UNAUTHORIZED), &e.message);
         }
         let cache = messages::is_cache_channel(&channel);
