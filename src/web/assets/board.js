@@ -132,7 +132,17 @@ import { Crier } from "./crier.js";
     return tr;
   }
 
-  function setText(node, text) {
+  // Shows entry `e` (rank, name, score) in row `tr`, marked when it is the followed player.
+  function fillRow(tr, e) {
+    setText(tr.cells[0], fmt(e.rank));
+    setText(tr.cells[1], displayName(e));
+    setText(tr.cells[2], fmt(e.score));
+    tr.dataset.rank = fmt(e.rank);
+    tr.dataset.score = fmt(e.score);
+    markMe(tr, String(e.player));
+  }
+
+    function setText(node, text) {
     if (node.textContent !== text) node.textContent = text;
   }
 
@@ -176,12 +186,7 @@ import { Crier } from "./crier.js";
         tr = makeRow(player);
         rowByPlayer.set(player, tr);
       }
-      setText(tr.cells[0], fmt(entry.rank));
-      setText(tr.cells[1], displayName(entry));
-      setText(tr.cells[2], fmt(entry.score));
-      tr.dataset.rank = fmt(entry.rank);
-      tr.dataset.score = fmt(entry.score);
-      markMe(tr, player);
+      fillRow(tr, entry);
       // Put the row in place without touching rows that already are.
       if (tr === cursor) {
         cursor = cursor.nextElementSibling;
@@ -263,14 +268,8 @@ import { Crier } from "./crier.js";
 
   // A row outside the top's table (the pinned window, the friends view): rebuilt whole.
   function entryRow(e) {
-    const player = String(e.player);
-    const tr = makeRow(player);
-    setText(tr.cells[0], fmt(e.rank));
-    setText(tr.cells[1], displayName(e));
-    setText(tr.cells[2], fmt(e.score));
-    tr.dataset.rank = fmt(e.rank);
-    tr.dataset.score = fmt(e.score);
-    markMe(tr, player);
+    const tr = makeRow(String(e.player));
+    fillRow(tr, e);
     return tr;
   }
 
