@@ -21,9 +21,9 @@
 //! may only be seen through the later one (`superseded`). Deliveries count every window
 //! received during the post phase, by every watcher (the neighbours' windows that moved
 //! included). After the posts the tool waits until no window has come for a second and
-//! reports when the last one came (`settled_ms`: the neighbours' windows the server
-//! refreshes at a bounded rate catching up). With `--server-pid`, the server's CPU (cores busy) over the post phase and
-//! its RSS after seeding and at the end.
+//! reports when the last one came (`settled_ms`: the neighbours' windows, which the server
+//! refreshes at a bounded rate, catching up). With `--server-pid`, the server's CPU (cores
+//! busy) over the post phase and its RSS after seeding and at the end.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

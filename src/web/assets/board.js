@@ -142,7 +142,7 @@ import { Crier } from "./crier.js";
     markMe(tr, String(e.player));
   }
 
-    function setText(node, text) {
+  function setText(node, text) {
     if (node.textContent !== text) node.textContent = text;
   }
 
