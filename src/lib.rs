@@ -33,6 +33,7 @@ pub mod rate;
 pub mod redb_file;
 pub mod refusal_log;
 pub mod server;
+pub mod sharded_metrics;
 pub mod sse;
 pub mod state;
 pub mod subscribe;

@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::close::DisconnectReason;
+use crate::sharded_metrics::{ShardedCounter, ShardedHistogram};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Transport {
@@ -99,13 +100,13 @@ pub struct Metrics {
     pub durable_commits: Counter,
     pub durable_commit_seconds: Histogram,
     pub publications: Counter,
-    pub deliveries: Family<TransportLabel, Counter>,
-    pub bytes_out: Family<TransportLabel, Counter>,
+    pub deliveries: Family<TransportLabel, ShardedCounter>,
+    pub bytes_out: Family<TransportLabel, ShardedCounter>,
     pub disconnects: Family<ReasonLabel, Counter>,
     pub slow_consumer_disconnects: Counter,
     pub queue_full_drops: Counter,
     pub conflated: Counter,
-    pub delivery_latency: Histogram,
+    pub delivery_latency: ShardedHistogram,
     pub rejected_connections: Counter,
     pub scores: Counter,
     pub board_updates: Counter,
@@ -126,8 +127,8 @@ pub struct Metrics {
 
 #[derive(Clone, Default)]
 struct PerTransport {
-    deliveries: Counter,
-    bytes_out: Counter,
+    deliveries: ShardedCounter,
+    bytes_out: ShardedCounter,
 }
 
 impl Metrics {
@@ -156,7 +157,7 @@ impl Metrics {
             slow_consumer_disconnects: Counter::default(),
             queue_full_drops: Counter::default(),
             conflated: Counter::default(),
-            delivery_latency: Histogram::new([
+            delivery_latency: ShardedHistogram::new(&[
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             rejected_connections: Counter::default(),
@@ -412,7 +413,7 @@ impl Metrics {
         }
         t.bytes_out.inc_by(bytes);
         if let Some(at) = oldest {
-            self.delivery_latency.observe(at.elapsed().as_secs_f64());
+            self.delivery_latency.observe(at.elapsed());
         }
     }
 

@@ -40,6 +40,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "web",
             "fd_limit",
             "framing",
+            "sharded_metrics",
         ],
     ),
     ("the refusal log", &["refusal_log"]),
