@@ -105,7 +105,10 @@ pub enum Pushed {
 
 /// What `take_each` found.
 pub enum Taken {
-    Some,
+    /// Items were handed over; `more`: others are still queued.
+    Some {
+        more: bool,
+    },
     Empty,
     Closed(DisconnectReason),
 }
@@ -152,6 +155,16 @@ impl Client {
     pub fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Marks the writer woken and hands over its waker, for the caller to wake once it has
+    /// released its own locks (`Wakeups`): the waker moves out of the client, so a fan-out
+    /// holds no reference to the client itself (whose reference count two cores would
+    /// otherwise write in turn for every delivery). None: no waker is registered now (the
+    /// writer is running, or registering, and will see the flag).
+    pub fn take_wake(&self) -> Option<std::task::Waker> {
+        self.woken.store(true, Ordering::Release);
+        self.waker.take()
     }
 
     /// Queues an item and says whether the writer must be woken, without waking it, so
@@ -206,7 +219,7 @@ impl Client {
     pub fn take(&self, max_bytes: usize, max_items: usize) -> Batch {
         let mut items = Vec::new();
         match self.take_each(max_bytes, max_items, |item| items.push(item)) {
-            Taken::Some => Batch::Items(items),
+            Taken::Some { .. } => Batch::Items(items),
             Taken::Empty => Batch::Empty,
             Taken::Closed(reason) => Batch::Closed(reason),
         }
@@ -242,12 +255,13 @@ impl Client {
         }
         q.bytes -= taken;
         q.items.drain(..n).for_each(&mut each);
-        if q.items.is_empty() {
+        let more = !q.items.is_empty();
+        if !more {
             // Give the buffer back once the queue has drained: an idle client holds none
             // (the first push of a batch allocates it again, beside a socket write).
             q.items = VecDeque::new();
         }
-        Taken::Some
+        Taken::Some { more }
     }
 
     /// Marks the client closed; the writer sends the close and ends. The first reason wins.

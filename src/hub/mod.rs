@@ -560,7 +560,7 @@ impl Hub {
         l.last = Some(p.offset);
         l.seen = Some(p.offset);
         let mut frames: [Option<Bytes>; 3] = [None, None, None];
-        wake.0.reserve(l.subscribers.len());
+        wake.reserve(l.subscribers.len());
         for client in l.subscribers.values() {
             if p.terminates() {
                 client.close(DisconnectReason::Terminated);
@@ -576,7 +576,7 @@ impl Hub {
                 client.enqueue(item, &self.metrics),
                 Pushed::Wake | Pushed::Overflowed
             ) {
-                wake.0.push(client.clone());
+                wake.add(client);
             }
         }
         if !l.joining.is_empty() {
@@ -619,7 +619,7 @@ impl Hub {
                                 Pushed::Wake | Pushed::Overflowed
                             )
                         {
-                            wake.0.push(j.client.clone());
+                            wake.add(&j.client);
                         }
                     } else if p.offset > *pos + 1 {
                         tracing::warn!(
@@ -897,7 +897,7 @@ impl BrokerSink for Hub {
                 client.enqueue(Item::control(bytes), &self.metrics),
                 Pushed::Wake | Pushed::Overflowed
             ) {
-                wake.0.push(client.clone());
+                wake.add(client);
             }
         }
     }

@@ -4,6 +4,7 @@
 //! [`Replay`]s. The broker module re-exports these, so its callers keep their paths.
 
 use std::sync::Arc;
+use std::task::Waker;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -41,12 +42,23 @@ pub struct Replay {
 /// Writers to wake once the caller has released its locks (so the next publication does
 /// not wait behind 10,000 wake-ups). Opaque to brokers: they only carry it.
 #[derive(Default)]
-pub struct Wakeups(pub(super) Vec<Arc<Client>>);
+pub struct Wakeups(Vec<Waker>);
 
 impl Wakeups {
+    /// The client's writer, to be woken by `wake`.
+    pub(super) fn add(&mut self, client: &Client) {
+        if let Some(w) = client.take_wake() {
+            self.0.push(w);
+        }
+    }
+
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.0.reserve(n);
+    }
+
     pub fn wake(self) {
-        for c in self.0 {
-            c.wake();
+        for w in self.0 {
+            w.wake();
         }
     }
 }

@@ -236,6 +236,21 @@ impl Tick {
     }
 }
 
+/// Frames `write_direct` takes for one write. A publication is one frame, and in steady
+/// fan-out a wake-up finds one or two; a burst goes on through the same path, `DIRECT` at
+/// a time, while the socket takes them whole.
+const DIRECT: usize = 16;
+
+/// What `write_direct` did.
+enum Direct {
+    /// All written, and the queue is empty (or nothing was queued).
+    Drained,
+    /// All written; more is queued.
+    More,
+    /// Something is left in `out` (the socket took part of it, or our close was queued).
+    Left,
+}
+
 /// What woke the connection's task.
 enum Wake {
     Timer,
@@ -281,15 +296,39 @@ impl Connection {
         mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<DisconnectReason> {
-        let client = self.reg.client.clone();
-        let budget = client.budget();
+        // The client is reached through `self.reg` at each use, not through a clone of
+        // its `Arc`: the fan-out thread has just written the client's cache lines, and a
+        // clone and drop per wake-up were two more atomic writes to one of them.
+        let budget = self.reg.client.budget();
         loop {
             // Write what can go now; when a batch drains, look at the queue again before
             // sleeping (in a burst the next publications are already there). Bounded so a
             // busy connection still gets to its reads and timers.
+            let now = Instant::now();
+            let mut more_queued = false;
             for _ in 0..8 {
+                more_queued = false;
                 if self.out_is_empty() && self.closing.is_none() {
-                    self.refill();
+                    if self.busy.as_ref().is_none_or(|b| b.pending_pong.is_none()) {
+                        match self.write_direct(now) {
+                            Ok(Direct::Drained) => break,
+                            Ok(Direct::More) => {
+                                more_queued = true;
+                                continue;
+                            }
+                            // The socket is full: wait until it is writable.
+                            Ok(Direct::Left) if self.closing.is_none() => break,
+                            // Our close frame is queued: write it now.
+                            Ok(Direct::Left) => {}
+                            Err(_) => {
+                                return Poll::Ready(
+                                    self.closing.unwrap_or(DisconnectReason::Normal),
+                                )
+                            }
+                        }
+                    } else {
+                        self.refill(now);
+                    }
                 }
                 if self.out_is_empty() {
                     break;
@@ -300,6 +339,12 @@ impl Connection {
                 if !self.out_is_empty() || self.closing.is_some() {
                     break;
                 }
+            }
+            if more_queued {
+                // Still queued after a round of writes: no push will wake this task for it
+                // (only a push to an empty queue does), so it wakes itself, after letting
+                // the worker's other tasks run.
+                cx.waker().wake_by_ref();
             }
             if let Some(reason) = self.closing {
                 if self.out_is_empty() {
@@ -312,11 +357,11 @@ impl Connection {
                 }
             }
             let held = self.held();
-            client.set_held(held);
+            self.reg.client.set_held(held);
 
             // Deadlines are checked here, on every wake-up, not only when the timer wins
             // the select below: a socket that is always readable must not starve them.
-            let now = Instant::now();
+            // (`now` is from the top of this round: the writes above take microseconds.)
             let cfg = &self.reg.state().cfg;
             let busy = self.busy.as_deref();
             let close_deadline = busy.and_then(|b| b.close_deadline);
@@ -382,7 +427,7 @@ impl Connection {
             // the budget, stop reading; the client's own commands then pile up in its
             // socket, not here. Only while something is waiting, or nothing would ever
             // free the budget.
-            let queued = client.queued_bytes();
+            let queued = self.reg.client.queued_bytes();
             let outgoing = held - self.decoder_held() + queued;
             let read_paused =
                 self.closing.is_none() && outgoing > 0 && held + queued + READ_CHUNK > budget;
@@ -398,7 +443,7 @@ impl Connection {
             let open = self.closing.is_none();
             let woke = if timer.as_mut().poll(cx).is_ready() {
                 Wake::Timer
-            } else if open && client.poll_notified(cx).is_ready() {
+            } else if open && self.reg.client.poll_notified(cx).is_ready() {
                 Wake::Queue
             } else if let Some(r) = want_write
                 .then(|| self.stream.poll_write_ready(cx))
@@ -431,8 +476,11 @@ impl Connection {
                 Wake::Queue => {
                     // A close (slow consumer) must not wait behind a stuck write. Shutdown
                     // waits: the queue drains first, then `refill` sees Closed(Shutdown).
-                    if let Some(reason) =
-                        client.closed().filter(|r| *r != DisconnectReason::Shutdown)
+                    if let Some(reason) = self
+                        .reg
+                        .client
+                        .closed()
+                        .filter(|r| *r != DisconnectReason::Shutdown)
                     {
                         self.begin_close(reason);
                     }
@@ -464,7 +512,7 @@ impl Connection {
                         self.process_input();
                         // Before any answer to this input goes out, so a peer that sees
                         // the answer knows its bytes are counted.
-                        client.set_held(self.held());
+                        self.reg.client.set_held(self.held());
                     }
                     if self.peer_closed && self.closing.is_some() && self.out_is_empty() {
                         return Poll::Ready(self.closing.unwrap_or(DisconnectReason::Normal));
@@ -518,10 +566,66 @@ impl Connection {
         busy.out.push_back(frame);
     }
 
+    /// With nothing in flight: takes up to `DIRECT` queued frames and writes them at once,
+    /// from the stack. In steady fan-out each wake-up finds one publication and the socket
+    /// takes it whole, so no writing side (`Busy`, its `out` buffer) is made and freed
+    /// per delivery; only what the socket leaves is moved into one, under the write
+    /// deadline from `now`. A closed queue turns into our close frame (in `out`).
+    fn write_direct(&mut self, now: Instant) -> io::Result<Direct> {
+        let mut frames: [Bytes; DIRECT] = Default::default();
+        let mut n = 0;
+        let mut batch = Batch::default();
+        let taken = self.reg.client.take_each(BATCH_BYTES, DIRECT, |item| {
+            frames[n] = batch.add(item);
+            n += 1;
+        });
+        let more = match taken {
+            Taken::Some { more } => more,
+            Taken::Empty => return Ok(Direct::Drained),
+            Taken::Closed(reason) => {
+                self.begin_close(reason);
+                return Ok(Direct::Left);
+            }
+        };
+        let frames = &mut frames[..n];
+        let total: usize = frames.iter().map(Bytes::len).sum();
+        let mut slices = [IoSlice::new(&[]); DIRECT];
+        for (slot, f) in slices.iter_mut().zip(frames.iter()) {
+            *slot = IoSlice::new(f);
+        }
+        let mut written = match self.stream.try_write_vectored(&slices[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        batch.wrote(written);
+        if written == total {
+            batch.report(&self.reg.state().metrics, self.reg.client.transport);
+            return Ok(if more { Direct::More } else { Direct::Drained });
+        }
+        let busy = self.busy();
+        busy.batch = batch;
+        busy.batch_started = Some(now);
+        for f in frames.iter_mut() {
+            if written >= f.len() {
+                written -= f.len();
+                continue;
+            }
+            if written > 0 {
+                f.advance(written);
+                written = 0;
+                busy.front_partial = true;
+            }
+            busy.out_bytes += f.len();
+            busy.out.push_back(std::mem::take(f));
+        }
+        Ok(Direct::Left)
+    }
+
     /// Moves queued frames into `out` (a pending pong first); a closed queue turns into
     /// our close frame. Makes no writing side for an empty queue.
-    fn refill(&mut self) {
-        let now = Instant::now();
+    fn refill(&mut self, now: Instant) {
         if let Some(pong) = self.busy.as_mut().and_then(|b| b.pending_pong.take()) {
             self.busy().pongs_in_out += 1;
             self.push_out(pong, now);
@@ -660,7 +764,7 @@ impl Connection {
                         FrameError::TooManyFragments(_) => DisconnectReason::TooManyFragments,
                     };
                     // Answers to what came before the bad frame go out first (one batch).
-                    self.refill();
+                    self.refill(Instant::now());
                     self.begin_close(reason);
                     // What is buffered is unparseable; a fresh decoder (control-frame
                     // sized) can still read the peer's close reply that follows ours.
@@ -740,7 +844,7 @@ impl Connection {
     /// then close 4500.
     fn too_many_commands(&mut self) {
         // Replies to the commands that were within the limit go out first.
-        self.refill();
+        self.refill(Instant::now());
         let rate = self.reg.state().cfg.max_commands_per_second;
         let msg = format!(
             "more than {rate} frames per second (max_commands_per_second: commands, pings, \
@@ -931,7 +1035,7 @@ impl Connection {
     /// A failed `auth` or `refresh`: the replies earned so far (one batch), the error
     /// frame, then close 4501. Closing bounds what a client can make the server verify.
     fn auth_failed(&mut self, code: ErrorCode, message: &str, id: Option<&RawValue>) {
-        self.refill();
+        self.refill(Instant::now());
         let err = frame::encode(frame::OP_TEXT, &protocol::error(code, message, id));
         self.push_out(err, Instant::now());
         self.begin_close(DisconnectReason::BadToken);

@@ -86,6 +86,10 @@ impl WsStream {
 
     pub fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
+            // One frame (a steady fan-out's usual write): `write`, which the kernel serves
+            // without importing an iovec array (`vfs_writev` was ~5% of the server's CPU
+            // in a 10,000-subscriber fan-out profile).
+            WsStream::Plain(s) if bufs.len() == 1 => s.try_write(&bufs[0]),
             WsStream::Plain(s) => s.try_write_vectored(bufs),
             WsStream::Tls(t) => t.try_write_vectored(bufs),
         }

@@ -398,3 +398,76 @@ async fn stalled_sse_reader_is_dropped_and_leaves_nothing_behind() {
         "the healthy one got all {published} before shutdown"
     );
 }
+
+/// Publishes `n` publications of about 400 bytes to `t`, 100 per batch request.
+async fn publish_batches(srv: &TestServer, n: u64) {
+    let pad = "x".repeat(380);
+    let mut i = 0;
+    while i < n {
+        let items: Vec<String> = (i..(i + 100).min(n))
+            .map(|k| format!(r#"{{"topic":"t","data":{{"i":{k},"pad":"{pad}"}}}}"#))
+            .collect();
+        i += items.len() as u64;
+        let body = format!(r#"{{"items":[{}]}}"#, items.join(","));
+        let (status, v) = srv.post_with_key("/api/publish", &body, None).await;
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+/// A reader that pauses while hundreds of publications pile up in its queue, then reads,
+/// gets every one, in order: the writer drains a deep queue a bounded round at a time
+/// (and wakes itself for the rest), over WebSocket and SSE alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_pauses_gets_a_deep_queue_whole_and_in_order() {
+    // About 5 MB: more than the kernel's socket buffers take (they grow to 4 MiB on
+    // loopback), so thousands wait in each queue, within a budget raised for them.
+    const N: u64 = 12_000;
+    let srv = TestServer::start(|c| c.queue_max_bytes = 16 << 20).await;
+    // Reads nothing until every publication is in.
+    let mut ws = raw_ws(srv.addr, "?topic=t", None).await;
+    let mut sse = Sse::connect(srv.addr, "?topic=t").await;
+    wait_until("2 subscribers", || {
+        srv.state().hub.subscriber_count("t") == 2
+    })
+    .await;
+    publish_batches(&srv, N).await;
+    assert!(
+        srv.state()
+            .metrics
+            .encode()
+            .contains("crier_queue_full_drops_total 0"),
+        "nothing overflowed"
+    );
+
+    let mut decoder = crier::ws::frame::Decoder::new(crier::ws::frame::Role::Client, 1 << 20);
+    let mut next = 1;
+    while next <= N {
+        let frame = loop {
+            if let Some(f) = decoder.next_message().expect("the server's frames decode") {
+                break f;
+            }
+            let n = within("a frame", ws.read_buf(decoder.buffer_mut(64 * 1024)))
+                .await
+                .unwrap();
+            assert!(n > 0, "the server closed the socket at offset {next}");
+        };
+        let crier::ws::frame::Message::Text(t) = frame else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&t).unwrap();
+        if v["op"] == "subscribed" {
+            continue;
+        }
+        assert_eq!(
+            (v["offset"].as_u64(), &v["data"]["i"]),
+            (Some(next), &(next - 1).into())
+        );
+        next += 1;
+    }
+    for want in 1..=N {
+        let (id, v) = sse.next_event().await.expect("the stream goes on");
+        assert_eq!((id, &v["offset"]), (Some(want), &want.into()), "{v}");
+    }
+    drop((ws, sse));
+    srv.assert_clean().await;
+}
