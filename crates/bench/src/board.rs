@@ -15,6 +15,7 @@
 //! watcher saw that post's player or any later post's player as leader; latency is measured
 //! only for posts seen first-hand.
 
+use crate::stop::{Seat, Stop};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,7 +29,6 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use super::envelope::find;
 use super::report::Percentiles;
@@ -277,7 +277,7 @@ pub async fn run_scores(args: &BenchArgs) -> anyhow::Result<ScoresReport> {
 /// What the watchers share.
 struct Watch {
     prefix: Vec<u8>,
-    stop: CancellationToken,
+    stop: Stop,
     /// Per watcher: 1 + the highest post index seen as leader (0: none yet).
     max_seen: Box<[AtomicU64]>,
     closed: AtomicU64,
@@ -296,9 +296,10 @@ async fn watch(mut stream: Conn, mut decoder: Decoder, w: Arc<Watch>, i: usize) 
     let mut r = WatchResult::default();
     let mask = rand::random::<[u8; 4]>();
     let mut pending = decoder.buffered() > 0;
+    let mut seat = Seat::default();
     'outer: loop {
         if !pending {
-            match wait_readable(&mut stream, &w.stop).await {
+            match wait_readable(&mut stream, &w.stop, &mut seat).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -426,7 +427,7 @@ pub async fn run_board(
     let prefix = format!("bl-{:08x}-", rand::random::<u32>());
     let w = Arc::new(Watch {
         prefix: prefix.as_bytes().to_vec(),
-        stop: CancellationToken::new(),
+        stop: Stop::new(),
         max_seen: (0..args.subscribers).map(|_| AtomicU64::new(0)).collect(),
         closed: AtomicU64::new(0),
     });

@@ -25,6 +25,7 @@
 //! refreshes at a bounded rate, catching up). With `--server-pid`, the server's CPU (cores
 //! busy) over the post phase and its RSS after seeding and at the end.
 
+use crate::stop::{Seat, Stop};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,7 +38,6 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use super::envelope::find;
 use super::report::Percentiles;
@@ -185,7 +185,7 @@ pub fn own_score(text: &[u8]) -> Option<u64> {
 }
 
 struct Watch {
-    stop: CancellationToken,
+    stop: Stop,
     /// Windows received since the post phase began (reset at its start).
     deliveries: AtomicU64,
     /// Per watcher: 1 + the highest post index its own entry showed (0: none yet).
@@ -207,9 +207,10 @@ async fn watch(mut stream: Conn, mut decoder: Decoder, w: Arc<Watch>, i: usize) 
     let mut r = WatchResult::default();
     let mask = rand::random::<[u8; 4]>();
     let mut pending = decoder.buffered() > 0;
+    let mut seat = Seat::default();
     'outer: loop {
         if !pending {
-            match wait_readable(&mut stream, &w.stop).await {
+            match wait_readable(&mut stream, &w.stop, &mut seat).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -354,7 +355,7 @@ pub async fn run(
     let rss_seeded_kib = args.server_pid.and_then(super::rss_kib);
 
     let w = Arc::new(Watch {
-        stop: CancellationToken::new(),
+        stop: Stop::new(),
         deliveries: AtomicU64::new(0),
         max_seen: (0..args.subscribers).map(|_| AtomicU64::new(0)).collect(),
         closed: AtomicU64::new(0),

@@ -32,6 +32,7 @@ pub mod presence;
 pub mod pusher;
 pub mod report;
 pub mod resume;
+pub mod stop;
 pub mod subscriber;
 pub mod throughput;
 pub mod token;

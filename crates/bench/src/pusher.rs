@@ -13,6 +13,7 @@
 //! - `--mode pusher-api`: acknowledged HTTP API events per second with --publishers
 //!   keep-alive connections in flight, with N subscribers receiving them (loss checked).
 
+use crate::stop::Seat;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -251,9 +252,10 @@ async fn run_sub(mut stream: Conn, mut decoder: Decoder, shared: Arc<Shared>, i:
     let shard = shared.shard(i);
     let mask = rand::random::<[u8; 4]>();
     let mut pending = decoder.buffered() > 0;
+    let mut seat = Seat::default();
     'outer: loop {
         if !pending {
-            match wait_readable(&mut stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop, &mut seat).await {
                 Ok(true) => {}
                 _ => break,
             }

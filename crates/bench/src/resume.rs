@@ -21,6 +21,7 @@
 //! The run fails if a client fails to reconnect, is answered `recovered:false`, does not
 //! catch up within `--timeout`, or sees a gap, a duplicate or an out-of-order offset.
 
+use crate::stop::{Seat, Stop};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -280,7 +281,7 @@ async fn sse_until_subscribed(
     stream: &mut Conn,
     reader: &mut SseReader,
     first: Vec<u8>,
-    stop: &CancellationToken,
+    stop: &Stop,
     mut on_pub: impl FnMut(u64),
 ) -> anyhow::Result<Subscribed> {
     let mut raw = first;
@@ -508,9 +509,10 @@ async fn ws_catch_up(
 ) {
     let mask = rand::random::<[u8; 4]>();
     let mut pending = decoder.buffered() > 0;
+    let mut seat = Seat::default();
     'outer: loop {
         if !pending {
-            match wait_readable(&mut stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop, &mut seat).await {
                 Ok(true) => {}
                 Ok(false) | Err(()) => break,
             }
@@ -565,8 +567,9 @@ async fn sse_catch_up(
     c: &mut Catching<'_>,
 ) {
     let mut raw = BytesMut::new();
+    let mut seat = Seat::default();
     'outer: loop {
-        match wait_readable(&mut stream, &shared.stop).await {
+        match wait_readable(&mut stream, &shared.stop, &mut seat).await {
             Ok(true) => {}
             Ok(false) | Err(()) => break,
         }

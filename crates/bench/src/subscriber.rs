@@ -22,10 +22,10 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
-use tokio_util::sync::CancellationToken;
 
 use super::envelope::{self, Frame};
 use super::offsets::OffsetTracker;
+use super::stop::{Seat, Stop};
 use crier_protocol::frame::{self, Decoder, Message, Role};
 
 /// Bytes per read while messages flow.
@@ -75,7 +75,7 @@ pub struct Shared {
     /// Topics the subscribers spread over (see `topic_of`); 1 means `topic` alone.
     pub topics: usize,
     pub sources: Vec<IpAddr>,
-    pub stop: CancellationToken,
+    pub stop: Stop,
     /// New (non-duplicate) deliveries over all subscribers, for progress and completion.
     pub delivered: AtomicU64,
     pub latency: Box<[Mutex<Histogram<u64>>]>,
@@ -172,7 +172,7 @@ impl Shared {
             topic,
             topics: 1,
             sources,
-            stop: CancellationToken::new(),
+            stop: Stop::new(),
             delivered: AtomicU64::new(0),
             latency: (0..HIST_SHARDS)
                 .map(|_| Mutex::new(new_histogram()))
@@ -384,9 +384,11 @@ pub async fn ws_run(
     let mask = rand::random::<[u8; 4]>();
     // Anything that arrived with the subscribed reply.
     let mut pending = decoder.buffered() > 0;
+    let mut seat = Seat::default();
+    let mut room = READ_SMALL;
     'outer: loop {
         if !pending {
-            match wait_readable(&mut stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop, &mut seat).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -397,13 +399,17 @@ pub async fn ws_run(
         }
         loop {
             if !pending {
-                match fill(&mut stream, decoder.buffer_mut(READ_BUF)) {
+                let before = decoder.buffered();
+                match fill(&mut stream, decoder.buffer_mut(room)) {
                     Filled::Data => {}
                     Filled::Drained => break,
                     Filled::Closed => {
                         r.closed = true;
                         break 'outer;
                     }
+                }
+                if decoder.buffered() - before >= room {
+                    room = READ_BUF;
                 }
             }
             pending = false;
@@ -453,6 +459,9 @@ pub async fn ws_run(
                 }
             }
         }
+        if decoder.buffered() == 0 {
+            room = READ_SMALL;
+        }
         decoder.shrink_if_empty();
     }
     r
@@ -470,7 +479,11 @@ pub(crate) enum Filled {
 
 /// Waits until the connection has something to read, holding no buffer meanwhile. False
 /// when the run is stopping; an error when the socket failed.
-pub(crate) async fn wait_readable(stream: &mut Conn, stop: &CancellationToken) -> Result<bool, ()> {
+pub(crate) async fn wait_readable(
+    stream: &mut Conn,
+    stop: &Stop,
+    seat: &mut Seat,
+) -> Result<bool, ()> {
     if let Conn::Tls(t) = stream {
         // Plaintext rustls already decrypted (a record larger than the last read) is
         // readable now, whatever the socket says.
@@ -481,17 +494,24 @@ pub(crate) async fn wait_readable(stream: &mut Conn, stop: &CancellationToken) -
         }
     }
     let tcp = stream.tcp();
-    tokio::select! {
-        biased;
-        _ = stop.cancelled() => Ok(false),
-        ready = tcp.readable() => ready.map(|_| true).map_err(|_| ()),
-    }
+    let readable = tcp.readable();
+    tokio::pin!(readable);
+    std::future::poll_fn(|cx| {
+        if stop.poll_stopped(seat, cx).is_ready() {
+            return Poll::Ready(Ok(false));
+        }
+        readable
+            .as_mut()
+            .poll(cx)
+            .map(|r| r.map(|_| true).map_err(|_| ()))
+    })
+    .await
 }
 
 /// One non-blocking read into `buf`.
 pub(crate) fn fill(stream: &mut Conn, buf: &mut BytesMut) -> Filled {
     let read = match stream {
-        Conn::Plain(s) => s.try_read_buf(buf),
+        Conn::Plain(s) => return fill_plain(s, buf),
         // One poll of the TLS read: rustls reads the socket until it would block and
         // decrypts what came. Pending means the socket drained (its readiness is cleared,
         // so `wait_readable` then waits for more).
@@ -510,6 +530,40 @@ pub(crate) fn fill(stream: &mut Conn, buf: &mut BytesMut) -> Filled {
         Err(_) => Filled::Closed,
     }
 }
+
+/// `fill` on plain TCP, in one system call per arrival. A read that leaves room in the
+/// buffer drained the socket (TCP hands over everything queued, up to the room given), so
+/// it also clears the socket's readiness: reading again only to hear `WouldBlock` would be
+/// a second syscall for every delivery, paid on the cores the server under test uses.
+/// (tokio clears readiness only if no new event came since it was seen, so data arriving
+/// meanwhile is not missed.)
+fn fill_plain(s: &TcpStream, buf: &mut BytesMut) -> Filled {
+    let mut got = 0;
+    let read = s.try_io(tokio::io::Interest::READABLE, || {
+        let room = buf.spare_capacity_mut();
+        let n = socket2::SockRef::from(s).recv(room)?;
+        got = n;
+        if n > 0 && n < room.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    if got > 0 {
+        // SAFETY: `recv` initialized the first `got` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + got) };
+        return Filled::Data;
+    }
+    match read {
+        Ok(_) => Filled::Closed,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Filled::Drained,
+        Err(_) => Filled::Closed,
+    }
+}
+
+/// Room for one read while messages trickle in: a small allocation, from the allocator's
+/// thread cache. A read that fills it (a burst) switches the subscriber to `READ_BUF`.
+const READ_SMALL: usize = 4096;
 
 /// Decodes `Transfer-Encoding: chunked`.
 #[derive(Debug, Default)]
@@ -725,9 +779,11 @@ pub async fn sse_run(
     let mut raw = BytesMut::new();
     raw.extend_from_slice(&first);
     let mut pending = !raw.is_empty();
+    let mut seat = Seat::default();
+    let mut room = READ_SMALL;
     'outer: loop {
         if !pending {
-            match wait_readable(&mut stream, &shared.stop).await {
+            match wait_readable(&mut stream, &shared.stop, &mut seat).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(()) => {
@@ -738,7 +794,7 @@ pub async fn sse_run(
         }
         loop {
             if !pending {
-                raw.reserve(READ_BUF);
+                raw.reserve(room);
                 match fill(&mut stream, &mut raw) {
                     Filled::Data => {}
                     Filled::Drained => break,
@@ -746,6 +802,9 @@ pub async fn sse_run(
                         r.closed = true;
                         break 'outer;
                     }
+                }
+                if raw.len() >= room {
+                    room = READ_BUF;
                 }
             }
             pending = false;
@@ -786,6 +845,7 @@ pub async fn sse_run(
         }
         if raw.is_empty() && raw.capacity() > 0 {
             raw = BytesMut::new();
+            room = READ_SMALL;
         }
         if events.is_empty() && events.capacity() > 4096 {
             events = Vec::new();
