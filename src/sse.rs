@@ -393,12 +393,19 @@ async fn serve_raw(tcp: TcpStream, head: Bytes, mut ev: Events) {
     let mut armed = ev.heartbeat_due;
     let reason = loop {
         let mut failed = false;
+        // Set when every round wrote all it took: more may be queued, and only a push to
+        // an empty queue wakes this task.
+        let mut unfinished = false;
         for _ in 0..8 {
+            unfinished = false;
             if out.is_empty() && !done {
                 let mut frames = VecDeque::new();
                 match ev.next_batch(&mut frames, true) {
                     Next::Chunk(chunk) => match out.write_first(&tcp, chunk) {
-                        Ok(()) => continue,
+                        Ok(()) => {
+                            unfinished = out.is_empty();
+                            continue;
+                        }
                         Err(_) => {
                             failed = true;
                             break;
@@ -424,6 +431,7 @@ async fn serve_raw(tcp: TcpStream, head: Bytes, mut ev: Events) {
             if !out.is_empty() {
                 break;
             }
+            unfinished = true;
         }
         client.set_held(out.bytes);
         if failed || (done && out.is_empty()) {
@@ -460,6 +468,11 @@ async fn serve_raw(tcp: TcpStream, head: Bytes, mut ev: Events) {
         if deadline < armed || armed <= now {
             timer.as_mut().reset(deadline.into());
             armed = deadline;
+        }
+        if unfinished && !done {
+            // Let the worker's other tasks run, then go on with the queue.
+            tokio::task::yield_now().await;
+            continue;
         }
         // One poll over what the task waits on; readiness and the queue keep their
         // wakers in the socket's registration and the client, not in this future.

@@ -305,15 +305,21 @@ impl Connection {
             // sleeping (in a burst the next publications are already there). Bounded so a
             // busy connection still gets to its reads and timers.
             let now = Instant::now();
-            let mut more_queued = false;
+            // A round that wrote all it took leaves `unfinished` set: the queue may hold
+            // more than the rounds took, and only a push to an empty queue wakes this task.
+            let mut unfinished = false;
+            // Once a direct write left frames queued (a burst), the rest goes in the large
+            // batches of `refill`: many frames per `writev`, not `DIRECT`.
+            let mut deep = false;
             for _ in 0..8 {
-                more_queued = false;
+                unfinished = false;
                 if self.out_is_empty() && self.closing.is_none() {
-                    if self.busy.as_ref().is_none_or(|b| b.pending_pong.is_none()) {
+                    if !deep && self.busy.as_ref().is_none_or(|b| b.pending_pong.is_none()) {
                         match self.write_direct(now) {
                             Ok(Direct::Drained) => break,
                             Ok(Direct::More) => {
-                                more_queued = true;
+                                deep = true;
+                                unfinished = true;
                                 continue;
                             }
                             // The socket is full: wait until it is writable.
@@ -339,11 +345,12 @@ impl Connection {
                 if !self.out_is_empty() || self.closing.is_some() {
                     break;
                 }
+                unfinished = true;
             }
-            if more_queued {
-                // Still queued after a round of writes: no push will wake this task for it
-                // (only a push to an empty queue does), so it wakes itself, after letting
-                // the worker's other tasks run.
+            if unfinished {
+                // Every round wrote all it took: more may be queued, and no push will wake
+                // this task for it, so it wakes itself, after letting the worker's other
+                // tasks run.
                 cx.waker().wake_by_ref();
             }
             if let Some(reason) = self.closing {
