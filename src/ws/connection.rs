@@ -245,10 +245,10 @@ const DIRECT: usize = 16;
 enum Direct {
     /// All written, and the queue is empty (or nothing was queued).
     Drained,
-    /// All written; more is queued.
-    More,
-    /// Something is left in `out` (the socket took part of it, or our close was queued).
-    Left,
+    /// The socket took part: the rest is in `out`, waiting for the socket to be writable.
+    Blocked,
+    /// Frames wait in `out` to be written now: a deep queue's batch, or our close.
+    Pending,
 }
 
 /// What woke the connection's task.
@@ -308,24 +308,13 @@ impl Connection {
             // A round that wrote all it took leaves `unfinished` set: the queue may hold
             // more than the rounds took, and only a push to an empty queue wakes this task.
             let mut unfinished = false;
-            // Once a direct write left frames queued (a burst), the rest goes in the large
-            // batches of `refill`: many frames per `writev`, not `DIRECT`.
-            let mut deep = false;
             for _ in 0..8 {
                 unfinished = false;
                 if self.out_is_empty() && self.closing.is_none() {
-                    if !deep && self.busy.as_ref().is_none_or(|b| b.pending_pong.is_none()) {
+                    if self.busy.as_ref().is_none_or(|b| b.pending_pong.is_none()) {
                         match self.write_direct(now) {
-                            Ok(Direct::Drained) => break,
-                            Ok(Direct::More) => {
-                                deep = true;
-                                unfinished = true;
-                                continue;
-                            }
-                            // The socket is full: wait until it is writable.
-                            Ok(Direct::Left) if self.closing.is_none() => break,
-                            // Our close frame is queued: write it now.
-                            Ok(Direct::Left) => {}
+                            Ok(Direct::Drained | Direct::Blocked) => break,
+                            Ok(Direct::Pending) => {}
                             Err(_) => {
                                 return Poll::Ready(
                                     self.closing.unwrap_or(DisconnectReason::Normal),
@@ -577,7 +566,9 @@ impl Connection {
     /// from the stack. In steady fan-out each wake-up finds one publication and the socket
     /// takes it whole, so no writing side (`Busy`, its `out` buffer) is made and freed
     /// per delivery; only what the socket leaves is moved into one, under the write
-    /// deadline from `now`. A closed queue turns into our close frame (in `out`).
+    /// deadline from `now`. A deeper queue (a burst, a replay) goes into `out` with the
+    /// rest of a `refill` batch instead, for one `writev` of many frames. A closed queue
+    /// turns into our close frame (in `out`).
     fn write_direct(&mut self, now: Instant) -> io::Result<Direct> {
         let mut frames: [Bytes; DIRECT] = Default::default();
         let mut n = 0;
@@ -591,10 +582,21 @@ impl Connection {
             Taken::Empty => return Ok(Direct::Drained),
             Taken::Closed(reason) => {
                 self.begin_close(reason);
-                return Ok(Direct::Left);
+                return Ok(Direct::Pending);
             }
         };
         let frames = &mut frames[..n];
+        if more {
+            let busy = self.busy();
+            busy.batch = batch;
+            busy.batch_started = Some(now);
+            for f in frames.iter_mut() {
+                busy.out_bytes += f.len();
+                busy.out.push_back(std::mem::take(f));
+            }
+            self.refill(now);
+            return Ok(Direct::Pending);
+        }
         let total: usize = frames.iter().map(Bytes::len).sum();
         let mut slices = [IoSlice::new(&[]); DIRECT];
         for (slot, f) in slices.iter_mut().zip(frames.iter()) {
@@ -609,7 +611,7 @@ impl Connection {
         batch.wrote(written);
         if written == total {
             batch.report(&self.reg.state().metrics, self.reg.client.transport);
-            return Ok(if more { Direct::More } else { Direct::Drained });
+            return Ok(Direct::Drained);
         }
         let busy = self.busy();
         busy.batch = batch;
@@ -627,7 +629,7 @@ impl Connection {
             busy.out_bytes += f.len();
             busy.out.push_back(std::mem::take(f));
         }
-        Ok(Direct::Left)
+        Ok(Direct::Blocked)
     }
 
     /// Moves queued frames into `out` (a pending pong first); a closed queue turns into
