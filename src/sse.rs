@@ -401,16 +401,18 @@ async fn serve_raw(tcp: TcpStream, head: Bytes, mut ev: Events) {
             if out.is_empty() && !done {
                 let mut frames = VecDeque::new();
                 match ev.next_batch(&mut frames, true) {
-                    Next::Chunk(chunk) => match out.write_first(&tcp, chunk) {
-                        Ok(()) => {
-                            unfinished = out.is_empty();
-                            continue;
-                        }
-                        Err(_) => {
+                    Next::Chunk(chunk) => {
+                        if out.write_first(&tcp, chunk).is_err() {
                             failed = true;
                             break;
                         }
-                    },
+                        if !out.is_empty() {
+                            // The socket is full: wait until it is writable.
+                            break;
+                        }
+                        unfinished = true;
+                        continue;
+                    }
                     Next::Frames(len) => out.push_chunk(frames, len, Instant::now()),
                     Next::Closed(last) => {
                         let len = last.len();

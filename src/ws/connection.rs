@@ -214,6 +214,26 @@ struct Busy {
     close_deadline: Option<Instant>,
 }
 
+impl Busy {
+    /// The socket took the first `written` bytes of `out`.
+    fn wrote(&mut self, mut written: usize) {
+        self.batch.wrote(written);
+        self.out_bytes -= written;
+        while written > 0 {
+            let front = self.out.front_mut().expect("wrote more than queued");
+            if written >= front.len() {
+                written -= front.len();
+                self.out.pop_front();
+                self.front_partial = false;
+            } else {
+                front.advance(written);
+                written = 0;
+                self.front_partial = true;
+            }
+        }
+    }
+}
+
 /// An instant in 8 bytes where an `Instant` takes 16 (and `Option<Tick>` still 8): time
 /// since a process-wide origin, in nanoseconds plus one. Every idle connection keeps two.
 #[derive(Clone, Copy)]
@@ -236,9 +256,9 @@ impl Tick {
     }
 }
 
-/// Frames `write_direct` takes for one write. A publication is one frame, and in steady
-/// fan-out a wake-up finds one or two; a burst goes on through the same path, `DIRECT` at
-/// a time, while the socket takes them whole.
+/// Frames `write_direct` takes for one write from the stack. A publication is one frame,
+/// and in steady fan-out a wake-up finds one or two; a deeper queue goes out in a
+/// `refill` batch.
 const DIRECT: usize = 16;
 
 /// What `write_direct` did.
@@ -586,49 +606,39 @@ impl Connection {
             }
         };
         let frames = &mut frames[..n];
-        if more {
-            let busy = self.busy();
-            busy.batch = batch;
-            busy.batch_started = Some(now);
-            for f in frames.iter_mut() {
-                busy.out_bytes += f.len();
-                busy.out.push_back(std::mem::take(f));
+        let mut written = 0;
+        if !more {
+            let total: usize = frames.iter().map(Bytes::len).sum();
+            let mut slices = [IoSlice::new(&[]); DIRECT];
+            for (slot, f) in slices.iter_mut().zip(frames.iter()) {
+                *slot = IoSlice::new(f);
             }
-            self.refill(now);
-            return Ok(Direct::Pending);
+            written = match self.stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            if written == total {
+                batch.wrote(written);
+                batch.report(&self.reg.state().metrics, self.reg.client.transport);
+                return Ok(Direct::Drained);
+            }
         }
-        let total: usize = frames.iter().map(Bytes::len).sum();
-        let mut slices = [IoSlice::new(&[]); DIRECT];
-        for (slot, f) in slices.iter_mut().zip(frames.iter()) {
-            *slot = IoSlice::new(f);
-        }
-        let mut written = match self.stream.try_write_vectored(&slices[..n]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
-        };
-        batch.wrote(written);
-        if written == total {
-            batch.report(&self.reg.state().metrics, self.reg.client.transport);
-            return Ok(Direct::Drained);
-        }
+        // Into the writing side, under the write deadline from `now`: a deep queue's first
+        // frames, which the rest of a batch joins, or what the socket left.
         let busy = self.busy();
         busy.batch = batch;
         busy.batch_started = Some(now);
         for f in frames.iter_mut() {
-            if written >= f.len() {
-                written -= f.len();
-                continue;
-            }
-            if written > 0 {
-                f.advance(written);
-                written = 0;
-                busy.front_partial = true;
-            }
             busy.out_bytes += f.len();
             busy.out.push_back(std::mem::take(f));
         }
+        if more {
+            self.refill(now);
+            return Ok(Direct::Pending);
+        }
+        busy.wrote(written);
         Ok(Direct::Blocked)
     }
 
@@ -698,22 +708,7 @@ impl Connection {
             }
             match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut written) => {
-                    busy.batch.wrote(written);
-                    busy.out_bytes -= written;
-                    while written > 0 {
-                        let front = busy.out.front_mut().expect("wrote more than queued");
-                        if written >= front.len() {
-                            written -= front.len();
-                            busy.out.pop_front();
-                            busy.front_partial = false;
-                        } else {
-                            front.advance(written);
-                            written = 0;
-                            busy.front_partial = true;
-                        }
-                    }
-                }
+                Ok(written) => busy.wrote(written),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }

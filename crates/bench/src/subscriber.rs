@@ -28,7 +28,7 @@ use super::offsets::OffsetTracker;
 use super::stop::{Seat, Stop};
 use crier_protocol::frame::{self, Decoder, Message, Role};
 
-/// Bytes per read while messages flow.
+/// Bytes per read in a burst (`READ_SMALL` otherwise).
 const READ_BUF: usize = 64 * 1024;
 /// Largest message the tool accepts.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
